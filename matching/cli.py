@@ -1,0 +1,177 @@
+"""Command line: a thin argparse layer over the API. Heavy imports happen inside each command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from matching import EncoderConfig, IndexConfig, Matcher
+
+    source = Path(args.source)
+    out = Path(args.out) if args.out else Path("indexes") / source.name.split(".")[0]
+    encoder_config = EncoderConfig(
+        model=args.model, pooling=args.pooling, max_length=args.max_length, batch_size=args.batch_size
+    )
+    matcher = Matcher.build(
+        source,
+        out,
+        id_column=args.id_column,
+        title_column=args.title_column,
+        encoder_config=encoder_config,
+        index_config=IndexConfig(factory=args.factory),
+        skip_bad_rows=args.skip_bad_rows,
+        encoding=args.encoding,
+        overwrite=args.overwrite,
+        show_progress=not args.quiet,
+    )
+    skipped = matcher.manifest.source.get("skipped_rows", 0)
+    print(f"built {out}: {len(matcher)} titles, dim {matcher.manifest.dim}, index {matcher.manifest.factory}"
+          + (f", {skipped} bad rows skipped" if skipped else ""))
+    return 0
+
+
+def _print_hits(query: str, hits: Sequence[Any]) -> None:
+    print(f"\nquery: {query}")
+    for rank, h in enumerate(hits, 1):
+        meta = f"  {json.dumps(h.metadata, ensure_ascii=False)}" if h.metadata else ""
+        print(f"  {rank:>2}. {h.score:.4f}  [{h.id}] {h.title}{meta}")
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from matching import Matcher
+
+    with Matcher.load(args.bundle, model=args.model) as matcher:
+        results = matcher.search_batch(args.query, args.k, candidates=args.candidates, rerank=not args.no_rerank)
+    if args.json:
+        payload = [{"query": q, "matches": [asdict(h) for h in hits]} for q, hits in zip(args.query, results)]
+        print(json.dumps(payload if len(payload) > 1 else payload[0], ensure_ascii=False, indent=2))
+    else:
+        for q, hits in zip(args.query, results, strict=True):
+            _print_hits(q, hits)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from matching import Matcher
+    from matching.evaluate import evaluate, load_qrels, load_queries
+
+    queries, qrels = load_queries(args.queries), load_qrels(args.qrels)
+    with Matcher.load(args.bundle, model=args.model) as matcher:
+        report = evaluate(matcher, queries, qrels, k_values=args.k, candidates=args.candidates)
+    if args.json:
+        print(json.dumps({"queries": report.queries, "retrieval": report.retrieval, "reranked": report.reranked},
+                         indent=2))
+    else:
+        print(report.table())
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from matching.bundle import current_generation, read_manifest
+
+    gen = current_generation(Path(args.bundle))
+    info = {"path": str(args.bundle), "generation": gen.name, **read_manifest(gen, verify=args.verify).to_dict()}
+    if not args.files:
+        info.pop("files")
+    print(json.dumps(info, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from matching.demo import run_demo
+
+    run_demo(Path(args.out), size=args.size, show_progress=not args.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="matching", description="Two-tower semantic matching over a title catalogue.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("build", help="encode a CSV/TSV/JSONL catalogue into a new index bundle")
+    p.add_argument("source", help="catalogue file (.csv, .tsv, .jsonl; may be compressed)")
+    p.add_argument("--out", help="bundle directory (default: indexes/<file stem>)")
+    p.add_argument("--id-column", default="id")
+    p.add_argument("--title-column", nargs="+", default=["title"],
+                   help="title column; several are joined with a space (e.g. --title-column title text)")
+    p.add_argument("--model", help="local BERT-family checkpoint directory (default: bundled all-MiniLM-L6-v2)")
+    p.add_argument("--pooling", choices=["mean", "cls"], help="default: what the checkpoint says, else mean")
+    p.add_argument("--max-length", type=int, help="token limit per title (default: the checkpoint's)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--factory", default="Flat", help="FAISS index_factory string (default: Flat, exact)")
+    p.add_argument("--skip-bad-rows", action="store_true", help="skip rows with an empty id or title")
+    p.add_argument("--encoding", default="utf-8", help="text encoding of the file (default: utf-8)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("search", help="print the best matches for one or more queries")
+    p.add_argument("bundle")
+    p.add_argument("query", nargs="+")
+    p.add_argument("-k", type=int, default=10, help="matches per query (default 10)")
+    p.add_argument("--candidates", type=int, default=100, help="FAISS candidates to rerank (default 100)")
+    p.add_argument("--no-rerank", action="store_true", help="rank by cosine alone")
+    p.add_argument("--model", help="override the encoder directory recorded in the bundle")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_search)
+
+    p = sub.add_parser("evaluate", help="Recall@k / MRR@10 / nDCG@10 on a BEIR-layout query set")
+    p.add_argument("bundle")
+    p.add_argument("--queries", required=True, help="queries.jsonl ({_id, text} per line)")
+    p.add_argument("--qrels", required=True, help="qrels TSV (query-id, corpus-id, score; with header)")
+    p.add_argument("-k", type=int, nargs="+", default=[10, 100], help="cut-offs (default: 10 100)")
+    p.add_argument("--candidates", type=int, default=100)
+    p.add_argument("--model", help="override the encoder directory recorded in the bundle")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("info", help="print a bundle's manifest")
+    p.add_argument("bundle")
+    p.add_argument("--verify", action="store_true", help="also check every file's checksum")
+    p.add_argument("--files", action="store_true", help="list the files and their checksums")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("demo", help="build a demo bundle from a generated catalogue and query it")
+    p.add_argument("--out", default="indexes/demo")
+    p.add_argument("--size", type=int, default=3000, help="number of generated titles")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from importlib.metadata import version
+
+        print(version("matching"))
+        return 0
+    if not args.command:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    from matching.errors import MatchingError
+
+    try:
+        return int(args.func(args))
+    except MatchingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Typed configuration with defaults that round-trip through JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Self, get_type_hints
+
+from matching.errors import ConfigError
+from matching.types import Pooling
+
+
+class JsonConfig:
+    """Mixin: ``to_dict``/``from_dict``/``save``/``load`` for flat dataclasses of JSON-able fields."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            out[f.name] = value.value if isinstance(value, StrEnum) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown}; known fields are {sorted(names)}")
+        hints = get_type_hints(cls)
+        kwargs: dict[str, Any] = {}
+        for name, value in data.items():
+            hint = hints.get(name)
+            if isinstance(hint, type) and issubclass(hint, StrEnum) and value is not None:
+                try:
+                    value = hint(value)
+                except ValueError:
+                    choices = [m.value for m in hint]
+                    raise ConfigError(f"{cls.__name__}.{name}: {value!r} is not one of {choices}") from None
+            kwargs[name] = value
+        return cls(**kwargs)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: Path) -> Self:
+        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+
+
+@dataclass(frozen=True)
+class EncoderConfig(JsonConfig):
+    """How texts are turned into vectors.
+
+    ``model`` is a local checkpoint directory; ``None`` means the bundled all-MiniLM-L6-v2.
+    ``pooling`` and ``max_length`` default to what the checkpoint's sentence-transformers files say
+    (mean pooling, the model's own limit) when left ``None``.
+    """
+
+    model: str | None = None
+    pooling: Pooling | None = None
+    max_length: int | None = None
+    batch_size: int = 64
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ConfigError(f"max_length must be >= 2, got {self.max_length}")
+
+
+@dataclass(frozen=True)
+class IndexConfig(JsonConfig):
+    """The FAISS index. ``factory`` is a ``faiss.index_factory`` string; inner product is always used."""
+
+    factory: str = "Flat"
+    nprobe: int | None = None
+    ef_search: int | None = None
+
+
+@dataclass(frozen=True)
+class ScorerConfig(JsonConfig):
+    """The MLP reranker's shape. ``dim`` is the vector dimension; the rest size the hidden layer."""
+
+    dim: int
+    hidden: int = 256
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.dim < 1 or self.hidden < 1:
+            raise ConfigError(f"dim and hidden must be >= 1, got dim={self.dim}, hidden={self.hidden}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")

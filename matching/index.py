@@ -1,0 +1,79 @@
+"""FAISS wrapper: inner product over unit vectors, explicit int64 ids shared with the store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Self
+
+import faiss
+import numpy as np
+
+from matching.config import IndexConfig
+from matching.errors import BundleError, ConfigError
+
+INDEX_FILE = "index.faiss"
+CONFIG_FILE = "index.json"
+_ADD_BATCH = 65_536
+_TRAIN_SAMPLE = 100_000
+
+
+class VectorIndex:
+    """A FAISS index plus the config it was made with. Build with :meth:`build`, load with :meth:`load`."""
+
+    def __init__(self, index: Any, config: IndexConfig) -> None:
+        self.index = index
+        self.config = config
+        self._apply_search_params()
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, ids: np.ndarray, config: IndexConfig | None = None) -> Self:
+        """Index ``vectors`` (n, d) under ``ids`` (n,), training the index first when it needs it."""
+        config = config or IndexConfig()
+        n, dim = vectors.shape
+        try:
+            base = faiss.index_factory(dim, config.factory, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as exc:
+            raise ConfigError(f"FAISS cannot build index factory {config.factory!r}: {exc}") from None
+        if not base.is_trained:
+            rng = np.random.default_rng(0)
+            take = np.sort(rng.choice(n, size=min(n, _TRAIN_SAMPLE), replace=False))
+            base.train(np.ascontiguousarray(vectors[take], dtype=np.float32))
+        index = faiss.IndexIDMap(base)
+        for start in range(0, n, _ADD_BATCH):
+            block = np.ascontiguousarray(vectors[start : start + _ADD_BATCH], dtype=np.float32)
+            index.add_with_ids(block, np.ascontiguousarray(ids[start : start + _ADD_BATCH], dtype=np.int64))
+        return cls(index, config)
+
+    def _apply_search_params(self) -> None:
+        inner = faiss.downcast_index(self.index.index) if hasattr(self.index, "index") else self.index
+        params = faiss.ParameterSpace()
+        if self.config.nprobe is not None:
+            params.set_index_parameter(inner, "nprobe", self.config.nprobe)
+        if self.config.ef_search is not None:
+            params.set_index_parameter(inner, "efSearch", self.config.ef_search)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` (scores, ids) per query row; missing slots have id -1."""
+        q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        k = max(1, min(int(k), self.ntotal)) if self.ntotal else 1
+        scores, ids = self.index.search(q, k)
+        return scores, ids
+
+    def save(self, directory: Path) -> None:
+        faiss.write_index(self.index, str(directory / INDEX_FILE))
+        self.config.save(directory / CONFIG_FILE)
+
+    @classmethod
+    def load(cls, directory: Path) -> Self:
+        path = directory / INDEX_FILE
+        if not path.is_file():
+            raise BundleError(f"bundle index file {str(path)!r} is missing")
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError as exc:
+            raise BundleError(f"cannot read FAISS index {str(path)!r}: {exc}") from None
+        return cls(index, IndexConfig.load(directory / CONFIG_FILE))

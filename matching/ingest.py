@@ -1,0 +1,256 @@
+"""The one place user tables are read: CSV/TSV/JSONL files or DataFrames, in validated chunks."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from matching.errors import BadRowError, DuplicateIdError, InputFileError, SchemaError
+from matching.types import IdType
+
+_INT_ID = re.compile(r"-?(0|[1-9][0-9]*)\Z")
+_TAB_SUFFIXES = {".tsv", ".tab", ".txt"}
+_JSONL_SUFFIXES = {".jsonl", ".ndjson"}
+_COMPRESSION_SUFFIXES = {".gz", ".bz2", ".zip", ".xz", ".zst"}
+DEFAULT_CHUNKSIZE = 20_000
+
+
+@dataclass
+class Chunk:
+    """Validated rows: canonical string ids, titles, metadata dicts and their 1-based row numbers."""
+
+    ids: list[str] = field(default_factory=list)
+    titles: list[str] = field(default_factory=list)
+    metadata: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def file_format(path: Path) -> str:
+    """'csv', 'tsv' or 'jsonl', from the suffix (a compression suffix is looked through)."""
+    suffixes = [s.lower() for s in path.suffixes]
+    while suffixes and suffixes[-1] in _COMPRESSION_SUFFIXES:
+        suffixes.pop()
+    last = suffixes[-1] if suffixes else ""
+    if last in _TAB_SUFFIXES:
+        return "tsv"
+    if last in _JSONL_SUFFIXES:
+        return "jsonl"
+    return "csv"
+
+
+def canonical_id(value: Any) -> str | None:
+    """An external id as the string the store keeps; ``None`` when missing."""
+    if value is None:
+        return None
+    if isinstance(value, bool | np.bool_):
+        return str(value)
+    if isinstance(value, int | np.integer):
+        return str(int(value))
+    if isinstance(value, float | np.floating):
+        if math.isnan(value):
+            return None
+        return str(int(value)) if float(value).is_integer() else repr(float(value))
+    text = str(value).strip()
+    return text or None
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return None  # JSON has no NaN/inf: a missing or non-finite cell is null
+    if isinstance(value, int | float | str | bool | list | dict):
+        return value
+    return str(value)
+
+
+class CatalogueReader:
+    """Streams a catalogue in chunks, checking columns, titles and id uniqueness as it goes.
+
+    After a full iteration, ``count``, ``skipped`` and ``id_type`` describe what was read.
+    """
+
+    def __init__(
+        self,
+        source: str | Path | pd.DataFrame,
+        *,
+        id_column: str = "id",
+        title_column: str | Sequence[str] = "title",
+        skip_bad_rows: bool = False,
+        chunksize: int = DEFAULT_CHUNKSIZE,
+        encoding: str = "utf-8",
+    ) -> None:
+        self.source = source
+        self.id_column = id_column
+        self.title_columns = [title_column] if isinstance(title_column, str) else list(title_column)
+        if not self.title_columns:
+            raise SchemaError("title_column must name at least one column")
+        self.skip_bad_rows = skip_bad_rows
+        self.chunksize = max(1, int(chunksize))
+        self.encoding = encoding
+        self.count = 0
+        self.skipped = 0
+        self.skipped_examples: list[str] = []
+        self._all_int = True
+        self._seen: set[str] = set()
+
+    @property
+    def name(self) -> str:
+        return "the DataFrame" if isinstance(self.source, pd.DataFrame) else repr(str(self.source))
+
+    @property
+    def id_type(self) -> IdType:
+        return IdType.INT if self._all_int and self.count else IdType.STR
+
+    def __iter__(self) -> Iterator[Chunk]:
+        first_row = 1
+        for frame in self._frames():
+            chunk = self._validate(frame, first_row)
+            first_row += len(frame)
+            if len(chunk):
+                yield chunk
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def _frames(self) -> Iterator[pd.DataFrame]:
+        if isinstance(self.source, pd.DataFrame):
+            self._check_columns(list(self.source.columns))
+            for start in range(0, len(self.source), self.chunksize):
+                yield self.source.iloc[start : start + self.chunksize]
+            return
+        path = Path(self.source).expanduser()
+        if not path.exists():
+            raise InputFileError(f"catalogue file {str(path)!r} does not exist")
+        if path.is_dir():
+            raise InputFileError(f"catalogue path {str(path)!r} is a directory; pass a CSV, TSV or JSONL file")
+        try:
+            yield from self._read_file(path)
+        except UnicodeDecodeError as exc:
+            raise InputFileError(
+                f"{str(path)!r} is not valid {self.encoding} text ({exc.reason} at byte {exc.start}); "
+                "re-save it as UTF-8 or pass its encoding (encoding='latin-1' / --encoding latin-1)"
+            ) from None
+        except PermissionError:
+            raise InputFileError(f"no permission to read {str(path)!r}") from None
+        except pd.errors.EmptyDataError:
+            raise InputFileError(f"{str(path)!r} is empty: it needs a header row and at least one row") from None
+        except pd.errors.ParserError as exc:
+            raise SchemaError(f"{str(path)!r} is not a well-formed table: {exc}") from None
+        except ValueError as exc:  # read_json reports bad JSON lines this way
+            if file_format(path) == "jsonl":
+                raise SchemaError(f"{str(path)!r} is not valid JSON Lines: {exc}") from None
+            raise
+
+    def _read_file(self, path: Path) -> Iterator[pd.DataFrame]:
+        fmt = file_format(path)
+        encoding = "utf-8-sig" if self.encoding.lower().replace("_", "-") == "utf-8" else self.encoding
+        if fmt == "jsonl":
+            if path.stat().st_size == 0:
+                raise pd.errors.EmptyDataError("empty")
+            reader = pd.read_json(
+                path, lines=True, chunksize=self.chunksize, dtype=False, encoding=encoding
+            )
+            checked = False
+            for frame in reader:
+                if not checked:
+                    self._check_columns(list(frame.columns))
+                    checked = True
+                yield frame
+            return
+        sep = "\t" if fmt == "tsv" else ","
+        header = pd.read_csv(path, sep=sep, nrows=0, encoding=encoding)
+        self._check_columns(list(header.columns))
+        text_columns = [self.id_column, *self.title_columns]
+        yield from pd.read_csv(
+            path,
+            sep=sep,
+            chunksize=self.chunksize,
+            encoding=encoding,
+            dtype={c: str for c in text_columns},
+            keep_default_na=False,  # a title "NA" is text, not a missing value
+            na_values=[""],
+            quoting=csv.QUOTE_MINIMAL,
+        )
+
+    def _check_columns(self, columns: list[Any]) -> None:
+        names = [str(c) for c in columns]
+        missing = [c for c in [self.id_column, *self.title_columns] if c not in names]
+        if missing:
+            raise SchemaError(
+                f"{self.name} has no column {', '.join(map(repr, missing))}; its columns are {names}. "
+                "Name the right ones with id_column=/title_column= (--id-column/--title-column)"
+            )
+        if len(set(names)) != len(names):
+            dupes = sorted({c for c in names if names.count(c) > 1})
+            raise SchemaError(f"{self.name} has repeated column names {dupes}; rename them")
+
+    # -- validation ------------------------------------------------------------------------------
+
+    def _validate(self, frame: pd.DataFrame, first_row: int) -> Chunk:
+        chunk = Chunk()
+        meta_columns = [c for c in frame.columns if c != self.id_column and c not in self.title_columns]
+        raw_ids = frame[self.id_column].tolist()
+        parts = [frame[c].tolist() for c in self.title_columns]
+        meta_records: list[dict[str, Any]] = (
+            frame[meta_columns].to_dict("records") if meta_columns else [{} for _ in range(len(frame))]
+        )
+        duplicates: list[str] = []
+        for offset, raw_id in enumerate(raw_ids):
+            row = first_row + offset
+            ext_id = canonical_id(raw_id)
+            title = " ".join(str(p[offset]) for p in parts if not _is_missing(p[offset])).strip()
+            problem = None
+            if ext_id is None:
+                problem = f"row {row}: the id column {self.id_column!r} is empty"
+            elif not title:
+                cols = " + ".join(map(repr, self.title_columns))
+                problem = f"row {row} (id {ext_id!r}): the title {cols} is empty"
+            if problem:
+                if not self.skip_bad_rows:
+                    raise BadRowError(
+                        f"{self.name}, {problem}. Fix the row, or skip such rows with "
+                        "skip_bad_rows=True (--skip-bad-rows)"
+                    )
+                self.skipped += 1
+                if len(self.skipped_examples) < 5:
+                    self.skipped_examples.append(problem)
+                continue
+            assert ext_id is not None
+            if ext_id in self._seen:
+                duplicates.append(f"{ext_id!r} (row {row})")
+                continue
+            self._seen.add(ext_id)
+            if self._all_int and not _INT_ID.match(ext_id):
+                self._all_int = False
+            chunk.ids.append(ext_id)
+            chunk.titles.append(title)
+            chunk.metadata.append({str(k): _json_value(v) for k, v in meta_records[offset].items()})
+            chunk.rows.append(row)
+        if duplicates:
+            shown = ", ".join(duplicates[:5])
+            more = f" and {len(duplicates) - 5} more" if len(duplicates) > 5 else ""
+            raise DuplicateIdError(
+                f"{self.name} repeats ids in column {self.id_column!r}: {shown}{more}. Ids must be unique"
+            )
+        self.count += len(chunk)
+        return chunk
+
+
+def metadata_json(metadata: dict[str, Any]) -> str:
+    return json.dumps(metadata, ensure_ascii=False, default=str, allow_nan=False)

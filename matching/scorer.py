@@ -1,0 +1,78 @@
+"""The small DNN reranker: an MLP over (q, t, q*t, |q-t|, cos) with a residual on the cosine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Self
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from matching.config import ScorerConfig
+from matching.errors import BundleError
+
+WEIGHTS_FILE = "scorer.safetensors"
+CONFIG_FILE = "scorer.json"
+
+
+class Scorer(nn.Module):
+    """score(q, t) = cos(q, t) + MLP(features).
+
+    The MLP's output layer starts at zero, so an untrained scorer ranks exactly as cosine does.
+    """
+
+    def __init__(self, config: ScorerConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.dim
+        self.mlp = nn.Sequential(
+            nn.Linear(4 * d + 1, config.hidden),
+            nn.GELU(),
+            nn.Dropout(config.dropout),
+            nn.Linear(config.hidden, 1),
+        )
+        out = self.mlp[-1]
+        assert isinstance(out, nn.Linear)
+        nn.init.zeros_(out.weight)
+        nn.init.zeros_(out.bias)
+
+    def forward(self, q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Scores for matching rows of ``q`` (n, d) and ``t`` (n, d); q may be (1, d) to broadcast."""
+        q = q.expand_as(t)
+        cos = (q * t).sum(dim=-1, keepdim=True)
+        features = torch.cat([q, t, q * t, (q - t).abs(), cos], dim=-1)
+        return (cos + self.mlp(features)).squeeze(-1)
+
+    @torch.inference_mode()
+    def score(self, q: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """NumPy in, NumPy out, in eval mode on the scorer's device."""
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        qt = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32)).to(device)
+        tt = torch.from_numpy(np.ascontiguousarray(t, dtype=np.float32)).to(device)
+        out = self(qt, tt).float().cpu().numpy()
+        self.train(was_training)
+        return out
+
+    def save(self, directory: Path) -> None:
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_FILE))
+        self.config.save(directory / CONFIG_FILE)
+
+    @classmethod
+    def load(cls, directory: Path) -> Self:
+        weights, config_path = directory / WEIGHTS_FILE, directory / CONFIG_FILE
+        for p in (weights, config_path):
+            if not p.is_file():
+                raise BundleError(f"bundle scorer file {str(p)!r} is missing")
+        try:
+            config = ScorerConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
+            model = cls(config)
+            model.load_state_dict(load_file(str(weights)), strict=True)
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise BundleError(f"cannot load the scorer from {str(directory)!r}: {exc}") from None
+        return model.eval()
