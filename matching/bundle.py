@@ -20,7 +20,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -87,7 +87,9 @@ def current_generation(path: Path) -> Path:
     """The live generation directory of the bundle at ``path``."""
     path = Path(path)
     if not path.exists():
-        raise BundleError(f"bundle {str(path)!r} does not exist; build one with Matcher.build / matching build")
+        raise BundleError(
+            f"bundle {str(path)!r} does not exist; build one with Matcher.build / matching build"
+        )
     if not path.is_dir():
         raise BundleError(f"{str(path)!r} is a file, not a bundle directory")
     pointer = path / POINTER_FILE
@@ -120,14 +122,18 @@ def read_manifest(generation: Path, *, verify: bool = True) -> Manifest:
             if not file.is_file():
                 raise BundleError(f"bundle file {str(file)!r} is missing")
             if sha256_file(file) != digest:
-                raise BundleError(f"bundle file {str(file)!r} is damaged: its checksum does not match the manifest")
+                raise BundleError(
+                    f"bundle file {str(file)!r} is damaged: its checksum does not match the manifest"
+                )
     return manifest
 
 
 def write_manifest(generation: Path, manifest: Manifest) -> None:
     """Checksum every file in ``generation`` into ``manifest`` and write it (last)."""
     manifest.files = {
-        p.name: sha256_file(p) for p in sorted(generation.iterdir()) if p.is_file() and p.name != MANIFEST_FILE
+        p.name: sha256_file(p)
+        for p in sorted(generation.iterdir())
+        if p.is_file() and p.name != MANIFEST_FILE
     }
     text = json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n"
     (generation / MANIFEST_FILE).write_text(text, encoding="utf-8")
@@ -150,13 +156,18 @@ def check_target(path: Path, *, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def new_generation(path: Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty directory to write a generation into; publish it atomically on success.
+def new_generation(path: Path, *, overwrite: bool = False, carry: Sequence[str] = ()) -> Iterator[Path]:
+    """Yield a directory to write a generation into; publish it atomically on success.
 
-    On any exception the partial generation is deleted and whatever was live stays live.
+    ``carry`` names files of the live generation to bring along unchanged (hard-linked, or copied where
+    links are not possible) so a change that touches one component (say, a retrained scorer) writes only
+    that component. On any exception the partial generation is deleted and whatever was live stays live.
     """
     path = Path(path)
-    check_target(path, overwrite=overwrite)
+    if carry:
+        live = current_generation(path)
+    else:
+        check_target(path, overwrite=overwrite)
     fresh = not is_bundle(path)
     if fresh:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -169,6 +180,11 @@ def new_generation(path: Path, *, overwrite: bool = False) -> Iterator[Path]:
     final_name = f"gen-{number:06d}"
     staging = Path(tempfile.mkdtemp(prefix=f".{final_name}.staging-", dir=root))
     try:
+        for name in carry:
+            try:
+                os.link(live / name, staging / name)
+            except OSError:
+                shutil.copy2(live / name, staging / name)
         yield staging
         if not (staging / MANIFEST_FILE).is_file():
             raise BundleError("internal error: a generation was finished without a manifest")

@@ -32,8 +32,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
         show_progress=not args.quiet,
     )
     skipped = matcher.manifest.source.get("skipped_rows", 0)
-    print(f"built {out}: {len(matcher)} titles, dim {matcher.manifest.dim}, index {matcher.manifest.factory}"
-          + (f", {skipped} bad rows skipped" if skipped else ""))
+    print(
+        f"built {out}: {len(matcher)} titles, dim {matcher.manifest.dim}, index {matcher.manifest.factory}"
+        + (f", {skipped} bad rows skipped" if skipped else "")
+    )
     return 0
 
 
@@ -50,9 +52,14 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from matching import Matcher
 
     with Matcher.load(args.bundle, model=args.model) as matcher:
-        results = matcher.search_batch(args.query, args.k, candidates=args.candidates, rerank=not args.no_rerank)
+        results = matcher.search_batch(
+            args.query, args.k, candidates=args.candidates, rerank=not args.no_rerank
+        )
     if args.json:
-        payload = [{"query": q, "matches": [asdict(h) for h in hits]} for q, hits in zip(args.query, results)]
+        payload = [
+            {"query": q, "matches": [asdict(h) for h in hits]}
+            for q, hits in zip(args.query, results, strict=True)
+        ]
         print(json.dumps(payload if len(payload) > 1 else payload[0], ensure_ascii=False, indent=2))
     else:
         for q, hits in zip(args.query, results, strict=True):
@@ -68,10 +75,65 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     with Matcher.load(args.bundle, model=args.model) as matcher:
         report = evaluate(matcher, queries, qrels, k_values=args.k, candidates=args.candidates)
     if args.json:
-        print(json.dumps({"queries": report.queries, "retrieval": report.retrieval, "reranked": report.reranked},
-                         indent=2))
+        print(
+            json.dumps(
+                {"queries": report.queries, "retrieval": report.retrieval, "reranked": report.reranked},
+                indent=2,
+            )
+        )
     else:
         print(report.table())
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from matching import Matcher
+    from matching.pairs import score_file
+
+    with Matcher.load(args.bundle, model=args.model) as matcher:
+        n = score_file(
+            matcher,
+            Path(args.pairs),
+            Path(args.out),
+            query_column=args.query_column,
+            title_column=args.title_column,
+            chunksize=args.chunksize,
+            show_progress=not args.quiet,
+        )
+    print(f"scored {n} pairs into {args.out}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from matching import Matcher
+    from matching.train import search_scorer
+
+    columns = {
+        "query_column": args.query_column,
+        "title_column": args.title_column,
+        "label_column": args.label_column,
+    }
+    show = not args.quiet
+    with Matcher.load(args.bundle, model=args.model) as matcher:
+        if args.query_tower:
+            report = matcher.train_query_tower(
+                args.pairs, args.valid, show_progress=show, seed=args.seed, **columns
+            )
+            print("query tower:\n" + report.table())
+        settings: dict[str, Any] = {**columns, "seed": args.seed, "hard_negatives": args.hard_negatives}
+        for name in ("epochs", "lr", "hidden", "dropout", "loss"):
+            if getattr(args, name) is not None:
+                settings[name] = getattr(args, name)
+        if args.search:
+            scorer, report, search = search_scorer(
+                matcher, args.pairs, args.valid, trials=args.search, show_progress=show, **settings
+            )
+            print(search.table())
+            matcher.replace_scorer(scorer, {**report.to_dict(), "search": search.to_dict()})
+        else:
+            report = matcher.train_scorer(args.pairs, args.valid, show_progress=show, **settings)
+        print("scorer:\n" + report.table())
+        print(f"saved into {args.bundle}")
     return 0
 
 
@@ -79,7 +141,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from matching.bundle import current_generation, read_manifest
 
     gen = current_generation(Path(args.bundle))
-    info = {"path": str(args.bundle), "generation": gen.name, **read_manifest(gen, verify=args.verify).to_dict()}
+    info = {
+        "path": str(args.bundle),
+        "generation": gen.name,
+        **read_manifest(gen, verify=args.verify).to_dict(),
+    }
     if not args.files:
         info.pop("files")
     print(json.dumps(info, indent=2, ensure_ascii=False))
@@ -94,7 +160,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="matching", description="Two-tower semantic matching over a title catalogue.")
+    parser = argparse.ArgumentParser(
+        prog="matching", description="Two-tower semantic matching over a title catalogue."
+    )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -102,9 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="catalogue file (.csv, .tsv, .jsonl; may be compressed)")
     p.add_argument("--out", help="bundle directory (default: indexes/<file stem>)")
     p.add_argument("--id-column", default="id")
-    p.add_argument("--title-column", nargs="+", default=["title"],
-                   help="title column; several are joined with a space (e.g. --title-column title text)")
-    p.add_argument("--model", help="local BERT-family checkpoint directory (default: bundled all-MiniLM-L6-v2)")
+    p.add_argument(
+        "--title-column",
+        nargs="+",
+        default=["title"],
+        help="title column; several are joined with a space (e.g. --title-column title text)",
+    )
+    p.add_argument(
+        "--model", help="local BERT-family checkpoint directory (default: bundled all-MiniLM-L6-v2)"
+    )
     p.add_argument("--pooling", choices=["mean", "cls"], help="default: what the checkpoint says, else mean")
     p.add_argument("--max-length", type=int, help="token limit per title (default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -134,6 +208,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="override the encoder directory recorded in the bundle")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("score", help="score (query, title) pairs from a CSV/TSV into a new file")
+    p.add_argument("bundle")
+    p.add_argument("pairs", help="CSV/TSV with a query and a title column (other columns are kept)")
+    p.add_argument("--out", required=True, help="output CSV/TSV: the input rows plus score and cosine")
+    p.add_argument("--query-column", default="query")
+    p.add_argument("--title-column", default="title")
+    p.add_argument("--chunksize", type=int, default=20_000)
+    p.add_argument("--model", help="override the encoder directory recorded in the bundle")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_cmd_score)
+
+    p = sub.add_parser("train", help="train the reranker (and optionally a query tower) on labelled pairs")
+    p.add_argument("bundle")
+    p.add_argument("pairs", help="CSV/TSV/JSONL with query, title and label (0/1 or graded) columns")
+    p.add_argument("--valid", help="validation pairs (default: 10%% of the training queries)")
+    p.add_argument("--hard-negatives", type=int, default=0, help="negatives mined per query from the index")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--hidden", type=int)
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--loss", choices=["auto", "listwise", "bce", "cosent"])
+    p.add_argument("--search", type=int, metavar="TRIALS", help="random hyper-parameter search with N trials")
+    p.add_argument("--query-tower", action="store_true", help="first fine-tune a separate query encoder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--query-column", default="query")
+    p.add_argument("--title-column", default="title")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--model", help="override the encoder directory recorded in the bundle")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("info", help="print a bundle's manifest")
     p.add_argument("bundle")

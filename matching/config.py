@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Self, get_type_hints
+from typing import Any, Self, get_args, get_type_hints
 
 from matching.errors import ConfigError
 from matching.types import Pooling
@@ -32,15 +32,30 @@ class JsonConfig:
         hints = get_type_hints(cls)
         kwargs: dict[str, Any] = {}
         for name, value in data.items():
-            hint = hints.get(name)
-            if isinstance(hint, type) and issubclass(hint, StrEnum) and value is not None:
+            # `Pooling | None` and the like: look through the union for the enum or base type
+            allowed = [t for t in (get_args(hints[name]) or (hints[name],)) if isinstance(t, type)]
+            if value is None and type(None) in allowed:
+                kwargs[name] = value
+                continue
+            enum = next((t for t in allowed if issubclass(t, StrEnum)), None)
+            if enum is not None:
                 try:
-                    value = hint(value)
+                    value = enum(value)
                 except ValueError:
-                    choices = [m.value for m in hint]
+                    choices = [m.value for m in enum]
                     raise ConfigError(f"{cls.__name__}.{name}: {value!r} is not one of {choices}") from None
+            elif float in allowed and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not any(isinstance(value, t) for t in allowed) or (
+                isinstance(value, bool) and bool not in allowed
+            ):
+                expected = " | ".join(t.__name__ for t in allowed)
+                raise ConfigError(f"{cls.__name__}.{name}: {value!r} is not of type {expected}")
             kwargs[name] = value
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"{cls.__name__}: {exc}") from None
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -79,6 +94,12 @@ class IndexConfig(JsonConfig):
     factory: str = "Flat"
     nprobe: int | None = None
     ef_search: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("nprobe", "ef_search"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1 when set, got {value}")
 
 
 @dataclass(frozen=True)

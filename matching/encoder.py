@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -45,7 +46,9 @@ def resolve_model_dir(model: str | Path | None) -> Path:
     else:
         path = Path(model).expanduser()
     if not path.exists():
-        raise ModelError(f"model directory {str(path)!r} does not exist; pass a local BERT checkpoint directory")
+        raise ModelError(
+            f"model directory {str(path)!r} does not exist; pass a local BERT checkpoint directory"
+        )
     if not path.is_dir():
         raise ModelError(f"model path {str(path)!r} is a file, not a checkpoint directory")
     config_file = path / "config.json"
@@ -116,7 +119,7 @@ class Encoder:
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars are noise here
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # per-tensor "Loading weights" bars are noise here
         config = config or EncoderConfig()
         path = resolve_model_dir(config.model)
         try:
@@ -148,7 +151,8 @@ class Encoder:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        device: torch.device = next(self.model.parameters()).device
+        return device
 
     def config(self) -> EncoderConfig:
         """The settings this encoder runs with, as recorded in a bundle manifest."""
@@ -193,17 +197,46 @@ class Encoder:
                 range(0, n, bs), desc="encoding", unit="batch", disable=not show_progress, leave=False
             ):
                 idx = order[start : start + bs]
-                batch = self.tokenizer(
-                    [texts[i] for i in idx],
-                    padding=True,
-                    truncation=True,
-                    max_length=self.max_length,
-                    return_tensors="pt",
-                )
-                batch = {k: v.to(device) for k, v in batch.items()}
-                vectors = self.embed(batch)
+                vectors = self.embed(self.tokenize([texts[i] for i in idx], device))
                 out[idx] = vectors.float().cpu().numpy()
         return out
+
+    def tokenize(self, texts: Sequence[str], device: torch.device | None = None) -> dict[str, torch.Tensor]:
+        """A padded, truncated batch of token tensors on ``device`` (default: the model's)."""
+        batch = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        target = device or self.device
+        return {k: v.to(target) for k, v in batch.items()}
+
+    def clone(self, source: str) -> Encoder:
+        """An independent copy (own weights, shared tokenizer), e.g. to fine-tune as a query tower."""
+        return Encoder(
+            copy.deepcopy(self.model),
+            self.tokenizer,
+            pooling=self.pooling,
+            max_length=self.max_length,
+            batch_size=self.batch_size,
+            source=source,
+        )
+
+    def save_weights(self, path: Path) -> None:
+        """Write the transformer weights as safetensors (the architecture comes from the base checkpoint)."""
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.model.state_dict().items()}
+        save_file(state, str(path))
+
+    def load_weights(self, path: Path) -> None:
+        """Load weights written by :meth:`save_weights` (strict: every key must match)."""
+        from safetensors.torch import load_file
+
+        try:
+            self.model.load_state_dict(load_file(str(path), device=str(self.device)), strict=True)
+        except (RuntimeError, OSError) as exc:
+            raise ModelError(f"cannot load encoder weights {str(path)!r}: {exc}") from None
+        self.model.eval()
+        self._fingerprint = None
 
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Pooled, normalised vectors for a tokenised batch (differentiable; used by training too)."""

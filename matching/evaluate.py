@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from matching.errors import InputFileError, SchemaError
 
 if TYPE_CHECKING:
@@ -36,7 +38,11 @@ def mrr_at_k(ranked: Sequence[str], relevant: Mapping[str, int], k: int) -> floa
 
 def ndcg_at_k(ranked: Sequence[str], relevant: Mapping[str, int], k: int) -> float:
     """nDCG@k with linear gains (grade / log2(rank + 1)), as trec_eval's ``ndcg_cut`` computes it."""
-    dcg = sum(relevant.get(doc, 0) / math.log2(i + 2) for i, doc in enumerate(ranked[:k]) if relevant.get(doc, 0) > 0)
+    dcg = sum(
+        relevant.get(doc, 0) / math.log2(i + 2)
+        for i, doc in enumerate(ranked[:k])
+        if relevant.get(doc, 0) > 0
+    )
     ideal = sorted((g for g in relevant.values() if g > 0), reverse=True)[:k]
     idcg = sum(g / math.log2(i + 2) for i, g in enumerate(ideal))
     return dcg / idcg if idcg > 0 else 0.0
@@ -85,6 +91,10 @@ def load_queries(path: str | Path) -> dict[str, str]:
                     ) from None
     except OSError as exc:
         raise InputFileError(f"cannot read queries file {str(path)!r}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise InputFileError(
+            f"queries file {str(path)!r} is not UTF-8 ({exc.reason}); re-save it as UTF-8"
+        ) from None
     return out
 
 
@@ -105,11 +115,16 @@ def load_qrels(path: str | Path) -> dict[str, dict[str, int]]:
                     qid, did, grade = row[0], row[1], int(float(row[2]))
                 except (IndexError, ValueError):
                     raise SchemaError(
-                        f"{str(path)!r} line {line_no}: expected 'query-id<TAB>corpus-id<TAB>score', got {row}"
+                        f"{str(path)!r} line {line_no}: expected query-id, corpus-id, score "
+                        f"(tab-separated), got {row}"
                     ) from None
                 out.setdefault(qid, {})[did] = grade
     except OSError as exc:
         raise InputFileError(f"cannot read qrels file {str(path)!r}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise InputFileError(
+            f"qrels file {str(path)!r} is not UTF-8 ({exc.reason}); re-save it as UTF-8"
+        ) from None
     return out
 
 
@@ -156,3 +171,68 @@ def evaluate(
         else:
             report.retrieval = metrics
     return report
+
+
+# -- pair metrics ---------------------------------------------------------------------------------
+
+
+def rankdata(x: np.ndarray) -> np.ndarray:
+    """Ranks from 1, ties sharing their average rank (as scipy.stats.rankdata)."""
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    ranks = np.empty(len(x), dtype=np.float64)
+    start = 0
+    while start < len(x):
+        end = start
+        while end + 1 < len(x) and sorted_x[end + 1] == sorted_x[start]:
+            end += 1
+        ranks[order[start : end + 1]] = (start + end) / 2.0 + 1.0
+        start = end + 1
+    return ranks
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    xc, yc = x - x.mean(), y - y.mean()
+    denom = float(np.sqrt((xc * xc).sum() * (yc * yc).sum()))
+    return float((xc * yc).sum() / denom) if denom > 0 else 0.0
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rank correlation (Pearson over average ranks)."""
+    return pearson(rankdata(x), rankdata(y))
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve for 0/1 ``labels`` (ties count half), via the Mann-Whitney U statistic."""
+    labels = np.asarray(labels) > 0
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return 0.5
+    ranks = rankdata(scores)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def best_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The score threshold (predict 1 when score >= it) that maximises accuracy on these pairs."""
+    labels = np.asarray(labels) > 0
+    order = np.argsort(-np.asarray(scores), kind="mergesort")
+    s, y = np.asarray(scores)[order], labels[order]
+    # predicting the top i as positive: correct = positives in top i + negatives below i
+    correct = np.concatenate([[0], np.cumsum(y)]) + np.concatenate([[(~y).sum()], (~y).sum() - np.cumsum(~y)])
+    i = int(np.argmax(correct))
+    if i == 0:
+        return float(s[0]) + 1e-6
+    if i == len(s):
+        return float(s[-1])
+    return float((s[i - 1] + s[i]) / 2.0)
+
+
+def classification_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
+    """Accuracy, F1 (positive class) and ROC-AUC at ``threshold``."""
+    y = np.asarray(labels) > 0
+    pred = np.asarray(scores) >= threshold
+    tp, fp, fn = int((pred & y).sum()), int((pred & ~y).sum()), int((~pred & y).sum())
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+    return {"accuracy": float((pred == y).mean()), "f1": f1, "roc_auc": roc_auc(y, scores)}

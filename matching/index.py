@@ -47,10 +47,16 @@ class VectorIndex:
     def _apply_search_params(self) -> None:
         inner = faiss.downcast_index(self.index.index) if hasattr(self.index, "index") else self.index
         params = faiss.ParameterSpace()
-        if self.config.nprobe is not None:
-            params.set_index_parameter(inner, "nprobe", self.config.nprobe)
-        if self.config.ef_search is not None:
-            params.set_index_parameter(inner, "efSearch", self.config.ef_search)
+        for name, value in (("nprobe", self.config.nprobe), ("efSearch", self.config.ef_search)):
+            if value is None:
+                continue
+            try:
+                params.set_index_parameter(inner, name, value)
+            except RuntimeError:
+                raise ConfigError(
+                    f"search parameter {name}={value} does not apply to index {self.config.factory!r}; "
+                    "leave it unset for this index type"
+                ) from None
 
     @property
     def ntotal(self) -> int:

@@ -52,22 +52,26 @@ def file_format(path: Path) -> str:
 
 def canonical_id(value: Any) -> str | None:
     """An external id as the string the store keeps; ``None`` when missing."""
-    if value is None:
+    if _is_missing(value):
         return None
     if isinstance(value, bool | np.bool_):
         return str(value)
     if isinstance(value, int | np.integer):
         return str(int(value))
     if isinstance(value, float | np.floating):
-        if math.isnan(value):
-            return None
         return str(int(value)) if float(value).is_integer() else repr(float(value))
     text = str(value).strip()
     return text or None
 
 
 def _is_missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
+    """None, NaN, pandas.NA or NaT (scalars only: a list cell is a value)."""
+    if value is None:
+        return True
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def _json_value(value: Any) -> Any:
@@ -138,7 +142,9 @@ class CatalogueReader:
         if not path.exists():
             raise InputFileError(f"catalogue file {str(path)!r} does not exist")
         if path.is_dir():
-            raise InputFileError(f"catalogue path {str(path)!r} is a directory; pass a CSV, TSV or JSONL file")
+            raise InputFileError(
+                f"catalogue path {str(path)!r} is a directory; pass a CSV, TSV or JSONL file"
+            )
         try:
             yield from self._read_file(path)
         except UnicodeDecodeError as exc:
@@ -149,7 +155,9 @@ class CatalogueReader:
         except PermissionError:
             raise InputFileError(f"no permission to read {str(path)!r}") from None
         except pd.errors.EmptyDataError:
-            raise InputFileError(f"{str(path)!r} is empty: it needs a header row and at least one row") from None
+            raise InputFileError(
+                f"{str(path)!r} is empty: it needs a header row and at least one row"
+            ) from None
         except pd.errors.ParserError as exc:
             raise SchemaError(f"{str(path)!r} is not a well-formed table: {exc}") from None
         except ValueError as exc:  # read_json reports bad JSON lines this way
@@ -163,9 +171,7 @@ class CatalogueReader:
         if fmt == "jsonl":
             if path.stat().st_size == 0:
                 raise pd.errors.EmptyDataError("empty")
-            reader = pd.read_json(
-                path, lines=True, chunksize=self.chunksize, dtype=False, encoding=encoding
-            )
+            reader = pd.read_json(path, lines=True, chunksize=self.chunksize, dtype=False, encoding=encoding)
             checked = False
             for frame in reader:
                 if not checked:
@@ -207,7 +213,7 @@ class CatalogueReader:
         meta_columns = [c for c in frame.columns if c != self.id_column and c not in self.title_columns]
         raw_ids = frame[self.id_column].tolist()
         parts = [frame[c].tolist() for c in self.title_columns]
-        meta_records: list[dict[str, Any]] = (
+        meta_records: list[dict[Any, Any]] = (
             frame[meta_columns].to_dict("records") if meta_columns else [{} for _ in range(len(frame))]
         )
         duplicates: list[str] = []

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -29,7 +31,12 @@ from matching.scorer import Scorer
 from matching.store import Store
 from matching.types import Match
 
+if TYPE_CHECKING:
+    from matching.train import TrainReport
+
 log = logging.getLogger(__name__)
+TRAIN_REPORT_FILE = "train_report.json"
+QUERY_TOWER_FILE = "query_encoder.safetensors"
 
 
 def _encoder_record(encoder: Encoder) -> dict[str, Any]:
@@ -119,7 +126,9 @@ class Matcher:
         with new_generation(path, overwrite=overwrite) as gen:
             writer = Store.create(gen, encoder.dim)
             try:
-                with tqdm(total=total, desc="encoding titles", unit="title", disable=not show_progress) as bar:
+                with tqdm(
+                    total=total, desc="encoding titles", unit="title", disable=not show_progress
+                ) as bar:
                     for chunk in reader:
                         vectors = encoder.encode_titles(chunk.titles)
                         writer.append(chunk.ids, chunk.titles, map(metadata_json, chunk.metadata), vectors)
@@ -194,10 +203,16 @@ class Matcher:
                 f"(fingerprint {encoder.fingerprint[:12]} != {manifest.encoder['fingerprint'][:12]}); "
                 "load the same model, or pass allow_encoder_mismatch=True if you know they are compatible"
             )
+        query_encoder = None
+        if manifest.query_encoder:
+            query_encoder = encoder.clone(source=f"query tower in {path}")
+            query_encoder.load_weights(gen / QUERY_TOWER_FILE)
+            if query_encoder.fingerprint != manifest.query_encoder["fingerprint"]:
+                raise BundleError(f"the query tower in {str(gen)!r} does not match its manifest fingerprint")
         store = Store.open(gen)
         index = VectorIndex.load(gen)
         scorer = Scorer.load(gen).to(encoder.device)
-        return cls(encoder, index, store, scorer, manifest, path=path)
+        return cls(encoder, index, store, scorer, manifest, path=path, query_encoder=query_encoder)
 
     def close(self) -> None:
         """Release the store's database connections."""
@@ -271,6 +286,139 @@ class Matcher:
             ]
             for hits in ranked
         ]
+
+    # -- pair scoring ----------------------------------------------------------------------------
+
+    def encode_pairs(
+        self, queries: Sequence[str], titles: Sequence[str], *, show_progress: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Query and title vectors for aligned pairs.
+
+        Each distinct query is encoded once. Titles already in the bundle (exact text) reuse their cached
+        vectors; only unseen titles are encoded.
+        """
+        if len(queries) != len(titles):
+            raise ConfigError(f"queries and titles differ in length ({len(queries)} != {len(titles)})")
+        for name, seq in (("queries", queries), ("titles", titles)):
+            bad = next((i for i, x in enumerate(seq) if not isinstance(x, str)), None)
+            if bad is not None:
+                raise ConfigError(f"{name}[{bad}] is {type(seq[bad]).__name__}, not a string")
+        uq = list(dict.fromkeys(queries))
+        q_vecs = self.query_encoder.encode_queries(uq, show_progress=show_progress)
+        q_pos = {q: i for i, q in enumerate(uq)}
+        ut = list(dict.fromkeys(titles))
+        rows = self.store.find_titles(ut)
+        t_vecs = np.empty((len(ut), self.encoder.dim), dtype=np.float32)
+        cached = [(i, r) for i, r in enumerate(rows) if r is not None]
+        if cached:
+            t_vecs[[i for i, _ in cached]] = self.store.vectors[[r for _, r in cached]]
+        missing = [i for i, r in enumerate(rows) if r is None]
+        if missing:
+            t_vecs[missing] = self.encoder.encode_titles(
+                [ut[i] for i in missing], show_progress=show_progress
+            )
+        t_pos = {t: i for i, t in enumerate(ut)}
+        return q_vecs[[q_pos[q] for q in queries]], t_vecs[[t_pos[t] for t in titles]]
+
+    def score_pairs(self, queries: Sequence[str], titles: Sequence[str]) -> np.ndarray:
+        """The reranker's score for each (query, title) pair, as a float32 array in input order."""
+        q, t = self.encode_pairs(queries, titles)
+        return self.scorer.score(q, t)
+
+    # -- training --------------------------------------------------------------------------------
+
+    def replace_scorer(self, scorer: Scorer, report: dict[str, Any] | None = None) -> None:
+        """Publish ``scorer`` (and its training report) as a new bundle generation; search uses it next."""
+        if scorer.config.dim != self.encoder.dim:
+            raise ConfigError(f"scorer dimension {scorer.config.dim} != encoder dimension {self.encoder.dim}")
+
+        def write(gen: Path) -> None:
+            scorer.save(gen)
+            if report is not None:
+                (gen / TRAIN_REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+        self._publish(("scorer", TRAIN_REPORT_FILE), write, self.manifest)
+
+    def replace_query_encoder(self, tower: Encoder, report: dict[str, Any] | None = None) -> None:
+        """Publish a fine-tuned query tower (same architecture as the title encoder) into the bundle.
+
+        Titles stay as they were encoded; only queries are encoded by ``tower`` from then on.
+        """
+        if tower.dim != self.encoder.dim:
+            raise ConfigError(
+                f"query tower dimension {tower.dim} != title encoder dimension {self.encoder.dim}"
+            )
+        record = {"fingerprint": tower.fingerprint, "base": self.encoder.fingerprint, "report": report}
+
+        def write(gen: Path) -> None:
+            tower.save_weights(gen / QUERY_TOWER_FILE)
+
+        self._publish((QUERY_TOWER_FILE,), write, dataclasses.replace(self.manifest, query_encoder=record))
+
+    def _publish(self, replaced: tuple[str, ...], write: Any, manifest: Manifest) -> None:
+        """Write a new generation that carries every file but those starting with ``replaced``."""
+        if self.path is None:
+            raise BundleError("this matcher has no bundle path to save into")
+        keep = [n for n in self.manifest.files if not n.startswith(replaced)]
+        with new_generation(self.path, carry=keep) as gen:
+            write(gen)
+            write_manifest(gen, dataclasses.replace(manifest, files={}))
+        self._reopen()
+
+    def _reopen(self) -> None:
+        """Point every component at the live generation after this process published a new one."""
+        fresh = Matcher.load(self.path or Path(), encoder=self.encoder, verify=False)
+        self.store.close()
+        self.index, self.store, self.scorer = fresh.index, fresh.store, fresh.scorer
+        self.manifest, self.query_encoder = fresh.manifest, fresh.query_encoder
+
+    def train_scorer(
+        self,
+        train_pairs: pd.DataFrame | str | Path,
+        valid_pairs: pd.DataFrame | str | Path | None = None,
+        *,
+        save: bool = True,
+        show_progress: bool = True,
+        **settings: Any,
+    ) -> TrainReport:
+        """Train the reranker on (query, title, label) pairs; settings: :class:`matching.train.TrainConfig`.
+
+        The best checkpoint on the validation metric is kept (never worse than the scorer it started from)
+        and, with ``save``, published into the bundle.
+        """
+        from matching.train import train_scorer
+
+        scorer, report = train_scorer(self, train_pairs, valid_pairs, show_progress=show_progress, **settings)
+        if save:
+            self.replace_scorer(scorer, report.to_dict())
+        else:
+            self.scorer = scorer
+        return report
+
+    def train_query_tower(
+        self,
+        train_pairs: pd.DataFrame | str | Path,
+        valid_pairs: pd.DataFrame | str | Path | None = None,
+        *,
+        save: bool = True,
+        show_progress: bool = True,
+        **settings: Any,
+    ) -> TrainReport:
+        """Fine-tune a separate query tower on positive pairs; settings: :class:`matching.tower.TowerConfig`.
+
+        The title vectors stay frozen. Retrain the scorer afterwards (:meth:`train_scorer`): it was fitted to
+        the old query vectors.
+        """
+        from matching.tower import train_query_tower
+
+        tower, report = train_query_tower(
+            self, train_pairs, valid_pairs, show_progress=show_progress, **settings
+        )
+        if save:
+            self.replace_query_encoder(tower, report.to_dict())
+        else:
+            self.query_encoder = tower
+        return report
 
     # -- description -----------------------------------------------------------------------------
 

@@ -44,7 +44,8 @@ class Scorer(nn.Module):
         q = q.expand_as(t)
         cos = (q * t).sum(dim=-1, keepdim=True)
         features = torch.cat([q, t, q * t, (q - t).abs(), cos], dim=-1)
-        return (cos + self.mlp(features)).squeeze(-1)
+        out: torch.Tensor = (cos + self.mlp(features)).squeeze(-1)
+        return out
 
     @torch.inference_mode()
     def score(self, q: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -54,7 +55,7 @@ class Scorer(nn.Module):
         device = next(self.parameters()).device
         qt = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32)).to(device)
         tt = torch.from_numpy(np.ascontiguousarray(t, dtype=np.float32)).to(device)
-        out = self(qt, tt).float().cpu().numpy()
+        out: np.ndarray = self(qt, tt).float().cpu().numpy()
         self.train(was_training)
         return out
 

@@ -1,0 +1,70 @@
+"""Batch scoring of (query, title) pairs from a file, streamed in chunks."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from matching.errors import InputFileError, SchemaError
+from matching.ingest import file_format
+
+if TYPE_CHECKING:
+    from matching.matcher import Matcher
+
+
+def score_file(
+    matcher: Matcher,
+    source: Path,
+    out: Path,
+    *,
+    query_column: str = "query",
+    title_column: str = "title",
+    chunksize: int = 20_000,
+    show_progress: bool = True,
+) -> int:
+    """Write every row of ``source`` to ``out``, in order, with ``score`` and ``cosine`` columns added.
+
+    The output appears only when complete (written to a temporary file, then renamed).
+    """
+    if not source.is_file():
+        raise InputFileError(f"pairs file {str(source)!r} does not exist or is not a file")
+    sep = "\t" if file_format(source) == "tsv" else ","
+    out_sep = "\t" if file_format(out) == "tsv" else ","
+    try:
+        header = pd.read_csv(source, sep=sep, nrows=0, encoding="utf-8-sig")
+    except pd.errors.EmptyDataError:
+        raise InputFileError(f"{str(source)!r} is empty: it needs a header row") from None
+    missing = [c for c in (query_column, title_column) if c not in header.columns]
+    if missing:
+        raise SchemaError(
+            f"{str(source)!r} has no column {missing}; its columns are {list(header.columns)}. "
+            "Name them with --query-column/--title-column"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    total = 0
+    try:
+        # every column as text, so what is not scored is written back exactly as read
+        reader = pd.read_csv(
+            source, sep=sep, chunksize=chunksize, dtype=str, keep_default_na=False, encoding="utf-8-sig"
+        )
+        with tqdm(desc="scoring pairs", unit="pair", disable=not show_progress) as bar:
+            for frame in reader:
+                q, t = matcher.encode_pairs(frame[query_column].tolist(), frame[title_column].tolist())
+                frame = frame.assign(score=matcher.scorer.score(q, t), cosine=np.einsum("ij,ij->i", q, t))
+                frame.to_csv(tmp, mode="a", header=total == 0, index=False, sep=out_sep)
+                total += len(frame)
+                bar.update(len(frame))
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return total

@@ -1,0 +1,218 @@
+"""Fine-tuning a separate query tower against the frozen, cached title vectors.
+
+The title tower never changes (its vectors are the bundle's cache); only a copy of the encoder that
+encodes queries is trained. The objective is InfoNCE over a shared pool of title vectors (each query's
+positives, the other queries' positives in the batch, and negatives mined from the bundle's index),
+plus a pull toward the query's original vector, which keeps the tower close to the space the titles
+were encoded in. Early stopping on validation nDCG@10 keeps the best epoch, and the original tower
+when no epoch beats it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from matching.config import JsonConfig
+from matching.encoder import Encoder
+from matching.errors import ConfigError, SchemaError
+from matching.evaluate import ndcg_at_k
+from matching.train import TrainReport, _split_by_query, read_pairs
+
+if TYPE_CHECKING:
+    from matching.matcher import Matcher
+
+
+@dataclass(frozen=True)
+class TowerConfig(JsonConfig):
+    """Settings for :func:`train_query_tower`."""
+
+    epochs: int = 8
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    batch_size: int = 32
+    warmup: float = 0.1
+    clip: float = 1.0
+    patience: int = 3
+    temperature: float = 0.05
+    anchor: float = 1.0  # weight of the pull toward the original query vector (0 turns it off)
+    hard_negatives: int = 10  # mined per query from the index
+    mine_depth: int = 50
+    # mined titles scoring above (positive's cosine - margin) are likely unlabelled positives: skipped
+    false_negative_margin: float = 0.0
+    train_layers: int = 0  # train only the top N transformer layers (0: all)
+    valid_fraction: float = 0.1
+    seed: int = 0
+    query_column: str = "query"
+    title_column: str = "title"
+    label_column: str = "label"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0 or self.temperature <= 0:
+            raise ConfigError("epochs >= 1, batch_size >= 2, lr > 0 and temperature > 0 are required")
+
+
+def _positives(matcher: Matcher, pairs: pd.DataFrame) -> dict[str, list[int]]:
+    """Row ids of each query's positive titles (titles not in the bundle cannot be trained against)."""
+    rows = matcher.store.find_titles(pairs["title"].tolist())
+    out: dict[str, list[int]] = {}
+    for q, row, label in zip(pairs["query"], rows, pairs["label"], strict=True):
+        if label > 0 and row is not None:
+            out.setdefault(str(q), []).append(int(row))
+    return out
+
+
+def _validator(matcher: Matcher, positives: dict[str, list[int]], depth: int) -> Any:
+    queries = list(positives)
+    rel = {q: {str(r): 1 for r in rows} for q, rows in positives.items()}
+
+    def metric(tower: Encoder) -> float:
+        vectors = tower.encode_queries(queries)
+        _, ids = matcher.index.search(vectors, depth)
+        return float(
+            np.mean(
+                [ndcg_at_k([str(r) for r in ids[i] if r >= 0], rel[q], 10) for i, q in enumerate(queries)]
+            )
+        )
+
+    return metric
+
+
+def train_query_tower(
+    matcher: Matcher,
+    train_pairs: pd.DataFrame | str | Path,
+    valid_pairs: pd.DataFrame | str | Path | None = None,
+    *,
+    config: TowerConfig | None = None,
+    show_progress: bool = True,
+    **settings: Any,
+) -> tuple[Encoder, TrainReport]:
+    """Fine-tune a copy of the title encoder as the query tower; returns the best tower and a report."""
+    from matching.train import TrainConfig
+
+    cfg = config or TowerConfig()
+    if settings:
+        cfg = TowerConfig.from_dict({**cfg.to_dict(), **settings})
+    started = time.perf_counter()
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    columns = TrainConfig(
+        query_column=cfg.query_column, title_column=cfg.title_column, label_column=cfg.label_column
+    )
+    train = read_pairs(train_pairs, columns)
+    valid = read_pairs(valid_pairs, columns) if valid_pairs is not None else None
+    if valid is None:
+        train, valid = _split_by_query(train, cfg.valid_fraction, cfg.seed)
+    train_pos, valid_pos = _positives(matcher, train), _positives(matcher, valid)
+    if not train_pos or not valid_pos:
+        raise SchemaError("query-tower training needs positive pairs whose titles are in the bundle")
+
+    base = matcher.query_encoder
+    tower = base.clone(source=f"query-tower of {base.source}")
+    queries = list(train_pos)
+    original = torch.from_numpy(base.encode_queries(queries))
+    # Mine with the original tower once: negatives are what it wrongly ranks high.
+    scores, ids = matcher.index.search(original.numpy(), cfg.mine_depth)
+    vectors = matcher.store.vectors
+    negatives: list[list[int]] = []
+    for qi, q in enumerate(queries):
+        pos = set(train_pos[q])
+        pos_cos = float(np.min(vectors[sorted(pos)] @ original[qi].numpy()))
+        limit = pos_cos - cfg.false_negative_margin
+        cands = [
+            int(r)
+            for r, s in zip(ids[qi], scores[qi], strict=True)
+            if r >= 0 and int(r) not in pos and (cfg.false_negative_margin <= 0 or s < limit)
+        ]
+        negatives.append(cands[: cfg.hard_negatives])
+
+    trainable = _select_trainable(tower, cfg.train_layers)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(queries) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    warmup = max(1, int(cfg.warmup * total))
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup)),
+    )
+    validate = _validator(matcher, valid_pos, max(100, cfg.mine_depth))
+    baseline = validate(tower)
+    best, best_epoch, best_state = baseline, 0, copy.deepcopy(tower.model.state_dict())
+    report = TrainReport(
+        config=cfg.to_dict(),
+        loss="infonce+anchor",
+        metric="ndcg@10",
+        baseline=baseline,
+        best_metric=baseline,
+        best_epoch=0,
+        train_pairs=len(train),
+        valid_queries=len(valid_pos),
+    )
+    generator = torch.Generator().manual_seed(cfg.seed)
+    device = tower.device
+    stale = 0
+    for epoch in tqdm(range(1, cfg.epochs + 1), desc="training query tower", disable=not show_progress):
+        tower.model.train()
+        perm = torch.randperm(len(queries), generator=generator).tolist()
+        epoch_loss = 0.0
+        for start in range(0, len(queries), cfg.batch_size):
+            batch = perm[start : start + cfg.batch_size]
+            # one shared pool: every query's positives and mined negatives in this batch
+            pool_rows = list(dict.fromkeys(r for i in batch for r in train_pos[queries[i]] + negatives[i]))
+            where = {r: j for j, r in enumerate(pool_rows)}
+            pool = torch.from_numpy(np.asarray(vectors[pool_rows])).to(device)
+            target = torch.zeros(len(batch), len(pool_rows), device=device)
+            for bi, i in enumerate(batch):
+                for r in train_pos[queries[i]]:
+                    target[bi, where[r]] = 1.0 / len(train_pos[queries[i]])
+            qv = tower.embed(tower.tokenize([queries[i] for i in batch]))
+            logits = qv @ pool.T / cfg.temperature
+            loss = -(target * torch.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+            if cfg.anchor:
+                anchor = original[batch].to(device)
+                loss = loss + cfg.anchor * (1.0 - (qv * anchor).sum(dim=-1)).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            nn.utils.clip_grad_norm_(trainable, cfg.clip)
+            optimizer.step()
+            lr_sched.step()
+            epoch_loss += float(loss.detach()) * len(batch)
+        tower.model.eval()
+        value = validate(tower)
+        report.epochs.append({"epoch": epoch, "loss": epoch_loss / len(queries), "metric": value})
+        if value > best:
+            best, best_epoch, best_state, stale = value, epoch, copy.deepcopy(tower.model.state_dict()), 0
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                break
+    tower.model.load_state_dict(best_state)
+    tower.model.eval()
+    report.best_metric, report.best_epoch = best, best_epoch
+    report.seconds = time.perf_counter() - started
+    return tower, report
+
+
+def _select_trainable(tower: Encoder, top_layers: int) -> list[nn.Parameter]:
+    params = list(tower.model.parameters())
+    if top_layers <= 0:
+        return params
+    for p in params:
+        p.requires_grad_(False)
+    layers = tower.model.encoder.layer
+    chosen = [p for layer in layers[-top_layers:] for p in layer.parameters()]
+    for p in chosen:
+        p.requires_grad_(True)
+    return chosen

@@ -1,0 +1,479 @@
+"""Training the reranker on labelled pairs (kept apart from inference: nothing here runs at query time)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from matching.config import JsonConfig, ScorerConfig
+from matching.errors import ConfigError, SchemaError
+from matching.evaluate import ndcg_at_k, roc_auc, spearman
+from matching.ingest import file_format
+from matching.scorer import Scorer
+
+if TYPE_CHECKING:
+    from matching.matcher import Matcher
+
+log = logging.getLogger(__name__)
+
+
+class LossKind(StrEnum):
+    """Training objective. ``auto``: listwise with mined negatives, else BCE for 0/1 labels, else CoSENT."""
+
+    AUTO = "auto"
+    LISTWISE = "listwise"  # softmax over (positive, negatives) groups: InfoNCE with hard negatives
+    BCE = "bce"  # binary cross-entropy on a learned affine map of the score
+    COSENT = "cosent"  # pairwise ranking of graded labels inside each batch
+
+
+@dataclass(frozen=True)
+class TrainConfig(JsonConfig):
+    """Settings for :func:`train_scorer` (all have general defaults)."""
+
+    epochs: int = 20
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    batch_size: int = 32
+    warmup: float = 0.1  # share of the steps spent warming the learning rate up
+    clip: float = 1.0  # gradient-norm clipping
+    patience: int = 4  # epochs without a better validation metric before stopping
+    hidden: int = 256
+    dropout: float = 0.1
+    hard_negatives: int = 0  # negatives mined per query from the bundle's own index (0: none)
+    mine_depth: int = 100  # how deep to retrieve when mining, and the rerank depth when validating
+    loss: LossKind = LossKind.AUTO
+    temperature: float = 0.05
+    valid_fraction: float = 0.1  # of the training queries, when no validation pairs are given
+    seed: int = 0
+    query_column: str = "query"
+    title_column: str = "title"
+    label_column: str = "label"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError("epochs, batch_size and lr must be positive")
+        if self.hard_negatives < 0 or self.mine_depth < 1 or not 0 < self.valid_fraction < 1:
+            raise ConfigError("hard_negatives >= 0, mine_depth >= 1 and 0 < valid_fraction < 1 are required")
+
+
+@dataclass
+class TrainReport:
+    """What a training run did: the validation metric per epoch and the checkpoint kept."""
+
+    config: dict[str, Any]
+    loss: str
+    metric: str
+    baseline: float  # the validation metric of the scorer training started from
+    best_metric: float
+    best_epoch: int  # 0 means no epoch beat the starting scorer, which is kept
+    epochs: list[dict[str, float]] = field(default_factory=list)
+    train_pairs: int = 0
+    valid_queries: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def table(self) -> str:
+        lines = [f"{'epoch':>5}  {'loss':>8}  {self.metric:>10}", f"{0:>5}  {'-':>8}  {self.baseline:>10.4f}"]
+        lines += [f"{int(e['epoch']):>5}  {e['loss']:>8.4f}  {e['metric']:>10.4f}" for e in self.epochs]
+        lines.append(
+            f"best: epoch {self.best_epoch}, {self.metric} {self.best_metric:.4f} ({self.seconds:.1f}s)"
+        )
+        return "\n".join(lines)
+
+
+# -- data --------------------------------------------------------------------------------------------
+
+
+def read_pairs(source: pd.DataFrame | str | Path, config: TrainConfig) -> pd.DataFrame:
+    """A (query, title, label) table with the configured column names, checked."""
+    if isinstance(source, pd.DataFrame):
+        frame, name = source, "the pairs DataFrame"
+    else:
+        path = Path(source)
+        name = repr(str(path))
+        if not path.is_file():
+            raise SchemaError(f"pairs file {name} does not exist or is not a file")
+        fmt = file_format(path)
+        if fmt == "jsonl":
+            frame = pd.read_json(path, lines=True, dtype=False)
+        else:
+            frame = pd.read_csv(
+                path,
+                sep="\t" if fmt == "tsv" else ",",
+                keep_default_na=False,
+                na_values=[""],
+                encoding="utf-8-sig",
+            )
+    cols = [config.query_column, config.title_column, config.label_column]
+    missing = [c for c in cols if c not in frame.columns]
+    if missing:
+        raise SchemaError(f"{name} has no column {missing}; its columns are {list(map(str, frame.columns))}")
+    labels = pd.to_numeric(frame[config.label_column], errors="coerce")
+    bad = np.flatnonzero(labels.isna().to_numpy())
+    if len(bad):
+        raise SchemaError(
+            f"{name}, row {bad[0] + 1}: label {frame[config.label_column].iloc[bad[0]]!r} is not a number"
+        )
+    for col in cols[:2]:
+        empty = np.flatnonzero(frame[col].isna().to_numpy() | (frame[col].astype(str).str.strip() == ""))
+        if len(empty):
+            raise SchemaError(f"{name}, row {empty[0] + 1}: column {col!r} is empty")
+    return pd.DataFrame(
+        {
+            "query": frame[cols[0]].astype(str),
+            "title": frame[cols[1]].astype(str),
+            "label": labels.astype(float),
+        }
+    ).reset_index(drop=True)
+
+
+def _split_by_query(pairs: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    queries = sorted(pairs["query"].unique())
+    random.Random(seed).shuffle(queries)
+    n_valid = max(1, round(len(queries) * fraction))
+    valid = set(queries[:n_valid])
+    mask = pairs["query"].isin(valid)
+    if mask.all():
+        raise SchemaError("too few distinct queries to split off a validation set; pass valid_pairs")
+    return pairs[~mask].reset_index(drop=True), pairs[mask].reset_index(drop=True)
+
+
+@dataclass
+class _Groups:
+    """Listwise training data: per group, candidate vectors with the positive first, and a mask."""
+
+    q: torch.Tensor  # (g, d)
+    t: torch.Tensor  # (g, m, d)
+    weight: torch.Tensor  # (g,) the positive's grade
+    mask: torch.Tensor  # (g, m) True where a candidate exists
+
+
+def _listwise_groups(
+    matcher: Matcher, pairs: pd.DataFrame, q: np.ndarray, t: np.ndarray, cfg: TrainConfig
+) -> _Groups:
+    """One group per positive pair: [positive, labelled negatives + negatives mined from the index]."""
+    uq = list(dict.fromkeys(pairs["query"]))
+    first = {qq: i for i, qq in reversed(list(enumerate(pairs["query"])))}
+    qv = np.stack([q[first[qq]] for qq in uq])
+    positive_rows: dict[str, set[int]] = {qq: set() for qq in uq}
+    found = matcher.store.find_titles(pairs["title"].tolist())
+    for qq, row, label in zip(pairs["query"], found, pairs["label"], strict=True):
+        if label > 0 and row is not None:
+            positive_rows[qq].add(row)
+    mined: dict[str, list[int]] = {qq: [] for qq in uq}
+    if cfg.hard_negatives:
+        _, ids = matcher.index.search(qv, cfg.mine_depth)
+        for qq, row_ids in zip(uq, ids, strict=True):
+            mined[qq] = [int(r) for r in row_ids if r >= 0 and int(r) not in positive_rows[qq]][
+                : cfg.hard_negatives
+            ]
+    groups_q, groups_t, weights = [], [], []
+    for qq, sub in pairs.groupby("query", sort=False):
+        idx = sub.index.to_numpy()
+        labels = sub["label"].to_numpy()
+        negs = [t[i] for i, lab in zip(idx, labels, strict=True) if lab <= 0]
+        negs += [np.asarray(matcher.store.vectors[r]) for r in mined[str(qq)]]
+        for i, lab in zip(idx, labels, strict=True):
+            if lab > 0 and negs:
+                groups_q.append(q[i])
+                groups_t.append([t[i], *negs])
+                weights.append(float(lab))
+    if not groups_q:
+        raise SchemaError("listwise training needs queries with a positive and at least one negative")
+    width = max(len(g) for g in groups_t)
+    dim = q.shape[1]
+    tt = np.zeros((len(groups_t), width, dim), dtype=np.float32)
+    mask = np.zeros((len(groups_t), width), dtype=bool)
+    for gi, g in enumerate(groups_t):
+        tt[gi, : len(g)] = np.stack(g)
+        mask[gi, : len(g)] = True
+    return _Groups(
+        torch.from_numpy(np.stack(groups_q)),
+        torch.from_numpy(tt),
+        torch.tensor(weights),
+        torch.from_numpy(mask),
+    )
+
+
+# -- validation ----------------------------------------------------------------------------------
+
+
+def _retrieval_validator(
+    matcher: Matcher, pairs: pd.DataFrame, q: np.ndarray, depth: int
+) -> Callable[[Scorer], float]:
+    """nDCG@10 of reranking the top ``depth`` retrieved titles for each validation query."""
+    uq = list(dict.fromkeys(pairs["query"]))
+    first = {qq: i for i, qq in reversed(list(enumerate(pairs["query"])))}
+    qv = np.stack([q[first[qq]] for qq in uq])
+    rel: dict[str, dict[str, int]] = {qq: {} for qq in uq}
+    found = matcher.store.find_titles(pairs["title"].tolist())
+    for qq, row, label in zip(pairs["query"], found, pairs["label"], strict=True):
+        key = str(row) if row is not None else f"missing:{len(rel[qq])}"
+        if label > 0:
+            rel[qq][key] = round(label)
+    _, ids = matcher.index.search(qv, depth)
+    cand_vecs = [np.asarray(matcher.store.vectors[r[r >= 0]]) for r in ids]
+
+    def metric(scorer: Scorer) -> float:
+        total = 0.0
+        for i, qq in enumerate(uq):
+            row_ids = ids[i][ids[i] >= 0]
+            scores = scorer.score(qv[i : i + 1], cand_vecs[i])
+            ranked = [str(r) for r in row_ids[np.argsort(-scores, kind="stable")]]
+            total += ndcg_at_k(ranked, rel[qq], 10)
+        return total / len(uq)
+
+    return metric
+
+
+def _pair_validator(
+    q: np.ndarray, t: np.ndarray, labels: np.ndarray, binary: bool
+) -> Callable[[Scorer], float]:
+    def metric(scorer: Scorer) -> float:
+        scores = scorer.score(q, t)
+        return roc_auc(labels, scores) if binary else spearman(scores, labels)
+
+    return metric
+
+
+# -- losses --------------------------------------------------------------------------------------
+
+
+def _listwise_loss(scorer: Scorer, g: _Groups, temperature: float) -> torch.Tensor:
+    n, m, d = g.t.shape
+    scores = scorer(g.q.unsqueeze(1).expand(n, m, d).reshape(-1, d), g.t.reshape(-1, d)).reshape(n, m)
+    logits = (scores / temperature).masked_fill(~g.mask, float("-inf"))
+    per_group = -torch.log_softmax(logits, dim=-1)[:, 0]
+    return (per_group * g.weight).sum() / g.weight.sum()
+
+
+def _cosent_loss(scores: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log(1 + sum over pairs with label_i > label_j of exp((s_j - s_i) / T))."""
+    diff = (scores[None, :] - scores[:, None]) / temperature  # diff[i, j] = (s_j - s_i) / T
+    ordered = labels[:, None] > labels[None, :]
+    diff = diff.masked_fill(~ordered, float("-inf"))
+    flat = torch.cat([torch.zeros(1, dtype=diff.dtype), diff.reshape(-1)])
+    return torch.logsumexp(flat, dim=0)
+
+
+# -- the loop ------------------------------------------------------------------------------------
+
+
+def train_scorer(
+    matcher: Matcher,
+    train_pairs: pd.DataFrame | str | Path,
+    valid_pairs: pd.DataFrame | str | Path | None = None,
+    *,
+    config: TrainConfig | None = None,
+    show_progress: bool = True,
+    **settings: Any,
+) -> tuple[Scorer, TrainReport]:
+    """Train a fresh scorer for ``matcher``'s vectors; returns the best checkpoint and a report.
+
+    ``settings`` override fields of ``config`` (e.g. ``epochs=5, hard_negatives=20``).
+    """
+    cfg = config or TrainConfig()
+    if settings:
+        cfg = TrainConfig.from_dict({**cfg.to_dict(), **settings})
+    started = time.perf_counter()
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    train = read_pairs(train_pairs, cfg)
+    valid = read_pairs(valid_pairs, cfg) if valid_pairs is not None else None
+    if valid is None:
+        train, valid = _split_by_query(train, cfg.valid_fraction, cfg.seed)
+    binary = bool(np.isin(train["label"].to_numpy(), [0.0, 1.0]).all())
+    loss_kind = cfg.loss
+    if loss_kind is LossKind.AUTO:
+        loss_kind = LossKind.LISTWISE if cfg.hard_negatives else (LossKind.BCE if binary else LossKind.COSENT)
+
+    q_tr, t_tr = matcher.encode_pairs(
+        train["query"].tolist(), train["title"].tolist(), show_progress=show_progress
+    )
+    q_va, t_va = matcher.encode_pairs(
+        valid["query"].tolist(), valid["title"].tolist(), show_progress=show_progress
+    )
+    if loss_kind is LossKind.LISTWISE:
+        groups = _listwise_groups(matcher, train, q_tr, t_tr, cfg)
+        n_items = len(groups.q)
+        validate = _retrieval_validator(matcher, valid, q_va, cfg.mine_depth)
+        metric_name = "ndcg@10"
+    else:
+        labels_tr = torch.tensor(train["label"].to_numpy(), dtype=torch.float32)
+        n_items = len(train)
+        validate = _pair_validator(q_va, t_va, valid["label"].to_numpy(), binary)
+        metric_name = "roc_auc" if binary else "spearman"
+        q_t, t_t = torch.from_numpy(q_tr), torch.from_numpy(t_tr)
+
+    scorer = Scorer(ScorerConfig(dim=matcher.encoder.dim, hidden=cfg.hidden, dropout=cfg.dropout))
+    # BCE needs calibrated logits: a learned affine map of the score, used in training only.
+    affine = nn.Linear(1, 1)
+    nn.init.constant_(affine.weight, 1.0 / cfg.temperature)
+    nn.init.constant_(affine.bias, -0.5 / cfg.temperature)
+    params = list(scorer.parameters()) + (list(affine.parameters()) if loss_kind is LossKind.BCE else [])
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(n_items / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup = max(1, int(cfg.warmup * total_steps))
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    baseline = validate(scorer)
+    best_metric, best_epoch, best_state = baseline, 0, copy.deepcopy(scorer.state_dict())
+    report = TrainReport(
+        config=cfg.to_dict(),
+        loss=loss_kind.value,
+        metric=metric_name,
+        baseline=baseline,
+        best_metric=baseline,
+        best_epoch=0,
+        train_pairs=len(train),
+        valid_queries=int(valid["query"].nunique()),
+    )
+    generator = torch.Generator().manual_seed(cfg.seed)
+    stale = 0
+    for epoch in tqdm(range(1, cfg.epochs + 1), desc="training scorer", disable=not show_progress):
+        scorer.train()
+        perm = torch.randperm(n_items, generator=generator)
+        epoch_loss = 0.0
+        for start in range(0, n_items, cfg.batch_size):
+            idx = perm[start : start + cfg.batch_size]
+            if loss_kind is LossKind.LISTWISE:
+                g = _Groups(groups.q[idx], groups.t[idx], groups.weight[idx], groups.mask[idx])
+                loss = _listwise_loss(scorer, g, cfg.temperature)
+            else:
+                scores = scorer(q_t[idx], t_t[idx])
+                if loss_kind is LossKind.BCE:
+                    logits = affine(scores.unsqueeze(-1)).squeeze(-1)
+                    loss = nn.functional.binary_cross_entropy_with_logits(
+                        logits, (labels_tr[idx] > 0).float()
+                    )
+                else:
+                    loss = _cosent_loss(scores, labels_tr[idx], cfg.temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            nn.utils.clip_grad_norm_(params, cfg.clip)
+            optimizer.step()
+            lr_sched.step()
+            epoch_loss += float(loss.detach()) * len(idx)
+        value = validate(scorer)
+        report.epochs.append({"epoch": epoch, "loss": epoch_loss / n_items, "metric": value})
+        if value > best_metric:
+            best_metric, best_epoch, best_state, stale = value, epoch, copy.deepcopy(scorer.state_dict()), 0
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                break
+    scorer.load_state_dict(best_state)
+    scorer.eval()
+    report.best_metric, report.best_epoch = best_metric, best_epoch
+    report.seconds = time.perf_counter() - started
+    return scorer, report
+
+
+# -- hyper-parameter search ----------------------------------------------------------------------
+
+DEFAULT_SPACE: dict[str, list[Any]] = {
+    "lr": [3e-4, 1e-3, 3e-3],
+    "hidden": [128, 256, 512],
+    "dropout": [0.0, 0.1, 0.3],
+    "hard_negatives": [10, 20, 50],
+}
+
+
+@dataclass
+class SearchReport:
+    """Every trial's settings and validation result, and which one won."""
+
+    metric: str
+    trials: list[dict[str, Any]]
+    best_trial: int
+
+    @property
+    def best(self) -> dict[str, Any]:
+        return self.trials[self.best_trial]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def table(self) -> str:
+        keys = sorted({k for t in self.trials for k in t["settings"]})
+        head = f"{'trial':>5}  " + "  ".join(f"{k:>14}" for k in keys) + f"  {self.metric:>10}  {'epoch':>5}"
+        lines = [head]
+        for i, t in enumerate(self.trials):
+            mark = " *" if i == self.best_trial else ""
+            cells = "  ".join(f"{t['settings'].get(k, '-')!s:>14}" for k in keys)
+            lines.append(f"{i:>5}  {cells}  {t['best_metric']:>10.4f}  {t['best_epoch']:>5}{mark}")
+        return "\n".join(lines)
+
+
+def search_scorer(
+    matcher: Matcher,
+    train_pairs: pd.DataFrame | str | Path,
+    valid_pairs: pd.DataFrame | str | Path | None = None,
+    *,
+    trials: int = 8,
+    space: dict[str, list[Any]] | None = None,
+    seed: int = 0,
+    show_progress: bool = True,
+    **settings: Any,
+) -> tuple[Scorer, TrainReport, SearchReport]:
+    """Random search over ``space`` (defaults: :data:`DEFAULT_SPACE`); returns the best trial's scorer.
+
+    Trials share one validation split and seed, so they differ only in the searched settings.
+    ``hard_negatives`` is searched only when listwise training is in use (``settings`` asks for mining).
+    """
+    space = dict(space or DEFAULT_SPACE)
+    if not settings.get("hard_negatives"):
+        space.pop("hard_negatives", None)
+    rng = random.Random(seed)
+    grid = [dict(zip(space, combo, strict=True)) for combo in itertools.product(*space.values())]
+    rng.shuffle(grid)
+    chosen = grid[: max(1, trials)]
+    results: list[dict[str, Any]] = []
+    best: tuple[float, Scorer, TrainReport] | None = None
+    for i, trial in enumerate(chosen):
+        scorer, report = train_scorer(
+            matcher, train_pairs, valid_pairs, show_progress=False, **{**settings, "seed": seed, **trial}
+        )
+        results.append(
+            {
+                "settings": trial,
+                "best_metric": report.best_metric,
+                "best_epoch": report.best_epoch,
+                "trial": i,
+            }
+        )
+        if show_progress:
+            log.warning(
+                "trial %d/%d %s: %s %.4f", i + 1, len(chosen), trial, report.metric, report.best_metric
+            )
+        if best is None or report.best_metric > best[0]:
+            best = (report.best_metric, scorer, report)
+    assert best is not None  # chosen is never empty
+    best_index = next(j for j, r in enumerate(results) if r["best_metric"] == best[0])
+    return best[1], best[2], SearchReport(metric=best[2].metric, trials=results, best_trial=best_index)

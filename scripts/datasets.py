@@ -1,0 +1,64 @@
+"""Loaders for the public benchmark sets in ../shared/data (never copied into the repo)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+
+DATA = Path(os.environ.get("MATCHING_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def require(name: str) -> Path:
+    path = DATA / name
+    if not path.is_dir():
+        raise SystemExit(f"{path} is missing: these benchmarks read ../shared/data (or set MATCHING_DATA)")
+    return path
+
+
+def scifact_corpus() -> pd.DataFrame:
+    """SciFact corpus as id + title + text (index title + " " + text, as BEIR does)."""
+    rows = []
+    with (require("beir_scifact") / "corpus.jsonl").open(encoding="utf-8") as fh:
+        for line in fh:
+            r = json.loads(line)
+            rows.append({"_id": str(r["_id"]), "title": r.get("title", ""), "text": r.get("text", "")})
+    return pd.DataFrame(rows)
+
+
+def scifact_pairs(split: str) -> pd.DataFrame:
+    """(query, title, label) positive pairs of a SciFact qrels split; title = title + " " + text."""
+    from matching.evaluate import load_qrels, load_queries
+
+    base = require("beir_scifact")
+    queries = load_queries(base / "queries.jsonl")
+    corpus = scifact_corpus()
+    docs = dict(zip(corpus["_id"], (corpus["title"] + " " + corpus["text"]).str.strip(), strict=True))
+    qrels = load_qrels(base / "qrels" / f"{split}.tsv")
+    rows = [(queries[q], docs[d], g) for q, rel in qrels.items() for d, g in rel.items() if g > 0 and d in docs]
+    return pd.DataFrame(rows, columns=["query", "title", "label"])
+
+
+def sts(split: str) -> pd.DataFrame:
+    """STS Benchmark split as query (s1), title (s2), label (0-5 similarity)."""
+    path = require("stsbenchmark") / f"sts-{split}.csv"
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for fields in csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE):
+            rows.append((fields[5], fields[6], float(fields[4])))
+    return pd.DataFrame(rows, columns=["query", "title", "label"])
+
+
+def mrpc(split: str) -> pd.DataFrame:
+    """MRPC split (train, val, test) as query, title, label (1 = paraphrase)."""
+    path = require("mrpc") / f"msr-para-{split}.tsv"
+    rows = []
+    with path.open(encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+        next(reader)
+        for fields in reader:
+            rows.append((fields[3], fields[4], int(fields[0])))
+    return pd.DataFrame(rows, columns=["query", "title", "label"])

@@ -1,0 +1,181 @@
+"""Shared fixtures: a tiny random BERT built in code, a small product catalogue and a bundle built from it.
+
+Nothing here downloads anything: the tiny checkpoint is written with ``save_pretrained`` into a temporary
+directory once per session, so every test that needs an encoder runs in milliseconds.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+# -- the tiny checkpoint -----------------------------------------------------------------------------
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+BRANDS = ["Acme", "Northwind", "Contoso", "Globex", "Initech"]
+PRODUCTS = [
+    "wireless headphones",
+    "running shoes",
+    "coffee maker",
+    "leather wallet",
+    "gaming laptop",
+    "yoga mat",
+    "desk lamp",
+    "water bottle",
+]
+COLOURS = ["black", "white", "red", "blue", "green", "silver", "grey"]
+
+_COMMON_WORDS_TEXT = """
+the a an of and or for with without in on at to from by is are was were be been it this that these those
+man woman child people person eating eats food piece bread riding rides horse car bike dog cat playing plays
+guitar music song sings singing walking runs running street park house home water river sea beach sun sky
+day night morning evening old new big small large little good bad best better fast slow hot cold warm cool
+one two three four five six seven eight nine ten hundred thousand first second last next
+black white red blue green yellow orange purple pink brown silver grey gold
+wireless wired bluetooth noise cancelling headphones earbuds speaker speakers radio sound audio bass
+running shoes shoe boots sneakers sandals jacket coat shirt t-shirt jeans sweater cap hat socks dress
+coffee maker tea kettle espresso machine blender toaster pan pot knife cutting board kitchen cup mug
+leather wallet bag backpack belt watch phone case charger cable usb laptop gaming keyboard mouse monitor
+screen desk lamp light chair table bed sofa pillow blanket yoga mat water bottle tent sleeping camping
+stainless steel plastic wood wooden glass cotton wool organic waterproof portable compact lightweight heavy
+pro max mini plus ultra premium classic sport sports travel outdoor indoor office men women kids pack set
+price cheap expensive sale brand quality fit size inch litre kg battery hour hours life power energy
+acme northwind contoso globex initech umbrella stark wayne hooli vandelay
+query title text search find match matching product products catalogue item items store shop buy
+"""
+COMMON_WORDS = _COMMON_WORDS_TEXT.split()
+
+
+def tiny_vocab() -> list[str]:
+    """Special tokens, punctuation, words, and single characters (plain and ``##``) so any text tokenizes."""
+    chars = list(string.ascii_lowercase) + list(string.digits)
+    words = list(dict.fromkeys(w for w in COMMON_WORDS if w not in chars))
+    vocab = [
+        *SPECIAL_TOKENS,
+        *string.punctuation,
+        *chars,
+        *(f"##{c}" for c in chars),
+        *(f"##{p}" for p in string.punctuation),
+        *words,
+    ]
+    assert len(vocab) == len(set(vocab))
+    return vocab
+
+
+def make_tiny_bert(directory: Path, *, seed: int = 0) -> Path:
+    """Write a 2-layer, 32-dim random BERT and a WordPiece tokenizer into ``directory``."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = tiny_vocab()
+    vocab_file = directory / "vocab.txt"
+    vocab_file.write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(seed)
+    BertModel(config).save_pretrained(directory, safe_serialization=True)
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab_file))
+    if len(tokenizer.get_vocab()) != len(vocab):
+        # transformers 5 ignores vocab_file= and builds a specials-only vocabulary; pass the words directly.
+        tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
+    assert len(tokenizer.get_vocab()) == len(vocab)
+    assert tokenizer.pad_token_id == 0
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def other_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same architecture and vocabulary with different random weights."""
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert-seed1"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_model_dir: Path) -> Any:
+    from matching.config import EncoderConfig
+    from matching.encoder import Encoder
+
+    return Encoder.from_pretrained(EncoderConfig(model=str(tiny_model_dir)))
+
+
+# -- the catalogue -------------------------------------------------------------------------------------
+
+
+def make_catalogue() -> pd.DataFrame:
+    """40 distinct product titles with arbitrary (non-contiguous) integer ids, a brand and a price."""
+    rows = []
+    i = 0
+    for b, brand in enumerate(BRANDS):
+        for p, product in enumerate(PRODUCTS):
+            colour = COLOURS[(b + 2 * p) % len(COLOURS)]
+            rows.append(
+                {
+                    "id": 1000 + 7 * i,
+                    "title": f"{brand} {colour} {product}",
+                    "brand": brand,
+                    "price": round(4.99 + 3.25 * i, 2),
+                }
+            )
+            i += 1
+    df = pd.DataFrame(rows)
+    assert df["title"].str.lower().is_unique
+    return df
+
+
+@pytest.fixture
+def catalogue_df() -> pd.DataFrame:
+    """A fresh copy per test, so a test may modify it."""
+    return make_catalogue()
+
+
+@pytest.fixture(scope="session")
+def built_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_encoder: Any) -> Any:
+    """A Matcher built once from :func:`make_catalogue` (Flat index, untrained scorer). Do not modify it."""
+    from matching.matcher import Matcher
+
+    path = tmp_path_factory.mktemp("bundles") / "products"
+    matcher = Matcher.build(make_catalogue(), path, encoder=tiny_encoder, show_progress=False)
+    yield matcher
+    matcher.close()
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+
+
+def hidden_entries(directory: Path) -> list[str]:
+    """Names starting with a dot (staging/building leftovers) directly inside ``directory``."""
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
+
+
+def assert_same_ranking(
+    ids_a: Sequence[Any],
+    scores_a: Sequence[float],
+    ids_b: Sequence[Any],
+    scores_b: Sequence[float],
+    atol: float,
+) -> None:
+    """Two rankings agree: equal scores rank by rank, equal ids except where scores tie within ``atol``."""
+    assert len(ids_a) == len(ids_b)
+    np.testing.assert_allclose(np.asarray(scores_a), np.asarray(scores_b), atol=atol, rtol=0)
+    for rank, (a, b) in enumerate(zip(ids_a, ids_b, strict=True)):
+        if a != b:
+            assert abs(scores_a[rank] - scores_b[rank]) <= atol, f"rank {rank}: {a!r} != {b!r}"

@@ -1,0 +1,152 @@
+"""VectorIndex: exactness against NumPy, persistence, factories and search parameters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import assert_same_ranking
+
+from matching.config import IndexConfig
+from matching.errors import BundleError, ConfigError
+from matching.index import CONFIG_FILE, INDEX_FILE, VectorIndex
+
+N, DIM = 300, 16
+
+
+def unit_rows(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded unit vectors, arbitrary distinct int64 ids (large, negative-free, unsorted) and queries."""
+    rng = np.random.default_rng(1234)
+    vectors = unit_rows(rng, N)
+    ids = rng.choice(np.int64(2) ** 40, size=N, replace=False).astype(np.int64)
+    queries = unit_rows(rng, 7)
+    return vectors, ids, queries
+
+
+def brute_force(
+    vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    scores = queries.astype(np.float64) @ vectors.astype(np.float64).T
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, axis=1), ids[order]
+
+
+@pytest.mark.parametrize("k", [1, 10, N], ids=lambda k: f"k-{k}")
+def test_flat_search_equals_brute_force(data: tuple[np.ndarray, ...], k: int) -> None:
+    vectors, ids, queries = data
+    index = VectorIndex.build(vectors, ids)
+    assert index.ntotal == N
+    scores, found = index.search(queries, k)
+    expected_scores, expected_ids = brute_force(vectors, ids, queries, k)
+    assert found.dtype == np.int64
+    assert scores.shape == found.shape == (len(queries), k)
+    for q in range(len(queries)):
+        assert_same_ranking(
+            found[q].tolist(), scores[q].tolist(), expected_ids[q].tolist(), expected_scores[q].tolist(), 1e-5
+        )
+
+
+def test_a_single_query_vector_is_accepted(data: tuple[np.ndarray, ...]) -> None:
+    vectors, ids, queries = data
+    index = VectorIndex.build(vectors, ids)
+    scores, found = index.search(queries[0], 5)
+    assert scores.shape == found.shape == (1, 5)
+    np.testing.assert_array_equal(found[0], brute_force(vectors, ids, queries[:1], 5)[1][0])
+
+
+def test_k_is_capped_at_the_number_of_vectors(data: tuple[np.ndarray, ...]) -> None:
+    vectors, ids, queries = data
+    index = VectorIndex.build(vectors[:5], ids[:5])
+    scores, found = index.search(queries, 50)
+    assert scores.shape == found.shape == (len(queries), 5)
+    assert (found >= 0).all()
+    assert {int(i) for i in found[0]} == {int(i) for i in ids[:5]}
+
+
+def test_a_vector_finds_itself_first(data: tuple[np.ndarray, ...]) -> None:
+    vectors, ids, _ = data
+    scores, found = VectorIndex.build(vectors, ids).search(vectors[:20], 1)
+    np.testing.assert_array_equal(found[:, 0], ids[:20])
+    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
+
+
+def test_save_and_load_give_identical_results(data: tuple[np.ndarray, ...], tmp_path: Path) -> None:
+    vectors, ids, queries = data
+    index = VectorIndex.build(vectors, ids)
+    index.save(tmp_path)
+    assert (tmp_path / INDEX_FILE).is_file()
+    assert (tmp_path / CONFIG_FILE).is_file()
+    loaded = VectorIndex.load(tmp_path)
+    assert loaded.config == index.config
+    assert loaded.ntotal == N
+    for a, b in zip(index.search(queries, 10), loaded.search(queries, 10), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("factory", ["NotAnIndex", "IVF,Flat", "Flat,Flat,Flat"])
+def test_invalid_factory_is_a_config_error(data: tuple[np.ndarray, ...], factory: str) -> None:
+    vectors, ids, _ = data
+    with pytest.raises(ConfigError, match="index factory"):
+        VectorIndex.build(vectors, ids, IndexConfig(factory=factory))
+
+
+def test_ivf_trains_and_with_every_list_probed_is_exact(data: tuple[np.ndarray, ...], tmp_path: Path) -> None:
+    vectors, ids, queries = data
+    index = VectorIndex.build(vectors, ids, IndexConfig(factory="IVF4,Flat", nprobe=4))
+    assert index.ntotal == N
+    assert index.index.is_trained
+    scores, found = index.search(queries, 10)
+    expected_scores, expected_ids = brute_force(vectors, ids, queries, 10)
+    for q in range(len(queries)):
+        assert_same_ranking(
+            found[q].tolist(), scores[q].tolist(), expected_ids[q].tolist(), expected_scores[q].tolist(), 1e-5
+        )
+    # nprobe is part of the saved config, so a reloaded index is exact too.
+    index.save(tmp_path)
+    loaded = VectorIndex.load(tmp_path)
+    assert loaded.config.nprobe == 4
+    np.testing.assert_array_equal(loaded.search(queries, 10)[1], found)
+
+
+def test_ivf_with_one_probe_returns_valid_hits(data: tuple[np.ndarray, ...]) -> None:
+    vectors, ids, queries = data
+    index = VectorIndex.build(vectors, ids, IndexConfig(factory="IVF4,Flat"))
+    scores, found = index.search(queries, 5)
+    valid = found[found >= 0]
+    assert valid.size > 0
+    assert set(valid.tolist()) <= set(ids.tolist())
+    assert np.all(np.diff(scores, axis=1)[found[:, 1:] >= 0] <= 1e-6)  # descending where filled
+
+
+def test_hnsw_factory_with_ef_search(data: tuple[np.ndarray, ...]) -> None:
+    vectors, ids, queries = data
+    index = VectorIndex.build(vectors, ids, IndexConfig(factory="HNSW16", ef_search=N))
+    _, found = index.search(queries, 1)
+    np.testing.assert_array_equal(found[:, 0], brute_force(vectors, ids, queries, 1)[1][:, 0])
+
+
+def test_load_without_an_index_file_is_a_bundle_error(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match=r"index\.faiss"):
+        VectorIndex.load(tmp_path)
+
+
+def test_load_of_a_garbage_index_file_is_a_bundle_error(tmp_path: Path) -> None:
+    (tmp_path / INDEX_FILE).write_bytes(b"\x00garbage" * 10)
+    IndexConfig().save(tmp_path / CONFIG_FILE)
+    with pytest.raises(BundleError, match="cannot read FAISS index"):
+        VectorIndex.load(tmp_path)
+
+
+def test_search_parameter_that_does_not_fit_the_factory_is_a_config_error(
+    data: tuple[np.ndarray, ...],
+) -> None:
+    vectors, ids, _ = data
+    with pytest.raises(ConfigError, match="nprobe"):
+        VectorIndex.build(vectors, ids, IndexConfig(factory="Flat", nprobe=4))
