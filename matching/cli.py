@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--hidden", type=int)
     p.add_argument("--dropout", type=float)
-    p.add_argument("--loss", choices=["auto", "listwise", "bce", "cosent"])
+    p.add_argument("--loss", choices=["auto", "listwise", "bce", "mse", "cosent"])
     p.add_argument("--search", type=int, metavar="TRIALS", help="random hyper-parameter search with N trials")
     p.add_argument("--query-tower", action="store_true", help="first fine-tune a separate query encoder")
     p.add_argument("--seed", type=int, default=0)
