@@ -87,9 +87,7 @@ def current_generation(path: Path) -> Path:
     """The live generation directory of the bundle at ``path``."""
     path = Path(path)
     if not path.exists():
-        raise BundleError(
-            f"bundle {str(path)!r} does not exist; build one with Matcher.build / matching build"
-        )
+        raise BundleError(f"bundle {str(path)!r} does not exist; build one with Matcher.build / matching build")
     if not path.is_dir():
         raise BundleError(f"{str(path)!r} is a file, not a bundle directory")
     pointer = path / POINTER_FILE
@@ -122,18 +120,14 @@ def read_manifest(generation: Path, *, verify: bool = True) -> Manifest:
             if not file.is_file():
                 raise BundleError(f"bundle file {str(file)!r} is missing")
             if sha256_file(file) != digest:
-                raise BundleError(
-                    f"bundle file {str(file)!r} is damaged: its checksum does not match the manifest"
-                )
+                raise BundleError(f"bundle file {str(file)!r} is damaged: its checksum does not match the manifest")
     return manifest
 
 
 def write_manifest(generation: Path, manifest: Manifest) -> None:
     """Checksum every file in ``generation`` into ``manifest`` and write it (last)."""
     manifest.files = {
-        p.name: sha256_file(p)
-        for p in sorted(generation.iterdir())
-        if p.is_file() and p.name != MANIFEST_FILE
+        p.name: sha256_file(p) for p in sorted(generation.iterdir()) if p.is_file() and p.name != MANIFEST_FILE
     }
     text = json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n"
     (generation / MANIFEST_FILE).write_text(text, encoding="utf-8")
@@ -147,9 +141,7 @@ def check_target(path: Path, *, overwrite: bool) -> None:
         raise BundleError(f"{str(path)!r} is a file; choose a directory path for the bundle")
     if is_bundle(path):
         if not overwrite:
-            raise BundleError(
-                f"bundle {str(path)!r} already exists; pass overwrite=True (--overwrite) to replace it"
-            )
+            raise BundleError(f"bundle {str(path)!r} already exists; pass overwrite=True (--overwrite) to replace it")
         return
     if any(path.iterdir()):
         raise BundleError(f"{str(path)!r} exists and is not a bundle; choose an empty or new directory")

@@ -52,13 +52,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from matching import Matcher
 
     with Matcher.load(args.bundle, model=args.model) as matcher:
-        results = matcher.search_batch(
-            args.query, args.k, candidates=args.candidates, rerank=not args.no_rerank
-        )
+        results = matcher.search_batch(args.query, args.k, candidates=args.candidates, rerank=not args.no_rerank)
     if args.json:
         payload = [
-            {"query": q, "matches": [asdict(h) for h in hits]}
-            for q, hits in zip(args.query, results, strict=True)
+            {"query": q, "matches": [asdict(h) for h in hits]} for q, hits in zip(args.query, results, strict=True)
         ]
         print(json.dumps(payload if len(payload) > 1 else payload[0], ensure_ascii=False, indent=2))
     else:
@@ -116,9 +113,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     show = not args.quiet
     with Matcher.load(args.bundle, model=args.model) as matcher:
         if args.query_tower:
-            report = matcher.train_query_tower(
-                args.pairs, args.valid, show_progress=show, seed=args.seed, **columns
-            )
+            report = matcher.train_query_tower(args.pairs, args.valid, show_progress=show, seed=args.seed, **columns)
             print("query tower:\n" + report.table())
         settings: dict[str, Any] = {**columns, "seed": args.seed, "hard_negatives": args.hard_negatives}
         for name in ("epochs", "lr", "hidden", "dropout", "loss"):
@@ -160,9 +155,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="matching", description="Two-tower semantic matching over a title catalogue."
-    )
+    parser = argparse.ArgumentParser(prog="matching", description="Two-tower semantic matching over a title catalogue.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -176,9 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=["title"],
         help="title column; several are joined with a space (e.g. --title-column title text)",
     )
-    p.add_argument(
-        "--model", help="local BERT-family checkpoint directory (default: bundled all-MiniLM-L6-v2)"
-    )
+    p.add_argument("--model", help="local BERT-family checkpoint directory (default: bundled all-MiniLM-L6-v2)")
     p.add_argument("--pooling", choices=["mean", "cls"], help="default: what the checkpoint says, else mean")
     p.add_argument("--max-length", type=int, help="token limit per title (default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=64)

@@ -46,9 +46,7 @@ class JsonConfig:
                     raise ConfigError(f"{cls.__name__}.{name}: {value!r} is not one of {choices}") from None
             elif float in allowed and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
-            if not any(isinstance(value, t) for t in allowed) or (
-                isinstance(value, bool) and bool not in allowed
-            ):
+            if not any(isinstance(value, t) for t in allowed) or (isinstance(value, bool) and bool not in allowed):
                 expected = " | ".join(t.__name__ for t in allowed)
                 raise ConfigError(f"{cls.__name__}.{name}: {value!r} is not of type {expected}")
             kwargs[name] = value

@@ -46,9 +46,7 @@ def resolve_model_dir(model: str | Path | None) -> Path:
     else:
         path = Path(model).expanduser()
     if not path.exists():
-        raise ModelError(
-            f"model directory {str(path)!r} does not exist; pass a local BERT checkpoint directory"
-        )
+        raise ModelError(f"model directory {str(path)!r} does not exist; pass a local BERT checkpoint directory")
     if not path.is_dir():
         raise ModelError(f"model path {str(path)!r} is a file, not a checkpoint directory")
     config_file = path / "config.json"
@@ -178,9 +176,7 @@ class Encoder:
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 
-    def encode(
-        self, texts: Sequence[str], *, batch_size: int | None = None, show_progress: bool = False
-    ) -> np.ndarray:
+    def encode(self, texts: Sequence[str], *, batch_size: int | None = None, show_progress: bool = False) -> np.ndarray:
         """Encode ``texts`` to an ``(n, dim)`` float32 array of unit vectors, in input order.
 
         Texts are sorted by length so each batch pads little, then the original order is restored.
@@ -193,9 +189,7 @@ class Encoder:
         order = np.argsort([-len(t) for t in texts], kind="stable")
         device = self.device
         with torch.inference_mode():
-            for start in tqdm(
-                range(0, n, bs), desc="encoding", unit="batch", disable=not show_progress, leave=False
-            ):
+            for start in tqdm(range(0, n, bs), desc="encoding", unit="batch", disable=not show_progress, leave=False):
                 idx = order[start : start + bs]
                 vectors = self.embed(self.tokenize([texts[i] for i in idx], device))
                 out[idx] = vectors.float().cpu().numpy()

@@ -38,11 +38,7 @@ def mrr_at_k(ranked: Sequence[str], relevant: Mapping[str, int], k: int) -> floa
 
 def ndcg_at_k(ranked: Sequence[str], relevant: Mapping[str, int], k: int) -> float:
     """nDCG@k with linear gains (grade / log2(rank + 1)), as trec_eval's ``ndcg_cut`` computes it."""
-    dcg = sum(
-        relevant.get(doc, 0) / math.log2(i + 2)
-        for i, doc in enumerate(ranked[:k])
-        if relevant.get(doc, 0) > 0
-    )
+    dcg = sum(relevant.get(doc, 0) / math.log2(i + 2) for i, doc in enumerate(ranked[:k]) if relevant.get(doc, 0) > 0)
     ideal = sorted((g for g in relevant.values() if g > 0), reverse=True)[:k]
     idcg = sum(g / math.log2(i + 2) for i, g in enumerate(ideal))
     return dcg / idcg if idcg > 0 else 0.0
@@ -92,9 +88,7 @@ def load_queries(path: str | Path) -> dict[str, str]:
     except OSError as exc:
         raise InputFileError(f"cannot read queries file {str(path)!r}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
-        raise InputFileError(
-            f"queries file {str(path)!r} is not UTF-8 ({exc.reason}); re-save it as UTF-8"
-        ) from None
+        raise InputFileError(f"queries file {str(path)!r} is not UTF-8 ({exc.reason}); re-save it as UTF-8") from None
     return out
 
 
@@ -115,16 +109,13 @@ def load_qrels(path: str | Path) -> dict[str, dict[str, int]]:
                     qid, did, grade = row[0], row[1], int(float(row[2]))
                 except (IndexError, ValueError):
                     raise SchemaError(
-                        f"{str(path)!r} line {line_no}: expected query-id, corpus-id, score "
-                        f"(tab-separated), got {row}"
+                        f"{str(path)!r} line {line_no}: expected query-id, corpus-id, score (tab-separated), got {row}"
                     ) from None
                 out.setdefault(qid, {})[did] = grade
     except OSError as exc:
         raise InputFileError(f"cannot read qrels file {str(path)!r}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
-        raise InputFileError(
-            f"qrels file {str(path)!r} is not UTF-8 ({exc.reason}); re-save it as UTF-8"
-        ) from None
+        raise InputFileError(f"qrels file {str(path)!r} is not UTF-8 ({exc.reason}); re-save it as UTF-8") from None
     return out
 
 
@@ -221,6 +212,9 @@ def best_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
     s, y = np.asarray(scores)[order], labels[order]
     # predicting the top i as positive: correct = positives in top i + negatives below i
     correct = np.concatenate([[0], np.cumsum(y)]) + np.concatenate([[(~y).sum()], (~y).sum() - np.cumsum(~y)])
+    # a threshold cannot split tied scores: only cuts between distinct scores (or at the ends) count
+    valid = np.concatenate([[True], s[:-1] != s[1:], [True]])
+    correct = np.where(valid, correct, -1)
     i = int(np.argmax(correct))
     if i == 0:
         return float(s[0]) + 1e-6

@@ -142,9 +142,7 @@ class CatalogueReader:
         if not path.exists():
             raise InputFileError(f"catalogue file {str(path)!r} does not exist")
         if path.is_dir():
-            raise InputFileError(
-                f"catalogue path {str(path)!r} is a directory; pass a CSV, TSV or JSONL file"
-            )
+            raise InputFileError(f"catalogue path {str(path)!r} is a directory; pass a CSV, TSV or JSONL file")
         try:
             yield from self._read_file(path)
         except UnicodeDecodeError as exc:
@@ -155,9 +153,7 @@ class CatalogueReader:
         except PermissionError:
             raise InputFileError(f"no permission to read {str(path)!r}") from None
         except pd.errors.EmptyDataError:
-            raise InputFileError(
-                f"{str(path)!r} is empty: it needs a header row and at least one row"
-            ) from None
+            raise InputFileError(f"{str(path)!r} is empty: it needs a header row and at least one row") from None
         except pd.errors.ParserError as exc:
             raise SchemaError(f"{str(path)!r} is not a well-formed table: {exc}") from None
         except ValueError as exc:  # read_json reports bad JSON lines this way

@@ -69,8 +69,7 @@ class Matcher:
             raise BundleError(f"index holds {index.ntotal} vectors but the store {store.count} rows")
         if store.vectors.shape[1] != encoder.dim or scorer.config.dim != encoder.dim:
             raise BundleError(
-                f"dimension mismatch: encoder {encoder.dim}, store {store.vectors.shape[1]}, "
-                f"scorer {scorer.config.dim}"
+                f"dimension mismatch: encoder {encoder.dim}, store {store.vectors.shape[1]}, scorer {scorer.config.dim}"
             )
         self.encoder = encoder
         self.query_encoder = query_encoder or encoder
@@ -126,9 +125,7 @@ class Matcher:
         with new_generation(path, overwrite=overwrite) as gen:
             writer = Store.create(gen, encoder.dim)
             try:
-                with tqdm(
-                    total=total, desc="encoding titles", unit="title", disable=not show_progress
-                ) as bar:
+                with tqdm(total=total, desc="encoding titles", unit="title", disable=not show_progress) as bar:
                     for chunk in reader:
                         vectors = encoder.encode_titles(chunk.titles)
                         writer.append(chunk.ids, chunk.titles, map(metadata_json, chunk.metadata), vectors)
@@ -138,9 +135,7 @@ class Matcher:
                 raise
             if reader.count == 0:
                 writer.abort()
-                raise BadRowError(
-                    f"{reader.name} has no usable rows ({reader.skipped} skipped); nothing was built"
-                )
+                raise BadRowError(f"{reader.name} has no usable rows ({reader.skipped} skipped); nothing was built")
             writer.finish(reader.id_type)
             store = Store.open(gen)
             try:
@@ -314,9 +309,7 @@ class Matcher:
             t_vecs[[i for i, _ in cached]] = self.store.vectors[[r for _, r in cached]]
         missing = [i for i, r in enumerate(rows) if r is None]
         if missing:
-            t_vecs[missing] = self.encoder.encode_titles(
-                [ut[i] for i in missing], show_progress=show_progress
-            )
+            t_vecs[missing] = self.encoder.encode_titles([ut[i] for i in missing], show_progress=show_progress)
         t_pos = {t: i for i, t in enumerate(ut)}
         return q_vecs[[q_pos[q] for q in queries]], t_vecs[[t_pos[t] for t in titles]]
 
@@ -345,9 +338,7 @@ class Matcher:
         Titles stay as they were encoded; only queries are encoded by ``tower`` from then on.
         """
         if tower.dim != self.encoder.dim:
-            raise ConfigError(
-                f"query tower dimension {tower.dim} != title encoder dimension {self.encoder.dim}"
-            )
+            raise ConfigError(f"query tower dimension {tower.dim} != title encoder dimension {self.encoder.dim}")
         record = {"fingerprint": tower.fingerprint, "base": self.encoder.fingerprint, "report": report}
 
         def write(gen: Path) -> None:
@@ -411,9 +402,7 @@ class Matcher:
         """
         from matching.tower import train_query_tower
 
-        tower, report = train_query_tower(
-            self, train_pairs, valid_pairs, show_progress=show_progress, **settings
-        )
+        tower, report = train_query_tower(self, train_pairs, valid_pairs, show_progress=show_progress, **settings)
         if save:
             self.replace_query_encoder(tower, report.to_dict())
         else:

@@ -40,6 +40,9 @@ def score_file(
         header = pd.read_csv(source, sep=sep, nrows=0, encoding="utf-8-sig")
     except pd.errors.EmptyDataError:
         raise InputFileError(f"{str(source)!r} is empty: it needs a header row") from None
+    taken = [c for c in ("score", "cosine") if c in header.columns]
+    if taken:
+        raise SchemaError(f"{str(source)!r} already has column(s) {taken}, which the output adds; rename them")
     missing = [c for c in (query_column, title_column) if c not in header.columns]
     if missing:
         raise SchemaError(
@@ -47,7 +50,8 @@ def score_file(
             "Name them with --query-column/--title-column"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    # same suffixes as the output, so pandas infers the same compression (.csv.gz and the like)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix="".join(out.suffixes), dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     total = 0

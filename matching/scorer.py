@@ -53,8 +53,9 @@ class Scorer(nn.Module):
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
-        qt = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32)).to(device)
-        tt = torch.from_numpy(np.ascontiguousarray(t, dtype=np.float32)).to(device)
+        # np.array copies: inputs may be read-only views of the memory-mapped vector file
+        qt = torch.from_numpy(np.array(q, dtype=np.float32)).to(device)
+        tt = torch.from_numpy(np.array(t, dtype=np.float32)).to(device)
         out: np.ndarray = self(qt, tt).float().cpu().numpy()
         self.train(was_training)
         return out

@@ -10,9 +10,7 @@ when no epoch beats it.
 
 from __future__ import annotations
 
-import copy
 import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +26,7 @@ from matching.config import JsonConfig
 from matching.encoder import Encoder
 from matching.errors import ConfigError, SchemaError
 from matching.evaluate import ndcg_at_k
-from matching.train import TrainReport, _split_by_query, read_pairs
+from matching.train import EarlyStopping, TrainReport, _split_by_query, read_pairs, seed_everything, warmup_linear
 
 if TYPE_CHECKING:
     from matching.matcher import Matcher
@@ -81,9 +79,7 @@ def _validator(matcher: Matcher, positives: dict[str, list[int]], depth: int) ->
         vectors = tower.encode_queries(queries)
         _, ids = matcher.index.search(vectors, depth)
         return float(
-            np.mean(
-                [ndcg_at_k([str(r) for r in ids[i] if r >= 0], rel[q], 10) for i, q in enumerate(queries)]
-            )
+            np.mean([ndcg_at_k([str(r) for r in ids[i] if r >= 0], rel[q], 10) for i, q in enumerate(queries)])
         )
 
     return metric
@@ -105,12 +101,8 @@ def train_query_tower(
     if settings:
         cfg = TowerConfig.from_dict({**cfg.to_dict(), **settings})
     started = time.perf_counter()
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    columns = TrainConfig(
-        query_column=cfg.query_column, title_column=cfg.title_column, label_column=cfg.label_column
-    )
+    seed_everything(cfg.seed)
+    columns = TrainConfig(query_column=cfg.query_column, title_column=cfg.title_column, label_column=cfg.label_column)
     train = read_pairs(train_pairs, columns)
     valid = read_pairs(valid_pairs, columns) if valid_pairs is not None else None
     if valid is None:
@@ -140,16 +132,9 @@ def train_query_tower(
 
     trainable = _select_trainable(tower, cfg.train_layers)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(queries) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    warmup = max(1, int(cfg.warmup * total))
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup)),
-    )
+    lr_sched = warmup_linear(optimizer, math.ceil(len(queries) / cfg.batch_size) * cfg.epochs, cfg.warmup)
     validate = _validator(matcher, valid_pos, max(100, cfg.mine_depth))
     baseline = validate(tower)
-    best, best_epoch, best_state = baseline, 0, copy.deepcopy(tower.model.state_dict())
     report = TrainReport(
         config=cfg.to_dict(),
         loss="infonce+anchor",
@@ -160,9 +145,9 @@ def train_query_tower(
         train_pairs=len(train),
         valid_queries=len(valid_pos),
     )
+    stopper = EarlyStopping(tower.model, report, cfg.patience)
     generator = torch.Generator().manual_seed(cfg.seed)
     device = tower.device
-    stale = 0
     for epoch in tqdm(range(1, cfg.epochs + 1), desc="training query tower", disable=not show_progress):
         tower.model.train()
         perm = torch.randperm(len(queries), generator=generator).tolist()
@@ -190,18 +175,9 @@ def train_query_tower(
             lr_sched.step()
             epoch_loss += float(loss.detach()) * len(batch)
         tower.model.eval()
-        value = validate(tower)
-        report.epochs.append({"epoch": epoch, "loss": epoch_loss / len(queries), "metric": value})
-        if value > best:
-            best, best_epoch, best_state, stale = value, epoch, copy.deepcopy(tower.model.state_dict()), 0
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                break
-    tower.model.load_state_dict(best_state)
-    tower.model.eval()
-    report.best_metric, report.best_epoch = best, best_epoch
-    report.seconds = time.perf_counter() - started
+        if stopper.step(epoch, epoch_loss / len(queries), validate(tower)):
+            break
+    stopper.restore(started)
     return tower, report
 
 

@@ -94,9 +94,7 @@ class TrainReport:
     def table(self) -> str:
         lines = [f"{'epoch':>5}  {'loss':>8}  {self.metric:>10}", f"{0:>5}  {'-':>8}  {self.baseline:>10.4f}"]
         lines += [f"{int(e['epoch']):>5}  {e['loss']:>8.4f}  {e['metric']:>10.4f}" for e in self.epochs]
-        lines.append(
-            f"best: epoch {self.best_epoch}, {self.metric} {self.best_metric:.4f} ({self.seconds:.1f}s)"
-        )
+        lines.append(f"best: epoch {self.best_epoch}, {self.metric} {self.best_metric:.4f} ({self.seconds:.1f}s)")
         return "\n".join(lines)
 
 
@@ -116,9 +114,11 @@ def read_pairs(source: pd.DataFrame | str | Path, config: TrainConfig) -> pd.Dat
         if fmt == "jsonl":
             frame = pd.read_json(path, lines=True, dtype=False)
         else:
+            text = {config.query_column: str, config.title_column: str}  # "0042" must stay "0042"
             frame = pd.read_csv(
                 path,
                 sep="\t" if fmt == "tsv" else ",",
+                dtype=text,
                 keep_default_na=False,
                 na_values=[""],
                 encoding="utf-8-sig",
@@ -128,10 +128,11 @@ def read_pairs(source: pd.DataFrame | str | Path, config: TrainConfig) -> pd.Dat
     if missing:
         raise SchemaError(f"{name} has no column {missing}; its columns are {list(map(str, frame.columns))}")
     labels = pd.to_numeric(frame[config.label_column], errors="coerce")
-    bad = np.flatnonzero(labels.isna().to_numpy())
+    bad = np.flatnonzero(~np.isfinite(labels.to_numpy(dtype=float)))
     if len(bad):
         raise SchemaError(
-            f"{name}, row {bad[0] + 1}: label {frame[config.label_column].iloc[bad[0]]!r} is not a number"
+            f"{name}, row {bad[0] + 1}: label {frame[config.label_column].iloc[bad[0]]!r} is not a number "
+            "(labels must be finite numbers)"
         )
     for col in cols[:2]:
         empty = np.flatnonzero(frame[col].isna().to_numpy() | (frame[col].astype(str).str.strip() == ""))
@@ -167,9 +168,7 @@ class _Groups:
     mask: torch.Tensor  # (g, m) True where a candidate exists
 
 
-def _listwise_groups(
-    matcher: Matcher, pairs: pd.DataFrame, q: np.ndarray, t: np.ndarray, cfg: TrainConfig
-) -> _Groups:
+def _listwise_groups(matcher: Matcher, pairs: pd.DataFrame, q: np.ndarray, t: np.ndarray, cfg: TrainConfig) -> _Groups:
     """One group per positive pair: [positive, labelled negatives + negatives mined from the index]."""
     uq = list(dict.fromkeys(pairs["query"]))
     first = {qq: i for i, qq in reversed(list(enumerate(pairs["query"])))}
@@ -183,9 +182,7 @@ def _listwise_groups(
     if cfg.hard_negatives:
         _, ids = matcher.index.search(qv, cfg.mine_depth)
         for qq, row_ids in zip(uq, ids, strict=True):
-            mined[qq] = [int(r) for r in row_ids if r >= 0 and int(r) not in positive_rows[qq]][
-                : cfg.hard_negatives
-            ]
+            mined[qq] = [int(r) for r in row_ids if r >= 0 and int(r) not in positive_rows[qq]][: cfg.hard_negatives]
     groups_q, groups_t, weights = [], [], []
     for qq, sub in pairs.groupby("query", sort=False):
         idx = sub.index.to_numpy()
@@ -217,9 +214,7 @@ def _listwise_groups(
 # -- validation ----------------------------------------------------------------------------------
 
 
-def _retrieval_validator(
-    matcher: Matcher, pairs: pd.DataFrame, q: np.ndarray, depth: int
-) -> Callable[[Scorer], float]:
+def _retrieval_validator(matcher: Matcher, pairs: pd.DataFrame, q: np.ndarray, depth: int) -> Callable[[Scorer], float]:
     """nDCG@10 of reranking the top ``depth`` retrieved titles for each validation query."""
     uq = list(dict.fromkeys(pairs["query"]))
     first = {qq: i for i, qq in reversed(list(enumerate(pairs["query"])))}
@@ -245,9 +240,7 @@ def _retrieval_validator(
     return metric
 
 
-def _pair_validator(
-    q: np.ndarray, t: np.ndarray, labels: np.ndarray, binary: bool
-) -> Callable[[Scorer], float]:
+def _pair_validator(q: np.ndarray, t: np.ndarray, labels: np.ndarray, binary: bool) -> Callable[[Scorer], float]:
     def metric(scorer: Scorer) -> float:
         scores = scorer.score(q, t)
         return roc_auc(labels, scores) if binary else spearman(scores, labels)
@@ -275,6 +268,58 @@ def _cosent_loss(scores: torch.Tensor, labels: torch.Tensor, temperature: float)
     return torch.logsumexp(flat, dim=0)
 
 
+# -- shared loop pieces (also used by matching.tower) -----------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def warmup_linear(optimizer: torch.optim.Optimizer, total_steps: int, warmup_share: float) -> Any:
+    """Linear warm-up over ``warmup_share`` of the steps, then linear decay to zero."""
+    warmup = max(1, int(warmup_share * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class EarlyStopping:
+    """Keeps the state of ``module`` at its best validation value (starting from ``report.baseline``)."""
+
+    def __init__(self, module: nn.Module, report: TrainReport, patience: int) -> None:
+        self.module, self.report, self.patience = module, report, patience
+        self.best_state = copy.deepcopy(module.state_dict())
+        self.stale = 0
+
+    def step(self, epoch: int, loss: float, value: float) -> bool:
+        """Record an epoch; True when training should stop. A non-finite loss or metric stops it."""
+        self.report.epochs.append({"epoch": epoch, "loss": loss, "metric": value})
+        if not (math.isfinite(loss) and math.isfinite(value)):
+            log.warning(
+                "epoch %d diverged (loss %s, metric %s): stopping; keeping the best earlier state", epoch, loss, value
+            )
+            return True
+        if value > self.report.best_metric:
+            self.report.best_metric, self.report.best_epoch = value, epoch
+            self.best_state = copy.deepcopy(self.module.state_dict())
+            self.stale = 0
+            return False
+        self.stale += 1
+        return self.stale >= self.patience
+
+    def restore(self, started: float) -> None:
+        """Load the best state back (the starting one if no epoch beat it) and stamp the duration."""
+        self.module.load_state_dict(self.best_state)
+        self.module.eval()
+        self.report.seconds = time.perf_counter() - started
+
+
 # -- the loop ------------------------------------------------------------------------------------
 
 
@@ -295,9 +340,7 @@ def train_scorer(
     if settings:
         cfg = TrainConfig.from_dict({**cfg.to_dict(), **settings})
     started = time.perf_counter()
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
 
     train = read_pairs(train_pairs, cfg)
     valid = read_pairs(valid_pairs, cfg) if valid_pairs is not None else None
@@ -309,12 +352,8 @@ def train_scorer(
         # On STS-B, MSE beat CoSENT for this frozen-vector scorer (dev Spearman 0.876 vs 0.865).
         loss_kind = LossKind.LISTWISE if cfg.hard_negatives else (LossKind.BCE if binary else LossKind.MSE)
 
-    q_tr, t_tr = matcher.encode_pairs(
-        train["query"].tolist(), train["title"].tolist(), show_progress=show_progress
-    )
-    q_va, t_va = matcher.encode_pairs(
-        valid["query"].tolist(), valid["title"].tolist(), show_progress=show_progress
-    )
+    q_tr, t_tr = matcher.encode_pairs(train["query"].tolist(), train["title"].tolist(), show_progress=show_progress)
+    q_va, t_va = matcher.encode_pairs(valid["query"].tolist(), valid["title"].tolist(), show_progress=show_progress)
     if loss_kind is LossKind.LISTWISE:
         groups = _listwise_groups(matcher, train, q_tr, t_tr, cfg)
         n_items = len(groups.q)
@@ -336,18 +375,8 @@ def train_scorer(
     nn.init.constant_(affine.bias, -0.5 / cfg.temperature)
     params = list(scorer.parameters()) + (list(affine.parameters()) if loss_kind is LossKind.BCE else [])
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(n_items / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup = max(1, int(cfg.warmup * total_steps))
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    lr_sched = warmup_linear(optimizer, math.ceil(n_items / cfg.batch_size) * cfg.epochs, cfg.warmup)
     baseline = validate(scorer)
-    best_metric, best_epoch, best_state = baseline, 0, copy.deepcopy(scorer.state_dict())
     report = TrainReport(
         config=cfg.to_dict(),
         loss=loss_kind.value,
@@ -358,8 +387,8 @@ def train_scorer(
         train_pairs=len(train),
         valid_queries=int(valid["query"].nunique()),
     )
+    stopper = EarlyStopping(scorer, report, cfg.patience)
     generator = torch.Generator().manual_seed(cfg.seed)
-    stale = 0
     for epoch in tqdm(range(1, cfg.epochs + 1), desc="training scorer", disable=not show_progress):
         scorer.train()
         perm = torch.randperm(n_items, generator=generator)
@@ -373,9 +402,7 @@ def train_scorer(
                 scores = scorer(q_t[idx], t_t[idx])
                 if loss_kind is LossKind.BCE:
                     logits = affine(scores.unsqueeze(-1)).squeeze(-1)
-                    loss = nn.functional.binary_cross_entropy_with_logits(
-                        logits, (labels_tr[idx] > 0).float()
-                    )
+                    loss = nn.functional.binary_cross_entropy_with_logits(logits, (labels_tr[idx] > 0).float())
                 elif loss_kind is LossKind.MSE:
                     loss = nn.functional.mse_loss(scores, targets_tr[idx])
                 else:
@@ -386,18 +413,9 @@ def train_scorer(
             optimizer.step()
             lr_sched.step()
             epoch_loss += float(loss.detach()) * len(idx)
-        value = validate(scorer)
-        report.epochs.append({"epoch": epoch, "loss": epoch_loss / n_items, "metric": value})
-        if value > best_metric:
-            best_metric, best_epoch, best_state, stale = value, epoch, copy.deepcopy(scorer.state_dict()), 0
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                break
-    scorer.load_state_dict(best_state)
-    scorer.eval()
-    report.best_metric, report.best_epoch = best_metric, best_epoch
-    report.seconds = time.perf_counter() - started
+        if stopper.step(epoch, epoch_loss / n_items, validate(scorer)):
+            break
+    stopper.restore(started)
     return scorer, report
 
 
@@ -475,9 +493,7 @@ def search_scorer(
             }
         )
         if show_progress:
-            log.warning(
-                "trial %d/%d %s: %s %.4f", i + 1, len(chosen), trial, report.metric, report.best_metric
-            )
+            log.warning("trial %d/%d %s: %s %.4f", i + 1, len(chosen), trial, report.metric, report.best_metric)
         if best is None or report.best_metric > best[0]:
             best = (report.best_metric, scorer, report)
     assert best is not None  # chosen is never empty

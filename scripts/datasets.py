@@ -38,9 +38,7 @@ def scifact_pairs(split: str) -> pd.DataFrame:
     corpus = scifact_corpus()
     docs = dict(zip(corpus["_id"], (corpus["title"] + " " + corpus["text"]).str.strip(), strict=True))
     qrels = load_qrels(base / "qrels" / f"{split}.tsv")
-    rows = [
-        (queries[q], docs[d], g) for q, rel in qrels.items() for d, g in rel.items() if g > 0 and d in docs
-    ]
+    rows = [(queries[q], docs[d], g) for q, rel in qrels.items() for d, g in rel.items() if g > 0 and d in docs]
     return pd.DataFrame(rows, columns=["query", "title", "label"])
 
 

@@ -179,3 +179,40 @@ def assert_same_ranking(
     for rank, (a, b) in enumerate(zip(ids_a, ids_b, strict=True)):
         if a != b:
             assert abs(scores_a[rank] - scores_b[rank]) <= atol, f"rank {rank}: {a!r} != {b!r}"
+
+
+# -- training helpers (added for test_train.py / test_pairs.py / test_tower.py) ------------------------
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Any:
+    """Run a module's torch work on one intra-op thread, then restore the previous setting.
+
+    On a 2-core machine shared with other work, two torch threads contend so badly that a tiny MLP step
+    takes ~100x longer; one thread keeps the training tests fast (results do not depend on it).
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def shifted_pairs(colours: Sequence[str], *, all_titles: bool = True) -> pd.DataFrame:
+    """Synthetic (query, title, label) pairs where the right match is NOT the cosine-nearest title.
+
+    The query "<colour> <product>" is relabelled to match every title of the product three places on in
+    :data:`PRODUCTS`; titles of the query's own product (its cosine neighbours) are negatives. With
+    ``all_titles`` every catalogue title is paired with each query, else only the positives and the
+    query's own product's titles.
+    """
+    titles = make_catalogue()["title"].tolist()
+    rows = []
+    for colour in colours:
+        for p, product in enumerate(PRODUCTS):
+            target = PRODUCTS[(p + 3) % len(PRODUCTS)]
+            for title in titles:
+                if all_titles or title.endswith((target, product)):
+                    rows.append({"query": f"{colour} {product}", "title": title, "label": int(title.endswith(target))})
+    return pd.DataFrame(rows)

@@ -83,13 +83,8 @@ def test_unknown_option_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_importing_the_cli_does_not_import_torch() -> None:
-    code = (
-        "import sys, matching.cli; "
-        "print(sorted(m for m in ('torch', 'transformers', 'faiss') if m in sys.modules))"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
-    )
+    code = "import sys, matching.cli; print(sorted(m for m in ('torch', 'transformers', 'faiss') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert result.stdout.strip() == "[]"
 
 
@@ -261,12 +256,8 @@ def test_build_over_an_existing_bundle(
     assert_one_line_error(err, "already exists")
 
 
-def test_build_with_a_bad_model_dir(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, catalogue_csv: Path
-) -> None:
-    code, _, err = run(
-        capsys, "build", catalogue_csv, "--out", tmp_path / "b", "--model", tmp_path / "nope", "-q"
-    )
+def test_build_with_a_bad_model_dir(capsys: pytest.CaptureFixture[str], tmp_path: Path, catalogue_csv: Path) -> None:
+    code, _, err = run(capsys, "build", catalogue_csv, "--out", tmp_path / "b", "--model", tmp_path / "nope", "-q")
     assert code == 1
     assert_one_line_error(err, "does not exist")
 

@@ -217,9 +217,7 @@ def test_loaders_input_file_errors(tmp_path: Path, loader: Any, kind: str) -> No
     ],
     ids=["queries", "qrels"],
 )
-def test_loaders_report_a_wrong_encoding_as_input_file_error(
-    tmp_path: Path, loader: Any, content: str
-) -> None:
+def test_loaders_report_a_wrong_encoding_as_input_file_error(tmp_path: Path, loader: Any, content: str) -> None:
     path = tmp_path / "latin1.txt"
     path.write_bytes(content.encode("latin-1"))
     with pytest.raises(InputFileError):

@@ -30,9 +30,7 @@ def data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return vectors, ids, queries
 
 
-def brute_force(
-    vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
+def brute_force(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     scores = queries.astype(np.float64) @ vectors.astype(np.float64).T
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(scores, order, axis=1), ids[order]

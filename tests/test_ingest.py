@@ -92,9 +92,7 @@ def test_every_format_reads_the_same_rows(tmp_path: Path, write: Callable[..., A
     chunk = read_all(reader)
     assert chunk.ids == ["11", "12", "13", "14", "15"]
     assert chunk.titles == SMALL["title"].tolist()
-    assert chunk.metadata == [
-        {"brand": b, "price": p} for b, p in zip(SMALL["brand"], SMALL["price"], strict=True)
-    ]
+    assert chunk.metadata == [{"brand": b, "price": p} for b, p in zip(SMALL["brand"], SMALL["price"], strict=True)]
     assert chunk.rows == [1, 2, 3, 4, 5]
     assert reader.count == 5
     assert reader.skipped == 0
@@ -166,9 +164,7 @@ def test_canonical_id(value: Any, expected: str | None) -> None:
 
 
 @pytest.mark.parametrize("write", [p for p in WRITERS if p.id in {"csv", "jsonl"}])
-def test_metadata_columns_are_kept_through_search(
-    tmp_path: Path, tiny_encoder: Any, write: Callable[..., Any]
-) -> None:
+def test_metadata_columns_are_kept_through_search(tmp_path: Path, tiny_encoder: Any, write: Callable[..., Any]) -> None:
     source = write(SMALL, tmp_path / "catalogue")
     with build(source, tmp_path / "bundle", tiny_encoder) as matcher:
         hits = matcher.search("coffee maker", k=5)
@@ -192,9 +188,7 @@ def test_search_hands_ids_back_in_their_type(
     tmp_path: Path, tiny_encoder: Any, ids: list[str], expected_type: type
 ) -> None:
     titles = ["red running shoes", "coffee maker", "yoga mat"]
-    csv = write_text(
-        tmp_path / "c.csv", "id,title\n" + "".join(f"{i},{t}\n" for i, t in zip(ids, titles, strict=True))
-    )
+    csv = write_text(tmp_path / "c.csv", "id,title\n" + "".join(f"{i},{t}\n" for i, t in zip(ids, titles, strict=True)))
     with build(csv, tmp_path / "bundle", tiny_encoder) as matcher:
         hits = matcher.search("coffee maker", k=3)
         assert matcher.manifest.id_type == expected_type.__name__
@@ -285,8 +279,7 @@ def test_empty_id_names_the_row(tmp_path: Path) -> None:
 
 
 BAD_ROWS_CSV = (
-    "id,title,brand\n1,yoga mat,Acme\n2,,Acme\n3,desk lamp,Globex\n"
-    ",coffee maker,x\n5,  ,x\n6,water bottle,x\n"
+    "id,title,brand\n1,yoga mat,Acme\n2,,Acme\n3,desk lamp,Globex\n,coffee maker,x\n5,  ,x\n6,water bottle,x\n"
 )
 
 
@@ -365,9 +358,7 @@ def _empty_title_later_chunk(d: Path) -> Path:
 
 
 def _duplicate_across_chunks(d: Path) -> Path:
-    return write_text(
-        d / "c.csv", "id,title\n1,yoga mat\n2,desk lamp\n3,coffee maker\n4,red shoes\n1,blue cap\n"
-    )
+    return write_text(d / "c.csv", "id,title\n1,yoga mat\n2,desk lamp\n3,coffee maker\n4,red shoes\n1,blue cap\n")
 
 
 def _latin1(d: Path) -> Path:

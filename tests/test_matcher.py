@@ -70,9 +70,7 @@ def test_search_without_rerank_equals_brute_force(built_bundle: Matcher, query: 
     hits = built_bundle.search(query, k=10, rerank=False)
     expected_ids, expected_scores = brute_force(built_bundle, query, 10)
     assert [h.score for h in hits] == [h.retrieval_score for h in hits]
-    assert_same_ranking(
-        [h.id for h in hits], [h.score for h in hits], expected_ids, expected_scores, atol=1e-5
-    )
+    assert_same_ranking([h.id for h in hits], [h.score for h in hits], expected_ids, expected_scores, atol=1e-5)
 
 
 def test_a_title_finds_itself_with_its_row(built_bundle: Matcher) -> None:
@@ -181,9 +179,7 @@ def test_build_with_an_ivf_index(tmp_path: Path, tiny_encoder: Encoder) -> None:
         assert matcher.manifest.index == config.to_dict()
         hits = matcher.search(QUERIES[0], k=5)
         expected_ids, expected_scores = brute_force(matcher, QUERIES[0], 5)
-    assert_same_ranking(
-        [h.id for h in hits], [h.retrieval_score for h in hits], expected_ids, expected_scores, 1e-5
-    )
+    assert_same_ranking([h.id for h in hits], [h.retrieval_score for h in hits], expected_ids, expected_scores, 1e-5)
 
 
 # -- building over existing bundles --------------------------------------------------------------------
@@ -208,9 +204,7 @@ def test_a_fresh_build_has_one_generation_and_no_leftovers(small_bundle: Path) -
     assert hidden_entries(small_bundle.parent) == []
 
 
-def test_building_over_a_bundle_without_overwrite_fails_and_keeps_it(
-    small_bundle: Path, tiny_encoder: Encoder
-) -> None:
+def test_building_over_a_bundle_without_overwrite_fails_and_keeps_it(small_bundle: Path, tiny_encoder: Encoder) -> None:
     before = snapshot(small_bundle, tiny_encoder)
     files_before = sorted(p.relative_to(small_bundle) for p in small_bundle.rglob("*"))
     with pytest.raises(BundleError, match="already exists"):
@@ -219,9 +213,7 @@ def test_building_over_a_bundle_without_overwrite_fails_and_keeps_it(
     assert snapshot(small_bundle, tiny_encoder) == before
 
 
-def test_failed_rebuild_with_overwrite_keeps_the_previous_bundle(
-    small_bundle: Path, tiny_encoder: Encoder
-) -> None:
+def test_failed_rebuild_with_overwrite_keeps_the_previous_bundle(small_bundle: Path, tiny_encoder: Encoder) -> None:
     before = snapshot(small_bundle, tiny_encoder)
     bad = make_catalogue()
     bad.loc[30, "title"] = "   "  # a later row, in a later chunk than the first
@@ -236,9 +228,7 @@ def test_failed_rebuild_with_overwrite_keeps_the_previous_bundle(
     assert snapshot(small_bundle, tiny_encoder) == before
 
 
-def test_successful_rebuild_with_overwrite_replaces_the_bundle(
-    small_bundle: Path, tiny_encoder: Encoder
-) -> None:
+def test_successful_rebuild_with_overwrite_replaces_the_bundle(small_bundle: Path, tiny_encoder: Encoder) -> None:
     with build(make_catalogue(), small_bundle, tiny_encoder, overwrite=True) as matcher:
         assert len(matcher) == 40
         assert matcher.manifest.count == 40
@@ -335,9 +325,7 @@ def bundle_copy(built_bundle: Matcher, tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("name", ["store.sqlite", "vectors.f32", "index.faiss", "scorer.safetensors"])
-def test_a_damaged_file_is_a_bundle_error_naming_it(
-    bundle_copy: Path, tiny_encoder: Encoder, name: str
-) -> None:
+def test_a_damaged_file_is_a_bundle_error_naming_it(bundle_copy: Path, tiny_encoder: Encoder, name: str) -> None:
     with (current_generation(bundle_copy) / name).open("ab") as fh:
         fh.write(b"\x00")
     with pytest.raises(BundleError, match=rf"{name}.*damaged"):
@@ -350,9 +338,7 @@ def test_a_missing_file_is_a_bundle_error_naming_it(bundle_copy: Path, tiny_enco
         Matcher.load(bundle_copy, encoder=tiny_encoder)
 
 
-def test_a_damaged_vector_file_is_caught_even_without_checksums(
-    bundle_copy: Path, tiny_encoder: Encoder
-) -> None:
+def test_a_damaged_vector_file_is_caught_even_without_checksums(bundle_copy: Path, tiny_encoder: Encoder) -> None:
     with (current_generation(bundle_copy) / "vectors.f32").open("ab") as fh:
         fh.write(b"\x00")
     with pytest.raises(BundleError, match=r"vectors\.f32.*damaged"):
@@ -367,9 +353,7 @@ def test_a_manifest_from_a_newer_library_is_refused(bundle_copy: Path, tiny_enco
         Matcher.load(bundle_copy, encoder=tiny_encoder)
 
 
-def test_a_copied_bundle_searches_the_same(
-    bundle_copy: Path, built_bundle: Matcher, tiny_encoder: Encoder
-) -> None:
+def test_a_copied_bundle_searches_the_same(bundle_copy: Path, built_bundle: Matcher, tiny_encoder: Encoder) -> None:
     with Matcher.load(bundle_copy, encoder=tiny_encoder) as copy:
         assert copy.search(QUERIES[2], k=5) == built_bundle.search(QUERIES[2], k=5)
 
@@ -383,9 +367,7 @@ def test_loading_with_another_encoder_is_a_bundle_error(built_bundle: Matcher, o
         Matcher.load(built_bundle.path, model=other_model_dir)
 
 
-def test_loading_with_another_encoder_is_allowed_when_asked(
-    built_bundle: Matcher, other_model_dir: Path
-) -> None:
+def test_loading_with_another_encoder_is_allowed_when_asked(built_bundle: Matcher, other_model_dir: Path) -> None:
     assert built_bundle.path is not None
     other = Encoder.from_pretrained(EncoderConfig(model=str(other_model_dir)))
     with Matcher.load(built_bundle.path, encoder=other, allow_encoder_mismatch=True) as matcher:

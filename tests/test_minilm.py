@@ -64,12 +64,8 @@ def one_at_a_time(minilm: Encoder) -> np.ndarray:
 
 
 @pytest.mark.parametrize("batch_size", [2, 64], ids=lambda b: f"batch-{b}")
-def test_results_do_not_depend_on_batch_size(
-    minilm: Encoder, one_at_a_time: np.ndarray, batch_size: int
-) -> None:
-    np.testing.assert_allclose(
-        minilm.encode(SENTENCES, batch_size=batch_size), one_at_a_time, atol=1e-5, rtol=0
-    )
+def test_results_do_not_depend_on_batch_size(minilm: Encoder, one_at_a_time: np.ndarray, batch_size: int) -> None:
+    np.testing.assert_allclose(minilm.encode(SENTENCES, batch_size=batch_size), one_at_a_time, atol=1e-5, rtol=0)
 
 
 def test_results_do_not_depend_on_input_order(minilm: Encoder, one_at_a_time: np.ndarray) -> None:

@@ -43,9 +43,7 @@ def test_rows_are_stored_in_catalogue_order(built_bundle: Any, catalogue: pd.Dat
     [[5, 1, 30], [7, 7, 2, 7], [39], [], [0, 39, 0]],
     ids=["shuffled", "repeats", "single", "empty", "ends-and-repeat"],
 )
-def test_get_preserves_requested_order(
-    built_bundle: Any, catalogue: pd.DataFrame, row_ids: list[int]
-) -> None:
+def test_get_preserves_requested_order(built_bundle: Any, catalogue: pd.DataFrame, row_ids: list[int]) -> None:
     rows = built_bundle.store.get(row_ids)
     assert [r.row_id for r in rows] == row_ids
     assert [r.title for r in rows] == [catalogue["title"][i] for i in row_ids]
@@ -187,9 +185,7 @@ def test_score_is_deterministic_even_in_training_mode(pairs: tuple[np.ndarray, n
     assert scorer.training  # and the mode is restored
 
 
-def test_save_load_round_trip_gives_identical_scores(
-    pairs: tuple[np.ndarray, np.ndarray], tmp_path: Path
-) -> None:
+def test_save_load_round_trip_gives_identical_scores(pairs: tuple[np.ndarray, np.ndarray], tmp_path: Path) -> None:
     q, t = pairs
     scorer = perturbed_scorer(seed=3)
     scorer.save(tmp_path)
