@@ -17,7 +17,7 @@ _CATALOGUE: dict[str, tuple[list[str], list[str], tuple[float, float]]] = {
             "soundbar",
             "studio monitor headphones",
             "portable radio",
-            "noise cancelling headphones",
+            "on-ear headphones",
             "turntable",
         ],
         [
