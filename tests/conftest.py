@@ -216,3 +216,18 @@ def shifted_pairs(colours: Sequence[str], *, all_titles: bool = True) -> pd.Data
                 if all_titles or title.endswith((target, product)):
                     rows.append({"query": f"{colour} {product}", "title": title, "label": int(title.endswith(target))})
     return pd.DataFrame(rows)
+
+
+def build_products(path: Path, encoder: Any) -> Any:
+    """A bundle of :func:`make_catalogue` at ``path``, built with ``encoder``."""
+    from matching import Matcher
+
+    return Matcher.build(make_catalogue(), path, encoder=encoder, show_progress=False)
+
+
+@pytest.fixture
+def own_bundle(tmp_path: Path, tiny_encoder: Any) -> Any:
+    """A fresh, writable product bundle for one test."""
+    matcher = build_products(tmp_path / "products", tiny_encoder)
+    yield matcher
+    matcher.close()

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import COLOURS, make_catalogue, shifted_pairs
+from conftest import build_products as build
 
 from matching.bundle import current_generation, read_manifest
 from matching.cli import main
@@ -26,21 +27,10 @@ TITLES = make_catalogue()["title"].tolist()
 TOWER = {"epochs": 2, "batch_size": 4, "lr": 3e-3, "hard_negatives": 5}
 
 
-def build(path: Path, encoder: Any) -> Matcher:
-    return Matcher.build(make_catalogue(), path, encoder=encoder, show_progress=False)
-
-
 @pytest.fixture(scope="module")
 def tower_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_encoder: Any) -> Any:
     """Read-only here: the function API returns a tower and leaves the matcher alone."""
     matcher = build(tmp_path_factory.mktemp("tower-bundle") / "products", tiny_encoder)
-    yield matcher
-    matcher.close()
-
-
-@pytest.fixture
-def own_bundle(tmp_path: Path, tiny_encoder: Any) -> Any:
-    matcher = build(tmp_path / "products", tiny_encoder)
     yield matcher
     matcher.close()
 

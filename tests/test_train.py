@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import COLOURS, make_catalogue, shifted_pairs
+from conftest import build_products as build
 
 from matching.bundle import POINTER_FILE, current_generation, read_manifest
 from matching.cli import main
@@ -27,21 +28,10 @@ TITLES = make_catalogue()["title"].tolist()
 SEARCH_QUERIES = ["red running shoes", "black wireless headphones", "a desk lamp", "Globex yoga mat"]
 
 
-def build(path: Path, encoder: Any) -> Matcher:
-    return Matcher.build(make_catalogue(), path, encoder=encoder, show_progress=False)
-
-
 @pytest.fixture(scope="module")
 def train_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_encoder: Any) -> Any:
     """Read-only here: tests train with the function API, which never changes the matcher."""
     matcher = build(tmp_path_factory.mktemp("train-bundle") / "products", tiny_encoder)
-    yield matcher
-    matcher.close()
-
-
-@pytest.fixture
-def own_bundle(tmp_path: Path, tiny_encoder: Any) -> Any:
-    matcher = build(tmp_path / "products", tiny_encoder)
     yield matcher
     matcher.close()
 
