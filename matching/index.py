@@ -30,19 +30,27 @@ class VectorIndex:
         """Index ``vectors`` (n, d) under ``ids`` (n,), training the index first when it needs it."""
         config = config or IndexConfig()
         n, dim = vectors.shape
+        base = _new_base(dim, config)
         try:
-            base = faiss.index_factory(dim, config.factory, faiss.METRIC_INNER_PRODUCT)
+            if not base.is_trained:
+                rng = np.random.default_rng(0)
+                take = np.sort(rng.choice(n, size=min(n, _TRAIN_SAMPLE), replace=False))
+                base.train(np.ascontiguousarray(vectors[take], dtype=np.float32))
+            index = faiss.IndexIDMap(base)
+            for start in range(0, n, _ADD_BATCH):
+                block = np.ascontiguousarray(vectors[start : start + _ADD_BATCH], dtype=np.float32)
+                index.add_with_ids(block, np.ascontiguousarray(ids[start : start + _ADD_BATCH], dtype=np.int64))
         except RuntimeError as exc:
-            raise ConfigError(f"FAISS cannot build index factory {config.factory!r}: {exc}") from None
-        if not base.is_trained:
-            rng = np.random.default_rng(0)
-            take = np.sort(rng.choice(n, size=min(n, _TRAIN_SAMPLE), replace=False))
-            base.train(np.ascontiguousarray(vectors[take], dtype=np.float32))
-        index = faiss.IndexIDMap(base)
-        for start in range(0, n, _ADD_BATCH):
-            block = np.ascontiguousarray(vectors[start : start + _ADD_BATCH], dtype=np.float32)
-            index.add_with_ids(block, np.ascontiguousarray(ids[start : start + _ADD_BATCH], dtype=np.int64))
+            raise ConfigError(
+                f"FAISS could not build {config.factory!r} over {n} vectors ({exc}); "
+                "an IVF index needs more titles than cells, so choose a smaller one or 'Flat'"
+            ) from None
         return cls(index, config)
+
+    @classmethod
+    def empty(cls, dim: int, config: IndexConfig) -> Self:
+        """An empty index for ``config``: checks the factory string and search parameters cheaply."""
+        return cls(faiss.IndexIDMap(_new_base(dim, config)), config)
 
     def _apply_search_params(self) -> None:
         inner = faiss.downcast_index(self.index.index) if hasattr(self.index, "index") else self.index
@@ -83,3 +91,10 @@ class VectorIndex:
         except RuntimeError as exc:
             raise BundleError(f"cannot read FAISS index {str(path)!r}: {exc}") from None
         return cls(index, IndexConfig.load(directory / CONFIG_FILE))
+
+
+def _new_base(dim: int, config: IndexConfig) -> Any:
+    try:
+        return faiss.index_factory(dim, config.factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise ConfigError(f"FAISS cannot build index factory {config.factory!r}: {exc}") from None

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import gzip
 import json
 import math
 import re
+import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +39,33 @@ class Chunk:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+@contextlib.contextmanager
+def reading(path: Path, encoding: str = "utf-8") -> Iterator[None]:
+    """Turn the ways reading a user table can fail into typed errors that name the file and the fix."""
+    name = repr(str(path))
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        raise InputFileError(
+            f"{name} is not valid {encoding} text ({exc.reason} at byte {exc.start}); "
+            "re-save it as UTF-8 or pass its encoding (encoding='latin-1' / --encoding latin-1)"
+        ) from None
+    except LookupError:
+        raise InputFileError(f"unknown text encoding {encoding!r} for {name}; try 'utf-8' or 'latin-1'") from None
+    except PermissionError:
+        raise InputFileError(f"no permission to read {name}") from None
+    except pd.errors.EmptyDataError:
+        raise InputFileError(f"{name} is empty: it needs a header row and at least one row") from None
+    except pd.errors.ParserError as exc:
+        raise SchemaError(f"{name} is not a well-formed table: {exc}") from None
+    except (EOFError, zlib.error, gzip.BadGzipFile, zipfile.BadZipFile) as exc:
+        raise InputFileError(f"{name} is a damaged or truncated compressed file ({exc})") from None
+    except ValueError as exc:  # read_json reports bad JSON lines this way
+        if file_format(path) == "jsonl":
+            raise SchemaError(f"{name} is not valid JSON Lines: {exc}") from None
+        raise
 
 
 def file_format(path: Path) -> str:
@@ -143,23 +174,8 @@ class CatalogueReader:
             raise InputFileError(f"catalogue file {str(path)!r} does not exist")
         if path.is_dir():
             raise InputFileError(f"catalogue path {str(path)!r} is a directory; pass a CSV, TSV or JSONL file")
-        try:
+        with reading(path, self.encoding):
             yield from self._read_file(path)
-        except UnicodeDecodeError as exc:
-            raise InputFileError(
-                f"{str(path)!r} is not valid {self.encoding} text ({exc.reason} at byte {exc.start}); "
-                "re-save it as UTF-8 or pass its encoding (encoding='latin-1' / --encoding latin-1)"
-            ) from None
-        except PermissionError:
-            raise InputFileError(f"no permission to read {str(path)!r}") from None
-        except pd.errors.EmptyDataError:
-            raise InputFileError(f"{str(path)!r} is empty: it needs a header row and at least one row") from None
-        except pd.errors.ParserError as exc:
-            raise SchemaError(f"{str(path)!r} is not a well-formed table: {exc}") from None
-        except ValueError as exc:  # read_json reports bad JSON lines this way
-            if file_format(path) == "jsonl":
-                raise SchemaError(f"{str(path)!r} is not valid JSON Lines: {exc}") from None
-            raise
 
     def _read_file(self, path: Path) -> Iterator[pd.DataFrame]:
         fmt = file_format(path)

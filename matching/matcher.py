@@ -110,8 +110,12 @@ class Matcher:
         if encoder is None:
             cfg = encoder_config or EncoderConfig()
             if model is not None:
-                cfg = EncoderConfig.from_dict({**cfg.to_dict(), "model": str(model)})
+                cfg = dataclasses.replace(cfg, model=str(model))
             encoder = Encoder.from_pretrained(cfg)
+        index_config = index_config or IndexConfig()
+        # fail on a bad index or scorer setting now, not after encoding the whole catalogue
+        VectorIndex.empty(encoder.dim, index_config)
+        scorer_config = ScorerConfig(dim=encoder.dim, hidden=scorer_hidden)
         reader = CatalogueReader(
             source,
             id_column=id_column,
@@ -121,7 +125,6 @@ class Matcher:
             encoding=encoding,
         )
         total = len(source) if isinstance(source, pd.DataFrame) else None
-        index_config = index_config or IndexConfig()
         with new_generation(path, overwrite=overwrite) as gen:
             writer = Store.create(gen, encoder.dim)
             try:
@@ -143,7 +146,7 @@ class Matcher:
                 VectorIndex.build(store.vectors, ids, index_config).save(gen)
             finally:
                 store.close()
-            Scorer(ScorerConfig(dim=encoder.dim, hidden=scorer_hidden)).save(gen)
+            Scorer(scorer_config).save(gen)
             manifest = Manifest(
                 library_version=__version__,
                 encoder=_encoder_record(encoder),
@@ -204,10 +207,14 @@ class Matcher:
             query_encoder.load_weights(gen / QUERY_TOWER_FILE)
             if query_encoder.fingerprint != manifest.query_encoder["fingerprint"]:
                 raise BundleError(f"the query tower in {str(gen)!r} does not match its manifest fingerprint")
-        store = Store.open(gen)
         index = VectorIndex.load(gen)
         scorer = Scorer.load(gen).to(encoder.device)
-        return cls(encoder, index, store, scorer, manifest, path=path, query_encoder=query_encoder)
+        store = Store.open(gen)
+        try:
+            return cls(encoder, index, store, scorer, manifest, path=path, query_encoder=query_encoder)
+        except BaseException:
+            store.close()
+            raise
 
     def close(self) -> None:
         """Release the store's database connections."""

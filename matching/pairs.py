@@ -12,7 +12,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from matching.errors import InputFileError, SchemaError
-from matching.ingest import file_format
+from matching.ingest import file_format, reading
 
 if TYPE_CHECKING:
     from matching.matcher import Matcher
@@ -34,12 +34,12 @@ def score_file(
     """
     if not source.is_file():
         raise InputFileError(f"pairs file {str(source)!r} does not exist or is not a file")
+    if {".zip", ".tar"} & {s.lower() for s in out.suffixes}:
+        raise InputFileError(f"cannot stream scores into an archive ({str(out)!r}); use .csv, .tsv or .csv.gz")
     sep = "\t" if file_format(source) == "tsv" else ","
     out_sep = "\t" if file_format(out) == "tsv" else ","
-    try:
+    with reading(source):
         header = pd.read_csv(source, sep=sep, nrows=0, encoding="utf-8-sig")
-    except pd.errors.EmptyDataError:
-        raise InputFileError(f"{str(source)!r} is empty: it needs a header row") from None
     taken = [c for c in ("score", "cosine") if c in header.columns]
     if taken:
         raise SchemaError(f"{str(source)!r} already has column(s) {taken}, which the output adds; rename them")
@@ -60,13 +60,15 @@ def score_file(
         reader = pd.read_csv(
             source, sep=sep, chunksize=chunksize, dtype=str, keep_default_na=False, encoding="utf-8-sig"
         )
-        with tqdm(desc="scoring pairs", unit="pair", disable=not show_progress) as bar:
+        with reading(source), tqdm(desc="scoring pairs", unit="pair", disable=not show_progress) as bar:
             for frame in reader:
                 q, t = matcher.encode_pairs(frame[query_column].tolist(), frame[title_column].tolist())
                 frame = frame.assign(score=matcher.scorer.score(q, t), cosine=np.einsum("ij,ij->i", q, t))
                 frame.to_csv(tmp, mode="a", header=total == 0, index=False, sep=out_sep)
                 total += len(frame)
                 bar.update(len(frame))
+        if total == 0:  # a header-only input still gets a header-only output
+            header.assign(score=[], cosine=[]).to_csv(tmp, index=False, sep=out_sep)
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -187,7 +187,12 @@ def _select_trainable(tower: Encoder, top_layers: int) -> list[nn.Parameter]:
         return params
     for p in params:
         p.requires_grad_(False)
-    layers = tower.model.encoder.layer
+    layers = getattr(getattr(tower.model, "encoder", None), "layer", None)
+    if layers is None:
+        raise ConfigError(
+            f"train_layers works with BERT-style models (model.encoder.layer); "
+            f"{type(tower.model).__name__} has another layout: use train_layers=0 (all layers)"
+        )
     chosen = [p for layer in layers[-top_layers:] for p in layer.parameters()]
     for p in chosen:
         p.requires_grad_(True)

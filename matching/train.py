@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from matching.config import JsonConfig, ScorerConfig
 from matching.errors import ConfigError, SchemaError
 from matching.evaluate import ndcg_at_k, roc_auc, spearman
-from matching.ingest import file_format
+from matching.ingest import file_format, reading
 from matching.scorer import Scorer
 
 if TYPE_CHECKING:
@@ -101,6 +101,21 @@ class TrainReport:
 # -- data --------------------------------------------------------------------------------------------
 
 
+def _read_pairs_file(path: Path, config: TrainConfig) -> pd.DataFrame:
+    fmt = file_format(path)
+    if fmt == "jsonl":
+        return pd.read_json(path, lines=True, dtype=False)
+    text = {config.query_column: str, config.title_column: str}  # "0042" must stay "0042"
+    return pd.read_csv(
+        path,
+        sep="\t" if fmt == "tsv" else ",",
+        dtype=text,
+        keep_default_na=False,
+        na_values=[""],
+        encoding="utf-8-sig",
+    )
+
+
 def read_pairs(source: pd.DataFrame | str | Path, config: TrainConfig) -> pd.DataFrame:
     """A (query, title, label) table with the configured column names, checked."""
     if isinstance(source, pd.DataFrame):
@@ -110,19 +125,8 @@ def read_pairs(source: pd.DataFrame | str | Path, config: TrainConfig) -> pd.Dat
         name = repr(str(path))
         if not path.is_file():
             raise SchemaError(f"pairs file {name} does not exist or is not a file")
-        fmt = file_format(path)
-        if fmt == "jsonl":
-            frame = pd.read_json(path, lines=True, dtype=False)
-        else:
-            text = {config.query_column: str, config.title_column: str}  # "0042" must stay "0042"
-            frame = pd.read_csv(
-                path,
-                sep="\t" if fmt == "tsv" else ",",
-                dtype=text,
-                keep_default_na=False,
-                na_values=[""],
-                encoding="utf-8-sig",
-            )
+        with reading(path):
+            frame = _read_pairs_file(path, config)
     cols = [config.query_column, config.title_column, config.label_column]
     missing = [c for c in cols if c not in frame.columns]
     if missing:
@@ -224,7 +228,7 @@ def _retrieval_validator(matcher: Matcher, pairs: pd.DataFrame, q: np.ndarray, d
     for qq, row, label in zip(pairs["query"], found, pairs["label"], strict=True):
         key = str(row) if row is not None else f"missing:{len(rel[qq])}"
         if label > 0:
-            rel[qq][key] = round(label)
+            rel[qq][key] = max(1, round(label))  # a positive label below 0.5 is still a positive
     _, ids = matcher.index.search(qv, depth)
     cand_vecs = [np.asarray(matcher.store.vectors[r[r >= 0]]) for r in ids]
 
@@ -479,7 +483,7 @@ def search_scorer(
     rng.shuffle(grid)
     chosen = grid[: max(1, trials)]
     results: list[dict[str, Any]] = []
-    best: tuple[float, Scorer, TrainReport] | None = None
+    best: tuple[TrainReport, Scorer, int] | None = None
     for i, trial in enumerate(chosen):
         scorer, report = train_scorer(
             matcher, train_pairs, valid_pairs, show_progress=False, **{**settings, "seed": seed, **trial}
@@ -494,8 +498,8 @@ def search_scorer(
         )
         if show_progress:
             log.warning("trial %d/%d %s: %s %.4f", i + 1, len(chosen), trial, report.metric, report.best_metric)
-        if best is None or report.best_metric > best[0]:
-            best = (report.best_metric, scorer, report)
+        if best is None or report.best_metric > best[0].best_metric:
+            best = (report, scorer, i)
     assert best is not None  # chosen is never empty
-    best_index = next(j for j, r in enumerate(results) if r["best_metric"] == best[0])
-    return best[1], best[2], SearchReport(metric=best[2].metric, trials=results, best_trial=best_index)
+    report, scorer, best_index = best
+    return scorer, report, SearchReport(metric=report.metric, trials=results, best_trial=best_index)
