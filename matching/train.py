@@ -162,6 +162,14 @@ def _split_by_query(pairs: pd.DataFrame, fraction: float, seed: int) -> tuple[pd
     return pairs[~mask].reset_index(drop=True), pairs[mask].reset_index(drop=True)
 
 
+def _unique_queries(pairs: pd.DataFrame, q: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """The distinct queries of ``pairs`` in first-seen order, with their vectors (rows of ``q``)."""
+    first: dict[str, int] = {}
+    for i, query in enumerate(pairs["query"]):
+        first.setdefault(query, i)
+    return list(first), q[list(first.values())]
+
+
 @dataclass
 class _Groups:
     """Listwise training data: per group, candidate vectors with the positive first, and a mask."""
@@ -174,9 +182,7 @@ class _Groups:
 
 def _listwise_groups(matcher: Matcher, pairs: pd.DataFrame, q: np.ndarray, t: np.ndarray, cfg: TrainConfig) -> _Groups:
     """One group per positive pair: [positive, labelled negatives + negatives mined from the index]."""
-    uq = list(dict.fromkeys(pairs["query"]))
-    first = {qq: i for i, qq in reversed(list(enumerate(pairs["query"])))}
-    qv = np.stack([q[first[qq]] for qq in uq])
+    uq, qv = _unique_queries(pairs, q)
     positive_rows: dict[str, set[int]] = {qq: set() for qq in uq}
     found = matcher.store.find_titles(pairs["title"].tolist())
     for qq, row, label in zip(pairs["query"], found, pairs["label"], strict=True):
@@ -220,9 +226,7 @@ def _listwise_groups(matcher: Matcher, pairs: pd.DataFrame, q: np.ndarray, t: np
 
 def _retrieval_validator(matcher: Matcher, pairs: pd.DataFrame, q: np.ndarray, depth: int) -> Callable[[Scorer], float]:
     """nDCG@10 of reranking the top ``depth`` retrieved titles for each validation query."""
-    uq = list(dict.fromkeys(pairs["query"]))
-    first = {qq: i for i, qq in reversed(list(enumerate(pairs["query"])))}
-    qv = np.stack([q[first[qq]] for qq in uq])
+    uq, qv = _unique_queries(pairs, q)
     rel: dict[str, dict[str, int]] = {qq: {} for qq in uq}
     found = matcher.store.find_titles(pairs["title"].tolist())
     for qq, row, label in zip(pairs["query"], found, pairs["label"], strict=True):
