@@ -150,10 +150,7 @@ def catalogue_df() -> pd.DataFrame:
 @pytest.fixture(scope="session")
 def built_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_encoder: Any) -> Any:
     """A Matcher built once from :func:`make_catalogue` (Flat index, untrained scorer). Do not modify it."""
-    from matching.matcher import Matcher
-
-    path = tmp_path_factory.mktemp("bundles") / "products"
-    matcher = Matcher.build(make_catalogue(), path, encoder=tiny_encoder, show_progress=False)
+    matcher = build_products(tmp_path_factory.mktemp("bundles") / "products", tiny_encoder)
     yield matcher
     matcher.close()
 

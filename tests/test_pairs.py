@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import hidden_entries, make_catalogue
+from conftest import build_products, hidden_entries, make_catalogue
 
 from matching.cli import main
 from matching.config import ScorerConfig
@@ -155,8 +155,7 @@ def test_best_threshold_with_tied_scores_reaches_the_best_accuracy() -> None:
 
 @pytest.fixture(scope="module")
 def pairs_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_encoder: Any) -> Any:
-    path = tmp_path_factory.mktemp("pairs-bundle") / "products"
-    matcher = Matcher.build(make_catalogue(), path, encoder=tiny_encoder, show_progress=False)
+    matcher = build_products(tmp_path_factory.mktemp("pairs-bundle") / "products", tiny_encoder)
     yield matcher
     matcher.close()
 
