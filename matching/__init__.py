@@ -8,6 +8,7 @@ from matching.config import EncoderConfig, IndexConfig, ScorerConfig
 from matching.errors import (
     BadRowError,
     BundleError,
+    BundleLockedError,
     ConfigError,
     DuplicateIdError,
     InputFileError,
@@ -15,7 +16,7 @@ from matching.errors import (
     ModelError,
     SchemaError,
 )
-from matching.types import Match, Pooling
+from matching.types import ChangeReport, Match, Pooling
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,8 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "BadRowError",
     "BundleError",
+    "BundleLockedError",
+    "ChangeReport",
     "ConfigError",
     "DuplicateIdError",
     "EncoderConfig",

@@ -8,29 +8,39 @@ A bundle is a directory holding numbered generations and a ``CURRENT`` file nami
 
 A new generation is written beside the live one, flushed to disk, and published by atomically
 replacing ``CURRENT``; a crash before that leaves the old generation live and untouched.
+
+Published generations are never modified, with one exception: the vector file is append-only and
+hard-linked from one generation to the next, and each manifest checksums only the prefix its
+generation uses. Writers take an exclusive lock (``.NAME.lock`` beside the bundle) for the whole
+change, so a second writer waits or gets :class:`BundleLockedError`. Readers hold a shared ``flock``
+on their generation's manifest (a :class:`Lease`); writers delete an old generation only once no
+reader holds it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from matching.errors import BundleError
+from matching.errors import BundleError, BundleLockedError
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 POINTER_FILE = "CURRENT"
+DEFAULT_LOCK_TIMEOUT = 30.0
 _GEN = re.compile(r"gen-(\d{6})\Z")
 
 
@@ -49,6 +59,9 @@ class Manifest:
     created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     format_version: int = FORMAT_VERSION
     files: dict[str, str] = field(default_factory=dict)
+    # byte length covered by each checksum; a file listed in ``growable`` may be longer (append-only)
+    sizes: dict[str, int] = field(default_factory=dict)
+    growable: list[str] = field(default_factory=list)
 
     @property
     def factory(self) -> str:
@@ -63,11 +76,17 @@ class Manifest:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, size: int | None = None) -> str:
+    """SHA-256 of the file, or of its first ``size`` bytes."""
     h = hashlib.sha256()
+    left = size if size is not None else -1
     with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
+        while left != 0:
+            block = fh.read(1 << 20 if left < 0 else min(1 << 20, left))
+            if not block:
+                break
             h.update(block)
+            left = left - len(block) if left > 0 else left
     return h.hexdigest()
 
 
@@ -119,18 +138,117 @@ def read_manifest(generation: Path, *, verify: bool = True) -> Manifest:
             file = generation / name
             if not file.is_file():
                 raise BundleError(f"bundle file {str(file)!r} is missing")
-            if sha256_file(file) != digest:
+            size = manifest.sizes.get(name)
+            actual = file.stat().st_size
+            if size is not None and (actual < size or (actual > size and name not in manifest.growable)):
+                raise BundleError(f"bundle file {str(file)!r} is damaged: it holds {actual} bytes, expected {size}")
+            if sha256_file(file, size if name in manifest.growable else None) != digest:
                 raise BundleError(f"bundle file {str(file)!r} is damaged: its checksum does not match the manifest")
     return manifest
 
 
-def write_manifest(generation: Path, manifest: Manifest) -> None:
-    """Checksum every file in ``generation`` into ``manifest`` and write it (last)."""
-    manifest.files = {
-        p.name: sha256_file(p) for p in sorted(generation.iterdir()) if p.is_file() and p.name != MANIFEST_FILE
-    }
+def write_manifest(generation: Path, manifest: Manifest, *, prefixes: dict[str, int] | None = None) -> None:
+    """Checksum every file in ``generation`` into ``manifest`` and write it (last).
+
+    ``prefixes`` names append-only files and the byte length this generation uses of each.
+    """
+    prefixes = prefixes or {}
+    manifest.files, manifest.sizes = {}, {}
+    for p in sorted(generation.iterdir()):
+        if p.is_file() and p.name != MANIFEST_FILE:
+            size = prefixes.get(p.name, p.stat().st_size)
+            manifest.files[p.name] = sha256_file(p, size)
+            manifest.sizes[p.name] = size
+    manifest.growable = sorted(prefixes)
     text = json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n"
     (generation / MANIFEST_FILE).write_text(text, encoding="utf-8")
+
+
+class Lease:
+    """A reader's shared lock on one generation: writers do not delete a generation while it is held."""
+
+    def __init__(self, generation: Path, fd: int) -> None:
+        self.generation = generation
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+
+def lease_current(path: Path, *, attempts: int = 200) -> Lease:
+    """Lease the live generation of the bundle at ``path`` (retrying while a writer swaps it)."""
+    path = Path(path)
+    for _ in range(attempts):
+        gen = current_generation(path)
+        manifest = gen / MANIFEST_FILE
+        try:
+            fd = os.open(manifest, os.O_RDONLY)
+        except FileNotFoundError:
+            continue  # replaced and deleted between reading CURRENT and opening it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            # a writer deletes the manifest first while it holds the exclusive lock: if the file we
+            # locked is still the one at that path, the generation is complete and now protected
+            if os.stat(manifest).st_ino == os.fstat(fd).st_ino:
+                return Lease(gen, fd)
+        except (BlockingIOError, FileNotFoundError):
+            pass
+        os.close(fd)
+        time.sleep(0.005)
+    raise BundleError(f"could not open a stable generation of bundle {str(path)!r}: it keeps changing; try again")
+
+
+def lock_path(path: Path) -> Path:
+    """The writers' lock file of the bundle at ``path`` (beside it, so a first build can take it too)."""
+    return path.parent / f".{path.name}.lock"
+
+
+@contextlib.contextmanager
+def writer_lock(path: Path, *, timeout: float = DEFAULT_LOCK_TIMEOUT) -> Iterator[None]:
+    """Hold the bundle's exclusive writer lock, waiting up to ``timeout`` seconds for another writer.
+
+    If no bundle exists when the lock is released (a first build that failed), the lock file is
+    removed too, so a failed build leaves nothing behind; a waiter that then gets the lock on the
+    removed file notices and locks the new one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = lock_path(path)
+    deadline = time.monotonic() + max(0.0, timeout)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if time.monotonic() >= deadline:
+                raise BundleLockedError(
+                    f"bundle {str(path)!r} is being changed by another writer; "
+                    f"waited {timeout:g} s. Try again when it has finished (or raise lock_timeout)"
+                ) from None
+            time.sleep(0.05)
+            continue
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed that file: lock the current one
+    try:
+        yield
+    finally:
+        try:
+            if not is_bundle(path):
+                lock.unlink(missing_ok=True)
+        finally:
+            os.close(fd)  # closing the descriptor drops the lock
 
 
 def check_target(path: Path, *, overwrite: bool) -> None:
@@ -148,16 +266,39 @@ def check_target(path: Path, *, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def new_generation(path: Path, *, overwrite: bool = False, carry: Sequence[str] = ()) -> Iterator[Path]:
+def new_generation(
+    path: Path,
+    *,
+    overwrite: bool = False,
+    carry: Sequence[str] = (),
+    base: Path | None = None,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+) -> Iterator[Path]:
     """Yield a directory to write a generation into; publish it atomically on success.
 
-    ``carry`` names files of the live generation to bring along unchanged (hard-linked, or copied where
-    links are not possible) so a change that touches one component (say, a retrained scorer) writes only
-    that component. On any exception the partial generation is deleted and whatever was live stays live.
+    The writer lock is held throughout. ``carry`` names files of the live generation to bring along
+    unchanged (hard-linked, or copied where links are not possible) so a change that touches one
+    component (say, a retrained scorer) writes only that component. With ``base``, the change was
+    computed from that generation and is refused if another writer published since. On any exception
+    the partial generation is deleted and whatever was live stays live.
     """
     path = Path(path)
-    if carry:
+    with writer_lock(path, timeout=lock_timeout):
+        _remove_leftovers(path)
+        with _new_generation(path, overwrite=overwrite, carry=carry, base=base) as staging:
+            yield staging
+        collect_garbage(path, lock=False)
+
+
+@contextlib.contextmanager
+def _new_generation(path: Path, *, overwrite: bool, carry: Sequence[str], base: Path | None) -> Iterator[Path]:
+    if carry or base is not None:
         live = current_generation(path)
+        if base is not None and live.name != base.name:
+            raise BundleError(
+                f"bundle {str(path)!r} changed since this change was prepared ({base.name} -> {live.name}); "
+                "reload it and try again"
+            )
     else:
         check_target(path, overwrite=overwrite)
     fresh = not is_bundle(path)
@@ -173,10 +314,7 @@ def new_generation(path: Path, *, overwrite: bool = False, carry: Sequence[str] 
     staging = Path(tempfile.mkdtemp(prefix=f".{final_name}.staging-", dir=root))
     try:
         for name in carry:
-            try:
-                os.link(live / name, staging / name)
-            except OSError:
-                shutil.copy2(live / name, staging / name)
+            link_or_copy(live / name, staging / name)
         yield staging
         if not (staging / MANIFEST_FILE).is_file():
             raise BundleError("internal error: a generation was finished without a manifest")
@@ -195,7 +333,14 @@ def new_generation(path: Path, *, overwrite: bool = False, carry: Sequence[str] 
         if fresh:
             shutil.rmtree(root, ignore_errors=True)
         raise
-    _remove_stale(path, keep=final_name)
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link ``source`` to ``target`` (copy where the file system cannot link)."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def _point(root: Path, name: str) -> None:
@@ -208,10 +353,54 @@ def _point(root: Path, name: str) -> None:
     _fsync(root)
 
 
-def _remove_stale(path: Path, *, keep: str) -> None:
-    """Delete generations and staging leftovers other than ``keep`` (open readers keep their files)."""
-    for child in path.iterdir():
-        if child.name == keep or child.name == POINTER_FILE:
+def _remove_leftovers(path: Path) -> None:
+    """Delete what crashed writers left (staging directories, half-built bundles); needs the writer lock."""
+    leftovers = list(path.parent.glob(f".{glob_escape(path.name)}.building-*"))
+    if path.is_dir() and is_bundle(path):
+        leftovers += [c for c in path.iterdir() if c.name.startswith(".gen-") or c.name.startswith(f".{POINTER_FILE}")]
+    for child in leftovers:
+        shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def collect_garbage(path: Path, *, lock: bool = True) -> list[str]:
+    """Delete the bundle's old generations that no reader holds; returns their names.
+
+    With ``lock``, this takes the writer lock without waiting and does nothing if a writer holds it.
+    """
+    path = Path(path)
+    if lock:
+        try:
+            with writer_lock(path, timeout=0):
+                return collect_garbage(path, lock=False)
+        except BundleLockedError:
+            return []
+    if not is_bundle(path):
+        return []
+    live = current_generation(path).name
+    removed = []
+    for child in sorted(path.iterdir()):
+        if child.name == live or not _GEN.match(child.name):
             continue
-        if _GEN.match(child.name) or child.name.startswith("."):
-            shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+        manifest = child / MANIFEST_FILE
+        try:
+            fd = os.open(manifest, os.O_RDONLY)
+        except FileNotFoundError:
+            shutil.rmtree(child, ignore_errors=True)  # incomplete: a delete that was cut short
+            removed.append(child.name)
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue  # a reader still uses it
+        try:
+            manifest.unlink()  # first, so a reader that locks it after us sees it is going
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child.name)
+        finally:
+            os.close(fd)
+    return removed

@@ -33,3 +33,7 @@ class BundleError(MatchingError):
 
 class ConfigError(MatchingError):
     """A configuration value is out of range or unknown."""
+
+
+class BundleLockedError(BundleError):
+    """Another writer is changing the bundle; wait for it to finish, or raise ``lock_timeout``."""

@@ -1,4 +1,8 @@
-"""FAISS wrapper: inner product over unit vectors, explicit int64 ids shared with the store."""
+"""FAISS wrapper: inner product over unit vectors, explicit int64 ids shared with the store.
+
+IVF indexes keep the ids themselves (so titles can be removed); every other kind is wrapped in an
+``IndexIDMap``.
+"""
 
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ class VectorIndex:
                 rng = np.random.default_rng(0)
                 take = np.sort(rng.choice(n, size=min(n, _TRAIN_SAMPLE), replace=False))
                 base.train(np.ascontiguousarray(vectors[take], dtype=np.float32))
-            index = faiss.IndexIDMap(base)
+            index = _with_ids(base)
             for start in range(0, n, _ADD_BATCH):
                 block = np.ascontiguousarray(vectors[start : start + _ADD_BATCH], dtype=np.float32)
                 index.add_with_ids(block, np.ascontiguousarray(ids[start : start + _ADD_BATCH], dtype=np.int64))
@@ -50,10 +54,19 @@ class VectorIndex:
     @classmethod
     def empty(cls, dim: int, config: IndexConfig) -> Self:
         """An empty index for ``config``: checks the factory string and search parameters cheaply."""
-        return cls(faiss.IndexIDMap(_new_base(dim, config)), config)
+        return cls(_with_ids(_new_base(dim, config)), config)
+
+    def _core(self) -> Any:
+        """The index under the id map (or the index itself, where it keeps ids)."""
+        if isinstance(self.index, faiss.IndexIDMap):
+            return faiss.downcast_index(self.index.index)
+        try:
+            return faiss.extract_index_ivf(self.index)
+        except RuntimeError:
+            return self.index
 
     def _apply_search_params(self) -> None:
-        inner = faiss.downcast_index(self.index.index) if hasattr(self.index, "index") else self.index
+        inner = self._core()
         params = faiss.ParameterSpace()
         for name, value in (("nprobe", self.config.nprobe), ("efSearch", self.config.ef_search)):
             if value is None:
@@ -70,12 +83,59 @@ class VectorIndex:
     def ntotal(self) -> int:
         return int(self.index.ntotal)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top ``k`` (scores, ids) per query row; missing slots have id -1."""
+    def search(
+        self, queries: np.ndarray, k: int, *, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` (scores, ids) per query row; missing slots have id -1.
+
+        ``allowed`` (a boolean mask over ids) restricts the search inside FAISS; it returns ``None``
+        where this index type cannot take a selector, and the caller searches the subset itself.
+        """
         q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         k = max(1, min(int(k), self.ntotal)) if self.ntotal else 1
-        scores, ids = self.index.search(q, k)
+        if allowed is None:
+            scores, ids = self.index.search(q, k)
+            return scores, ids
+        bitmap = np.packbits(allowed, bitorder="little")
+        selector = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
+        params = self._params(selector)
+        if params is None:
+            raise NotImplementedError(f"index {self.config.factory!r} cannot search with a filter")
+        scores, ids = self.index.search(q, k, params=params)
         return scores, ids
+
+    def _params(self, selector: Any) -> Any:
+        # the per-call parameters replace the index's own, so copy nprobe / efSearch across
+        core = self._core()
+        params: Any
+        if isinstance(core, faiss.IndexIVF):
+            params = faiss.SearchParametersIVF()
+            params.nprobe = int(core.nprobe)
+        elif isinstance(core, faiss.IndexHNSW):
+            params = getattr(faiss, "SearchParametersHNSW")()  # noqa: B009  (missing from faiss's stubs)
+            params.efSearch = int(core.hnsw.efSearch)
+        elif isinstance(core, faiss.IndexFlat):
+            params = faiss.SearchParameters()
+        else:
+            return None
+        params.sel = selector
+        return params
+
+    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        """Add ``vectors`` under ``ids`` (the index must already be trained)."""
+        for start in range(0, len(ids), _ADD_BATCH):
+            block = np.ascontiguousarray(vectors[start : start + _ADD_BATCH], dtype=np.float32)
+            self.index.add_with_ids(block, np.ascontiguousarray(ids[start : start + _ADD_BATCH], dtype=np.int64))
+
+    def remove(self, ids: np.ndarray) -> bool:
+        """Remove ``ids``; ``False`` where this index type cannot remove (rebuild it instead)."""
+        if not len(ids):
+            return True
+        try:
+            self.index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64))
+        except RuntimeError:
+            return False
+        return True
 
     def save(self, directory: Path) -> None:
         faiss.write_index(self.index, str(directory / INDEX_FILE))
@@ -91,6 +151,15 @@ class VectorIndex:
         except RuntimeError as exc:
             raise BundleError(f"cannot read FAISS index {str(path)!r}: {exc}") from None
         return cls(index, IndexConfig.load(directory / CONFIG_FILE))
+
+
+def _with_ids(base: Any) -> Any:
+    # IndexIDMap.remove_ids is only right for indexes that renumber on removal (Flat); IVF keeps ids
+    try:
+        faiss.extract_index_ivf(base)
+    except RuntimeError:
+        return faiss.IndexIDMap(base)
+    return base
 
 
 def _new_base(dim: int, config: IndexConfig) -> Any:

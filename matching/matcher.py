@@ -5,7 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Sequence
+import time
+import weakref
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,21 +19,28 @@ from tqdm.auto import tqdm
 
 from matching import __version__
 from matching.bundle import (
+    DEFAULT_LOCK_TIMEOUT,
+    Lease,
     Manifest,
     check_target,
+    collect_garbage,
     current_generation,
+    lease_current,
+    link_or_copy,
     new_generation,
     read_manifest,
     write_manifest,
 )
 from matching.config import EncoderConfig, IndexConfig, ScorerConfig
 from matching.encoder import Encoder
-from matching.errors import BadRowError, BundleError, ConfigError
-from matching.index import VectorIndex
-from matching.ingest import DEFAULT_CHUNKSIZE, CatalogueReader, metadata_json
+from matching.errors import BadRowError, BundleError, ConfigError, DuplicateIdError, SchemaError
+from matching.index import CONFIG_FILE as INDEX_CONFIG_FILE
+from matching.index import INDEX_FILE, VectorIndex
+from matching.ingest import DEFAULT_CHUNKSIZE, CatalogueReader, canonical_id, metadata_json
 from matching.scorer import Scorer
-from matching.store import Store
-from matching.types import Match
+from matching.store import CONFIG_FILE as STORE_CONFIG_FILE
+from matching.store import DB_FILE, VECTORS_FILE, Store, StoreEditor, Where, read_config
+from matching.types import ChangeReport, ExternalId, IdType, Match
 
 if TYPE_CHECKING:
     from matching.train import TrainReport
@@ -37,6 +48,45 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 TRAIN_REPORT_FILE = "train_report.json"
 QUERY_TOWER_FILE = "query_encoder.safetensors"
+# files a catalogue change rewrites; everything else in a generation (scorer, query tower) is carried
+_CATALOGUE_FILES = frozenset({DB_FILE, VECTORS_FILE, STORE_CONFIG_FILE, INDEX_FILE, INDEX_CONFIG_FILE})
+# a filter that leaves at most this many titles is searched exactly over their stored vectors
+EXACT_FILTER_LIMIT = 20_000
+
+
+class _Handle:
+    """The releasable resources of one loaded generation (its store connections and reader lease)."""
+
+    def __init__(self, store: Store, lease: Lease | None) -> None:
+        self._finalizer = weakref.finalize(self, _release, store, lease)
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+def _release(store: Store, lease: Lease | None) -> None:
+    store.close()
+    if lease is not None:
+        lease.release()
+
+
+@dataclass(frozen=True, eq=False)
+class _Snapshot:
+    """One generation's parts. A search reads them all from one snapshot, so it never mixes two."""
+
+    index: VectorIndex
+    store: Store
+    scorer: Scorer
+    manifest: Manifest
+    query_encoder: Encoder
+    handle: _Handle
+    generation: str | None
+
+
+def _write_generation_manifest(gen: Path, manifest: Manifest) -> None:
+    """Write the manifest; the shared, append-only vector file is checksummed over this generation's rows."""
+    config = read_config(gen)
+    write_manifest(gen, manifest, prefixes={VECTORS_FILE: config["rows"] * config["dim"] * 4})
 
 
 def _encoder_record(encoder: Encoder) -> dict[str, Any]:
@@ -64,6 +114,8 @@ class Matcher:
         *,
         path: Path | None = None,
         query_encoder: Encoder | None = None,
+        lease: Lease | None = None,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
     ) -> None:
         if index.ntotal != store.count:
             raise BundleError(f"index holds {index.ntotal} vectors but the store {store.count} rows")
@@ -72,12 +124,51 @@ class Matcher:
                 f"dimension mismatch: encoder {encoder.dim}, store {store.vectors.shape[1]}, scorer {scorer.config.dim}"
             )
         self.encoder = encoder
-        self.query_encoder = query_encoder or encoder
-        self.index = index
-        self.store = store
-        self.scorer = scorer
-        self.manifest = manifest
         self.path = path
+        self.lock_timeout = lock_timeout
+        self._snap = _Snapshot(
+            index,
+            store,
+            scorer,
+            manifest,
+            query_encoder or encoder,
+            _Handle(store, lease),
+            lease.generation.name if lease is not None else None,
+        )
+
+    # The parts of the generation this matcher serves; replaced together by refresh() and by writes.
+    @property
+    def index(self) -> VectorIndex:
+        return self._snap.index
+
+    @property
+    def store(self) -> Store:
+        return self._snap.store
+
+    @property
+    def manifest(self) -> Manifest:
+        return self._snap.manifest
+
+    @property
+    def scorer(self) -> Scorer:
+        return self._snap.scorer
+
+    @scorer.setter
+    def scorer(self, scorer: Scorer) -> None:
+        self._snap = dataclasses.replace(self._snap, scorer=scorer)
+
+    @property
+    def query_encoder(self) -> Encoder:
+        return self._snap.query_encoder
+
+    @query_encoder.setter
+    def query_encoder(self, encoder: Encoder) -> None:
+        self._snap = dataclasses.replace(self._snap, query_encoder=encoder)
+
+    @property
+    def generation(self) -> str | None:
+        """The name of the bundle generation being served (``None`` for an unsaved matcher)."""
+        return self._snap.generation
 
     # -- construction ----------------------------------------------------------------------------
 
@@ -99,6 +190,7 @@ class Matcher:
         chunksize: int = DEFAULT_CHUNKSIZE,
         overwrite: bool = False,
         show_progress: bool = True,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
     ) -> Matcher:
         """Encode every title of ``source`` (CSV/TSV/JSONL path or DataFrame) into a new bundle at ``path``.
 
@@ -125,7 +217,7 @@ class Matcher:
             encoding=encoding,
         )
         total = len(source) if isinstance(source, pd.DataFrame) else None
-        with new_generation(path, overwrite=overwrite) as gen:
+        with new_generation(path, overwrite=overwrite, lock_timeout=lock_timeout) as gen:
             writer = Store.create(gen, encoder.dim)
             try:
                 with tqdm(total=total, desc="encoding titles", unit="title", disable=not show_progress) as bar:
@@ -161,10 +253,10 @@ class Matcher:
                     "skipped_rows": reader.skipped,
                 },
             )
-            write_manifest(gen, manifest)
+            _write_generation_manifest(gen, manifest)
         if reader.skipped:
             log.warning("skipped %d bad row(s), e.g. %s", reader.skipped, "; ".join(reader.skipped_examples))
-        return cls.load(path, encoder=encoder, verify=False)
+        return cls.load(path, encoder=encoder, verify=False, lock_timeout=lock_timeout)
 
     @classmethod
     def load(
@@ -176,14 +268,36 @@ class Matcher:
         device: str | None = None,
         verify: bool = True,
         allow_encoder_mismatch: bool = False,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
     ) -> Matcher:
         """Open the live generation of the bundle at ``path``.
 
         The encoder is loaded from where the manifest says it came from unless ``model``/``encoder``
         is given; either way its fingerprint must match the one the titles were encoded with.
+        The generation stays on disk while this matcher uses it, even if writers publish newer ones
+        (see :meth:`refresh`). ``lock_timeout`` is how long this matcher's writes wait for another writer.
         """
         path = Path(path)
-        gen = current_generation(path)
+        lease = lease_current(path)
+        try:
+            return cls._load(path, lease, model, encoder, device, verify, allow_encoder_mismatch, lock_timeout)
+        except BaseException:
+            lease.release()
+            raise
+
+    @classmethod
+    def _load(
+        cls,
+        path: Path,
+        lease: Lease,
+        model: str | Path | None,
+        encoder: Encoder | None,
+        device: str | None,
+        verify: bool,
+        allow_encoder_mismatch: bool,
+        lock_timeout: float,
+    ) -> Matcher:
+        gen = lease.generation
         manifest = read_manifest(gen, verify=verify)
         if encoder is None:
             record = manifest.encoder
@@ -211,14 +325,34 @@ class Matcher:
         scorer = Scorer.load(gen).to(encoder.device)
         store = Store.open(gen)
         try:
-            return cls(encoder, index, store, scorer, manifest, path=path, query_encoder=query_encoder)
+            return cls(
+                encoder,
+                index,
+                store,
+                scorer,
+                manifest,
+                path=path,
+                query_encoder=query_encoder,
+                lease=lease,
+                lock_timeout=lock_timeout,
+            )
         except BaseException:
             store.close()
             raise
 
     def close(self) -> None:
-        """Release the store's database connections."""
-        self.store.close()
+        """Release the store's database connections and this matcher's hold on its generation."""
+        self._snap.handle.close()
+
+    def refresh(self) -> bool:
+        """Switch to the bundle's live generation if a writer published a newer one; ``True`` if it did.
+
+        Searches already running finish on the generation they started with.
+        """
+        if self.path is None or current_generation(self.path).name == self.generation:
+            return False
+        self._reopen()
+        return True
 
     def __enter__(self) -> Matcher:
         return self
@@ -234,9 +368,15 @@ class Matcher:
 
     # -- search ----------------------------------------------------------------------------------
 
-    def search(self, query: str, k: int = 10, *, candidates: int = 100, rerank: bool = True) -> list[Match]:
-        """The ``k`` best titles for ``query``: FAISS retrieves ``candidates``, the scorer reranks them."""
-        return self.search_batch([query], k, candidates=candidates, rerank=rerank)[0]
+    def search(
+        self, query: str, k: int = 10, *, candidates: int = 100, rerank: bool = True, where: Where | None = None
+    ) -> list[Match]:
+        """The ``k`` best titles for ``query``: FAISS retrieves ``candidates``, the scorer reranks them.
+
+        ``where`` filters on metadata inside retrieval, e.g. ``{"brand": "acme", "price": ("<", 50)}``
+        (see :func:`matching.store.where_clauses`), so ``k`` hits come back whenever ``k`` titles match.
+        """
+        return self.search_batch([query], k, candidates=candidates, rerank=rerank, where=where)[0]
 
     def search_batch(
         self,
@@ -246,6 +386,7 @@ class Matcher:
         candidates: int = 100,
         rerank: bool = True,
         show_progress: bool = False,
+        where: Where | None = None,
     ) -> list[list[Match]]:
         """:meth:`search` for many queries, encoded in one pass."""
         if isinstance(queries, str):
@@ -253,32 +394,45 @@ class Matcher:
         bad = [i for i, q in enumerate(queries) if not isinstance(q, str)]
         if bad:
             raise ConfigError(f"queries must be strings; item {bad[0]} is {type(queries[bad[0]]).__name__}")
-        vectors = self.query_encoder.encode_queries(list(queries), show_progress=show_progress)
-        return self.search_vectors(vectors, k, candidates=candidates, rerank=rerank)
+        snap = self._snap
+        vectors = snap.query_encoder.encode_queries(list(queries), show_progress=show_progress)
+        return self._search(snap, vectors, k, candidates, rerank, where)
 
     def search_vectors(
-        self, vectors: np.ndarray, k: int = 10, *, candidates: int = 100, rerank: bool = True
+        self,
+        vectors: np.ndarray,
+        k: int = 10,
+        *,
+        candidates: int = 100,
+        rerank: bool = True,
+        where: Where | None = None,
     ) -> list[list[Match]]:
         """Search with already encoded query vectors ``(n, dim)``."""
+        return self._search(self._snap, vectors, k, candidates, rerank, where)
+
+    def _search(
+        self, snap: _Snapshot, vectors: np.ndarray, k: int, candidates: int, rerank: bool, where: Where | None
+    ) -> list[list[Match]]:
         if k < 1:
             raise ConfigError(f"k must be >= 1, got {k}")
         vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
-        retrieval, ids = self.index.search(vectors, max(k, candidates))
+        retrieval, ids = _retrieve(snap, vectors, max(k, candidates), where)
+        store = snap.store
         ranked: list[list[tuple[int, float, float]]] = []
         for qi in range(len(vectors)):
             keep = ids[qi] >= 0
             cand_ids, cand_scores = ids[qi][keep], retrieval[qi][keep]
             if rerank and len(cand_ids):
-                scores = self.scorer.score(vectors[qi : qi + 1], self.store.vectors[cand_ids])
+                scores = snap.scorer.score(vectors[qi : qi + 1], store.vectors[cand_ids])
             else:
                 scores = cand_scores
             order = np.argsort(-scores, kind="stable")[:k]
             ranked.append([(int(cand_ids[j]), float(scores[j]), float(cand_scores[j])) for j in order])
-        rows = {r.row_id: r for r in self.store.get([rid for hits in ranked for rid, _, _ in hits])}
+        rows = {r.row_id: r for r in store.get([rid for hits in ranked for rid, _, _ in hits])}
         return [
             [
                 Match(
-                    id=self.store.external_id(rows[rid].external_id),
+                    id=store.external_id(rows[rid].external_id),
                     title=rows[rid].title,
                     score=score,
                     retrieval_score=retr,
@@ -288,6 +442,257 @@ class Matcher:
             ]
             for hits in ranked
         ]
+
+    # -- catalogue changes -----------------------------------------------------------------------
+
+    def add(
+        self,
+        source: str | Path | pd.DataFrame,
+        *,
+        id_column: str | None = None,
+        title_column: str | Sequence[str] | None = None,
+        skip_bad_rows: bool = False,
+        encoding: str = "utf-8",
+        chunksize: int = DEFAULT_CHUNKSIZE,
+        show_progress: bool = True,
+        allow_encoder_mismatch: bool = False,
+    ) -> ChangeReport:
+        """Add new titles (CSV/TSV/JSONL path or DataFrame); an id already in the bundle is an error.
+
+        Only the new titles are encoded. Columns default to those the bundle was built with. The change
+        is published atomically as a new generation, which this matcher then serves.
+        """
+        return self._change(
+            "add", source, id_column, title_column, skip_bad_rows, encoding, chunksize, show_progress,
+            allow_encoder_mismatch,
+        )  # fmt: skip
+
+    def upsert(
+        self,
+        source: str | Path | pd.DataFrame,
+        *,
+        id_column: str | None = None,
+        title_column: str | Sequence[str] | None = None,
+        skip_bad_rows: bool = False,
+        encoding: str = "utf-8",
+        chunksize: int = DEFAULT_CHUNKSIZE,
+        show_progress: bool = True,
+        allow_encoder_mismatch: bool = False,
+    ) -> ChangeReport:
+        """Add new titles and replace existing ones (same id): a changed title is re-encoded, changed
+        metadata alone is just rewritten, and an identical row is left as it is."""
+        return self._change(
+            "upsert", source, id_column, title_column, skip_bad_rows, encoding, chunksize, show_progress,
+            allow_encoder_mismatch,
+        )  # fmt: skip
+
+    def remove(self, ids: Iterable[ExternalId], *, missing_ok: bool = False) -> ChangeReport:
+        """Remove titles by external id; an unknown id is an error unless ``missing_ok``."""
+        if isinstance(ids, str | int):
+            ids = [ids]
+        wanted: list[str] = []
+        for i, raw in enumerate(ids):
+            ext = canonical_id(raw)
+            if ext is None:
+                raise ConfigError(f"ids[{i}] is empty; pass the external ids to remove")
+            wanted.append(ext)
+        started = time.perf_counter()
+        path = self._require_path()
+        with new_generation(path, lock_timeout=self.lock_timeout) as gen:
+            live, manifest = _live(path)
+            editor = StoreEditor(live, gen)
+            try:
+                found = editor.lookup(wanted)
+                missing = [e for e in dict.fromkeys(wanted) if e not in found]
+                if missing and not missing_ok:
+                    raise BadRowError(
+                        f"{len(missing)} id(s) to remove are not in the bundle, e.g. {missing[:3]}; "
+                        "pass missing_ok=True (--missing-ok) to ignore them"
+                    )
+                dead = np.asarray(sorted(r.row_id for r in found.values()), dtype=np.int64)
+                editor.delete(dead.tolist())
+            except BaseException:
+                editor.abort()
+                raise
+            count = editor.finish()
+            index = VectorIndex.load(live)
+            self._finish_change(live, gen, manifest, index, dead, np.empty((0, 0), np.float32), np.empty(0, np.int64))
+            _write_generation_manifest(gen, _changed(manifest, count))
+        self._reopen()
+        return ChangeReport(
+            "remove", removed=len(dead), missing=len(missing), count=count,
+            generation=self.generation or "", seconds=time.perf_counter() - started,
+        )  # fmt: skip
+
+    def compact(self, *, index_config: IndexConfig | None = None, show_progress: bool = True) -> ChangeReport:
+        """Rewrite the bundle without the rows removed titles left behind, and rebuild the index from the
+        stored vectors (no re-encoding), with ``index_config`` if given."""
+        started = time.perf_counter()
+        path = self._require_path()
+        with new_generation(path, lock_timeout=self.lock_timeout) as gen:
+            live, manifest = _live(path)
+            config = index_config or IndexConfig.load(live / INDEX_CONFIG_FILE)
+            old = Store.open(live)
+            try:
+                writer = Store.create(gen, old.dim)
+                try:
+                    with tqdm(total=old.count, desc="compacting", unit="title", disable=not show_progress) as bar:
+                        for rows in old.rows():
+                            writer.append(
+                                [r.external_id for r in rows],
+                                [r.title for r in rows],
+                                [metadata_json(r.metadata) for r in rows],
+                                np.asarray(old.vectors[[r.row_id for r in rows]]),
+                            )
+                            bar.update(len(rows))
+                except BaseException:
+                    writer.abort()
+                    raise
+                writer.finish(old.id_type)
+            finally:
+                old.close()
+            _carry(live, gen, manifest)
+            store = Store.open(gen)
+            try:
+                VectorIndex.build(store.vectors, np.arange(store.count, dtype=np.int64), config).save(gen)
+                count = store.count
+            finally:
+                store.close()
+            _write_generation_manifest(gen, dataclasses.replace(_changed(manifest, count), index=config.to_dict()))
+        self._reopen()
+        return ChangeReport("compact", count=count, generation=self.generation or "",
+                            seconds=time.perf_counter() - started)  # fmt: skip
+
+    def _change(
+        self,
+        operation: str,
+        source: str | Path | pd.DataFrame,
+        id_column: str | None,
+        title_column: str | Sequence[str] | None,
+        skip_bad_rows: bool,
+        encoding: str,
+        chunksize: int,
+        show_progress: bool,
+        allow_encoder_mismatch: bool,
+    ) -> ChangeReport:
+        started = time.perf_counter()
+        path = self._require_path()
+        built_with = self.manifest.source
+        reader = CatalogueReader(
+            source,
+            id_column=id_column or built_with.get("id_column", "id"),
+            title_column=title_column or built_with.get("title_columns", "title"),
+            skip_bad_rows=skip_bad_rows,
+            chunksize=chunksize,
+            encoding=encoding,
+        )
+        tally = dict.fromkeys(("added", "updated", "metadata_updated", "unchanged", "encoded"), 0)
+        with new_generation(path, lock_timeout=self.lock_timeout) as gen:
+            live, manifest = _live(path)
+            if manifest.encoder["fingerprint"] != self.encoder.fingerprint and not allow_encoder_mismatch:
+                raise BundleError(
+                    f"bundle {str(path)!r} was built with another encoder (fingerprint "
+                    f"{manifest.encoder['fingerprint'][:12]}, this one {self.encoder.fingerprint[:12]}): titles "
+                    "encoded by it would not be comparable; load the bundle with its own encoder, or pass "
+                    "allow_encoder_mismatch=True"
+                )
+            editor = StoreEditor(live, gen)
+            dead: list[int] = []
+            new_ids: list[np.ndarray] = []
+            new_vectors: list[np.ndarray] = []
+            try:
+                desc = f"{operation}: encoding titles"
+                with tqdm(desc=desc, unit="title", disable=not show_progress) as bar:
+                    for chunk in reader:
+                        existing = editor.lookup(chunk.ids)
+                        if editor.id_type is IdType.INT:
+                            _check_int_ids(chunk.ids, chunk.rows, reader.name)
+                        fresh: list[int] = []
+                        meta_changes: dict[int, str] = {}
+                        for j, ext in enumerate(chunk.ids):
+                            old = existing.get(ext)
+                            meta = metadata_json(chunk.metadata[j])
+                            if old is None:
+                                fresh.append(j)
+                                tally["added"] += 1
+                            elif operation == "add":
+                                raise DuplicateIdError(
+                                    f"{reader.name} row {chunk.rows[j]}: id {ext!r} is already in the bundle; "
+                                    "use upsert to replace it"
+                                )
+                            elif old.title != chunk.titles[j]:
+                                dead.append(old.row_id)
+                                fresh.append(j)
+                                tally["updated"] += 1
+                            elif metadata_json(old.metadata) != meta:
+                                meta_changes[old.row_id] = meta
+                                tally["metadata_updated"] += 1
+                            else:
+                                tally["unchanged"] += 1
+                        editor.update_metadata(meta_changes)
+                        if fresh:
+                            titles = [chunk.titles[j] for j in fresh]
+                            vectors = self.encoder.encode_titles(titles)
+                            row_ids = editor.append(
+                                [chunk.ids[j] for j in fresh],
+                                titles,
+                                [metadata_json(chunk.metadata[j]) for j in fresh],
+                                vectors,
+                            )
+                            new_ids.append(row_ids)
+                            new_vectors.append(vectors)
+                            tally["encoded"] += len(fresh)
+                        bar.update(len(chunk))
+                if reader.count == 0:
+                    raise BadRowError(f"{reader.name} has no usable rows ({reader.skipped} skipped); nothing changed")
+                editor.delete(dead)
+            except BaseException:
+                editor.abort()
+                raise
+            count = editor.finish()
+            index = VectorIndex.load(live)
+            dim = self.encoder.dim
+            self._finish_change(
+                live,
+                gen,
+                manifest,
+                index,
+                np.asarray(dead, dtype=np.int64),
+                np.concatenate(new_vectors) if new_vectors else np.empty((0, dim), np.float32),
+                np.concatenate(new_ids) if new_ids else np.empty(0, np.int64),
+            )
+            _write_generation_manifest(gen, _changed(manifest, count))
+        if reader.skipped:
+            log.warning("skipped %d bad row(s), e.g. %s", reader.skipped, "; ".join(reader.skipped_examples))
+        self._reopen()
+        return ChangeReport(
+            operation, **tally, count=count, generation=self.generation or "",
+            seconds=time.perf_counter() - started,
+        )  # fmt: skip
+
+    def _finish_change(
+        self,
+        live: Path,
+        gen: Path,
+        manifest: Manifest,
+        index: VectorIndex,
+        dead: np.ndarray,
+        vectors: np.ndarray,
+        ids: np.ndarray,
+    ) -> None:
+        """Apply removals and additions to the index (rebuilding it where FAISS cannot remove), carry
+        the unchanged components across, and save."""
+        if not index.remove(dead):
+            store = Store.open(gen)
+            try:
+                live_ids = store.live_ids()
+                index = VectorIndex.build(store.vectors[live_ids], live_ids, index.config)
+            finally:
+                store.close()
+        else:
+            index.add(vectors, ids)
+        index.save(gen)
+        _carry(live, gen, manifest)
 
     # -- pair scoring ----------------------------------------------------------------------------
 
@@ -354,21 +759,30 @@ class Matcher:
         self._publish((QUERY_TOWER_FILE,), write, dataclasses.replace(self.manifest, query_encoder=record))
 
     def _publish(self, replaced: tuple[str, ...], write: Any, manifest: Manifest) -> None:
-        """Write a new generation that carries every file but those starting with ``replaced``."""
-        if self.path is None:
-            raise BundleError("this matcher has no bundle path to save into")
+        """Write a new generation that carries every file but those starting with ``replaced``.
+
+        Refused if another writer published since this matcher loaded: the change was made against
+        this matcher's generation (its scorer was trained on that catalogue).
+        """
+        path = self._require_path()
         keep = [n for n in self.manifest.files if not n.startswith(replaced)]
-        with new_generation(self.path, carry=keep) as gen:
+        base = current_generation(path) if self.generation is None else path / self.generation
+        with new_generation(path, carry=keep, base=base, lock_timeout=self.lock_timeout) as gen:
             write(gen)
-            write_manifest(gen, dataclasses.replace(manifest, files={}))
+            _write_generation_manifest(gen, dataclasses.replace(manifest, files={}))
         self._reopen()
 
+    def _require_path(self) -> Path:
+        if self.path is None:
+            raise BundleError("this matcher has no bundle path to save into")
+        return self.path
+
     def _reopen(self) -> None:
-        """Point every component at the live generation after this process published a new one."""
-        fresh = Matcher.load(self.path or Path(), encoder=self.encoder, verify=False)
-        self.store.close()
-        self.index, self.store, self.scorer = fresh.index, fresh.store, fresh.scorer
-        self.manifest, self.query_encoder = fresh.manifest, fresh.query_encoder
+        """Serve the bundle's live generation (after a write, or a refresh)."""
+        fresh = Matcher.load(self._require_path(), encoder=self.encoder, verify=False, lock_timeout=self.lock_timeout)
+        old, self._snap = self._snap, fresh._snap
+        del old  # its lease goes when the last search using it finishes
+        collect_garbage(self._require_path())
 
     def train_scorer(
         self,
@@ -421,3 +835,79 @@ class Matcher:
     def info(self) -> dict[str, Any]:
         """The manifest, plus the bundle path, as a JSON-able dict."""
         return {"path": str(self.path) if self.path else None, **self.manifest.to_dict()}
+
+
+def _live(path: Path) -> tuple[Path, Manifest]:
+    """The live generation and its manifest (call with the writer lock held)."""
+    live = current_generation(path)
+    return live, read_manifest(live, verify=False)
+
+
+def _carry(live: Path, gen: Path, manifest: Manifest) -> None:
+    """Bring the files a catalogue change does not touch (scorer, query tower, reports) across."""
+    for name in manifest.files:
+        if name not in _CATALOGUE_FILES:
+            link_or_copy(live / name, gen / name)
+
+
+def _changed(manifest: Manifest, count: int) -> Manifest:
+    return dataclasses.replace(
+        manifest,
+        count=count,
+        library_version=__version__,
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        files={},
+    )
+
+
+def _check_int_ids(ids: Sequence[str], rows: Sequence[int], name: str) -> None:
+    for ext, row in zip(ids, rows, strict=True):
+        if canonical_id(_as_int(ext)) != ext:
+            raise SchemaError(
+                f"{name} row {row}: id {ext!r} is not an integer, but every id in this bundle is; "
+                "use integer ids, or rebuild the bundle with string ids"
+            )
+
+
+def _as_int(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _retrieve(snap: _Snapshot, vectors: np.ndarray, depth: int, where: Where | None) -> tuple[np.ndarray, np.ndarray]:
+    """Top ``depth`` (scores, row ids) per query, restricted to titles matching ``where``."""
+    if where is None:
+        return snap.index.search(vectors, depth)
+    allowed = snap.store.filter_ids(where)
+    if len(allowed) <= EXACT_FILTER_LIMIT:
+        return _exact(vectors, snap.store.vectors, allowed, depth)
+    mask = np.zeros(snap.store.vectors.shape[0], dtype=bool)
+    mask[allowed] = True
+    try:
+        scores, ids = snap.index.search(vectors, depth, allowed=mask)
+    except NotImplementedError:
+        return _exact(vectors, snap.store.vectors, allowed, depth)
+    # an approximate index can come back short under a selective filter: search those queries exactly
+    short = np.flatnonzero((ids >= 0).sum(axis=1) < min(depth, len(allowed)))
+    if len(short):
+        scores[short], ids[short] = _exact(vectors[short], snap.store.vectors, allowed, depth)
+    return scores, ids
+
+
+def _exact(queries: np.ndarray, stored: np.ndarray, row_ids: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force inner-product top ``depth`` over the stored vectors of ``row_ids``, padded with -1."""
+    n = len(queries)
+    scores = np.full((n, depth), -np.inf, dtype=np.float32)
+    ids = np.full((n, depth), -1, dtype=np.int64)
+    if len(row_ids) == 0:
+        return scores, ids
+    sims = queries @ np.asarray(stored[row_ids], dtype=np.float32).T
+    take = min(depth, len(row_ids))
+    top = np.argpartition(-sims, take - 1, axis=1)[:, :take]
+    for qi in range(n):
+        order = top[qi][np.argsort(-sims[qi, top[qi]], kind="stable")]
+        scores[qi, :take] = sims[qi, order]
+        ids[qi, :take] = row_ids[order]
+    return scores, ids

@@ -1,23 +1,48 @@
 """SQLite store (SQLAlchemy 2.0 ORM) of titles and metadata, plus a sidecar array of title vectors.
 
-The store's ``row_id`` is the FAISS id and the row of the title in ``vectors.f32``.
+The store's ``row_id`` is the FAISS id and the row of the title in ``vectors.f32``. Row ids are never
+reused: a removed title leaves a dead row in the (append-only) vector file until the bundle is compacted.
+A published generation's database is immutable and opened read-only.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+import os
+import shutil
+import sqlite3
+import urllib.parse
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
-from sqlalchemy import Engine, Integer, String, Text, create_engine, event, insert, select
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from matching.errors import BundleError
+from matching.errors import BundleError, ConfigError
 from matching.types import IdType
+
+# a value, or an (operator, value) pair, or a list of allowed values
+WhereValue = str | int | float | bool | None
+Where = Mapping[str, Any]
+_COMPARE = ("==", "!=", "<", "<=", ">", ">=")
+_MEMBER = ("in", "not in")
 
 DB_FILE = "store.sqlite"
 VECTORS_FILE = "vectors.f32"
@@ -53,6 +78,12 @@ def title_hash(title: str) -> int:
     return int.from_bytes(digest, "little", signed=True)
 
 
+def _read_only_engine(path: Path) -> Engine:
+    # immutable=1: the file never changes while published, so SQLite skips locking and change checks
+    uri = f"file:{urllib.parse.quote(str(path.resolve()))}?mode=ro&immutable=1"
+    return create_engine("sqlite://", creator=lambda: sqlite3.connect(uri, uri=True, check_same_thread=False))
+
+
 def _engine(path: Path) -> Engine:
     engine = create_engine(f"sqlite:///{path}")
 
@@ -68,11 +99,12 @@ def _engine(path: Path) -> Engine:
 class Store:
     """Rows and vectors of one bundle generation. Open with :meth:`open`, create with :meth:`create`."""
 
-    def __init__(self, directory: Path, engine: Engine, vectors: np.ndarray, id_type: IdType) -> None:
+    def __init__(self, directory: Path, engine: Engine, vectors: np.ndarray, id_type: IdType, count: int) -> None:
         self.directory = directory
         self.engine = engine
-        self.vectors = vectors
+        self.vectors = vectors  # every row ever added, dead ones included; index it with row ids
         self.id_type = id_type
+        self._count = count
 
     # -- creation ----------------------------------------------------------------------------------
 
@@ -89,16 +121,21 @@ class Store:
         for p in (config_path, db_path, vec_path):
             if not p.is_file():
                 raise BundleError(f"bundle store file {str(p)!r} is missing")
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        count, dim = int(config["count"]), int(config["dim"])
-        expected = count * dim * 4
-        if vec_path.stat().st_size != expected:
+        config = read_config(directory)
+        count, rows, dim = config["count"], config["rows"], config["dim"]
+        expected, size = rows * dim * 4, vec_path.stat().st_size
+        # the file is append-only and shared with later generations: it may be longer than this one uses
+        if size < expected:
             raise BundleError(
-                f"{str(vec_path)!r} holds {vec_path.stat().st_size} bytes, expected {expected} "
-                f"for {count} vectors of dimension {dim}: the file is damaged"
+                f"{str(vec_path)!r} holds {size} bytes, expected {expected} "
+                f"for {rows} vectors of dimension {dim}: the file is damaged"
             )
-        vectors = np.memmap(vec_path, dtype=np.float32, mode="r", shape=(count, dim))
-        return cls(directory, _engine(db_path), vectors, IdType(config["id_type"]))
+        vectors: np.ndarray
+        if rows:
+            vectors = np.memmap(vec_path, dtype=np.float32, mode="r", shape=(rows, dim))
+        else:
+            vectors = np.empty((0, dim), dtype=np.float32)
+        return cls(directory, _read_only_engine(db_path), vectors, IdType(config["id_type"]), count)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -107,7 +144,37 @@ class Store:
 
     @property
     def count(self) -> int:
-        return int(self.vectors.shape[0])
+        """Live titles (rows of the vector file that were removed are not counted)."""
+        return self._count
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def live_ids(self) -> np.ndarray:
+        """Row ids of every live title, ascending."""
+        with Session(self.engine) as session:
+            ids = session.scalars(select(TitleRow.row_id).order_by(TitleRow.row_id)).all()
+        return np.asarray(ids, dtype=np.int64)
+
+    def rows(self, batch: int = 10_000) -> Iterator[list[StoredTitle]]:
+        """Every live row in row-id order, in batches."""
+        last = -1
+        while True:
+            with Session(self.engine) as session:
+                stmt = select(TitleRow).where(TitleRow.row_id > last).order_by(TitleRow.row_id).limit(batch)
+                part = [_stored(r) for r in session.scalars(stmt)]
+            if not part:
+                return
+            yield part
+            last = part[-1].row_id
+
+    def filter_ids(self, where: Where) -> np.ndarray:
+        """Row ids whose metadata satisfy every condition of ``where`` (values are bound parameters)."""
+        stmt = select(TitleRow.row_id).where(*where_clauses(where)).order_by(TitleRow.row_id)
+        with Session(self.engine) as session:
+            ids = session.scalars(stmt).all()
+        return np.asarray(ids, dtype=np.int64)
 
     def get(self, row_ids: Sequence[int]) -> list[StoredTitle]:
         """Rows for ``row_ids``, in the same order (KeyError if one is absent)."""
@@ -118,10 +185,17 @@ class Store:
                 part = wanted[start : start + _SQL_BATCH]
                 for row in session.scalars(select(TitleRow).where(TitleRow.row_id.in_(part))):
                     found[row.row_id] = row
-        out = []
-        for i in row_ids:
-            row = found[int(i)]
-            out.append(StoredTitle(row.row_id, row.external_id, row.title, json.loads(row.metadata_json)))
+        return [_stored(found[int(i)]) for i in row_ids]
+
+    def lookup(self, external_ids: Sequence[str]) -> dict[str, StoredTitle]:
+        """The stored rows of those external ids that exist."""
+        out: dict[str, StoredTitle] = {}
+        wanted = list(dict.fromkeys(external_ids))
+        with Session(self.engine) as session:
+            for start in range(0, len(wanted), _SQL_BATCH):
+                part = wanted[start : start + _SQL_BATCH]
+                for row in session.scalars(select(TitleRow).where(TitleRow.external_id.in_(part))):
+                    out[row.external_id] = _stored(row)
         return out
 
     def find_titles(self, titles: Sequence[str]) -> list[int | None]:
@@ -140,6 +214,173 @@ class Store:
     def external_id(self, raw: str) -> str | int:
         """The id as the user gave it: ``int`` when every id in the catalogue was an integer."""
         return int(raw) if self.id_type is IdType.INT else raw
+
+
+def _stored(row: TitleRow) -> StoredTitle:
+    return StoredTitle(row.row_id, row.external_id, row.title, json.loads(row.metadata_json))
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    """``count`` (live rows), ``rows`` (vectors in the file), ``dim`` and ``id_type`` of a store."""
+    path = directory / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        count, dim = int(config["count"]), int(config["dim"])
+        return {"count": count, "rows": int(config.get("rows", count)), "dim": dim, "id_type": config["id_type"]}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BundleError(f"cannot read store config {str(path)!r}: {exc}") from None
+
+
+def _write_config(directory: Path, *, count: int, rows: int, dim: int, id_type: IdType) -> None:
+    config = {"count": count, "rows": rows, "dim": dim, "id_type": id_type.value}
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def where_clauses(where: Where) -> list[ColumnElement[bool]]:
+    """SQL conditions for a metadata filter such as ``{"brand": "acme", "price": ("<", 50)}``.
+
+    A value means equality (``None`` matches a missing or null field), a list means "one of", and an
+    ``(op, value)`` pair compares, with op one of ``== != < <= > >= in``, ``not in``. Keys and values
+    are always bound parameters.
+    """
+    if not isinstance(where, Mapping):
+        raise ConfigError(f"where must be a dict of metadata field -> condition, got {type(where).__name__}")
+    clauses: list[ColumnElement[bool]] = []
+    for key, spec in where.items():
+        if not isinstance(key, str) or not key or '"' in key or any(ord(c) < 32 for c in key):
+            raise ConfigError(f"where: {key!r} is not a usable metadata field name")
+        field = func.json_extract(TitleRow.metadata_json, f'$."{key}"')
+        if isinstance(spec, tuple):
+            if len(spec) != 2 or spec[0] not in _COMPARE + _MEMBER:
+                raise ConfigError(
+                    f"where[{key!r}]: {spec!r} is not an (operator, value) pair; "
+                    f"operators are {', '.join(_COMPARE + _MEMBER)}"
+                )
+            op, value = spec
+        elif isinstance(spec, list | set | frozenset):
+            op, value = "in", spec
+        else:
+            op, value = "==", spec
+        if op in _MEMBER:
+            if not isinstance(value, list | tuple | set | frozenset):
+                raise ConfigError(f"where[{key!r}]: {op!r} needs a list of values, got {value!r}")
+            values = [_check_value(key, v) for v in value]
+            clauses.append(field.in_(values) if op == "in" else field.not_in(values))
+            continue
+        value = _check_value(key, value)
+        if value is None:
+            if op not in ("==", "!="):
+                raise ConfigError(f"where[{key!r}]: None can only be compared with == or !=")
+            clauses.append(field.is_(None) if op == "==" else field.is_not(None))
+            continue
+        clauses.append(
+            {
+                "==": field == value,
+                "!=": field != value,
+                "<": field < value,
+                "<=": field <= value,
+                ">": field > value,
+                ">=": field >= value,
+            }[op]
+        )
+    return clauses
+
+
+def _check_value(key: str, value: Any) -> WhereValue:
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is not None and not isinstance(value, str | int | float | bool):
+        raise ConfigError(f"where[{key!r}]: {value!r} is not a string, number, bool or None")
+    return value
+
+
+class StoreEditor:
+    """A writable copy of a published store, made inside a staging generation.
+
+    The database is copied; the vector file is hard-linked and appended to (earlier generations only
+    read the prefix they were published with).
+    """
+
+    def __init__(self, base: Path, staging: Path) -> None:
+        config = read_config(base)
+        self.directory = staging
+        self.dim = config["dim"]
+        self.rows = config["rows"]
+        self.id_type = IdType(config["id_type"])
+        shutil.copyfile(base / DB_FILE, staging / DB_FILE)
+        try:
+            os.link(base / VECTORS_FILE, staging / VECTORS_FILE)
+        except OSError:
+            shutil.copyfile(base / VECTORS_FILE, staging / VECTORS_FILE)
+        self._vectors = (staging / VECTORS_FILE).open("r+b")
+        self._vectors.truncate(self.rows * self.dim * 4)  # drop what a crashed writer appended
+        self._vectors.seek(0, os.SEEK_END)
+        self.engine = _engine(staging / DB_FILE)
+
+    def lookup(self, external_ids: Sequence[str]) -> dict[str, StoredTitle]:
+        out: dict[str, StoredTitle] = {}
+        wanted = list(dict.fromkeys(external_ids))
+        with Session(self.engine) as session:
+            for start in range(0, len(wanted), _SQL_BATCH):
+                part = wanted[start : start + _SQL_BATCH]
+                for row in session.scalars(select(TitleRow).where(TitleRow.external_id.in_(part))):
+                    out[row.external_id] = _stored(row)
+        return out
+
+    def delete(self, row_ids: Sequence[int]) -> None:
+        ids = [int(i) for i in row_ids]
+        with Session(self.engine) as session, session.begin():
+            for start in range(0, len(ids), _SQL_BATCH):
+                session.execute(delete(TitleRow).where(TitleRow.row_id.in_(ids[start : start + _SQL_BATCH])))
+
+    def update_metadata(self, changes: Mapping[int, str]) -> None:
+        with Session(self.engine) as session, session.begin():
+            for row_id, meta in changes.items():
+                session.execute(update(TitleRow).where(TitleRow.row_id == row_id).values(metadata_json=meta))
+
+    def append(
+        self, external_ids: Sequence[str], titles: Sequence[str], metadata: Iterable[str], vectors: np.ndarray
+    ) -> np.ndarray:
+        """Add rows (metadata as JSON text) and their vectors under fresh row ids, which are returned."""
+        n = len(external_ids)
+        if vectors.shape != (n, self.dim):
+            raise ValueError(f"expected vectors of shape {(n, self.dim)}, got {vectors.shape}")
+        row_ids = np.arange(self.rows, self.rows + n, dtype=np.int64)
+        _insert(self.engine, row_ids, external_ids, titles, metadata)
+        self._vectors.write(np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
+        self.rows += n
+        return row_ids
+
+    def finish(self, id_type: IdType | None = None) -> int:
+        """Write the store's config; returns the number of live rows."""
+        self._vectors.flush()
+        os.fsync(self._vectors.fileno())
+        self._vectors.close()
+        with Session(self.engine) as session:
+            count = int(session.scalar(select(func.count()).select_from(TitleRow)) or 0)
+        self.engine.dispose()
+        self.id_type = id_type or self.id_type
+        _write_config(self.directory, count=count, rows=self.rows, dim=self.dim, id_type=self.id_type)
+        return count
+
+    @property
+    def vector_bytes(self) -> int:
+        return int(self.rows * self.dim * 4)
+
+    def abort(self) -> None:
+        self._vectors.close()
+        self.engine.dispose()
+
+
+def _insert(
+    engine: Engine, row_ids: np.ndarray, external_ids: Sequence[str], titles: Sequence[str], metadata: Iterable[str]
+) -> None:
+    records = [
+        {"row_id": int(r), "external_id": e, "title": t, "title_hash": title_hash(t), "metadata_json": m}
+        for r, e, t, m in zip(row_ids, external_ids, titles, metadata, strict=True)
+    ]
+    with Session(engine) as session, session.begin():
+        session.execute(insert(TitleRow), records)
 
 
 class StoreWriter:
@@ -168,28 +409,17 @@ class StoreWriter:
         if vectors.shape != (n, self.dim):
             raise ValueError(f"expected vectors of shape {(n, self.dim)}, got {vectors.shape}")
         row_ids = np.arange(self.count, self.count + n, dtype=np.int64)
-        records = [
-            {
-                "row_id": int(r),
-                "external_id": e,
-                "title": t,
-                "title_hash": title_hash(t),
-                "metadata_json": m,
-            }
-            for r, e, t, m in zip(row_ids, external_ids, titles, metadata, strict=True)
-        ]
-        with Session(self.engine) as session, session.begin():
-            session.execute(insert(TitleRow), records)
+        _insert(self.engine, row_ids, external_ids, titles, metadata)
         self._vectors.write(np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
         self.count += n
         return row_ids
 
     def finish(self, id_type: IdType) -> None:
         self._vectors.flush()
+        os.fsync(self._vectors.fileno())
         self._vectors.close()
         self.engine.dispose()
-        config = {"count": self.count, "dim": self.dim, "id_type": id_type.value}
-        (self.directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        _write_config(self.directory, count=self.count, rows=self.count, dim=self.dim, id_type=id_type)
 
     def abort(self) -> None:
         self._vectors.close()

@@ -16,6 +16,17 @@ class Pooling(StrEnum):
     CLS = "cls"
 
 
+class Preset(StrEnum):
+    """Encoder speed/precision presets (see :mod:`matching.accel` for what each one runs).
+
+    All presets of one checkpoint share its vector space: vectors from any of them can be compared.
+    """
+
+    EXACT = "exact"  # float32 eager, the reference
+    DEFAULT = "default"  # fastest setting within 0.3 nDCG@10 points of EXACT on SciFact
+    FAST = "fast"  # fastest setting within 1.5 nDCG@10 points of EXACT on SciFact
+
+
 class IdType(StrEnum):
     """The Python type external ids are handed back as."""
 
@@ -36,3 +47,20 @@ class Match:
     score: float
     retrieval_score: float
     metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeReport:
+    """What one catalogue change did. ``encoded`` counts titles that went through the encoder."""
+
+    operation: str
+    added: int = 0
+    updated: int = 0
+    metadata_updated: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    missing: int = 0
+    encoded: int = 0
+    count: int = 0
+    generation: str = ""
+    seconds: float = 0.0

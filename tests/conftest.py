@@ -159,8 +159,11 @@ def built_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_encoder: Any) ->
 
 
 def hidden_entries(directory: Path) -> list[str]:
-    """Names starting with a dot (staging/building leftovers) directly inside ``directory``."""
-    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
+    """Names starting with a dot (staging/building leftovers) directly inside ``directory``.
+
+    A bundle's writer lock file (``.NAME.lock`` beside it) is not a leftover: it stays by design.
+    """
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock"))
 
 
 def assert_same_ranking(

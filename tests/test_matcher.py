@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -326,8 +327,11 @@ def bundle_copy(built_bundle: Matcher, tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("name", ["store.sqlite", "vectors.f32", "index.faiss", "scorer.safetensors"])
 def test_a_damaged_file_is_a_bundle_error_naming_it(bundle_copy: Path, tiny_encoder: Encoder, name: str) -> None:
-    with (current_generation(bundle_copy) / name).open("ab") as fh:
-        fh.write(b"\x00")
+    with (current_generation(bundle_copy) / name).open("r+b") as fh:
+        fh.seek(100)
+        byte = fh.read(1)
+        fh.seek(100)
+        fh.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(BundleError, match=rf"{name}.*damaged"):
         Matcher.load(bundle_copy, encoder=tiny_encoder)
 
@@ -338,9 +342,9 @@ def test_a_missing_file_is_a_bundle_error_naming_it(bundle_copy: Path, tiny_enco
         Matcher.load(bundle_copy, encoder=tiny_encoder)
 
 
-def test_a_damaged_vector_file_is_caught_even_without_checksums(bundle_copy: Path, tiny_encoder: Encoder) -> None:
-    with (current_generation(bundle_copy) / "vectors.f32").open("ab") as fh:
-        fh.write(b"\x00")
+def test_a_truncated_vector_file_is_caught_even_without_checksums(bundle_copy: Path, tiny_encoder: Encoder) -> None:
+    vectors = current_generation(bundle_copy) / "vectors.f32"
+    os.truncate(vectors, vectors.stat().st_size - 1)
     with pytest.raises(BundleError, match=r"vectors\.f32.*damaged"):
         Matcher.load(bundle_copy, encoder=tiny_encoder, verify=False)
 
