@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import bz2
 import contextlib
 import csv
 import gzip
 import json
+import lzma
 import math
 import re
 import zipfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ _TAB_SUFFIXES = {".tsv", ".tab", ".txt"}
 _JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 _COMPRESSION_SUFFIXES = {".gz", ".bz2", ".zip", ".xz", ".zst"}
 DEFAULT_CHUNKSIZE = 20_000
+_EXACT = 2.0**53  # floats at or above this cannot tell neighbouring whole numbers apart
 
 
 @dataclass
@@ -48,24 +51,60 @@ def reading(path: Path, encoding: str = "utf-8") -> Iterator[None]:
     try:
         yield
     except UnicodeDecodeError as exc:
+        where = _locate_decode_error(path, encoding)  # exc.start counts from pandas' buffer, not the file
+        at = f" on line {where[0]}, byte {where[1]}" if where else ""
         raise InputFileError(
-            f"{name} is not valid {encoding} text ({exc.reason} at byte {exc.start}); "
+            f"{name} is not valid {encoding} text ({exc.reason}{at}); "
             "re-save it as UTF-8 or pass its encoding (encoding='latin-1' / --encoding latin-1)"
         ) from None
     except LookupError:
         raise InputFileError(f"unknown text encoding {encoding!r} for {name}; try 'utf-8' or 'latin-1'") from None
     except PermissionError:
-        raise InputFileError(f"no permission to read {name}") from None
+        raise InputFileError(
+            f"no permission to read {name}; make it and its folders readable (chmod u+r) or copy it elsewhere"
+        ) from None
     except pd.errors.EmptyDataError:
         raise InputFileError(f"{name} is empty: it needs a header row and at least one row") from None
     except pd.errors.ParserError as exc:
-        raise SchemaError(f"{name} is not a well-formed table: {exc}") from None
+        raise SchemaError(
+            f"{name} is not a well-formed table: {str(exc).strip()}. Every row needs as many fields as the "
+            'header; quote a field that holds the separator, a quote or a newline ("like ""this"", here")'
+        ) from None
     except (EOFError, zlib.error, gzip.BadGzipFile, zipfile.BadZipFile) as exc:
         raise InputFileError(f"{name} is a damaged or truncated compressed file ({exc})") from None
     except ValueError as exc:  # read_json reports bad JSON lines this way
         if file_format(path) == "jsonl":
             raise SchemaError(f"{name} is not valid JSON Lines: {exc}") from None
         raise
+
+
+_OPENERS: dict[str, Callable[..., Any]] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
+def _locate_decode_error(path: Path, encoding: str) -> tuple[int, int] | None:
+    """The 1-based line and the byte offset (in the decompressed text) of the first undecodable line.
+
+    ``None`` where that cannot be told: an encoding in which a newline is not the single byte 0x0A
+    (UTF-16/32), a zip or zstd archive, or a file that cannot be read again.
+    """
+    try:
+        if "\n".encode(encoding) != b"\n":
+            return None
+        suffix = path.suffix.lower()
+        if suffix in _COMPRESSION_SUFFIXES and suffix not in _OPENERS:
+            return None
+        opener: Callable[..., Any] = _OPENERS.get(suffix, open)
+        offset = 0
+        with opener(path, "rb") as fh:
+            for number, line in enumerate(fh, start=1):
+                try:
+                    line.decode(encoding)
+                except UnicodeDecodeError as exc:
+                    return number, offset + exc.start
+                offset += len(line)
+    except (LookupError, OSError, EOFError, zlib.error, lzma.LZMAError):
+        return None
+    return None
 
 
 def file_format(path: Path) -> str:
@@ -170,11 +209,11 @@ class CatalogueReader:
                 yield self.source.iloc[start : start + self.chunksize]
             return
         path = Path(self.source).expanduser()
-        if not path.exists():
-            raise InputFileError(f"catalogue file {str(path)!r} does not exist")
-        if path.is_dir():
-            raise InputFileError(f"catalogue path {str(path)!r} is a directory; pass a CSV, TSV or JSONL file")
-        with reading(path, self.encoding):
+        with reading(path, self.encoding):  # exists() too raises PermissionError in an unreadable folder
+            if not path.exists():
+                raise InputFileError(f"catalogue file {str(path)!r} does not exist")
+            if path.is_dir():
+                raise InputFileError(f"catalogue path {str(path)!r} is a directory; pass a CSV, TSV or JSONL file")
             yield from self._read_file(path)
 
     def _read_file(self, path: Path) -> Iterator[pd.DataFrame]:
@@ -192,8 +231,9 @@ class CatalogueReader:
                 yield frame
             return
         sep = "\t" if fmt == "tsv" else ","
-        header = pd.read_csv(path, sep=sep, nrows=0, encoding=encoding)
-        self._check_columns(list(header.columns))
+        # the header as written: pandas would rename a repeated "title" to "title.1" and hide the clash
+        header = pd.read_csv(path, sep=sep, header=None, nrows=1, encoding=encoding, dtype=str, na_filter=False)
+        self._check_columns(header.iloc[0].tolist())
         text_columns = [self.id_column, *self.title_columns]
         yield from pd.read_csv(
             path,
@@ -214,9 +254,9 @@ class CatalogueReader:
                 f"{self.name} has no column {', '.join(map(repr, missing))}; its columns are {names}. "
                 "Name the right ones with id_column=/title_column= (--id-column/--title-column)"
             )
-        if len(set(names)) != len(names):
-            dupes = sorted({c for c in names if names.count(c) > 1})
-            raise SchemaError(f"{self.name} has repeated column names {dupes}; rename them")
+        dupes = sorted({c for c in names if c and names.count(c) > 1})  # blank names are pandas' "Unnamed: n"
+        if dupes:
+            raise SchemaError(f"{self.name} has repeated column names {dupes}; rename them so each is unique")
 
     # -- validation ------------------------------------------------------------------------------
 
@@ -234,7 +274,15 @@ class CatalogueReader:
             ext_id = canonical_id(raw_id)
             title = " ".join(str(p[offset]) for p in parts if not _is_missing(p[offset])).strip()
             problem = None
-            if ext_id is None:
+            if isinstance(raw_id, list | tuple | dict | set | np.ndarray):  # a JSON array/object, not an id
+                problem = f"row {row}: the id {raw_id!r} in column {self.id_column!r} is not a string or a number"
+            elif isinstance(raw_id, float | np.floating) and not (_is_missing(raw_id) or abs(float(raw_id)) < _EXACT):
+                problem = (
+                    f"row {row}: the id {raw_id!r} in column {self.id_column!r} is a float too large to be an exact "
+                    "whole number (a missing or fractional id elsewhere in a JSON column makes every id a float); "
+                    "write the ids as strings"
+                )
+            elif ext_id is None:
                 problem = f"row {row}: the id column {self.id_column!r} is empty"
             elif not title:
                 cols = " + ".join(map(repr, self.title_columns))
