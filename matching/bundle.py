@@ -272,6 +272,7 @@ def new_generation(
     overwrite: bool = False,
     carry: Sequence[str] = (),
     base: Path | None = None,
+    change: bool = False,
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
 ) -> Iterator[Path]:
     """Yield a directory to write a generation into; publish it atomically on success.
@@ -279,20 +280,23 @@ def new_generation(
     The writer lock is held throughout. ``carry`` names files of the live generation to bring along
     unchanged (hard-linked, or copied where links are not possible) so a change that touches one
     component (say, a retrained scorer) writes only that component. With ``base``, the change was
-    computed from that generation and is refused if another writer published since. On any exception
-    the partial generation is deleted and whatever was live stays live.
+    computed from that generation and is refused if another writer published since. With ``change``,
+    the bundle must exist and the body derives the new generation from the live one, which it reads
+    under the lock. On any exception the partial generation is deleted and whatever was live stays live.
     """
     path = Path(path)
     with writer_lock(path, timeout=lock_timeout):
         _remove_leftovers(path)
-        with _new_generation(path, overwrite=overwrite, carry=carry, base=base) as staging:
+        with _new_generation(path, overwrite=overwrite, carry=carry, base=base, change=change) as staging:
             yield staging
         collect_garbage(path, lock=False)
 
 
 @contextlib.contextmanager
-def _new_generation(path: Path, *, overwrite: bool, carry: Sequence[str], base: Path | None) -> Iterator[Path]:
-    if carry or base is not None:
+def _new_generation(
+    path: Path, *, overwrite: bool, carry: Sequence[str], base: Path | None, change: bool
+) -> Iterator[Path]:
+    if carry or base is not None or change:
         live = current_generation(path)
         if base is not None and live.name != base.name:
             raise BundleError(

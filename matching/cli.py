@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,8 +52,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
     from matching import Matcher
 
+    where = parse_where(args.where) if args.where else None
     with Matcher.load(args.bundle, model=args.model) as matcher:
-        results = matcher.search_batch(args.query, args.k, candidates=args.candidates, rerank=not args.no_rerank)
+        results = matcher.search_batch(
+            args.query, args.k, candidates=args.candidates, rerank=not args.no_rerank, where=where
+        )
     if args.json:
         payload = [
             {"query": q, "matches": [asdict(h) for h in hits]} for q, hits in zip(args.query, results, strict=True)
@@ -61,6 +65,104 @@ def _cmd_search(args: argparse.Namespace) -> int:
     else:
         for q, hits in zip(args.query, results, strict=True):
             _print_hits(q, hits)
+    return 0
+
+
+_WHERE = re.compile(r"\s*(?P<key>.+?)\s*(?P<op>==|!=|<=|>=|=|<|>|\s+not\s+in\s+|\s+in\s+)\s*(?P<value>.*?)\s*\Z")
+
+
+def parse_where(expressions: Sequence[str]) -> dict[str, Any]:
+    """``["brand=acme", "price<50", 'color in ["red", "blue"]']`` -> a ``where`` dict for search.
+
+    A value is read as JSON where it parses (numbers, true/false/null, quoted strings, lists),
+    else taken as a plain string.
+    """
+    from matching.errors import ConfigError
+
+    where: dict[str, Any] = {}
+    for text in expressions:
+        m = _WHERE.match(text)
+        if not m or not m["key"]:
+            raise ConfigError(
+                f"--where {text!r}: expected FIELD OP VALUE with OP one of = != < <= > >= in, not in "
+                "(e.g. --where brand=acme --where 'price<50')"
+            )
+        op = " ".join(m["op"].split())
+        op = "==" if op == "=" else op
+        try:
+            value = json.loads(m["value"])
+        except json.JSONDecodeError:
+            value = m["value"]
+        if op in ("in", "not in") and not isinstance(value, list):
+            raise ConfigError(f'--where {text!r}: {op!r} needs a JSON list, e.g. \'color in ["red", "blue"]\'')
+        if m["key"] in where:
+            raise ConfigError(f"--where: field {m['key']!r} is given twice")
+        where[m["key"]] = value if op == "==" else (op, value)
+    return where
+
+
+def _print_change(bundle: str, report: Any) -> None:
+    parts = [
+        f"{name.replace('_', ' ')} {getattr(report, name)}"
+        for name in ("added", "updated", "metadata_updated", "unchanged", "removed", "missing")
+        if getattr(report, name)
+    ]
+    done = ", ".join(parts) or "no changes"
+    print(
+        f"{report.operation} {bundle}: {done}; {report.encoded} titles encoded; "
+        f"{report.count} titles now ({report.generation}, {report.seconds:.1f} s)"
+    )
+
+
+def _cmd_change(args: argparse.Namespace) -> int:
+    from matching import Matcher
+
+    with Matcher.load(args.bundle, model=args.model, verify=False, lock_timeout=args.lock_timeout) as matcher:
+        change = matcher.add if args.command == "add" else matcher.upsert
+        report = change(
+            args.source,
+            id_column=args.id_column,
+            title_column=args.title_column,
+            skip_bad_rows=args.skip_bad_rows,
+            encoding=args.encoding,
+            show_progress=not args.quiet,
+        )
+    _print_change(args.bundle, report)
+    return 0
+
+
+def _cmd_remove(args: argparse.Namespace) -> int:
+    from matching import Matcher
+    from matching.errors import InputFileError
+
+    ids = list(args.ids)
+    if args.ids_file:
+        try:
+            text = Path(args.ids_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputFileError(f"cannot read --ids-file {args.ids_file!r}: {exc}") from None
+        ids += [line.strip() for line in text.splitlines() if line.strip()]
+    if not ids:
+        from matching.errors import ConfigError
+
+        raise ConfigError("give the ids to remove as arguments or with --ids-file (one per line)")
+    with Matcher.load(args.bundle, model=args.model, verify=False, lock_timeout=args.lock_timeout) as matcher:
+        report = matcher.remove(ids, missing_ok=args.missing_ok)
+    _print_change(args.bundle, report)
+    return 0
+
+
+def _cmd_compact(args: argparse.Namespace) -> int:
+    from matching import IndexConfig, Matcher
+
+    config = None
+    if args.factory:
+        config = IndexConfig(factory=args.factory, nprobe=args.nprobe, ef_search=args.ef_search)
+    with Matcher.load(args.bundle, model=args.model, verify=False, lock_timeout=args.lock_timeout) as matcher:
+        report = matcher.compact(index_config=config, show_progress=not args.quiet)
+        factory = matcher.manifest.factory
+    done = f"{report.count} titles, index {factory}"
+    print(f"compacted {args.bundle}: {done} ({report.generation}, {report.seconds:.1f} s)")
     return 0
 
 
@@ -188,7 +290,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-rerank", action="store_true", help="rank by cosine alone")
     p.add_argument("--model", help="override the encoder directory recorded in the bundle")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument(
+        "--where",
+        action="append",
+        metavar="EXPR",
+        help="metadata filter applied inside retrieval, repeatable: brand=acme, 'price<50', "
+        '\'color in ["red", "blue"]\' (values are JSON where they parse)',
+    )
     p.set_defaults(func=_cmd_search)
+
+    for name, text in (
+        ("add", "encode and add new titles (an id already in the bundle is an error)"),
+        ("upsert", "add new titles and replace changed ones (same id); only changed titles are encoded"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("bundle")
+        p.add_argument("source", help="catalogue file (.csv, .tsv, .jsonl; may be compressed)")
+        p.add_argument("--id-column", help="default: the one the bundle was built with")
+        p.add_argument("--title-column", nargs="+", help="default: the one(s) the bundle was built with")
+        p.add_argument("--skip-bad-rows", action="store_true", help="skip rows with an empty id or title")
+        p.add_argument("--encoding", default="utf-8")
+        p.add_argument("--model", help="override the encoder directory recorded in the bundle")
+        p.add_argument("--lock-timeout", type=float, default=30.0, help="seconds to wait for another writer")
+        p.add_argument("-q", "--quiet", action="store_true")
+        p.set_defaults(func=_cmd_change)
+
+    p = sub.add_parser("remove", help="remove titles by id")
+    p.add_argument("bundle")
+    p.add_argument("ids", nargs="*", help="external ids to remove")
+    p.add_argument("--ids-file", help="a text file with one id per line")
+    p.add_argument("--missing-ok", action="store_true", help="ignore ids that are not in the bundle")
+    p.add_argument("--model", help="override the encoder directory recorded in the bundle")
+    p.add_argument("--lock-timeout", type=float, default=30.0)
+    p.set_defaults(func=_cmd_remove)
+
+    p = sub.add_parser("compact", help="drop removed rows and rebuild the index from stored vectors (no re-encoding)")
+    p.add_argument("bundle")
+    p.add_argument("--factory", help="a new FAISS index_factory string (default: keep the current one)")
+    p.add_argument("--nprobe", type=int)
+    p.add_argument("--ef-search", type=int)
+    p.add_argument("--model", help="override the encoder directory recorded in the bundle")
+    p.add_argument("--lock-timeout", type=float, default=30.0)
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_cmd_compact)
 
     p = sub.add_parser("evaluate", help="Recall@k / MRR@10 / nDCG@10 on a BEIR-layout query set")
     p.add_argument("bundle")

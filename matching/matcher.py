@@ -126,6 +126,7 @@ class Matcher:
         self.encoder = encoder
         self.path = path
         self.lock_timeout = lock_timeout
+        self.allow_encoder_mismatch = False  # set by load(); kept for reloads after writes
         self._snap = _Snapshot(
             index,
             store,
@@ -230,7 +231,10 @@ class Matcher:
                 raise
             if reader.count == 0:
                 writer.abort()
-                raise BadRowError(f"{reader.name} has no usable rows ({reader.skipped} skipped); nothing was built")
+                raise BadRowError(
+                    f"{reader.name} has no usable rows ({reader.skipped} skipped); nothing was built. "
+                    "Add rows, or check id_column / title_column"
+                )
             writer.finish(reader.id_type)
             store = Store.open(gen)
             try:
@@ -325,7 +329,7 @@ class Matcher:
         scorer = Scorer.load(gen).to(encoder.device)
         store = Store.open(gen)
         try:
-            return cls(
+            matcher = cls(
                 encoder,
                 index,
                 store,
@@ -339,6 +343,8 @@ class Matcher:
         except BaseException:
             store.close()
             raise
+        matcher.allow_encoder_mismatch = allow_encoder_mismatch
+        return matcher
 
     def close(self) -> None:
         """Release the store's database connections and this matcher's hold on its generation."""
@@ -351,7 +357,7 @@ class Matcher:
         """
         if self.path is None or current_generation(self.path).name == self.generation:
             return False
-        self._reopen()
+        self._reopen(collect=False)
         return True
 
     def __enter__(self) -> Matcher:
@@ -498,7 +504,7 @@ class Matcher:
             wanted.append(ext)
         started = time.perf_counter()
         path = self._require_path()
-        with new_generation(path, lock_timeout=self.lock_timeout) as gen:
+        with new_generation(path, change=True, lock_timeout=self.lock_timeout) as gen:
             live, manifest = _live(path)
             editor = StoreEditor(live, gen)
             try:
@@ -529,7 +535,7 @@ class Matcher:
         stored vectors (no re-encoding), with ``index_config`` if given."""
         started = time.perf_counter()
         path = self._require_path()
-        with new_generation(path, lock_timeout=self.lock_timeout) as gen:
+        with new_generation(path, change=True, lock_timeout=self.lock_timeout) as gen:
             live, manifest = _live(path)
             config = index_config or IndexConfig.load(live / INDEX_CONFIG_FILE)
             old = Store.open(live)
@@ -587,7 +593,7 @@ class Matcher:
             encoding=encoding,
         )
         tally = dict.fromkeys(("added", "updated", "metadata_updated", "unchanged", "encoded"), 0)
-        with new_generation(path, lock_timeout=self.lock_timeout) as gen:
+        with new_generation(path, change=True, lock_timeout=self.lock_timeout) as gen:
             live, manifest = _live(path)
             if manifest.encoder["fingerprint"] != self.encoder.fingerprint and not allow_encoder_mismatch:
                 raise BundleError(
@@ -600,6 +606,7 @@ class Matcher:
             dead: list[int] = []
             new_ids: list[np.ndarray] = []
             new_vectors: list[np.ndarray] = []
+            dead_before = 0
             try:
                 desc = f"{operation}: encoding titles"
                 with tqdm(desc=desc, unit="title", disable=not show_progress) as bar:
@@ -630,6 +637,8 @@ class Matcher:
                             else:
                                 tally["unchanged"] += 1
                         editor.update_metadata(meta_changes)
+                        editor.delete(dead[dead_before:])  # before their new versions take the same external ids
+                        dead_before = len(dead)
                         if fresh:
                             titles = [chunk.titles[j] for j in fresh]
                             vectors = self.encoder.encode_titles(titles)
@@ -645,7 +654,6 @@ class Matcher:
                         bar.update(len(chunk))
                 if reader.count == 0:
                     raise BadRowError(f"{reader.name} has no usable rows ({reader.skipped} skipped); nothing changed")
-                editor.delete(dead)
             except BaseException:
                 editor.abort()
                 raise
@@ -777,12 +785,20 @@ class Matcher:
             raise BundleError("this matcher has no bundle path to save into")
         return self.path
 
-    def _reopen(self) -> None:
-        """Serve the bundle's live generation (after a write, or a refresh)."""
-        fresh = Matcher.load(self._require_path(), encoder=self.encoder, verify=False, lock_timeout=self.lock_timeout)
+    def _reopen(self, *, collect: bool = True) -> None:
+        """Serve the bundle's live generation (after a write, or a refresh); a writer also deletes the
+        generations no reader holds any more."""
+        fresh = Matcher.load(
+            self._require_path(),
+            encoder=self.encoder,
+            verify=False,
+            lock_timeout=self.lock_timeout,
+            allow_encoder_mismatch=self.allow_encoder_mismatch,
+        )
         old, self._snap = self._snap, fresh._snap
         del old  # its lease goes when the last search using it finishes
-        collect_garbage(self._require_path())
+        if collect:
+            collect_garbage(self._require_path())
 
     def train_scorer(
         self,
@@ -890,9 +906,9 @@ def _retrieve(snap: _Snapshot, vectors: np.ndarray, depth: int, where: Where | N
     except NotImplementedError:
         return _exact(vectors, snap.store.vectors, allowed, depth)
     # an approximate index can come back short under a selective filter: search those queries exactly
-    short = np.flatnonzero((ids >= 0).sum(axis=1) < min(depth, len(allowed)))
+    short = np.flatnonzero((ids >= 0).sum(axis=1) < min(ids.shape[1], len(allowed)))
     if len(short):
-        scores[short], ids[short] = _exact(vectors[short], snap.store.vectors, allowed, depth)
+        scores[short], ids[short] = _exact(vectors[short], snap.store.vectors, allowed, ids.shape[1])
     return scores, ids
 
 
