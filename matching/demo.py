@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 # category -> (product nouns, attribute phrases, price range)
@@ -196,6 +197,66 @@ def generate_catalogue(size: int = 3000, seed: int = 0) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+_COLOURS = ["black", "white", "grey", "silver", "red", "blue", "navy", "green", "olive", "beige", "brown", "pink"]
+_SYLLABLES = ["ka", "lo", "mi", "ra", "ven", "tor", "sel", "qui", "dax", "nor", "bel", "fin", "zo", "tra"]
+
+
+def generate_large_catalogue(size: int, seed: int = 0) -> pd.DataFrame:
+    """Up to millions of product titles for scale tests: the demo vocabulary plus more brands, colours
+    and model codes. Titles may repeat (as in real catalogues); ids are unique."""
+    rng = np.random.default_rng(seed)
+    brands = _BRANDS + [(a + b).capitalize() for a in _SYLLABLES for b in _SYLLABLES if a != b]
+    categories = sorted(_CATALOGUE)
+    cat = rng.integers(0, len(categories), size)
+    brand = rng.integers(0, len(brands), size)
+    noun = rng.integers(0, 8, size)
+    attr1, attr2 = rng.integers(0, 8, size), rng.integers(0, 8, size)
+    two = rng.random(size) < 0.4
+    colour = rng.integers(-len(_COLOURS), len(_COLOURS), size)  # negative: no colour
+    code = rng.integers(-900, 900, size)  # negative: no model code
+    price = rng.random(size)
+    titles, cats, prices = [], [], []
+    for i in range(size):
+        category = categories[cat[i]]
+        nouns, attributes, (low, high) = _CATALOGUE[category]
+        parts = [brands[brand[i]]]
+        if colour[i] >= 0:
+            parts.append(_COLOURS[colour[i]])
+        parts += [nouns[noun[i]], attributes[attr1[i]]]
+        if two[i] and attr2[i] != attr1[i]:
+            parts.append(attributes[attr2[i]])
+        if code[i] >= 0:
+            parts.append(f"{chr(65 + code[i] % 26)}{100 + code[i]}")
+        titles.append(" ".join(parts))
+        cats.append(category)
+        prices.append(round(low + (high - low) * float(price[i]), 2))
+    return pd.DataFrame(
+        {
+            "id": [f"P{i:07d}" for i in range(1, size + 1)],
+            "title": titles,
+            "brand": [brands[b] for b in brand],
+            "category": cats,
+            "price": prices,
+        }
+    )
+
+
+def generate_queries(size: int, seed: int = 1) -> list[str]:
+    """Short shopper-style queries over the generated vocabulary (for latency and recall runs)."""
+    rng = np.random.default_rng(seed)
+    categories = sorted(_CATALOGUE)
+    out = []
+    for _ in range(size):
+        nouns, attributes, _ = _CATALOGUE[categories[rng.integers(len(categories))]]
+        words = [nouns[rng.integers(8)], attributes[rng.integers(8)]]
+        if rng.random() < 0.5:
+            words.insert(0, _COLOURS[rng.integers(len(_COLOURS))])
+        if rng.random() < 0.3:
+            words.insert(0, _BRANDS[rng.integers(len(_BRANDS))])
+        out.append(" ".join(words))
+    return out
 
 
 def _max_distinct() -> int:

@@ -6,6 +6,7 @@ IVF indexes keep the ids themselves (so titles can be removed); every other kind
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 from typing import Any, Self
 
@@ -44,6 +45,7 @@ class VectorIndex:
             for start in range(0, n, _ADD_BATCH):
                 block = np.ascontiguousarray(vectors[start : start + _ADD_BATCH], dtype=np.float32)
                 index.add_with_ids(block, np.ascontiguousarray(ids[start : start + _ADD_BATCH], dtype=np.int64))
+                _drop_pages(vectors)
         except RuntimeError as exc:
             raise ConfigError(
                 f"FAISS could not build {config.factory!r} over {n} vectors ({exc}); "
@@ -151,6 +153,14 @@ class VectorIndex:
         except RuntimeError as exc:
             raise BundleError(f"cannot read FAISS index {str(path)!r}: {exc}") from None
         return cls(index, IndexConfig.load(directory / CONFIG_FILE))
+
+
+def _drop_pages(vectors: np.ndarray) -> None:
+    """Let go of the pages of a memory-mapped vector file already read, so that building over a file of
+    any size keeps the process's resident memory to the index itself (the OS still caches the file)."""
+    mapping = getattr(vectors, "_mmap", None)  # where numpy.memmap keeps its mmap.mmap
+    if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
 
 
 def _with_ids(base: Any) -> Any:
