@@ -1,0 +1,290 @@
+"""autoindex: index choice by size and budget, exact refine, build-time tuning of nprobe/efSearch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import pytest
+
+from matching.autoindex import (
+    FLAT_MAX_FLOATS,
+    IndexChoice,
+    auto_tune,
+    choice_for_factory,
+    choose_index,
+    default_memory_budget,
+    exact_refine,
+    exact_top_k,
+    ivf_nlist,
+    recall_at_k,
+    retrieve,
+    sample_queries,
+    search_param_range,
+    set_search_param,
+    tune_search_params,
+)
+
+MiB = 2**20
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    out: np.ndarray = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    return out
+
+
+def clustered(n: int, dim: int, centres: int, seed: int) -> np.ndarray:
+    """A seeded Gaussian mixture of unit vectors."""
+    rng = np.random.default_rng(seed)
+    c = unit(rng.standard_normal((centres, dim)))
+    a = rng.integers(0, centres, n)
+    return unit(c[a] + 0.5 / np.sqrt(dim) * rng.standard_normal((n, dim)) * 2.0)
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """20k clustered vectors, 300 noisy title queries and their exact top 10."""
+    vectors = clustered(20_000, 32, 300, seed=7)
+    queries, _ = sample_queries(vectors, 300, seed=8)
+    _, exact = exact_top_k(vectors, queries, 10)
+    return vectors, queries, exact
+
+
+@pytest.fixture(scope="module")
+def ivf(data: tuple[np.ndarray, ...]) -> Any:
+    """IVF512,SQ8 over the 20k vectors, ids = rows, wrapped in an IndexIDMap as VectorIndex does."""
+    return build(data[0], f"IVF{ivf_nlist(len(data[0]))},SQ8")
+
+
+def build(vectors: np.ndarray, factory: str, *, wrap: bool = True) -> Any:
+    base = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    if not base.is_trained:
+        base.train(vectors)
+    if not wrap:
+        base.add(vectors)
+        return base
+    index = faiss.IndexIDMap(base)
+    index.add_with_ids(vectors, np.arange(len(vectors), dtype=np.int64))
+    return index
+
+
+# -- choose_index ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [0, 1, 1_000, 40_000])
+def test_small_catalogues_get_exact_flat(n: int) -> None:
+    choice = choose_index(n, 384)
+    assert choice.factory == "Flat"
+    assert not choice.refine
+    assert choice.refine_k(100) == 100
+    assert choice.search_param is None
+
+
+@pytest.mark.parametrize("n", [100_000, 1_000_000, 10_000_000])
+def test_large_catalogues_get_ivf_over_codes_with_refine(n: int) -> None:
+    choice = choose_index(n, 384)
+    assert choice.factory == f"IVF{ivf_nlist(n)},SQ8"
+    assert choice.refine
+    assert choice.refine_k(100) > 100
+    assert choice.search_param == "nprobe"
+    assert choice.expected_bytes(n) <= default_memory_budget(n, 384)
+    assert choice.train_size <= n
+
+
+def test_the_default_budget_is_half_a_gib_per_million_at_dim_384() -> None:
+    assert default_memory_budget(1_000_000, 384) == 512 * MiB
+    assert default_memory_budget(1_000, 384) == 512 * MiB
+    assert choose_index(1_000_000, 384).expected_bytes(1_000_000) <= 512 * MiB
+
+
+def test_flat_threshold_scales_with_dimension() -> None:
+    assert choose_index(FLAT_MAX_FLOATS // 384, 384).factory == "Flat"
+    assert choose_index(FLAT_MAX_FLOATS // 384 + 1, 384).factory != "Flat"
+    assert choose_index(FLAT_MAX_FLOATS // 768 + 1, 768).factory != "Flat"
+
+
+@pytest.mark.parametrize("budget_mib", [1024, 400, 300, 150, 80, 40])
+def test_the_memory_budget_is_respected_with_ever_smaller_codes(budget_mib: int) -> None:
+    n = 1_000_000
+    choice = choose_index(n, 384, memory_budget_bytes=budget_mib * MiB)
+    assert choice.expected_bytes(n) <= budget_mib * MiB, choice.reason
+    assert choice.refine
+    larger = choose_index(n, 384, memory_budget_bytes=2 * budget_mib * MiB)
+    assert larger.bytes_per_vector >= choice.bytes_per_vector
+
+
+def test_a_budget_too_small_for_flat_picks_a_compressed_index_even_when_small() -> None:
+    choice = choose_index(10_000, 384, memory_budget_bytes=5 * MiB)
+    assert choice.factory.startswith("IVF")
+    assert choice.refine
+    assert choice.expected_bytes(10_000) <= 5 * MiB
+
+
+def test_an_impossible_budget_returns_the_smallest_index_and_says_so() -> None:
+    choice = choose_index(1_000_000, 384, memory_budget_bytes=MiB)
+    assert "nothing fits" in choice.reason
+    assert choice.factory.startswith("IVF")
+    assert "PQ" in choice.factory
+
+
+@pytest.mark.parametrize(("n", "nlist"), [(10, 1), (100, 2), (1_000, 16), (20_000, 512), (1_000_000, 4096)])
+def test_the_number_of_lists_scales_with_n_and_keeps_lists_trainable(n: int, nlist: int) -> None:
+    assert ivf_nlist(n) == nlist
+    assert ivf_nlist(n) == 1 or n // ivf_nlist(n) >= 39
+    assert ivf_nlist(10**9) == 16_384
+    assert ivf_nlist(1_000_000, 16) == 16_384
+    assert choose_index(1_000_000, 384, nlist_factor=8).factory == "IVF8192,SQ8"
+
+
+@pytest.mark.parametrize("n", [50, 2_000])
+def test_a_chosen_index_builds_at_small_n_and_its_size_estimate_holds(n: int) -> None:
+    dim = 32
+    budget = n * 4 * dim // 3  # below Flat's size
+    choice = choose_index(n, dim, memory_budget_bytes=budget)
+    assert choice.factory != "Flat"
+    vectors = clustered(n, dim, 10, seed=1)
+    index = faiss.IndexIDMap(faiss.index_factory(dim, choice.factory, faiss.METRIC_INNER_PRODUCT))
+    index.train(vectors[: choice.train_size])
+    index.add_with_ids(vectors, np.arange(n, dtype=np.int64))
+    size = faiss.serialize_index(index).nbytes
+    assert size <= 1.2 * choice.expected_bytes(n) + 4096
+
+
+def test_user_factories_get_refine_only_for_lossy_codes() -> None:
+    assert not choice_for_factory("Flat", 10).refine
+    assert not choice_for_factory("HNSW32", 10).refine
+    assert choice_for_factory("HNSW32", 10).search_param == "efSearch"
+    sq = choice_for_factory("IVF256,SQ8", 100_000)
+    assert sq.refine
+    assert sq.search_param == "nprobe"
+    assert sq.train_size >= 256 * 39
+    assert choice_for_factory("OPQ32,IVF1024,PQ32", 10**6).refine_factor > sq.refine_factor
+
+
+# -- exact refine --------------------------------------------------------------------------------------------------
+
+
+def test_exact_refine_equals_brute_force_on_the_candidates(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    stored = unit(rng.standard_normal((500, 16)))
+    path = tmp_path / "vectors.f32"
+    stored.tofile(path)
+    memmap = np.memmap(path, dtype=np.float32, mode="r", shape=stored.shape)
+    queries = unit(rng.standard_normal((6, 16)))
+    cand = np.stack([rng.choice(500, 40, replace=False) for _ in range(6)]).astype(np.int64)
+    cand[1, 30:] = -1  # padding, as FAISS returns when it has fewer results
+    cand[2, :] = -1  # nothing at all
+    scores, ids = exact_refine(queries, cand, memmap, 10)
+    assert scores.shape == ids.shape == (6, 10)
+    assert ids.dtype == np.int64
+    assert scores.dtype == np.float32
+    for q in range(6):
+        valid = cand[q][cand[q] >= 0]
+        s = stored[valid] @ queries[q]
+        order = np.argsort(-s, kind="stable")[:10]
+        np.testing.assert_array_equal(ids[q][: len(order)], valid[order])
+        np.testing.assert_allclose(scores[q][: len(order)], s[order], rtol=1e-5, atol=1e-6)
+    assert (ids[2] == -1).all()
+    assert np.isneginf(scores[2]).all()
+
+
+def test_exact_refine_pads_when_fewer_candidates_than_k() -> None:
+    stored = unit(np.random.default_rng(0).standard_normal((5, 4)))
+    scores, ids = exact_refine(stored[:1], np.array([[3, -1, 1]]), stored, 5)
+    assert ids[0].tolist()[:2] == [1, 3] or ids[0].tolist()[:2] == [3, 1]
+    assert ids[0].tolist()[2:] == [-1, -1, -1]
+    assert np.isneginf(scores[0, 2:]).all()
+
+
+def test_exact_top_k_in_blocks_equals_a_full_sort() -> None:
+    rng = np.random.default_rng(5)
+    vectors = unit(rng.standard_normal((1_000, 8)))
+    queries = unit(rng.standard_normal((4, 8)))
+    scores, ids = exact_top_k(vectors, queries, 7, block=128)
+    full = queries @ vectors.T
+    np.testing.assert_array_equal(ids, np.argsort(-full, axis=1, kind="stable")[:, :7])
+    np.testing.assert_allclose(scores, np.sort(full, axis=1)[:, ::-1][:, :7], rtol=1e-5)
+
+
+def test_sample_queries_are_seeded_unit_vectors_near_their_source() -> None:
+    vectors = clustered(2_000, 32, 10, seed=2)
+    a, rows = sample_queries(vectors, 100, noise=0.75, seed=1)
+    b, _ = sample_queries(vectors, 100, noise=0.75, seed=1)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+    cos = np.sum(a * vectors[rows], axis=1)
+    assert 0.7 < cos.mean() < 0.9  # ~ 1 / sqrt(1 + 0.75**2) = 0.8
+
+
+# -- tuning --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("refine", [True, False], ids=["refine", "no-refine"])
+def test_tuning_reaches_the_target_with_the_smallest_nprobe(
+    data: tuple[np.ndarray, ...], ivf: Any, refine: bool
+) -> None:
+    vectors, queries, exact = data
+    index = ivf
+    stored = vectors if refine else None
+    out = tune_search_params(index, queries, exact, k=10, target_recall=0.95, refine=stored, candidates=40)
+    assert out["param"] == "nprobe"
+    assert out["reached"]
+    nprobe = out["value"]
+    assert out["recall"] >= 0.95
+    assert faiss.extract_index_ivf(index).nprobe == nprobe  # left set
+    _, found = retrieve(index, queries, 10, stored_vectors=stored, candidates=40)
+    assert recall_at_k(found, exact, 10) == pytest.approx(out["recall"])
+    if nprobe > 1:
+        set_search_param(index, "nprobe", nprobe - 1)
+        _, found = retrieve(index, queries, 10, stored_vectors=stored, candidates=40)
+        assert recall_at_k(found, exact, 10) < 0.95
+        assert out["evaluated"][nprobe - 1] < 0.95
+
+
+def test_tuning_works_on_an_unwrapped_ivf_index(data: tuple[np.ndarray, ...]) -> None:
+    vectors, queries, exact = data
+    index = build(vectors, "IVF64,Flat", wrap=False)
+    out = tune_search_params(index, queries, exact, target_recall=0.9)
+    assert out["reached"]
+    assert out["recall"] >= 0.9
+    assert index.nprobe == out["value"]
+
+
+def test_tuning_hnsw_sets_ef_search(data: tuple[np.ndarray, ...]) -> None:
+    vectors, queries, _exact = data
+    index = build(vectors[:3_000], "HNSW16")
+    _, exact5k = exact_top_k(vectors[:3_000], queries, 10)
+    assert search_param_range(index)[0] == "efSearch"
+    out = tune_search_params(index, queries, exact5k, target_recall=0.95, max_value=512)
+    assert out["param"] == "efSearch"
+    assert out["reached"]
+    assert out["recall"] >= 0.95
+    inner: Any = faiss.downcast_index(index.index)
+    assert inner.hnsw.efSearch == out["value"]
+
+
+def test_tuning_an_exact_index_reports_full_recall(data: tuple[np.ndarray, ...]) -> None:
+    vectors, queries, exact = data
+    out = tune_search_params(build(vectors, "Flat"), queries, exact)
+    assert out["param"] is None
+    assert out["value"] is None
+    assert out["recall"] == pytest.approx(1.0)
+
+
+def test_an_unreachable_target_reports_the_largest_value_tried(data: tuple[np.ndarray, ...], ivf: Any) -> None:
+    _, queries, exact = data
+    out = tune_search_params(ivf, queries, exact, target_recall=1.0, max_value=3)
+    assert not out["reached"]
+    assert out["value"] == 3
+    assert set(out["evaluated"]) == {1, 2, 3}
+
+
+def test_auto_tune_samples_queries_and_tunes_for_the_search_path(data: tuple[np.ndarray, ...], ivf: Any) -> None:
+    vectors = data[0]
+    choice = IndexChoice("IVF512,SQ8", True, 2, 48, 0, 20_000, "nprobe", "test")
+    out = auto_tune(ivf, vectors, choice, k=10, candidates=50, n_queries=200)
+    assert out["reached"]
+    assert out["candidates"] == 100
+    assert out["recall"] >= 0.95
