@@ -13,7 +13,7 @@ from typing import Any
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from matching import EncoderConfig, IndexConfig, Matcher
+    from matching import EncoderConfig, Matcher
 
     source = Path(args.source)
     out = Path(args.out) if args.out else Path("indexes") / source.name.split(".")[0]
@@ -26,7 +26,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         id_column=args.id_column,
         title_column=args.title_column,
         encoder_config=encoder_config,
-        index_config=IndexConfig(factory=args.factory),
+        index_config=_index_config(args),
         skip_bad_rows=args.skip_bad_rows,
         encoding=args.encoding,
         overwrite=args.overwrite,
@@ -38,6 +38,36 @@ def _cmd_build(args: argparse.Namespace) -> int:
         + (f", {skipped} bad rows skipped" if skipped else "")
     )
     return 0
+
+
+def _index_config(args: argparse.Namespace) -> Any:
+    from matching import IndexConfig
+
+    budget = int(args.memory_budget_mb * 2**20) if args.memory_budget_mb else None
+    return IndexConfig(
+        factory=args.factory,
+        nprobe=args.nprobe,
+        ef_search=args.ef_search,
+        memory_budget=budget,
+        target_recall=args.target_recall,
+    )
+
+
+def _add_index_options(p: argparse.ArgumentParser, *, default: str | None) -> None:
+    p.add_argument(
+        "--factory",
+        default=default,
+        help="FAISS index_factory string, or 'auto': exact Flat while small, IVF-SQ8 with an exact refine when "
+        "large" + (" (default: auto)" if default else " (default: keep the current one)"),
+    )
+    p.add_argument(
+        "--memory-budget-mb", type=float, help="index RAM budget for 'auto' (default: max(512, 1/3 of the vectors))"
+    )
+    p.add_argument(
+        "--target-recall", type=float, default=0.95, help="Recall@10 vs exact that nprobe/efSearch are tuned to"
+    )
+    p.add_argument("--nprobe", type=int, help="fix IVF nprobe instead of tuning it")
+    p.add_argument("--ef-search", type=int, help="fix HNSW efSearch instead of tuning it")
 
 
 def _print_hits(query: str, hits: Sequence[Any]) -> None:
@@ -153,11 +183,9 @@ def _cmd_remove(args: argparse.Namespace) -> int:
 
 
 def _cmd_compact(args: argparse.Namespace) -> int:
-    from matching import IndexConfig, Matcher
+    from matching import Matcher
 
-    config = None
-    if args.factory:
-        config = IndexConfig(factory=args.factory, nprobe=args.nprobe, ef_search=args.ef_search)
+    config = _index_config(args) if args.factory else None
     with Matcher.load(args.bundle, model=args.model, verify=False, lock_timeout=args.lock_timeout) as matcher:
         report = matcher.compact(index_config=config, show_progress=not args.quiet)
         factory = matcher.manifest.factory
@@ -275,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pooling", choices=["mean", "cls"], help="default: what the checkpoint says, else mean")
     p.add_argument("--max-length", type=int, help="token limit per title (default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--factory", default="Flat", help="FAISS index_factory string (default: Flat, exact)")
+    _add_index_options(p, default="auto")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip rows with an empty id or title")
     p.add_argument("--encoding", default="utf-8", help="text encoding of the file (default: utf-8)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
@@ -326,9 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compact", help="drop removed rows and rebuild the index from stored vectors (no re-encoding)")
     p.add_argument("bundle")
-    p.add_argument("--factory", help="a new FAISS index_factory string (default: keep the current one)")
-    p.add_argument("--nprobe", type=int)
-    p.add_argument("--ef-search", type=int)
+    _add_index_options(p, default=None)
     p.add_argument("--model", help="override the encoder directory recorded in the bundle")
     p.add_argument("--lock-timeout", type=float, default=30.0)
     p.add_argument("-q", "--quiet", action="store_true")

@@ -87,17 +87,30 @@ class EncoderConfig(JsonConfig):
 
 @dataclass(frozen=True)
 class IndexConfig(JsonConfig):
-    """The FAISS index. ``factory`` is a ``faiss.index_factory`` string; inner product is always used."""
+    """The FAISS index. ``factory`` is a ``faiss.index_factory`` string, or ``"auto"``; inner product always.
 
-    factory: str = "Flat"
+    ``auto`` picks the index from the catalogue size and ``memory_budget`` (bytes; default: the larger of
+    512 MiB and a third of the float32 vectors): exact ``Flat`` while small, ``IVF<n>,SQ8`` (or smaller codes
+    for a tight budget) above about 44k titles at dim 384. Lossy codes are re-scored exactly on the stored
+    vectors: ``refine_factor`` x the candidates are fetched. With ``target_recall`` set and ``nprobe`` /
+    ``ef_search`` left unset, the search parameter is tuned at build time to reach that Recall@10 of the exact
+    search. A bundle records the resolved factory and parameters.
+    """
+
+    factory: str = "auto"
     nprobe: int | None = None
     ef_search: int | None = None
+    refine_factor: int | None = None
+    memory_budget: int | None = None
+    target_recall: float | None = 0.95
 
     def __post_init__(self) -> None:
-        for name in ("nprobe", "ef_search"):
+        for name in ("nprobe", "ef_search", "refine_factor", "memory_budget"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1 when set, got {value}")
+        if self.target_recall is not None and not 0.0 < self.target_recall <= 1.0:
+            raise ConfigError(f"target_recall must be in (0, 1] when set, got {self.target_recall}")
 
 
 @dataclass(frozen=True)

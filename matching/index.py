@@ -6,6 +6,7 @@ IVF indexes keep the ids themselves (so titles can be removed); every other kind
 
 from __future__ import annotations
 
+import dataclasses
 import mmap
 from pathlib import Path
 from typing import Any, Self
@@ -13,6 +14,7 @@ from typing import Any, Self
 import faiss
 import numpy as np
 
+from matching.autoindex import IndexChoice, auto_tune, choice_for_factory, choose_index, exact_refine
 from matching.config import IndexConfig
 from matching.errors import BundleError, ConfigError
 
@@ -20,26 +22,41 @@ INDEX_FILE = "index.faiss"
 CONFIG_FILE = "index.json"
 _ADD_BATCH = 65_536
 _TRAIN_SAMPLE = 100_000
+AUTO = "auto"
 
 
 class VectorIndex:
     """A FAISS index plus the config it was made with. Build with :meth:`build`, load with :meth:`load`."""
 
-    def __init__(self, index: Any, config: IndexConfig) -> None:
+    def __init__(self, index: Any, config: IndexConfig, tuning: dict[str, Any] | None = None) -> None:
         self.index = index
         self.config = config
+        self.tuning = tuning  # what build-time tuning measured (recorded in the manifest)
         self._apply_search_params()
 
     @classmethod
-    def build(cls, vectors: np.ndarray, ids: np.ndarray, config: IndexConfig | None = None) -> Self:
-        """Index ``vectors`` (n, d) under ``ids`` (n,), training the index first when it needs it."""
+    def build(
+        cls, vectors: np.ndarray, ids: np.ndarray, config: IndexConfig | None = None, *, tune: bool = True
+    ) -> Self:
+        """Index ``vectors`` (n, d) under ``ids`` (n,), training the index first when it needs it.
+
+        ``"auto"`` is resolved for n (see :class:`IndexConfig`); with ``tune`` and ``ids`` equal to the row
+        numbers of ``vectors``, nprobe / efSearch are tuned to the config's ``target_recall``.
+        """
         config = config or IndexConfig()
         n, dim = vectors.shape
+        choice = resolve(config, n, dim)
+        config = dataclasses.replace(
+            config,
+            factory=choice.factory,
+            refine_factor=config.refine_factor or (choice.refine_factor if choice.refine else None),
+        )
         base = _new_base(dim, config)
         try:
             if not base.is_trained:
                 rng = np.random.default_rng(0)
-                take = np.sort(rng.choice(n, size=min(n, _TRAIN_SAMPLE), replace=False))
+                size = min(n, max(choice.train_size, _TRAIN_SAMPLE))
+                take = np.sort(rng.choice(n, size=size, replace=False))
                 base.train(np.ascontiguousarray(vectors[take], dtype=np.float32))
             index = _with_ids(base)
             for start in range(0, n, _ADD_BATCH):
@@ -51,11 +68,29 @@ class VectorIndex:
                 f"FAISS could not build {config.factory!r} over {n} vectors ({exc}); "
                 "an IVF index needs more titles than cells, so choose a smaller one or 'Flat'"
             ) from None
-        return cls(index, config)
+        built = cls(index, config)
+        param = {"nprobe": "nprobe", "efSearch": "ef_search"}.get(choice.search_param or "")
+        sequential = len(ids) == 0 or (ids[0] == 0 and ids[-1] == n - 1 and bool(np.all(np.diff(ids) == 1)))
+        if tune and param and config.target_recall and getattr(config, param) is None and sequential and n > 1:
+            tuning = auto_tune(
+                built.index, vectors, dataclasses.replace(choice, refine=bool(config.refine_factor),
+                refine_factor=config.refine_factor or 1), target_recall=config.target_recall,
+            )  # fmt: skip
+            value = int(tuning["value"])
+            if param == "nprobe":
+                built.config = dataclasses.replace(config, nprobe=value)
+            else:
+                built.config = dataclasses.replace(config, ef_search=value)
+            built.tuning = {k: v for k, v in tuning.items() if k != "evaluated"}
+            built._apply_search_params()
+            _drop_pages(vectors)
+        return built
 
     @classmethod
     def empty(cls, dim: int, config: IndexConfig) -> Self:
         """An empty index for ``config``: checks the factory string and search parameters cheaply."""
+        if config.factory == AUTO:
+            config = dataclasses.replace(config, factory="Flat")
         return cls(_with_ids(_new_base(dim, config)), config)
 
     def _core(self) -> Any:
@@ -86,24 +121,35 @@ class VectorIndex:
         return int(self.index.ntotal)
 
     def search(
-        self, queries: np.ndarray, k: int, *, allowed: np.ndarray | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        allowed: np.ndarray | None = None,
+        stored: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top ``k`` (scores, ids) per query row; missing slots have id -1.
 
-        ``allowed`` (a boolean mask over ids) restricts the search inside FAISS; it returns ``None``
-        where this index type cannot take a selector, and the caller searches the subset itself.
+        ``allowed`` (a boolean mask over ids) restricts the search inside FAISS; it raises
+        ``NotImplementedError`` where this index type cannot take a selector, and the caller searches the
+        subset itself. With ``stored`` (the full-precision vectors, row = id) and a lossy index,
+        ``refine_factor`` x ``k`` candidates are re-scored exactly and the scores are exact.
         """
         q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         k = max(1, min(int(k), self.ntotal)) if self.ntotal else 1
+        refine = self.config.refine_factor if stored is not None else None
+        fetch = min(k * refine, self.ntotal) if refine else k
         if allowed is None:
-            scores, ids = self.index.search(q, k)
-            return scores, ids
-        bitmap = np.packbits(allowed, bitorder="little")
-        selector = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
-        params = self._params(selector)
-        if params is None:
-            raise NotImplementedError(f"index {self.config.factory!r} cannot search with a filter")
-        scores, ids = self.index.search(q, k, params=params)
+            scores, ids = self.index.search(q, fetch)
+        else:
+            bitmap = np.packbits(allowed, bitorder="little")
+            selector = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
+            params = self._params(selector)
+            if params is None:
+                raise NotImplementedError(f"index {self.config.factory!r} cannot search with a filter")
+            scores, ids = self.index.search(q, fetch, params=params)
+        if refine and stored is not None:
+            return exact_refine(q, ids, stored, k)
         return scores, ids
 
     def _params(self, selector: Any) -> Any:
@@ -170,6 +216,13 @@ def _with_ids(base: Any) -> Any:
     except RuntimeError:
         return faiss.IndexIDMap(base)
     return base
+
+
+def resolve(config: IndexConfig, n: int, dim: int) -> IndexChoice:
+    """The index ``config`` asks for at ``n`` vectors: the automatic choice, or the user's factory."""
+    if config.factory == AUTO:
+        return choose_index(n, dim, memory_budget_bytes=config.memory_budget)
+    return choice_for_factory(config.factory, n)
 
 
 def _new_base(dim: int, config: IndexConfig) -> Any:

@@ -239,7 +239,8 @@ class Matcher:
             store = Store.open(gen)
             try:
                 ids = np.arange(store.count, dtype=np.int64)
-                VectorIndex.build(store.vectors, ids, index_config).save(gen)
+                built = VectorIndex.build(store.vectors, ids, index_config)
+                built.save(gen)
             finally:
                 store.close()
             Scorer(scorer_config).save(gen)
@@ -248,7 +249,7 @@ class Matcher:
                 encoder=_encoder_record(encoder),
                 dim=encoder.dim,
                 count=reader.count,
-                index=index_config.to_dict(),
+                index=_index_record(built),
                 id_type=reader.id_type.value,
                 source={
                     "name": "DataFrame" if isinstance(source, pd.DataFrame) else str(source),
@@ -537,7 +538,9 @@ class Matcher:
         path = self._require_path()
         with new_generation(path, change=True, lock_timeout=self.lock_timeout) as gen:
             live, manifest = _live(path)
-            config = index_config or IndexConfig.load(live / INDEX_CONFIG_FILE)
+            # keep the index kind unless told otherwise; its search parameter is tuned again for the new size
+            config = index_config or dataclasses.replace(IndexConfig.load(live / INDEX_CONFIG_FILE), nprobe=None,
+                                                         ef_search=None)  # fmt: skip
             old = Store.open(live)
             try:
                 writer = Store.create(gen, old.dim)
@@ -560,11 +563,12 @@ class Matcher:
             _carry(live, gen, manifest)
             store = Store.open(gen)
             try:
-                VectorIndex.build(store.vectors, np.arange(store.count, dtype=np.int64), config).save(gen)
+                built = VectorIndex.build(store.vectors, np.arange(store.count, dtype=np.int64), config)
+                built.save(gen)
                 count = store.count
             finally:
                 store.close()
-            _write_generation_manifest(gen, dataclasses.replace(_changed(manifest, count), index=config.to_dict()))
+            _write_generation_manifest(gen, dataclasses.replace(_changed(manifest, count), index=_index_record(built)))
         self._reopen()
         return ChangeReport("compact", count=count, generation=self.generation or "",
                             seconds=time.perf_counter() - started)  # fmt: skip
@@ -694,7 +698,7 @@ class Matcher:
             store = Store.open(gen)
             try:
                 live_ids = store.live_ids()
-                index = VectorIndex.build(store.vectors[live_ids], live_ids, index.config)
+                index = VectorIndex.build(store.vectors[live_ids], live_ids, index.config, tune=False)
             finally:
                 store.close()
         else:
@@ -853,6 +857,14 @@ class Matcher:
         return {"path": str(self.path) if self.path else None, **self.manifest.to_dict()}
 
 
+def _index_record(index: VectorIndex) -> dict[str, Any]:
+    """The manifest's index entry: the resolved config, plus what build-time tuning measured."""
+    record = index.config.to_dict()
+    if index.tuning:
+        record["tuning"] = index.tuning
+    return record
+
+
 def _live(path: Path) -> tuple[Path, Manifest]:
     """The live generation and its manifest (call with the writer lock held)."""
     live = current_generation(path)
@@ -894,15 +906,16 @@ def _as_int(text: str) -> int | None:
 
 def _retrieve(snap: _Snapshot, vectors: np.ndarray, depth: int, where: Where | None) -> tuple[np.ndarray, np.ndarray]:
     """Top ``depth`` (scores, row ids) per query, restricted to titles matching ``where``."""
+    stored = snap.store.vectors
     if where is None:
-        return snap.index.search(vectors, depth)
+        return snap.index.search(vectors, depth, stored=stored)
     allowed = snap.store.filter_ids(where)
     if len(allowed) <= EXACT_FILTER_LIMIT:
         return _exact(vectors, snap.store.vectors, allowed, depth)
     mask = np.zeros(snap.store.vectors.shape[0], dtype=bool)
     mask[allowed] = True
     try:
-        scores, ids = snap.index.search(vectors, depth, allowed=mask)
+        scores, ids = snap.index.search(vectors, depth, allowed=mask, stored=stored)
     except NotImplementedError:
         return _exact(vectors, snap.store.vectors, allowed, depth)
     # an approximate index can come back short under a selective filter: search those queries exactly

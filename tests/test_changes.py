@@ -377,3 +377,26 @@ def test_manifest_checksums_cover_the_shared_vector_file_prefix(own_bundle: Matc
 def test_build_products_helper_still_builds(tmp_path: Path, tiny_encoder: Any) -> None:
     with build_products(tmp_path / "p", tiny_encoder) as m:
         assert m.generation == "gen-000001"
+
+
+# -- the index for the size -----------------------------------------------------------------------------
+
+
+def test_auto_index_tunes_ivf_and_refines_exactly(tmp_path: Path, tiny_encoder: Any, monkeypatch: pytest.MonkeyPatch):
+    # pretend 40 titles are "large" so that auto picks IVF with lossy SQ8 codes and an exact refine
+    monkeypatch.setattr("matching.autoindex.FLAT_MAX_FLOATS", 0)
+    monkeypatch.setattr("matching.autoindex.MIN_POINTS_PER_LIST", 4)
+    with fresh_build(make_catalogue(), tmp_path / "b", tiny_encoder) as m:
+        record = m.manifest.index
+        assert record["factory"].startswith("IVF") and record["factory"].endswith(",SQ8")
+        assert record["refine_factor"] == 2
+        assert record["nprobe"] == record["tuning"]["value"] >= 1
+        assert record["tuning"]["recall"] >= 0.95
+        q = m.query_encoder.encode_queries([QUERY])
+        scores, ids = m.index.search(q, 5, stored=m.store.vectors)
+        # refined scores are exact inner products with the stored float32 vectors
+        np.testing.assert_allclose(scores[0], np.asarray(m.store.vectors[ids[0]]) @ q[0], rtol=0, atol=1e-6)
+        m.remove([1000])
+        m.compact(show_progress=False)
+        assert m.manifest.index["factory"] == record["factory"]
+        assert "tuning" in m.manifest.index

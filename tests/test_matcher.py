@@ -168,7 +168,15 @@ def test_info_and_repr(built_bundle: Matcher) -> None:
     assert info["count"] == 40
     assert info["dim"] == 32
     assert info["id_type"] == "int"
-    assert info["index"] == {"factory": "Flat", "nprobe": None, "ef_search": None}
+    # "auto" resolved for 40 titles: exact Flat, nothing to tune or refine
+    assert info["index"] == {
+        "factory": "Flat",
+        "nprobe": None,
+        "ef_search": None,
+        "refine_factor": None,
+        "memory_budget": None,
+        "target_recall": 0.95,
+    }
     assert info["source"]["skipped_rows"] == 0
     assert set(info["files"]) >= {"store.sqlite", "vectors.f32", "index.faiss", "scorer.safetensors"}
     assert repr(built_bundle) == f"Matcher(path={str(built_bundle.path)!r}, count=40, index='Flat')"
