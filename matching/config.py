@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Self, get_args, get_type_hints
 
 from matching.errors import ConfigError
-from matching.types import Pooling
+from matching.types import Pooling, Preset
 
 
 class JsonConfig:
@@ -69,7 +69,9 @@ class EncoderConfig(JsonConfig):
 
     ``model`` is a local checkpoint directory; ``None`` means the bundled all-MiniLM-L6-v2.
     ``pooling`` and ``max_length`` default to what the checkpoint's sentence-transformers files say
-    (mean pooling, the model's own limit) when left ``None``.
+    (mean pooling, the model's own limit) when left ``None``. ``preset`` trades precision for speed
+    (:class:`~matching.types.Preset`: ``exact`` float32, ``default``, ``fast``); every preset of one
+    checkpoint encodes into the same vector space, so it may differ between building and querying.
     """
 
     model: str | None = None
@@ -77,6 +79,7 @@ class EncoderConfig(JsonConfig):
     max_length: int | None = None
     batch_size: int = 64
     device: str | None = None
+    preset: Preset = Preset.EXACT
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

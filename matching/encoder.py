@@ -6,6 +6,7 @@ import copy
 import hashlib
 import json
 import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from matching.accel import Plan, Runner, build_runner, plan_for
 from matching.config import EncoderConfig
 from matching.errors import ModelError
-from matching.types import Pooling
+from matching.types import Pooling, Preset
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +93,12 @@ def pick_device(device: str | None) -> torch.device:
 
 
 class Encoder:
-    """A transformers encoder with pooling and normalisation. Build with :meth:`from_pretrained`."""
+    """A transformers encoder with pooling and normalisation. Build with :meth:`from_pretrained`.
+
+    ``model`` always holds the float32 weights (training, saving and :attr:`fingerprint` use them);
+    :meth:`encode` runs an inference copy built for ``preset`` (see :mod:`matching.accel`), rebuilt
+    whenever those weights change. All presets of one checkpoint encode into the same vector space.
+    """
 
     def __init__(
         self,
@@ -102,6 +109,7 @@ class Encoder:
         max_length: int = 256,
         batch_size: int = 64,
         source: str = DEFAULT_MODEL,
+        preset: Preset | str = Preset.EXACT,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -109,11 +117,20 @@ class Encoder:
         self.max_length = int(max_length)
         self.batch_size = int(batch_size)
         self.source = source
+        self.preset = Preset(preset)
         self._fingerprint: str | None = None
+        self._runner: Runner | None = None
+        self._runner_key: tuple[Any, ...] | None = None
+        self._plan: Plan | None = None
+        self._plan_device: torch.device | None = None
+        self._build_lock = threading.Lock()  # readers in several threads build the runner once
 
     @classmethod
     def from_pretrained(cls, config: EncoderConfig | None = None) -> Encoder:
-        """Load a local checkpoint (``config.model``; ``None`` is the bundled all-MiniLM-L6-v2)."""
+        """Load a local checkpoint (``config.model``; ``None`` is the bundled all-MiniLM-L6-v2).
+
+        ``config.preset`` picks the inference precision (:class:`~matching.types.Preset`).
+        """
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -141,6 +158,7 @@ class Encoder:
             max_length=max_length,
             batch_size=config.batch_size,
             source=source,
+            preset=config.preset,
         )
 
     @property
@@ -159,7 +177,45 @@ class Encoder:
             pooling=self.pooling,
             max_length=self.max_length,
             batch_size=self.batch_size,
+            preset=self.preset,
         )
+
+    @property
+    def plan(self) -> Plan:
+        """What :attr:`preset` resolves to on this encoder's device (dtype, int8, trace, fallback notes)."""
+        device = self.device
+        if self._plan is None or self._plan_device != device:
+            self._plan = plan_for(self.preset, device)
+            self._plan_device = device
+            for note in self._plan.notes:
+                log.info("encoder preset %r: %s", self.preset.value, note)
+        return self._plan
+
+    def set_preset(self, preset: Preset | str) -> None:
+        """Switch the inference preset (the weights, and so the fingerprint, stay the same)."""
+        self.preset = Preset(preset)
+        self._plan = None
+        self._runner = None
+        self._runner_key = None
+
+    def _inference_runner(self) -> Runner:
+        """The preset's inference callable, rebuilt when the float32 weights or the device change."""
+        params = list(self.model.parameters())
+        key = (self.preset, self.pooling, self.device, id(self.model), tuple(p._version for p in params))
+        runner = self._runner
+        if runner is not None and self._runner_key == key:
+            return runner
+        with self._build_lock:
+            if self._runner is None or self._runner_key != key:
+                plan = self.plan
+                examples = (
+                    self.tokenize(["an example text to trace the encoder with", "short"]),
+                    self.tokenize(["one", "a longer text that checks the trace on another shape", "two words"]),
+                )
+                self._runner = build_runner(self.model, self.pooling, plan, examples)
+                self._runner_key = key
+                log.debug("built the %s inference runner", plan.describe())
+            return self._runner
 
     @property
     def fingerprint(self) -> str:
@@ -186,12 +242,18 @@ class Encoder:
         if n == 0:
             return out
         bs = batch_size or self.batch_size
-        order = np.argsort([-len(t) for t in texts], kind="stable")
+        order = np.argsort([-len(t) for t in texts], kind="stable") if n > 1 else np.zeros(1, dtype=np.int64)
         device = self.device
+        exact = self.plan.uses_base_model
+        runner = None if exact else self._inference_runner()
         with torch.inference_mode():
             for start in tqdm(range(0, n, bs), desc="encoding", unit="batch", disable=not show_progress, leave=False):
                 idx = order[start : start + bs]
-                vectors = self.embed(self.tokenize([texts[i] for i in idx], device))
+                batch = self.tokenize([texts[i] for i in idx], device)
+                if runner is None:
+                    vectors = self.embed(batch)
+                else:
+                    vectors = runner(batch["input_ids"], batch["attention_mask"])
                 out[idx] = vectors.float().cpu().numpy()
         return out
 
@@ -212,6 +274,7 @@ class Encoder:
             max_length=self.max_length,
             batch_size=self.batch_size,
             source=source,
+            preset=self.preset,
         )
 
     def save_weights(self, path: Path) -> None:

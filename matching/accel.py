@@ -1,0 +1,218 @@
+"""Inference speed-ups behind the encoder presets.
+
+A preset never changes the encoder's own float32 weights (``Encoder.model``: training, saving and the
+fingerprint use those); it builds a separate inference copy from them:
+
+=========  ==============================================  ======================================
+preset     CPU                                             CUDA
+=========  ==============================================  ======================================
+exact      float32, eager (the reference)                  float32, eager
+default    bfloat16 weights, TorchScript-traced            bfloat16 (float16 without bf16 support)
+fast       batches of <= 256 padded tokens (one query, a   as default (dynamic int8 is CPU-only)
+           few titles): int8 dynamic quantisation of every
+           Linear (per-channel weights); bigger batches:
+           as default. Both traced.
+=========  ==============================================  ======================================
+
+On a CPU without native bfloat16 (no AVX512-BF16/AMX), where bfloat16 is emulated and slower than
+float32, ``default`` runs float32 traced instead and ``fast`` runs int8 for every batch. Every
+fallback is logged once and recorded in :attr:`Plan.notes`. The traced module is checked against the
+eager one on a padded batch of another shape before it is used; if they disagree (or tracing fails)
+the eager copy is used.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from matching.types import Pooling, Preset
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, torch.Tensor]
+Runner = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# 'fast' on a bf16 CPU: batches up to this many padded tokens run int8, bigger ones bf16. Measured on
+# the dev machine (Xeon, AMX): one 10-word query 1.3 ms int8 vs 2.5 ms bf16; 64 short titles
+# (~1,100 tokens) bf16 is ~2x faster; they break even around 300-500 tokens.
+INT8_MAX_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What an encoder preset resolves to on one device."""
+
+    preset: Preset
+    dtype: torch.dtype = torch.float32  # weights/activations of the inference copy
+    int8: bool = False  # dynamic int8 quantisation of the Linear layers (CPU only)
+    # with int8: batches of more padded tokens than this run ``dtype`` instead (None: int8 always)
+    int8_max_tokens: int | None = None
+    trace: bool = False  # TorchScript trace of model + pooling (CPU only)
+    notes: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def uses_base_model(self) -> bool:
+        """True when inference runs the float32 weights as they are (no copy is made)."""
+        return self.dtype == torch.float32 and not self.int8 and not self.trace
+
+    def describe(self) -> str:
+        dtype = str(self.dtype).removeprefix("torch.")
+        if self.int8 and self.int8_max_tokens is not None:
+            parts = [f"int8-dynamic up to {self.int8_max_tokens} tokens a batch, else {dtype}"]
+        else:
+            parts = ["int8-dynamic" if self.int8 else dtype]
+        if self.trace:
+            parts.append("traced")
+        return f"{self.preset.value} ({', '.join(parts)})"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 natively here (AVX512-BF16 or AMX), so bf16 beats float32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # pragma: no cover - builds without oneDNN
+        return False
+
+
+def int8_available() -> bool:
+    """Whether the eager dynamic int8 quantisation backend is present in this torch build."""
+    engines = getattr(torch.backends.quantized, "supported_engines", [])
+    return hasattr(torch.ao.quantization, "quantize_dynamic") and any(e in engines for e in ("fbgemm", "x86"))
+
+
+def plan_for(preset: Preset | str, device: torch.device) -> Plan:
+    """Resolve ``preset`` for ``device``, falling back (with a note) where a setting is unavailable."""
+    preset = Preset(preset)
+    if preset is Preset.EXACT:
+        return Plan(preset)
+    notes: list[str] = []
+    if device.type == "cuda":
+        half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if preset is Preset.FAST:
+            notes.append(f"dynamic int8 quantisation is CPU-only; 'fast' runs {half} on {device} like 'default'")
+        return Plan(preset, dtype=half, notes=tuple(notes))
+    if device.type != "cpu":
+        notes.append(f"no speed-ups for device {device}; preset {preset.value!r} runs float32")
+        return Plan(preset, notes=tuple(notes))
+    bf16 = cpu_has_native_bf16()
+    if preset is Preset.FAST:
+        if int8_available():
+            # int8 (VNNI) wins on small batches such as one query; bf16 (AMX) wins on big ones
+            if bf16:
+                return Plan(preset, torch.bfloat16, int8=True, int8_max_tokens=INT8_MAX_TOKENS, trace=True)
+            return Plan(preset, int8=True, trace=True)
+        notes.append("this torch build has no dynamic int8 quantisation; 'fast' falls back to 'default'")
+    if not bf16:
+        notes.append("this CPU has no native bfloat16 (AVX512-BF16/AMX); running float32")
+    return Plan(preset, dtype=torch.bfloat16 if bf16 else torch.float32, trace=True, notes=tuple(notes))
+
+
+class Pooled(nn.Module):
+    """Model + pooling + L2 normalisation in one module: ``(input_ids, attention_mask) -> float32 vectors``."""
+
+    def __init__(self, model: nn.Module, pooling: Pooling) -> None:
+        super().__init__()
+        self.model = model
+        self.cls = Pooling(pooling) is Pooling.CLS
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
+        if self.cls:
+            pooled = hidden[:, 0]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, p=2.0, dim=-1)
+
+
+def _quantize_int8(model: nn.Module) -> nn.Module:
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():  # eager-mode quantisation is deprecated in favour of torchao
+        warnings.simplefilter("ignore")
+        quantized: nn.Module = quantize_dynamic(  # type: ignore[no-untyped-call]
+            model, {nn.Linear: per_channel_dynamic_qconfig}, inplace=True
+        )
+    return quantized
+
+
+def _trace(module: nn.Module, example: Batch) -> Any:
+    from transformers.utils import logging as hf_logging
+
+    # Freezing reads every property of the model, and transformers warns about an unset loss type.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    try:
+        with warnings.catch_warnings():  # TracerWarnings and the torch.jit deprecation notices
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(  # type: ignore[no-untyped-call]
+                module, (example["input_ids"], example["attention_mask"]), check_trace=False, strict=False
+            )
+            return torch.jit.freeze(traced.eval())
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+class BySize:
+    """Run ``small`` on batches of at most ``max_tokens`` padded tokens and ``large`` on bigger ones."""
+
+    def __init__(self, small: Runner, large: Runner, max_tokens: int) -> None:
+        self.small, self.large, self.max_tokens = small, large, max_tokens
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        runner = self.small if input_ids.numel() <= self.max_tokens else self.large
+        return runner(input_ids, attention_mask)
+
+
+def build_runner(model: nn.Module, pooling: Pooling, plan: Plan, examples: tuple[Batch, Batch]) -> Runner:
+    """An inference callable for ``plan`` built from copies of ``model`` (which is left untouched).
+
+    ``examples`` are two padded batches of different shapes on the model's device: the first is traced,
+    the second checks that the trace generalises to other batch sizes and lengths.
+    """
+    if plan.uses_base_model:
+        return Pooled(model, pooling).eval()
+    if plan.int8 and plan.int8_max_tokens is not None:
+        small = _variant(model, pooling, torch.float32, int8=True, trace=plan.trace, examples=examples)
+        large = _variant(model, pooling, plan.dtype, int8=False, trace=plan.trace, examples=examples)
+        return BySize(small, large, plan.int8_max_tokens)
+    return _variant(model, pooling, plan.dtype, int8=plan.int8, trace=plan.trace, examples=examples)
+
+
+def _variant(
+    model: nn.Module, pooling: Pooling, dtype: torch.dtype, *, int8: bool, trace: bool, examples: tuple[Batch, Batch]
+) -> Runner:
+    work = copy.deepcopy(model).eval()
+    for p in work.parameters():
+        p.requires_grad_(False)
+    if int8:
+        work = _quantize_int8(work.float())
+    elif dtype != torch.float32:
+        work = work.to(dtype)
+    eager = Pooled(work, pooling).eval()
+    if not trace:
+        return eager
+    what = "int8" if int8 else str(dtype).removeprefix("torch.")
+    trace_on, check_on = examples
+    try:
+        with torch.inference_mode():
+            traced = _trace(eager, trace_on)
+            want = eager(check_on["input_ids"], check_on["attention_mask"])
+            got = traced(check_on["input_ids"], check_on["attention_mask"])
+            ok = got.shape == want.shape and bool(torch.allclose(got, want, atol=1e-3, rtol=0))
+    except Exception as exc:  # tracing is an optimisation: any failure means eager
+        log.info("TorchScript trace failed (%s: %s); running %s eagerly", type(exc).__name__, exc, what)
+        return eager
+    if not ok:
+        log.info("the TorchScript trace does not generalise across shapes; running %s eagerly", what)
+        return eager
+    runner: Runner = traced
+    return runner

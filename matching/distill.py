@@ -1,0 +1,320 @@
+"""Layer truncation + distillation: a smaller, faster student encoder trained to copy a teacher.
+
+The student is the teacher's embeddings plus its first ``layers`` transformer layers. It is trained,
+without labels, to reproduce the teacher's L2-normalised pooled vectors on your own texts (catalogue
+titles), then written as an ordinary transformers checkpoint directory (``config.json``,
+``model.safetensors``, tokenizer files and sentence-transformers side files), so that
+``Encoder.from_pretrained(EncoderConfig(model=out_dir))`` and ``SentenceTransformer(out_dir)`` load it.
+
+The student's vectors approximate the teacher's but are not the same vector space (its fingerprint
+differs): titles must be re-encoded with the student before it serves queries.
+
+    report = distill(Encoder.from_pretrained(), titles, "models/minilm-l3", layers=3)
+    print(report.cosine_before, report.cosine_after, report.seconds)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from matching.accel import cpu_has_native_bf16
+from matching.encoder import Encoder
+from matching.errors import ConfigError, ModelError
+from matching.types import Pooling, Preset
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "distill_report.json"
+# config.json keys that hold the layer count, by architecture (distilbert calls it n_layers)
+_LAYER_KEYS = ("num_hidden_layers", "n_layers")
+
+
+@dataclass(frozen=True)
+class DistillReport:
+    """What :func:`distill` did. Cosines are student-vs-teacher means on the held-out texts (float32)."""
+
+    out_dir: str
+    teacher: str
+    teacher_fingerprint: str
+    layers: int
+    teacher_layers: int
+    train_texts: int
+    held_out_texts: int
+    epochs: int
+    batch_size: int
+    lr: float
+    loss: str
+    seed: int
+    cosine_before: float  # the truncated, untrained student
+    cosine_after: float
+    epoch_losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def layer_count(model: nn.Module) -> int:
+    """The number of transformer layers a transformers model's config declares."""
+    config = getattr(model, "config", None)
+    for key in _LAYER_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    raise ModelError(f"cannot tell how many layers a {type(model).__name__} has (no num_hidden_layers in its config)")
+
+
+def truncate(model: nn.Module, layers: int) -> nn.Module:
+    """A new model of the same class: the embeddings and the first ``layers`` layers of ``model``.
+
+    Works from the config (so for every BERT-family architecture): a fresh model with ``layers``
+    layers gets every weight whose name it shares with ``model``; all of its weights must be found.
+    """
+    total = layer_count(model)
+    if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= total:
+        raise ConfigError(f"layers must be an integer from 1 to the teacher's {total} layers, got {layers!r}")
+    config = copy.deepcopy(model.config)
+    key = next(k for k in _LAYER_KEYS if isinstance(getattr(config, k, None), int))
+    setattr(config, key, layers)
+    student = type(model)(config)
+    result = student.load_state_dict(model.state_dict(), strict=False)
+    if result.missing_keys:
+        raise ModelError(f"cannot truncate {type(model).__name__}: no teacher weights for {result.missing_keys[:5]}")
+    return student.to(next(model.parameters()).device).eval()
+
+
+def _clean_texts(texts: Sequence[str]) -> list[str]:
+    if isinstance(texts, str):
+        raise ConfigError("texts must be a sequence of strings, not one string")
+    out = list(dict.fromkeys(t.strip() for t in texts if isinstance(t, str) and t.strip()))
+    if len(out) < 2:
+        raise ConfigError(f"distillation needs at least 2 distinct non-empty texts, got {len(out)}")
+    return out
+
+
+def _batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffled batches of similar length: shuffle, sort within chunks of 32 batches, shuffle the batches."""
+    perm = rng.permutation(len(lengths))
+    chunk = batch_size * 32
+    out: list[np.ndarray] = []
+    for start in range(0, len(perm), chunk):
+        part = perm[start : start + chunk]
+        part = part[np.argsort(-lengths[part], kind="stable")]
+        out.extend(part[i : i + batch_size] for i in range(0, len(part), batch_size))
+    rng.shuffle(out)
+    return out
+
+
+def _mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean(np.sum(a * b, axis=1)))
+
+
+def _write_side_files(out: Path, teacher: Encoder, dim: int) -> None:
+    """sentence-transformers files: pooling and max length travel with the checkpoint."""
+    pooling_dir = out / "1_Pooling"
+    pooling_dir.mkdir(exist_ok=True)
+    pooling = {
+        "word_embedding_dimension": dim,
+        "pooling_mode_cls_token": teacher.pooling is Pooling.CLS,
+        "pooling_mode_mean_tokens": teacher.pooling is Pooling.MEAN,
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+    }
+    (pooling_dir / "config.json").write_text(json.dumps(pooling, indent=2) + "\n", encoding="utf-8")
+    st_config = {"max_seq_length": teacher.max_length, "do_lower_case": False}
+    (out / "sentence_bert_config.json").write_text(json.dumps(st_config, indent=2) + "\n", encoding="utf-8")
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    (out / "modules.json").write_text(json.dumps(modules, indent=2) + "\n", encoding="utf-8")
+    (out / "2_Normalize").mkdir(exist_ok=True)
+
+
+def distill(
+    teacher: Encoder,
+    texts: Sequence[str],
+    out_dir: str | Path,
+    *,
+    layers: int = 3,
+    epochs: int = 3,
+    batch_size: int = 32,
+    lr: float = 2e-4,
+    loss: str = "cosine",
+    held_out: float = 0.1,
+    seed: int = 0,
+    mixed_precision: bool = True,
+    show_progress: bool = True,
+) -> DistillReport:
+    """Train a ``layers``-layer student to reproduce ``teacher``'s vectors on ``texts``; save it in ``out_dir``.
+
+    ``texts`` are the user's own texts (e.g. catalogue titles; no labels). Duplicates and blanks are
+    dropped; a ``held_out`` share (at most 2,000) is kept aside to report the student-vs-teacher cosine
+    before and after training. ``loss`` is ``"cosine"`` (1 - cosine) or ``"mse"`` on the normalised
+    vectors. AdamW with linear warm-up (first 10% of steps) and decay; seeded by ``seed``.
+    ``mixed_precision`` trains under bfloat16 autocast on CPUs with native bfloat16 and on CUDA (the
+    student's weights stay float32). The teacher's targets are encoded with its own preset, or
+    ``default`` where the teacher runs ``fast``. ``out_dir`` must not exist or must be empty; the
+    checkpoint is written next to it and moved into place only when complete.
+
+    Raises :class:`~matching.errors.ConfigError` for bad arguments (``layers`` outside 1..teacher layers).
+    """
+    started = time.perf_counter()
+    teacher_layers = layer_count(teacher.model)
+    if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= teacher_layers:
+        raise ConfigError(f"layers must be an integer from 1 to the teacher's {teacher_layers} layers, got {layers!r}")
+    if epochs < 1 or batch_size < 1:
+        raise ConfigError(f"epochs and batch_size must be >= 1, got epochs={epochs}, batch_size={batch_size}")
+    if not lr > 0:
+        raise ConfigError(f"lr must be > 0, got {lr}")
+    if loss not in ("cosine", "mse"):
+        raise ConfigError(f"loss must be 'cosine' or 'mse', got {loss!r}")
+    if not 0 < held_out < 1:
+        raise ConfigError(f"held_out must be a share in (0, 1), got {held_out}")
+    out = Path(out_dir).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{str(out)!r} already exists and is not an empty directory; choose a new output path")
+    texts = _clean_texts(texts)
+
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    order = rng.permutation(len(texts))
+    n_held = min(2000, max(1, round(len(texts) * held_out)))
+    held = [texts[i] for i in order[:n_held]]
+    train = [texts[i] for i in order[n_held:]]
+
+    # targets: the teacher's vectors (a view on its weights: 'fast' int8 is too noisy to copy)
+    target_preset = Preset.DEFAULT if teacher.preset is Preset.FAST else teacher.preset
+    view = Encoder(
+        teacher.model,
+        teacher.tokenizer,
+        pooling=teacher.pooling,
+        max_length=teacher.max_length,
+        batch_size=teacher.batch_size,
+        source=teacher.source,
+        preset=target_preset,
+    )
+    targets_train = view.encode(train, show_progress=show_progress)
+    targets_held = view.encode(held)
+
+    model = truncate(teacher.model, layers)
+    student = Encoder(
+        model,
+        teacher.tokenizer,
+        pooling=teacher.pooling,
+        max_length=teacher.max_length,
+        batch_size=teacher.batch_size,
+        source=str(out),
+        preset=Preset.EXACT,
+    )
+    cosine_before = _mean_cosine(student.encode(held), targets_held)
+
+    device = student.device
+    autocast = mixed_precision and (device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    steps = math.ceil(len(train) / batch_size) * epochs
+    warmup = max(1, steps // 10)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup))
+    )
+    lengths = np.asarray([len(t) for t in train])
+    target_t = torch.from_numpy(targets_train)
+    epoch_losses: list[float] = []
+    bar = tqdm(total=steps, desc=f"distilling {layers} layers", unit="batch", disable=not show_progress)
+    model.train()
+    for module in model.modules():  # regression onto fixed targets: no dropout
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    for _ in range(epochs):
+        total = 0.0
+        for idx in _batches(lengths, batch_size, rng):
+            batch = student.tokenize([train[i] for i in idx])
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                pred = student.embed(batch).float()
+            want = target_t[idx].to(device)
+            if loss == "cosine":
+                value = (1.0 - (pred * want).sum(dim=-1)).mean()
+            else:
+                value = torch.nn.functional.mse_loss(pred, want)
+            optimizer.zero_grad(set_to_none=True)
+            value.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            scheduler.step()
+            total += float(value.detach()) * len(idx)
+            bar.update(1)
+        epoch_losses.append(total / len(train))
+        bar.set_postfix(loss=f"{epoch_losses[-1]:.5f}")
+    bar.close()
+    model.eval()
+    cosine_after = _mean_cosine(student.encode(held), targets_held)
+
+    report = DistillReport(
+        out_dir=str(out),
+        teacher=teacher.source,
+        teacher_fingerprint=teacher.fingerprint,
+        layers=layers,
+        teacher_layers=teacher_layers,
+        train_texts=len(train),
+        held_out_texts=len(held),
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        loss=loss,
+        seed=seed,
+        cosine_before=cosine_before,
+        cosine_after=cosine_after,
+        epoch_losses=epoch_losses,
+        seconds=time.perf_counter() - started,
+    )
+    _save(student, teacher, out, report)
+    log.info(
+        "distilled %d of %d layers into %s: held-out cosine %.4f -> %.4f in %.0f s",
+        layers,
+        teacher_layers,
+        out,
+        cosine_before,
+        cosine_after,
+        report.seconds,
+    )
+    return report
+
+
+def _save(student: Encoder, teacher: Encoder, out: Path, report: DistillReport) -> None:
+    """Write the checkpoint into a staging directory beside ``out``, then move it into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from transformers.utils import logging as hf_logging
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # a "Writing model shards" bar per file
+    try:
+        student.model.save_pretrained(staging, safe_serialization=True)
+        teacher.tokenizer.save_pretrained(staging)
+        _write_side_files(staging, teacher, student.dim)
+        (staging / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+        if out.exists():
+            out.rmdir()  # checked empty above
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
