@@ -419,9 +419,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
-        from importlib.metadata import version
+        from matching import __version__
 
-        print(version("matching"))
+        print(__version__)
         return 0
     if not args.command:
         parser.print_help()

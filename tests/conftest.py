@@ -231,3 +231,29 @@ def own_bundle(tmp_path: Path, tiny_encoder: Any) -> Any:
     matcher = build_products(tmp_path / "products", tiny_encoder)
     yield matcher
     matcher.close()
+
+
+# -- CPU vs CUDA -------------------------------------------------------------------------------------
+
+
+def on_cuda() -> bool:
+    """Whether the tiny encoder runs on CUDA here (it picks CUDA where there is one)."""
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def same_scores(a: Any, b: Any) -> bool:
+    """Bit-identical on CPU; on CUDA, kernels chosen per batch shape may differ in the last float bits."""
+    if on_cuda():
+        return bool(np.allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5))
+    return bool(np.array_equal(a, b))
+
+
+def assert_same_file(a: Path, b: Path) -> None:
+    """Byte-identical scored files on CPU; on CUDA the same rows with scores equal to 1e-5."""
+    if not on_cuda():
+        assert a.read_bytes() == b.read_bytes()
+        return
+    ta, tb = pd.read_csv(a, sep=None, engine="python"), pd.read_csv(b, sep=None, engine="python")
+    pd.testing.assert_frame_equal(ta, tb, check_exact=False, rtol=0, atol=1e-5)

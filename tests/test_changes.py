@@ -221,7 +221,10 @@ def brute_force(m: Matcher, query: str, allowed: set[Any], k: int) -> list[Any]:
     [
         ({"brand": "Acme"}, lambda r: r.brand == "Acme"),
         ({"price": ("<", 30)}, lambda r: r.price < 30),
-        ({"brand": ["Globex", "Initech"], "price": (">=", 60)}, lambda r: r.brand in ("Globex", "Initech") and r.price >= 60),
+        (
+            {"brand": ["Globex", "Initech"], "price": (">=", 60)},
+            lambda r: r.brand in ("Globex", "Initech") and r.price >= 60,
+        ),
         ({"brand": ("not in", ["Acme", "Globex"])}, lambda r: r.brand not in ("Acme", "Globex")),
         ({"brand": ("!=", "Acme"), "price": ("<=", 40.74)}, lambda r: r.brand != "Acme" and r.price <= 40.74),
     ],
@@ -388,7 +391,8 @@ def test_auto_index_tunes_ivf_and_refines_exactly(tmp_path: Path, tiny_encoder: 
     monkeypatch.setattr("matching.autoindex.MIN_POINTS_PER_LIST", 4)
     with fresh_build(make_catalogue(), tmp_path / "b", tiny_encoder) as m:
         record = m.manifest.index
-        assert record["factory"].startswith("IVF") and record["factory"].endswith(",SQ8")
+        assert record["factory"].startswith("IVF")
+        assert record["factory"].endswith(",SQ8")
         assert record["refine_factor"] == 2
         assert record["nprobe"] == record["tuning"]["value"] >= 1
         assert record["tuning"]["recall"] >= 0.95

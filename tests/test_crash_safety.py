@@ -48,6 +48,7 @@ class WriterServer:
         self._stderr = log.open("w")
         root = Path(__file__).resolve().parent.parent
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the server forks its writers, and CUDA does not survive a fork
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).with_name("writer_process.py")), "serve", str(model_dir), str(bundle)],
             stdin=subprocess.PIPE,

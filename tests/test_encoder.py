@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from matching.config import EncoderConfig
-from matching.encoder import Encoder
+from matching.encoder import Encoder, pick_device
 from matching.errors import ModelError
 from matching.types import Pooling
 
@@ -41,7 +41,7 @@ def test_dim_and_defaults_of_a_checkpoint_without_sentence_transformers_files(ti
     assert tiny_encoder.dim == 32
     assert tiny_encoder.pooling is Pooling.MEAN
     assert tiny_encoder.max_length == 128  # capped by max_position_embeddings
-    assert tiny_encoder.device == torch.device("cpu")
+    assert tiny_encoder.device.type == pick_device(None).type  # CUDA where there is one
 
 
 def test_different_texts_get_different_vectors(tiny_encoder: Encoder) -> None:
@@ -71,7 +71,7 @@ def _raw_hidden(encoder: Encoder, text: str) -> torch.Tensor:
     batch = encoder.tokenizer([text], return_tensors="pt")
     assert int(batch["attention_mask"].sum()) == batch["input_ids"].shape[1]  # unpadded
     with torch.inference_mode():
-        return encoder.model(**batch).last_hidden_state[0]
+        return encoder.model(**batch.to(encoder.device)).last_hidden_state[0].cpu()
 
 
 def test_mean_pooling_equals_a_hand_computation(tiny_encoder: Encoder) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import build_products, hidden_entries, make_catalogue
+from conftest import assert_same_file, build_products, hidden_entries, make_catalogue
 
 from matching.cli import main
 from matching.config import ScorerConfig
@@ -323,7 +323,7 @@ def test_score_file_in_small_chunks_writes_the_same_file(pairs_bundle: Matcher, 
     whole, chunked = tmp_path / "whole.csv", tmp_path / "chunked.csv"
     score_file(pairs_bundle, src, whole, show_progress=False)
     assert score_file(pairs_bundle, src, chunked, chunksize=chunksize, show_progress=False) == len(PAIR_ROWS)
-    assert chunked.read_bytes() == whole.read_bytes()
+    assert_same_file(chunked, whole)
     check_scored(pairs_bundle, chunked)
 
 
@@ -453,7 +453,7 @@ def test_cli_score_in_small_chunks(
     assert run(capsys, "score", pairs_bundle.path, src, "--out", whole, *common)[0] == 0
     code, _, err = run(capsys, "score", pairs_bundle.path, src, "--out", chunked, "--chunksize", 2, *common)
     assert code == 0, err
-    assert chunked.read_bytes() == whole.read_bytes()
+    assert_same_file(chunked, whole)
     assert len(read_text_table(chunked)) == len(PAIR_ROWS)
 
 
