@@ -18,7 +18,11 @@ def _cmd_build(args: argparse.Namespace) -> int:
     source = Path(args.source)
     out = Path(args.out) if args.out else Path("indexes") / source.name.split(".")[0]
     encoder_config = EncoderConfig(
-        model=args.model, pooling=args.pooling, max_length=args.max_length, batch_size=args.batch_size
+        model=args.model,
+        pooling=args.pooling,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        preset=args.preset,
     )
     matcher = Matcher.build(
         source,
@@ -83,7 +87,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from matching import Matcher
 
     where = parse_where(args.where) if args.where else None
-    with Matcher.load(args.bundle, model=args.model) as matcher:
+    with Matcher.load(args.bundle, model=args.model, preset=getattr(args, "preset", None)) as matcher:
         results = matcher.search_batch(
             args.query, args.k, candidates=args.candidates, rerank=not args.no_rerank, where=where
         )
@@ -147,7 +151,13 @@ def _print_change(bundle: str, report: Any) -> None:
 def _cmd_change(args: argparse.Namespace) -> int:
     from matching import Matcher
 
-    with Matcher.load(args.bundle, model=args.model, verify=False, lock_timeout=args.lock_timeout) as matcher:
+    with Matcher.load(
+        args.bundle,
+        model=args.model,
+        preset=getattr(args, "preset", None),
+        verify=False,
+        lock_timeout=args.lock_timeout,
+    ) as matcher:
         change = matcher.add if args.command == "add" else matcher.upsert
         report = change(
             args.source,
@@ -176,7 +186,13 @@ def _cmd_remove(args: argparse.Namespace) -> int:
         from matching.errors import ConfigError
 
         raise ConfigError("give the ids to remove as arguments or with --ids-file (one per line)")
-    with Matcher.load(args.bundle, model=args.model, verify=False, lock_timeout=args.lock_timeout) as matcher:
+    with Matcher.load(
+        args.bundle,
+        model=args.model,
+        preset=getattr(args, "preset", None),
+        verify=False,
+        lock_timeout=args.lock_timeout,
+    ) as matcher:
         report = matcher.remove(ids, missing_ok=args.missing_ok)
     _print_change(args.bundle, report)
     return 0
@@ -186,11 +202,40 @@ def _cmd_compact(args: argparse.Namespace) -> int:
     from matching import Matcher
 
     config = _index_config(args) if args.factory else None
-    with Matcher.load(args.bundle, model=args.model, verify=False, lock_timeout=args.lock_timeout) as matcher:
+    with Matcher.load(
+        args.bundle,
+        model=args.model,
+        preset=getattr(args, "preset", None),
+        verify=False,
+        lock_timeout=args.lock_timeout,
+    ) as matcher:
         report = matcher.compact(index_config=config, show_progress=not args.quiet)
         factory = matcher.manifest.factory
     done = f"{report.count} titles, index {factory}"
     print(f"compacted {args.bundle}: {done} ({report.generation}, {report.seconds:.1f} s)")
+    return 0
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from matching import Matcher
+
+    bundle = Path(args.bundle)
+    out = Path(args.out) if args.out else bundle.parent / f"{bundle.name}-student-L{args.layers}"
+    show = not args.quiet
+    with Matcher.load(bundle, model=args.model, verify=False) as matcher:
+        report = matcher.distill(out, layers=args.layers, max_titles=args.max_titles, epochs=args.epochs,
+                                 show_progress=show)  # fmt: skip
+        print(
+            f"distilled a {args.layers}-layer student into {out} in {report.seconds:.0f} s: cosine to the teacher "
+            f"on {report.held_out_texts} held-out titles {report.cosine_before:.4f} -> {report.cosine_after:.4f}"
+        )
+        if args.rebuild:
+            rebuilt = Matcher.build(matcher.catalogue(), args.rebuild, model=out, preset=args.preset,
+                                    overwrite=args.overwrite, show_progress=show)  # fmt: skip
+            print(
+                f"built {args.rebuild}: {len(rebuilt)} titles encoded by the student, index {rebuilt.manifest.factory}"
+            )
+            rebuilt.close()
     return 0
 
 
@@ -199,7 +244,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from matching.evaluate import evaluate, load_qrels, load_queries
 
     queries, qrels = load_queries(args.queries), load_qrels(args.qrels)
-    with Matcher.load(args.bundle, model=args.model) as matcher:
+    with Matcher.load(args.bundle, model=args.model, preset=getattr(args, "preset", None)) as matcher:
         report = evaluate(matcher, queries, qrels, k_values=args.k, candidates=args.candidates)
     if args.json:
         print(
@@ -217,7 +262,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from matching import Matcher
     from matching.pairs import score_file
 
-    with Matcher.load(args.bundle, model=args.model) as matcher:
+    with Matcher.load(args.bundle, model=args.model, preset=getattr(args, "preset", None)) as matcher:
         n = score_file(
             matcher,
             Path(args.pairs),
@@ -241,7 +286,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "label_column": args.label_column,
     }
     show = not args.quiet
-    with Matcher.load(args.bundle, model=args.model) as matcher:
+    with Matcher.load(args.bundle, model=args.model, preset=getattr(args, "preset", None)) as matcher:
         if args.query_tower:
             report = matcher.train_query_tower(args.pairs, args.valid, show_progress=show, seed=args.seed, **columns)
             print("query tower:\n" + report.table())
@@ -284,6 +329,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+PRESET_HELP = (
+    "encoder speed/precision: exact (float32), default (bf16 where the CPU has it; within 0.3 nDCG points), "
+    "fast (default + texts cut at 192 tokens + int8 single queries); presets of one model share the vector space"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="matching", description="Two-tower semantic matching over a title catalogue.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -303,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pooling", choices=["mean", "cls"], help="default: what the checkpoint says, else mean")
     p.add_argument("--max-length", type=int, help="token limit per title (default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--preset", choices=["exact", "default", "fast"], default="default", help=PRESET_HELP)
     _add_index_options(p, default="auto")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip rows with an empty id or title")
     p.add_argument("--encoding", default="utf-8", help="text encoding of the file (default: utf-8)")
@@ -318,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-rerank", action="store_true", help="rank by cosine alone")
     p.add_argument("--model", help="override the encoder directory recorded in the bundle")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--preset", choices=["exact", "default", "fast"], help=PRESET_HELP)
     p.add_argument(
         "--where",
         action="append",
@@ -340,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--encoding", default="utf-8")
         p.add_argument("--model", help="override the encoder directory recorded in the bundle")
         p.add_argument("--lock-timeout", type=float, default=30.0, help="seconds to wait for another writer")
+        p.add_argument("--preset", choices=["exact", "default", "fast"], help=PRESET_HELP)
         p.add_argument("-q", "--quiet", action="store_true")
         p.set_defaults(func=_cmd_change)
 
@@ -366,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qrels", required=True, help="qrels TSV (query-id, corpus-id, score; with header)")
     p.add_argument("-k", type=int, nargs="+", default=[10, 100], help="cut-offs (default: 10 100)")
     p.add_argument("--candidates", type=int, default=100)
+    p.add_argument("--preset", choices=["exact", "default", "fast"], help=PRESET_HELP)
     p.add_argument("--model", help="override the encoder directory recorded in the bundle")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_evaluate)
@@ -377,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query-column", default="query")
     p.add_argument("--title-column", default="title")
     p.add_argument("--chunksize", type=int, default=20_000)
+    p.add_argument("--preset", choices=["exact", "default", "fast"], help=PRESET_HELP)
     p.add_argument("--model", help="override the encoder directory recorded in the bundle")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_score)
@@ -400,6 +456,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="override the encoder directory recorded in the bundle")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("distill", help="train a smaller N-layer student encoder on the bundle's own titles")
+    p.add_argument("bundle")
+    p.add_argument("--layers", type=int, default=3, help="student layers, the teacher's first N (default 3)")
+    p.add_argument("--out", help="student checkpoint directory (default: <bundle>-student-L<N> beside the bundle)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--max-titles", type=int, default=100_000, help="titles to train on (a random sample)")
+    p.add_argument("--rebuild", metavar="BUNDLE", help="then build this new bundle with the student")
+    p.add_argument("--preset", choices=["exact", "default", "fast"], help=PRESET_HELP)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --rebuild bundle")
+    p.add_argument("--model", help="override the encoder directory recorded in the bundle")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_cmd_distill)
 
     p = sub.add_parser("info", help="print a bundle's manifest")
     p.add_argument("bundle")

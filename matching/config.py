@@ -79,7 +79,7 @@ class EncoderConfig(JsonConfig):
     max_length: int | None = None
     batch_size: int = 64
     device: str | None = None
-    preset: Preset = Preset.EXACT
+    preset: Preset = Preset.DEFAULT
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

@@ -244,12 +244,14 @@ class Encoder:
         bs = batch_size or self.batch_size
         order = np.argsort([-len(t) for t in texts], kind="stable") if n > 1 else np.zeros(1, dtype=np.int64)
         device = self.device
-        exact = self.plan.uses_base_model
+        plan = self.plan
+        limit = min(self.max_length, plan.max_tokens) if plan.max_tokens else None
+        exact = plan.uses_base_model
         runner = None if exact else self._inference_runner()
         with torch.inference_mode():
             for start in tqdm(range(0, n, bs), desc="encoding", unit="batch", disable=not show_progress, leave=False):
                 idx = order[start : start + bs]
-                batch = self.tokenize([texts[i] for i in idx], device)
+                batch = self.tokenize([texts[i] for i in idx], device, max_length=limit)
                 if runner is None:
                     vectors = self.embed(batch)
                 else:
@@ -257,10 +259,13 @@ class Encoder:
                 out[idx] = vectors.float().cpu().numpy()
         return out
 
-    def tokenize(self, texts: Sequence[str], device: torch.device | None = None) -> dict[str, torch.Tensor]:
-        """A padded, truncated batch of token tensors on ``device`` (default: the model's)."""
+    def tokenize(
+        self, texts: Sequence[str], device: torch.device | None = None, *, max_length: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """A padded batch of token tensors on ``device`` (default: the model's), truncated at ``max_length``
+        (default: the encoder's)."""
         batch = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            list(texts), padding=True, truncation=True, max_length=max_length or self.max_length, return_tensors="pt"
         )
         target = device or self.device
         return {k: v.to(target) for k, v in batch.items()}

@@ -40,9 +40,10 @@ from matching.ingest import DEFAULT_CHUNKSIZE, CatalogueReader, canonical_id, me
 from matching.scorer import Scorer
 from matching.store import CONFIG_FILE as STORE_CONFIG_FILE
 from matching.store import DB_FILE, VECTORS_FILE, Store, StoreEditor, Where, read_config
-from matching.types import ChangeReport, ExternalId, IdType, Match
+from matching.types import ChangeReport, ExternalId, IdType, Match, Preset
 
 if TYPE_CHECKING:
+    from matching.distill import DistillReport
     from matching.train import TrainReport
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ def _encoder_record(encoder: Encoder) -> dict[str, Any]:
         "fingerprint": encoder.fingerprint,
         "pooling": encoder.pooling.value,
         "max_length": encoder.max_length,
+        "preset": encoder.preset.value,  # what the titles were encoded with; queries may use another
     }
 
 
@@ -184,6 +186,7 @@ class Matcher:
         model: str | Path | None = None,
         encoder: Encoder | None = None,
         encoder_config: EncoderConfig | None = None,
+        preset: Preset | str | None = None,
         index_config: IndexConfig | None = None,
         scorer_hidden: int = 256,
         skip_bad_rows: bool = False,
@@ -196,7 +199,9 @@ class Matcher:
         """Encode every title of ``source`` (CSV/TSV/JSONL path or DataFrame) into a new bundle at ``path``.
 
         ``title_column`` may name several columns; their values are joined with a space.
-        Every other column is kept as metadata. Nothing is published unless the whole build succeeds.
+        Every other column is kept as metadata. ``preset`` picks the encoder's speed/precision
+        (:class:`~matching.types.Preset`; default ``default``). ``index_config`` defaults to the automatic
+        index for the catalogue's size. Nothing is published unless the whole build succeeds.
         """
         path = Path(path)
         check_target(path, overwrite=overwrite)
@@ -204,7 +209,11 @@ class Matcher:
             cfg = encoder_config or EncoderConfig()
             if model is not None:
                 cfg = dataclasses.replace(cfg, model=str(model))
+            if preset is not None:
+                cfg = dataclasses.replace(cfg, preset=Preset(preset))
             encoder = Encoder.from_pretrained(cfg)
+        elif preset is not None:
+            encoder.set_preset(preset)
         index_config = index_config or IndexConfig()
         # fail on a bad index or scorer setting now, not after encoding the whole catalogue
         VectorIndex.empty(encoder.dim, index_config)
@@ -271,6 +280,7 @@ class Matcher:
         model: str | Path | None = None,
         encoder: Encoder | None = None,
         device: str | None = None,
+        preset: Preset | str | None = None,
         verify: bool = True,
         allow_encoder_mismatch: bool = False,
         lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
@@ -279,13 +289,15 @@ class Matcher:
 
         The encoder is loaded from where the manifest says it came from unless ``model``/``encoder``
         is given; either way its fingerprint must match the one the titles were encoded with.
+        ``preset`` sets the encoder's speed/precision for queries and later additions (default: the one
+        the bundle was built with); every preset of one checkpoint shares the vector space.
         The generation stays on disk while this matcher uses it, even if writers publish newer ones
         (see :meth:`refresh`). ``lock_timeout`` is how long this matcher's writes wait for another writer.
         """
         path = Path(path)
         lease = lease_current(path)
         try:
-            return cls._load(path, lease, model, encoder, device, verify, allow_encoder_mismatch, lock_timeout)
+            return cls._load(path, lease, model, encoder, device, preset, verify, allow_encoder_mismatch, lock_timeout)
         except BaseException:
             lease.release()
             raise
@@ -298,6 +310,7 @@ class Matcher:
         model: str | Path | None,
         encoder: Encoder | None,
         device: str | None,
+        preset: Preset | str | None,
         verify: bool,
         allow_encoder_mismatch: bool,
         lock_timeout: float,
@@ -312,8 +325,11 @@ class Matcher:
                     pooling=record["pooling"],
                     max_length=record["max_length"],
                     device=device,
+                    preset=Preset(preset or record.get("preset") or EncoderConfig().preset),
                 )
             )
+        elif preset is not None:
+            encoder.set_preset(preset)
         if encoder.fingerprint != manifest.encoder["fingerprint"] and not allow_encoder_mismatch:
             raise BundleError(
                 f"the encoder ({encoder.source}) is not the one bundle {str(path)!r} was built with "
@@ -849,6 +865,43 @@ class Matcher:
         else:
             self.query_encoder = tower
         return report
+
+    # -- a smaller encoder -------------------------------------------------------------------------
+
+    def distill(
+        self,
+        out_dir: str | Path,
+        *,
+        layers: int = 3,
+        max_titles: int = 100_000,
+        show_progress: bool = True,
+        **settings: Any,
+    ) -> DistillReport:
+        """Train a ``layers``-layer student of the title encoder on (up to ``max_titles`` of) this bundle's own
+        titles and save it as a checkpoint in ``out_dir``; settings: :func:`matching.distill.distill`.
+
+        The student encodes into its own vector space: build a bundle with it (``model=out_dir``, e.g. from
+        :meth:`catalogue`) rather than mixing it with vectors of the original encoder.
+        """
+        from matching.distill import distill
+
+        titles = [r.title for rows in self.store.rows() for r in rows]
+        if len(titles) > max_titles:
+            pick = np.random.default_rng(settings.get("seed", 0)).choice(len(titles), max_titles, replace=False)
+            titles = [titles[i] for i in np.sort(pick)]
+        return distill(self.encoder, titles, out_dir, layers=layers, show_progress=show_progress, **settings)
+
+    def catalogue(self) -> pd.DataFrame:
+        """Every live title as a DataFrame: ``id``, ``title`` and one column per metadata field."""
+        records = [
+            {**r.metadata, "id": self.store.external_id(r.external_id), "title": r.title}
+            for rows in self.store.rows()
+            for r in rows
+        ]
+        frame = pd.DataFrame.from_records(records)
+        if frame.empty:
+            return pd.DataFrame({"id": [], "title": []})
+        return frame[["id", "title", *[c for c in frame.columns if c not in ("id", "title")]]]
 
     # -- description -----------------------------------------------------------------------------
 

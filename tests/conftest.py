@@ -114,7 +114,8 @@ def tiny_encoder(tiny_model_dir: Path) -> Any:
     from matching.config import EncoderConfig
     from matching.encoder import Encoder
 
-    return Encoder.from_pretrained(EncoderConfig(model=str(tiny_model_dir)))
+    # exact (float32): tests compare against hand computations and sentence-transformers at 1e-5
+    return Encoder.from_pretrained(EncoderConfig(model=str(tiny_model_dir), preset="exact"))
 
 
 # -- the catalogue -------------------------------------------------------------------------------------

@@ -129,7 +129,9 @@ def test_search_json_has_the_right_ids(
     capsys: pytest.CaptureFixture[str], cli_bundle: Path, tiny_model_dir: Path, tiny_encoder: Any
 ) -> None:
     query = "black wireless headphones"
-    code, stdout, _ = run(capsys, "search", cli_bundle, query, "-k", "5", "--json", "--model", tiny_model_dir)
+    # the bundle was built with the default preset; querying with exact compares like with like
+    args = ("-k", "5", "--json", "--model", tiny_model_dir, "--preset", "exact")
+    code, stdout, _ = run(capsys, "search", cli_bundle, query, *args)
     assert code == 0
     payload = json.loads(stdout)
     with Matcher.load(cli_bundle, encoder=tiny_encoder) as matcher:

@@ -51,6 +51,7 @@ def test_pooling_is_written_as_its_string_value() -> None:
         "max_length": None,
         "batch_size": 64,
         "device": None,
+        "preset": "default",
     }
 
 

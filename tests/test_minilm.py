@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from matching.config import EncoderConfig
 from matching.encoder import Encoder
 from matching.types import Pooling
 
@@ -33,7 +34,8 @@ SENTENCES = [
 
 @pytest.fixture(scope="module")
 def minilm() -> Encoder:
-    return Encoder.from_pretrained()
+    # exact (float32): these tests check the encoder loop and compare with sentence-transformers at 1e-5
+    return Encoder.from_pretrained(EncoderConfig(preset="exact"))
 
 
 def test_defaults_come_from_the_checkpoint(minilm: Encoder) -> None:

@@ -164,15 +164,16 @@ def test_cpu_plans(monkeypatch: pytest.MonkeyPatch) -> None:
     assert plan == Plan(Preset.DEFAULT, dtype=torch.float32, trace=True)
     assert "no native bfloat16" in plan.notes[0]
     if accel.int8_available():
-        assert plan_for(Preset.FAST, cpu) == Plan(Preset.FAST, int8=True, trace=True)
+        cut = accel.FAST_MAX_TOKENS
+        assert plan_for(Preset.FAST, cpu) == Plan(Preset.FAST, int8=True, trace=True, max_tokens=cut)
         monkeypatch.setattr(accel, "cpu_has_native_bf16", lambda: True)
         assert plan_for(Preset.FAST, cpu) == Plan(
-            Preset.FAST, torch.bfloat16, int8=True, int8_max_tokens=accel.INT8_MAX_TOKENS, trace=True
+            Preset.FAST, torch.bfloat16, int8=True, int8_max_tokens=accel.INT8_MAX_TOKENS, trace=True, max_tokens=cut
         )
     monkeypatch.setattr(accel, "int8_available", lambda: False)
     plan = plan_for(Preset.FAST, cpu)
-    assert plan == Plan(Preset.FAST, dtype=torch.bfloat16, trace=True)
-    assert "falls back to 'default'" in plan.notes[0]
+    assert plan == Plan(Preset.FAST, dtype=torch.bfloat16, trace=True, max_tokens=accel.FAST_MAX_TOKENS)
+    assert "runs like 'default'" in plan.notes[0]
 
 
 @pytest.mark.parametrize(("bf16", "dtype"), [(True, torch.bfloat16), (False, torch.float16)])
@@ -183,7 +184,7 @@ def test_cuda_plans_use_half_precision_and_no_int8(
     cuda = torch.device("cuda")
     assert plan_for(Preset.DEFAULT, cuda) == Plan(Preset.DEFAULT, dtype=dtype)
     fast = plan_for(Preset.FAST, cuda)
-    assert fast == Plan(Preset.FAST, dtype=dtype)
+    assert fast == Plan(Preset.FAST, dtype=dtype, max_tokens=accel.FAST_MAX_TOKENS)
     assert not fast.int8
     assert not fast.trace
     assert "CPU-only" in fast.notes[0]
@@ -213,3 +214,13 @@ def test_fast_runs_int8_on_small_batches_and_the_wide_type_on_big_ones(
     assert _cosines(small, exact[3:]).min() > 0.99
     default = Encoder.from_pretrained(EncoderConfig(model=str(tiny_model_dir), preset=Preset.DEFAULT, device="cpu"))
     np.testing.assert_allclose(big, default.encode(TEXTS), atol=1e-6, rtol=0)
+
+
+def test_fast_cuts_long_texts_at_its_token_limit(tiny_model_dir: Path) -> None:
+    long_text = "red running shoes " * 80  # ~240 tokens, over the tiny model's 128-token limit
+    fast = Encoder.from_pretrained(EncoderConfig(model=str(tiny_model_dir), preset="fast"))
+    exact = Encoder.from_pretrained(EncoderConfig(model=str(tiny_model_dir), preset="exact", max_length=128))
+    # the tiny model allows 128 tokens, below the cut: fast keeps them all, like exact
+    assert fast.max_length == 128 < accel.FAST_MAX_TOKENS
+    np.testing.assert_allclose(fast.encode([long_text]), exact.encode([long_text]), atol=0.05)
+    assert fast.fingerprint == exact.fingerprint
