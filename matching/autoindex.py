@@ -13,6 +13,7 @@ a tuned ``nprobe`` already meets the latency target. A user factory with HNSW is
 from __future__ import annotations
 
 import math
+import mmap
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -184,6 +185,14 @@ def choice_for_factory(factory: str, n: int) -> IndexChoice:
     )
 
 
+def drop_pages(vectors: np.ndarray) -> None:
+    """Let go of the pages of a memory-mapped vector file already read, so that building over a file of
+    any size keeps the process's resident memory to the index itself (the OS still caches the file)."""
+    mapping = getattr(vectors, "_mmap", None)  # where numpy.memmap keeps its mmap.mmap
+    if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
+
+
 # -- exact refine -------------------------------------------------------------------------------------------------
 
 
@@ -231,7 +240,8 @@ def exact_top_k(
     best_s = np.full((len(q), 0), -np.inf, dtype=np.float32)
     best_i = np.zeros((len(q), 0), dtype=np.int64)
     for start in range(0, n, block):
-        chunk = np.asarray(vectors[start : start + block], dtype=np.float32)
+        chunk = np.array(vectors[start : start + block], dtype=np.float32)
+        drop_pages(vectors)
         s = q @ chunk.T
         kk = min(k, s.shape[1])
         part = np.argpartition(-s, kk - 1, axis=1)[:, :kk]

@@ -183,9 +183,16 @@ class Lease:
 
 def lease_current(path: Path, *, attempts: int = 200) -> Lease:
     """Lease the live generation of the bundle at ``path`` (retrying while a writer swaps it)."""
-    path = Path(path)
-    for _ in range(attempts):
-        gen = current_generation(path)
+    path = Path(path).resolve()
+    for attempt in range(attempts):
+        pointer = _read_pointer(path)
+        try:
+            gen = current_generation(path)
+        except BundleError:
+            # CURRENT named a generation that a writer replaced and began deleting meanwhile: read it again
+            if attempt == attempts - 1 or _read_pointer(path) in (pointer, None):
+                raise
+            continue
         manifest = gen / MANIFEST_FILE
         try:
             fd = os.open(manifest, os.O_RDONLY)
@@ -204,6 +211,18 @@ def lease_current(path: Path, *, attempts: int = 200) -> Lease:
     raise BundleError(f"could not open a stable generation of bundle {str(path)!r}: it keeps changing; try again")
 
 
+def live_name(path: Path) -> str | None:
+    """The name ``CURRENT`` holds (not checked; ``None`` if there is none): a cheap "has it changed?"."""
+    return _read_pointer(Path(path))
+
+
+def _read_pointer(path: Path) -> str | None:
+    try:
+        return (path / POINTER_FILE).read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+
+
 def lock_path(path: Path) -> Path:
     """The writers' lock file of the bundle at ``path`` (beside it, so a first build can take it too)."""
     return path.parent / f".{path.name}.lock"
@@ -217,7 +236,7 @@ def writer_lock(path: Path, *, timeout: float = DEFAULT_LOCK_TIMEOUT) -> Iterato
     removed too, so a failed build leaves nothing behind; a waiter that then gets the lock on the
     removed file notices and locks the new one.
     """
-    path = Path(path)
+    path = Path(path).resolve()  # one lock file however the path is spelled
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = lock_path(path)
     deadline = time.monotonic() + max(0.0, timeout)
@@ -284,7 +303,7 @@ def new_generation(
     the bundle must exist and the body derives the new generation from the live one, which it reads
     under the lock. On any exception the partial generation is deleted and whatever was live stays live.
     """
-    path = Path(path)
+    path = Path(path).resolve()
     with writer_lock(path, timeout=lock_timeout):
         _remove_leftovers(path)
         with _new_generation(path, overwrite=overwrite, carry=carry, base=base, change=change) as staging:
@@ -324,6 +343,7 @@ def _new_generation(
             raise BundleError("internal error: a generation was finished without a manifest")
         for file in staging.iterdir():
             _fsync(file)
+        _fsync(staging)
         staging.rename(root / final_name)
         _fsync(root)
         _point(root, final_name)
@@ -375,7 +395,7 @@ def collect_garbage(path: Path, *, lock: bool = True) -> list[str]:
 
     With ``lock``, this takes the writer lock without waiting and does nothing if a writer holds it.
     """
-    path = Path(path)
+    path = Path(path).resolve()
     if lock:
         try:
             with writer_lock(path, timeout=0):

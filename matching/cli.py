@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import re
@@ -105,6 +106,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
 _WHERE = re.compile(r"\s*(?P<key>.+?)\s*(?P<op>==|!=|<=|>=|=|<|>|\s+not\s+in\s+|\s+in\s+)\s*(?P<value>.*?)\s*\Z")
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a value to filter on")  # NaN/Infinity: read as plain text instead
+
+
 def parse_where(expressions: Sequence[str]) -> dict[str, Any]:
     """``["brand=acme", "price<50", 'color in ["red", "blue"]']`` -> a ``where`` dict for search.
 
@@ -124,8 +129,8 @@ def parse_where(expressions: Sequence[str]) -> dict[str, Any]:
         op = " ".join(m["op"].split())
         op = "==" if op == "=" else op
         try:
-            value = json.loads(m["value"])
-        except json.JSONDecodeError:
+            value = json.loads(m["value"], parse_constant=_no_constant)
+        except (json.JSONDecodeError, ValueError):
             value = m["value"]
         if op in ("in", "not in") and not isinstance(value, list):
             raise ConfigError(f'--where {text!r}: {op!r} needs a JSON list, e.g. \'color in ["red", "blue"]\'')
@@ -201,7 +206,14 @@ def _cmd_remove(args: argparse.Namespace) -> int:
 def _cmd_compact(args: argparse.Namespace) -> int:
     from matching import Matcher
 
-    config = _index_config(args) if args.factory else None
+    options = (args.factory, args.nprobe, args.ef_search, args.memory_budget_mb)
+    config = _index_config(args) if any(o is not None for o in options) else None
+    if config is not None and args.factory is None:  # a new setting for the current kind of index
+        from matching.bundle import current_generation
+        from matching.config import IndexConfig
+
+        current = IndexConfig.load(current_generation(Path(args.bundle)) / "index.json")
+        config = dataclasses.replace(config, factory=current.factory)
     with Matcher.load(
         args.bundle,
         model=args.model,

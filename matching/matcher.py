@@ -27,6 +27,7 @@ from matching.bundle import (
     current_generation,
     lease_current,
     link_or_copy,
+    live_name,
     new_generation,
     read_manifest,
     write_manifest,
@@ -34,8 +35,8 @@ from matching.bundle import (
 from matching.config import EncoderConfig, IndexConfig, ScorerConfig
 from matching.encoder import Encoder
 from matching.errors import BadRowError, BundleError, ConfigError, DuplicateIdError, SchemaError
+from matching.index import AUTO, INDEX_FILE, VectorIndex
 from matching.index import CONFIG_FILE as INDEX_CONFIG_FILE
-from matching.index import INDEX_FILE, VectorIndex
 from matching.ingest import DEFAULT_CHUNKSIZE, CatalogueReader, canonical_id, metadata_json
 from matching.scorer import Scorer
 from matching.store import CONFIG_FILE as STORE_CONFIG_FILE
@@ -258,7 +259,7 @@ class Matcher:
                 encoder=_encoder_record(encoder),
                 dim=encoder.dim,
                 count=reader.count,
-                index=_index_record(built),
+                index=_index_record(built, index_config),
                 id_type=reader.id_type.value,
                 source={
                     "name": "DataFrame" if isinstance(source, pd.DataFrame) else str(source),
@@ -372,7 +373,7 @@ class Matcher:
 
         Searches already running finish on the generation they started with.
         """
-        if self.path is None or current_generation(self.path).name == self.generation:
+        if self.path is None or live_name(self.path) == self.generation:
             return False
         self._reopen(collect=False)
         return True
@@ -554,9 +555,8 @@ class Matcher:
         path = self._require_path()
         with new_generation(path, change=True, lock_timeout=self.lock_timeout) as gen:
             live, manifest = _live(path)
-            # keep the index kind unless told otherwise; its search parameter is tuned again for the new size
-            config = index_config or dataclasses.replace(IndexConfig.load(live / INDEX_CONFIG_FILE), nprobe=None,
-                                                         ef_search=None)  # fmt: skip
+            config = index_config or _compact_config(live, manifest)
+
             old = Store.open(live)
             try:
                 writer = Store.create(gen, old.dim)
@@ -584,7 +584,9 @@ class Matcher:
                 count = store.count
             finally:
                 store.close()
-            _write_generation_manifest(gen, dataclasses.replace(_changed(manifest, count), index=_index_record(built)))
+            _write_generation_manifest(
+                gen, dataclasses.replace(_changed(manifest, count), index=_index_record(built, config))
+            )
         self._reopen()
         return ChangeReport("compact", count=count, generation=self.generation or "",
                             seconds=time.perf_counter() - started)  # fmt: skip
@@ -651,7 +653,7 @@ class Matcher:
                                 dead.append(old.row_id)
                                 fresh.append(j)
                                 tally["updated"] += 1
-                            elif metadata_json(old.metadata) != meta:
+                            elif old.metadata != json.loads(meta):  # as values: key order does not matter
                                 meta_changes[old.row_id] = meta
                                 tally["metadata_updated"] += 1
                             else:
@@ -738,15 +740,16 @@ class Matcher:
             bad = next((i for i, x in enumerate(seq) if not isinstance(x, str)), None)
             if bad is not None:
                 raise ConfigError(f"{name}[{bad}] is {type(seq[bad]).__name__}, not a string")
+        snap = self._snap  # one generation throughout, even if another thread refreshes
         uq = list(dict.fromkeys(queries))
-        q_vecs = self.query_encoder.encode_queries(uq, show_progress=show_progress)
+        q_vecs = snap.query_encoder.encode_queries(uq, show_progress=show_progress)
         q_pos = {q: i for i, q in enumerate(uq)}
         ut = list(dict.fromkeys(titles))
-        rows = self.store.find_titles(ut)
+        rows = snap.store.find_titles(ut)
         t_vecs = np.empty((len(ut), self.encoder.dim), dtype=np.float32)
         cached = [(i, r) for i, r in enumerate(rows) if r is not None]
         if cached:
-            t_vecs[[i for i, _ in cached]] = self.store.vectors[[r for _, r in cached]]
+            t_vecs[[i for i, _ in cached]] = snap.store.vectors[[r for _, r in cached]]
         missing = [i for i, r in enumerate(rows) if r is None]
         if missing:
             t_vecs[missing] = self.encoder.encode_titles([ut[i] for i in missing], show_progress=show_progress)
@@ -893,9 +896,10 @@ class Matcher:
 
     def catalogue(self) -> pd.DataFrame:
         """Every live title as a DataFrame: ``id``, ``title`` and one column per metadata field."""
+        store = self.store
         records = [
-            {**r.metadata, "id": self.store.external_id(r.external_id), "title": r.title}
-            for rows in self.store.rows()
+            {**r.metadata, "id": store.external_id(r.external_id), "title": r.title}
+            for rows in store.rows()
             for r in rows
         ]
         frame = pd.DataFrame.from_records(records)
@@ -910,12 +914,26 @@ class Matcher:
         return {"path": str(self.path) if self.path else None, **self.manifest.to_dict()}
 
 
-def _index_record(index: VectorIndex) -> dict[str, Any]:
-    """The manifest's index entry: the resolved config, plus what build-time tuning measured."""
+def _index_record(index: VectorIndex, requested: IndexConfig | None = None) -> dict[str, Any]:
+    """The manifest's index entry: the resolved config, what build-time tuning measured, and the factory
+    asked for (``auto`` is re-resolved for the new size when the bundle is compacted)."""
     record = index.config.to_dict()
     if index.tuning:
         record["tuning"] = index.tuning
+    if requested is not None:
+        record["requested_factory"] = requested.factory
     return record
+
+
+def _compact_config(live: Path, manifest: Manifest) -> IndexConfig:
+    """The index a compaction rebuilds: ``auto`` again if the bundle asked for it, else the same factory;
+    the search parameter is tuned again unless it was fixed by the user (no target recall)."""
+    current = IndexConfig.load(live / INDEX_CONFIG_FILE)
+    if manifest.index.get("requested_factory") == AUTO:
+        return dataclasses.replace(current, factory=AUTO, nprobe=None, ef_search=None, refine_factor=None)
+    if current.target_recall and manifest.index.get("tuning"):
+        return dataclasses.replace(current, nprobe=None, ef_search=None)
+    return current
 
 
 def _live(path: Path) -> tuple[Path, Manifest]:
@@ -978,18 +996,22 @@ def _retrieve(snap: _Snapshot, vectors: np.ndarray, depth: int, where: Where | N
     return scores, ids
 
 
-def _exact(queries: np.ndarray, stored: np.ndarray, row_ids: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
-    """Brute-force inner-product top ``depth`` over the stored vectors of ``row_ids``, padded with -1."""
+def _exact(
+    queries: np.ndarray, stored: np.ndarray, row_ids: np.ndarray, depth: int, *, block: int = 65_536
+) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force inner-product top ``depth`` over the stored vectors of ``row_ids``, padded with -1
+    (read ``block`` rows at a time, so a wide filter does not load every vector at once)."""
     n = len(queries)
     scores = np.full((n, depth), -np.inf, dtype=np.float32)
     ids = np.full((n, depth), -1, dtype=np.int64)
-    if len(row_ids) == 0:
-        return scores, ids
-    sims = queries @ np.asarray(stored[row_ids], dtype=np.float32).T
-    take = min(depth, len(row_ids))
-    top = np.argpartition(-sims, take - 1, axis=1)[:, :take]
-    for qi in range(n):
-        order = top[qi][np.argsort(-sims[qi, top[qi]], kind="stable")]
-        scores[qi, :take] = sims[qi, order]
-        ids[qi, :take] = row_ids[order]
+    for start in range(0, len(row_ids), block):
+        part = row_ids[start : start + block]
+        sims = queries @ np.asarray(stored[part], dtype=np.float32).T
+        both_s = np.concatenate([scores, sims], axis=1)
+        both_i = np.concatenate([ids, np.broadcast_to(part, sims.shape)], axis=1)
+        top = np.argpartition(-both_s, depth - 1, axis=1)[:, :depth]
+        s_top, i_top = np.take_along_axis(both_s, top, axis=1), np.take_along_axis(both_i, top, axis=1)
+        order = np.argsort(-s_top, axis=1, kind="stable")
+        scores, ids = np.take_along_axis(s_top, order, axis=1), np.take_along_axis(i_top, order, axis=1)
+    ids[~np.isfinite(scores)] = -1
     return scores, ids

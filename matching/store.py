@@ -34,6 +34,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.pool import QueuePool
 
 from matching.errors import BundleError, ConfigError
 from matching.types import IdType
@@ -81,7 +82,15 @@ def title_hash(title: str) -> int:
 def _read_only_engine(path: Path) -> Engine:
     # immutable=1: the file never changes while published, so SQLite skips locking and change checks
     uri = f"file:{urllib.parse.quote(str(path.resolve()))}?mode=ro&immutable=1"
-    return create_engine("sqlite://", creator=lambda: sqlite3.connect(uri, uri=True, check_same_thread=False))
+    # a QueuePool: the "sqlite://" URL alone would pick SingletonThreadPool, which closes connections in use
+    # once more than five threads share one store
+    return create_engine(
+        "sqlite://",
+        creator=lambda: sqlite3.connect(uri, uri=True, check_same_thread=False),
+        poolclass=QueuePool,
+        pool_size=4,
+        max_overflow=-1,
+    )
 
 
 def _engine(path: Path) -> Engine:

@@ -404,3 +404,35 @@ def test_auto_index_tunes_ivf_and_refines_exactly(tmp_path: Path, tiny_encoder: 
         m.compact(show_progress=False)
         assert m.manifest.index["factory"] == record["factory"]
         assert "tuning" in m.manifest.index
+
+
+def test_one_lock_however_the_path_is_spelled(own_bundle: Matcher, tiny_encoder: Any) -> None:
+    path = own_bundle.path
+    assert path is not None
+    other_spelling = path.parent / ".." / path.parent.name / path.name
+    with (
+        Matcher.load(other_spelling, encoder=tiny_encoder, lock_timeout=0) as other,
+        writer_lock(path),
+        pytest.raises(BundleLockedError),
+    ):
+        other.add(NEW, show_progress=False)
+
+
+def test_many_threads_share_one_matcher(built_bundle: Matcher) -> None:
+    # more threads than SQLAlchemy's SingletonThreadPool would keep: none may lose its connection mid-search
+    expected = [h.id for h in built_bundle.search(QUERY, k=5)]
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(20):
+                assert [h.id for h in built_bundle.search(QUERY, k=5, where={"price": (">", 0)})] == expected
+        except BaseException as exc:  # collected, re-raised below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]

@@ -175,7 +175,7 @@ def process_reader(
         from matching.config import EncoderConfig
 
         torch.set_num_threads(1)
-        encoder = Encoder.from_pretrained(EncoderConfig(model=model_dir))
+        encoder = Encoder.from_pretrained(EncoderConfig(model=model_dir, preset="exact"))
     except BaseException:
         ready.set()
         out.put({"name": name, "error": traceback.format_exc()})

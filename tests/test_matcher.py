@@ -176,6 +176,7 @@ def test_info_and_repr(built_bundle: Matcher) -> None:
         "refine_factor": None,
         "memory_budget": None,
         "target_recall": 0.95,
+        "requested_factory": "auto",
     }
     assert info["source"]["skipped_rows"] == 0
     assert set(info["files"]) >= {"store.sqlite", "vectors.f32", "index.faiss", "scorer.safetensors"}
@@ -185,7 +186,7 @@ def test_info_and_repr(built_bundle: Matcher) -> None:
 def test_build_with_an_ivf_index(tmp_path: Path, tiny_encoder: Encoder) -> None:
     config = IndexConfig(factory="IVF2,Flat", nprobe=2)
     with build(make_catalogue(), tmp_path / "ivf", tiny_encoder, index_config=config) as matcher:
-        assert matcher.manifest.index == config.to_dict()
+        assert matcher.manifest.index == {**config.to_dict(), "requested_factory": "IVF2,Flat"}
         hits = matcher.search(QUERIES[0], k=5)
         expected_ids, expected_scores = brute_force(matcher, QUERIES[0], 5)
     assert_same_ranking([h.id for h in hits], [h.retrieval_score for h in hits], expected_ids, expected_scores, 1e-5)

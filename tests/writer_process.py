@@ -168,7 +168,7 @@ def load_encoder(model_dir: str) -> Any:
     from matching.encoder import Encoder
 
     torch.set_num_threads(1)
-    return Encoder.from_pretrained(EncoderConfig(model=model_dir, device="cpu"))
+    return Encoder.from_pretrained(EncoderConfig(model=model_dir, device="cpu", preset="exact"))
 
 
 def run_writer(encoder: Any, bundle: Path, start: int, stop: int) -> None:
