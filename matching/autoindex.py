@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -193,6 +194,41 @@ def drop_pages(vectors: np.ndarray) -> None:
         mapping.madvise(mmap.MADV_DONTNEED)
 
 
+class FileRows:
+    """Rows of a float32 matrix file read with ``pread``: like the memmap it wraps for indexing, but what it
+    reads never becomes resident memory of the process (scattered reads through a memmap map whole
+    fault-around windows, so tuning's few hundred thousand candidate reads made most of a 1M file resident)."""
+
+    def __init__(self, memmap: np.ndarray) -> None:
+        self.path = str(memmap.filename)  # type: ignore[attr-defined]
+        self.offset = int(memmap.offset)  # type: ignore[attr-defined]
+        self.shape = memmap.shape
+        self.row_bytes = int(memmap.shape[1]) * 4
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            if isinstance(key, slice):
+                start, stop, _ = key.indices(len(self))
+                data = os.pread(fd, max(0, stop - start) * self.row_bytes, self.offset + start * self.row_bytes)
+                return np.frombuffer(data, dtype=np.float32).reshape(-1, self.shape[1]).copy()
+            rows = np.atleast_1d(np.asarray(key, dtype=np.int64))
+            out = np.empty((len(rows), self.shape[1]), dtype=np.float32)
+            for i, r in enumerate(rows.tolist()):
+                out[i] = np.frombuffer(os.pread(fd, self.row_bytes, self.offset + r * self.row_bytes), dtype=np.float32)
+            return out
+        finally:
+            os.close(fd)
+
+
+def file_rows(vectors: np.ndarray) -> Any:
+    """``vectors`` read through :class:`FileRows` when it is a memmap of a file, else as it is."""
+    return FileRows(vectors) if isinstance(vectors, np.memmap) and vectors.filename else vectors
+
+
 # -- exact refine -------------------------------------------------------------------------------------------------
 
 
@@ -231,7 +267,7 @@ def exact_refine(
 
 
 def exact_top_k(
-    vectors: np.ndarray, queries: np.ndarray, k: int, *, block: int = 65_536
+    vectors: np.ndarray, queries: np.ndarray, k: int, *, block: int = 16_384
 ) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force top ``k`` (scores, row ids) of ``queries`` over ``vectors`` (memmap-friendly, block by block)."""
     q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
@@ -363,6 +399,8 @@ def tune_search_params(
         if name is not None and value is not None:
             set_search_param(index, name, value)
         _, found = retrieve(index, sample_queries, k, stored_vectors=refine, candidates=candidates)
+        if refine is not None:
+            drop_pages(refine)  # the refine read rows all over the file: keep them out of resident memory
         r = recall_at_k(found, exact_top_ids, k)
         if value is not None:
             evaluated[value] = r
@@ -418,6 +456,7 @@ def auto_tune(
     tuned to ``target_recall + margin`` (capped at 1): the smallest value that just reaches the target on 500
     sample queries lands a little below it on other queries about half the time.
     """
+    stored_vectors = file_rows(stored_vectors)
     queries, _ = sample_queries(stored_vectors, n_queries, noise=noise, seed=seed)
     _, exact = exact_top_k(stored_vectors, queries, k)
     return tune_search_params(

@@ -66,8 +66,11 @@ class VectorIndex:
                 rng = np.random.default_rng(0)
                 size = min(n, max(choice.train_size, _TRAIN_SAMPLE))
                 take = np.sort(rng.choice(n, size=size, replace=False))
-                sample = np.ascontiguousarray(vectors[take], dtype=np.float32)
-                drop_pages(vectors)
+                sample = np.empty((len(take), dim), dtype=np.float32)
+                for start in range(0, len(take), _ADD_BATCH // 4):  # in pieces: little of the file resident
+                    part = take[start : start + _ADD_BATCH // 4]
+                    sample[start : start + len(part)] = vectors[part]
+                    drop_pages(vectors)
                 base.train(sample)
                 del sample
             index = _with_ids(base)

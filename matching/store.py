@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import sqlite3
@@ -142,6 +143,11 @@ class Store:
         vectors: np.ndarray
         if rows:
             vectors = np.memmap(vec_path, dtype=np.float32, mode="r", shape=(rows, dim))
+            # rows are read at random (candidates of a query): without this, every page fault maps a whole
+            # read-ahead window, and a few thousand scattered reads make most of the file resident
+            mapping = getattr(vectors, "_mmap", None)
+            if mapping is not None and hasattr(mmap, "MADV_RANDOM"):
+                mapping.madvise(mmap.MADV_RANDOM)
         else:
             vectors = np.empty((0, dim), dtype=np.float32)
         return cls(directory, _read_only_engine(db_path), vectors, IdType(config["id_type"]), count)

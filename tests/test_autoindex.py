@@ -288,3 +288,19 @@ def test_auto_tune_samples_queries_and_tunes_for_the_search_path(data: tuple[np.
     assert out["reached"]
     assert out["candidates"] == 100
     assert out["recall"] >= 0.95
+
+
+def test_file_rows_reads_like_the_memmap(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from matching.autoindex import FileRows, file_rows
+
+    data = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32)
+    path = tmp_path / "v.f32"
+    data.tofile(path)
+    mm = np.memmap(path, dtype=np.float32, mode="r", shape=(50, 8))
+    rows = file_rows(mm)
+    assert isinstance(rows, FileRows)
+    assert len(rows) == 50
+    assert rows.shape == (50, 8)
+    np.testing.assert_array_equal(rows[10:20], data[10:20])
+    np.testing.assert_array_equal(rows[np.array([3, 49, 0, 3])], data[[3, 49, 0, 3]])
+    assert file_rows(data) is data
