@@ -153,16 +153,17 @@ def _print_change(bundle: str, report: Any) -> None:
     )
 
 
-def _cmd_change(args: argparse.Namespace) -> int:
+def _writer(args: argparse.Namespace) -> Any:
+    """The bundle opened for a change; files are not re-hashed first (GBs at 1M titles; `info --verify` does it)."""
     from matching import Matcher
 
-    with Matcher.load(
-        args.bundle,
-        model=args.model,
-        preset=getattr(args, "preset", None),
-        verify=False,
-        lock_timeout=args.lock_timeout,
-    ) as matcher:
+    preset = getattr(args, "preset", None)
+    return Matcher.load(args.bundle, model=args.model, preset=preset, verify=False, lock_timeout=args.lock_timeout)
+
+
+def _cmd_change(args: argparse.Namespace) -> int:
+
+    with _writer(args) as matcher:
         change = matcher.add if args.command == "add" else matcher.upsert
         report = change(
             args.source,
@@ -177,7 +178,6 @@ def _cmd_change(args: argparse.Namespace) -> int:
 
 
 def _cmd_remove(args: argparse.Namespace) -> int:
-    from matching import Matcher
     from matching.errors import InputFileError
 
     ids = list(args.ids)
@@ -191,20 +191,13 @@ def _cmd_remove(args: argparse.Namespace) -> int:
         from matching.errors import ConfigError
 
         raise ConfigError("give the ids to remove as arguments or with --ids-file (one per line)")
-    with Matcher.load(
-        args.bundle,
-        model=args.model,
-        preset=getattr(args, "preset", None),
-        verify=False,
-        lock_timeout=args.lock_timeout,
-    ) as matcher:
+    with _writer(args) as matcher:
         report = matcher.remove(ids, missing_ok=args.missing_ok)
     _print_change(args.bundle, report)
     return 0
 
 
 def _cmd_compact(args: argparse.Namespace) -> int:
-    from matching import Matcher
 
     options = (args.factory, args.nprobe, args.ef_search, args.memory_budget_mb)
     config = _index_config(args) if any(o is not None for o in options) else None
@@ -214,13 +207,7 @@ def _cmd_compact(args: argparse.Namespace) -> int:
 
         current = IndexConfig.load(current_generation(Path(args.bundle)) / "index.json")
         config = dataclasses.replace(config, factory=current.factory)
-    with Matcher.load(
-        args.bundle,
-        model=args.model,
-        preset=getattr(args, "preset", None),
-        verify=False,
-        lock_timeout=args.lock_timeout,
-    ) as matcher:
+    with _writer(args) as matcher:
         report = matcher.compact(index_config=config, show_progress=not args.quiet)
         factory = matcher.manifest.factory
     done = f"{report.count} titles, index {factory}"

@@ -17,7 +17,7 @@ import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, BinaryIO, Self
 
 import numpy as np
 from sqlalchemy import (
@@ -204,14 +204,7 @@ class Store:
 
     def lookup(self, external_ids: Sequence[str]) -> dict[str, StoredTitle]:
         """The stored rows of those external ids that exist."""
-        out: dict[str, StoredTitle] = {}
-        wanted = list(dict.fromkeys(external_ids))
-        with Session(self.engine) as session:
-            for start in range(0, len(wanted), _SQL_BATCH):
-                part = wanted[start : start + _SQL_BATCH]
-                for row in session.scalars(select(TitleRow).where(TitleRow.external_id.in_(part))):
-                    out[row.external_id] = _stored(row)
-        return out
+        return _lookup(self.engine, external_ids)
 
     def find_titles(self, titles: Sequence[str]) -> list[int | None]:
         """The row id of each exact title text, or ``None`` where the store has no such title."""
@@ -333,14 +326,7 @@ class StoreEditor:
         self.engine = _engine(staging / DB_FILE)
 
     def lookup(self, external_ids: Sequence[str]) -> dict[str, StoredTitle]:
-        out: dict[str, StoredTitle] = {}
-        wanted = list(dict.fromkeys(external_ids))
-        with Session(self.engine) as session:
-            for start in range(0, len(wanted), _SQL_BATCH):
-                part = wanted[start : start + _SQL_BATCH]
-                for row in session.scalars(select(TitleRow).where(TitleRow.external_id.in_(part))):
-                    out[row.external_id] = _stored(row)
-        return out
+        return _lookup(self.engine, external_ids)
 
     def delete(self, row_ids: Sequence[int]) -> None:
         ids = [int(i) for i in row_ids]
@@ -357,13 +343,8 @@ class StoreEditor:
         self, external_ids: Sequence[str], titles: Sequence[str], metadata: Iterable[str], vectors: np.ndarray
     ) -> np.ndarray:
         """Add rows (metadata as JSON text) and their vectors under fresh row ids, which are returned."""
-        n = len(external_ids)
-        if vectors.shape != (n, self.dim):
-            raise ValueError(f"expected vectors of shape {(n, self.dim)}, got {vectors.shape}")
-        row_ids = np.arange(self.rows, self.rows + n, dtype=np.int64)
-        _insert(self.engine, row_ids, external_ids, titles, metadata)
-        self._vectors.write(np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
-        self.rows += n
+        row_ids = _append(self.engine, self._vectors, self.rows, self.dim, external_ids, titles, metadata, vectors)
+        self.rows += len(row_ids)
         return row_ids
 
     def finish(self, id_type: IdType | None = None) -> int:
@@ -385,6 +366,37 @@ class StoreEditor:
     def abort(self) -> None:
         self._vectors.close()
         self.engine.dispose()
+
+
+def _lookup(engine: Engine, external_ids: Sequence[str]) -> dict[str, StoredTitle]:
+    out: dict[str, StoredTitle] = {}
+    wanted = list(dict.fromkeys(external_ids))
+    with Session(engine) as session:
+        for start in range(0, len(wanted), _SQL_BATCH):
+            part = wanted[start : start + _SQL_BATCH]
+            for row in session.scalars(select(TitleRow).where(TitleRow.external_id.in_(part))):
+                out[row.external_id] = _stored(row)
+    return out
+
+
+def _append(
+    engine: Engine,
+    vector_file: BinaryIO,
+    first_row: int,
+    dim: int,
+    external_ids: Sequence[str],
+    titles: Sequence[str],
+    metadata: Iterable[str],
+    vectors: np.ndarray,
+) -> np.ndarray:
+    """Insert rows under row ids from ``first_row`` on and append their vectors to ``vector_file``."""
+    n = len(external_ids)
+    if vectors.shape != (n, dim):
+        raise ValueError(f"expected vectors of shape {(n, dim)}, got {vectors.shape}")
+    row_ids = np.arange(first_row, first_row + n, dtype=np.int64)
+    _insert(engine, row_ids, external_ids, titles, metadata)
+    vector_file.write(np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
+    return row_ids
 
 
 def _insert(
@@ -420,13 +432,8 @@ class StoreWriter:
         vectors: np.ndarray,
     ) -> np.ndarray:
         """Add rows (metadata as JSON text) and their vectors; returns the row ids given to them."""
-        n = len(external_ids)
-        if vectors.shape != (n, self.dim):
-            raise ValueError(f"expected vectors of shape {(n, self.dim)}, got {vectors.shape}")
-        row_ids = np.arange(self.count, self.count + n, dtype=np.int64)
-        _insert(self.engine, row_ids, external_ids, titles, metadata)
-        self._vectors.write(np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
-        self.count += n
+        row_ids = _append(self.engine, self._vectors, self.count, self.dim, external_ids, titles, metadata, vectors)
+        self.count += len(row_ids)
         return row_ids
 
     def finish(self, id_type: IdType) -> None:
