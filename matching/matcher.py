@@ -18,6 +18,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from matching import __version__
+from matching.autoindex import exact_top_k
 from matching.bundle import (
     DEFAULT_LOCK_TIMEOUT,
     Lease,
@@ -982,36 +983,39 @@ def _retrieve(snap: _Snapshot, vectors: np.ndarray, depth: int, where: Where | N
         return snap.index.search(vectors, depth, stored=stored)
     allowed = snap.store.filter_ids(where)
     if len(allowed) <= EXACT_FILTER_LIMIT:
-        return _exact(vectors, snap.store.vectors, allowed, depth)
-    mask = np.zeros(snap.store.vectors.shape[0], dtype=bool)
+        return _exact(vectors, stored, allowed, depth)
+    mask = np.zeros(stored.shape[0], dtype=bool)
     mask[allowed] = True
     try:
         scores, ids = snap.index.search(vectors, depth, allowed=mask, stored=stored)
     except NotImplementedError:
-        return _exact(vectors, snap.store.vectors, allowed, depth)
+        return _exact(vectors, stored, allowed, depth)
     # an approximate index can come back short under a selective filter: search those queries exactly
     short = np.flatnonzero((ids >= 0).sum(axis=1) < min(ids.shape[1], len(allowed)))
     if len(short):
-        scores[short], ids[short] = _exact(vectors[short], snap.store.vectors, allowed, ids.shape[1])
+        scores[short], ids[short] = _exact(vectors[short], stored, allowed, ids.shape[1])
     return scores, ids
 
 
-def _exact(
-    queries: np.ndarray, stored: np.ndarray, row_ids: np.ndarray, depth: int, *, block: int = 65_536
-) -> tuple[np.ndarray, np.ndarray]:
-    """Brute-force inner-product top ``depth`` over the stored vectors of ``row_ids``, padded with -1
-    (read ``block`` rows at a time, so a wide filter does not load every vector at once)."""
-    n = len(queries)
-    scores = np.full((n, depth), -np.inf, dtype=np.float32)
-    ids = np.full((n, depth), -1, dtype=np.int64)
-    for start in range(0, len(row_ids), block):
-        part = row_ids[start : start + block]
-        sims = queries @ np.asarray(stored[part], dtype=np.float32).T
-        both_s = np.concatenate([scores, sims], axis=1)
-        both_i = np.concatenate([ids, np.broadcast_to(part, sims.shape)], axis=1)
-        top = np.argpartition(-both_s, depth - 1, axis=1)[:, :depth]
-        s_top, i_top = np.take_along_axis(both_s, top, axis=1), np.take_along_axis(both_i, top, axis=1)
-        order = np.argsort(-s_top, axis=1, kind="stable")
-        scores, ids = np.take_along_axis(s_top, order, axis=1), np.take_along_axis(i_top, order, axis=1)
-    ids[~np.isfinite(scores)] = -1
+class _Subset:
+    """The stored vectors of ``row_ids``, sliced as one matrix (read block by block by ``exact_top_k``)."""
+
+    def __init__(self, stored: np.ndarray, row_ids: np.ndarray) -> None:
+        self.stored, self.row_ids = stored, row_ids
+
+    def __len__(self) -> int:
+        return len(self.row_ids)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return np.asarray(self.stored[self.row_ids[rows]], dtype=np.float32)
+
+
+def _exact(queries: np.ndarray, stored: np.ndarray, row_ids: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force inner-product top ``depth`` over the stored vectors of ``row_ids``, padded with -1."""
+    scores = np.full((len(queries), depth), -np.inf, dtype=np.float32)
+    ids = np.full((len(queries), depth), -1, dtype=np.int64)
+    if len(row_ids):
+        top_scores, positions = exact_top_k(_Subset(stored, row_ids), queries, depth)  # type: ignore[arg-type]
+        scores[:, : top_scores.shape[1]] = top_scores
+        ids[:, : positions.shape[1]] = row_ids[positions]
     return scores, ids
