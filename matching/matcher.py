@@ -564,12 +564,7 @@ class Matcher:
                 try:
                     with tqdm(total=old.count, desc="compacting", unit="title", disable=not show_progress) as bar:
                         for rows in old.rows():
-                            writer.append(
-                                [r.external_id for r in rows],
-                                [r.title for r in rows],
-                                [metadata_json(r.metadata) for r in rows],
-                                np.asarray(old.vectors[[r.row_id for r in rows]]),
-                            )
+                            writer.copy_rows(old, rows)
                             bar.update(len(rows))
                 except BaseException:
                     writer.abort()

@@ -38,6 +38,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import QueuePool
 
 from matching.errors import BundleError, ConfigError
+from matching.ingest import metadata_json
 from matching.types import IdType
 
 # a value, or an (operator, value) pair, or a list of allowed values
@@ -435,6 +436,15 @@ class StoreWriter:
         row_ids = _append(self.engine, self._vectors, self.count, self.dim, external_ids, titles, metadata, vectors)
         self.count += len(row_ids)
         return row_ids
+
+    def copy_rows(self, source: Store, rows: Sequence[StoredTitle]) -> np.ndarray:
+        """Append rows of another store with their stored vectors (no re-encoding); new row ids are returned."""
+        return self.append(
+            [r.external_id for r in rows],
+            [r.title for r in rows],
+            [metadata_json(r.metadata) for r in rows],
+            np.asarray(source.vectors[[r.row_id for r in rows]]),
+        )
 
     def finish(self, id_type: IdType) -> None:
         self._vectors.flush()

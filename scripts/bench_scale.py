@@ -34,7 +34,6 @@ from matching.autoindex import exact_top_k, recall_at_k  # noqa: E402
 from matching.bundle import Manifest, new_generation  # noqa: E402
 from matching.demo import generate_large_catalogue, generate_queries  # noqa: E402
 from matching.index import VectorIndex  # noqa: E402
-from matching.ingest import metadata_json  # noqa: E402
 from matching.matcher import Matcher, _index_record, _write_generation_manifest  # noqa: E402
 from matching.scorer import Scorer  # noqa: E402
 from matching.store import Store  # noqa: E402
@@ -77,12 +76,7 @@ def derive(big: Path, n: int, out: Path) -> tuple[Matcher, float]:
                 rows = [r for r in rows if r.row_id < n]
                 if not rows:
                     break
-                writer.append(
-                    [r.external_id for r in rows],
-                    [r.title for r in rows],
-                    [metadata_json(r.metadata) for r in rows],
-                    np.asarray(store.vectors[[r.row_id for r in rows]]),
-                )
+                writer.copy_rows(store, rows)
             writer.finish(store.id_type)
             sub = Store.open(gen)
             start = time.perf_counter()
