@@ -134,22 +134,27 @@ def plan_for(preset: Preset | str, device: torch.device) -> Plan:
     return Plan(preset, dtype=dtype, trace=True, max_tokens=cut, notes=tuple(notes))
 
 
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    """Token vectors -> one unit vector per text: the [CLS] token, or the mean over real tokens (clamped)."""
+    if pooling is Pooling.CLS:
+        pooled = hidden[:, 0]
+    else:
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, p=2.0, dim=-1)
+
+
 class Pooled(nn.Module):
     """Model + pooling + L2 normalisation in one module: ``(input_ids, attention_mask) -> float32 vectors``."""
 
     def __init__(self, model: nn.Module, pooling: Pooling) -> None:
         super().__init__()
         self.model = model
-        self.cls = Pooling(pooling) is Pooling.CLS
+        self.pooling = Pooling(pooling)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
-        if self.cls:
-            pooled = hidden[:, 0]
-        else:
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-        return torch.nn.functional.normalize(pooled, p=2.0, dim=-1)
+        return pool(hidden, attention_mask, self.pooling)
 
 
 def _quantize_int8(model: nn.Module) -> nn.Module:

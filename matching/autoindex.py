@@ -13,7 +13,6 @@ a tuned ``nprobe`` already meets the latency target. A user factory with HNSW is
 from __future__ import annotations
 
 import math
-import mmap
 import os
 import re
 from dataclasses import dataclass
@@ -21,6 +20,9 @@ from typing import Any
 
 import faiss
 import numpy as np
+
+from matching.exact import drop_pages, exact_refine, exact_top_k
+from matching.metrics import neighbour_recall
 
 # Exact Flat while n * dim <= this: a single-thread Flat query over 2**24 floats (~44k titles at dim 384) takes
 # ~2.5 ms on the 2-core reference machine; above it Flat's linear cost dominates the query budget.
@@ -186,14 +188,6 @@ def choice_for_factory(factory: str, n: int) -> IndexChoice:
     )
 
 
-def drop_pages(vectors: np.ndarray) -> None:
-    """Let go of the pages of a memory-mapped vector file already read, so that building over a file of
-    any size keeps the process's resident memory to the index itself (the OS still caches the file)."""
-    mapping = getattr(vectors, "_mmap", None)  # where numpy.memmap keeps its mmap.mmap
-    if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-        mapping.madvise(mmap.MADV_DONTNEED)
-
-
 class FileRows:
     """Rows of a float32 matrix file read with ``pread``: like the memmap it wraps for indexing, but what it
     reads never becomes resident memory of the process (scattered reads through a memmap map whole
@@ -229,65 +223,7 @@ def file_rows(vectors: np.ndarray) -> Any:
     return FileRows(vectors) if isinstance(vectors, np.memmap) and vectors.filename else vectors
 
 
-# -- exact refine -------------------------------------------------------------------------------------------------
-
-
-def exact_refine(
-    query_vectors: np.ndarray, candidate_ids: np.ndarray, stored_vectors: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Re-score ``candidate_ids`` (nq, c; -1 = none) by exact inner product with ``stored_vectors[id]``; top ``k``.
-
-    ``stored_vectors`` may be a memmap: only the candidate rows are read. Returns float32 scores and int64 ids of
-    shape (nq, k), best first; slots without a candidate have id -1 and score -inf.
-    """
-    q = np.atleast_2d(np.asarray(query_vectors, dtype=np.float32))
-    cand = np.atleast_2d(np.asarray(candidate_ids, dtype=np.int64))
-    if cand.shape[0] != q.shape[0]:
-        raise ValueError(f"{q.shape[0]} queries but {cand.shape[0]} candidate rows")
-    nq, c = cand.shape
-    valid = cand >= 0
-    rows = np.where(valid, cand, 0).ravel()
-    # read each distinct row once, in file order (friendly to a memmap)
-    uniq, inverse = np.unique(rows, return_inverse=True)
-    block = np.asarray(stored_vectors[uniq], dtype=np.float32)
-    vecs = block[inverse].reshape(nq, c, -1)
-    scores = np.matmul(vecs, q[:, :, None])[:, :, 0]
-    scores[~valid] = -np.inf
-    top = min(k, c)
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :top]
-    out_scores = np.full((nq, k), -np.inf, dtype=np.float32)
-    out_ids = np.full((nq, k), -1, dtype=np.int64)
-    out_scores[:, :top] = np.take_along_axis(scores, order, axis=1)
-    picked = np.take_along_axis(cand, order, axis=1)
-    out_ids[:, :top] = np.where(np.isfinite(out_scores[:, :top]), picked, -1)
-    return out_scores, out_ids
-
-
 # -- tuning ---------------------------------------------------------------------------------------------------------
-
-
-def exact_top_k(
-    vectors: np.ndarray, queries: np.ndarray, k: int, *, block: int = 16_384
-) -> tuple[np.ndarray, np.ndarray]:
-    """Brute-force top ``k`` (scores, row ids) of ``queries`` over ``vectors`` (memmap-friendly, block by block)."""
-    q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-    n = len(vectors)
-    k = min(k, n)
-    best_s = np.full((len(q), 0), -np.inf, dtype=np.float32)
-    best_i = np.zeros((len(q), 0), dtype=np.int64)
-    for start in range(0, n, block):
-        chunk = np.array(vectors[start : start + block], dtype=np.float32)
-        drop_pages(vectors)
-        s = q @ chunk.T
-        kk = min(k, s.shape[1])
-        part = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
-        best_s = np.concatenate([best_s, np.take_along_axis(s, part, axis=1)], axis=1)
-        best_i = np.concatenate([best_i, part + start], axis=1)
-        if best_s.shape[1] > k:
-            keep = np.argpartition(-best_s, k - 1, axis=1)[:, :k]
-            best_s, best_i = np.take_along_axis(best_s, keep, axis=1), np.take_along_axis(best_i, keep, axis=1)
-    order = np.argsort(-best_s, axis=1, kind="stable")
-    return np.take_along_axis(best_s, order, axis=1), np.take_along_axis(best_i, order, axis=1)
 
 
 def sample_queries(
@@ -314,17 +250,21 @@ def sample_queries(
     return q, rows
 
 
-def _unwrap(index: Any) -> Any:
-    """The index that holds the search parameters (through IndexIDMap/IndexIDMap2 wrappers)."""
+def core_index(index: Any) -> Any:
+    """The index that holds the search parameters: through IndexIDMap/IndexIDMap2 wrappers, the IVF index inside
+    (where there is one), else the index itself."""
     index = faiss.downcast_index(index)
     while isinstance(index, faiss.IndexIDMap | faiss.IndexIDMap2):
         index = faiss.downcast_index(index.index)
-    return index
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return index
 
 
 def search_param_range(index: Any) -> tuple[str | None, int]:
     """The tunable search parameter of ``index`` and its largest useful value: nprobe (<= nlist), efSearch, none."""
-    inner = _unwrap(index)
+    inner = core_index(index)
     try:
         ivf = faiss.extract_index_ivf(inner)
     except RuntimeError:
@@ -338,17 +278,7 @@ def search_param_range(index: Any) -> tuple[str | None, int]:
 
 def set_search_param(index: Any, name: str, value: int) -> None:
     """Set ``name`` (nprobe/efSearch) on ``index``, through an IndexIDMap wrapper, as ``VectorIndex`` does."""
-    faiss.ParameterSpace().set_index_parameter(_unwrap(index), name, int(value))
-
-
-def recall_at_k(found: np.ndarray, exact: np.ndarray, k: int) -> float:
-    """Mean fraction of each query's exact top ``k`` (ignoring -1) found in its top ``k``."""
-    hits, total = 0, 0
-    for f, e in zip(found[:, :k], exact[:, :k], strict=True):
-        truth = set(e[e >= 0].tolist())
-        hits += len(truth.intersection(f[f >= 0].tolist()))
-        total += len(truth)
-    return hits / total if total else 1.0
+    faiss.ParameterSpace().set_index_parameter(core_index(index), name, int(value))
 
 
 def retrieve(
@@ -358,14 +288,18 @@ def retrieve(
     *,
     stored_vectors: np.ndarray | None = None,
     candidates: int | None = None,
+    params: Any = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top ``k`` from ``index``; with ``stored_vectors``, fetch ``candidates`` (>= k) and refine them exactly."""
+    """Top ``k`` from ``index``; with ``stored_vectors``, fetch ``candidates`` (>= k) and refine them exactly.
+
+    ``params`` are FAISS per-call search parameters (a filter's selector, say).
+    """
     q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
     if stored_vectors is None:
-        scores, ids = index.search(q, k)
+        scores, ids = index.search(q, k, params=params)
         return scores, ids
     fetch = max(k, candidates or k)
-    _, cand = index.search(q, min(fetch, max(1, int(index.ntotal))))
+    _, cand = index.search(q, min(fetch, max(1, int(index.ntotal))), params=params)
     return exact_refine(q, cand, stored_vectors, k)
 
 
@@ -401,7 +335,7 @@ def tune_search_params(
         _, found = retrieve(index, sample_queries, k, stored_vectors=refine, candidates=candidates)
         if refine is not None:
             drop_pages(refine)  # the refine read rows all over the file: keep them out of resident memory
-        r = recall_at_k(found, exact_top_ids, k)
+        r = neighbour_recall(found, exact_top_ids, k)
         if value is not None:
             evaluated[value] = r
         return r

@@ -29,17 +29,16 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from matching.errors import BundleError, BundleLockedError
+from matching.layout import MANIFEST_FILE, POINTER_FILE
 
 FORMAT_VERSION = 1
-MANIFEST_FILE = "manifest.json"
-POINTER_FILE = "CURRENT"
 DEFAULT_LOCK_TIMEOUT = 30.0
 _GEN = re.compile(r"gen-(\d{6})\Z")
 
@@ -176,10 +175,6 @@ class Lease:
             os.close(self._fd)
             self._fd = None
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
 
 def lease_current(path: Path, *, attempts: int = 200) -> Lease:
     """Lease the live generation of the bundle at ``path`` (retrying while a writer swaps it)."""
@@ -289,33 +284,29 @@ def new_generation(
     path: Path,
     *,
     overwrite: bool = False,
-    carry: Sequence[str] = (),
     base: Path | None = None,
     change: bool = False,
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
 ) -> Iterator[Path]:
     """Yield a directory to write a generation into; publish it atomically on success.
 
-    The writer lock is held throughout. ``carry`` names files of the live generation to bring along
-    unchanged (hard-linked, or copied where links are not possible) so a change that touches one
-    component (say, a retrained scorer) writes only that component. With ``base``, the change was
-    computed from that generation and is refused if another writer published since. With ``change``,
-    the bundle must exist and the body derives the new generation from the live one, which it reads
-    under the lock. On any exception the partial generation is deleted and whatever was live stays live.
+    The writer lock is held throughout (:mod:`matching.generation` fills and finishes the directory).
+    With ``base``, the change was computed from that generation and is refused if another writer
+    published since. With ``change``, the bundle must exist and the body derives the new generation
+    from the live one, which it reads under the lock. On any exception the partial generation is
+    deleted and whatever was live stays live.
     """
     path = Path(path).resolve()
     with writer_lock(path, timeout=lock_timeout):
         _remove_leftovers(path)
-        with _new_generation(path, overwrite=overwrite, carry=carry, base=base, change=change) as staging:
+        with _new_generation(path, overwrite=overwrite, base=base, change=change) as staging:
             yield staging
         collect_garbage(path, lock=False)
 
 
 @contextlib.contextmanager
-def _new_generation(
-    path: Path, *, overwrite: bool, carry: Sequence[str], base: Path | None, change: bool
-) -> Iterator[Path]:
-    if carry or base is not None or change:
+def _new_generation(path: Path, *, overwrite: bool, base: Path | None, change: bool) -> Iterator[Path]:
+    if base is not None or change:
         live = current_generation(path)
         if base is not None and live.name != base.name:
             raise BundleError(
@@ -336,8 +327,6 @@ def _new_generation(
     final_name = f"gen-{number:06d}"
     staging = Path(tempfile.mkdtemp(prefix=f".{final_name}.staging-", dir=root))
     try:
-        for name in carry:
-            link_or_copy(live / name, staging / name)
         yield staging
         if not (staging / MANIFEST_FILE).is_file():
             raise BundleError("internal error: a generation was finished without a manifest")

@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -86,6 +85,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from matching import Matcher
+    from matching.store import parse_where
 
     where = parse_where(args.where) if args.where else None
     with Matcher.load(args.bundle, model=args.model, preset=getattr(args, "preset", None)) as matcher:
@@ -101,43 +101,6 @@ def _cmd_search(args: argparse.Namespace) -> int:
         for q, hits in zip(args.query, results, strict=True):
             _print_hits(q, hits)
     return 0
-
-
-_WHERE = re.compile(r"\s*(?P<key>.+?)\s*(?P<op>==|!=|<=|>=|=|<|>|\s+not\s+in\s+|\s+in\s+)\s*(?P<value>.*?)\s*\Z")
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a value to filter on")  # NaN/Infinity: read as plain text instead
-
-
-def parse_where(expressions: Sequence[str]) -> dict[str, Any]:
-    """``["brand=acme", "price<50", 'color in ["red", "blue"]']`` -> a ``where`` dict for search.
-
-    A value is read as JSON where it parses (numbers, true/false/null, quoted strings, lists),
-    else taken as a plain string.
-    """
-    from matching.errors import ConfigError
-
-    where: dict[str, Any] = {}
-    for text in expressions:
-        m = _WHERE.match(text)
-        if not m or not m["key"]:
-            raise ConfigError(
-                f"--where {text!r}: expected FIELD OP VALUE with OP one of = != < <= > >= in, not in "
-                "(e.g. --where brand=acme --where 'price<50')"
-            )
-        op = " ".join(m["op"].split())
-        op = "==" if op == "=" else op
-        try:
-            value = json.loads(m["value"], parse_constant=_no_constant)
-        except (json.JSONDecodeError, ValueError):
-            value = m["value"]
-        if op in ("in", "not in") and not isinstance(value, list):
-            raise ConfigError(f'--where {text!r}: {op!r} needs a JSON list, e.g. \'color in ["red", "blue"]\'')
-        if m["key"] in where:
-            raise ConfigError(f"--where: field {m['key']!r} is given twice")
-        where[m["key"]] = value if op == "==" else (op, value)
-    return where
 
 
 def _print_change(bundle: str, report: Any) -> None:
@@ -201,13 +164,9 @@ def _cmd_compact(args: argparse.Namespace) -> int:
 
     options = (args.factory, args.nprobe, args.ef_search, args.memory_budget_mb)
     config = _index_config(args) if any(o is not None for o in options) else None
-    if config is not None and args.factory is None:  # a new setting for the current kind of index
-        from matching.bundle import current_generation
-        from matching.config import IndexConfig
-
-        current = IndexConfig.load(current_generation(Path(args.bundle)) / "index.json")
-        config = dataclasses.replace(config, factory=current.factory)
     with _writer(args) as matcher:
+        if config is not None and args.factory is None:  # a new setting for the current kind of index
+            config = dataclasses.replace(config, factory=matcher.index.config.factory)
         report = matcher.compact(index_config=config, show_progress=not args.quiet)
         factory = matcher.manifest.factory
     done = f"{report.count} titles, index {factory}"
@@ -263,7 +222,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
     with Matcher.load(args.bundle, model=args.model, preset=getattr(args, "preset", None)) as matcher:
         n = score_file(
-            matcher,
+            matcher.snapshot,
             Path(args.pairs),
             Path(args.out),
             query_column=args.query_column,
@@ -277,7 +236,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from matching import Matcher
-    from matching.train import search_scorer
+    from matching.training.scorer import search_scorer
 
     columns = {
         "query_column": args.query_column,
@@ -295,7 +254,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 settings[name] = getattr(args, name)
         if args.search:
             scorer, report, search = search_scorer(
-                matcher, args.pairs, args.valid, trials=args.search, show_progress=show, **settings
+                matcher.snapshot, args.pairs, args.valid, trials=args.search, show_progress=show, **settings
             )
             print(search.table())
             matcher.replace_scorer(scorer, {**report.to_dict(), "search": search.to_dict()})

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from matching.accel import Plan, Runner, build_runner, plan_for
+from matching.accel import Plan, Runner, build_runner, plan_for, pool
 from matching.config import EncoderConfig
 from matching.errors import ModelError
 from matching.types import Pooling, Preset
@@ -272,14 +272,18 @@ class Encoder:
 
     def clone(self, source: str) -> Encoder:
         """An independent copy (own weights, shared tokenizer), e.g. to fine-tune as a query tower."""
+        return self.variant(copy.deepcopy(self.model), source=source)
+
+    def variant(self, model: Any = None, *, source: str | None = None, preset: Preset | str | None = None) -> Encoder:
+        """This encoder's settings around ``model`` (default: the same weights, shared), e.g. a truncated student."""
         return Encoder(
-            copy.deepcopy(self.model),
+            self.model if model is None else model,
             self.tokenizer,
             pooling=self.pooling,
             max_length=self.max_length,
             batch_size=self.batch_size,
-            source=source,
-            preset=self.preset,
+            source=self.source if source is None else source,
+            preset=self.preset if preset is None else preset,
         )
 
     def save_weights(self, path: Path) -> None:
@@ -302,13 +306,7 @@ class Encoder:
 
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Pooled, normalised vectors for a tokenised batch (differentiable; used by training too)."""
-        hidden = self.model(**batch).last_hidden_state
-        if self.pooling is Pooling.CLS:
-            pooled = hidden[:, 0]
-        else:
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-        return torch.nn.functional.normalize(pooled, p=2.0, dim=-1)
+        return pool(self.model(**batch).last_hidden_state, batch["attention_mask"], self.pooling)
 
     def encode_queries(
         self, queries: Sequence[str], *, batch_size: int | None = None, show_progress: bool = False

@@ -20,14 +20,15 @@ from matching.autoindex import (
     auto_tune,
     choice_for_factory,
     choose_index,
-    drop_pages,
-    exact_refine,
+    core_index,
+    retrieve,
+    set_search_param,
 )
 from matching.config import IndexConfig
 from matching.errors import BundleError, ConfigError
+from matching.exact import drop_pages
+from matching.layout import INDEX_CONFIG, INDEX_FILE
 
-INDEX_FILE = "index.faiss"
-CONFIG_FILE = "index.json"
 _ADD_BATCH = 65_536
 _TRAIN_SAMPLE = 100_000
 AUTO = "auto"
@@ -108,23 +109,12 @@ class VectorIndex:
             config = dataclasses.replace(config, factory="Flat")
         return cls(_with_ids(_new_base(dim, config)), config)
 
-    def _core(self) -> Any:
-        """The index under the id map (or the index itself, where it keeps ids)."""
-        if isinstance(self.index, faiss.IndexIDMap):
-            return faiss.downcast_index(self.index.index)
-        try:
-            return faiss.extract_index_ivf(self.index)
-        except RuntimeError:
-            return self.index
-
     def _apply_search_params(self) -> None:
-        inner = self._core()
-        params = faiss.ParameterSpace()
         for name, value in (("nprobe", self.config.nprobe), ("efSearch", self.config.ef_search)):
             if value is None:
                 continue
             try:
-                params.set_index_parameter(inner, name, value)
+                set_search_param(self.index, name, value)
             except RuntimeError:
                 raise ConfigError(
                     f"search parameter {name}={value} does not apply to index {self.config.factory!r}; "
@@ -153,7 +143,6 @@ class VectorIndex:
         q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         k = max(1, min(int(k), self.ntotal)) if self.ntotal else 1
         refine = self.config.refine_factor if stored is not None else None
-        fetch = min(k * refine, self.ntotal) if refine else k
         params = None
         if allowed is not None:
             bitmap = np.packbits(allowed, bitorder="little")
@@ -162,14 +151,13 @@ class VectorIndex:
             if params is None:
                 raise NotImplementedError(f"index {self.config.factory!r} cannot search with a filter")
         with _threads_for(len(q)):
-            scores, ids = self.index.search(q, fetch, params=params)
-        if refine and stored is not None:
-            return exact_refine(q, ids, stored, k)
-        return scores, ids
+            if refine:
+                return retrieve(self.index, q, k, stored_vectors=stored, candidates=k * refine, params=params)
+            return retrieve(self.index, q, k, params=params)
 
     def _params(self, selector: Any) -> Any:
         # the per-call parameters replace the index's own, so copy nprobe / efSearch across
-        core = self._core()
+        core = core_index(self.index)
         params: Any
         if isinstance(core, faiss.IndexIVF):
             params = faiss.SearchParametersIVF()
@@ -202,7 +190,7 @@ class VectorIndex:
 
     def save(self, directory: Path) -> None:
         faiss.write_index(self.index, str(directory / INDEX_FILE))
-        self.config.save(directory / CONFIG_FILE)
+        self.config.save(directory / INDEX_CONFIG)
 
     @classmethod
     def load(cls, directory: Path) -> Self:
@@ -213,7 +201,7 @@ class VectorIndex:
             index = faiss.read_index(str(path))
         except RuntimeError as exc:
             raise BundleError(f"cannot read FAISS index {str(path)!r}: {exc}") from None
-        return cls(index, IndexConfig.load(directory / CONFIG_FILE))
+        return cls(index, IndexConfig.load(directory / INDEX_CONFIG))
 
 
 @contextlib.contextmanager

@@ -120,6 +120,43 @@ def file_format(path: Path) -> str:
     return "csv"
 
 
+def _separator(path: Path) -> str:
+    return "\t" if file_format(path) == "tsv" else ","
+
+
+def _encoding(encoding: str) -> str:
+    # a byte-order mark is read as part of the first column name unless the codec drops it
+    return "utf-8-sig" if encoding.lower().replace("_", "-") == "utf-8" else encoding
+
+
+def read_table(
+    path: Path, *, text_columns: Sequence[str] | None = None, chunksize: int | None = None, encoding: str = "utf-8"
+) -> Iterator[pd.DataFrame]:
+    """The rows of a CSV/TSV/JSONL file (the one reader of user tables: catalogues, pairs, score inputs).
+
+    ``text_columns`` are read as text ("0042" stays "0042", "NA" is text, an empty cell is missing); with
+    ``text_columns=None`` every column of a CSV/TSV is text exactly as written and nothing is missing. One frame
+    without ``chunksize``, else frames of ``chunksize`` rows. Call inside :func:`reading` for typed errors.
+    """
+    encoding = _encoding(encoding)
+    if file_format(path) == "jsonl":
+        if path.stat().st_size == 0:
+            raise pd.errors.EmptyDataError("empty")
+        frames: Any = pd.read_json(path, lines=True, chunksize=chunksize, dtype=False, encoding=encoding)
+    else:
+        text: dict[str, Any] = (
+            {"dtype": str} if text_columns is None else {"dtype": dict.fromkeys(text_columns, str), "na_values": [""]}
+        )
+        frames = pd.read_csv(
+            path, sep=_separator(path), chunksize=chunksize, encoding=encoding, keep_default_na=False,
+            quoting=csv.QUOTE_MINIMAL, **text,
+        )  # fmt: skip
+    if chunksize is None:
+        yield frames
+    else:
+        yield from frames
+
+
 def canonical_id(value: Any) -> str | None:
     """An external id as the string the store keeps; ``None`` when missing."""
     if _is_missing(value):
@@ -217,34 +254,21 @@ class CatalogueReader:
             yield from self._read_file(path)
 
     def _read_file(self, path: Path) -> Iterator[pd.DataFrame]:
-        fmt = file_format(path)
-        encoding = "utf-8-sig" if self.encoding.lower().replace("_", "-") == "utf-8" else self.encoding
-        if fmt == "jsonl":
-            if path.stat().st_size == 0:
-                raise pd.errors.EmptyDataError("empty")
-            reader = pd.read_json(path, lines=True, chunksize=self.chunksize, dtype=False, encoding=encoding)
-            checked = False
-            for frame in reader:
-                if not checked:
-                    self._check_columns(list(frame.columns))
-                    checked = True
-                yield frame
-            return
-        sep = "\t" if fmt == "tsv" else ","
-        # the header as written: pandas would rename a repeated "title" to "title.1" and hide the clash
-        header = pd.read_csv(path, sep=sep, header=None, nrows=1, encoding=encoding, dtype=str, na_filter=False)
-        self._check_columns(header.iloc[0].tolist())
-        text_columns = [self.id_column, *self.title_columns]
-        yield from pd.read_csv(
-            path,
-            sep=sep,
-            chunksize=self.chunksize,
-            encoding=encoding,
-            dtype={c: str for c in text_columns},
-            keep_default_na=False,  # a title "NA" is text, not a missing value
-            na_values=[""],
-            quoting=csv.QUOTE_MINIMAL,
-        )
+        if file_format(path) != "jsonl":
+            # the header as written: pandas would rename a repeated "title" to "title.1" and hide the clash
+            header = pd.read_csv(
+                path, sep=_separator(path), header=None, nrows=1, encoding=_encoding(self.encoding), dtype=str,
+                na_filter=False,
+            )  # fmt: skip
+            self._check_columns(header.iloc[0].tolist())
+        checked = False
+        for frame in read_table(
+            path, text_columns=[self.id_column, *self.title_columns], chunksize=self.chunksize, encoding=self.encoding
+        ):
+            if not checked:
+                self._check_columns(list(frame.columns))
+                checked = True
+            yield frame
 
     def _check_columns(self, columns: list[Any]) -> None:
         names = [str(c) for c in columns]

@@ -1,15 +1,13 @@
-"""The facade: build a bundle from a catalogue, load it, search it."""
+"""The facade: build a bundle from a catalogue, load it, search it, change it, train it. It delegates: the query
+path is :mod:`matching.search`, writes go through :mod:`matching.changes` and :mod:`matching.generation`, and
+trainers (:mod:`matching.training`) take a :class:`~matching.search.Snapshot`."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
-import time
-import weakref
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,131 +15,61 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from matching import __version__
-from matching.autoindex import exact_top_k
+from matching import __version__, changes, generation
 from matching.bundle import (
     DEFAULT_LOCK_TIMEOUT,
-    Lease,
     Manifest,
     check_target,
     collect_garbage,
     current_generation,
     lease_current,
-    link_or_copy,
     live_name,
     new_generation,
-    read_manifest,
-    write_manifest,
 )
 from matching.config import EncoderConfig, IndexConfig, ScorerConfig
 from matching.encoder import Encoder
-from matching.errors import BadRowError, BundleError, ConfigError, DuplicateIdError, SchemaError
-from matching.index import AUTO, INDEX_FILE, VectorIndex
-from matching.index import CONFIG_FILE as INDEX_CONFIG_FILE
-from matching.ingest import DEFAULT_CHUNKSIZE, CatalogueReader, canonical_id, metadata_json
+from matching.errors import BadRowError, BundleError, ConfigError
+from matching.index import VectorIndex
+from matching.ingest import DEFAULT_CHUNKSIZE, CatalogueReader, metadata_json
+from matching.layout import QUERY_ENCODER, SCORER_CONFIG, SCORER_WEIGHTS, TRAIN_REPORT
 from matching.scorer import Scorer
-from matching.store import CONFIG_FILE as STORE_CONFIG_FILE
-from matching.store import DB_FILE, VECTORS_FILE, Store, StoreEditor, Where, read_config
-from matching.types import ChangeReport, ExternalId, IdType, Match, Preset
+from matching.search import DenseRetriever, NoReranker, ScorerReranker, Snapshot, open_snapshot, search
+from matching.store import Store, Where
+from matching.types import ChangeReport, ExternalId, Match, Preset
 
 if TYPE_CHECKING:
-    from matching.distill import DistillReport
-    from matching.train import TrainReport
+    from matching.training.distill import DistillReport
+    from matching.training.loop import TrainReport
 
 log = logging.getLogger(__name__)
-TRAIN_REPORT_FILE = "train_report.json"
-QUERY_TOWER_FILE = "query_encoder.safetensors"
-# files a catalogue change rewrites; everything else in a generation (scorer, query tower) is carried
-_CATALOGUE_FILES = frozenset({DB_FILE, VECTORS_FILE, STORE_CONFIG_FILE, INDEX_FILE, INDEX_CONFIG_FILE})
-# a filter that leaves at most this many titles is searched exactly over their stored vectors
-EXACT_FILTER_LIMIT = 20_000
-
-
-class _Handle:
-    """The releasable resources of one loaded generation (its store connections and reader lease)."""
-
-    def __init__(self, store: Store, lease: Lease | None) -> None:
-        self._finalizer = weakref.finalize(self, _release, store, lease)
-
-    def close(self) -> None:
-        self._finalizer()
-
-
-def _release(store: Store, lease: Lease | None) -> None:
-    store.close()
-    if lease is not None:
-        lease.release()
-
-
-@dataclass(frozen=True, eq=False)
-class _Snapshot:
-    """One generation's parts. A search reads them all from one snapshot, so it never mixes two."""
-
-    index: VectorIndex
-    store: Store
-    scorer: Scorer
-    manifest: Manifest
-    query_encoder: Encoder
-    handle: _Handle
-    generation: str | None
-
-
-def _write_generation_manifest(gen: Path, manifest: Manifest) -> None:
-    """Write the manifest; the shared, append-only vector file is checksummed over this generation's rows."""
-    config = read_config(gen)
-    write_manifest(gen, manifest, prefixes={VECTORS_FILE: config["rows"] * config["dim"] * 4})
-
-
-def _encoder_record(encoder: Encoder) -> dict[str, Any]:
-    return {
-        "source": encoder.source,
-        "fingerprint": encoder.fingerprint,
-        "pooling": encoder.pooling.value,
-        "max_length": encoder.max_length,
-        "preset": encoder.preset.value,  # what the titles were encoded with; queries may use another
-    }
 
 
 class Matcher:
     """Two-tower matcher over one bundle: query encoder + FAISS index + store + reranker.
 
-    Build with :meth:`build` or open with :meth:`load`; ``__init__`` only assembles built parts.
+    Build with :meth:`build` or open with :meth:`load`; ``__init__`` only wraps an opened :class:`Snapshot`.
     """
 
     def __init__(
         self,
-        encoder: Encoder,
-        index: VectorIndex,
-        store: Store,
-        scorer: Scorer,
-        manifest: Manifest,
+        snapshot: Snapshot,
         *,
         path: Path | None = None,
-        query_encoder: Encoder | None = None,
-        lease: Lease | None = None,
         lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+        allow_encoder_mismatch: bool = False,
     ) -> None:
-        if index.ntotal != store.count:
-            raise BundleError(f"index holds {index.ntotal} vectors but the store {store.count} rows")
-        if store.vectors.shape[1] != encoder.dim or scorer.config.dim != encoder.dim:
-            raise BundleError(
-                f"dimension mismatch: encoder {encoder.dim}, store {store.vectors.shape[1]}, scorer {scorer.config.dim}"
-            )
-        self.encoder = encoder
+        self.encoder = snapshot.encoder
         self.path = path
         self.lock_timeout = lock_timeout
-        self.allow_encoder_mismatch = False  # set by load(); kept for reloads after writes
-        self._snap = _Snapshot(
-            index,
-            store,
-            scorer,
-            manifest,
-            query_encoder or encoder,
-            _Handle(store, lease),
-            lease.generation.name if lease is not None else None,
-        )
+        self.allow_encoder_mismatch = allow_encoder_mismatch  # kept for reloads after writes
+        self._snap = snapshot
 
     # The parts of the generation this matcher serves; replaced together by refresh() and by writes.
+    @property
+    def snapshot(self) -> Snapshot:
+        """The generation being served, as one consistent set of parts (what trainers take)."""
+        return self._snap
+
     @property
     def index(self) -> VectorIndex:
         return self._snap.index
@@ -247,20 +175,13 @@ class Matcher:
                     "Add rows, or check id_column / title_column"
                 )
             writer.finish(reader.id_type)
-            store = Store.open(gen)
-            try:
-                ids = np.arange(store.count, dtype=np.int64)
-                built = VectorIndex.build(store.vectors, ids, index_config)
-                built.save(gen)
-            finally:
-                store.close()
-            Scorer(scorer_config).save(gen)
+            built = generation.index_from_store(gen, index_config)
             manifest = Manifest(
                 library_version=__version__,
-                encoder=_encoder_record(encoder),
+                encoder=generation.encoder_record(encoder),
                 dim=encoder.dim,
                 count=reader.count,
-                index=_index_record(built, index_config),
+                index=generation.index_record(built, index_config),
                 id_type=reader.id_type.value,
                 source={
                     "name": "DataFrame" if isinstance(source, pd.DataFrame) else str(source),
@@ -269,7 +190,7 @@ class Matcher:
                     "skipped_rows": reader.skipped,
                 },
             )
-            _write_generation_manifest(gen, manifest)
+            generation.finish(gen, manifest, index=built, scorer=Scorer(scorer_config))
         if reader.skipped:
             log.warning("skipped %d bad row(s), e.g. %s", reader.skipped, "; ".join(reader.skipped_examples))
         return cls.load(path, encoder=encoder, verify=False, lock_timeout=lock_timeout)
@@ -299,71 +220,14 @@ class Matcher:
         path = Path(path)
         lease = lease_current(path)
         try:
-            return cls._load(path, lease, model, encoder, device, preset, verify, allow_encoder_mismatch, lock_timeout)
+            snap = open_snapshot(
+                path, lease, encoder=encoder, model=model, device=device, preset=preset, verify=verify,
+                allow_encoder_mismatch=allow_encoder_mismatch,
+            )  # fmt: skip
         except BaseException:
             lease.release()
             raise
-
-    @classmethod
-    def _load(
-        cls,
-        path: Path,
-        lease: Lease,
-        model: str | Path | None,
-        encoder: Encoder | None,
-        device: str | None,
-        preset: Preset | str | None,
-        verify: bool,
-        allow_encoder_mismatch: bool,
-        lock_timeout: float,
-    ) -> Matcher:
-        gen = lease.generation
-        manifest = read_manifest(gen, verify=verify)
-        if encoder is None:
-            record = manifest.encoder
-            encoder = Encoder.from_pretrained(
-                EncoderConfig(
-                    model=str(model) if model is not None else record["source"],
-                    pooling=record["pooling"],
-                    max_length=record["max_length"],
-                    device=device,
-                    preset=Preset(preset or record.get("preset") or EncoderConfig().preset),
-                )
-            )
-        elif preset is not None:
-            encoder.set_preset(preset)
-        if encoder.fingerprint != manifest.encoder["fingerprint"] and not allow_encoder_mismatch:
-            raise BundleError(
-                f"the encoder ({encoder.source}) is not the one bundle {str(path)!r} was built with "
-                f"(fingerprint {encoder.fingerprint[:12]} != {manifest.encoder['fingerprint'][:12]}); "
-                "load the same model, or pass allow_encoder_mismatch=True if you know they are compatible"
-            )
-        query_encoder = None
-        if manifest.query_encoder:
-            query_encoder = encoder.clone(source=f"query tower in {path}")
-            query_encoder.load_weights(gen / QUERY_TOWER_FILE)
-            if query_encoder.fingerprint != manifest.query_encoder["fingerprint"]:
-                raise BundleError(f"the query tower in {str(gen)!r} does not match its manifest fingerprint")
-        index = VectorIndex.load(gen)
-        scorer = Scorer.load(gen).to(encoder.device)
-        store = Store.open(gen)
-        try:
-            matcher = cls(
-                encoder,
-                index,
-                store,
-                scorer,
-                manifest,
-                path=path,
-                query_encoder=query_encoder,
-                lease=lease,
-                lock_timeout=lock_timeout,
-            )
-        except BaseException:
-            store.close()
-            raise
-        matcher.allow_encoder_mismatch = allow_encoder_mismatch
-        return matcher
+        return cls(snap, path=path, lock_timeout=lock_timeout, allow_encoder_mismatch=allow_encoder_mismatch)
 
     def close(self) -> None:
         """Release the store's database connections and this matcher's hold on its generation."""
@@ -436,37 +300,12 @@ class Matcher:
         return self._search(self._snap, vectors, k, candidates, rerank, where)
 
     def _search(
-        self, snap: _Snapshot, vectors: np.ndarray, k: int, candidates: int, rerank: bool, where: Where | None
+        self, snap: Snapshot, vectors: np.ndarray, k: int, candidates: int, rerank: bool, where: Where | None
     ) -> list[list[Match]]:
-        if k < 1:
-            raise ConfigError(f"k must be >= 1, got {k}")
-        vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
-        retrieval, ids = _retrieve(snap, vectors, max(k, candidates), where)
-        store = snap.store
-        ranked: list[list[tuple[int, float, float]]] = []
-        for qi in range(len(vectors)):
-            keep = ids[qi] >= 0
-            cand_ids, cand_scores = ids[qi][keep], retrieval[qi][keep]
-            if rerank and len(cand_ids):
-                scores = snap.scorer.score(vectors[qi : qi + 1], store.vectors[cand_ids])
-            else:
-                scores = cand_scores
-            order = np.argsort(-scores, kind="stable")[:k]
-            ranked.append([(int(cand_ids[j]), float(scores[j]), float(cand_scores[j])) for j in order])
-        rows = {r.row_id: r for r in store.get([rid for hits in ranked for rid, _, _ in hits])}
-        return [
-            [
-                Match(
-                    id=store.external_id(rows[rid].external_id),
-                    title=rows[rid].title,
-                    score=score,
-                    retrieval_score=retr,
-                    metadata=rows[rid].metadata,
-                )
-                for rid, score, retr in hits
-            ]
-            for hits in ranked
-        ]
+        reranker = ScorerReranker() if rerank else NoReranker()
+        return search(
+            snap, vectors, k, candidates=candidates, retriever=DenseRetriever(), reranker=reranker, where=where
+        )
 
     # -- catalogue changes -----------------------------------------------------------------------
 
@@ -487,7 +326,7 @@ class Matcher:
         Only the new titles are encoded. Columns default to those the bundle was built with. The change
         is published atomically as a new generation, which this matcher then serves.
         """
-        return self._change(
+        return self._apply_rows(
             "add", source, id_column, title_column, skip_bad_rows, encoding, chunksize, show_progress,
             allow_encoder_mismatch,
         )  # fmt: skip
@@ -506,88 +345,12 @@ class Matcher:
     ) -> ChangeReport:
         """Add new titles and replace existing ones (same id): a changed title is re-encoded, changed
         metadata alone is just rewritten, and an identical row is left as it is."""
-        return self._change(
+        return self._apply_rows(
             "upsert", source, id_column, title_column, skip_bad_rows, encoding, chunksize, show_progress,
             allow_encoder_mismatch,
         )  # fmt: skip
 
-    def remove(self, ids: Iterable[ExternalId], *, missing_ok: bool = False) -> ChangeReport:
-        """Remove titles by external id; an unknown id is an error unless ``missing_ok``."""
-        if isinstance(ids, str | int):
-            ids = [ids]
-        wanted: list[str] = []
-        for i, raw in enumerate(ids):
-            ext = canonical_id(raw)
-            if ext is None:
-                raise ConfigError(f"ids[{i}] is empty; pass the external ids to remove")
-            wanted.append(ext)
-        started = time.perf_counter()
-        path = self._require_path()
-        with new_generation(path, change=True, lock_timeout=self.lock_timeout) as gen:
-            live, manifest = _live(path)
-            editor = StoreEditor(live, gen)
-            try:
-                found = editor.lookup(wanted)
-                missing = [e for e in dict.fromkeys(wanted) if e not in found]
-                if missing and not missing_ok:
-                    raise BadRowError(
-                        f"{len(missing)} id(s) to remove are not in the bundle, e.g. {missing[:3]}; "
-                        "pass missing_ok=True (--missing-ok) to ignore them"
-                    )
-                dead = np.asarray(sorted(r.row_id for r in found.values()), dtype=np.int64)
-                editor.delete(dead.tolist())
-            except BaseException:
-                editor.abort()
-                raise
-            count = editor.finish()
-            index = VectorIndex.load(live)
-            self._finish_change(live, gen, manifest, index, dead, np.empty((0, 0), np.float32), np.empty(0, np.int64))
-            _write_generation_manifest(gen, _changed(manifest, count))
-        self._reopen()
-        return ChangeReport(
-            "remove", removed=len(dead), missing=len(missing), count=count,
-            generation=self.generation or "", seconds=time.perf_counter() - started,
-        )  # fmt: skip
-
-    def compact(self, *, index_config: IndexConfig | None = None, show_progress: bool = True) -> ChangeReport:
-        """Rewrite the bundle without the rows removed titles left behind, and rebuild the index from the
-        stored vectors (no re-encoding), with ``index_config`` if given."""
-        started = time.perf_counter()
-        path = self._require_path()
-        with new_generation(path, change=True, lock_timeout=self.lock_timeout) as gen:
-            live, manifest = _live(path)
-            config = index_config or _compact_config(live, manifest)
-
-            old = Store.open(live)
-            try:
-                writer = Store.create(gen, old.dim)
-                try:
-                    with tqdm(total=old.count, desc="compacting", unit="title", disable=not show_progress) as bar:
-                        for rows in old.rows():
-                            writer.copy_rows(old, rows)
-                            bar.update(len(rows))
-                except BaseException:
-                    writer.abort()
-                    raise
-                writer.finish(old.id_type)
-            finally:
-                old.close()
-            _carry(live, gen, manifest)
-            store = Store.open(gen)
-            try:
-                built = VectorIndex.build(store.vectors, np.arange(store.count, dtype=np.int64), config)
-                built.save(gen)
-                count = store.count
-            finally:
-                store.close()
-            _write_generation_manifest(
-                gen, dataclasses.replace(_changed(manifest, count), index=_index_record(built, config))
-            )
-        self._reopen()
-        return ChangeReport("compact", count=count, generation=self.generation or "",
-                            seconds=time.perf_counter() - started)  # fmt: skip
-
-    def _change(
+    def _apply_rows(
         self,
         operation: str,
         source: str | Path | pd.DataFrame,
@@ -599,163 +362,81 @@ class Matcher:
         show_progress: bool,
         allow_encoder_mismatch: bool,
     ) -> ChangeReport:
-        started = time.perf_counter()
-        path = self._require_path()
-        built_with = self.manifest.source
-        reader = CatalogueReader(
-            source,
-            id_column=id_column or built_with.get("id_column", "id"),
-            title_column=title_column or built_with.get("title_columns", "title"),
-            skip_bad_rows=skip_bad_rows,
-            chunksize=chunksize,
-            encoding=encoding,
-        )
-        tally = dict.fromkeys(("added", "updated", "metadata_updated", "unchanged", "encoded"), 0)
-        with new_generation(path, change=True, lock_timeout=self.lock_timeout) as gen:
-            live, manifest = _live(path)
-            if manifest.encoder["fingerprint"] != self.encoder.fingerprint and not allow_encoder_mismatch:
-                raise BundleError(
-                    f"bundle {str(path)!r} was built with another encoder (fingerprint "
-                    f"{manifest.encoder['fingerprint'][:12]}, this one {self.encoder.fingerprint[:12]}): titles "
-                    "encoded by it would not be comparable; load the bundle with its own encoder, or pass "
-                    "allow_encoder_mismatch=True"
-                )
-            editor = StoreEditor(live, gen)
-            dead: list[int] = []
-            new_ids: list[np.ndarray] = []
-            new_vectors: list[np.ndarray] = []
-            dead_before = 0
-            try:
-                desc = f"{operation}: encoding titles"
-                with tqdm(desc=desc, unit="title", disable=not show_progress) as bar:
-                    for chunk in reader:
-                        existing = editor.lookup(chunk.ids)
-                        if editor.id_type is IdType.INT:
-                            _check_int_ids(chunk.ids, chunk.rows, reader.name)
-                        fresh: list[int] = []
-                        meta_changes: dict[int, str] = {}
-                        for j, ext in enumerate(chunk.ids):
-                            old = existing.get(ext)
-                            meta = metadata_json(chunk.metadata[j])
-                            if old is None:
-                                fresh.append(j)
-                                tally["added"] += 1
-                            elif operation == "add":
-                                raise DuplicateIdError(
-                                    f"{reader.name} row {chunk.rows[j]}: id {ext!r} is already in the bundle; "
-                                    "use upsert to replace it"
-                                )
-                            elif old.title != chunk.titles[j]:
-                                dead.append(old.row_id)
-                                fresh.append(j)
-                                tally["updated"] += 1
-                            elif old.metadata != json.loads(meta):  # as values: key order does not matter
-                                meta_changes[old.row_id] = meta
-                                tally["metadata_updated"] += 1
-                            else:
-                                tally["unchanged"] += 1
-                        editor.update_metadata(meta_changes)
-                        editor.delete(dead[dead_before:])  # before their new versions take the same external ids
-                        dead_before = len(dead)
-                        if fresh:
-                            titles = [chunk.titles[j] for j in fresh]
-                            vectors = self.encoder.encode_titles(titles)
-                            row_ids = editor.append(
-                                [chunk.ids[j] for j in fresh],
-                                titles,
-                                [metadata_json(chunk.metadata[j]) for j in fresh],
-                                vectors,
-                            )
-                            new_ids.append(row_ids)
-                            new_vectors.append(vectors)
-                            tally["encoded"] += len(fresh)
-                        bar.update(len(chunk))
-                if reader.count == 0:
-                    raise BadRowError(f"{reader.name} has no usable rows ({reader.skipped} skipped); nothing changed")
-            except BaseException:
-                editor.abort()
-                raise
-            count = editor.finish()
-            index = VectorIndex.load(live)
-            dim = self.encoder.dim
-            self._finish_change(
-                live,
-                gen,
-                manifest,
-                index,
-                np.asarray(dead, dtype=np.int64),
-                np.concatenate(new_vectors) if new_vectors else np.empty((0, dim), np.float32),
-                np.concatenate(new_ids) if new_ids else np.empty(0, np.int64),
-            )
-            _write_generation_manifest(gen, _changed(manifest, count))
-        if reader.skipped:
-            log.warning("skipped %d bad row(s), e.g. %s", reader.skipped, "; ".join(reader.skipped_examples))
-        self._reopen()
-        return ChangeReport(
-            operation, **tally, count=count, generation=self.generation or "",
-            seconds=time.perf_counter() - started,
+        reader = changes.ReaderFactory(
+            source, id_column=id_column, title_column=title_column, skip_bad_rows=skip_bad_rows,
+            encoding=encoding, chunksize=chunksize,
         )  # fmt: skip
+        return self._write(
+            lambda path: changes.apply_rows(
+                path,
+                self.encoder,
+                operation,
+                reader,
+                lock_timeout=self.lock_timeout,
+                show_progress=show_progress,
+                allow_encoder_mismatch=allow_encoder_mismatch,
+            )
+        )
 
-    def _finish_change(
-        self,
-        live: Path,
-        gen: Path,
-        manifest: Manifest,
-        index: VectorIndex,
-        dead: np.ndarray,
-        vectors: np.ndarray,
-        ids: np.ndarray,
-    ) -> None:
-        """Apply removals and additions to the index (rebuilding it where FAISS cannot remove), carry
-        the unchanged components across, and save."""
-        if not index.remove(dead):
-            store = Store.open(gen)
-            try:
-                live_ids = store.live_ids()
-                index = VectorIndex.build(store.vectors[live_ids], live_ids, index.config, tune=False)
-            finally:
-                store.close()
-        else:
-            index.add(vectors, ids)
-        index.save(gen)
-        _carry(live, gen, manifest)
+    def remove(self, ids: Iterable[ExternalId], *, missing_ok: bool = False) -> ChangeReport:
+        """Remove titles by external id; an unknown id is an error unless ``missing_ok``."""
+        return self._write(
+            lambda path: changes.remove(path, ids, missing_ok=missing_ok, lock_timeout=self.lock_timeout)
+        )
+
+    def compact(self, *, index_config: IndexConfig | None = None, show_progress: bool = True) -> ChangeReport:
+        """Rewrite the bundle without the rows removed titles left behind, and rebuild the index from the
+        stored vectors (no re-encoding), with ``index_config`` if given."""
+        return self._write(
+            lambda path: changes.compact(
+                path, index_config=index_config, lock_timeout=self.lock_timeout, show_progress=show_progress
+            )
+        )
+
+    def copy(
+        self, out: str | Path, *, limit: int | None = None, index_config: IndexConfig | None = None,
+        overwrite: bool = False, show_progress: bool = True,
+    ) -> Matcher:  # fmt: skip
+        """Write a new bundle at ``out`` from this one's live titles (the first ``limit`` in row order, if given),
+        reusing their stored vectors (no re-encoding), the reranker and the query encoder; returns it loaded."""
+        out = Path(out)
+        snap = self._snap
+        source = self.path / snap.generation if self.path and snap.generation else None
+        with new_generation(out, overwrite=overwrite, lock_timeout=self.lock_timeout) as gen:
+            count = generation.copy_rows(snap.store, gen, limit=limit, show_progress=show_progress)
+            config = index_config or IndexConfig()
+            built = generation.index_from_store(gen, config)
+            manifest = generation.changed(
+                snap.manifest, count, index=generation.index_record(built, config),
+                source={**snap.manifest.source, "name": f"{count} titles of {self.path}"},
+            )  # fmt: skip
+            carried = generation.non_catalogue(snap.manifest) if source else []
+            generation.finish(
+                gen, manifest, index=built, scorer=None if source else snap.scorer,
+                carry_from=(source, carried) if source else None,
+            )  # fmt: skip
+        return Matcher.load(out, encoder=self.encoder, verify=False, lock_timeout=self.lock_timeout)
+
+    def _write(self, change: Callable[[Path], ChangeReport]) -> ChangeReport:
+        """Run a catalogue change against the bundle, then serve the generation it published."""
+        report = change(self._require_path())
+        self._reopen()
+        return dataclasses.replace(report, generation=self.generation or report.generation)
 
     # -- pair scoring ----------------------------------------------------------------------------
 
     def encode_pairs(
         self, queries: Sequence[str], titles: Sequence[str], *, show_progress: bool = False
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Query and title vectors for aligned pairs.
-
-        Each distinct query is encoded once. Titles already in the bundle (exact text) reuse their cached
-        vectors; only unseen titles are encoded.
-        """
-        if len(queries) != len(titles):
-            raise ConfigError(f"queries and titles differ in length ({len(queries)} != {len(titles)})")
-        for name, seq in (("queries", queries), ("titles", titles)):
-            bad = next((i for i, x in enumerate(seq) if not isinstance(x, str)), None)
-            if bad is not None:
-                raise ConfigError(f"{name}[{bad}] is {type(seq[bad]).__name__}, not a string")
-        snap = self._snap  # one generation throughout, even if another thread refreshes
-        uq = list(dict.fromkeys(queries))
-        q_vecs = snap.query_encoder.encode_queries(uq, show_progress=show_progress)
-        q_pos = {q: i for i, q in enumerate(uq)}
-        ut = list(dict.fromkeys(titles))
-        rows = snap.store.find_titles(ut)
-        t_vecs = np.empty((len(ut), self.encoder.dim), dtype=np.float32)
-        cached = [(i, r) for i, r in enumerate(rows) if r is not None]
-        if cached:
-            t_vecs[[i for i, _ in cached]] = snap.store.vectors[[r for _, r in cached]]
-        missing = [i for i, r in enumerate(rows) if r is None]
-        if missing:
-            t_vecs[missing] = self.encoder.encode_titles([ut[i] for i in missing], show_progress=show_progress)
-        t_pos = {t: i for i, t in enumerate(ut)}
-        return q_vecs[[q_pos[q] for q in queries]], t_vecs[[t_pos[t] for t in titles]]
+        """Query and title vectors for aligned pairs (see :meth:`Snapshot.encode_pairs`): cached title vectors
+        are reused, each distinct query is encoded once."""
+        return self._snap.encode_pairs(queries, titles, show_progress=show_progress)
 
     def score_pairs(self, queries: Sequence[str], titles: Sequence[str]) -> np.ndarray:
         """The reranker's score for each (query, title) pair, as a float32 array in input order."""
-        q, t = self.encode_pairs(queries, titles)
-        return self.scorer.score(q, t)
+        snap = self._snap
+        q, t = snap.encode_pairs(queries, titles)
+        return snap.scorer.score(q, t)
 
     # -- training --------------------------------------------------------------------------------
 
@@ -765,11 +446,10 @@ class Matcher:
             raise ConfigError(f"scorer dimension {scorer.config.dim} != encoder dimension {self.encoder.dim}")
 
         def write(gen: Path) -> None:
-            scorer.save(gen)
             if report is not None:
-                (gen / TRAIN_REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+                (gen / TRAIN_REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
-        self._publish(("scorer", TRAIN_REPORT_FILE), write, self.manifest)
+        self._publish((SCORER_WEIGHTS, SCORER_CONFIG, TRAIN_REPORT), write, self.manifest, scorer=scorer)
 
     def replace_query_encoder(self, tower: Encoder, report: dict[str, Any] | None = None) -> None:
         """Publish a fine-tuned query tower (same architecture as the title encoder) into the bundle.
@@ -781,22 +461,24 @@ class Matcher:
         record = {"fingerprint": tower.fingerprint, "base": self.encoder.fingerprint, "report": report}
 
         def write(gen: Path) -> None:
-            tower.save_weights(gen / QUERY_TOWER_FILE)
+            tower.save_weights(gen / QUERY_ENCODER)
 
-        self._publish((QUERY_TOWER_FILE,), write, dataclasses.replace(self.manifest, query_encoder=record))
+        self._publish((QUERY_ENCODER,), write, dataclasses.replace(self.manifest, query_encoder=record))
 
-    def _publish(self, replaced: tuple[str, ...], write: Any, manifest: Manifest) -> None:
-        """Write a new generation that carries every file but those starting with ``replaced``.
+    def _publish(
+        self, replaced: tuple[str, ...], write: Callable[[Path], None], manifest: Manifest, scorer: Scorer | None = None
+    ) -> None:
+        """Write a new generation that carries every file but ``replaced``.
 
         Refused if another writer published since this matcher loaded: the change was made against
         this matcher's generation (its scorer was trained on that catalogue).
         """
         path = self._require_path()
-        keep = [n for n in self.manifest.files if not n.startswith(replaced)]
+        keep = [n for n in self.manifest.files if n not in replaced]
         base = current_generation(path) if self.generation is None else path / self.generation
-        with new_generation(path, carry=keep, base=base, lock_timeout=self.lock_timeout) as gen:
+        with new_generation(path, base=base, lock_timeout=self.lock_timeout) as gen:
             write(gen)
-            _write_generation_manifest(gen, dataclasses.replace(manifest, files={}))
+            generation.finish(gen, manifest, scorer=scorer, carry_from=(base, keep))
         self._reopen()
 
     def _require_path(self) -> Path:
@@ -828,14 +510,14 @@ class Matcher:
         show_progress: bool = True,
         **settings: Any,
     ) -> TrainReport:
-        """Train the reranker on (query, title, label) pairs; settings: :class:`matching.train.TrainConfig`.
+        """Train the reranker on (query, title, label) pairs; settings: :class:`matching.training.scorer.TrainConfig`.
 
         The best checkpoint on the validation metric is kept (never worse than the scorer it started from)
         and, with ``save``, published into the bundle.
         """
-        from matching.train import train_scorer
+        from matching.training.scorer import train_scorer
 
-        scorer, report = train_scorer(self, train_pairs, valid_pairs, show_progress=show_progress, **settings)
+        scorer, report = train_scorer(self._snap, train_pairs, valid_pairs, show_progress=show_progress, **settings)
         if save:
             self.replace_scorer(scorer, report.to_dict())
         else:
@@ -851,14 +533,14 @@ class Matcher:
         show_progress: bool = True,
         **settings: Any,
     ) -> TrainReport:
-        """Fine-tune a separate query tower on positive pairs; settings: :class:`matching.tower.TowerConfig`.
+        """Fine-tune a separate query tower on positive pairs; settings: :class:`matching.training.tower.TowerConfig`.
 
         The title vectors stay frozen. Retrain the scorer afterwards (:meth:`train_scorer`): it was fitted to
         the old query vectors.
         """
-        from matching.tower import train_query_tower
+        from matching.training.tower import train_query_tower
 
-        tower, report = train_query_tower(self, train_pairs, valid_pairs, show_progress=show_progress, **settings)
+        tower, report = train_query_tower(self._snap, train_pairs, valid_pairs, show_progress=show_progress, **settings)
         if save:
             self.replace_query_encoder(tower, report.to_dict())
         else:
@@ -877,12 +559,12 @@ class Matcher:
         **settings: Any,
     ) -> DistillReport:
         """Train a ``layers``-layer student of the title encoder on (up to ``max_titles`` of) this bundle's own
-        titles and save it as a checkpoint in ``out_dir``; settings: :func:`matching.distill.distill`.
+        titles and save it as a checkpoint in ``out_dir``; settings: :func:`matching.training.distill.distill`.
 
         The student encodes into its own vector space: build a bundle with it (``model=out_dir``, e.g. from
         :meth:`catalogue`) rather than mixing it with vectors of the original encoder.
         """
-        from matching.distill import distill
+        from matching.training.distill import distill
 
         titles = [r.title for rows in self.store.rows() for r in rows]
         if len(titles) > max_titles:
@@ -908,109 +590,3 @@ class Matcher:
     def info(self) -> dict[str, Any]:
         """The manifest, plus the bundle path, as a JSON-able dict."""
         return {"path": str(self.path) if self.path else None, **self.manifest.to_dict()}
-
-
-def _index_record(index: VectorIndex, requested: IndexConfig | None = None) -> dict[str, Any]:
-    """The manifest's index entry: the resolved config, what build-time tuning measured, and the factory
-    asked for (``auto`` is re-resolved for the new size when the bundle is compacted)."""
-    record = index.config.to_dict()
-    if index.tuning:
-        record["tuning"] = index.tuning
-    if requested is not None:
-        record["requested_factory"] = requested.factory
-    return record
-
-
-def _compact_config(live: Path, manifest: Manifest) -> IndexConfig:
-    """The index a compaction rebuilds: ``auto`` again if the bundle asked for it, else the same factory;
-    the search parameter is tuned again unless it was fixed by the user (no target recall)."""
-    current = IndexConfig.load(live / INDEX_CONFIG_FILE)
-    if manifest.index.get("requested_factory") == AUTO:
-        return dataclasses.replace(current, factory=AUTO, nprobe=None, ef_search=None, refine_factor=None)
-    if current.target_recall and manifest.index.get("tuning"):
-        return dataclasses.replace(current, nprobe=None, ef_search=None)
-    return current
-
-
-def _live(path: Path) -> tuple[Path, Manifest]:
-    """The live generation and its manifest (call with the writer lock held)."""
-    live = current_generation(path)
-    return live, read_manifest(live, verify=False)
-
-
-def _carry(live: Path, gen: Path, manifest: Manifest) -> None:
-    """Bring the files a catalogue change does not touch (scorer, query tower, reports) across."""
-    for name in manifest.files:
-        if name not in _CATALOGUE_FILES:
-            link_or_copy(live / name, gen / name)
-
-
-def _changed(manifest: Manifest, count: int) -> Manifest:
-    return dataclasses.replace(
-        manifest,
-        count=count,
-        library_version=__version__,
-        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        files={},
-    )
-
-
-def _check_int_ids(ids: Sequence[str], rows: Sequence[int], name: str) -> None:
-    for ext, row in zip(ids, rows, strict=True):
-        if canonical_id(_as_int(ext)) != ext:
-            raise SchemaError(
-                f"{name} row {row}: id {ext!r} is not an integer, but every id in this bundle is; "
-                "use integer ids, or rebuild the bundle with string ids"
-            )
-
-
-def _as_int(text: str) -> int | None:
-    try:
-        return int(text)
-    except ValueError:
-        return None
-
-
-def _retrieve(snap: _Snapshot, vectors: np.ndarray, depth: int, where: Where | None) -> tuple[np.ndarray, np.ndarray]:
-    """Top ``depth`` (scores, row ids) per query, restricted to titles matching ``where``."""
-    stored = snap.store.vectors
-    if where is None:
-        return snap.index.search(vectors, depth, stored=stored)
-    allowed = snap.store.filter_ids(where)
-    if len(allowed) <= EXACT_FILTER_LIMIT:
-        return _exact(vectors, stored, allowed, depth)
-    mask = np.zeros(stored.shape[0], dtype=bool)
-    mask[allowed] = True
-    try:
-        scores, ids = snap.index.search(vectors, depth, allowed=mask, stored=stored)
-    except NotImplementedError:
-        return _exact(vectors, stored, allowed, depth)
-    # an approximate index can come back short under a selective filter: search those queries exactly
-    short = np.flatnonzero((ids >= 0).sum(axis=1) < min(ids.shape[1], len(allowed)))
-    if len(short):
-        scores[short], ids[short] = _exact(vectors[short], stored, allowed, ids.shape[1])
-    return scores, ids
-
-
-class _Subset:
-    """The stored vectors of ``row_ids``, sliced as one matrix (read block by block by ``exact_top_k``)."""
-
-    def __init__(self, stored: np.ndarray, row_ids: np.ndarray) -> None:
-        self.stored, self.row_ids = stored, row_ids
-
-    def __len__(self) -> int:
-        return len(self.row_ids)
-
-    def __getitem__(self, rows: slice) -> np.ndarray:
-        return np.asarray(self.stored[self.row_ids[rows]], dtype=np.float32)
-
-
-def _exact(queries: np.ndarray, stored: np.ndarray, row_ids: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
-    """Brute-force inner-product top ``depth`` over the stored vectors of ``row_ids``, padded with -1."""
-    scores = np.full((len(queries), depth), -np.inf, dtype=np.float32)
-    ids = np.full((len(queries), depth), -1, dtype=np.int64)
-    if len(row_ids):
-        top_scores, positions = exact_top_k(_Subset(stored, row_ids), queries, depth)  # type: ignore[arg-type]
-        scores[:, : top_scores.shape[1]] = top_scores
-        ids[:, : positions.shape[1]] = row_ids[positions]
-    return scores, ids

@@ -12,14 +12,14 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from matching.errors import InputFileError, SchemaError
-from matching.ingest import file_format, reading
+from matching.ingest import file_format, read_table, reading
 
 if TYPE_CHECKING:
-    from matching.matcher import Matcher
+    from matching.search import Snapshot
 
 
 def score_file(
-    matcher: Matcher,
+    snap: Snapshot,
     source: Path,
     out: Path,
     *,
@@ -57,13 +57,11 @@ def score_file(
     total = 0
     try:
         # every column as text, so what is not scored is written back exactly as read
-        reader = pd.read_csv(
-            source, sep=sep, chunksize=chunksize, dtype=str, keep_default_na=False, encoding="utf-8-sig"
-        )
+        reader = read_table(source, chunksize=chunksize)  # every column as text, nothing missing
         with reading(source), tqdm(desc="scoring pairs", unit="pair", disable=not show_progress) as bar:
             for frame in reader:
-                q, t = matcher.encode_pairs(frame[query_column].tolist(), frame[title_column].tolist())
-                frame = frame.assign(score=matcher.scorer.score(q, t), cosine=np.einsum("ij,ij->i", q, t))
+                q, t = snap.encode_pairs(frame[query_column].tolist(), frame[title_column].tolist())
+                frame = frame.assign(score=snap.scorer.score(q, t), cosine=np.einsum("ij,ij->i", q, t))
                 frame.to_csv(tmp, mode="a", header=total == 0, index=False, sep=out_sep)
                 total += len(frame)
                 bar.update(len(frame))

@@ -13,9 +13,8 @@ from torch import nn
 
 from matching.config import ScorerConfig
 from matching.errors import BundleError
+from matching.layout import SCORER_CONFIG, SCORER_WEIGHTS
 
-WEIGHTS_FILE = "scorer.safetensors"
-CONFIG_FILE = "scorer.json"
 
 
 class Scorer(nn.Module):
@@ -62,12 +61,12 @@ class Scorer(nn.Module):
 
     def save(self, directory: Path) -> None:
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_FILE))
-        self.config.save(directory / CONFIG_FILE)
+        save_file(state, str(directory / SCORER_WEIGHTS))
+        self.config.save(directory / SCORER_CONFIG)
 
     @classmethod
     def load(cls, directory: Path) -> Self:
-        weights, config_path = directory / WEIGHTS_FILE, directory / CONFIG_FILE
+        weights, config_path = directory / SCORER_WEIGHTS, directory / SCORER_CONFIG
         for p in (weights, config_path):
             if not p.is_file():
                 raise BundleError(f"bundle scorer file {str(p)!r} is missing")

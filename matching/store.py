@@ -11,6 +11,7 @@ import hashlib
 import json
 import mmap
 import os
+import re
 import shutil
 import sqlite3
 import urllib.parse
@@ -39,6 +40,7 @@ from sqlalchemy.pool import QueuePool
 
 from matching.errors import BundleError, ConfigError
 from matching.ingest import metadata_json
+from matching.layout import STORE_CONFIG, STORE_DB, VECTORS_FILE
 from matching.types import IdType
 
 # a value, or an (operator, value) pair, or a list of allowed values
@@ -47,9 +49,6 @@ Where = Mapping[str, Any]
 _COMPARE = ("==", "!=", "<", "<=", ">", ">=")
 _MEMBER = ("in", "not in")
 
-DB_FILE = "store.sqlite"
-VECTORS_FILE = "vectors.f32"
-CONFIG_FILE = "store.json"
 _SQL_BATCH = 900  # stays under SQLite's default limit of bound variables per statement
 
 
@@ -126,8 +125,8 @@ class Store:
 
     @classmethod
     def open(cls, directory: Path) -> Self:
-        config_path = directory / CONFIG_FILE
-        db_path = directory / DB_FILE
+        config_path = directory / STORE_CONFIG
+        db_path = directory / STORE_DB
         vec_path = directory / VECTORS_FILE
         for p in (config_path, db_path, vec_path):
             if not p.is_file():
@@ -231,7 +230,7 @@ def _stored(row: TitleRow) -> StoredTitle:
 
 def read_config(directory: Path) -> dict[str, Any]:
     """``count`` (live rows), ``rows`` (vectors in the file), ``dim`` and ``id_type`` of a store."""
-    path = directory / CONFIG_FILE
+    path = directory / STORE_CONFIG
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
         count, dim = int(config["count"]), int(config["dim"])
@@ -242,7 +241,7 @@ def read_config(directory: Path) -> dict[str, Any]:
 
 def _write_config(directory: Path, *, count: int, rows: int, dim: int, id_type: IdType) -> None:
     config = {"count": count, "rows": rows, "dim": dim, "id_type": id_type.value}
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    (directory / STORE_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 def where_clauses(where: Where) -> list[ColumnElement[bool]]:
@@ -295,6 +294,41 @@ def where_clauses(where: Where) -> list[ColumnElement[bool]]:
     return clauses
 
 
+_WHERE = re.compile(r"\s*(?P<key>.+?)\s*(?P<op>==|!=|<=|>=|=|<|>|\s+not\s+in\s+|\s+in\s+)\s*(?P<value>.*?)\s*\Z")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a value to filter on")  # NaN/Infinity: read as plain text instead
+
+
+def parse_where(expressions: Sequence[str]) -> dict[str, Any]:
+    """``["brand=acme", "price<50", 'color in ["red", "blue"]']`` -> a ``where`` dict for search.
+
+    A value is read as JSON where it parses (numbers, true/false/null, quoted strings, lists),
+    else taken as a plain string.
+    """
+    where: dict[str, Any] = {}
+    for text in expressions:
+        m = _WHERE.match(text)
+        if not m or not m["key"]:
+            raise ConfigError(
+                f"--where {text!r}: expected FIELD OP VALUE with OP one of = != < <= > >= in, not in "
+                "(e.g. --where brand=acme --where 'price<50')"
+            )
+        op = " ".join(m["op"].split())
+        op = "==" if op == "=" else op
+        try:
+            value = json.loads(m["value"], parse_constant=_no_constant)
+        except (json.JSONDecodeError, ValueError):
+            value = m["value"]
+        if op in ("in", "not in") and not isinstance(value, list):
+            raise ConfigError(f'--where {text!r}: {op!r} needs a JSON list, e.g. \'color in ["red", "blue"]\'')
+        if m["key"] in where:
+            raise ConfigError(f"--where: field {m['key']!r} is given twice")
+        where[m["key"]] = value if op == "==" else (op, value)
+    return where
+
+
 def _check_value(key: str, value: Any) -> WhereValue:
     if isinstance(value, np.generic):
         value = value.item()
@@ -316,7 +350,7 @@ class StoreEditor:
         self.dim = config["dim"]
         self.rows = config["rows"]
         self.id_type = IdType(config["id_type"])
-        shutil.copyfile(base / DB_FILE, staging / DB_FILE)
+        shutil.copyfile(base / STORE_DB, staging / STORE_DB)
         try:
             os.link(base / VECTORS_FILE, staging / VECTORS_FILE)
         except OSError:
@@ -324,7 +358,7 @@ class StoreEditor:
         self._vectors = (staging / VECTORS_FILE).open("r+b")
         self._vectors.truncate(self.rows * self.dim * 4)  # drop what a crashed writer appended
         self._vectors.seek(0, os.SEEK_END)
-        self.engine = _engine(staging / DB_FILE)
+        self.engine = _engine(staging / STORE_DB)
 
     def lookup(self, external_ids: Sequence[str]) -> dict[str, StoredTitle]:
         return _lookup(self.engine, external_ids)
@@ -359,10 +393,6 @@ class StoreEditor:
         self.id_type = id_type or self.id_type
         _write_config(self.directory, count=count, rows=self.rows, dim=self.dim, id_type=self.id_type)
         return count
-
-    @property
-    def vector_bytes(self) -> int:
-        return int(self.rows * self.dim * 4)
 
     def abort(self) -> None:
         self._vectors.close()
@@ -418,7 +448,7 @@ class StoreWriter:
         self.directory = directory
         self.dim = dim
         self.count = 0
-        db_path = directory / DB_FILE
+        db_path = directory / STORE_DB
         if db_path.exists():
             raise BundleError(f"{str(db_path)!r} already exists")
         self.engine = _engine(db_path)

@@ -36,9 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from matching.config import EncoderConfig
 from matching.demo import generate_catalogue
-from matching.distill import distill
 from matching.encoder import Encoder, default_model_dir
-from matching.evaluate import load_qrels, load_queries, mean_metrics
+from matching.evaluate import load_qrels, load_queries
+from matching.metrics import mean_metrics
+from matching.training.distill import distill
 from matching.types import Preset
 
 QUERY = "does vitamin d supplementation reduce the risk of bone fractures"  # 10 words

@@ -27,14 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import datasets as ds
 
 from matching import Matcher
-from matching.evaluate import (
-    best_threshold,
-    classification_metrics,
-    evaluate,
-    load_qrels,
-    load_queries,
-    spearman,
-)
+from matching.evaluate import evaluate, load_qrels, load_queries
+from matching.metrics import best_threshold, classification_metrics, spearman
 
 OUT = Path("indexes")
 

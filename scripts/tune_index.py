@@ -29,12 +29,11 @@ from matching.autoindex import (
     auto_tune,
     choice_for_factory,
     choose_index,
-    exact_refine,
-    exact_top_k,
-    recall_at_k,
     retrieve,
     sample_queries,
 )
+from matching.exact import exact_refine, exact_top_k
+from matching.metrics import neighbour_recall as recall_at_k
 
 
 def clustered_vectors(path: Path, n: int, dim: int, centres: int, seed: int) -> np.ndarray:

@@ -16,16 +16,15 @@ from matching.autoindex import (
     choice_for_factory,
     choose_index,
     default_memory_budget,
-    exact_refine,
-    exact_top_k,
     ivf_nlist,
-    recall_at_k,
     retrieve,
     sample_queries,
     search_param_range,
     set_search_param,
     tune_search_params,
 )
+from matching.exact import exact_refine, exact_top_k
+from matching.metrics import neighbour_recall as recall_at_k
 
 MiB = 2**20
 

@@ -12,7 +12,7 @@ import pytest
 
 from matching import IndexConfig, Matcher
 from matching.bundle import collect_garbage, current_generation, read_manifest, writer_lock
-from matching.cli import main, parse_where
+from matching.cli import main
 from matching.errors import (
     BadRowError,
     BundleError,
@@ -21,7 +21,8 @@ from matching.errors import (
     DuplicateIdError,
     SchemaError,
 )
-from matching.store import VECTORS_FILE
+from matching.layout import VECTORS_FILE
+from matching.store import parse_where
 from tests.conftest import build_products, hidden_entries, make_catalogue
 
 NEW = pd.DataFrame(
@@ -234,7 +235,7 @@ def test_filtered_search_returns_k_matching_hits(
     built_bundle: Matcher, where: dict[str, Any], keep: Any, exact_limit: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # exact_limit=0 forces the FAISS id-selector path instead of the exact subset search
-    monkeypatch.setattr("matching.matcher.EXACT_FILTER_LIMIT", exact_limit)
+    monkeypatch.setattr("matching.search.EXACT_FILTER_LIMIT", exact_limit)
     df = make_catalogue()
     allowed = set(df[[bool(keep(r)) for r in df.itertuples()]]["id"])
     assert allowed
@@ -248,7 +249,7 @@ def test_filtered_search_returns_k_matching_hits(
 def test_a_selective_filter_on_an_approximate_index_still_returns_k(
     tmp_path: Path, tiny_encoder: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("matching.matcher.EXACT_FILTER_LIMIT", 0)
+    monkeypatch.setattr("matching.search.EXACT_FILTER_LIMIT", 0)
     config = IndexConfig(factory="IVF8,Flat", nprobe=1)
     with fresh_build(make_catalogue(), tmp_path / "b", tiny_encoder, index_config=config) as m:
         allowed = set(make_catalogue().query("brand == 'Initech'")["id"])

@@ -31,7 +31,8 @@ from conftest import hidden_entries
 from matching.bundle import collect_garbage
 from matching.encoder import Encoder
 from matching.errors import BundleError
-from matching.matcher import TRAIN_REPORT_FILE, Matcher
+from matching.layout import TRAIN_REPORT as TRAIN_REPORT_FILE
+from matching.matcher import Matcher
 from matching.store import read_config
 
 KILLS = 30

@@ -11,9 +11,9 @@ import pytest
 from conftest import make_catalogue
 
 from matching.config import EncoderConfig
-from matching.distill import REPORT_FILE, DistillReport, distill, truncate
 from matching.encoder import Encoder
 from matching.errors import ConfigError
+from matching.training.distill import REPORT_FILE, DistillReport, distill, truncate
 from matching.types import Pooling, Preset
 
 TITLES = make_catalogue()["title"].tolist() + [

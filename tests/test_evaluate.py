@@ -11,16 +11,8 @@ import pytest
 from conftest import make_catalogue
 
 from matching.errors import InputFileError, SchemaError
-from matching.evaluate import (
-    EvalReport,
-    evaluate,
-    load_qrels,
-    load_queries,
-    mean_metrics,
-    mrr_at_k,
-    ndcg_at_k,
-    recall_at_k,
-)
+from matching.evaluate import EvalReport, evaluate, load_qrels, load_queries
+from matching.metrics import mean_metrics, mrr_at_k, ndcg_at_k, recall_at_k
 
 RANKED = ["d1", "d2", "d3", "d4", "d5"]
 

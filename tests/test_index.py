@@ -10,7 +10,9 @@ from conftest import assert_same_ranking
 
 from matching.config import IndexConfig
 from matching.errors import BundleError, ConfigError
-from matching.index import CONFIG_FILE, INDEX_FILE, VectorIndex
+from matching.index import VectorIndex
+from matching.layout import INDEX_CONFIG as CONFIG_FILE
+from matching.layout import INDEX_FILE
 
 N, DIM = 300, 16
 

@@ -12,7 +12,8 @@ import pytest
 from matching import ConfigError, IndexConfig, InputFileError, Matcher
 from matching.ingest import CatalogueReader
 from matching.pairs import score_file
-from matching.train import TrainConfig, read_pairs
+from matching.training.loop import read_pairs
+from matching.training.scorer import TrainConfig
 
 
 def test_untrainable_ivf_fails_as_config_error_and_writes_nothing(tmp_path: Path, tiny_encoder: Any) -> None:
@@ -55,7 +56,7 @@ def test_score_file_refuses_zip_and_keeps_header_only_input(tmp_path: Path, buil
     src = tmp_path / "pairs.csv"
     src.write_text("query,title,note\n")
     with pytest.raises(InputFileError, match="archive"):
-        score_file(built_bundle, src, tmp_path / "out.csv.zip", show_progress=False)
+        score_file(built_bundle.snapshot, src, tmp_path / "out.csv.zip", show_progress=False)
     out = tmp_path / "out.csv"
-    assert score_file(built_bundle, src, out, show_progress=False) == 0
+    assert score_file(built_bundle.snapshot, src, out, show_progress=False) == 0
     assert out.read_text().splitlines() == ["query,title,note,score,cosine"]

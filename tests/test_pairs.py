@@ -15,10 +15,11 @@ from conftest import assert_same_file, build_products, hidden_entries, make_cata
 from matching.cli import main
 from matching.config import ScorerConfig
 from matching.errors import ConfigError, InputFileError, SchemaError
-from matching.evaluate import best_threshold, classification_metrics, pearson, rankdata, roc_auc, spearman
 from matching.matcher import Matcher
+from matching.metrics import best_threshold, classification_metrics, pearson, rankdata, roc_auc, spearman
 from matching.pairs import score_file
 from matching.scorer import Scorer
+from matching.search import Snapshot
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -311,7 +312,7 @@ def check_scored(matcher: Matcher, out: Path, rows: list[dict[str, str]] = PAIR_
 def test_score_file_keeps_every_row_and_column_as_text(pairs_bundle: Matcher, tmp_path: Path) -> None:
     src = write_pairs(tmp_path / "pairs.csv")
     out = tmp_path / "out" / "scored.csv"
-    assert score_file(pairs_bundle, src, out, show_progress=False) == len(PAIR_ROWS)
+    assert score_file(pairs_bundle.snapshot, src, out, show_progress=False) == len(PAIR_ROWS)
     check_scored(pairs_bundle, out)
     assert "007," in out.read_text(encoding="utf-8")
     assert hidden_entries(out.parent) == []
@@ -321,8 +322,8 @@ def test_score_file_keeps_every_row_and_column_as_text(pairs_bundle: Matcher, tm
 def test_score_file_in_small_chunks_writes_the_same_file(pairs_bundle: Matcher, tmp_path: Path, chunksize: int) -> None:
     src = write_pairs(tmp_path / "pairs.csv")
     whole, chunked = tmp_path / "whole.csv", tmp_path / "chunked.csv"
-    score_file(pairs_bundle, src, whole, show_progress=False)
-    assert score_file(pairs_bundle, src, chunked, chunksize=chunksize, show_progress=False) == len(PAIR_ROWS)
+    score_file(pairs_bundle.snapshot, src, whole, show_progress=False)
+    assert score_file(pairs_bundle.snapshot, src, chunked, chunksize=chunksize, show_progress=False) == len(PAIR_ROWS)
     assert_same_file(chunked, whole)
     check_scored(pairs_bundle, chunked)
 
@@ -331,7 +332,7 @@ def test_score_file_tsv_in_and_out_with_other_column_names(pairs_bundle: Matcher
     rows = [{"id": r["code"], "q": r["query"], "t": r["title"]} for r in PAIR_ROWS]
     src = write_pairs(tmp_path / "pairs.tsv", rows, sep="\t")
     out = tmp_path / "scored.tsv"
-    score_file(pairs_bundle, src, out, query_column="q", title_column="t", chunksize=3, show_progress=False)
+    score_file(pairs_bundle.snapshot, src, out, query_column="q", title_column="t", chunksize=3, show_progress=False)
     got = read_text_table(out, "\t")
     assert list(got.columns) == ["id", "q", "t", "score", "cosine"]
     assert got["id"].tolist() == [r["code"] for r in PAIR_ROWS]
@@ -344,7 +345,7 @@ def test_score_file_reads_a_bom(pairs_bundle: Matcher, tmp_path: Path) -> None:
     src = tmp_path / "bom.csv"
     src.write_text("query,title\nred shoes,Acme red shoes\n", encoding="utf-8-sig")
     out = tmp_path / "out.csv"
-    assert score_file(pairs_bundle, src, out, show_progress=False) == 1
+    assert score_file(pairs_bundle.snapshot, src, out, show_progress=False) == 1
     assert read_text_table(out).columns.tolist() == ["query", "title", "score", "cosine"]
 
 
@@ -352,7 +353,7 @@ def test_score_file_of_a_header_only_file(pairs_bundle: Matcher, tmp_path: Path)
     src = tmp_path / "empty.csv"
     src.write_text("query,title,extra\n", encoding="utf-8")
     out = tmp_path / "out.csv"
-    assert score_file(pairs_bundle, src, out, show_progress=False) == 0
+    assert score_file(pairs_bundle.snapshot, src, out, show_progress=False) == 0
     assert read_text_table(out).columns.tolist() == ["query", "title", "extra", "score", "cosine"]
 
 
@@ -375,7 +376,7 @@ def test_score_file_errors_leave_no_output(
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     with pytest.raises(error) as info:
-        score_file(pairs_bundle, src, out_dir / "scored.csv", show_progress=False)
+        score_file(pairs_bundle.snapshot, src, out_dir / "scored.csv", show_progress=False)
     assert needle in str(info.value)
     assert list(out_dir.iterdir()) == []
 
@@ -386,7 +387,7 @@ def test_a_failure_mid_file_leaves_the_old_output_untouched(
     src = write_pairs(tmp_path / "pairs.csv")
     out = tmp_path / "scored.csv"
     out.write_text("previous results\n", encoding="utf-8")
-    real = pairs_bundle.encode_pairs
+    real = Snapshot.encode_pairs
     calls = {"n": 0}
 
     def fail_on_third_chunk(*args: Any, **kwargs: Any) -> Any:
@@ -395,9 +396,9 @@ def test_a_failure_mid_file_leaves_the_old_output_untouched(
             raise RuntimeError("boom")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pairs_bundle, "encode_pairs", fail_on_third_chunk)
+    monkeypatch.setattr(Snapshot, "encode_pairs", fail_on_third_chunk)
     with pytest.raises(RuntimeError, match="boom"):
-        score_file(pairs_bundle, src, out, chunksize=2, show_progress=False)
+        score_file(pairs_bundle.snapshot, src, out, chunksize=2, show_progress=False)
     assert out.read_text(encoding="utf-8") == "previous results\n"
     assert hidden_entries(tmp_path) == []
 
@@ -407,7 +408,7 @@ def test_score_file_does_not_overwrite_an_input_score_column(pairs_bundle: Match
     src.write_text(f"query,title,score\nred shoes,{CATALOGUE_TITLES[1]},4.5\n", encoding="utf-8")
     out = tmp_path / "out.csv"
     try:
-        score_file(pairs_bundle, src, out, show_progress=False)
+        score_file(pairs_bundle.snapshot, src, out, show_progress=False)
     except SchemaError:
         return  # refusing is an acceptable fix
     got = read_text_table(out)
@@ -417,7 +418,7 @@ def test_score_file_does_not_overwrite_an_input_score_column(pairs_bundle: Match
 def test_score_file_to_a_gz_output_is_gzip(pairs_bundle: Matcher, tmp_path: Path) -> None:
     src = write_pairs(tmp_path / "pairs.csv")
     out = tmp_path / "scored.csv.gz"
-    score_file(pairs_bundle, src, out, show_progress=False)
+    score_file(pairs_bundle.snapshot, src, out, show_progress=False)
     with gzip.open(out, "rt", encoding="utf-8") as fh:
         assert fh.readline().startswith("code,query,title")
 

@@ -14,9 +14,11 @@ from safetensors.torch import load_file, save_file
 
 from matching.config import ScorerConfig
 from matching.errors import BundleError
-from matching.scorer import CONFIG_FILE as SCORER_CONFIG
-from matching.scorer import WEIGHTS_FILE, Scorer
-from matching.store import DB_FILE, VECTORS_FILE, Store
+from matching.layout import SCORER_CONFIG, VECTORS_FILE
+from matching.layout import SCORER_WEIGHTS as WEIGHTS_FILE
+from matching.layout import STORE_DB as DB_FILE
+from matching.scorer import Scorer
+from matching.store import Store
 from matching.types import IdType
 
 # -- Store -------------------------------------------------------------------------------------------

@@ -17,9 +17,11 @@ from matching.bundle import current_generation, read_manifest
 from matching.cli import main
 from matching.encoder import Encoder
 from matching.errors import ConfigError, SchemaError
-from matching.evaluate import ndcg_at_k
-from matching.matcher import QUERY_TOWER_FILE, TRAIN_REPORT_FILE, Matcher
-from matching.tower import TowerConfig, train_query_tower
+from matching.layout import QUERY_ENCODER as QUERY_TOWER_FILE
+from matching.layout import TRAIN_REPORT as TRAIN_REPORT_FILE
+from matching.matcher import Matcher
+from matching.metrics import ndcg_at_k
+from matching.training.tower import TowerConfig, train_query_tower
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -50,7 +52,7 @@ def perfect_valid() -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def tower_run(tower_bundle: Matcher, task: tuple[pd.DataFrame, pd.DataFrame], tiny_encoder: Any) -> Any:
     before = snapshot(tiny_encoder)
-    tower, report = train_query_tower(tower_bundle, *task, show_progress=False, **TOWER)
+    tower, report = train_query_tower(tower_bundle.snapshot, *task, show_progress=False, **TOWER)
     return tower, report, before
 
 
@@ -115,7 +117,7 @@ def test_the_tower_is_a_copy_and_the_title_encoder_is_untouched(
 def test_no_better_epoch_keeps_the_original_weights(
     tower_bundle: Matcher, task: tuple[pd.DataFrame, pd.DataFrame], perfect_valid: pd.DataFrame, tiny_encoder: Any
 ) -> None:
-    tower, report = train_query_tower(tower_bundle, task[0], perfect_valid, show_progress=False, **TOWER)
+    tower, report = train_query_tower(tower_bundle.snapshot, task[0], perfect_valid, show_progress=False, **TOWER)
     assert report.baseline == 1.0
     assert report.best_epoch == 0
     assert report.best_metric == 1.0
@@ -127,9 +129,9 @@ def test_no_better_epoch_keeps_the_original_weights(
 
 def test_the_same_seed_gives_the_same_tower(tower_bundle: Matcher, task: tuple[pd.DataFrame, pd.DataFrame]) -> None:
     settings = {**TOWER, "epochs": 1}
-    a, ra = train_query_tower(tower_bundle, *task, show_progress=False, **settings)
+    a, ra = train_query_tower(tower_bundle.snapshot, *task, show_progress=False, **settings)
     torch.manual_seed(999)
-    b, rb = train_query_tower(tower_bundle, *task, show_progress=False, **settings)
+    b, rb = train_query_tower(tower_bundle.snapshot, *task, show_progress=False, **settings)
     assert same_weights(snapshot(a), snapshot(b))
     assert ra.epochs == rb.epochs
 
@@ -138,7 +140,7 @@ def test_training_only_the_top_layer(
     tower_bundle: Matcher, task: tuple[pd.DataFrame, pd.DataFrame], tiny_encoder: Any
 ) -> None:
     original = snapshot(tiny_encoder)
-    tower, report = train_query_tower(tower_bundle, *task, show_progress=False, train_layers=1, **TOWER)
+    tower, report = train_query_tower(tower_bundle.snapshot, *task, show_progress=False, train_layers=1, **TOWER)
     trained = snapshot(tower)
     top = [k for k in trained if k.startswith("encoder.layer.1.")]
     assert top
@@ -157,7 +159,7 @@ def test_bad_tower_settings_are_config_errors(
     tower_bundle: Matcher, task: tuple[pd.DataFrame, pd.DataFrame], settings: dict[str, Any]
 ) -> None:
     with pytest.raises(ConfigError):
-        train_query_tower(tower_bundle, *task, show_progress=False, **settings)
+        train_query_tower(tower_bundle.snapshot, *task, show_progress=False, **settings)
     with pytest.raises(ConfigError):
         TowerConfig.from_dict(settings)
 
@@ -167,7 +169,7 @@ def test_positives_must_be_in_the_bundle(tower_bundle: Matcher) -> None:
         {"query": ["a", "b", "c"], "title": ["not a title", "nor this", TITLES[0]], "label": [1, 1, 0]}
     )
     with pytest.raises(SchemaError, match="titles are in the bundle"):
-        train_query_tower(tower_bundle, unseen, unseen, show_progress=False, **TOWER)
+        train_query_tower(tower_bundle.snapshot, unseen, unseen, show_progress=False, **TOWER)
 
 
 # -- saving and loading --------------------------------------------------------------------------------

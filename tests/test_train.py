@@ -17,10 +17,12 @@ from matching.bundle import POINTER_FILE, current_generation, read_manifest
 from matching.cli import main
 from matching.config import ScorerConfig
 from matching.errors import ConfigError, SchemaError
-from matching.evaluate import roc_auc
-from matching.matcher import TRAIN_REPORT_FILE, Matcher
+from matching.layout import TRAIN_REPORT as TRAIN_REPORT_FILE
+from matching.matcher import Matcher
+from matching.metrics import roc_auc
 from matching.scorer import Scorer
-from matching.train import LossKind, SearchReport, TrainConfig, TrainReport, read_pairs, search_scorer, train_scorer
+from matching.training.loop import TrainReport, read_pairs
+from matching.training.scorer import LossKind, SearchReport, TrainConfig, search_scorer, train_scorer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -45,7 +47,7 @@ def task() -> tuple[pd.DataFrame, pd.DataFrame]:
 @pytest.fixture(scope="module")
 def bce_run(train_bundle: Matcher, task: tuple[pd.DataFrame, pd.DataFrame]) -> tuple[Scorer, TrainReport]:
     train, valid = task
-    return train_scorer(train_bundle, train, valid, epochs=10, show_progress=False)
+    return train_scorer(train_bundle.snapshot, train, valid, epochs=10, show_progress=False)
 
 
 def state_equal(a: Scorer, b: Scorer) -> bool:
@@ -197,7 +199,7 @@ def test_bad_settings_are_config_errors(
 ) -> None:
     train, valid = task
     with pytest.raises(ConfigError):
-        train_scorer(train_bundle, train, valid, show_progress=False, **{"epochs": 1, **settings})
+        train_scorer(train_bundle.snapshot, train, valid, show_progress=False, **{"epochs": 1, **settings})
 
 
 def test_loss_names_round_trip() -> None:
@@ -276,7 +278,7 @@ def test_graded_labels_train_with_mse(train_bundle: Matcher, task: tuple[pd.Data
         own = [t.endswith(q.split(" ", 1)[1]) for q, t in zip(frame["query"], frame["title"], strict=True)]
         return frame.assign(label=frame["label"] * 3 + 1 + np.array(own, dtype=int))
 
-    _, report = train_scorer(train_bundle, graded(train), graded(valid), epochs=3, show_progress=False)
+    _, report = train_scorer(train_bundle.snapshot, graded(train), graded(valid), epochs=3, show_progress=False)
     assert report.loss == "mse"
     assert report.metric == "spearman"
     assert -1.0 <= report.baseline <= 1.0
@@ -287,7 +289,7 @@ def test_graded_labels_train_with_mse(train_bundle: Matcher, task: tuple[pd.Data
 
 def test_cosent_on_request(train_bundle: Matcher, task: tuple[pd.DataFrame, pd.DataFrame]) -> None:
     train, valid = task
-    _, report = train_scorer(train_bundle, train, valid, loss="cosent", epochs=2, show_progress=False)
+    _, report = train_scorer(train_bundle.snapshot, train, valid, loss="cosent", epochs=2, show_progress=False)
     assert report.loss == "cosent"
     assert report.metric == "roc_auc"  # the metric follows the labels (0/1), not the loss
     assert report.best_metric >= report.baseline
@@ -296,7 +298,7 @@ def test_cosent_on_request(train_bundle: Matcher, task: tuple[pd.DataFrame, pd.D
 def test_listwise_with_mined_negatives(train_bundle: Matcher) -> None:
     train = shifted_pairs(COLOURS[:5], all_titles=False)
     valid = shifted_pairs(COLOURS[5:], all_titles=False)
-    _, report = train_scorer(train_bundle, train, valid, hard_negatives=5, epochs=3, show_progress=False)
+    _, report = train_scorer(train_bundle.snapshot, train, valid, hard_negatives=5, epochs=3, show_progress=False)
     assert report.loss == "listwise"
     assert report.metric == "ndcg@10"
     assert 0.0 <= report.baseline <= 1.0
@@ -308,12 +310,12 @@ def test_listwise_with_mined_negatives(train_bundle: Matcher) -> None:
 def test_listwise_needs_a_negative(train_bundle: Matcher) -> None:
     positives = pd.DataFrame({"query": ["a lamp", "shoes", "mug"], "title": TITLES[:3], "label": [1, 1, 1]})
     with pytest.raises(SchemaError, match="positive and at least one negative"):
-        train_scorer(train_bundle, positives, positives, loss="listwise", epochs=1, show_progress=False)
+        train_scorer(train_bundle.snapshot, positives, positives, loss="listwise", epochs=1, show_progress=False)
 
 
 def test_a_validation_split_is_made_by_query(train_bundle: Matcher) -> None:
     pairs = shifted_pairs(COLOURS[:5], all_titles=False)  # 40 queries, 10 pairs each
-    _, report = train_scorer(train_bundle, pairs, epochs=1, valid_fraction=0.25, show_progress=False)
+    _, report = train_scorer(train_bundle.snapshot, pairs, epochs=1, valid_fraction=0.25, show_progress=False)
     assert report.valid_queries == 10
     assert report.train_pairs == 30 * 10
 
@@ -321,7 +323,7 @@ def test_a_validation_split_is_made_by_query(train_bundle: Matcher) -> None:
 def test_one_query_cannot_be_split(train_bundle: Matcher) -> None:
     pairs = pd.DataFrame({"query": ["lamp"] * 2, "title": TITLES[:2], "label": [1, 0]})
     with pytest.raises(SchemaError, match="too few distinct queries"):
-        train_scorer(train_bundle, pairs, epochs=1, show_progress=False)
+        train_scorer(train_bundle.snapshot, pairs, epochs=1, show_progress=False)
 
 
 # -- seeds ----------------------------------------------------------------------------------------------
@@ -329,21 +331,21 @@ def test_one_query_cannot_be_split(train_bundle: Matcher) -> None:
 
 def test_the_same_seed_gives_the_same_scorer(train_bundle: Matcher, task: tuple[pd.DataFrame, pd.DataFrame]) -> None:
     train, valid = task
-    a, ra = train_scorer(train_bundle, train, valid, epochs=3, seed=5, show_progress=False)
+    a, ra = train_scorer(train_bundle.snapshot, train, valid, epochs=3, seed=5, show_progress=False)
     torch.manual_seed(12345)  # global RNG state in between must not matter
     np.random.seed(54321)
-    b, rb = train_scorer(train_bundle, train, valid, epochs=3, seed=5, show_progress=False)
+    b, rb = train_scorer(train_bundle.snapshot, train, valid, epochs=3, seed=5, show_progress=False)
     assert state_equal(a, b)
     assert ra.epochs == rb.epochs
     assert (ra.baseline, ra.best_metric, ra.best_epoch) == (rb.baseline, rb.best_metric, rb.best_epoch)
-    c, _ = train_scorer(train_bundle, train, valid, epochs=3, seed=6, show_progress=False)
+    c, _ = train_scorer(train_bundle.snapshot, train, valid, epochs=3, seed=6, show_progress=False)
     assert not state_equal(a, c)
 
 
 def test_the_same_seed_gives_the_same_split(train_bundle: Matcher) -> None:
     pairs = shifted_pairs(COLOURS[:3], all_titles=False)
-    a, ra = train_scorer(train_bundle, pairs, epochs=2, seed=1, show_progress=False)
-    b, rb = train_scorer(train_bundle, pairs, epochs=2, seed=1, show_progress=False)
+    a, ra = train_scorer(train_bundle.snapshot, pairs, epochs=2, seed=1, show_progress=False)
+    b, rb = train_scorer(train_bundle.snapshot, pairs, epochs=2, seed=1, show_progress=False)
     assert state_equal(a, b)
     assert ra.epochs == rb.epochs
 
@@ -355,7 +357,9 @@ def test_an_absurd_learning_rate_never_ends_worse_than_the_baseline(
     train_bundle: Matcher, task: tuple[pd.DataFrame, pd.DataFrame]
 ) -> None:
     train, valid = task
-    scorer, report = train_scorer(train_bundle, train, valid, lr=10.0, epochs=6, patience=2, show_progress=False)
+    scorer, report = train_scorer(
+        train_bundle.snapshot, train, valid, lr=10.0, epochs=6, patience=2, show_progress=False
+    )
     assert report.best_metric >= report.baseline
     assert report.best_metric == max([report.baseline] + [e["metric"] for e in report.epochs])
     assert len(report.epochs) <= report.best_epoch + 2  # stopped after `patience` epochs without progress
@@ -373,7 +377,9 @@ def test_when_no_epoch_beats_cosine_the_scorer_stays_cosine(train_bundle: Matche
         rows += [{"query": title, "title": TITLES[(i + j) % len(TITLES)], "label": 0} for j in (1, 8, 13)]
     pairs = pd.DataFrame(rows)
     train, valid = pairs.iloc[: 4 * 30], pairs.iloc[4 * 30 :]
-    scorer, report = train_scorer(train_bundle, train, valid, lr=10.0, epochs=3, patience=2, show_progress=False)
+    scorer, report = train_scorer(
+        train_bundle.snapshot, train, valid, lr=10.0, epochs=3, patience=2, show_progress=False
+    )
     assert report.baseline == 1.0
     assert report.best_epoch == 0
     assert report.best_metric == 1.0
@@ -386,7 +392,7 @@ def test_when_no_epoch_beats_cosine_the_scorer_stays_cosine(train_bundle: Matche
 
 def test_a_diverged_scorer_is_never_kept(train_bundle: Matcher, task: tuple[pd.DataFrame, pd.DataFrame]) -> None:
     train, valid = task
-    scorer, report = train_scorer(train_bundle, train, valid, lr=1e6, epochs=2, show_progress=False)
+    scorer, report = train_scorer(train_bundle.snapshot, train, valid, lr=1e6, epochs=2, show_progress=False)
     q, t = train_bundle.encode_pairs(valid["query"].tolist(), valid["title"].tolist())
     assert np.isfinite(scorer.score(q, t)).all(), f"best epoch {report.best_epoch} of {report.epochs}"
     assert all(torch.isfinite(v).all() for v in scorer.state_dict().values())
@@ -449,7 +455,7 @@ def test_train_scorer_with_save_publishes_the_scorer_and_its_report(
     assert (gen / "vectors.f32").read_bytes() == vectors_before
 
     # the published scorer is the one the same settings train, and the live matcher uses it
-    expected, _ = train_scorer(own_bundle, train, valid, epochs=4, show_progress=False)
+    expected, _ = train_scorer(own_bundle.snapshot, train, valid, epochs=4, show_progress=False)
     assert state_equal(own_bundle.scorer, expected)
     queries, titles = valid["query"].tolist(), valid["title"].tolist()
     with Matcher.load(path, encoder=tiny_encoder) as reloaded:
@@ -473,7 +479,7 @@ def test_search_scorer_with_two_trials(train_bundle: Matcher, task: tuple[pd.Dat
     train, valid = task
     space = {"lr": [1e-3, 3e-3], "hidden": [16, 32], "hard_negatives": [3, 5]}
     scorer, report, search = search_scorer(
-        train_bundle, train, valid, trials=2, space=space, epochs=3, show_progress=False
+        train_bundle.snapshot, train, valid, trials=2, space=space, epochs=3, show_progress=False
     )
     assert isinstance(search, SearchReport)
     assert search.metric == "roc_auc" == report.metric
@@ -503,7 +509,7 @@ def test_search_scorer_with_two_trials(train_bundle: Matcher, task: tuple[pd.Dat
 def test_search_trials_are_capped_by_the_space(train_bundle: Matcher, task: tuple[pd.DataFrame, pd.DataFrame]) -> None:
     train, valid = task
     _, _, search = search_scorer(
-        train_bundle, train, valid, trials=5, space={"hidden": [8, 16]}, epochs=1, show_progress=False
+        train_bundle.snapshot, train, valid, trials=5, space={"hidden": [8, 16]}, epochs=1, show_progress=False
     )
     assert sorted(t["settings"]["hidden"] for t in search.trials) == [8, 16]
 

@@ -197,7 +197,7 @@ def say(line: str) -> None:
 
 def serve(model_dir: str, bundle: str) -> None:
     """Fork one writer per ``run START STOP`` line on stdin; print ``exit PID STATUS`` when it is reaped."""
-    import matching.train  # noqa: F401  (imported once here, so each fork starts warm)
+    import matching.training.scorer  # noqa: F401  (imported once here, so each fork starts warm)
 
     encoder = load_encoder(model_dir)
     encoder.encode_titles(["warm up"])

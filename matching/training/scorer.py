@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 import logging
@@ -10,7 +9,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,12 +22,20 @@ from tqdm.auto import tqdm
 
 from matching.config import JsonConfig, ScorerConfig
 from matching.errors import ConfigError, SchemaError
-from matching.evaluate import ndcg_at_k, roc_auc, spearman
-from matching.ingest import file_format, reading
+from matching.metrics import ndcg_at_k, roc_auc, spearman
 from matching.scorer import Scorer
+from matching.training.loop import (
+    EarlyStopping,
+    TrainReport,
+    read_pairs,
+    seed_everything,
+    split_by_query,
+    unique_queries,
+    warmup_linear,
+)
 
 if TYPE_CHECKING:
-    from matching.matcher import Matcher
+    from matching.search import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -73,101 +80,7 @@ class TrainConfig(JsonConfig):
             raise ConfigError("hard_negatives >= 0, mine_depth >= 1 and 0 < valid_fraction < 1 are required")
 
 
-@dataclass
-class TrainReport:
-    """What a training run did: the validation metric per epoch and the checkpoint kept."""
-
-    config: dict[str, Any]
-    loss: str
-    metric: str
-    baseline: float  # the validation metric of the scorer training started from
-    best_metric: float
-    best_epoch: int  # 0 means no epoch beat the starting scorer, which is kept
-    epochs: list[dict[str, float]] = field(default_factory=list)
-    train_pairs: int = 0
-    valid_queries: int = 0
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def table(self) -> str:
-        lines = [f"{'epoch':>5}  {'loss':>8}  {self.metric:>10}", f"{0:>5}  {'-':>8}  {self.baseline:>10.4f}"]
-        lines += [f"{int(e['epoch']):>5}  {e['loss']:>8.4f}  {e['metric']:>10.4f}" for e in self.epochs]
-        lines.append(f"best: epoch {self.best_epoch}, {self.metric} {self.best_metric:.4f} ({self.seconds:.1f}s)")
-        return "\n".join(lines)
-
-
 # -- data --------------------------------------------------------------------------------------------
-
-
-def _read_pairs_file(path: Path, config: TrainConfig) -> pd.DataFrame:
-    fmt = file_format(path)
-    if fmt == "jsonl":
-        return pd.read_json(path, lines=True, dtype=False)
-    text = {config.query_column: str, config.title_column: str}  # "0042" must stay "0042"
-    return pd.read_csv(
-        path,
-        sep="\t" if fmt == "tsv" else ",",
-        dtype=text,
-        keep_default_na=False,
-        na_values=[""],
-        encoding="utf-8-sig",
-    )
-
-
-def read_pairs(source: pd.DataFrame | str | Path, config: TrainConfig) -> pd.DataFrame:
-    """A (query, title, label) table with the configured column names, checked."""
-    if isinstance(source, pd.DataFrame):
-        frame, name = source, "the pairs DataFrame"
-    else:
-        path = Path(source)
-        name = repr(str(path))
-        if not path.is_file():
-            raise SchemaError(f"pairs file {name} does not exist or is not a file")
-        with reading(path):
-            frame = _read_pairs_file(path, config)
-    cols = [config.query_column, config.title_column, config.label_column]
-    missing = [c for c in cols if c not in frame.columns]
-    if missing:
-        raise SchemaError(f"{name} has no column {missing}; its columns are {list(map(str, frame.columns))}")
-    labels = pd.to_numeric(frame[config.label_column], errors="coerce")
-    bad = np.flatnonzero(~np.isfinite(labels.to_numpy(dtype=float)))
-    if len(bad):
-        raise SchemaError(
-            f"{name}, row {bad[0] + 1}: label {frame[config.label_column].iloc[bad[0]]!r} is not a number "
-            "(labels must be finite numbers)"
-        )
-    for col in cols[:2]:
-        empty = np.flatnonzero(frame[col].isna().to_numpy() | (frame[col].astype(str).str.strip() == ""))
-        if len(empty):
-            raise SchemaError(f"{name}, row {empty[0] + 1}: column {col!r} is empty")
-    return pd.DataFrame(
-        {
-            "query": frame[cols[0]].astype(str),
-            "title": frame[cols[1]].astype(str),
-            "label": labels.astype(float),
-        }
-    ).reset_index(drop=True)
-
-
-def _split_by_query(pairs: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    queries = sorted(pairs["query"].unique())
-    random.Random(seed).shuffle(queries)
-    n_valid = max(1, round(len(queries) * fraction))
-    valid = set(queries[:n_valid])
-    mask = pairs["query"].isin(valid)
-    if mask.all():
-        raise SchemaError("too few distinct queries to split off a validation set; pass valid_pairs")
-    return pairs[~mask].reset_index(drop=True), pairs[mask].reset_index(drop=True)
-
-
-def _unique_queries(pairs: pd.DataFrame, q: np.ndarray) -> tuple[list[str], np.ndarray]:
-    """The distinct queries of ``pairs`` in first-seen order, with their vectors (rows of ``q``)."""
-    first: dict[str, int] = {}
-    for i, query in enumerate(pairs["query"]):
-        first.setdefault(query, i)
-    return list(first), q[list(first.values())]
 
 
 @dataclass
@@ -180,17 +93,17 @@ class _Groups:
     mask: torch.Tensor  # (g, m) True where a candidate exists
 
 
-def _listwise_groups(matcher: Matcher, pairs: pd.DataFrame, q: np.ndarray, t: np.ndarray, cfg: TrainConfig) -> _Groups:
+def _listwise_groups(snap: Snapshot, pairs: pd.DataFrame, q: np.ndarray, t: np.ndarray, cfg: TrainConfig) -> _Groups:
     """One group per positive pair: [positive, labelled negatives + negatives mined from the index]."""
-    uq, qv = _unique_queries(pairs, q)
+    uq, qv = unique_queries(pairs, q)
     positive_rows: dict[str, set[int]] = {qq: set() for qq in uq}
-    found = matcher.store.find_titles(pairs["title"].tolist())
+    found = snap.store.find_titles(pairs["title"].tolist())
     for qq, row, label in zip(pairs["query"], found, pairs["label"], strict=True):
         if label > 0 and row is not None:
             positive_rows[qq].add(row)
     mined: dict[str, list[int]] = {qq: [] for qq in uq}
     if cfg.hard_negatives:
-        _, ids = matcher.index.search(qv, cfg.mine_depth)
+        _, ids = snap.index.search(qv, cfg.mine_depth)
         for qq, row_ids in zip(uq, ids, strict=True):
             mined[qq] = [int(r) for r in row_ids if r >= 0 and int(r) not in positive_rows[qq]][: cfg.hard_negatives]
     groups_q, groups_t, weights = [], [], []
@@ -198,7 +111,7 @@ def _listwise_groups(matcher: Matcher, pairs: pd.DataFrame, q: np.ndarray, t: np
         idx = sub.index.to_numpy()
         labels = sub["label"].to_numpy()
         negs = [t[i] for i, lab in zip(idx, labels, strict=True) if lab <= 0]
-        negs += [np.asarray(matcher.store.vectors[r]) for r in mined[str(qq)]]
+        negs += [np.asarray(snap.store.vectors[r]) for r in mined[str(qq)]]
         for i, lab in zip(idx, labels, strict=True):
             if lab > 0 and negs:
                 groups_q.append(q[i])
@@ -224,17 +137,17 @@ def _listwise_groups(matcher: Matcher, pairs: pd.DataFrame, q: np.ndarray, t: np
 # -- validation ----------------------------------------------------------------------------------
 
 
-def _retrieval_validator(matcher: Matcher, pairs: pd.DataFrame, q: np.ndarray, depth: int) -> Callable[[Scorer], float]:
+def _retrieval_validator(snap: Snapshot, pairs: pd.DataFrame, q: np.ndarray, depth: int) -> Callable[[Scorer], float]:
     """nDCG@10 of reranking the top ``depth`` retrieved titles for each validation query."""
-    uq, qv = _unique_queries(pairs, q)
+    uq, qv = unique_queries(pairs, q)
     rel: dict[str, dict[str, int]] = {qq: {} for qq in uq}
-    found = matcher.store.find_titles(pairs["title"].tolist())
+    found = snap.store.find_titles(pairs["title"].tolist())
     for qq, row, label in zip(pairs["query"], found, pairs["label"], strict=True):
         key = str(row) if row is not None else f"missing:{len(rel[qq])}"
         if label > 0:
             rel[qq][key] = max(1, round(label))  # a positive label below 0.5 is still a positive
-    _, ids = matcher.index.search(qv, depth)
-    cand_vecs = [np.asarray(matcher.store.vectors[r[r >= 0]]) for r in ids]
+    _, ids = snap.index.search(qv, depth)
+    cand_vecs = [np.asarray(snap.store.vectors[r[r >= 0]]) for r in ids]
 
     def metric(scorer: Scorer) -> float:
         total = 0.0
@@ -276,63 +189,11 @@ def _cosent_loss(scores: torch.Tensor, labels: torch.Tensor, temperature: float)
     return torch.logsumexp(flat, dim=0)
 
 
-# -- shared loop pieces (also used by matching.tower) -----------------------------------------------
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def warmup_linear(optimizer: torch.optim.Optimizer, total_steps: int, warmup_share: float) -> Any:
-    """Linear warm-up over ``warmup_share`` of the steps, then linear decay to zero."""
-    warmup = max(1, int(warmup_share * total_steps))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-class EarlyStopping:
-    """Keeps the state of ``module`` at its best validation value (starting from ``report.baseline``)."""
-
-    def __init__(self, module: nn.Module, report: TrainReport, patience: int) -> None:
-        self.module, self.report, self.patience = module, report, patience
-        self.best_state = copy.deepcopy(module.state_dict())
-        self.stale = 0
-
-    def step(self, epoch: int, loss: float, value: float) -> bool:
-        """Record an epoch; True when training should stop. A non-finite loss or metric stops it."""
-        self.report.epochs.append({"epoch": epoch, "loss": loss, "metric": value})
-        if not (math.isfinite(loss) and math.isfinite(value)):
-            log.warning(
-                "epoch %d diverged (loss %s, metric %s): stopping; keeping the best earlier state", epoch, loss, value
-            )
-            return True
-        if value > self.report.best_metric:
-            self.report.best_metric, self.report.best_epoch = value, epoch
-            self.best_state = copy.deepcopy(self.module.state_dict())
-            self.stale = 0
-            return False
-        self.stale += 1
-        return self.stale >= self.patience
-
-    def restore(self, started: float) -> None:
-        """Load the best state back (the starting one if no epoch beat it) and stamp the duration."""
-        self.module.load_state_dict(self.best_state)
-        self.module.eval()
-        self.report.seconds = time.perf_counter() - started
-
-
 # -- the loop ------------------------------------------------------------------------------------
 
 
 def train_scorer(
-    matcher: Matcher,
+    snap: Snapshot,
     train_pairs: pd.DataFrame | str | Path,
     valid_pairs: pd.DataFrame | str | Path | None = None,
     *,
@@ -340,7 +201,7 @@ def train_scorer(
     show_progress: bool = True,
     **settings: Any,
 ) -> tuple[Scorer, TrainReport]:
-    """Train a fresh scorer for ``matcher``'s vectors; returns the best checkpoint and a report.
+    """Train a fresh scorer for the snapshot's vectors; returns the best checkpoint and a report.
 
     ``settings`` override fields of ``config`` (e.g. ``epochs=5, hard_negatives=20``).
     """
@@ -353,19 +214,19 @@ def train_scorer(
     train = read_pairs(train_pairs, cfg)
     valid = read_pairs(valid_pairs, cfg) if valid_pairs is not None else None
     if valid is None:
-        train, valid = _split_by_query(train, cfg.valid_fraction, cfg.seed)
+        train, valid = split_by_query(train, cfg.valid_fraction, cfg.seed)
     binary = bool(np.isin(train["label"].to_numpy(), [0.0, 1.0]).all())
     loss_kind = cfg.loss
     if loss_kind is LossKind.AUTO:
         # On STS-B, MSE beat CoSENT for this frozen-vector scorer (dev Spearman 0.876 vs 0.865).
         loss_kind = LossKind.LISTWISE if cfg.hard_negatives else (LossKind.BCE if binary else LossKind.MSE)
 
-    q_tr, t_tr = matcher.encode_pairs(train["query"].tolist(), train["title"].tolist(), show_progress=show_progress)
-    q_va, t_va = matcher.encode_pairs(valid["query"].tolist(), valid["title"].tolist(), show_progress=show_progress)
+    q_tr, t_tr = snap.encode_pairs(train["query"].tolist(), train["title"].tolist(), show_progress=show_progress)
+    q_va, t_va = snap.encode_pairs(valid["query"].tolist(), valid["title"].tolist(), show_progress=show_progress)
     if loss_kind is LossKind.LISTWISE:
-        groups = _listwise_groups(matcher, train, q_tr, t_tr, cfg)
+        groups = _listwise_groups(snap, train, q_tr, t_tr, cfg)
         n_items = len(groups.q)
-        validate = _retrieval_validator(matcher, valid, q_va, cfg.mine_depth)
+        validate = _retrieval_validator(snap, valid, q_va, cfg.mine_depth)
         metric_name = "ndcg@10"
     else:
         labels_tr = torch.tensor(train["label"].to_numpy(), dtype=torch.float32)
@@ -376,7 +237,7 @@ def train_scorer(
         metric_name = "roc_auc" if binary else "spearman"
         q_t, t_t = torch.from_numpy(q_tr), torch.from_numpy(t_tr)
 
-    scorer = Scorer(ScorerConfig(dim=matcher.encoder.dim, hidden=cfg.hidden, dropout=cfg.dropout))
+    scorer = Scorer(ScorerConfig(dim=snap.encoder.dim, hidden=cfg.hidden, dropout=cfg.dropout))
     # BCE needs calibrated logits: a learned affine map of the score, used in training only.
     affine = nn.Linear(1, 1)
     nn.init.constant_(affine.weight, 1.0 / cfg.temperature)
@@ -464,7 +325,7 @@ class SearchReport:
 
 
 def search_scorer(
-    matcher: Matcher,
+    snap: Snapshot,
     train_pairs: pd.DataFrame | str | Path,
     valid_pairs: pd.DataFrame | str | Path | None = None,
     *,
@@ -490,7 +351,7 @@ def search_scorer(
     best: tuple[TrainReport, Scorer, int] | None = None
     for i, trial in enumerate(chosen):
         scorer, report = train_scorer(
-            matcher, train_pairs, valid_pairs, show_progress=False, **{**settings, "seed": seed, **trial}
+            snap, train_pairs, valid_pairs, show_progress=False, **{**settings, "seed": seed, **trial}
         )
         results.append(
             {

@@ -25,11 +25,18 @@ from tqdm.auto import tqdm
 from matching.config import JsonConfig
 from matching.encoder import Encoder
 from matching.errors import ConfigError, SchemaError
-from matching.evaluate import ndcg_at_k
-from matching.train import EarlyStopping, TrainReport, _split_by_query, read_pairs, seed_everything, warmup_linear
+from matching.metrics import ndcg_at_k
+from matching.training.loop import (
+    EarlyStopping,
+    TrainReport,
+    read_pairs,
+    seed_everything,
+    split_by_query,
+    warmup_linear,
+)
 
 if TYPE_CHECKING:
-    from matching.matcher import Matcher
+    from matching.search import Snapshot
 
 
 @dataclass(frozen=True)
@@ -61,9 +68,9 @@ class TowerConfig(JsonConfig):
             raise ConfigError("epochs >= 1, batch_size >= 2, lr > 0 and temperature > 0 are required")
 
 
-def _positives(matcher: Matcher, pairs: pd.DataFrame) -> dict[str, list[int]]:
+def _positives(snap: Snapshot, pairs: pd.DataFrame) -> dict[str, list[int]]:
     """Row ids of each query's positive titles (titles not in the bundle cannot be trained against)."""
-    rows = matcher.store.find_titles(pairs["title"].tolist())
+    rows = snap.store.find_titles(pairs["title"].tolist())
     out: dict[str, list[int]] = {}
     for q, row, label in zip(pairs["query"], rows, pairs["label"], strict=True):
         if label > 0 and row is not None:
@@ -71,13 +78,13 @@ def _positives(matcher: Matcher, pairs: pd.DataFrame) -> dict[str, list[int]]:
     return out
 
 
-def _validator(matcher: Matcher, positives: dict[str, list[int]], depth: int) -> Any:
+def _validator(snap: Snapshot, positives: dict[str, list[int]], depth: int) -> Any:
     queries = list(positives)
     rel = {q: {str(r): 1 for r in rows} for q, rows in positives.items()}
 
     def metric(tower: Encoder) -> float:
         vectors = tower.encode_queries(queries)
-        _, ids = matcher.index.search(vectors, depth)
+        _, ids = snap.index.search(vectors, depth)
         return float(
             np.mean([ndcg_at_k([str(r) for r in ids[i] if r >= 0], rel[q], 10) for i, q in enumerate(queries)])
         )
@@ -86,7 +93,7 @@ def _validator(matcher: Matcher, positives: dict[str, list[int]], depth: int) ->
 
 
 def train_query_tower(
-    matcher: Matcher,
+    snap: Snapshot,
     train_pairs: pd.DataFrame | str | Path,
     valid_pairs: pd.DataFrame | str | Path | None = None,
     *,
@@ -95,29 +102,26 @@ def train_query_tower(
     **settings: Any,
 ) -> tuple[Encoder, TrainReport]:
     """Fine-tune a copy of the title encoder as the query tower; returns the best tower and a report."""
-    from matching.train import TrainConfig
-
     cfg = config or TowerConfig()
     if settings:
         cfg = TowerConfig.from_dict({**cfg.to_dict(), **settings})
     started = time.perf_counter()
     seed_everything(cfg.seed)
-    columns = TrainConfig(query_column=cfg.query_column, title_column=cfg.title_column, label_column=cfg.label_column)
-    train = read_pairs(train_pairs, columns)
-    valid = read_pairs(valid_pairs, columns) if valid_pairs is not None else None
+    train = read_pairs(train_pairs, cfg)
+    valid = read_pairs(valid_pairs, cfg) if valid_pairs is not None else None
     if valid is None:
-        train, valid = _split_by_query(train, cfg.valid_fraction, cfg.seed)
-    train_pos, valid_pos = _positives(matcher, train), _positives(matcher, valid)
+        train, valid = split_by_query(train, cfg.valid_fraction, cfg.seed)
+    train_pos, valid_pos = _positives(snap, train), _positives(snap, valid)
     if not train_pos or not valid_pos:
         raise SchemaError("query-tower training needs positive pairs whose titles are in the bundle")
 
-    base = matcher.query_encoder
+    base = snap.query_encoder
     tower = base.clone(source=f"query-tower of {base.source}")
     queries = list(train_pos)
     original = torch.from_numpy(base.encode_queries(queries))
     # Mine with the original tower once: negatives are what it wrongly ranks high.
-    scores, ids = matcher.index.search(original.numpy(), cfg.mine_depth)
-    vectors = matcher.store.vectors
+    scores, ids = snap.index.search(original.numpy(), cfg.mine_depth)
+    vectors = snap.store.vectors
     negatives: list[list[int]] = []
     for qi, q in enumerate(queries):
         pos = set(train_pos[q])
@@ -133,7 +137,7 @@ def train_query_tower(
     trainable = _select_trainable(tower, cfg.train_layers)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_sched = warmup_linear(optimizer, math.ceil(len(queries) / cfg.batch_size) * cfg.epochs, cfg.warmup)
-    validate = _validator(matcher, valid_pos, max(100, cfg.mine_depth))
+    validate = _validator(snap, valid_pos, max(100, cfg.mine_depth))
     baseline = validate(tower)
     report = TrainReport(
         config=cfg.to_dict(),

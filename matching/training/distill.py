@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from matching.accel import cpu_has_native_bf16
 from matching.encoder import Encoder
 from matching.errors import ConfigError, ModelError
+from matching.training.loop import warmup_linear
 from matching.types import Pooling, Preset
 
 log = logging.getLogger(__name__)
@@ -202,38 +203,19 @@ def distill(
 
     # targets: the teacher's vectors (a view on its weights: 'fast' int8 is too noisy to copy)
     target_preset = Preset.DEFAULT if teacher.preset is Preset.FAST else teacher.preset
-    view = Encoder(
-        teacher.model,
-        teacher.tokenizer,
-        pooling=teacher.pooling,
-        max_length=teacher.max_length,
-        batch_size=teacher.batch_size,
-        source=teacher.source,
-        preset=target_preset,
-    )
+    view = teacher.variant(preset=target_preset)
     targets_train = view.encode(train, show_progress=show_progress)
     targets_held = view.encode(held)
 
     model = truncate(teacher.model, layers)
-    student = Encoder(
-        model,
-        teacher.tokenizer,
-        pooling=teacher.pooling,
-        max_length=teacher.max_length,
-        batch_size=teacher.batch_size,
-        source=str(out),
-        preset=Preset.EXACT,
-    )
+    student = teacher.variant(model, source=str(out), preset=Preset.EXACT)
     cosine_before = _mean_cosine(student.encode(held), targets_held)
 
     device = student.device
     autocast = mixed_precision and (device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     steps = math.ceil(len(train) / batch_size) * epochs
-    warmup = max(1, steps // 10)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup))
-    )
+    scheduler = warmup_linear(optimizer, steps, 0.1)
     lengths = np.asarray([len(t) for t in train])
     target_t = torch.from_numpy(targets_train)
     epoch_losses: list[float] = []

@@ -1,0 +1,244 @@
+"""Catalogue changes as functions over (bundle path, encoder): add, upsert, remove and compact. Each reads the
+live generation under the writer lock, writes a staging generation, and publishes it through
+:mod:`matching.generation`; only new or changed titles are encoded."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from matching import generation
+from matching.bundle import Manifest, current_generation, new_generation, read_manifest
+from matching.config import IndexConfig
+from matching.encoder import Encoder
+from matching.errors import BadRowError, BundleError, ConfigError, DuplicateIdError, SchemaError
+from matching.index import VectorIndex
+from matching.ingest import CatalogueReader, canonical_id, metadata_json
+from matching.store import Store, StoreEditor
+from matching.types import ChangeReport, ExternalId, IdType
+
+log = logging.getLogger(__name__)
+
+
+def _live(path: Path) -> tuple[Path, Manifest]:
+    """The live generation and its manifest (call with the writer lock held)."""
+    live = current_generation(path)
+    return live, read_manifest(live, verify=False)
+
+
+def apply_rows(
+    path: Path,
+    encoder: Encoder,
+    operation: str,
+    reader_for: ReaderFactory,
+    *,
+    lock_timeout: float,
+    show_progress: bool = True,
+    allow_encoder_mismatch: bool = False,
+) -> ChangeReport:
+    """``add`` (an id already in the bundle is an error) or ``upsert`` (a changed title is re-encoded, changed
+    metadata alone rewritten, an identical row left as it is) the rows ``reader_for(live manifest)`` reads."""
+    started = time.perf_counter()
+    tally = dict.fromkeys(("added", "updated", "metadata_updated", "unchanged", "encoded"), 0)
+    with new_generation(path, change=True, lock_timeout=lock_timeout) as gen:
+        live, manifest = _live(path)
+        if manifest.encoder["fingerprint"] != encoder.fingerprint and not allow_encoder_mismatch:
+            raise BundleError(
+                f"bundle {str(path)!r} was built with another encoder (fingerprint "
+                f"{manifest.encoder['fingerprint'][:12]}, this one {encoder.fingerprint[:12]}): titles "
+                "encoded by it would not be comparable; load the bundle with its own encoder, or pass "
+                "allow_encoder_mismatch=True"
+            )
+        reader = reader_for(manifest)
+        editor = StoreEditor(live, gen)
+        dead: list[int] = []
+        new_ids: list[np.ndarray] = []
+        new_vectors: list[np.ndarray] = []
+        dead_before = 0
+        try:
+            with tqdm(desc=f"{operation}: encoding titles", unit="title", disable=not show_progress) as bar:
+                for chunk in reader:
+                    existing = editor.lookup(chunk.ids)
+                    if editor.id_type is IdType.INT:
+                        _check_int_ids(chunk.ids, chunk.rows, reader.name)
+                    fresh: list[int] = []
+                    meta_changes: dict[int, str] = {}
+                    for j, ext in enumerate(chunk.ids):
+                        old = existing.get(ext)
+                        meta = metadata_json(chunk.metadata[j])
+                        if old is None:
+                            fresh.append(j)
+                            tally["added"] += 1
+                        elif operation == "add":
+                            raise DuplicateIdError(
+                                f"{reader.name} row {chunk.rows[j]}: id {ext!r} is already in the bundle; "
+                                "use upsert to replace it"
+                            )
+                        elif old.title != chunk.titles[j]:
+                            dead.append(old.row_id)
+                            fresh.append(j)
+                            tally["updated"] += 1
+                        elif old.metadata != json.loads(meta):  # as values: key order does not matter
+                            meta_changes[old.row_id] = meta
+                            tally["metadata_updated"] += 1
+                        else:
+                            tally["unchanged"] += 1
+                    editor.update_metadata(meta_changes)
+                    editor.delete(dead[dead_before:])  # before their new versions take the same external ids
+                    dead_before = len(dead)
+                    if fresh:
+                        titles = [chunk.titles[j] for j in fresh]
+                        vectors = encoder.encode_titles(titles)
+                        row_ids = editor.append(
+                            [chunk.ids[j] for j in fresh],
+                            titles,
+                            [metadata_json(chunk.metadata[j]) for j in fresh],
+                            vectors,
+                        )
+                        new_ids.append(row_ids)
+                        new_vectors.append(vectors)
+                        tally["encoded"] += len(fresh)
+                    bar.update(len(chunk))
+            if reader.count == 0:
+                raise BadRowError(f"{reader.name} has no usable rows ({reader.skipped} skipped); nothing changed")
+        except BaseException:
+            editor.abort()
+            raise
+        count = editor.finish()
+        _finish_change(
+            live,
+            gen,
+            manifest,
+            np.asarray(dead, dtype=np.int64),
+            np.concatenate(new_vectors) if new_vectors else np.empty((0, encoder.dim), np.float32),
+            np.concatenate(new_ids) if new_ids else np.empty(0, np.int64),
+            count,
+        )
+    if reader.skipped:
+        log.warning("skipped %d bad row(s), e.g. %s", reader.skipped, "; ".join(reader.skipped_examples))
+    return ChangeReport(operation, **tally, count=count, generation=current_generation(path).name,
+                        seconds=time.perf_counter() - started)  # fmt: skip
+
+
+class ReaderFactory:
+    """Makes the change's :class:`CatalogueReader` once the live manifest is known (its columns are the default)."""
+
+    def __init__(
+        self,
+        source: object,
+        *,
+        id_column: str | None,
+        title_column: str | Sequence[str] | None,
+        skip_bad_rows: bool,
+        encoding: str,
+        chunksize: int,
+    ) -> None:
+        self.source, self.id_column, self.title_column = source, id_column, title_column
+        self.skip_bad_rows, self.encoding, self.chunksize = skip_bad_rows, encoding, chunksize
+
+    def __call__(self, manifest: Manifest) -> CatalogueReader:
+        built_with = manifest.source
+        return CatalogueReader(
+            self.source,  # type: ignore[arg-type]
+            id_column=self.id_column or built_with.get("id_column", "id"),
+            title_column=self.title_column or built_with.get("title_columns", "title"),
+            skip_bad_rows=self.skip_bad_rows,
+            chunksize=self.chunksize,
+            encoding=self.encoding,
+        )
+
+
+def remove(path: Path, ids: Iterable[ExternalId], *, missing_ok: bool, lock_timeout: float) -> ChangeReport:
+    """Remove titles by external id; an unknown id is an error unless ``missing_ok``."""
+    if isinstance(ids, str | int):
+        ids = [ids]
+    wanted: list[str] = []
+    for i, raw in enumerate(ids):
+        ext = canonical_id(raw)
+        if ext is None:
+            raise ConfigError(f"ids[{i}] is empty; pass the external ids to remove")
+        wanted.append(ext)
+    started = time.perf_counter()
+    with new_generation(path, change=True, lock_timeout=lock_timeout) as gen:
+        live, manifest = _live(path)
+        editor = StoreEditor(live, gen)
+        try:
+            found = editor.lookup(wanted)
+            missing = [e for e in dict.fromkeys(wanted) if e not in found]
+            if missing and not missing_ok:
+                raise BadRowError(
+                    f"{len(missing)} id(s) to remove are not in the bundle, e.g. {missing[:3]}; "
+                    "pass missing_ok=True (--missing-ok) to ignore them"
+                )
+            dead = np.asarray(sorted(r.row_id for r in found.values()), dtype=np.int64)
+            editor.delete(dead.tolist())
+        except BaseException:
+            editor.abort()
+            raise
+        count = editor.finish()
+        _finish_change(live, gen, manifest, dead, np.empty((0, 0), np.float32), np.empty(0, np.int64), count)
+    return ChangeReport(
+        "remove", removed=len(dead), missing=len(missing), count=count,
+        generation=current_generation(path).name, seconds=time.perf_counter() - started,
+    )  # fmt: skip
+
+
+def compact(
+    path: Path, *, index_config: IndexConfig | None, lock_timeout: float, show_progress: bool = True
+) -> ChangeReport:
+    """Rewrite the bundle without the rows removed titles left behind, and rebuild the index from the stored
+    vectors (no re-encoding), with ``index_config`` if given."""
+    started = time.perf_counter()
+    with new_generation(path, change=True, lock_timeout=lock_timeout) as gen:
+        live, manifest = _live(path)
+        config = index_config or generation.compact_config(live, manifest)
+        old = Store.open(live)
+        try:
+            count = generation.copy_rows(old, gen, show_progress=show_progress)
+        finally:
+            old.close()
+        built = generation.index_from_store(gen, config)
+        generation.finish(
+            gen,
+            generation.changed(manifest, count, index=generation.index_record(built, config)),
+            index=built,
+            carry_from=(live, generation.non_catalogue(manifest)),
+        )
+    return ChangeReport("compact", count=count, generation=current_generation(path).name,
+                        seconds=time.perf_counter() - started)  # fmt: skip
+
+
+def _finish_change(
+    live: Path, gen: Path, manifest: Manifest, dead: np.ndarray, vectors: np.ndarray, ids: np.ndarray, count: int
+) -> None:
+    """Apply removals and additions to the live index (rebuilding it where FAISS cannot remove), and finish."""
+    index = VectorIndex.load(live)
+    if not index.remove(dead):
+        index = generation.index_from_store(gen, index.config, tune=False)
+    else:
+        index.add(vectors, ids)
+    generation.finish(
+        gen, generation.changed(manifest, count), index=index, carry_from=(live, generation.non_catalogue(manifest))
+    )
+
+
+def _check_int_ids(ids: Sequence[str], rows: Sequence[int], name: str) -> None:
+    for ext, row in zip(ids, rows, strict=True):
+        if canonical_id(_as_int(ext)) != ext:
+            raise SchemaError(
+                f"{name} row {row}: id {ext!r} is not an integer, but every id in this bundle is; "
+                "use integer ids, or rebuild the bundle with string ids"
+            )
+
+
+def _as_int(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:
+        return None

@@ -1,0 +1,99 @@
+"""Exact (brute-force) inner-product search with NumPy: top-k over a matrix or a subset of its rows, and the exact
+re-scoring of approximate candidates. Memory-mapped inputs are read block by block."""
+
+from __future__ import annotations
+
+import mmap
+from typing import Any
+
+import numpy as np
+
+
+def drop_pages(vectors: np.ndarray) -> None:
+    """Let go of the pages of a memory-mapped vector file already read, so that building over a file of
+    any size keeps the process's resident memory to the index itself (the OS still caches the file)."""
+    mapping = getattr(vectors, "_mmap", None)  # where numpy.memmap keeps its mmap.mmap
+    if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
+
+
+def exact_refine(
+    query_vectors: np.ndarray, candidate_ids: np.ndarray, stored_vectors: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Re-score ``candidate_ids`` (nq, c; -1 = none) by exact inner product with ``stored_vectors[id]``; top ``k``.
+
+    ``stored_vectors`` may be a memmap: only the candidate rows are read. Returns float32 scores and int64 ids of
+    shape (nq, k), best first; slots without a candidate have id -1 and score -inf.
+    """
+    q = np.atleast_2d(np.asarray(query_vectors, dtype=np.float32))
+    cand = np.atleast_2d(np.asarray(candidate_ids, dtype=np.int64))
+    if cand.shape[0] != q.shape[0]:
+        raise ValueError(f"{q.shape[0]} queries but {cand.shape[0]} candidate rows")
+    nq, c = cand.shape
+    valid = cand >= 0
+    rows = np.where(valid, cand, 0).ravel()
+    # read each distinct row once, in file order (friendly to a memmap)
+    uniq, inverse = np.unique(rows, return_inverse=True)
+    block = np.asarray(stored_vectors[uniq], dtype=np.float32)
+    vecs = block[inverse].reshape(nq, c, -1)
+    scores = np.matmul(vecs, q[:, :, None])[:, :, 0]
+    scores[~valid] = -np.inf
+    top = min(k, c)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :top]
+    out_scores = np.full((nq, k), -np.inf, dtype=np.float32)
+    out_ids = np.full((nq, k), -1, dtype=np.int64)
+    out_scores[:, :top] = np.take_along_axis(scores, order, axis=1)
+    picked = np.take_along_axis(cand, order, axis=1)
+    out_ids[:, :top] = np.where(np.isfinite(out_scores[:, :top]), picked, -1)
+    return out_scores, out_ids
+
+
+def exact_top_k(
+    vectors: np.ndarray, queries: np.ndarray, k: int, *, block: int = 16_384
+) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force top ``k`` (scores, row ids) of ``queries`` over ``vectors`` (memmap-friendly, block by block)."""
+    q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+    n = len(vectors)
+    k = min(k, n)
+    best_s = np.full((len(q), 0), -np.inf, dtype=np.float32)
+    best_i = np.zeros((len(q), 0), dtype=np.int64)
+    for start in range(0, n, block):
+        chunk = np.array(vectors[start : start + block], dtype=np.float32)
+        drop_pages(vectors)
+        s = q @ chunk.T
+        kk = min(k, s.shape[1])
+        part = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
+        best_s = np.concatenate([best_s, np.take_along_axis(s, part, axis=1)], axis=1)
+        best_i = np.concatenate([best_i, part + start], axis=1)
+        if best_s.shape[1] > k:
+            keep = np.argpartition(-best_s, k - 1, axis=1)[:, :k]
+            best_s, best_i = np.take_along_axis(best_s, keep, axis=1), np.take_along_axis(best_i, keep, axis=1)
+    order = np.argsort(-best_s, axis=1, kind="stable")
+    return np.take_along_axis(best_s, order, axis=1), np.take_along_axis(best_i, order, axis=1)
+
+
+class _Subset:
+    """The rows ``row_ids`` of ``stored``, sliced as one matrix (read block by block by :func:`exact_top_k`)."""
+
+    def __init__(self, stored: np.ndarray, row_ids: np.ndarray) -> None:
+        self.stored, self.row_ids = stored, row_ids
+
+    def __len__(self) -> int:
+        return len(self.row_ids)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return np.asarray(self.stored[self.row_ids[rows]], dtype=np.float32)
+
+
+def exact_subset(
+    queries: np.ndarray, stored: np.ndarray, row_ids: np.ndarray, depth: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force inner-product top ``depth`` over the stored vectors of ``row_ids``, padded with -1 / -inf."""
+    scores = np.full((len(queries), depth), -np.inf, dtype=np.float32)
+    ids = np.full((len(queries), depth), -1, dtype=np.int64)
+    if len(row_ids):
+        subset: Any = _Subset(stored, row_ids)
+        top_scores, positions = exact_top_k(subset, queries, depth)
+        scores[:, : top_scores.shape[1]] = top_scores
+        ids[:, : positions.shape[1]] = row_ids[positions]
+    return scores, ids

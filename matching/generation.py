@@ -1,0 +1,162 @@
+"""The one writer of generations: every write (build, compact, add/upsert/remove, a new reranker or query
+encoder, a copy) saves its parts into a staging generation from :func:`matching.bundle.new_generation` and
+finishes it here, so the manifest records, checksums and carried files are made one way.
+
+File names: :mod:`matching.layout`. Directory mechanics (locks, the ``CURRENT`` swap, leases): :mod:`matching.bundle`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from matching import __version__
+from matching.bundle import Manifest, link_or_copy, write_manifest
+from matching.config import EncoderConfig, IndexConfig
+from matching.encoder import Encoder
+from matching.index import AUTO, VectorIndex
+from matching.layout import CATALOGUE_FILES, INDEX_CONFIG, VECTORS_FILE
+from matching.scorer import Scorer
+from matching.store import Store, read_config
+from matching.types import Preset
+
+
+def encoder_record(encoder: Encoder) -> dict[str, Any]:
+    """The manifest's encoder entry: what the titles were encoded with (queries may use another preset)."""
+    config = encoder.config()
+    return {
+        "source": config.model,
+        "fingerprint": encoder.fingerprint,
+        "pooling": encoder.pooling.value,
+        "max_length": config.max_length,
+        "preset": config.preset.value,
+    }
+
+
+def load_encoder(
+    record: dict[str, Any],
+    *,
+    model: str | Path | None = None,
+    device: str | None = None,
+    preset: Preset | str | None = None,
+) -> Encoder:
+    """The encoder a manifest's entry names (or ``model`` instead), with its pooling and length settings."""
+    return Encoder.from_pretrained(
+        EncoderConfig(
+            model=str(model) if model is not None else record["source"],
+            pooling=record["pooling"],
+            max_length=record["max_length"],
+            device=device,
+            preset=Preset(preset or record.get("preset") or EncoderConfig().preset),
+        )
+    )
+
+
+def index_record(index: VectorIndex, requested: IndexConfig | None = None) -> dict[str, Any]:
+    """The manifest's index entry: the resolved config, what build-time tuning measured, and the factory
+    asked for (``auto`` is re-resolved for the new size when the bundle is compacted)."""
+    record = index.config.to_dict()
+    if index.tuning:
+        record["tuning"] = index.tuning
+    if requested is not None:
+        record["requested_factory"] = requested.factory
+    return record
+
+
+def compact_config(live: Path, manifest: Manifest) -> IndexConfig:
+    """The index a compaction rebuilds: ``auto`` again if the bundle asked for it, else the same factory;
+    the search parameter is tuned again unless it was fixed by the user (no target recall)."""
+    current = IndexConfig.load(live / INDEX_CONFIG)
+    if manifest.index.get("requested_factory") == AUTO:
+        return dataclasses.replace(current, factory=AUTO, nprobe=None, ef_search=None, refine_factor=None)
+    if current.target_recall and manifest.index.get("tuning"):
+        return dataclasses.replace(current, nprobe=None, ef_search=None)
+    return current
+
+
+def index_from_store(gen: Path, config: IndexConfig, *, tune: bool = True) -> VectorIndex:
+    """Build the FAISS index over the live rows of the store written in ``gen`` (no re-encoding); tuned only when
+    every stored row is live (row ids = positions)."""
+    store = Store.open(gen)
+    try:
+        if store.count == len(store.vectors):
+            return VectorIndex.build(store.vectors, np.arange(store.count, dtype=np.int64), config, tune=tune)
+        live_ids = store.live_ids()
+        return VectorIndex.build(store.vectors[live_ids], live_ids, config, tune=False)
+    finally:
+        store.close()
+
+
+def non_catalogue(manifest: Manifest) -> list[str]:
+    """The files of a generation that a catalogue change carries across unchanged (reranker, query encoder...)."""
+    return [n for n in manifest.files if n not in CATALOGUE_FILES]
+
+
+def changed(manifest: Manifest, count: int, **fields: Any) -> Manifest:
+    """``manifest`` for a new generation derived from it: new count and time stamp, ``fields`` replaced."""
+    return dataclasses.replace(
+        manifest,
+        count=count,
+        library_version=__version__,
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        files={},
+        **fields,
+    )
+
+
+def carry(live: Path, gen: Path, names: Iterable[str]) -> None:
+    """Bring ``names`` of the live generation across unchanged (hard links), except those ``gen`` already has."""
+    for name in names:
+        if not (gen / name).exists():
+            link_or_copy(live / name, gen / name)
+
+
+def finish(
+    gen: Path,
+    manifest: Manifest,
+    *,
+    index: VectorIndex | None = None,
+    scorer: Scorer | None = None,
+    carry_from: tuple[Path, Iterable[str]] | None = None,
+) -> None:
+    """Save the given parts into the staging generation ``gen`` (whose store is already written, if it changed),
+    carry the named files of the live generation across (``carry_from=(live, names)``; those just written are
+    skipped), and write the manifest last. The shared, append-only vector file is checksummed over this
+    generation's rows only."""
+    if index is not None:
+        index.save(gen)
+    if scorer is not None:
+        scorer.save(gen)
+    if carry_from is not None:
+        carry(carry_from[0], gen, carry_from[1])
+    config = read_config(gen)
+    write_manifest(
+        gen, dataclasses.replace(manifest, files={}), prefixes={VECTORS_FILE: config["rows"] * config["dim"] * 4}
+    )
+
+
+def copy_rows(source: Store, gen: Path, *, limit: int | None = None, show_progress: bool = False) -> int:
+    """Write a new store in ``gen`` from ``source``'s live rows in row order (the first ``limit`` of them, if given),
+    vectors included: no re-encoding. Returns the number of rows written."""
+    from tqdm.auto import tqdm
+
+    writer = Store.create(gen, source.dim)
+    total = source.count if limit is None else min(limit, source.count)
+    try:
+        with tqdm(total=total, desc="copying", unit="title", disable=not show_progress) as bar:
+            for rows in source.rows(batch=min(50_000, max(1, total))):
+                rows = rows[: total - writer.count]
+                if not rows:
+                    break
+                writer.copy_rows(source, rows)
+                bar.update(len(rows))
+    except BaseException:
+        writer.abort()
+        raise
+    writer.finish(source.id_type)
+    return writer.count

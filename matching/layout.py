@@ -1,0 +1,26 @@
+"""Every file name of a bundle, in one place.
+
+A bundle is a directory with ``CURRENT`` naming its live generation; each generation directory holds
+the files below (each component saves and loads its own), and ``manifest.json``, written last.
+"""
+
+from __future__ import annotations
+
+POINTER_FILE = "CURRENT"
+MANIFEST_FILE = "manifest.json"
+STORE_DB = "store.sqlite"
+VECTORS_FILE = "vectors.f32"  # append-only, hard-linked from one generation to the next
+STORE_CONFIG = "store.json"
+INDEX_FILE = "index.faiss"
+INDEX_CONFIG = "index.json"
+LEXICAL_CONFIG = "lexical.json"
+LEXICAL_ARRAYS = "lexical.safetensors"
+SCORER_WEIGHTS = "scorer.safetensors"
+SCORER_CONFIG = "scorer.json"
+QUERY_ENCODER = "query_encoder.safetensors"
+TRAIN_REPORT = "train_report.json"
+
+# what a catalogue change (add, upsert, remove, compact) rewrites; every other file is carried across
+CATALOGUE_FILES = frozenset(
+    {STORE_DB, VECTORS_FILE, STORE_CONFIG, INDEX_FILE, INDEX_CONFIG, LEXICAL_CONFIG, LEXICAL_ARRAYS}
+)

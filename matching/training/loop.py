@@ -1,0 +1,169 @@
+"""The training loop's shared pieces: reading labelled pairs, seeds, the warm-up schedule, early stopping and the
+report. Used by every trainer (reranker, query tower, distillation); nothing here runs at query time."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from matching.errors import SchemaError
+from matching.ingest import read_table, reading
+
+log = logging.getLogger(__name__)
+
+
+class PairColumns(Protocol):
+    """The column names of a pairs table (every trainer's config has them)."""
+
+    @property
+    def query_column(self) -> str: ...
+    @property
+    def title_column(self) -> str: ...
+    @property
+    def label_column(self) -> str: ...
+
+
+@dataclass
+class TrainReport:
+    """What a training run did: the validation metric per epoch and the checkpoint kept."""
+
+    config: dict[str, Any]
+    loss: str
+    metric: str
+    baseline: float  # the validation metric of the scorer training started from
+    best_metric: float
+    best_epoch: int  # 0 means no epoch beat the starting scorer, which is kept
+    epochs: list[dict[str, float]] = field(default_factory=list)
+    train_pairs: int = 0
+    valid_queries: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def table(self) -> str:
+        lines = [f"{'epoch':>5}  {'loss':>8}  {self.metric:>10}", f"{0:>5}  {'-':>8}  {self.baseline:>10.4f}"]
+        lines += [f"{int(e['epoch']):>5}  {e['loss']:>8.4f}  {e['metric']:>10.4f}" for e in self.epochs]
+        lines.append(f"best: epoch {self.best_epoch}, {self.metric} {self.best_metric:.4f} ({self.seconds:.1f}s)")
+        return "\n".join(lines)
+
+
+# -- data
+
+
+def read_pairs(source: pd.DataFrame | str | Path, config: PairColumns) -> pd.DataFrame:
+    """A (query, title, label) table with the configured column names, checked."""
+    if isinstance(source, pd.DataFrame):
+        frame, name = source, "the pairs DataFrame"
+    else:
+        path = Path(source)
+        name = repr(str(path))
+        if not path.is_file():
+            raise SchemaError(f"pairs file {name} does not exist or is not a file")
+        with reading(path):
+            frame = next(read_table(path, text_columns=[config.query_column, config.title_column]))
+    cols = [config.query_column, config.title_column, config.label_column]
+    missing = [c for c in cols if c not in frame.columns]
+    if missing:
+        raise SchemaError(f"{name} has no column {missing}; its columns are {list(map(str, frame.columns))}")
+    labels = pd.to_numeric(frame[config.label_column], errors="coerce")
+    bad = np.flatnonzero(~np.isfinite(labels.to_numpy(dtype=float)))
+    if len(bad):
+        raise SchemaError(
+            f"{name}, row {bad[0] + 1}: label {frame[config.label_column].iloc[bad[0]]!r} is not a number "
+            "(labels must be finite numbers)"
+        )
+    for col in cols[:2]:
+        empty = np.flatnonzero(frame[col].isna().to_numpy() | (frame[col].astype(str).str.strip() == ""))
+        if len(empty):
+            raise SchemaError(f"{name}, row {empty[0] + 1}: column {col!r} is empty")
+    return pd.DataFrame(
+        {
+            "query": frame[cols[0]].astype(str),
+            "title": frame[cols[1]].astype(str),
+            "label": labels.astype(float),
+        }
+    ).reset_index(drop=True)
+
+
+def split_by_query(pairs: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    queries = sorted(pairs["query"].unique())
+    random.Random(seed).shuffle(queries)
+    n_valid = max(1, round(len(queries) * fraction))
+    valid = set(queries[:n_valid])
+    mask = pairs["query"].isin(valid)
+    if mask.all():
+        raise SchemaError("too few distinct queries to split off a validation set; pass valid_pairs")
+    return pairs[~mask].reset_index(drop=True), pairs[mask].reset_index(drop=True)
+
+
+def unique_queries(pairs: pd.DataFrame, q: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """The distinct queries of ``pairs`` in first-seen order, with their vectors (rows of ``q``)."""
+    first: dict[str, int] = {}
+    for i, query in enumerate(pairs["query"]):
+        first.setdefault(query, i)
+    return list(first), q[list(first.values())]
+
+
+# -- the loop
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def warmup_linear(optimizer: torch.optim.Optimizer, total_steps: int, warmup_share: float) -> Any:
+    """Linear warm-up over ``warmup_share`` of the steps, then linear decay to zero."""
+    warmup = max(1, int(warmup_share * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class EarlyStopping:
+    """Keeps the state of ``module`` at its best validation value (starting from ``report.baseline``)."""
+
+    def __init__(self, module: nn.Module, report: TrainReport, patience: int) -> None:
+        self.module, self.report, self.patience = module, report, patience
+        self.best_state = copy.deepcopy(module.state_dict())
+        self.stale = 0
+
+    def step(self, epoch: int, loss: float, value: float) -> bool:
+        """Record an epoch; True when training should stop. A non-finite loss or metric stops it."""
+        self.report.epochs.append({"epoch": epoch, "loss": loss, "metric": value})
+        if not (math.isfinite(loss) and math.isfinite(value)):
+            log.warning(
+                "epoch %d diverged (loss %s, metric %s): stopping; keeping the best earlier state", epoch, loss, value
+            )
+            return True
+        if value > self.report.best_metric:
+            self.report.best_metric, self.report.best_epoch = value, epoch
+            self.best_state = copy.deepcopy(self.module.state_dict())
+            self.stale = 0
+            return False
+        self.stale += 1
+        return self.stale >= self.patience
+
+    def restore(self, started: float) -> None:
+        """Load the best state back (the starting one if no epoch beat it) and stamp the duration."""
+        self.module.load_state_dict(self.best_state)
+        self.module.eval()
+        self.report.seconds = time.perf_counter() - started
