@@ -55,6 +55,8 @@ class Manifest:
     id_type: str
     source: dict[str, Any] = field(default_factory=dict)
     query_encoder: dict[str, Any] | None = None
+    # the BM25 index: analyser, parameters and the fusion weight (None: a bundle from before hybrid retrieval)
+    lexical: dict[str, Any] | None = None
     created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     format_version: int = FORMAT_VERSION
     files: dict[str, str] = field(default_factory=dict)

@@ -8,20 +8,28 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 from tqdm.auto import tqdm
 
 from matching import generation
+from matching.analysis import Analyzer
 from matching.bundle import Manifest, current_generation, new_generation, read_manifest
 from matching.config import IndexConfig
 from matching.encoder import Encoder
 from matching.errors import BadRowError, BundleError, ConfigError, DuplicateIdError, SchemaError
 from matching.index import VectorIndex
 from matching.ingest import CatalogueReader, canonical_id, metadata_json
+from matching.lexical import LexicalIndex
 from matching.store import Store, StoreEditor
 from matching.types import ChangeReport, ExternalId, IdType
+
+if TYPE_CHECKING:
+    from matching.search import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +45,6 @@ def apply_rows(
     encoder: Encoder,
     operation: str,
     reader_for: ReaderFactory,
-    *,
     lock_timeout: float,
     show_progress: bool = True,
     allow_encoder_mismatch: bool = False,
@@ -126,26 +133,21 @@ def apply_rows(
                         seconds=time.perf_counter() - started)  # fmt: skip
 
 
+@dataclass(frozen=True)
 class ReaderFactory:
     """Makes the change's :class:`CatalogueReader` once the live manifest is known (its columns are the default)."""
 
-    def __init__(
-        self,
-        source: object,
-        *,
-        id_column: str | None,
-        title_column: str | Sequence[str] | None,
-        skip_bad_rows: bool,
-        encoding: str,
-        chunksize: int,
-    ) -> None:
-        self.source, self.id_column, self.title_column = source, id_column, title_column
-        self.skip_bad_rows, self.encoding, self.chunksize = skip_bad_rows, encoding, chunksize
+    source: str | Path | pd.DataFrame
+    id_column: str | None
+    title_column: str | Sequence[str] | None
+    skip_bad_rows: bool
+    encoding: str
+    chunksize: int
 
     def __call__(self, manifest: Manifest) -> CatalogueReader:
         built_with = manifest.source
         return CatalogueReader(
-            self.source,  # type: ignore[arg-type]
+            self.source,
             id_column=self.id_column or built_with.get("id_column", "id"),
             title_column=self.title_column or built_with.get("title_columns", "title"),
             skip_bad_rows=self.skip_bad_rows,
@@ -204,10 +206,16 @@ def compact(
         finally:
             old.close()
         built = generation.index_from_store(gen, config)
+        if manifest.lexical is not None:  # the live rows, renumbered as the store's copy renumbers them
+            lexical = LexicalIndex.load(live).compacted()
+        else:
+            lexical = generation.lexical_from_store(gen, Analyzer.AUTO)
+        record = generation.lexical_record(lexical, manifest)
         generation.finish(
             gen,
-            generation.changed(manifest, count, index=generation.index_record(built, config)),
+            generation.changed(manifest, count, index=generation.index_record(built, config), lexical=record),
             index=built,
+            lexical=lexical,
             carry_from=(live, generation.non_catalogue(manifest)),
         )
     return ChangeReport("compact", count=count, generation=current_generation(path).name,
@@ -223,8 +231,13 @@ def _finish_change(
         index = generation.index_from_store(gen, index.config, tune=False)
     else:
         index.add(vectors, ids)
+    lexical = generation.lexical_for_change(live, gen, manifest, dead, ids)
     generation.finish(
-        gen, generation.changed(manifest, count), index=index, carry_from=(live, generation.non_catalogue(manifest))
+        gen,
+        generation.changed(manifest, count, lexical=generation.lexical_record(lexical, manifest)),
+        index=index,
+        lexical=lexical,
+        carry_from=(live, generation.non_catalogue(manifest)),
     )
 
 
@@ -242,3 +255,25 @@ def _as_int(text: str) -> int | None:
         return int(text)
     except ValueError:
         return None
+
+
+def copy_bundle(
+    snap: Snapshot, source: Path | None, out: Path, *, limit: int | None, index_config: IndexConfig,
+    overwrite: bool, lock_timeout: float, show_progress: bool,
+) -> None:  # fmt: skip
+    """A new bundle at ``out`` from ``snap``'s live titles (the first ``limit``), their stored vectors and (from the
+    generation directory ``source``, or ``snap``) the reranker and query encoder."""
+    with new_generation(out, overwrite=overwrite, lock_timeout=lock_timeout) as gen:
+        count = generation.copy_rows(snap.store, gen, limit=limit, show_progress=show_progress)
+        built = generation.index_from_store(gen, index_config)
+        analyzer = (snap.manifest.lexical or {}).get("analyzer", Analyzer.AUTO)
+        lexical = generation.lexical_from_store(gen, analyzer)
+        manifest = generation.changed(
+            snap.manifest, count, index=generation.index_record(built, index_config),
+            lexical=generation.lexical_record(lexical, snap.manifest),
+            source={**snap.manifest.source, "name": f"{count} titles of {source}"},
+        )  # fmt: skip
+        generation.finish(
+            gen, manifest, index=built, lexical=lexical, scorer=None if source else snap.scorer,
+            carry_from=(source, generation.non_catalogue(snap.manifest)) if source else None,
+        )  # fmt: skip

@@ -35,6 +35,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
         encoding=args.encoding,
         overwrite=args.overwrite,
         show_progress=not args.quiet,
+        analyzer=args.analyzer,
+        retrieval=args.retrieval,
     )
     skipped = matcher.manifest.source.get("skipped_rows", 0)
     print(
@@ -90,8 +92,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
     where = parse_where(args.where) if args.where else None
     with Matcher.load(args.bundle, model=args.model, preset=getattr(args, "preset", None)) as matcher:
         results = matcher.search_batch(
-            args.query, args.k, candidates=args.candidates, rerank=not args.no_rerank, where=where
-        )
+            args.query, args.k, candidates=args.candidates, rerank=not args.no_rerank, where=where,
+            retrieval=args.retrieval,
+        )  # fmt: skip
     if args.json:
         payload = [
             {"query": q, "matches": [asdict(h) for h in hits]} for q, hits in zip(args.query, results, strict=True)
@@ -207,7 +210,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print(
             json.dumps(
-                {"queries": report.queries, "retrieval": report.retrieval, "reranked": report.reranked},
+                {
+                    "queries": report.queries,
+                    "retrieval": report.retrieval,
+                    "reranked": report.reranked,
+                    "columns": report.columns,
+                },
                 indent=2,
             )
         )
@@ -301,6 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="encode a CSV/TSV/JSONL catalogue into a new index bundle")
     p.add_argument("source", help="catalogue file (.csv, .tsv, .jsonl; may be compressed)")
     p.add_argument("--out", help="bundle directory (default: indexes/<file stem>)")
+    p.add_argument(
+        "--analyzer", choices=["auto", "english", "cjk", "standard"], default="auto",
+        help="how titles are cut into words for BM25 (default: from the titles' script)",
+    )  # fmt: skip
+    p.add_argument(
+        "--retrieval", choices=["hybrid", "dense", "lexical"],
+        help="the bundle's default retrieval (default: hybrid, dense and BM25 candidates fused)",
+    )  # fmt: skip
     p.add_argument("--id-column", default="id")
     p.add_argument(
         "--title-column",
@@ -325,7 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("query", nargs="+")
     p.add_argument("-k", type=int, default=10, help="matches per query (default 10)")
     p.add_argument("--candidates", type=int, default=100, help="FAISS candidates to rerank (default 100)")
-    p.add_argument("--no-rerank", action="store_true", help="rank by cosine alone")
+    p.add_argument("--no-rerank", action="store_true", help="rank by the retrieval score alone")
+    p.add_argument(
+        "--retrieval", choices=["hybrid", "dense", "lexical"],
+        help="how candidates are found (default: the bundle's, hybrid unless built otherwise)",
+    )  # fmt: skip
     p.add_argument("--model", help="override the encoder directory recorded in the bundle")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--preset", choices=["exact", "default", "fast"], help=PRESET_HELP)
@@ -399,7 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle")
     p.add_argument("pairs", help="CSV/TSV/JSONL with query, title and label (0/1 or graded) columns")
     p.add_argument("--valid", help="validation pairs (default: 10%% of the training queries)")
-    p.add_argument("--hard-negatives", type=int, default=0, help="negatives mined per query from the index")
+    p.add_argument(
+        "--hard-negatives", type=int, default=None,
+        help="negatives mined per query from the bundle (default: 20 for positives-only pairs, else none)",
+    )  # fmt: skip
     p.add_argument("--epochs", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--hidden", type=int)

@@ -118,14 +118,23 @@ class IndexConfig(JsonConfig):
 
 @dataclass(frozen=True)
 class ScorerConfig(JsonConfig):
-    """The MLP reranker's shape. ``dim`` is the vector dimension; the rest size the hidden layer."""
+    """The MLP reranker's shape. ``dim`` is the vector dimension; the rest size the hidden layer.
+
+    With ``lexical`` (every bundle built since the hybrid retrieval), the MLP also sees lexical features of the pair
+    and its base score is the fusion ``dense_weight * cosine + (1 - dense_weight) * normalised BM25``; without it
+    (older bundles), the base score is the cosine alone.
+    """
 
     dim: int
     hidden: int = 256
     dropout: float = 0.1
+    lexical: bool = False
+    dense_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.dim < 1 or self.hidden < 1:
             raise ConfigError(f"dim and hidden must be >= 1, got dim={self.dim}, hidden={self.hidden}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.dense_weight <= 1.0 or (not self.lexical and self.dense_weight != 1.0):
+            raise ConfigError(f"dense_weight must be in [0, 1] (1 without lexical features), got {self.dense_weight}")

@@ -270,6 +270,18 @@ class Encoder:
         target = device or self.device
         return {k: v.to(target) for k, v in batch.items()}
 
+    def unknown_tokens(self, texts: Sequence[str]) -> tuple[int, int, int | None]:
+        """(unknown tokens, all tokens, index of the text with the largest unknown share or None) over ``texts``,
+        as the tokenizer cuts them (special tokens not counted)."""
+        unk = getattr(self.tokenizer, "unk_token_id", None)
+        if unk is None or not texts:
+            return 0, 0, None
+        ids = self.tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=self.max_length)
+        counts = [(sum(1 for t in row if t == unk), len(row)) for row in ids["input_ids"]]
+        shares = [u / n if n else 0.0 for u, n in counts]
+        worst = max(range(len(shares)), key=shares.__getitem__)
+        return sum(u for u, _ in counts), sum(n for _, n in counts), worst if shares[worst] > 0 else None
+
     def clone(self, source: str) -> Encoder:
         """An independent copy (own weights, shared tokenizer), e.g. to fine-tune as a query tower."""
         return self.variant(copy.deepcopy(self.model), source=source)
@@ -319,3 +331,41 @@ class Encoder:
     ) -> np.ndarray:
         """Encode catalogue titles (the offline tower)."""
         return self.encode(titles, batch_size=batch_size, show_progress=show_progress)
+
+
+# above this share of [UNK] tokens in the titles, the encoder cannot read the catalogue's language
+UNKNOWN_WARNING_SHARE = 0.05
+_UNKNOWN_SAMPLE = 20_000
+
+
+class UnknownTokens:
+    """Counts the share of the titles' tokens the encoder's vocabulary does not have (on the first 20,000 titles)."""
+
+    def __init__(self, encoder: Encoder) -> None:
+        self.encoder = encoder
+        self.unknown = self.tokens = self.seen = 0
+        self.example = ""
+
+    def count(self, titles: Sequence[str]) -> None:
+        if self.seen >= _UNKNOWN_SAMPLE:
+            return
+        take = list(titles[: _UNKNOWN_SAMPLE - self.seen])
+        self.seen += len(take)
+        unknown, tokens, worst = self.encoder.unknown_tokens(take)
+        self.unknown += unknown
+        self.tokens += tokens
+        if worst is not None and not self.example:
+            self.example = take[worst]
+
+    @property
+    def share(self) -> float:
+        return self.unknown / self.tokens if self.tokens else 0.0
+
+    def warn(self) -> None:
+        if self.share > UNKNOWN_WARNING_SHARE:
+            log.warning(
+                "%.0f%% of the title tokens are unknown to the encoder (%s), e.g. in %r: it cannot read this "
+                "language, and dense matching will be poor (lexical matching still works). Build with a checkpoint "
+                "for the language: model=DIR / --model DIR",
+                100 * self.share, self.encoder.source, self.example[:80],
+            )  # fmt: skip

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from matching.errors import InputFileError, SchemaError
 from matching.metrics import Qrels, mean_metrics
+from matching.types import Retrieval
 
 if TYPE_CHECKING:
     from matching.matcher import Matcher
@@ -71,16 +72,19 @@ def load_qrels(path: str | Path) -> dict[str, dict[str, int]]:
 
 @dataclass
 class EvalReport:
-    """Metrics for retrieval alone and after the scorer's rerank."""
+    """Metrics per way of searching: retrieval alone (``dense``, ``lexical``, ``hybrid``, as the bundle has them) and
+    ``reranked`` (the matcher's default retrieval, then the scorer). ``retrieval`` is the default retrieval alone."""
 
     queries: int
     retrieval: dict[str, float] = field(default_factory=dict)
     reranked: dict[str, float] = field(default_factory=dict)
+    columns: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def table(self) -> str:
-        names = list(self.retrieval)
-        lines = [f"{'metric':<12}{'retrieval':>12}{'reranked':>12}"]
-        lines += [f"{n:<12}{self.retrieval[n]:>12.4f}{self.reranked[n]:>12.4f}" for n in names]
+        columns = self.columns or {"retrieval": self.retrieval, "reranked": self.reranked}
+        names = list(self.reranked)
+        lines = [f"{'metric':<12}" + "".join(f"{c:>12}" for c in columns)]
+        lines += [f"{n:<12}" + "".join(f"{col[n]:>12.4f}" for col in columns.values()) for n in names]
         lines.append(f"({self.queries} queries)")
         return "\n".join(lines)
 
@@ -94,21 +98,24 @@ def evaluate(
     candidates: int = 100,
     show_progress: bool = False,
 ) -> EvalReport:
-    """Evaluate ``matcher`` on the queries that have judgements in ``qrels``."""
+    """Evaluate ``matcher`` on the queries that have judgements in ``qrels``: each retrieval the bundle has, side
+    by side, and the default one reranked."""
     qids = [q for q in qrels if q in queries]
     if not qids:
         raise SchemaError("no query in the qrels file has a text in the queries file; check the ids match")
     ks = sorted(set(k_values))
     depth = max(max(ks), candidates)
-    vectors = matcher.query_encoder.encode_queries([queries[q] for q in qids], show_progress=show_progress)
+    texts = [queries[q] for q in qids]
+    vectors = matcher.query_encoder.encode_queries(texts, show_progress=show_progress)
     qrels_used = {q: qrels[q] for q in qids}
     report = EvalReport(queries=len(qids))
-    for rerank in (False, True):
-        hits = matcher.search_vectors(vectors, depth, candidates=depth, rerank=rerank)
+    ways = [Retrieval.DENSE, *([Retrieval.LEXICAL, Retrieval.HYBRID] if matcher.snapshot.lexical else [])]
+    for way in [*ways, None]:
+        hits = matcher.search_vectors(
+            vectors, depth, texts=texts, candidates=depth, rerank=way is None, retrieval=way or matcher.retrieval
+        )
         runs = {q: [str(h.id) for h in hs] for q, hs in zip(qids, hits, strict=True)}
-        metrics = mean_metrics(runs, qrels_used, ks)
-        if rerank:
-            report.reranked = metrics
-        else:
-            report.retrieval = metrics
+        report.columns[way.value if way else "reranked"] = mean_metrics(runs, qrels_used, ks)
+    report.retrieval = report.columns[matcher.retrieval.value]
+    report.reranked = report.columns["reranked"]
     return report

@@ -8,7 +8,7 @@ File names: :mod:`matching.layout`. Directory mechanics (locks, the ``CURRENT`` 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,11 +16,14 @@ from typing import Any
 import numpy as np
 
 from matching import __version__
-from matching.bundle import Manifest, link_or_copy, write_manifest
+from matching.analysis import Analyzer
+from matching.bundle import Manifest, link_or_copy, new_generation, read_manifest, write_manifest
 from matching.config import EncoderConfig, IndexConfig
 from matching.encoder import Encoder
+from matching.features import DEFAULT_DENSE_WEIGHT
 from matching.index import AUTO, VectorIndex
-from matching.layout import CATALOGUE_FILES, INDEX_CONFIG, VECTORS_FILE
+from matching.layout import CATALOGUE_FILES, INDEX_CONFIG, LEXICAL_CONFIG, VECTORS_FILE
+from matching.lexical import LexicalIndex
 from matching.scorer import Scorer
 from matching.store import Store, read_config
 from matching.types import Preset
@@ -97,6 +100,49 @@ def non_catalogue(manifest: Manifest) -> list[str]:
     return [n for n in manifest.files if n not in CATALOGUE_FILES]
 
 
+def lexical_from_store(gen: Path, analyzer: Analyzer | str) -> LexicalIndex:
+    """Build the BM25 index over the live rows of the store written in ``gen`` (``auto``: analyser from the
+    titles' script)."""
+    store = Store.open(gen)
+    try:
+        titles = [(r.row_id, r.title) for rows in store.rows(batch=50_000) for r in rows]
+        return LexicalIndex.build(titles, Analyzer(analyzer), rows=len(store.vectors))
+    finally:
+        store.close()
+
+
+def lexical_for_change(live: Path, gen: Path, manifest: Manifest, dead: np.ndarray, new: np.ndarray) -> LexicalIndex:
+    """The live BM25 index with ``dead`` rows removed and the ``new`` rows of ``gen``'s store added; built from
+    ``gen``'s store where the live generation has none (a bundle from before hybrid retrieval)."""
+    if not (live / LEXICAL_CONFIG).is_file():
+        return lexical_from_store(gen, Analyzer.AUTO)
+    lexical = LexicalIndex.load(live)
+    lexical.remove(dead)
+    if len(new):
+        store = Store.open(gen)
+        try:
+            rows = store.get(new.tolist())
+        finally:
+            store.close()
+        lexical.add(new, [r.title for r in rows])
+    return lexical
+
+
+def lexical_record(
+    lexical: LexicalIndex, manifest: Manifest | None = None, retrieval: str = "hybrid"
+) -> dict[str, Any]:
+    """The manifest's lexical entry: analyser and BM25 parameters, the fusion's dense weight and the default
+    retrieval (both kept from ``manifest`` when it has them)."""
+    before = (manifest.lexical if manifest is not None else None) or {}
+    return {
+        "analyzer": lexical.analyzer.value,
+        "k1": lexical.params.k1,
+        "b": lexical.params.b,
+        "dense_weight": before.get("dense_weight", DEFAULT_DENSE_WEIGHT),
+        "retrieval": before.get("retrieval", retrieval),
+    }
+
+
 def changed(manifest: Manifest, count: int, **fields: Any) -> Manifest:
     """``manifest`` for a new generation derived from it: new count and time stamp, ``fields`` replaced."""
     return dataclasses.replace(
@@ -121,6 +167,7 @@ def finish(
     manifest: Manifest,
     *,
     index: VectorIndex | None = None,
+    lexical: LexicalIndex | None = None,
     scorer: Scorer | None = None,
     carry_from: tuple[Path, Iterable[str]] | None = None,
 ) -> None:
@@ -130,6 +177,8 @@ def finish(
     generation's rows only."""
     if index is not None:
         index.save(gen)
+    if lexical is not None:
+        lexical.save(gen)
     if scorer is not None:
         scorer.save(gen)
     if carry_from is not None:
@@ -160,3 +209,21 @@ def copy_rows(source: Store, gen: Path, *, limit: int | None = None, show_progre
         raise
     writer.finish(source.id_type)
     return writer.count
+
+
+def publish(
+    path: Path,
+    base: Path,
+    replaced: tuple[str, ...],
+    write: Callable[[Path], None],
+    manifest: Manifest,
+    *,
+    scorer: Scorer | None,
+    lock_timeout: float,
+) -> None:
+    """Publish a generation derived from ``base`` that rewrites the files ``replaced`` (``write`` and ``scorer``
+    write them) and carries every other file of ``base``."""
+    keep = [n for n in read_manifest(base, verify=False).files if n not in replaced]
+    with new_generation(path, base=base, lock_timeout=lock_timeout) as gen:
+        write(gen)
+        finish(gen, manifest, scorer=scorer, carry_from=(base, keep))

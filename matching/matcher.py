@@ -16,6 +16,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from matching import __version__, changes, generation
+from matching.analysis import Analyzer
 from matching.bundle import (
     DEFAULT_LOCK_TIMEOUT,
     Manifest,
@@ -27,15 +28,16 @@ from matching.bundle import (
     new_generation,
 )
 from matching.config import EncoderConfig, IndexConfig, ScorerConfig
-from matching.encoder import Encoder
+from matching.encoder import Encoder, UnknownTokens
 from matching.errors import BadRowError, BundleError, ConfigError
+from matching.features import DEFAULT_DENSE_WEIGHT
 from matching.index import VectorIndex
 from matching.ingest import DEFAULT_CHUNKSIZE, CatalogueReader, metadata_json
 from matching.layout import QUERY_ENCODER, SCORER_CONFIG, SCORER_WEIGHTS, TRAIN_REPORT
 from matching.scorer import Scorer
-from matching.search import DenseRetriever, NoReranker, ScorerReranker, Snapshot, open_snapshot, search
+from matching.search import RETRIEVERS, NoReranker, Queries, ScorerReranker, Snapshot, open_snapshot, search
 from matching.store import Store, Where
-from matching.types import ChangeReport, ExternalId, Match, Preset
+from matching.types import ChangeReport, ExternalId, Match, Preset, Retrieval
 
 if TYPE_CHECKING:
     from matching.training.distill import DistillReport
@@ -57,8 +59,12 @@ class Matcher:
         path: Path | None = None,
         lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
         allow_encoder_mismatch: bool = False,
+        retrieval: Retrieval | str | None = None,
     ) -> None:
         self.encoder = snapshot.encoder
+        # the default for searches: the bundle's (hybrid unless built otherwise); dense in bundles without BM25
+        default = (snapshot.manifest.lexical or {}).get("retrieval", "hybrid") if snapshot.lexical else "dense"
+        self.retrieval = Retrieval(retrieval or default)
         self.path = path
         self.lock_timeout = lock_timeout
         self.allow_encoder_mismatch = allow_encoder_mismatch  # kept for reloads after writes
@@ -119,6 +125,8 @@ class Matcher:
         preset: Preset | str | None = None,
         index_config: IndexConfig | None = None,
         scorer_hidden: int = 256,
+        analyzer: Analyzer | str = Analyzer.AUTO,
+        retrieval: Retrieval | str | None = None,
         skip_bad_rows: bool = False,
         encoding: str = "utf-8",
         chunksize: int = DEFAULT_CHUNKSIZE,
@@ -147,7 +155,11 @@ class Matcher:
         index_config = index_config or IndexConfig()
         # fail on a bad index or scorer setting now, not after encoding the whole catalogue
         VectorIndex.empty(encoder.dim, index_config)
-        scorer_config = ScorerConfig(dim=encoder.dim, hidden=scorer_hidden)
+        analyzer = Analyzer(analyzer)
+        retrieval = Retrieval(retrieval) if retrieval is not None else None
+        # the untrained reranker scores as the default retrieval ranks: cosine, BM25, or their fusion
+        weight = {Retrieval.DENSE: 1.0, Retrieval.LEXICAL: 0.0}.get(retrieval or Retrieval.HYBRID, DEFAULT_DENSE_WEIGHT)
+        scorer_config = ScorerConfig(dim=encoder.dim, hidden=scorer_hidden, lexical=True, dense_weight=weight)
         reader = CatalogueReader(
             source,
             id_column=id_column,
@@ -159,9 +171,11 @@ class Matcher:
         total = len(source) if isinstance(source, pd.DataFrame) else None
         with new_generation(path, overwrite=overwrite, lock_timeout=lock_timeout) as gen:
             writer = Store.create(gen, encoder.dim)
+            unknown = UnknownTokens(encoder)
             try:
                 with tqdm(total=total, desc="encoding titles", unit="title", disable=not show_progress) as bar:
                     for chunk in reader:
+                        unknown.count(chunk.titles)
                         vectors = encoder.encode_titles(chunk.titles)
                         writer.append(chunk.ids, chunk.titles, map(metadata_json, chunk.metadata), vectors)
                         bar.update(len(chunk))
@@ -176,6 +190,7 @@ class Matcher:
                 )
             writer.finish(reader.id_type)
             built = generation.index_from_store(gen, index_config)
+            lexical = generation.lexical_from_store(gen, analyzer)
             manifest = Manifest(
                 library_version=__version__,
                 encoder=generation.encoder_record(encoder),
@@ -188,9 +203,12 @@ class Matcher:
                     "id_column": id_column,
                     "title_columns": reader.title_columns,
                     "skipped_rows": reader.skipped,
+                    "unknown_token_share": unknown.share,
                 },
+                lexical=generation.lexical_record(lexical, retrieval=(retrieval or Retrieval.HYBRID).value),
             )
-            generation.finish(gen, manifest, index=built, scorer=Scorer(scorer_config))
+            generation.finish(gen, manifest, index=built, lexical=lexical, scorer=Scorer(scorer_config))
+        unknown.warn()
         if reader.skipped:
             log.warning("skipped %d bad row(s), e.g. %s", reader.skipped, "; ".join(reader.skipped_examples))
         return cls.load(path, encoder=encoder, verify=False, lock_timeout=lock_timeout)
@@ -207,6 +225,7 @@ class Matcher:
         verify: bool = True,
         allow_encoder_mismatch: bool = False,
         lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+        retrieval: Retrieval | str | None = None,
     ) -> Matcher:
         """Open the live generation of the bundle at ``path``.
 
@@ -216,6 +235,7 @@ class Matcher:
         the bundle was built with); every preset of one checkpoint shares the vector space.
         The generation stays on disk while this matcher uses it, even if writers publish newer ones
         (see :meth:`refresh`). ``lock_timeout`` is how long this matcher's writes wait for another writer.
+        ``retrieval`` is the default for searches (``hybrid`` where the bundle has a lexical index).
         """
         path = Path(path)
         lease = lease_current(path)
@@ -227,7 +247,10 @@ class Matcher:
         except BaseException:
             lease.release()
             raise
-        return cls(snap, path=path, lock_timeout=lock_timeout, allow_encoder_mismatch=allow_encoder_mismatch)
+        return cls(
+            snap, path=path, lock_timeout=lock_timeout, allow_encoder_mismatch=allow_encoder_mismatch,
+            retrieval=retrieval,
+        )  # fmt: skip
 
     def close(self) -> None:
         """Release the store's database connections and this matcher's hold on its generation."""
@@ -258,14 +281,23 @@ class Matcher:
     # -- search ----------------------------------------------------------------------------------
 
     def search(
-        self, query: str, k: int = 10, *, candidates: int = 100, rerank: bool = True, where: Where | None = None
+        self,
+        query: str,
+        k: int = 10,
+        *,
+        candidates: int = 100,
+        rerank: bool = True,
+        where: Where | None = None,
+        retrieval: Retrieval | str | None = None,
     ) -> list[Match]:
-        """The ``k`` best titles for ``query``: FAISS retrieves ``candidates``, the scorer reranks them.
+        """The ``k`` best titles for ``query``: retrieval finds ``candidates`` (hybrid: from the vectors and from
+        BM25 each, fused), the scorer reranks them.
 
         ``where`` filters on metadata inside retrieval, e.g. ``{"brand": "acme", "price": ("<", 50)}``
         (see :func:`matching.store.where_clauses`), so ``k`` hits come back whenever ``k`` titles match.
+        ``retrieval`` is ``hybrid``, ``dense`` or ``lexical`` (default: this matcher's :attr:`retrieval`).
         """
-        return self.search_batch([query], k, candidates=candidates, rerank=rerank, where=where)[0]
+        return self.search_batch([query], k, candidates=candidates, rerank=rerank, where=where, retrieval=retrieval)[0]
 
     def search_batch(
         self,
@@ -276,6 +308,7 @@ class Matcher:
         rerank: bool = True,
         show_progress: bool = False,
         where: Where | None = None,
+        retrieval: Retrieval | str | None = None,
     ) -> list[list[Match]]:
         """:meth:`search` for many queries, encoded in one pass."""
         if isinstance(queries, str):
@@ -285,27 +318,45 @@ class Matcher:
             raise ConfigError(f"queries must be strings; item {bad[0]} is {type(queries[bad[0]]).__name__}")
         snap = self._snap
         vectors = snap.query_encoder.encode_queries(list(queries), show_progress=show_progress)
-        return self._search(snap, vectors, k, candidates, rerank, where)
+        return self._search(snap, Queries(vectors, list(queries)), k, candidates, rerank, where, retrieval)
 
     def search_vectors(
         self,
         vectors: np.ndarray,
         k: int = 10,
         *,
+        texts: Sequence[str] | None = None,
         candidates: int = 100,
         rerank: bool = True,
         where: Where | None = None,
+        retrieval: Retrieval | str | None = None,
     ) -> list[list[Match]]:
-        """Search with already encoded query vectors ``(n, dim)``."""
-        return self._search(self._snap, vectors, k, candidates, rerank, where)
+        """Search with already encoded query vectors ``(n, dim)``. Without the queries' ``texts`` there are no
+        words to match: retrieval is dense, and the rerank is skipped where the reranker reads words."""
+        snap = self._snap
+        if texts is None:
+            rerank = rerank and not snap.scorer.config.lexical
+            retrieval = Retrieval.DENSE
+        elif len(texts) != len(np.atleast_2d(vectors)):
+            raise ConfigError(f"{len(texts)} texts for {len(np.atleast_2d(vectors))} query vectors")
+        return self._search(snap, Queries(vectors, texts), k, candidates, rerank, where, retrieval)
 
     def _search(
-        self, snap: Snapshot, vectors: np.ndarray, k: int, candidates: int, rerank: bool, where: Where | None
+        self,
+        snap: Snapshot,
+        queries: Queries,
+        k: int,
+        candidates: int,
+        rerank: bool,
+        where: Where | None,
+        retrieval: Retrieval | str | None,
     ) -> list[list[Match]]:
+        try:
+            retriever = RETRIEVERS[Retrieval(retrieval or self.retrieval)]
+        except ValueError:
+            raise ConfigError(f"retrieval must be one of {[r.value for r in Retrieval]}, got {retrieval!r}") from None
         reranker = ScorerReranker() if rerank else NoReranker()
-        return search(
-            snap, vectors, k, candidates=candidates, retriever=DenseRetriever(), reranker=reranker, where=where
-        )
+        return search(snap, queries, k, candidates=candidates, retriever=retriever, reranker=reranker, where=where)
 
     # -- catalogue changes -----------------------------------------------------------------------
 
@@ -326,9 +377,10 @@ class Matcher:
         Only the new titles are encoded. Columns default to those the bundle was built with. The change
         is published atomically as a new generation, which this matcher then serves.
         """
-        return self._apply_rows(
-            "add", source, id_column, title_column, skip_bad_rows, encoding, chunksize, show_progress,
-            allow_encoder_mismatch,
+        reader = changes.ReaderFactory(source, id_column, title_column, skip_bad_rows, encoding, chunksize)
+        return self._write(
+            lambda path: changes.apply_rows(path, self.encoder, "add", reader, self.lock_timeout, show_progress,
+                                            allow_encoder_mismatch)
         )  # fmt: skip
 
     def upsert(
@@ -345,38 +397,11 @@ class Matcher:
     ) -> ChangeReport:
         """Add new titles and replace existing ones (same id): a changed title is re-encoded, changed
         metadata alone is just rewritten, and an identical row is left as it is."""
-        return self._apply_rows(
-            "upsert", source, id_column, title_column, skip_bad_rows, encoding, chunksize, show_progress,
-            allow_encoder_mismatch,
-        )  # fmt: skip
-
-    def _apply_rows(
-        self,
-        operation: str,
-        source: str | Path | pd.DataFrame,
-        id_column: str | None,
-        title_column: str | Sequence[str] | None,
-        skip_bad_rows: bool,
-        encoding: str,
-        chunksize: int,
-        show_progress: bool,
-        allow_encoder_mismatch: bool,
-    ) -> ChangeReport:
-        reader = changes.ReaderFactory(
-            source, id_column=id_column, title_column=title_column, skip_bad_rows=skip_bad_rows,
-            encoding=encoding, chunksize=chunksize,
-        )  # fmt: skip
+        reader = changes.ReaderFactory(source, id_column, title_column, skip_bad_rows, encoding, chunksize)
         return self._write(
-            lambda path: changes.apply_rows(
-                path,
-                self.encoder,
-                operation,
-                reader,
-                lock_timeout=self.lock_timeout,
-                show_progress=show_progress,
-                allow_encoder_mismatch=allow_encoder_mismatch,
-            )
-        )
+            lambda path: changes.apply_rows(path, self.encoder, "upsert", reader, self.lock_timeout, show_progress,
+                                            allow_encoder_mismatch)
+        )  # fmt: skip
 
     def remove(self, ids: Iterable[ExternalId], *, missing_ok: bool = False) -> ChangeReport:
         """Remove titles by external id; an unknown id is an error unless ``missing_ok``."""
@@ -399,22 +424,11 @@ class Matcher:
     ) -> Matcher:  # fmt: skip
         """Write a new bundle at ``out`` from this one's live titles (the first ``limit`` in row order, if given),
         reusing their stored vectors (no re-encoding), the reranker and the query encoder; returns it loaded."""
-        out = Path(out)
-        snap = self._snap
-        source = self.path / snap.generation if self.path and snap.generation else None
-        with new_generation(out, overwrite=overwrite, lock_timeout=self.lock_timeout) as gen:
-            count = generation.copy_rows(snap.store, gen, limit=limit, show_progress=show_progress)
-            config = index_config or IndexConfig()
-            built = generation.index_from_store(gen, config)
-            manifest = generation.changed(
-                snap.manifest, count, index=generation.index_record(built, config),
-                source={**snap.manifest.source, "name": f"{count} titles of {self.path}"},
-            )  # fmt: skip
-            carried = generation.non_catalogue(snap.manifest) if source else []
-            generation.finish(
-                gen, manifest, index=built, scorer=None if source else snap.scorer,
-                carry_from=(source, carried) if source else None,
-            )  # fmt: skip
+        source = self.path / self.generation if self.path and self.generation else None
+        changes.copy_bundle(
+            self._snap, source, Path(out), limit=limit, index_config=index_config or IndexConfig(),
+            overwrite=overwrite, lock_timeout=self.lock_timeout, show_progress=show_progress,
+        )  # fmt: skip
         return Matcher.load(out, encoder=self.encoder, verify=False, lock_timeout=self.lock_timeout)
 
     def _write(self, change: Callable[[Path], ChangeReport]) -> ChangeReport:
@@ -436,7 +450,7 @@ class Matcher:
         """The reranker's score for each (query, title) pair, as a float32 array in input order."""
         snap = self._snap
         q, t = snap.encode_pairs(queries, titles)
-        return snap.scorer.score(q, t)
+        return snap.pair_scores(queries, titles, q, t)
 
     # -- training --------------------------------------------------------------------------------
 
@@ -468,17 +482,11 @@ class Matcher:
     def _publish(
         self, replaced: tuple[str, ...], write: Callable[[Path], None], manifest: Manifest, scorer: Scorer | None = None
     ) -> None:
-        """Write a new generation that carries every file but ``replaced``.
-
-        Refused if another writer published since this matcher loaded: the change was made against
-        this matcher's generation (its scorer was trained on that catalogue).
-        """
+        """A new generation with ``replaced`` rewritten, refused if another writer published since this matcher
+        loaded (the change was made against this matcher's generation)."""
         path = self._require_path()
-        keep = [n for n in self.manifest.files if n not in replaced]
         base = current_generation(path) if self.generation is None else path / self.generation
-        with new_generation(path, base=base, lock_timeout=self.lock_timeout) as gen:
-            write(gen)
-            generation.finish(gen, manifest, scorer=scorer, carry_from=(base, keep))
+        generation.publish(path, base, replaced, write, manifest, scorer=scorer, lock_timeout=self.lock_timeout)
         self._reopen()
 
     def _require_path(self) -> Path:
@@ -574,16 +582,7 @@ class Matcher:
 
     def catalogue(self) -> pd.DataFrame:
         """Every live title as a DataFrame: ``id``, ``title`` and one column per metadata field."""
-        store = self.store
-        records = [
-            {**r.metadata, "id": store.external_id(r.external_id), "title": r.title}
-            for rows in store.rows()
-            for r in rows
-        ]
-        frame = pd.DataFrame.from_records(records)
-        if frame.empty:
-            return pd.DataFrame({"id": [], "title": []})
-        return frame[["id", "title", *[c for c in frame.columns if c not in ("id", "title")]]]
+        return self.store.frame()
 
     # -- description -----------------------------------------------------------------------------
 

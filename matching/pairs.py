@@ -60,8 +60,9 @@ def score_file(
         reader = read_table(source, chunksize=chunksize)  # every column as text, nothing missing
         with reading(source), tqdm(desc="scoring pairs", unit="pair", disable=not show_progress) as bar:
             for frame in reader:
-                q, t = snap.encode_pairs(frame[query_column].tolist(), frame[title_column].tolist())
-                frame = frame.assign(score=snap.scorer.score(q, t), cosine=np.einsum("ij,ij->i", q, t))
+                queries, titles = frame[query_column].tolist(), frame[title_column].tolist()
+                q, t = snap.encode_pairs(queries, titles)
+                frame = frame.assign(score=snap.pair_scores(queries, titles, q, t), cosine=np.einsum("ij,ij->i", q, t))
                 frame.to_csv(tmp, mode="a", header=total == 0, index=False, sep=out_sep)
                 total += len(frame)
                 bar.update(len(frame))

@@ -1,4 +1,5 @@
-"""The small DNN reranker: an MLP over (q, t, q*t, |q-t|, cos) with a residual on the cosine."""
+"""The small DNN reranker: an MLP over (q, t, q*t, |q-t|, cos[, lexical features]) with a residual on the base
+score (the cosine, or the dense/lexical fusion)."""
 
 from __future__ import annotations
 
@@ -13,14 +14,15 @@ from torch import nn
 
 from matching.config import ScorerConfig
 from matching.errors import BundleError
+from matching.features import LEXICAL_FEATURES
 from matching.layout import SCORER_CONFIG, SCORER_WEIGHTS
 
 
-
 class Scorer(nn.Module):
-    """score(q, t) = cos(q, t) + MLP(features).
+    """score(q, t[, lex]) = base + MLP(features), base = cos(q, t), or with lexical features the fusion
+    ``w * cos + (1 - w) * lex[:, 0]`` (lex[:, 0] is the normalised BM25; see :mod:`matching.features`).
 
-    The MLP's output layer starts at zero, so an untrained scorer ranks exactly as cosine does.
+    The MLP's output layer starts at zero, so an untrained scorer ranks exactly as its base score does.
     """
 
     def __init__(self, config: ScorerConfig) -> None:
@@ -28,7 +30,7 @@ class Scorer(nn.Module):
         self.config = config
         d = config.dim
         self.mlp = nn.Sequential(
-            nn.Linear(4 * d + 1, config.hidden),
+            nn.Linear(4 * d + 1 + (LEXICAL_FEATURES if config.lexical else 0), config.hidden),
             nn.GELU(),
             nn.Dropout(config.dropout),
             nn.Linear(config.hidden, 1),
@@ -38,16 +40,31 @@ class Scorer(nn.Module):
         nn.init.zeros_(out.weight)
         nn.init.zeros_(out.bias)
 
-    def forward(self, q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Scores for matching rows of ``q`` (n, d) and ``t`` (n, d); q may be (1, d) to broadcast."""
+    def forward(self, q: torch.Tensor, t: torch.Tensor, lex: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores for matching rows of ``q`` (n, d) and ``t`` (n, d); q may be (1, d) to broadcast. ``lex``
+        (n, LEXICAL_FEATURES) is required when the config has lexical features."""
         q = q.expand_as(t)
         cos = (q * t).sum(dim=-1, keepdim=True)
-        features = torch.cat([q, t, q * t, (q - t).abs(), cos], dim=-1)
-        out: torch.Tensor = (cos + self.mlp(features)).squeeze(-1)
+        parts = [q, t, q * t, (q - t).abs(), cos]
+        base = cos
+        if self.config.lexical:
+            if lex is None:
+                raise ValueError("this scorer takes lexical features: pass lex")
+            w = self.config.dense_weight
+            base = w * cos + (1.0 - w) * lex[:, :1]
+            parts.append(lex)
+        out: torch.Tensor = (base + self.mlp(torch.cat(parts, dim=-1))).squeeze(-1)
         return out
 
+    @property
+    def trained(self) -> bool:
+        """False while the output layer is zero: the score is then exactly the base score."""
+        out = self.mlp[-1]
+        assert isinstance(out, nn.Linear)
+        return bool(out.weight.detach().abs().sum() > 0 or out.bias.detach().abs().sum() > 0)
+
     @torch.inference_mode()
-    def score(self, q: np.ndarray, t: np.ndarray) -> np.ndarray:
+    def score(self, q: np.ndarray, t: np.ndarray, lex: np.ndarray | None = None) -> np.ndarray:
         """NumPy in, NumPy out, in eval mode on the scorer's device."""
         was_training = self.training
         self.eval()
@@ -55,7 +72,8 @@ class Scorer(nn.Module):
         # np.array copies: inputs may be read-only views of the memory-mapped vector file
         qt = torch.from_numpy(np.array(q, dtype=np.float32)).to(device)
         tt = torch.from_numpy(np.array(t, dtype=np.float32)).to(device)
-        out: np.ndarray = self(qt, tt).float().cpu().numpy()
+        lt = torch.from_numpy(np.array(lex, dtype=np.float32)).to(device) if lex is not None else None
+        out: np.ndarray = self(qt, tt, lt).float().cpu().numpy()
         self.train(was_training)
         return out
 

@@ -15,12 +15,14 @@ from matching.bundle import Lease, Manifest, read_manifest
 from matching.encoder import Encoder
 from matching.errors import BundleError, ConfigError
 from matching.exact import exact_subset
+from matching.features import DEFAULT_DENSE_WEIGHT, best_bm25, fuse, normalised, pair_features
 from matching.generation import load_encoder
 from matching.index import VectorIndex
-from matching.layout import QUERY_ENCODER
+from matching.layout import LEXICAL_CONFIG, QUERY_ENCODER
+from matching.lexical import LexicalIndex
 from matching.scorer import Scorer
 from matching.store import Store, Where
-from matching.types import Match, Preset
+from matching.types import Match, Preset, Retrieval
 
 # a filter that leaves at most this many titles is searched exactly over their stored vectors
 EXACT_FILTER_LIMIT = 20_000
@@ -55,6 +57,41 @@ class Snapshot:
     manifest: Manifest
     handle: Handle = field(repr=False)
     generation: str | None = None
+    lexical: LexicalIndex | None = None  # None in bundles built before hybrid retrieval
+
+    @property
+    def dense_weight(self) -> float:
+        """The dense share of the untrained fusion (see :mod:`matching.features`)."""
+        return float((self.manifest.lexical or {}).get("dense_weight", DEFAULT_DENSE_WEIGHT))
+
+    def pair_scores(self, queries: Sequence[str], titles: Sequence[str], q: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """The reranker's score of aligned pairs, given their vectors (lexical features computed here)."""
+        if not self.scorer.config.lexical:
+            return self.scorer.score(q, t)
+        lex = self.lexical_features(queries, titles)
+        return self.scorer.score(q, t, lex)
+
+    def lexical_features(self, queries: Sequence[str], titles: Sequence[str]) -> np.ndarray:
+        """Lexical features of aligned (query, title) pairs against this generation's catalogue statistics."""
+        lexical = self.require_lexical()
+        out = np.zeros((len(queries), 4), dtype=np.float32)
+        groups: dict[str, list[int]] = {}
+        for i, q in enumerate(queries):
+            groups.setdefault(q, []).append(i)
+        best = dict(zip(groups, best_bm25(lexical, list(groups)), strict=True))
+        for q, rows in groups.items():
+            group_titles = [titles[i] for i in rows]
+            bm25 = lexical.score_texts(q, group_titles)
+            out[rows] = pair_features(lexical, q, group_titles, bm25, float(best[q]))
+        return out
+
+    def require_lexical(self) -> LexicalIndex:
+        if self.lexical is None:
+            raise BundleError(
+                "this bundle has no lexical index (it was built before hybrid retrieval); "
+                "run Matcher.compact() / matching compact to add one, or search with retrieval='dense'"
+            )
+        return self.lexical
 
     def encode_pairs(
         self, queries: Sequence[str], titles: Sequence[str], *, show_progress: bool = False
@@ -128,75 +165,198 @@ def open_snapshot(
         raise BundleError(
             f"dimension mismatch: encoder {encoder.dim}, store {store.vectors.shape[1]}, scorer {scorer.config.dim}"
         )
-    return Snapshot(encoder, query_encoder, index, store, scorer, manifest, Handle(store, lease), gen.name)
+    lexical = LexicalIndex.load(gen) if (gen / LEXICAL_CONFIG).is_file() else None
+    if lexical is not None and lexical.rows != len(store.vectors):
+        store.close()
+        raise BundleError(
+            f"the lexical index of {str(gen)!r} holds {lexical.rows} rows but the store {len(store.vectors)}"
+        )
+    return Snapshot(encoder, query_encoder, index, store, scorer, manifest, Handle(store, lease), gen.name, lexical)
 
 
 # -- retrieval ---------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Candidates:
-    """Per query, up to ``depth`` candidate row ids (-1 pads) with the score each was retrieved with."""
+class Queries:
+    """A batch of queries: their vectors, and their texts where known (lexical retrieval needs them)."""
 
-    scores: np.ndarray  # (nq, depth) float32, -inf where padded
-    ids: np.ndarray  # (nq, depth) int64, -1 where padded
+    vectors: np.ndarray
+    texts: Sequence[str] | None = None
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Per query, candidate row ids (-1 pads) with the score each was retrieved with, and its parts where computed:
+    ``dense`` (cosine) and ``lexical`` (BM25), and ``best``, each query's lexical normaliser."""
+
+    scores: np.ndarray  # (nq, width) float32, -inf where padded
+    ids: np.ndarray  # (nq, width) int64, -1 where padded
+    dense: np.ndarray | None = None
+    lexical: np.ndarray | None = None
+    best: np.ndarray | None = None
 
 
 class Retriever(Protocol):
-    """Finds candidates for a batch of queries (their vectors, and their texts where known)."""
+    """Finds up to ``depth`` candidates per query (``allowed``: ascending row ids passing a filter, or None)."""
 
-    def retrieve(self, snap: Snapshot, vectors: np.ndarray, depth: int, allowed: np.ndarray | None) -> Candidates: ...
+    def retrieve(self, snap: Snapshot, queries: Queries, depth: int, allowed: np.ndarray | None) -> Candidates: ...
 
 
 class DenseRetriever:
-    """FAISS over the title vectors; a filter (``allowed``: ascending row ids) is searched inside FAISS, or exactly
-    over the allowed titles' stored vectors when few titles pass it."""
+    """FAISS over the title vectors; a filter is searched inside FAISS, or exactly over the allowed titles' stored
+    vectors when few titles pass it."""
 
-    def retrieve(self, snap: Snapshot, vectors: np.ndarray, depth: int, allowed: np.ndarray | None) -> Candidates:
-        stored = snap.store.vectors
-        if allowed is None:
-            return Candidates(*snap.index.search(vectors, depth, stored=stored))
-        if len(allowed) <= EXACT_FILTER_LIMIT:
-            return Candidates(*exact_subset(vectors, stored, allowed, depth))
-        mask = np.zeros(stored.shape[0], dtype=bool)
-        mask[allowed] = True
-        try:
-            scores, ids = snap.index.search(vectors, depth, allowed=mask, stored=stored)
-        except NotImplementedError:
-            return Candidates(*exact_subset(vectors, stored, allowed, depth))
-        # an approximate index can come back short under a selective filter: search those queries exactly
-        short = np.flatnonzero((ids >= 0).sum(axis=1) < min(ids.shape[1], len(allowed)))
-        if len(short):
-            scores[short], ids[short] = exact_subset(vectors[short], stored, allowed, ids.shape[1])
-        return Candidates(scores, ids)
+    def retrieve(self, snap: Snapshot, queries: Queries, depth: int, allowed: np.ndarray | None) -> Candidates:
+        scores, ids = _dense(snap, queries.vectors, depth, allowed)
+        return Candidates(scores, ids, dense=scores)
+
+
+def _dense(snap: Snapshot, vectors: np.ndarray, depth: int, allowed: np.ndarray | None) -> tuple[np.ndarray, ...]:
+    stored = snap.store.vectors
+    if allowed is None:
+        return tuple(snap.index.search(vectors, depth, stored=stored))
+    if len(allowed) <= EXACT_FILTER_LIMIT:
+        return exact_subset(vectors, stored, allowed, depth)
+    mask = np.zeros(stored.shape[0], dtype=bool)
+    mask[allowed] = True
+    try:
+        scores, ids = snap.index.search(vectors, depth, allowed=mask, stored=stored)
+    except NotImplementedError:
+        return exact_subset(vectors, stored, allowed, depth)
+    # an approximate index can come back short under a selective filter: search those queries exactly
+    short = np.flatnonzero((ids >= 0).sum(axis=1) < min(ids.shape[1], len(allowed)))
+    if len(short):
+        scores[short], ids[short] = exact_subset(vectors[short], stored, allowed, ids.shape[1])
+    return scores, ids
+
+
+def _texts(queries: Queries, kind: str) -> Sequence[str]:
+    if queries.texts is None:
+        raise ConfigError(f"{kind} retrieval needs the query texts: use search/search_batch, not search_vectors")
+    return queries.texts
+
+
+def _mask(snap: Snapshot, lexical: LexicalIndex, allowed: np.ndarray | None) -> np.ndarray | None:
+    if allowed is None:
+        return None
+    mask = np.zeros(lexical.rows, dtype=bool)
+    mask[allowed] = True
+    return mask
+
+
+class LexicalRetriever:
+    """BM25 over the titles' words (the bundle's analyser); ranked by BM25, with the cosine alongside."""
+
+    def retrieve(self, snap: Snapshot, queries: Queries, depth: int, allowed: np.ndarray | None) -> Candidates:
+        lexical, texts = snap.require_lexical(), _texts(queries, "lexical")
+        mask = _mask(snap, lexical, allowed)
+        scores, ids = lexical.search(list(texts), depth, mask)
+        best = best_bm25(lexical, texts, mask)
+        return Candidates(scores, ids, dense=_cosines(snap, queries.vectors, ids), lexical=scores, best=best)
+
+
+class HybridRetriever:
+    """The union of the dense and the lexical top ``depth``, ranked by the label-free fusion of cosine and
+    normalised BM25 (:func:`matching.features.fuse`); dense alone where the bundle has no lexical index."""
+
+    def retrieve(self, snap: Snapshot, queries: Queries, depth: int, allowed: np.ndarray | None) -> Candidates:
+        if snap.lexical is None:
+            return DenseRetriever().retrieve(snap, queries, depth, allowed)
+        lexical, texts = snap.lexical, _texts(queries, "hybrid")
+        _, dense_ids = _dense(snap, queries.vectors, depth, allowed)
+        mask = _mask(snap, lexical, allowed)
+        lex_scores, lex_ids = lexical.search(list(texts), depth, mask)
+        best = np.where(lex_scores[:, 0] > 0, lex_scores[:, 0], 0.0)
+        for i in np.flatnonzero(~(best > 0)):
+            best[i] = lexical.max_score(texts[int(i)]) or 1.0
+        width = 2 * depth
+        ids = np.full((len(texts), width), -1, dtype=np.int64)
+        for qi in range(len(texts)):
+            union = np.union1d(dense_ids[qi][dense_ids[qi] >= 0], lex_ids[qi][lex_ids[qi] >= 0])
+            ids[qi, : len(union)] = union
+        dense = _cosines(snap, queries.vectors, ids)
+        bm25 = np.zeros(ids.shape, dtype=np.float32)
+        for qi, text in enumerate(texts):
+            bm25[qi] = lexical.score_rows(text, ids[qi])
+        fused = np.full(ids.shape, -np.inf, dtype=np.float32)
+        for qi in range(len(texts)):
+            fused[qi] = fuse(dense[qi], normalised(bm25[qi], float(best[qi])), snap.dense_weight)
+        fused[ids < 0] = -np.inf
+        order = np.argsort(-fused, axis=1, kind="stable")
+        take = np.take_along_axis
+        return Candidates(take(fused, order, 1), take(ids, order, 1), take(dense, order, 1), take(bm25, order, 1), best)
+
+
+def _cosines(snap: Snapshot, vectors: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Exact cosine of each query with its candidates' stored vectors (0 where padded)."""
+    out = np.zeros(ids.shape, dtype=np.float32)
+    for qi in range(len(ids)):
+        valid = ids[qi] >= 0
+        if valid.any():
+            out[qi, valid] = np.asarray(snap.store.vectors[ids[qi][valid]], dtype=np.float32) @ vectors[qi]
+    return out
+
+
+RETRIEVERS: dict[Retrieval, Retriever] = {
+    Retrieval.DENSE: DenseRetriever(),
+    Retrieval.LEXICAL: LexicalRetriever(),
+    Retrieval.HYBRID: HybridRetriever(),
+}
 
 
 # -- reranking ---------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Hit:
+    """One query (its text where known, its vector) and its candidates as retrieval left them (no padding)."""
+
+    text: str | None
+    vector: np.ndarray
+    row_ids: np.ndarray
+    scores: np.ndarray
+    dense: np.ndarray | None
+    lexical: np.ndarray | None
+    best: float | None
+
+
 class Reranker(Protocol):
     """Scores one query's candidates (row ids into the snapshot's store); higher is better."""
 
-    def rerank(self, snap: Snapshot, query: np.ndarray, row_ids: np.ndarray, retrieved: np.ndarray) -> np.ndarray: ...
+    def rerank(self, snap: Snapshot, hit: Hit) -> np.ndarray: ...
 
 
 class ScorerReranker:
-    """The bundle's MLP scorer over (query vector, stored title vector)."""
+    """The bundle's MLP scorer over (query vector, stored title vector[, lexical features])."""
 
-    def rerank(self, snap: Snapshot, query: np.ndarray, row_ids: np.ndarray, retrieved: np.ndarray) -> np.ndarray:
-        return snap.scorer.score(query[None, :], snap.store.vectors[row_ids])
+    def rerank(self, snap: Snapshot, hit: Hit) -> np.ndarray:
+        scorer, text, vector, row_ids = snap.scorer, hit.text, hit.vector, hit.row_ids
+        titles = snap.store.vectors[row_ids]
+        if not scorer.config.lexical:
+            return scorer.score(vector[None, :], titles)
+        lexical = snap.require_lexical()
+        if text is None:
+            raise ConfigError("this reranker uses lexical features and needs the query text: use search/search_batch")
+        best = hit.best if hit.best is not None else float(best_bm25(lexical, [text])[0])
+        bm25 = hit.lexical if hit.lexical is not None else lexical.score_rows(text, row_ids)
+        if not scorer.trained:  # the MLP adds exactly 0: skip the features it would not use
+            dense = hit.dense if hit.dense is not None else np.asarray(titles, dtype=np.float32) @ vector
+            return fuse(dense, normalised(bm25, best), scorer.config.dense_weight)
+        texts = [r.title for r in snap.store.get(row_ids.tolist())]
+        return scorer.score(vector[None, :], titles, pair_features(lexical, text, texts, bm25, best))
 
 
 class NoReranker:
     """Keeps the retrieval order and scores."""
 
-    def rerank(self, snap: Snapshot, query: np.ndarray, row_ids: np.ndarray, retrieved: np.ndarray) -> np.ndarray:
-        return retrieved
+    def rerank(self, snap: Snapshot, hit: Hit) -> np.ndarray:
+        return hit.scores
 
 
 def search(
     snap: Snapshot,
-    vectors: np.ndarray,
+    queries: Queries,
     k: int,
     *,
     candidates: int,
@@ -204,22 +364,43 @@ def search(
     reranker: Reranker,
     where: Where | None = None,
 ) -> list[list[Match]]:
-    """The ``k`` best titles for each query vector: ``retriever`` finds ``max(k, candidates)``, ``reranker``
-    orders them, and the rows are read from the store."""
+    """The ``k`` best titles for each query: ``retriever`` finds ``max(k, candidates)`` (hybrid: from each side),
+    ``reranker`` orders them, and the rows are read from the store."""
     if k < 1:
         raise ConfigError(f"k must be >= 1, got {k}")
-    vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+    vectors = np.atleast_2d(np.asarray(queries.vectors, dtype=np.float32))
+    queries = Queries(vectors, queries.texts)
     allowed = snap.store.filter_ids(where) if where is not None else None
-    found = retriever.retrieve(snap, vectors, max(k, candidates), allowed)
+    found = retriever.retrieve(snap, queries, max(k, candidates), allowed)
     store = snap.store
-    ranked: list[list[tuple[int, float, float]]] = []
+    ranked: list[list[tuple[int, float, float, float | None, float | None]]] = []
     for qi in range(len(vectors)):
         keep = found.ids[qi] >= 0
-        cand_ids, cand_scores = found.ids[qi][keep], found.scores[qi][keep]
-        scores = reranker.rerank(snap, vectors[qi], cand_ids, cand_scores) if len(cand_ids) else cand_scores
+        cand_ids = found.ids[qi][keep]
+        hit = Hit(
+            queries.texts[qi] if queries.texts is not None else None,
+            vectors[qi],
+            cand_ids,
+            found.scores[qi][keep],
+            found.dense[qi][keep] if found.dense is not None else None,
+            found.lexical[qi][keep] if found.lexical is not None else None,
+            float(found.best[qi]) if found.best is not None else None,
+        )
+        scores = reranker.rerank(snap, hit) if len(cand_ids) else hit.scores
         order = np.argsort(-scores, kind="stable")[:k]
-        ranked.append([(int(cand_ids[j]), float(scores[j]), float(cand_scores[j])) for j in order])
-    rows = {r.row_id: r for r in store.get([rid for hits in ranked for rid, _, _ in hits])}
+        ranked.append(
+            [
+                (
+                    int(cand_ids[j]),
+                    float(scores[j]),
+                    float(hit.scores[j]),
+                    float(hit.dense[j]) if hit.dense is not None else None,
+                    float(hit.lexical[j]) if hit.lexical is not None else None,
+                )
+                for j in order
+            ]
+        )
+    rows = {r.row_id: r for r in store.get([hit[0] for hits in ranked for hit in hits])}
     return [
         [
             Match(
@@ -228,8 +409,10 @@ def search(
                 score=score,
                 retrieval_score=retr,
                 metadata=rows[rid].metadata,
+                dense_score=dense,
+                lexical_score=lex,
             )
-            for rid, score, retr in hits
+            for rid, score, retr, dense, lex in hits
         ]
         for hits in ranked
     ]

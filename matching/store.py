@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Self
 
 import numpy as np
+import pandas as pd
 from sqlalchemy import (
     ColumnElement,
     Engine,
@@ -218,6 +219,18 @@ class Store:
                 for row_id, text in session.execute(stmt):
                     by_text.setdefault(text, row_id)
         return [by_text.get(t) for t in titles]
+
+    def frame(self) -> pd.DataFrame:
+        """Every live title as a DataFrame: ``id``, ``title`` and one column per metadata field."""
+        records = [
+            {**r.metadata, "id": self.external_id(r.external_id), "title": r.title}
+            for rows in self.rows()
+            for r in rows
+        ]
+        frame = pd.DataFrame.from_records(records)
+        if frame.empty:
+            return pd.DataFrame({"id": [], "title": []})
+        return frame[["id", "title", *[c for c in frame.columns if c not in ("id", "title")]]]
 
     def external_id(self, raw: str) -> str | int:
         """The id as the user gave it: ``int`` when every id in the catalogue was an integer."""

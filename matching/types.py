@@ -27,6 +27,14 @@ class Preset(StrEnum):
     FAST = "fast"  # fastest setting within 1.5 nDCG@10 points of EXACT on SciFact
 
 
+class Retrieval(StrEnum):
+    """How candidates are found: dense vectors, BM25 over words, or both fused (the default)."""
+
+    HYBRID = "hybrid"
+    DENSE = "dense"
+    LEXICAL = "lexical"
+
+
 class IdType(StrEnum):
     """The Python type external ids are handed back as."""
 
@@ -39,7 +47,8 @@ class Match:
     """One search hit.
 
     ``score`` is the reranker's score (equal to ``retrieval_score`` while the scorer is untrained);
-    ``retrieval_score`` is the cosine similarity FAISS retrieved the title with.
+    ``retrieval_score`` is what retrieval ranked the title by: the cosine (dense), BM25 (lexical), or their fusion
+    (hybrid). ``dense_score`` (cosine) and ``lexical_score`` (BM25) are the parts, where computed.
     """
 
     id: ExternalId
@@ -47,6 +56,8 @@ class Match:
     score: float
     retrieval_score: float
     metadata: dict[str, Any] = field(default_factory=dict)
+    dense_score: float | None = None
+    lexical_score: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -223,7 +223,8 @@ def build_products(path: Path, encoder: Any) -> Any:
     """A bundle of :func:`make_catalogue` at ``path``, built with ``encoder``."""
     from matching import Matcher
 
-    return Matcher.build(make_catalogue(), path, encoder=encoder, show_progress=False)
+    # dense by default here: most suites compare with a brute-force cosine ranking (hybrid: tests/test_hybrid.py)
+    return Matcher.build(make_catalogue(), path, encoder=encoder, show_progress=False, retrieval="dense")
 
 
 @pytest.fixture

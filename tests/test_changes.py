@@ -50,7 +50,7 @@ def all_hits(m: Matcher, query: str = QUERY) -> list[tuple[Any, float]]:
 
 
 def fresh_build(df: pd.DataFrame, path: Path, encoder: Any, **kwargs: Any) -> Matcher:
-    return Matcher.build(df, path, encoder=encoder, show_progress=False, **kwargs)
+    return Matcher.build(df, path, encoder=encoder, show_progress=False, **{"retrieval": "dense", **kwargs})
 
 
 # -- add ------------------------------------------------------------------------------------------------

@@ -140,7 +140,7 @@ def test_search_json_has_the_right_ids(
     assert [m["id"] for m in payload["matches"]] == [h.id for h in expected]
     assert all(isinstance(m["id"], int) for m in payload["matches"])
     first = payload["matches"][0]
-    assert set(first) == {"id", "title", "score", "retrieval_score", "metadata"}
+    assert set(first) == {"id", "title", "score", "retrieval_score", "dense_score", "lexical_score", "metadata"}
     assert first["title"] == expected[0].title
     assert first["metadata"] == expected[0].metadata
     assert first["score"] == pytest.approx(expected[0].score, abs=1e-6)

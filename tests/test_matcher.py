@@ -39,7 +39,7 @@ def brute_force(matcher: Matcher, query: str, k: int) -> tuple[list[Any], list[f
 
 
 def build(source: Any, path: Path, encoder: Encoder, **kwargs: Any) -> Matcher:
-    return Matcher.build(source, path, encoder=encoder, show_progress=False, **kwargs)
+    return Matcher.build(source, path, encoder=encoder, show_progress=False, **{"retrieval": "dense", **kwargs})
 
 
 def generations(path: Path) -> list[str]:

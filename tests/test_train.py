@@ -56,8 +56,14 @@ def state_equal(a: Scorer, b: Scorer) -> bool:
 
 
 def valid_auc(matcher: Matcher, scorer: Scorer, valid: pd.DataFrame) -> float:
-    q, t = matcher.encode_pairs(valid["query"].tolist(), valid["title"].tolist())
-    return roc_auc(valid["label"].to_numpy(), scorer.score(q, t))
+    queries, titles = valid["query"].tolist(), valid["title"].tolist()
+    q, t = matcher.encode_pairs(queries, titles)
+    lex = matcher.snapshot.lexical_features(queries, titles) if scorer.config.lexical else None
+    return roc_auc(valid["label"].to_numpy(), scorer.score(q, t, lex))
+
+
+def lex_of(matcher: Matcher, pairs: pd.DataFrame) -> np.ndarray:
+    return matcher.snapshot.lexical_features(pairs["query"].tolist(), pairs["title"].tolist())
 
 
 def untrained_scores(matcher: Matcher, q: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -310,7 +316,15 @@ def test_listwise_with_mined_negatives(train_bundle: Matcher) -> None:
 def test_listwise_needs_a_negative(train_bundle: Matcher) -> None:
     positives = pd.DataFrame({"query": ["a lamp", "shoes", "mug"], "title": TITLES[:3], "label": [1, 1, 1]})
     with pytest.raises(SchemaError, match="positive and at least one negative"):
-        train_scorer(train_bundle.snapshot, positives, positives, loss="listwise", epochs=1, show_progress=False)
+        train_scorer(
+            train_bundle.snapshot,
+            positives,
+            positives,
+            loss="listwise",
+            hard_negatives=0,
+            epochs=1,
+            show_progress=False,
+        )
 
 
 def test_a_validation_split_is_made_by_query(train_bundle: Matcher) -> None:
@@ -366,7 +380,7 @@ def test_an_absurd_learning_rate_never_ends_worse_than_the_baseline(
     assert valid_auc(train_bundle, scorer, valid) == pytest.approx(report.best_metric, abs=1e-12)
     if report.best_epoch == 0:
         q, t = train_bundle.encode_pairs(valid["query"].tolist(), valid["title"].tolist())
-        assert same_scores(scorer.score(q, t), untrained_scores(train_bundle, q, t))
+        assert same_scores(scorer.score(q, t, lex_of(train_bundle, valid)), untrained_scores(train_bundle, q, t))
 
 
 def test_when_no_epoch_beats_cosine_the_scorer_stays_cosine(train_bundle: Matcher) -> None:
@@ -385,7 +399,7 @@ def test_when_no_epoch_beats_cosine_the_scorer_stays_cosine(train_bundle: Matche
     assert report.best_metric == 1.0
     assert len(report.epochs) == 2  # patience 2: stopped after two epochs that did not beat it
     q, t = train_bundle.encode_pairs(valid["query"].tolist(), valid["title"].tolist())
-    scores = scorer.score(q, t)
+    scores = scorer.score(q, t, lex_of(train_bundle, valid))
     assert same_scores(scores, untrained_scores(train_bundle, q, t))
     np.testing.assert_allclose(scores, np.einsum("ij,ij->i", q, t), atol=1e-6, rtol=0)
 
@@ -394,7 +408,9 @@ def test_a_diverged_scorer_is_never_kept(train_bundle: Matcher, task: tuple[pd.D
     train, valid = task
     scorer, report = train_scorer(train_bundle.snapshot, train, valid, lr=1e6, epochs=2, show_progress=False)
     q, t = train_bundle.encode_pairs(valid["query"].tolist(), valid["title"].tolist())
-    assert np.isfinite(scorer.score(q, t)).all(), f"best epoch {report.best_epoch} of {report.epochs}"
+    assert np.isfinite(scorer.score(q, t, lex_of(train_bundle, valid))).all(), (
+        f"best epoch {report.best_epoch} of {report.epochs}"
+    )
     assert all(torch.isfinite(v).all() for v in scorer.state_dict().values())
 
 

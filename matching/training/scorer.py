@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from matching.config import JsonConfig, ScorerConfig
 from matching.errors import ConfigError, SchemaError
+from matching.features import LEXICAL_FEATURES
 from matching.metrics import ndcg_at_k, roc_auc, spearman
 from matching.scorer import Scorer
 from matching.training.loop import (
@@ -38,10 +39,13 @@ if TYPE_CHECKING:
     from matching.search import Snapshot
 
 log = logging.getLogger(__name__)
+# negatives mined per positive when training listwise without an explicit hard_negatives
+DEFAULT_MINED = 20
 
 
 class LossKind(StrEnum):
-    """Training objective. ``auto``: listwise with mined negatives, else BCE for 0/1 labels, else MSE."""
+    """Training objective. ``auto``: listwise with mined negatives for positives-only pairs (the shape of qrels and
+    clicks) or when mining is asked for, else BCE for 0/1 labels, else MSE."""
 
     AUTO = "auto"
     LISTWISE = "listwise"  # softmax over (positive, negatives) groups: InfoNCE with hard negatives
@@ -63,7 +67,7 @@ class TrainConfig(JsonConfig):
     patience: int = 4  # epochs without a better validation metric before stopping
     hidden: int = 256
     dropout: float = 0.1
-    hard_negatives: int = 0  # negatives mined per query from the bundle's own index (0: none)
+    hard_negatives: int | None = None  # negatives mined per query from the bundle (None: 20 when listwise)
     mine_depth: int = 100  # how deep to retrieve when mining, and the rerank depth when validating
     loss: LossKind = LossKind.AUTO
     temperature: float = 0.05
@@ -76,7 +80,7 @@ class TrainConfig(JsonConfig):
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError("epochs, batch_size and lr must be positive")
-        if self.hard_negatives < 0 or self.mine_depth < 1 or not 0 < self.valid_fraction < 1:
+        if (self.hard_negatives or 0) < 0 or self.mine_depth < 1 or not 0 < self.valid_fraction < 1:
             raise ConfigError("hard_negatives >= 0, mine_depth >= 1 and 0 < valid_fraction < 1 are required")
 
 
@@ -89,11 +93,29 @@ class _Groups:
 
     q: torch.Tensor  # (g, d)
     t: torch.Tensor  # (g, m, d)
+    lex: torch.Tensor  # (g, m, LEXICAL_FEATURES); zeros for a scorer without lexical features
     weight: torch.Tensor  # (g,) the positive's grade
     mask: torch.Tensor  # (g, m) True where a candidate exists
 
 
-def _listwise_groups(snap: Snapshot, pairs: pd.DataFrame, q: np.ndarray, t: np.ndarray, cfg: TrainConfig) -> _Groups:
+def _candidates(snap: Snapshot, queries: list[str], qv: np.ndarray, depth: int) -> np.ndarray:
+    """Row ids (-1 padded) each query retrieves the way search does by default (hybrid where there is BM25)."""
+    from matching.search import RETRIEVERS, Queries
+    from matching.types import Retrieval
+
+    way = Retrieval.HYBRID if snap.lexical is not None else Retrieval.DENSE
+    return RETRIEVERS[way].retrieve(snap, Queries(qv, queries), depth, None).ids
+
+
+def _features(snap: Snapshot, lexical: bool, queries: list[str], titles: list[str]) -> np.ndarray:
+    if not lexical:
+        return np.zeros((len(queries), LEXICAL_FEATURES), dtype=np.float32)
+    return snap.lexical_features(queries, titles)
+
+
+def _listwise_groups(
+    snap: Snapshot, pairs: pd.DataFrame, q: np.ndarray, t: np.ndarray, lex: np.ndarray, cfg: TrainConfig, lexical: bool
+) -> _Groups:
     """One group per positive pair: [positive, labelled negatives + negatives mined from the index]."""
     uq, qv = unique_queries(pairs, q)
     positive_rows: dict[str, set[int]] = {qq: set() for qq in uq}
@@ -102,33 +124,42 @@ def _listwise_groups(snap: Snapshot, pairs: pd.DataFrame, q: np.ndarray, t: np.n
         if label > 0 and row is not None:
             positive_rows[qq].add(row)
     mined: dict[str, list[int]] = {qq: [] for qq in uq}
-    if cfg.hard_negatives:
-        _, ids = snap.index.search(qv, cfg.mine_depth)
+    mine = cfg.hard_negatives if cfg.hard_negatives is not None else DEFAULT_MINED
+    if mine:
+        ids = _candidates(snap, uq, qv, cfg.mine_depth)
         for qq, row_ids in zip(uq, ids, strict=True):
-            mined[qq] = [int(r) for r in row_ids if r >= 0 and int(r) not in positive_rows[qq]][: cfg.hard_negatives]
-    groups_q, groups_t, weights = [], [], []
+            mined[qq] = [int(r) for r in row_ids if r >= 0 and int(r) not in positive_rows[qq]][:mine]
+    groups_q, groups_t, groups_lex, weights = [], [], [], []
     for qq, sub in pairs.groupby("query", sort=False):
         idx = sub.index.to_numpy()
         labels = sub["label"].to_numpy()
         negs = [t[i] for i, lab in zip(idx, labels, strict=True) if lab <= 0]
-        negs += [np.asarray(snap.store.vectors[r]) for r in mined[str(qq)]]
+        neg_lex = [lex[i] for i, lab in zip(idx, labels, strict=True) if lab <= 0]
+        rows = mined[str(qq)]
+        negs += [np.asarray(snap.store.vectors[r]) for r in rows]
+        titles = [r.title for r in snap.store.get(rows)]
+        neg_lex += list(_features(snap, lexical, [str(qq)] * len(rows), titles))
         for i, lab in zip(idx, labels, strict=True):
             if lab > 0 and negs:
                 groups_q.append(q[i])
                 groups_t.append([t[i], *negs])
+                groups_lex.append([lex[i], *neg_lex])
                 weights.append(float(lab))
     if not groups_q:
         raise SchemaError("listwise training needs queries with a positive and at least one negative")
     width = max(len(g) for g in groups_t)
     dim = q.shape[1]
     tt = np.zeros((len(groups_t), width, dim), dtype=np.float32)
+    ll = np.zeros((len(groups_t), width, LEXICAL_FEATURES), dtype=np.float32)
     mask = np.zeros((len(groups_t), width), dtype=bool)
     for gi, g in enumerate(groups_t):
         tt[gi, : len(g)] = np.stack(g)
+        ll[gi, : len(g)] = np.stack(groups_lex[gi])
         mask[gi, : len(g)] = True
     return _Groups(
         torch.from_numpy(np.stack(groups_q)),
         torch.from_numpy(tt),
+        torch.from_numpy(ll),
         torch.tensor(weights),
         torch.from_numpy(mask),
     )
@@ -137,7 +168,9 @@ def _listwise_groups(snap: Snapshot, pairs: pd.DataFrame, q: np.ndarray, t: np.n
 # -- validation ----------------------------------------------------------------------------------
 
 
-def _retrieval_validator(snap: Snapshot, pairs: pd.DataFrame, q: np.ndarray, depth: int) -> Callable[[Scorer], float]:
+def _retrieval_validator(
+    snap: Snapshot, pairs: pd.DataFrame, q: np.ndarray, depth: int, lexical: bool
+) -> Callable[[Scorer], float]:
     """nDCG@10 of reranking the top ``depth`` retrieved titles for each validation query."""
     uq, qv = unique_queries(pairs, q)
     rel: dict[str, dict[str, int]] = {qq: {} for qq in uq}
@@ -146,14 +179,18 @@ def _retrieval_validator(snap: Snapshot, pairs: pd.DataFrame, q: np.ndarray, dep
         key = str(row) if row is not None else f"missing:{len(rel[qq])}"
         if label > 0:
             rel[qq][key] = max(1, round(label))  # a positive label below 0.5 is still a positive
-    _, ids = snap.index.search(qv, depth)
+    ids = _candidates(snap, uq, qv, depth)
     cand_vecs = [np.asarray(snap.store.vectors[r[r >= 0]]) for r in ids]
+    cand_lex = [
+        _features(snap, lexical, [qq] * int((r >= 0).sum()), [x.title for x in snap.store.get(r[r >= 0].tolist())])
+        for qq, r in zip(uq, ids, strict=True)
+    ]
 
     def metric(scorer: Scorer) -> float:
         total = 0.0
         for i, qq in enumerate(uq):
             row_ids = ids[i][ids[i] >= 0]
-            scores = scorer.score(qv[i : i + 1], cand_vecs[i])
+            scores = scorer.score(qv[i : i + 1], cand_vecs[i], cand_lex[i] if lexical else None)
             ranked = [str(r) for r in row_ids[np.argsort(-scores, kind="stable")]]
             total += ndcg_at_k(ranked, rel[qq], 10)
         return total / len(uq)
@@ -161,9 +198,11 @@ def _retrieval_validator(snap: Snapshot, pairs: pd.DataFrame, q: np.ndarray, dep
     return metric
 
 
-def _pair_validator(q: np.ndarray, t: np.ndarray, labels: np.ndarray, binary: bool) -> Callable[[Scorer], float]:
+def _pair_validator(
+    q: np.ndarray, t: np.ndarray, lex: np.ndarray | None, labels: np.ndarray, binary: bool
+) -> Callable[[Scorer], float]:
     def metric(scorer: Scorer) -> float:
-        scores = scorer.score(q, t)
+        scores = scorer.score(q, t, lex)
         return roc_auc(labels, scores) if binary else spearman(scores, labels)
 
     return metric
@@ -174,7 +213,8 @@ def _pair_validator(q: np.ndarray, t: np.ndarray, labels: np.ndarray, binary: bo
 
 def _listwise_loss(scorer: Scorer, g: _Groups, temperature: float) -> torch.Tensor:
     n, m, d = g.t.shape
-    scores = scorer(g.q.unsqueeze(1).expand(n, m, d).reshape(-1, d), g.t.reshape(-1, d)).reshape(n, m)
+    lex = g.lex.reshape(n * m, -1) if scorer.config.lexical else None
+    scores = scorer(g.q.unsqueeze(1).expand(n, m, d).reshape(-1, d), g.t.reshape(-1, d), lex).reshape(n, m)
     logits = (scores / temperature).masked_fill(~g.mask, float("-inf"))
     per_group = -torch.log_softmax(logits, dim=-1)[:, 0]
     return (per_group * g.weight).sum() / g.weight.sum()
@@ -216,28 +256,42 @@ def train_scorer(
     if valid is None:
         train, valid = split_by_query(train, cfg.valid_fraction, cfg.seed)
     binary = bool(np.isin(train["label"].to_numpy(), [0.0, 1.0]).all())
+    positives_only = bool(train["label"].nunique() == 1 and (train["label"] > 0).all())
     loss_kind = cfg.loss
     if loss_kind is LossKind.AUTO:
-        # On STS-B, MSE beat CoSENT for this frozen-vector scorer (dev Spearman 0.876 vs 0.865).
-        loss_kind = LossKind.LISTWISE if cfg.hard_negatives else (LossKind.BCE if binary else LossKind.MSE)
+        # positives only (qrels, clicks): one class, so BCE learns nothing (ROC-AUC 0.5); rank each positive
+        # above negatives mined from the bundle instead. On STS-B, MSE beat CoSENT for this frozen-vector scorer
+        # (dev Spearman 0.876 vs 0.865).
+        listwise = positives_only or bool(cfg.hard_negatives)
+        loss_kind = LossKind.LISTWISE if listwise else (LossKind.BCE if binary else LossKind.MSE)
+    lexical = snap.scorer.config.lexical and snap.lexical is not None
 
     q_tr, t_tr = snap.encode_pairs(train["query"].tolist(), train["title"].tolist(), show_progress=show_progress)
     q_va, t_va = snap.encode_pairs(valid["query"].tolist(), valid["title"].tolist(), show_progress=show_progress)
     if loss_kind is LossKind.LISTWISE:
-        groups = _listwise_groups(snap, train, q_tr, t_tr, cfg)
+        lex_tr = _features(snap, lexical, train["query"].tolist(), train["title"].tolist())
+        groups = _listwise_groups(snap, train, q_tr, t_tr, lex_tr, cfg, lexical)
         n_items = len(groups.q)
-        validate = _retrieval_validator(snap, valid, q_va, cfg.mine_depth)
+        validate = _retrieval_validator(snap, valid, q_va, cfg.mine_depth, lexical)
         metric_name = "ndcg@10"
     else:
         labels_tr = torch.tensor(train["label"].to_numpy(), dtype=torch.float32)
         low, high = float(labels_tr.min()), float(labels_tr.max())
         targets_tr = (labels_tr - low) / (high - low) if high > low else torch.ones_like(labels_tr)
         n_items = len(train)
-        validate = _pair_validator(q_va, t_va, valid["label"].to_numpy(), binary)
+        lex_va = _features(snap, lexical, valid["query"].tolist(), valid["title"].tolist()) if lexical else None
+        validate = _pair_validator(q_va, t_va, lex_va, valid["label"].to_numpy(), binary)
         metric_name = "roc_auc" if binary else "spearman"
         q_t, t_t = torch.from_numpy(q_tr), torch.from_numpy(t_tr)
+        lex_t = torch.from_numpy(_features(snap, lexical, train["query"].tolist(), train["title"].tolist()))
 
-    scorer = Scorer(ScorerConfig(dim=snap.encoder.dim, hidden=cfg.hidden, dropout=cfg.dropout))
+    base = snap.scorer.config
+    scorer = Scorer(
+        ScorerConfig(
+            dim=snap.encoder.dim, hidden=cfg.hidden, dropout=cfg.dropout, lexical=lexical,
+            dense_weight=base.dense_weight if lexical else 1.0,
+        )
+    )  # fmt: skip
     # BCE needs calibrated logits: a learned affine map of the score, used in training only.
     affine = nn.Linear(1, 1)
     nn.init.constant_(affine.weight, 1.0 / cfg.temperature)
@@ -265,10 +319,10 @@ def train_scorer(
         for start in range(0, n_items, cfg.batch_size):
             idx = perm[start : start + cfg.batch_size]
             if loss_kind is LossKind.LISTWISE:
-                g = _Groups(groups.q[idx], groups.t[idx], groups.weight[idx], groups.mask[idx])
+                g = _Groups(groups.q[idx], groups.t[idx], groups.lex[idx], groups.weight[idx], groups.mask[idx])
                 loss = _listwise_loss(scorer, g, cfg.temperature)
             else:
-                scores = scorer(q_t[idx], t_t[idx])
+                scores = scorer(q_t[idx], t_t[idx], lex_t[idx] if lexical else None)
                 if loss_kind is LossKind.BCE:
                     logits = affine(scores.unsqueeze(-1)).squeeze(-1)
                     loss = nn.functional.binary_cross_entropy_with_logits(logits, (labels_tr[idx] > 0).float())

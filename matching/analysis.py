@@ -1,0 +1,142 @@
+"""Text analysis: how titles and queries become terms (the analysers a bundle records in its manifest)."""
+
+from __future__ import annotations
+
+import functools
+import re
+import threading
+import unicodedata
+from collections.abc import Iterable
+from enum import StrEnum
+from itertools import islice
+
+import Stemmer
+
+from matching.errors import ConfigError
+
+_RESOLVE_SAMPLE = 100_000
+_STEM_CACHE = 200_000
+_CJK_SHARE = 0.1
+
+
+class Analyzer(StrEnum):
+    """How titles and queries become terms; recorded in the bundle manifest."""
+
+    AUTO = "auto"  # resolved at build time by resolve_analyzer()
+    STANDARD = "standard"  # NFKC + casefold, unicode word tokens, CJK runs as character uni- and bigrams
+    ENGLISH = "english"  # STANDARD + English stopwords removed + Snowball English stemming
+    CJK = "cjk"  # CJK runs as character uni- and bigrams, other runs as ENGLISH
+
+
+# NLTK's English list without contraction fragments, single letters other than "a", and words that tell
+# products apart ("can", "no", "not", "nor", "off", "out", "over", "under", "up", "down").
+ENGLISH_STOPWORDS: frozenset[str] = frozenset(
+    """
+    a about above after again against all am an and any are as at be because been before being below between
+    both but by did do does doing during each few for from further had has have having he her here hers
+    herself him himself his how if in into is it its itself just me more most my myself now of on once only
+    or other our ours ourselves own same she should so some such than that the their theirs them themselves
+    then there these they this those through to too until very was we were what when where which while who
+    whom why will with would you your yours yourself yourselves
+    """.split()  # noqa: SIM905 - a word list reads better as text
+)
+
+# Han (with iteration marks), Hiragana, Katakana, Hangul (syllables and jamo), half-width Katakana.
+_CJK = (
+    "\u1100-\u11ff\u3005-\u3007\u3021-\u3029\u3038-\u303b\u3041-\u3096\u309d-\u309f\u30a1-\u30fa\u30fc-\u30ff"
+    "\u3131-\u318e\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\ua960-\ua97f\uac00-\ud7ff\uf900-\ufaff\uff66-\uff9f"
+    "\U00020000-\U0003134f"
+)
+_ASCII_WORD = re.compile(r"[a-z0-9]+")
+_ASCII_LETTERS = re.compile(r"[A-Za-z]")
+_CJK_CHAR = re.compile(f"[{_CJK}]")
+_LETTER = re.compile(r"[^\W\d_]")
+
+
+_CJK_SPLIT = re.compile(f"([{_CJK}]+)")
+
+
+@functools.cache
+def _word_pattern() -> re.Pattern[str]:
+    """Unicode words; combining marks (BMP only: one fast character table) stay inside a word, which
+    Devanagari, Arabic and Hebrew words would otherwise break at every vowel sign (``\\w`` has no marks)."""
+    marks, start = [], -1
+    for code in range(0x300, 0x10000):
+        if unicodedata.category(chr(code))[0] == "M":
+            if start < 0:
+                start = code
+        elif start >= 0:
+            marks.append(f"{chr(start)}-{chr(code - 1)}")
+            start = -1
+    return re.compile(f"[^\\W_]+(?:[{''.join(marks)}]+[^\\W_]*)*")
+
+
+class _StemState(threading.local):
+    """PyStemmer objects are not thread-safe: one stemmer and one stem cache per thread."""
+
+    def __init__(self) -> None:
+        self.stemmer = Stemmer.Stemmer("english")
+        self.cache: dict[str, str] = {}
+
+
+_STEM = _StemState()
+
+
+def _stem(words: list[str]) -> list[str]:
+    cache = _STEM.cache
+    try:
+        return [cache[w] for w in words]
+    except KeyError:
+        pass
+    missing = [w for w in words if w not in cache]
+    if len(cache) + len(missing) > _STEM_CACHE:
+        cache.clear()
+    cache.update(zip(missing, _STEM.stemmer.stemWords(missing), strict=True))
+    return [cache[w] for w in words]
+
+
+def _words(words: list[str], english: bool) -> list[str]:
+    if not english:
+        return words
+    return _stem([w for w in words if w not in ENGLISH_STOPWORDS])
+
+
+def _grams(run: str, out: list[str]) -> None:
+    """Character unigrams and bigrams of one CJK run, by position (a bigram never equals a unigram)."""
+    for i in range(len(run) - 1):
+        out.append(run[i])
+        out.append(run[i : i + 2])
+    out.append(run[-1])
+
+
+def analyze(text: str, analyzer: Analyzer) -> list[str]:
+    """The terms of ``text``, in order, duplicates kept."""
+    if analyzer == Analyzer.AUTO:
+        raise ConfigError("analyzer 'auto' has to be resolved first: pass resolve_analyzer(titles)")
+    english = analyzer != Analyzer.STANDARD
+    if text.isascii():
+        return _words(_ASCII_WORD.findall(text.lower()), english)
+    out: list[str] = []
+    # other text and CJK runs, alternating
+    for i, piece in enumerate(_CJK_SPLIT.split(unicodedata.normalize("NFKC", text).casefold())):
+        if i % 2:
+            _grams(piece, out)
+        elif piece and (words := (_ASCII_WORD if piece.isascii() else _word_pattern()).findall(piece)):
+            out += _words(words, english)
+    return out
+
+
+def resolve_analyzer(titles: Iterable[str]) -> Analyzer:
+    """CJK when CJK characters are at least 10% of the letters of (the first 100,000 of) ``titles``,
+    else ENGLISH."""
+    cjk = letters = 0
+    for title in islice(titles, _RESOLVE_SAMPLE):
+        if not isinstance(title, str):
+            continue  # LexicalIndex.build reports it with its row
+        if title.isascii():
+            letters += len(_ASCII_LETTERS.findall(title))
+        else:
+            text = unicodedata.normalize("NFKC", title)
+            cjk += len(_CJK_CHAR.findall(text))
+            letters += len(_LETTER.findall(text))
+    return Analyzer.CJK if letters and cjk >= _CJK_SHARE * letters else Analyzer.ENGLISH

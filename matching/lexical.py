@@ -1,0 +1,594 @@
+"""Lexical retrieval: a BM25 inverted index that lives inside a bundle generation (terms from matching.analysis).
+
+BM25 is the Lucene / BEIR-Elasticsearch form. For each distinct term t of the query (a repeated query term
+counts once)::
+
+    idf(t) = ln(1 + (N - df(t) + 0.5) / (df(t) + 0.5))
+    score  = sum_t idf(t) * tf * (k1 + 1) / (tf + k1 * (1 - b + b * dl / avgdl))
+
+N is the number of live rows, df(t) the live rows holding t, tf the count of t in the title, dl the title's
+number of terms and avgdl the mean dl over live rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any, Self, cast
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from matching.analysis import Analyzer, analyze, resolve_analyzer
+from matching.errors import BadRowError, BundleError, ConfigError
+from matching.layout import LEXICAL_ARRAYS, LEXICAL_CONFIG
+
+FORMAT = "matching.lexical"
+FORMAT_VERSION = 1
+_TF_MAX = np.iinfo(np.uint16).max
+_BOUND_SLACK = 1e-5  # float32 rounding of the scores a bound is compared with
+# MaxScore's first step (one binary search per row and term) is tried only while it costs at most this share
+# of adding up every posting: when it fails that work is lost. Measured on 1M synthetic titles.
+_FIRST_STEP_COST = 0.5
+
+
+@dataclass(frozen=True)
+class BM25Params:
+    """BM25's term-frequency saturation ``k1`` and length normalisation ``b``."""
+
+    k1: float = 1.2
+    b: float = 0.75
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.k1, int | float) and math.isfinite(self.k1) and self.k1 >= 0):
+            raise ConfigError(f"BM25 k1 must be a finite number >= 0 (usually 0.9-2.0), got {self.k1!r}")
+        if not (isinstance(self.b, int | float) and 0 <= self.b <= 1):
+            raise ConfigError(f"BM25 b must be a number in [0, 1] (usually 0.75), got {self.b!r}")
+
+
+@dataclass(frozen=True)
+class _Stats:
+    live: int
+    avgdl: float
+    df: np.ndarray  # int64 (terms,), live rows only
+    weight: np.ndarray  # float32 (terms,): idf * (k1 + 1)
+    ratio: np.ndarray  # float32 (postings,): tf / (tf + k1 * (1 - b + b * dl / avgdl))
+    bound: np.ndarray  # float64 (terms,): weight * the term's largest ratio, the most it adds to any score
+
+
+class LexicalIndex:
+    """BM25 over the titles of one generation; row ids are the store's row ids (0..rows-1, never reused;
+    removed rows are dead).
+
+    Postings are kept term by term (CSC): ``ptr`` (terms + 1) into ``post_rows`` (ascending per term) and
+    ``post_tf``. Term frequencies saturate at 65,535. Mutating while another thread searches is not supported.
+    """
+
+    def __init__(
+        self,
+        analyzer: Analyzer,
+        params: BM25Params,
+        vocab: list[str],
+        ptr: np.ndarray,
+        post_rows: np.ndarray,
+        post_tf: np.ndarray,
+        doc_len: np.ndarray,
+        live: np.ndarray,
+    ) -> None:
+        self.analyzer = analyzer
+        self.params = params
+        self._vocab = vocab
+        self._ids = {term: i for i, term in enumerate(vocab)}
+        self._ptr = ptr
+        self._rows = post_rows
+        self._tf = post_tf
+        self._doc_len = doc_len
+        self._live = live
+        self._stats: _Stats | None = None
+        self._lock = threading.Lock()
+        self._scratch = threading.local()
+
+    # -- building and changing -------------------------------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls,
+        titles: Iterable[tuple[int, str]] | Sequence[str],
+        analyzer: Analyzer,
+        params: BM25Params = BM25Params(),
+        *,
+        rows: int | None = None,
+    ) -> Self:
+        """Index ``titles``: strings are rows 0..n-1 in order; ``(row_id, title)`` pairs need ascending row ids
+        and rows left out are dead. ``rows`` (default: one past the last row) adds dead rows at the end.
+        ``Analyzer.AUTO`` is resolved from the titles."""
+        items = list(titles)
+        if items and not isinstance(items[0], str):
+            pairs = cast(list[tuple[int, str]], items)
+            row_ids = np.fromiter((row for row, _ in pairs), dtype=np.int64, count=len(pairs))
+            texts = [title for _, title in pairs]
+        else:
+            row_ids = np.arange(len(items), dtype=np.int64)
+            texts = cast(list[str], items)
+        analyzer = _analyzer(analyzer)
+        if analyzer == Analyzer.AUTO:
+            analyzer = resolve_analyzer(texts)
+        index = cls(
+            analyzer,
+            params,
+            [],
+            np.zeros(1, np.int64),
+            np.zeros(0, np.int32),
+            np.zeros(0, np.uint16),
+            np.zeros(0, np.int32),
+            np.zeros(0, np.bool_),
+        )
+        index.add(row_ids, texts)
+        if rows is not None:
+            if rows < index.rows:
+                raise ValueError(f"rows={rows} is below the last row id {index.rows - 1}")
+            index._grow(rows)
+        return index
+
+    def add(self, row_ids: np.ndarray, titles: Sequence[str]) -> None:
+        """Append titles under ``row_ids``: ascending and past every existing row (rows skipped are dead)."""
+        row_ids = np.asarray(row_ids, dtype=np.int64).reshape(-1)
+        if len(row_ids) != len(titles):
+            raise ValueError(f"{len(row_ids)} row ids for {len(titles)} titles")
+        if not len(row_ids):
+            return
+        if row_ids[0] < self.rows or np.any(np.diff(row_ids) <= 0):
+            raise ValueError(f"row ids must ascend from at least {self.rows} (appends only), got {row_ids[:5]}...")
+        if row_ids[-1] >= np.iinfo(np.int32).max:
+            raise ValueError(f"row id {row_ids[-1]} does not fit the index's int32 postings")
+        terms, lengths = self._analyze_many(row_ids, titles)
+        self._grow(int(row_ids[-1]) + 1)
+        self._doc_len[row_ids] = lengths
+        self._live[row_ids] = True
+        new_rows = np.repeat(row_ids, lengths)
+        key = terms.astype(np.int64) * (int(row_ids[-1]) + 1) + new_rows
+        key.sort()
+        first = np.ones(len(key), dtype=np.bool_)
+        first[1:] = key[1:] != key[:-1]
+        starts = np.flatnonzero(first)
+        tf = np.minimum(np.diff(np.append(starts, len(key))), _TF_MAX).astype(np.uint16)
+        new_terms, new_rows = np.divmod(key[starts], int(row_ids[-1]) + 1)
+        self._merge(new_terms, new_rows.astype(np.int32), tf)
+
+    def _analyze_many(self, row_ids: np.ndarray, titles: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Term ids (flat, new terms added to the vocabulary) and the number of terms of each title."""
+        flat: list[str] = []
+        lengths: list[int] = []
+        analyzer = self.analyzer
+        i = 0
+        try:
+            for i, title in enumerate(titles):  # noqa: B007 - i names the bad row below
+                terms = analyze(title, analyzer)
+                flat += terms
+                lengths.append(len(terms))
+        except (AttributeError, TypeError):
+            raise BadRowError(f"row {row_ids[i]}: title {titles[i]!r} is not a string") from None
+        ids, vocab = self._ids, self._vocab
+        get = ids.setdefault
+        codes = np.fromiter((get(term, len(ids)) for term in flat), dtype=np.int32, count=len(flat))
+        if len(ids) > len(vocab):
+            vocab.extend(islice(ids, len(vocab), None))  # dicts keep insertion order
+        return codes, np.asarray(lengths, dtype=np.int64)
+
+    def _grow(self, rows: int) -> None:
+        if rows > self.rows:
+            self._doc_len = np.concatenate([self._doc_len, np.zeros(rows - self.rows, np.int32)])
+            self._live = np.concatenate([self._live, np.zeros(rows - self.rows, np.bool_)])
+            self._changed()
+
+    def _merge(self, terms: np.ndarray, rows: np.ndarray, tf: np.ndarray) -> None:
+        """Merge postings sorted by (term, row) whose rows all follow the existing rows: each term's new
+        postings go after its old ones, so no sort of the old postings is needed."""
+        n_terms = len(self._vocab)
+        old = np.zeros(n_terms, dtype=np.int64)
+        old[: len(self._ptr) - 1] = np.diff(self._ptr)
+        new = np.bincount(terms, minlength=n_terms)
+        ptr = np.zeros(n_terms + 1, dtype=np.int64)
+        np.cumsum(old + new, out=ptr[1:])
+        new_start = np.zeros(n_terms + 1, dtype=np.int64)
+        np.cumsum(new, out=new_start[1:])
+        dest = np.arange(len(terms), dtype=np.int64) + (ptr[:-1] + old - new_start[:-1])[terms]
+        is_new = np.zeros(int(ptr[-1]), dtype=np.bool_)
+        is_new[dest] = True
+        post_rows = np.empty(len(is_new), dtype=np.int32)
+        post_tf = np.empty(len(is_new), dtype=np.uint16)
+        post_rows[is_new], post_rows[~is_new] = rows, self._rows
+        post_tf[is_new], post_tf[~is_new] = tf, self._tf
+        self._ptr, self._rows, self._tf = ptr, post_rows, post_tf
+        self._changed()
+
+    def remove(self, row_ids: np.ndarray) -> None:
+        """Mark rows dead: they never score again and leave the statistics (N, df, avgdl)."""
+        row_ids = np.asarray(row_ids, dtype=np.int64).reshape(-1)
+        if len(row_ids) and (row_ids.min() < 0 or row_ids.max() >= self.rows):
+            raise ValueError(f"row ids must be in 0..{self.rows - 1}, got {row_ids.min()}..{row_ids.max()}")
+        self._live[row_ids] = False
+        self._changed()
+
+    def _changed(self) -> None:
+        self._stats = None
+        self._scratch = threading.local()
+
+    def compacted(self) -> LexicalIndex:
+        """A new index of the live rows only, renumbered 0..count-1 in row order (as the store compacts)."""
+        renumber = np.cumsum(self._live, dtype=np.int64) - 1
+        vocab, ptr, rows, tf = self._pruned()
+        return LexicalIndex(
+            self.analyzer,
+            self.params,
+            vocab,
+            ptr,
+            renumber[rows].astype(np.int32),
+            tf,
+            self._doc_len[self._live],
+            np.ones(self.count, dtype=np.bool_),
+        )
+
+    def _pruned(self) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+        """Vocabulary and postings without dead rows and without terms left with no rows."""
+        if self.count == self.rows and np.all(np.diff(self._ptr) > 0):
+            return self._vocab, self._ptr, self._rows, self._tf
+        keep = self._live[self._rows]
+        df = self._statistics().df
+        used = np.flatnonzero(df)
+        ptr = np.zeros(len(used) + 1, dtype=np.int64)
+        np.cumsum(df[used], out=ptr[1:])
+        return [self._vocab[t] for t in used], ptr, self._rows[keep], self._tf[keep]
+
+    # -- statistics ------------------------------------------------------------------------------------------
+
+    @property
+    def rows(self) -> int:
+        """Row ids in use, live or dead."""
+        return len(self._live)
+
+    @property
+    def count(self) -> int:
+        """Live rows."""
+        return int(np.count_nonzero(self._live))
+
+    @property
+    def vocabulary_size(self) -> int:
+        """Distinct terms, including ones that only dead rows hold."""
+        return len(self._vocab)
+
+    def _statistics(self) -> _Stats:
+        stats = self._stats
+        if stats is not None:
+            return stats
+        with self._lock:
+            if self._stats is None:
+                self._stats = self._compute_stats()
+            return self._stats
+
+    def _compute_stats(self) -> _Stats:
+        live = int(np.count_nonzero(self._live))
+        if live == self.rows:
+            df = np.diff(self._ptr)
+        else:
+            alive = np.zeros(len(self._rows) + 1, dtype=np.int64)
+            np.cumsum(self._live[self._rows], out=alive[1:])
+            df = alive[self._ptr[1:]] - alive[self._ptr[:-1]]
+        total = int(self._doc_len[self._live].sum(dtype=np.int64))
+        avgdl = total / live if live and total else 1.0
+        ratio = _ratio(self._tf, self._norm(self._doc_len, avgdl)[self._rows])
+        weight = self._weights(df, live)
+        counts = np.diff(self._ptr)
+        largest = np.zeros(len(counts), dtype=np.float64)
+        if len(ratio):
+            largest[counts > 0] = np.maximum.reduceat(ratio, self._ptr[:-1][counts > 0])
+        return _Stats(live, avgdl, df, weight, ratio, weight * largest)
+
+    def _norm(self, doc_len: np.ndarray, avgdl: float) -> np.ndarray:
+        """k1 * (1 - b + b * dl / avgdl), float32."""
+        k1, b = self.params.k1, self.params.b
+        return (k1 * (1 - b + b * doc_len.astype(np.float64) / avgdl)).astype(np.float32)
+
+    def _weights(self, df: np.ndarray, live: int) -> np.ndarray:
+        """idf * (k1 + 1) per term, float32."""
+        idf = np.log1p((live - df + 0.5) / (df + 0.5))
+        return (idf * (self.params.k1 + 1)).astype(np.float32)
+
+    # -- scoring ---------------------------------------------------------------------------------------------
+
+    def query_terms(self, query: str) -> np.ndarray:
+        """Term ids (ascending, unique, int64) of the query's terms known to the index."""
+        ids = self._ids
+        known = {ids[term] for term in analyze(query, self.analyzer) if term in ids}
+        return np.array(sorted(known), dtype=np.int64)
+
+    def search(
+        self, queries: Sequence[str], k: int, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` rows per query by BM25: scores float32 (nq, k) and row ids int64 (nq, k), best first, ties
+        by row id, padded with -inf / -1. Only live rows sharing a term with the query (and ``allowed``, a bool
+        mask over rows, when given) are returned."""
+        if isinstance(queries, str):
+            raise TypeError("queries must be a sequence of strings, not one string")
+        if k < 0:
+            raise ConfigError(f"k must be >= 0, got {k}")
+        if allowed is not None:
+            allowed = np.asarray(allowed)
+            if allowed.dtype != np.bool_ or allowed.shape != (self.rows,):
+                raise ValueError(
+                    f"allowed must be a bool mask of shape ({self.rows},), got {allowed.dtype} {allowed.shape}"
+                )
+        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        ids = np.full((len(queries), k), -1, dtype=np.int64)
+        if not k:
+            return scores, ids
+        stats = self._statistics()
+        for i, query in enumerate(queries):
+            rows, values = self._candidates(self.query_terms(query), k, stats, allowed)
+            if len(rows) > k:
+                threshold = values[np.argpartition(-values, k - 1)[k - 1]]
+                top = np.flatnonzero(values >= threshold)  # every tie at the threshold, settled by row id below
+                rows, values = rows[top], values[top]
+            order = np.lexsort((rows, -values))[:k]
+            scores[i, : len(order)] = values[order]
+            ids[i, : len(order)] = rows[order]
+        return scores, ids
+
+    def _candidates(
+        self, terms: np.ndarray, k: int, stats: _Stats, allowed: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Live, allowed rows sharing a term, with their BM25: all of them, or a subset that holds the top k.
+
+        The subset is MaxScore's first step: score the rows of the term that can add the most, exactly; when
+        even the other terms together cannot reach the k-th of those scores, no other row can enter the top k.
+        """
+        terms = terms[stats.df[terms] > 0]
+        if not len(terms):
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        if len(terms) == 1:
+            start, end = self._ptr[terms[0]], self._ptr[terms[0] + 1]
+            return self._kept(self._rows[start:end], stats.weight[terms[0]] * stats.ratio[start:end], stats, allowed)
+        bounds = stats.bound[terms]
+        best = int(np.argmax(bounds))
+        start, end = self._ptr[terms[best]], self._ptr[terms[best] + 1]
+        others = int((self._ptr[terms + 1] - self._ptr[terms]).sum()) - (end - start)
+        if (end - start) * (len(terms) - 1) <= others * _FIRST_STEP_COST:
+            rows, _ = self._kept(self._rows[start:end], None, stats, allowed)
+            if len(rows) >= k:
+                values = self._score(rows, terms, stats)
+                if (bounds.sum() - bounds[best]) * (1 + _BOUND_SLACK) < np.partition(values, len(values) - k)[-k]:
+                    return rows, values
+        return self._kept(*self._accumulate(terms, stats), stats, allowed)
+
+    def _accumulate(self, terms: np.ndarray, stats: _Stats) -> tuple[np.ndarray, np.ndarray]:
+        """Every row holding one of ``terms`` with its BM25, added up term by term in a per-thread buffer over
+        all rows (a posting list holds a row at most once, so ``acc[rows] += c`` is exact)."""
+        acc = self._buffer()
+        parts = [self._rows[self._ptr[t] : self._ptr[t + 1]] for t in terms]
+        rows, values = [], []
+        try:
+            for t, part in zip(terms, parts, strict=True):
+                acc[part] += stats.weight[t] * stats.ratio[self._ptr[t] : self._ptr[t + 1]]
+            for part in parts:  # read and clear: a row met again in a later list reads 0 (scores are > 0)
+                value = acc[part]
+                acc[part] = 0
+                found = value > 0
+                rows.append(part[found])
+                values.append(value[found])
+        except BaseException:
+            acc[:] = 0
+            raise
+        return np.concatenate(rows), np.concatenate(values)
+
+    def _kept(
+        self, rows: np.ndarray, values: np.ndarray | None, stats: _Stats, allowed: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The live, allowed ones of ``rows`` (and their ``values``)."""
+        keep = self._live[rows] if stats.live < self.rows else None
+        if allowed is not None:
+            keep = allowed[rows] if keep is None else keep & allowed[rows]
+        if keep is not None:
+            rows = rows[keep]
+            values = None if values is None else values[keep]
+        return rows.astype(np.int64), np.zeros(0, np.float32) if values is None else values
+
+    def _score(self, rows: np.ndarray, terms: np.ndarray, stats: _Stats) -> np.ndarray:
+        """BM25 of stored rows (int, live), summed in term id order as :meth:`_accumulate` does, so both give
+        the same float32 for a row. Ascending rows make the binary searches cheaper."""
+        rows = rows.astype(np.int32)
+        acc = np.zeros(len(rows), dtype=np.float32)
+        for t in terms:
+            start, end = self._ptr[t], self._ptr[t + 1]
+            if not stats.df[t]:
+                continue
+            postings = self._rows[start:end]
+            at = np.minimum(np.searchsorted(postings, rows), len(postings) - 1)
+            hit = postings[at] == rows
+            acc[hit] += stats.weight[t] * stats.ratio[start + at[hit]]
+        return acc
+
+    def _buffer(self) -> np.ndarray:
+        """This thread's float32 zeros over all rows (zero again after each use)."""
+        acc: np.ndarray | None = getattr(self._scratch, "acc", None)
+        if acc is None:
+            acc = self._scratch.acc = np.zeros(self.rows, dtype=np.float32)
+        return acc
+
+    def score_rows(self, query: str, row_ids: np.ndarray) -> np.ndarray:
+        """BM25 of ``query`` against stored rows, float32; 0 for dead rows, ids outside 0..rows-1 (such as -1
+        padding) and rows sharing no term."""
+        row_ids = np.asarray(row_ids, dtype=np.int64)
+        out = np.zeros(row_ids.shape, dtype=np.float32)
+        flat = row_ids.reshape(-1)
+        valid = (flat >= 0) & (flat < self.rows)
+        valid[valid] = self._live[flat[valid]]
+        out.reshape(-1)[valid] = self._score(flat[valid], self.query_terms(query), self._statistics())
+        return out
+
+    def score_texts(self, query: str, titles: Sequence[str]) -> np.ndarray:
+        """BM25 of ``query`` against any titles, float32, with this index's N, df and avgdl (a term the index
+        does not know has df 0). A stored row's title scores as in :meth:`search`."""
+        stats = self._statistics()
+        terms = self._ordered_terms(query)
+        column = {term: j for j, term in enumerate(terms)}
+        tf = np.zeros((len(titles), len(terms)), dtype=np.float32)
+        dl = np.zeros(len(titles), dtype=np.float64)
+        for i, title in enumerate(titles):
+            words = analyze(title, self.analyzer)
+            dl[i] = len(words)
+            for word in words:
+                j = column.get(word)
+                if j is not None:
+                    tf[i, j] += 1
+        norm = self._norm(dl, stats.avgdl)
+        weights = self._term_weights(terms, stats)
+        acc = np.zeros(len(titles), dtype=np.float32)
+        for j in range(len(terms)):
+            hit = tf[:, j] > 0
+            acc[hit] += weights[j] * _ratio(np.minimum(tf[hit, j], _TF_MAX), norm[hit])
+        return acc
+
+    def max_score(self, query: str) -> float:
+        """An upper bound of the query's BM25 over any title, for normalising into [0, 1]: the sum over its
+        distinct terms of idf(t) * (k1 + 1), summed in float32 in scoring order so it bounds the float32
+        scores too."""
+        weights = self._term_weights(self._ordered_terms(query), self._statistics())
+        total = np.float32(0)
+        for weight in weights:
+            total = np.float32(total + weight)
+        return float(total)
+
+    def _ordered_terms(self, query: str) -> list[str]:
+        """The query's distinct terms in the order scores are summed: known terms by id, then unknown ones."""
+        ids = self._ids
+        distinct = set(analyze(query, self.analyzer))
+        known = sorted((ids[term], term) for term in distinct if term in ids)
+        return [term for _, term in known] + sorted(term for term in distinct if term not in ids)
+
+    def _term_weights(self, terms: list[str], stats: _Stats) -> np.ndarray:
+        df = np.array([stats.df[self._ids[term]] if term in self._ids else 0 for term in terms], dtype=np.int64)
+        return self._weights(df, stats.live)
+
+    # -- files -----------------------------------------------------------------------------------------------
+
+    def save(self, directory: Path) -> None:
+        """Write ``lexical.json`` and ``lexical.safetensors`` into ``directory`` (dead rows' postings dropped)."""
+        vocab, ptr, rows, tf = self._pruned()
+        doc_len = np.where(self._live, self._doc_len, 0).astype(np.int32)
+        directory.mkdir(parents=True, exist_ok=True)
+        arrays = {"ptr": ptr, "post_rows": rows, "post_tf": tf, "doc_len": doc_len, "live": self._live}
+        save_file({name: np.ascontiguousarray(a) for name, a in arrays.items()}, str(directory / LEXICAL_ARRAYS))
+        meta = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "analyzer": str(self.analyzer),
+            "params": {"k1": self.params.k1, "b": self.params.b},
+            "rows": self.rows,
+            "vocab": vocab,
+        }
+        (directory / LEXICAL_CONFIG).write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+
+    @classmethod
+    def load(cls, directory: Path) -> Self:
+        """Read an index written by :meth:`save`; a missing, damaged or foreign one raises BundleError."""
+        meta_path, arrays_path = directory / LEXICAL_CONFIG, directory / LEXICAL_ARRAYS
+        for path in (meta_path, arrays_path):
+            if not path.is_file():
+                raise BundleError(f"lexical index file {str(path)!r} is missing; rebuild the bundle's lexical index")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BundleError(f"cannot read lexical index {str(meta_path)!r}: {exc}") from None
+        try:
+            arrays = load_file(str(arrays_path))
+        except Exception as exc:  # safetensors raises its own error types for damaged files
+            raise BundleError(f"cannot read lexical index arrays {str(arrays_path)!r}: {exc}") from None
+        try:
+            return cls(*_checked(meta, arrays))
+        except _DamagedError as exc:
+            raise BundleError(f"lexical index in {str(directory)!r} is damaged or foreign: {exc}") from None
+
+    def equals(self, other: LexicalIndex) -> bool:
+        """Same analyser, parameters, live rows, title lengths and postings (term ids compared by term)."""
+        if (self.analyzer, self.params) != (other.analyzer, other.params):
+            return False
+        if not np.array_equal(np.flatnonzero(self._live), np.flatnonzero(other._live)):
+            return False
+        if not np.array_equal(self._doc_len[self._live], other._doc_len[other._live]):
+            return False
+        mine, theirs = self._canonical(), other._canonical()
+        return all(np.array_equal(a, b) for a, b in zip(mine, theirs, strict=True))
+
+    def _canonical(self) -> tuple[np.ndarray, ...]:
+        vocab, ptr, rows, tf = self._pruned()
+        words = np.array(vocab, dtype=object)
+        rank = np.empty(len(vocab), dtype=np.int64)
+        rank[np.argsort(words)] = np.arange(len(vocab))
+        terms = np.repeat(rank, np.diff(ptr))
+        order = np.lexsort((rows, terms))
+        return np.sort(words).astype(str), terms[order], rows[order], tf[order]
+
+
+def _ratio(tf: np.ndarray, norm: np.ndarray) -> np.ndarray:
+    """tf / (tf + norm) in float32; a term adds idf * (k1 + 1) times this. It rounds to at most 1, so a term
+    never adds more than its weight and :meth:`LexicalIndex.max_score` stays a bound after rounding."""
+    tf = tf.astype(np.float32)
+    out: np.ndarray = tf / (tf + norm)
+    return out
+
+
+def _analyzer(value: Analyzer | str) -> Analyzer:
+    try:
+        return Analyzer(value)
+    except ValueError:
+        raise ConfigError(f"unknown analyzer {value!r}; use one of {', '.join(a.value for a in Analyzer)}") from None
+
+
+class _DamagedError(Exception):
+    pass
+
+
+def _checked(
+    meta: Any, arrays: dict[str, np.ndarray]
+) -> tuple[Analyzer, BM25Params, list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The constructor arguments of a saved index, after checking everything a search relies on."""
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise _DamagedError(f"{LEXICAL_CONFIG} is not a lexical index (format {FORMAT!r})")
+    if meta.get("version") != FORMAT_VERSION:
+        raise _DamagedError(f"format version {meta.get('version')!r} is not {FORMAT_VERSION}; rebuild the index")
+    try:
+        analyzer = Analyzer(str(meta.get("analyzer")))
+        params = BM25Params(**meta["params"])
+    except (ValueError, TypeError, KeyError, ConfigError) as exc:
+        raise _DamagedError(f"bad analyzer or params: {exc}") from None
+    if analyzer == Analyzer.AUTO:
+        raise _DamagedError("analyzer 'auto' was never resolved")
+    vocab, rows = meta.get("vocab"), meta.get("rows")
+    if not isinstance(vocab, list) or not all(isinstance(term, str) for term in vocab) or len(set(vocab)) < len(vocab):
+        raise _DamagedError("vocab is not a list of distinct strings")
+    if not isinstance(rows, int) or isinstance(rows, bool) or not 0 <= rows < np.iinfo(np.int32).max:
+        raise _DamagedError(f"rows {rows!r} is not a row count")
+    expected = {"ptr": np.int64, "post_rows": np.int32, "post_tf": np.uint16, "doc_len": np.int32, "live": np.bool_}
+    for name, dtype in expected.items():
+        array = arrays.get(name)
+        if array is None or array.dtype != dtype or array.ndim != 1:
+            raise _DamagedError(f"array {name!r} is missing or not 1-d {np.dtype(dtype)}")
+    ptr, post_rows, post_tf = arrays["ptr"], arrays["post_rows"], arrays["post_tf"]
+    doc_len, live = arrays["doc_len"], arrays["live"]
+    if len(ptr) != len(vocab) + 1 or ptr[0] != 0 or ptr[-1] != len(post_rows) or np.any(np.diff(ptr) < 0):
+        raise _DamagedError("term pointers do not match the vocabulary and postings")
+    if len(post_tf) != len(post_rows) or len(doc_len) != rows or len(live) != rows:
+        raise _DamagedError("array lengths disagree with each other or with rows")
+    if len(post_rows) and (post_rows.min() < 0 or post_rows.max() >= rows or post_tf.min() < 1):
+        raise _DamagedError("a posting names a row outside 0..rows-1 or has tf 0")
+    ascending = np.diff(post_rows) > 0
+    starts = ptr[1:-1]
+    ascending[starts[(starts > 0) & (starts < len(post_rows))] - 1] = True
+    if not np.all(ascending) or (len(doc_len) and doc_len.min() < 0):
+        raise _DamagedError("postings are not ascending by row within a term, or a title length is negative")
+    return analyzer, params, vocab, ptr, post_rows, post_tf, doc_len, live

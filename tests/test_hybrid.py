@@ -1,0 +1,133 @@
+"""Hybrid retrieval: BM25 inside the bundle, the label-free fusion, lexical features, CJK catalogues, [UNK] share."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import make_catalogue
+
+from matching import Matcher
+from matching.features import DEFAULT_DENSE_WEIGHT
+
+QUERIES = ["acme black running shoes", "wireless headphones", "desk lamp white", "coffee"]
+
+
+@pytest.fixture
+def hybrid(tmp_path: Path, tiny_encoder: Any) -> Matcher:
+    return Matcher.build(make_catalogue(), tmp_path / "h", encoder=tiny_encoder, show_progress=False)
+
+
+def fused_by_hand(m: Matcher, query: str) -> dict[Any, float]:
+    """The fusion formula over every live title: w * cosine + (1 - w) * bm25 / (best bm25 of the query)."""
+    snap = m.snapshot
+    assert snap.lexical is not None
+    rows = snap.store.live_ids()
+    q = snap.query_encoder.encode_queries([query])[0]
+    cos = np.asarray(snap.store.vectors[rows]) @ q
+    bm25 = snap.lexical.score_rows(query, rows).astype(np.float64)
+    fused = DEFAULT_DENSE_WEIGHT * cos + (1 - DEFAULT_DENSE_WEIGHT) * np.clip(bm25 / bm25.max(), 0, 1)
+    ids = [snap.store.external_id(r.external_id) for r in snap.store.get(rows.tolist())]
+    return dict(zip(ids, fused.tolist(), strict=True))
+
+
+@pytest.mark.parametrize("query", QUERIES)
+def test_untrained_hybrid_ranks_by_the_fusion_formula(hybrid: Matcher, query: str) -> None:
+    assert hybrid.retrieval == "hybrid"
+    expected = fused_by_hand(hybrid, query)
+    hits = hybrid.search(query, k=10, candidates=40)
+    for h in hits:
+        assert h.retrieval_score == pytest.approx(expected[h.id], abs=1e-5)
+        assert h.score == pytest.approx(h.retrieval_score, abs=1e-6)  # untrained reranker = fusion
+    best = sorted(expected.values(), reverse=True)[:10]
+    assert [h.score for h in hits] == pytest.approx(best, abs=1e-5)
+
+
+@pytest.mark.parametrize("query", QUERIES)
+def test_lexical_search_equals_brute_force_bm25(hybrid: Matcher, query: str) -> None:
+    snap = hybrid.snapshot
+    assert snap.lexical is not None
+    rows = snap.store.live_ids()
+    bm25 = snap.lexical.score_texts(query, [r.title for r in snap.store.get(rows.tolist())])
+    order = [i for i in np.lexsort((rows, -bm25)) if bm25[i] > 0][:5]
+    hits = hybrid.search(query, k=5, retrieval="lexical", rerank=False)
+    assert [h.lexical_score for h in hits] == pytest.approx(bm25[order].tolist(), rel=1e-6)
+    assert {h.id for h in hits} == {
+        snap.store.external_id(snap.store.get([int(rows[i])])[0].external_id) for i in order
+    }
+
+
+def test_changes_keep_hybrid_equal_to_a_fresh_build(hybrid: Matcher, tiny_encoder: Any, tmp_path: Path) -> None:
+    new = pd.DataFrame({"id": [1, 2], "title": ["Acme ultra wireless earbuds", "Globex steel water bottle"]})
+    hybrid.add(new, show_progress=False)
+    catalogue = make_catalogue()
+    changed = catalogue.iloc[:3].assign(title=lambda f: f["title"] + " pro")
+    hybrid.upsert(changed, show_progress=False)
+    hybrid.remove([int(catalogue["id"].iloc[5]), 2])
+    expected = hybrid.catalogue()
+    with Matcher.build(expected, tmp_path / "fresh", encoder=tiny_encoder, show_progress=False) as fresh:
+        assert hybrid.snapshot.lexical is not None
+        assert fresh.snapshot.lexical is not None
+        for query in [*QUERIES, "ultra earbuds pro"]:
+            a = [(h.id, round(h.score, 5)) for h in hybrid.search(query, k=15)]
+            b = [(h.id, round(h.score, 5)) for h in fresh.search(query, k=15)]
+            assert a == b
+    hybrid.compact(show_progress=False)
+    assert next(h.id for h in hybrid.search("ultra earbuds pro", k=3)) == 1
+
+
+def test_score_pairs_equals_the_fusion_untrained(hybrid: Matcher) -> None:
+    titles = make_catalogue()["title"].tolist()[:6]
+    query = "black running shoes"
+    scores = hybrid.score_pairs([query] * len(titles), titles)
+    expected = fused_by_hand(hybrid, query)
+    ids = make_catalogue()["id"].tolist()[:6]
+    assert scores.tolist() == pytest.approx([expected[i] for i in ids], abs=1e-5)
+
+
+def test_positives_only_pairs_train_listwise_by_default(hybrid: Matcher) -> None:
+    cat = make_catalogue()
+    pairs = pd.DataFrame({"query": [t.split(" ", 1)[1] for t in cat["title"]], "title": cat["title"], "label": 1})
+    report = hybrid.train_scorer(pairs, epochs=2, show_progress=False, save=False)
+    assert report.loss == "listwise"
+    assert report.best_metric >= report.baseline
+
+
+CHINESE = [
+    "无线蓝牙耳机",
+    "男士跑步鞋",
+    "不锈钢保温杯",
+    "办公室台灯",
+    "咖啡机家用",
+    "真皮钱包",
+    "瑜伽垫加厚",
+    "游戏笔记本电脑",
+]
+
+
+def test_a_chinese_catalogue_warns_about_unknown_tokens_and_matches_by_words(
+    tmp_path: Path, tiny_encoder: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    frame = pd.DataFrame({"id": range(len(CHINESE)), "title": CHINESE})
+    with caplog.at_level(logging.WARNING):
+        m = Matcher.build(frame, tmp_path / "zh", encoder=tiny_encoder, show_progress=False)
+    assert "unknown to the encoder" in caplog.text
+    assert "--model" in caplog.text
+    assert m.manifest.source["unknown_token_share"] > 0.5
+    assert (m.manifest.lexical or {})["analyzer"] == "cjk"
+    assert m.search("保温杯", k=1)[0].title == "不锈钢保温杯"
+    assert m.search("跑步鞋", k=1, retrieval="lexical")[0].title == "男士跑步鞋"
+
+
+def test_an_english_catalogue_does_not_warn(
+    tmp_path: Path, tiny_encoder: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING):
+        m = Matcher.build(make_catalogue(), tmp_path / "en", encoder=tiny_encoder, show_progress=False)
+    assert "unknown to the encoder" not in caplog.text
+    assert m.manifest.source["unknown_token_share"] < 0.05
+    assert (m.manifest.lexical or {})["analyzer"] == "english"

@@ -1,0 +1,260 @@
+"""BM25 index and analysers, checked against a brute force written straight from the formula."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from matching.analysis import Analyzer, analyze, resolve_analyzer
+from matching.errors import BundleError, ConfigError
+from matching.layout import LEXICAL_ARRAYS, LEXICAL_CONFIG
+from matching.lexical import BM25Params, LexicalIndex
+
+TITLES = [
+    "Red running shoes for men",
+    "Blue running shoes for women",
+    "Red red dress with red belt",
+    "Black leather belt",
+    "Wireless headphones with noise cancelling",
+    "Wired headphones",
+    "Noise cancelling wireless earbuds",
+    "Running socks, pack of 6",
+    "Red wine glass set",
+    "Stainless steel water bottle",
+    "Water bottle for running",
+    "Black running shoes",
+    "Leather wallet for men",
+    "Women's leather handbag black",
+    "Steel kitchen knife set",
+    "Kitchen knife sharpener",
+    "USB-C charging cable 2m",
+    "USB-C to USB-A adapter",
+    "Phone case for iPhone 15",
+    "iPhone 15 screen protector",
+    "Yoga mat non-slip",
+    "Yoga mat bag",
+    "Red running shoes for men",
+    "Coffee mug ceramic",
+    "Ceramic coffee cup with saucer",
+    "Espresso coffee beans 1kg",
+    "Green tea bags",
+    "无线蓝牙耳机",
+    "无线耳机 降噪",
+    "iPhone 15 手机壳 黑色",
+    "黑色 皮带",
+]
+QUERIES = [
+    "red running shoes",
+    "red red shoes",
+    "wireless noise cancelling headphones",
+    "the black leather",
+    "iphone 15 case",
+    "coffee",
+    "无线耳机",
+    "黑色",
+    "steel bottle water kitchen",
+    "usb c cable",
+]
+
+
+def brute(
+    query: str,
+    corpus: list[str],
+    analyzer: Analyzer,
+    params: BM25Params,
+    live: list[bool] | None = None,
+    texts: list[str] | None = None,
+) -> np.ndarray:
+    """BM25 of ``query`` for each of ``texts`` (default: the corpus) with the statistics of the live corpus."""
+    docs = [analyze(title, analyzer) for title in corpus]
+    live = live if live is not None else [True] * len(docs)
+    alive = [doc for doc, keep in zip(docs, live, strict=True) if keep]
+    n, avgdl = len(alive), sum(map(len, alive)) / len(alive)
+    targets = docs if texts is None else [analyze(text, analyzer) for text in texts]
+    scores = np.zeros(len(targets))
+    for term in set(analyze(query, analyzer)):
+        df = sum(term in doc for doc in alive)
+        idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
+        for i, doc in enumerate(targets):
+            tf = doc.count(term)
+            if tf and (texts is not None or live[i]):
+                norm = params.k1 * (1 - params.b + params.b * len(doc) / avgdl)
+                scores[i] += idf * tf * (params.k1 + 1) / (tf + norm)
+    return scores
+
+
+def expected_top(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    rows = np.flatnonzero(scores > 0)
+    rows = rows[np.lexsort((rows, -scores[rows]))][:k]
+    return scores[rows], rows
+
+
+def check_search(index: LexicalIndex, corpus: list[str], live: list[bool] | None = None, k: int = 5) -> None:
+    scores, ids = index.search(QUERIES, k)
+    for i, query in enumerate(QUERIES):
+        want = brute(query, corpus, index.analyzer, index.params, live)
+        top_scores, top_rows = expected_top(want, k)
+        assert ids[i, : len(top_rows)].tolist() == top_rows.tolist(), query
+        np.testing.assert_allclose(scores[i, : len(top_rows)], top_scores, rtol=1e-5)
+        assert (ids[i, len(top_rows) :] == -1).all()
+        assert np.isneginf(scores[i, len(top_rows) :]).all()
+        np.testing.assert_allclose(index.score_rows(query, np.arange(len(corpus))), want, rtol=1e-5)
+
+
+def test_analyzers() -> None:
+    assert analyze("Running shoes for the runners", Analyzer.ENGLISH) == ["run", "shoe", "runner"]
+    assert analyze("Running shoes for the runners", Analyzer.STANDARD) == ["running", "shoes", "for", "the", "runners"]
+    assert analyze("Ｔ－Ｓｈｉｒｔ, XL_size", Analyzer.STANDARD) == ["t", "shirt", "xl", "size"]
+    grams = analyze("无线耳机", Analyzer.CJK)
+    assert sorted(grams) == sorted(["无", "线", "耳", "机", "无线", "线耳", "耳机"])
+    for analyzer in (Analyzer.STANDARD, Analyzer.ENGLISH, Analyzer.CJK):
+        assert analyze("无线耳机", analyzer) == grams
+    assert analyze("iPhone 手机壳", Analyzer.CJK) == ["iphon", "手", "手机", "机", "机壳", "壳"]
+    assert analyze("iPhone 手机壳", Analyzer.STANDARD) == ["iphone", "手", "手机", "机", "机壳", "壳"]
+    assert analyze("हिन्दी किताब", Analyzer.STANDARD) == ["हिन्दी", "किताब"]  # vowel signs stay in the word
+    assert resolve_analyzer(["无线蓝牙耳机", "iPhone 15 手机壳 黑色", "USB cable"]) == Analyzer.CJK
+    assert resolve_analyzer([*TITLES[:10], "iPhone 15 手机壳"]) == Analyzer.ENGLISH  # 3 CJK of 300 letters
+    with pytest.raises(ConfigError, match="resolve_analyzer"):
+        analyze("shoes", Analyzer.AUTO)
+    with pytest.raises(ConfigError, match="k1"):
+        BM25Params(k1=-1)
+
+
+@pytest.mark.parametrize(
+    ("analyzer", "params"), [(Analyzer.ENGLISH, BM25Params()), (Analyzer.STANDARD, BM25Params(k1=2.0, b=0.3))]
+)
+def test_search_and_scores_equal_brute_force(analyzer: Analyzer, params: BM25Params) -> None:
+    index = LexicalIndex.build(TITLES, analyzer, params)
+    check_search(index, TITLES, k=5)
+    check_search(index, TITLES, k=40)  # fewer matches than k: padded
+    texts = [*TITLES[:3], "red kettle with a whistle", "完全未知的标题", ""]
+    for query in [*QUERIES, "kettle red zzz"]:
+        want = brute(query, TITLES, analyzer, params, texts=texts)  # "kettle" and "zzz" have df 0
+        np.testing.assert_allclose(index.score_texts(query, texts), want, rtol=1e-5)
+        np.testing.assert_array_equal(index.score_texts(query, TITLES), index.score_rows(query, np.arange(len(TITLES))))
+        bound = index.max_score(query)
+        assert bound > 0
+        assert np.all(index.score_texts(query, [*TITLES, *texts]) <= bound)
+
+
+def test_auto_resolves_and_mask_filters() -> None:
+    assert LexicalIndex.build(TITLES[-4:], Analyzer.AUTO).analyzer == Analyzer.CJK
+    index = LexicalIndex.build(TITLES, Analyzer.AUTO)
+    assert index.analyzer == Analyzer.ENGLISH
+    allowed = np.zeros(len(TITLES), dtype=bool)
+    allowed[[1, 11, 22]] = True
+    scores, ids = index.search(["red running shoes", "yoga"], 3, allowed)
+    assert ids.tolist() == [[22, 11, 1], [-1, -1, -1]]  # 11 and 1 lack "red"; 11 is the shorter title
+    assert scores[0, 0] > scores[0, 1] > 0
+    assert np.isneginf(scores[1]).all()
+    scores, ids = index.search(["zzz qqq", "", "the for with"], 4)
+    assert (ids == -1).all()
+    assert np.isneginf(scores).all()
+    assert index.query_terms("zzz").size == 0
+    assert index.search(["red"], 0)[1].shape == (1, 0)
+
+
+def test_ties_go_to_the_lower_row() -> None:
+    index = LexicalIndex.build(["red shoes", "blue shoes", "red shoes", "red shoes"], Analyzer.ENGLISH)
+    scores, ids = index.search(["red shoes"], 2)
+    assert ids.tolist() == [[0, 2]]
+    assert scores[0, 0] == scores[0, 1]
+
+
+def test_add_remove_compact_equal_fresh_builds() -> None:
+    index = LexicalIndex.build(TITLES[:20], Analyzer.ENGLISH)
+    index.add(np.arange(20, len(TITLES)), TITLES[20:])
+    index.remove(np.array([0, 3, 27, 30]))
+    index.remove(np.array([3]))  # again: no change
+    live = [i not in {0, 3, 27, 30} for i in range(len(TITLES))]
+    survivors = [(i, t) for i, t in enumerate(TITLES) if live[i]]
+    fresh = LexicalIndex.build(survivors, Analyzer.ENGLISH, rows=len(TITLES))
+    assert index.equals(fresh)
+    assert fresh.equals(index)
+    assert (index.rows, index.count) == (len(TITLES), len(survivors))
+    assert not index.equals(LexicalIndex.build(TITLES, Analyzer.ENGLISH))
+    check_search(index, TITLES, live, k=5)
+    check_search(fresh, TITLES, live, k=5)
+    dead = np.array([0, 3, 27, 30])
+    assert (index.score_rows("red running shoes black", dead) == 0).all()
+    assert not np.isin(index.search(QUERIES, len(TITLES))[1], dead).any()
+
+    compact = index.compacted()
+    assert compact.equals(LexicalIndex.build([t for _, t in survivors], Analyzer.ENGLISH))
+    renumber = np.cumsum(live) - 1
+    full_scores, full_ids = index.search(QUERIES, 8)
+    scores, ids = compact.search(QUERIES, 8)
+    np.testing.assert_array_equal(scores, full_scores)
+    np.testing.assert_array_equal(ids, np.where(full_ids >= 0, renumber[full_ids], -1))
+
+    index.add(np.array([33, 34]), ["red running shoes", "Green tea bags"])  # rows 31 and 32 stay dead
+    assert (index.rows, index.count) == (35, len(survivors) + 2)
+    assert index.search(["green tea"], 3)[1][0].tolist() == [26, 34, -1]
+    with pytest.raises(ValueError, match="ascend"):
+        index.add(np.array([10]), ["again"])
+
+
+def test_pruned_search_equals_exhaustive_ranking() -> None:
+    rng = np.random.default_rng(7)
+    words = [f"w{i}" for i in range(60)]
+    weights = 1 / np.arange(1, 61) ** 1.1  # a few very common words, many rare ones
+    titles = [" ".join(rng.choice(words, rng.integers(2, 9), p=weights / weights.sum())) for _ in range(3000)]
+    index = LexicalIndex.build(titles, Analyzer.STANDARD)
+    index.remove(rng.choice(len(titles), 300, replace=False))
+    queries = [" ".join(rng.choice(words, rng.integers(1, 5))) for _ in range(60)]
+    for k in (1, 10, 50):
+        scores, ids = index.search(queries, k)
+        for i, query in enumerate(queries):
+            every = index.score_rows(query, np.arange(len(titles)))
+            want_scores, want_rows = expected_top(every.astype(np.float64), k)
+            assert ids[i, : len(want_rows)].tolist() == want_rows.tolist(), (query, k)
+            np.testing.assert_array_equal(scores[i, : len(want_rows)], want_scores.astype(np.float32))
+
+
+def test_save_load_round_trip(tmp_path: Path) -> None:
+    index = LexicalIndex.build(TITLES, Analyzer.CJK, BM25Params(k1=1.5, b=0.5))
+    index.remove(np.array([2, 28]))
+    index.save(tmp_path)
+    loaded = LexicalIndex.load(tmp_path)
+    assert loaded.equals(index)
+    assert (loaded.analyzer, loaded.params) == (Analyzer.CJK, BM25Params(1.5, 0.5))
+    for got, want in zip(loaded.search(QUERIES, 6), index.search(QUERIES, 6), strict=True):
+        np.testing.assert_array_equal(got, want)
+    loaded.add(np.array([len(TITLES)]), ["red wine"])  # a loaded index still changes
+    assert loaded.search(["wine"], 2)[1].tolist() == [[31, 8]]
+
+
+def _damage_json(directory: Path, **changes: object) -> None:
+    meta = json.loads((directory / LEXICAL_CONFIG).read_text(encoding="utf-8"))
+    (directory / LEXICAL_CONFIG).write_text(json.dumps({**meta, **changes}), encoding="utf-8")
+
+
+def _damage_arrays(directory: Path, name: str, cut: int) -> None:
+    arrays = load_file(str(directory / LEXICAL_ARRAYS))
+    save_file({**arrays, name: arrays[name][:cut]}, str(directory / LEXICAL_ARRAYS))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda d: (d / LEXICAL_ARRAYS).unlink(), "missing"),
+        (lambda d: (d / LEXICAL_CONFIG).write_text("{not json", encoding="utf-8"), "cannot read"),
+        (lambda d: (d / LEXICAL_ARRAYS).write_bytes(b"\x00" * 40), "cannot read"),
+        (lambda d: _damage_json(d, analyzer="klingon"), "analyzer"),
+        (lambda d: _damage_json(d, format="faiss"), "not a lexical index"),
+        (lambda d: _damage_json(d, version=99), "version"),
+        (lambda d: _damage_json(d, rows=5), "lengths"),
+        (lambda d: _damage_arrays(d, "post_tf", -1), "lengths"),
+        (lambda d: _damage_arrays(d, "ptr", -1), "pointers"),
+    ],
+)
+def test_load_rejects_damaged_files(tmp_path: Path, damage: object, message: str) -> None:
+    LexicalIndex.build(TITLES, Analyzer.ENGLISH).save(tmp_path)
+    damage(tmp_path)  # type: ignore[operator]
+    with pytest.raises(BundleError, match=message):
+        LexicalIndex.load(tmp_path)
