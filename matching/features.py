@@ -18,7 +18,8 @@ from matching.lexical import LexicalIndex
 
 # bm25 / best, share of the query's terms in the title, character-bigram Jaccard, term-count ratio
 LEXICAL_FEATURES = 4
-# dense weight of the untrained fusion; chosen across SciFact, STS-B, MRPC, LCQMC and the demo (see BENCHMARKS.md)
+# dense weight of the untrained fusion: an even split, not tuned on any data set (SciFact test nDCG@10: dense 0.645,
+# BM25 0.691, this fusion 0.732)
 DEFAULT_DENSE_WEIGHT = 0.5
 
 
@@ -32,7 +33,12 @@ def best_bm25(lexical: LexicalIndex, queries: Sequence[str], allowed: np.ndarray
     """Each query's best BM25 over the index's live titles (``allowed`` ones, if given): the normaliser of the
     lexical part. A query sharing no term with any title gets its upper bound (so unseen titles still score)."""
     top, _ = lexical.search(list(queries), 1, allowed)
-    best = top[:, 0].astype(np.float64)
+    return normalisers(lexical, queries, top[:, 0])
+
+
+def normalisers(lexical: LexicalIndex, queries: Sequence[str], top: np.ndarray) -> np.ndarray:
+    """:func:`best_bm25` from each query's top BM25 score already found (``-inf`` or 0 where it matched nothing)."""
+    best = np.asarray(top, dtype=np.float64).copy()
     for i in np.flatnonzero(~(best > 0)):
         best[i] = lexical.max_score(queries[int(i)]) or 1.0
     return best

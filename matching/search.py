@@ -15,7 +15,15 @@ from matching.bundle import Lease, Manifest, read_manifest
 from matching.encoder import Encoder
 from matching.errors import BundleError, ConfigError
 from matching.exact import exact_subset
-from matching.features import DEFAULT_DENSE_WEIGHT, best_bm25, fuse, normalised, pair_features
+from matching.features import (
+    DEFAULT_DENSE_WEIGHT,
+    LEXICAL_FEATURES,
+    best_bm25,
+    fuse,
+    normalised,
+    normalisers,
+    pair_features,
+)
 from matching.generation import load_encoder
 from matching.index import VectorIndex
 from matching.layout import LEXICAL_CONFIG, QUERY_ENCODER
@@ -74,7 +82,7 @@ class Snapshot:
     def lexical_features(self, queries: Sequence[str], titles: Sequence[str]) -> np.ndarray:
         """Lexical features of aligned (query, title) pairs against this generation's catalogue statistics."""
         lexical = self.require_lexical()
-        out = np.zeros((len(queries), 4), dtype=np.float32)
+        out = np.zeros((len(queries), LEXICAL_FEATURES), dtype=np.float32)
         groups: dict[str, list[int]] = {}
         for i, q in enumerate(queries):
             groups.setdefault(q, []).append(i)
@@ -237,7 +245,7 @@ def _texts(queries: Queries, kind: str) -> Sequence[str]:
     return queries.texts
 
 
-def _mask(snap: Snapshot, lexical: LexicalIndex, allowed: np.ndarray | None) -> np.ndarray | None:
+def _mask(lexical: LexicalIndex, allowed: np.ndarray | None) -> np.ndarray | None:
     if allowed is None:
         return None
     mask = np.zeros(lexical.rows, dtype=bool)
@@ -250,9 +258,9 @@ class LexicalRetriever:
 
     def retrieve(self, snap: Snapshot, queries: Queries, depth: int, allowed: np.ndarray | None) -> Candidates:
         lexical, texts = snap.require_lexical(), _texts(queries, "lexical")
-        mask = _mask(snap, lexical, allowed)
+        mask = _mask(lexical, allowed)
         scores, ids = lexical.search(list(texts), depth, mask)
-        best = best_bm25(lexical, texts, mask)
+        best = normalisers(lexical, texts, scores[:, 0])
         return Candidates(scores, ids, dense=_cosines(snap, queries.vectors, ids), lexical=scores, best=best)
 
 
@@ -265,11 +273,9 @@ class HybridRetriever:
             return DenseRetriever().retrieve(snap, queries, depth, allowed)
         lexical, texts = snap.lexical, _texts(queries, "hybrid")
         _, dense_ids = _dense(snap, queries.vectors, depth, allowed)
-        mask = _mask(snap, lexical, allowed)
+        mask = _mask(lexical, allowed)
         lex_scores, lex_ids = lexical.search(list(texts), depth, mask)
-        best = np.where(lex_scores[:, 0] > 0, lex_scores[:, 0], 0.0)
-        for i in np.flatnonzero(~(best > 0)):
-            best[i] = lexical.max_score(texts[int(i)]) or 1.0
+        best = normalisers(lexical, texts, lex_scores[:, 0])
         width = 2 * depth
         ids = np.full((len(texts), width), -1, dtype=np.int64)
         for qi in range(len(texts)):
@@ -277,10 +283,9 @@ class HybridRetriever:
             ids[qi, : len(union)] = union
         dense = _cosines(snap, queries.vectors, ids)
         bm25 = np.zeros(ids.shape, dtype=np.float32)
+        fused = np.zeros(ids.shape, dtype=np.float32)
         for qi, text in enumerate(texts):
             bm25[qi] = lexical.score_rows(text, ids[qi])
-        fused = np.full(ids.shape, -np.inf, dtype=np.float32)
-        for qi in range(len(texts)):
             fused[qi] = fuse(dense[qi], normalised(bm25[qi], float(best[qi])), snap.dense_weight)
         fused[ids < 0] = -np.inf
         order = np.argsort(-fused, axis=1, kind="stable")
@@ -332,19 +337,19 @@ class ScorerReranker:
 
     def rerank(self, snap: Snapshot, hit: Hit) -> np.ndarray:
         scorer, text, vector, row_ids = snap.scorer, hit.text, hit.vector, hit.row_ids
-        titles = snap.store.vectors[row_ids]
         if not scorer.config.lexical:
-            return scorer.score(vector[None, :], titles)
+            return scorer.score(vector[None, :], snap.store.vectors[row_ids])
         lexical = snap.require_lexical()
         if text is None:
             raise ConfigError("this reranker uses lexical features and needs the query text: use search/search_batch")
         best = hit.best if hit.best is not None else float(best_bm25(lexical, [text])[0])
         bm25 = hit.lexical if hit.lexical is not None else lexical.score_rows(text, row_ids)
         if not scorer.trained:  # the MLP adds exactly 0: skip the features it would not use
-            dense = hit.dense if hit.dense is not None else np.asarray(titles, dtype=np.float32) @ vector
+            dense = hit.dense if hit.dense is not None else _cosines(snap, vector[None, :], row_ids[None, :])[0]
             return fuse(dense, normalised(bm25, best), scorer.config.dense_weight)
         texts = [r.title for r in snap.store.get(row_ids.tolist())]
-        return scorer.score(vector[None, :], titles, pair_features(lexical, text, texts, bm25, best))
+        features = pair_features(lexical, text, texts, bm25, best)
+        return scorer.score(vector[None, :], snap.store.vectors[row_ids], features)
 
 
 class NoReranker:

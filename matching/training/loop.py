@@ -11,7 +11,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -20,6 +20,9 @@ from torch import nn
 
 from matching.errors import SchemaError
 from matching.ingest import read_table, reading
+
+if TYPE_CHECKING:
+    from matching.config import JsonConfig
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,18 @@ class PairColumns(Protocol):
     def title_column(self) -> str: ...
     @property
     def label_column(self) -> str: ...
+
+
+class SplitSettings(PairColumns, Protocol):
+    """A trainer config's pair columns, plus how to split off validation queries."""
+
+    @property
+    def valid_fraction(self) -> float: ...
+    @property
+    def seed(self) -> int: ...
+
+
+C = TypeVar("C", bound="JsonConfig")
 
 
 @dataclass
@@ -96,6 +111,24 @@ def read_pairs(source: pd.DataFrame | str | Path, config: PairColumns) -> pd.Dat
             "label": labels.astype(float),
         }
     ).reset_index(drop=True)
+
+
+def configured(cls: type[C], config: C | None, settings: dict[str, Any]) -> C:
+    """``config`` (default: ``cls()``) with the fields named in ``settings`` replaced, checked as a whole."""
+    cfg = config or cls()
+    return cls.from_dict({**cfg.to_dict(), **settings}) if settings else cfg
+
+
+def train_valid_pairs(
+    train_pairs: pd.DataFrame | str | Path, valid_pairs: pd.DataFrame | str | Path | None, cfg: SplitSettings
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The training and validation pairs, read and checked; without ``valid_pairs``, a share of the training
+    queries (``cfg.valid_fraction``) is split off."""
+    train = read_pairs(train_pairs, cfg)
+    valid = read_pairs(valid_pairs, cfg) if valid_pairs is not None else None
+    if valid is None:
+        train, valid = split_by_query(train, cfg.valid_fraction, cfg.seed)
+    return train, valid
 
 
 def split_by_query(pairs: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -28,9 +28,9 @@ from matching.scorer import Scorer
 from matching.training.loop import (
     EarlyStopping,
     TrainReport,
-    read_pairs,
+    configured,
     seed_everything,
-    split_by_query,
+    train_valid_pairs,
     unique_queries,
     warmup_linear,
 )
@@ -245,16 +245,11 @@ def train_scorer(
 
     ``settings`` override fields of ``config`` (e.g. ``epochs=5, hard_negatives=20``).
     """
-    cfg = config or TrainConfig()
-    if settings:
-        cfg = TrainConfig.from_dict({**cfg.to_dict(), **settings})
+    cfg = configured(TrainConfig, config, settings)
     started = time.perf_counter()
     seed_everything(cfg.seed)
 
-    train = read_pairs(train_pairs, cfg)
-    valid = read_pairs(valid_pairs, cfg) if valid_pairs is not None else None
-    if valid is None:
-        train, valid = split_by_query(train, cfg.valid_fraction, cfg.seed)
+    train, valid = train_valid_pairs(train_pairs, valid_pairs, cfg)
     binary = bool(np.isin(train["label"].to_numpy(), [0.0, 1.0]).all())
     positives_only = bool(train["label"].nunique() == 1 and (train["label"] > 0).all())
     loss_kind = cfg.loss

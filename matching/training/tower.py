@@ -29,9 +29,9 @@ from matching.metrics import ndcg_at_k
 from matching.training.loop import (
     EarlyStopping,
     TrainReport,
-    read_pairs,
+    configured,
     seed_everything,
-    split_by_query,
+    train_valid_pairs,
     warmup_linear,
 )
 
@@ -102,15 +102,10 @@ def train_query_tower(
     **settings: Any,
 ) -> tuple[Encoder, TrainReport]:
     """Fine-tune a copy of the title encoder as the query tower; returns the best tower and a report."""
-    cfg = config or TowerConfig()
-    if settings:
-        cfg = TowerConfig.from_dict({**cfg.to_dict(), **settings})
+    cfg = configured(TowerConfig, config, settings)
     started = time.perf_counter()
     seed_everything(cfg.seed)
-    train = read_pairs(train_pairs, cfg)
-    valid = read_pairs(valid_pairs, cfg) if valid_pairs is not None else None
-    if valid is None:
-        train, valid = split_by_query(train, cfg.valid_fraction, cfg.seed)
+    train, valid = train_valid_pairs(train_pairs, valid_pairs, cfg)
     train_pos, valid_pos = _positives(snap, train), _positives(snap, valid)
     if not train_pos or not valid_pos:
         raise SchemaError("query-tower training needs positive pairs whose titles are in the bundle")
