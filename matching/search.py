@@ -18,11 +18,10 @@ from matching.exact import exact_subset
 from matching.features import (
     DEFAULT_DENSE_WEIGHT,
     LEXICAL_FEATURES,
-    best_bm25,
     fuse,
     normalised,
-    normalisers,
     pair_features,
+    query_norms,
 )
 from matching.generation import load_encoder
 from matching.index import VectorIndex
@@ -86,11 +85,11 @@ class Snapshot:
         groups: dict[str, list[int]] = {}
         for i, q in enumerate(queries):
             groups.setdefault(q, []).append(i)
-        best = dict(zip(groups, best_bm25(lexical, list(groups)), strict=True))
+        norms = dict(zip(groups, query_norms(lexical, list(groups)), strict=True))
         for q, rows in groups.items():
             group_titles = [titles[i] for i in rows]
             bm25 = lexical.score_texts(q, group_titles)
-            out[rows] = pair_features(lexical, q, group_titles, bm25, float(best[q]))
+            out[rows] = pair_features(lexical, q, group_titles, bm25, float(norms[q]))
         return out
 
     def require_lexical(self) -> LexicalIndex:
@@ -196,13 +195,12 @@ class Queries:
 @dataclass(frozen=True)
 class Candidates:
     """Per query, candidate row ids (-1 pads) with the score each was retrieved with, and its parts where computed:
-    ``dense`` (cosine) and ``lexical`` (BM25), and ``best``, each query's lexical normaliser."""
+    ``dense`` (cosine) and ``lexical`` (BM25)."""
 
     scores: np.ndarray  # (nq, width) float32, -inf where padded
     ids: np.ndarray  # (nq, width) int64, -1 where padded
     dense: np.ndarray | None = None
     lexical: np.ndarray | None = None
-    best: np.ndarray | None = None
 
 
 class Retriever(Protocol):
@@ -260,8 +258,7 @@ class LexicalRetriever:
         lexical, texts = snap.require_lexical(), _texts(queries, "lexical")
         mask = _mask(lexical, allowed)
         scores, ids = lexical.search(list(texts), depth, mask)
-        best = normalisers(lexical, texts, scores[:, 0])
-        return Candidates(scores, ids, dense=_cosines(snap, queries.vectors, ids), lexical=scores, best=best)
+        return Candidates(scores, ids, dense=_cosines(snap, queries.vectors, ids), lexical=scores)
 
 
 class HybridRetriever:
@@ -274,8 +271,8 @@ class HybridRetriever:
         lexical, texts = snap.lexical, _texts(queries, "hybrid")
         _, dense_ids = _dense(snap, queries.vectors, depth, allowed)
         mask = _mask(lexical, allowed)
-        lex_scores, lex_ids = lexical.search(list(texts), depth, mask)
-        best = normalisers(lexical, texts, lex_scores[:, 0])
+        _, lex_ids = lexical.search(list(texts), depth, mask)
+        norms = query_norms(lexical, texts)
         width = 2 * depth
         ids = np.full((len(texts), width), -1, dtype=np.int64)
         for qi in range(len(texts)):
@@ -286,11 +283,11 @@ class HybridRetriever:
         fused = np.zeros(ids.shape, dtype=np.float32)
         for qi, text in enumerate(texts):
             bm25[qi] = lexical.score_rows(text, ids[qi])
-            fused[qi] = fuse(dense[qi], normalised(bm25[qi], float(best[qi])), snap.dense_weight)
+            fused[qi] = fuse(dense[qi], normalised(bm25[qi], float(norms[qi])), snap.dense_weight)
         fused[ids < 0] = -np.inf
         order = np.argsort(-fused, axis=1, kind="stable")
         take = np.take_along_axis
-        return Candidates(take(fused, order, 1), take(ids, order, 1), take(dense, order, 1), take(bm25, order, 1), best)
+        return Candidates(take(fused, order, 1), take(ids, order, 1), take(dense, order, 1), take(bm25, order, 1))
 
 
 def _cosines(snap: Snapshot, vectors: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -323,7 +320,6 @@ class Hit:
     scores: np.ndarray
     dense: np.ndarray | None
     lexical: np.ndarray | None
-    best: float | None
 
 
 class Reranker(Protocol):
@@ -342,13 +338,13 @@ class ScorerReranker:
         lexical = snap.require_lexical()
         if text is None:
             raise ConfigError("this reranker uses lexical features and needs the query text: use search/search_batch")
-        best = hit.best if hit.best is not None else float(best_bm25(lexical, [text])[0])
+        norm = float(query_norms(lexical, [text])[0])
         bm25 = hit.lexical if hit.lexical is not None else lexical.score_rows(text, row_ids)
         if not scorer.trained:  # the MLP adds exactly 0: skip the features it would not use
             dense = hit.dense if hit.dense is not None else _cosines(snap, vector[None, :], row_ids[None, :])[0]
-            return fuse(dense, normalised(bm25, best), scorer.config.dense_weight)
+            return fuse(dense, normalised(bm25, norm), scorer.config.dense_weight)
         texts = [r.title for r in snap.store.get(row_ids.tolist())]
-        features = pair_features(lexical, text, texts, bm25, best)
+        features = pair_features(lexical, text, texts, bm25, norm)
         return scorer.score(vector[None, :], snap.store.vectors[row_ids], features)
 
 
@@ -389,7 +385,6 @@ def search(
             found.scores[qi][keep],
             found.dense[qi][keep] if found.dense is not None else None,
             found.lexical[qi][keep] if found.lexical is not None else None,
-            float(found.best[qi]) if found.best is not None else None,
         )
         scores = reranker.rerank(snap, hit) if len(cand_ids) else hit.scores
         order = np.argsort(-scores, kind="stable")[:k]

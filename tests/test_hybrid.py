@@ -23,14 +23,15 @@ def hybrid(tmp_path: Path, tiny_encoder: Any) -> Matcher:
 
 
 def fused_by_hand(m: Matcher, query: str) -> dict[Any, float]:
-    """The fusion formula over every live title: w * cosine + (1 - w) * bm25 / (best bm25 of the query)."""
+    """The fusion formula over every live title: w * cosine + (1 - w) * min(1, bm25 / bm25 of the query as a title)."""
     snap = m.snapshot
     assert snap.lexical is not None
     rows = snap.store.live_ids()
     q = snap.query_encoder.encode_queries([query])[0]
     cos = np.asarray(snap.store.vectors[rows]) @ q
     bm25 = snap.lexical.score_rows(query, rows).astype(np.float64)
-    fused = DEFAULT_DENSE_WEIGHT * cos + (1 - DEFAULT_DENSE_WEIGHT) * np.clip(bm25 / bm25.max(), 0, 1)
+    own = float(snap.lexical.score_texts(query, [query])[0])
+    fused = DEFAULT_DENSE_WEIGHT * cos + (1 - DEFAULT_DENSE_WEIGHT) * np.clip(bm25 / own, 0, 1)
     ids = [snap.store.external_id(r.external_id) for r in snap.store.get(rows.tolist())]
     return dict(zip(ids, fused.tolist(), strict=True))
 
