@@ -1,5 +1,6 @@
-"""The small DNN reranker: an MLP over (q, t, q*t, |q-t|, cos[, lexical features]) with a residual on the base
-score (the cosine, or the dense/lexical fusion)."""
+"""The small DNN reranker: a residual on the base score (the cosine, or the dense/lexical fusion). Bundles with lexical
+features: an MLP over (cos, lexical features) plus a learned per-dimension weighting of q*t; older bundles: an MLP
+over (q, t, q*t, |q-t|, cos)."""
 
 from __future__ import annotations
 
@@ -19,10 +20,14 @@ from matching.layout import SCORER_CONFIG, SCORER_WEIGHTS
 
 
 class Scorer(nn.Module):
-    """score(q, t[, lex]) = base + MLP(features), base = cos(q, t), or with lexical features the fusion
-    ``w * cos + (1 - w) * lex[:, 0]`` (lex[:, 0] is the normalised BM25; see :mod:`matching.features`).
+    """score(q, t[, lex]) = base + residual. Without lexical features: base = cos(q, t), residual = MLP(q, t, q*t,
+    |q-t|, cos). With them: base = ``w * cos + (1 - w) * lex[:, 0]`` (lex[:, 0] is the normalised BM25; see
+    :mod:`matching.features`), residual = MLP(cos, lex) + v . (q*t).
 
-    The MLP's output layer starts at zero, so an untrained scorer ranks exactly as its base score does.
+    The residual's output layers start at zero, so an untrained scorer ranks exactly as its base score does.
+    The lexical form leaves the raw vectors out of the MLP: with them (773 inputs) a scorer trained on LCQMC dev fell
+    to 0.751 test ROC-AUC from 0.802 untrained and one trained on STS-B news/forum lost 0.5 Spearman points on its
+    captions; with the scalars and a weighted cosine it reaches 0.804, and gains 0.4 points on the captions.
     """
 
     def __init__(self, config: ScorerConfig) -> None:
@@ -30,7 +35,7 @@ class Scorer(nn.Module):
         self.config = config
         d = config.dim
         self.mlp = nn.Sequential(
-            nn.Linear(4 * d + 1 + (LEXICAL_FEATURES if config.lexical else 0), config.hidden),
+            nn.Linear(1 + LEXICAL_FEATURES if config.lexical else 4 * d + 1, config.hidden),
             nn.GELU(),
             nn.Dropout(config.dropout),
             nn.Linear(config.hidden, 1),
@@ -39,29 +44,33 @@ class Scorer(nn.Module):
         assert isinstance(out, nn.Linear)
         nn.init.zeros_(out.weight)
         nn.init.zeros_(out.bias)
+        self.weighted: nn.Linear | None = None
+        if config.lexical:
+            self.weighted = nn.Linear(d, 1, bias=False)  # v . (q*t): a learned weighting of the cosine's terms
+            nn.init.zeros_(self.weighted.weight)
 
     def forward(self, q: torch.Tensor, t: torch.Tensor, lex: torch.Tensor | None = None) -> torch.Tensor:
         """Scores for matching rows of ``q`` (n, d) and ``t`` (n, d); q may be (1, d) to broadcast. ``lex``
         (n, LEXICAL_FEATURES) is required when the config has lexical features."""
         q = q.expand_as(t)
         cos = (q * t).sum(dim=-1, keepdim=True)
-        parts = [q, t, q * t, (q - t).abs(), cos]
-        base = cos
-        if self.config.lexical:
-            if lex is None:
-                raise ValueError("this scorer takes lexical features: pass lex")
-            w = self.config.dense_weight
-            base = w * cos + (1.0 - w) * lex[:, :1]
-            parts.append(lex)
-        out: torch.Tensor = (base + self.mlp(torch.cat(parts, dim=-1))).squeeze(-1)
+        if self.weighted is None:
+            plain: torch.Tensor = (cos + self.mlp(torch.cat([q, t, q * t, (q - t).abs(), cos], dim=-1))).squeeze(-1)
+            return plain
+        if lex is None:
+            raise ValueError("this scorer takes lexical features: pass lex")
+        w = self.config.dense_weight
+        base = w * cos + (1.0 - w) * lex[:, :1]
+        out: torch.Tensor = (base + self.weighted(q * t) + self.mlp(torch.cat([cos, lex], dim=-1))).squeeze(-1)
         return out
 
     @property
     def trained(self) -> bool:
-        """False while the output layer is zero: the score is then exactly the base score."""
+        """False while the residual's output layers are zero: the score is then exactly the base score."""
         out = self.mlp[-1]
         assert isinstance(out, nn.Linear)
-        return bool(out.weight.detach().abs().sum() > 0 or out.bias.detach().abs().sum() > 0)
+        last = [out.weight, out.bias, *([self.weighted.weight] if self.weighted is not None else [])]
+        return any(bool(p.detach().abs().sum() > 0) for p in last)
 
     @torch.inference_mode()
     def score(self, q: np.ndarray, t: np.ndarray, lex: np.ndarray | None = None) -> np.ndarray:

@@ -42,13 +42,24 @@ def scifact_pairs(split: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["query", "title", "label"])
 
 
-def sts(split: str) -> pd.DataFrame:
-    """STS Benchmark split as query (s1), title (s2), label (0-5 similarity)."""
+def sts(split: str, *, genre: bool = False) -> pd.DataFrame:
+    """STS Benchmark split as query (s1), title (s2), label (0-5 similarity)[, genre (main-captions, ...)]."""
     path = require("stsbenchmark") / f"sts-{split}.csv"
     rows = []
     with path.open(encoding="utf-8") as fh:
         for fields in csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE):
-            rows.append((fields[5], fields[6], float(fields[4])))
+            rows.append((fields[5], fields[6], float(fields[4]), fields[0]))
+    frame = pd.DataFrame(rows, columns=["query", "title", "label", "genre"])
+    return frame if genre else frame.drop(columns="genre")
+
+
+def lcqmc(split: str) -> pd.DataFrame:
+    """LCQMC split (dev, test) as query (s1), title (s2), label (1 = same question)."""
+    rows = []
+    with (require("lcqmc") / f"{split}.txt").open(encoding="utf-8") as fh:
+        for line in fh:
+            s1, s2, label = line.rstrip("\n").split("\t")
+            rows.append((s1, s2, int(label)))
     return pd.DataFrame(rows, columns=["query", "title", "label"])
 
 
