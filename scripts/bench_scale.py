@@ -79,15 +79,18 @@ def measure(m: Matcher, queries: list[str], index_seconds: float, query_preset: 
     disk = sum(f.stat().st_size for f in gen.iterdir() if f.is_file())
     for q in generate_queries(100, seed=99):
         m.search(q)  # warm-up: the traced encoder specialises on the first shapes it sees; page cache
-    enc, e2e = [], []
-    for q in queries:
+    enc, e2e, dense = [], [], []
+    for q in queries:  # hybrid (the default) and dense interleaved, so both see the same machine state
         t0 = time.perf_counter()
         m.query_encoder.encode_queries([q])
         t1 = time.perf_counter()
         m.search(q, k=10, candidates=100)
         t2 = time.perf_counter()
+        m.search(q, k=10, candidates=100, retrieval="dense")
+        t3 = time.perf_counter()
         enc.append((t1 - t0) * 1000)
         e2e.append((t2 - t1) * 1000)
+        dense.append((t3 - t2) * 1000)
     qv = m.query_encoder.encode_queries(queries)
     _, exact = exact_top_k(m.store.vectors, qv, 10)
     # what search retrieves before the rerank: 100 candidates (exactly refined where the index is lossy)
@@ -101,6 +104,7 @@ def measure(m: Matcher, queries: list[str], index_seconds: float, query_preset: 
         "bytes_per_title_on_disk": disk / len(m),
         "query_encoder": pct(enc),
         "search_end_to_end": pct(e2e),
+        "dense_search_end_to_end": pct(dense),
         "recall_at_10_vs_exact": neighbour_recall(found, exact, 10),
     }
 

@@ -32,6 +32,7 @@ from matching.bundle import collect_garbage
 from matching.encoder import Encoder
 from matching.errors import BundleError
 from matching.layout import TRAIN_REPORT as TRAIN_REPORT_FILE
+from matching.lexical import LexicalIndex
 from matching.matcher import Matcher
 from matching.store import read_config
 
@@ -147,6 +148,11 @@ def observe(bundle: Path, encoder: Encoder) -> wp.Signature | None:
         # and each stored vector is its title's (a title and a stale vector would be a mix of two states)
         expected = encoder.encode_titles([r.title for r in rows])
         np.testing.assert_allclose(store.vectors[live], expected, atol=1e-4, rtol=0)
+        # the BM25 index holds exactly the live titles, as a fresh build over them would
+        lexical = matcher.snapshot.lexical
+        assert lexical is not None
+        fresh = LexicalIndex.build([(r.row_id, r.title) for r in rows], lexical.analyzer, rows=lexical.rows)
+        assert lexical.equals(fresh)
         # a search deep enough to return everything returns every live title, each with its row
         every = {r.external_id for r in rows}
         for rerank in (True, False):
