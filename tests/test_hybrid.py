@@ -95,6 +95,7 @@ def test_positives_only_pairs_train_listwise_by_default(hybrid: Matcher) -> None
     pairs = pd.DataFrame({"query": [t.split(" ", 1)[1] for t in cat["title"]], "title": cat["title"], "label": 1})
     report = hybrid.train_scorer(pairs, epochs=2, show_progress=False, save=False)
     assert report.loss == "listwise"
+    assert report.loss_reason.startswith("positives only: each positive ranked against 20 negatives")
     assert report.best_metric >= report.baseline
 
 

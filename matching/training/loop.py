@@ -64,6 +64,7 @@ class TrainReport:
     train_pairs: int = 0
     valid_queries: int = 0
     seconds: float = 0.0
+    loss_reason: str = ""  # why this loss: what the labels looked like
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -71,7 +72,11 @@ class TrainReport:
     def table(self) -> str:
         lines = [f"{'epoch':>5}  {'loss':>8}  {self.metric:>10}", f"{0:>5}  {'-':>8}  {self.baseline:>10.4f}"]
         lines += [f"{int(e['epoch']):>5}  {e['loss']:>8.4f}  {e['metric']:>10.4f}" for e in self.epochs]
-        lines.append(f"best: epoch {self.best_epoch}, {self.metric} {self.best_metric:.4f} ({self.seconds:.1f}s)")
+        why = f" ({self.loss_reason})" if self.loss_reason else ""
+        lines.append(
+            f"best: epoch {self.best_epoch}, {self.metric} {self.best_metric:.4f} ({self.seconds:.1f}s); "
+            f"loss {self.loss}{why}"
+        )
         return "\n".join(lines)
 
 

@@ -252,13 +252,20 @@ def train_scorer(
     train, valid = train_valid_pairs(train_pairs, valid_pairs, cfg)
     binary = bool(np.isin(train["label"].to_numpy(), [0.0, 1.0]).all())
     positives_only = bool(train["label"].nunique() == 1 and (train["label"] > 0).all())
-    loss_kind = cfg.loss
+    loss_kind, why = cfg.loss, "asked for"
     if loss_kind is LossKind.AUTO:
         # positives only (qrels, clicks): one class, so BCE learns nothing (ROC-AUC 0.5); rank each positive
         # above negatives mined from the bundle instead. On STS-B, MSE beat CoSENT for this frozen-vector scorer
         # (dev Spearman 0.876 vs 0.865).
-        listwise = positives_only or bool(cfg.hard_negatives)
-        loss_kind = LossKind.LISTWISE if listwise else (LossKind.BCE if binary else LossKind.MSE)
+        if positives_only or cfg.hard_negatives:
+            loss_kind = LossKind.LISTWISE
+            mined = cfg.hard_negatives if cfg.hard_negatives is not None else DEFAULT_MINED
+            why = "positives only" if positives_only else "hard negatives asked for"
+            why += f": each positive ranked against {mined} negatives mined from the bundle"
+        elif binary:
+            loss_kind, why = LossKind.BCE, "0/1 labels with both classes"
+        else:
+            loss_kind, why = LossKind.MSE, "graded labels"
     lexical = snap.scorer.config.lexical and snap.lexical is not None
 
     q_tr, t_tr = snap.encode_pairs(train["query"].tolist(), train["title"].tolist(), show_progress=show_progress)
@@ -298,6 +305,7 @@ def train_scorer(
     report = TrainReport(
         config=cfg.to_dict(),
         loss=loss_kind.value,
+        loss_reason=why,
         metric=metric_name,
         baseline=baseline,
         best_metric=baseline,
