@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+import logging
 import re
 import threading
 import unicodedata
 from collections.abc import Iterable
 from enum import StrEnum
 from itertools import islice
+from typing import Any
 
 import Stemmer
 
@@ -26,6 +28,9 @@ class Analyzer(StrEnum):
     STANDARD = "standard"  # NFKC + casefold, unicode word tokens, CJK runs as character uni- and bigrams
     ENGLISH = "english"  # STANDARD + English stopwords removed + Snowball English stemming
     CJK = "cjk"  # CJK runs as character uni- and bigrams, other runs as ENGLISH
+    # CJK runs cut into words by jieba (the optional extra matching[cjk]), other runs as ENGLISH. On LCQMC test the
+    # untrained score reaches ROC-AUC 0.829 with it against 0.802 with character n-grams (0.803 with words + chars).
+    CHINESE = "chinese"
 
 
 # NLTK's English list without contraction fragments, single letters other than "a", and words that tell
@@ -54,6 +59,8 @@ _LETTER = re.compile(r"[^\W\d_]")
 
 
 _CJK_SPLIT = re.compile(f"([{_CJK}]+)")
+# kana and Hangul: a catalogue with many is Japanese or Korean, which jieba does not segment
+_KANA_HANGUL = re.compile("[\u1100-\u11ff\u3041-\u3096\u30a1-\u30fa\u3131-\u318e\uac00-\ud7ff\uff66-\uff9f]")
 
 
 @functools.cache
@@ -109,6 +116,30 @@ def _grams(run: str, out: list[str]) -> None:
     out.append(run[-1])
 
 
+def jieba_available() -> bool:
+    try:
+        import jieba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def _jieba() -> Any:
+    try:
+        import jieba
+    except ImportError:
+        raise ConfigError(
+            "this bundle's analyser is 'chinese', which needs jieba: pip install 'matching[cjk]' (or jieba)"
+        ) from None
+    jieba.setLogLevel(logging.WARNING)  # it announces its dictionary loading on stderr
+    return jieba
+
+
+def _segment(run: str, out: list[str]) -> None:
+    out.extend(w for w in _jieba().lcut(run, HMM=True) if w.strip())
+
+
 def analyze(text: str, analyzer: Analyzer) -> list[str]:
     """The terms of ``text``, in order, duplicates kept."""
     if analyzer == Analyzer.AUTO:
@@ -117,19 +148,20 @@ def analyze(text: str, analyzer: Analyzer) -> list[str]:
     if text.isascii():
         return _words(_ASCII_WORD.findall(text.lower()), english)
     out: list[str] = []
+    cut = _segment if analyzer == Analyzer.CHINESE else _grams
     # other text and CJK runs, alternating
     for i, piece in enumerate(_CJK_SPLIT.split(unicodedata.normalize("NFKC", text).casefold())):
         if i % 2:
-            _grams(piece, out)
+            cut(piece, out)
         elif piece and (words := (_ASCII_WORD if piece.isascii() else _word_pattern()).findall(piece)):
             out += _words(words, english)
     return out
 
 
 def resolve_analyzer(titles: Iterable[str]) -> Analyzer:
-    """CJK when CJK characters are at least 10% of the letters of (the first 100,000 of) ``titles``,
-    else ENGLISH."""
-    cjk = letters = 0
+    """For (the first 100,000 of) ``titles``: where CJK characters are at least 10% of the letters, CHINESE when
+    they are mostly Han and jieba is installed, else CJK (character n-grams); otherwise ENGLISH."""
+    cjk = letters = kana = 0
     for title in islice(titles, _RESOLVE_SAMPLE):
         if not isinstance(title, str):
             continue  # LexicalIndex.build reports it with its row
@@ -138,5 +170,8 @@ def resolve_analyzer(titles: Iterable[str]) -> Analyzer:
         else:
             text = unicodedata.normalize("NFKC", title)
             cjk += len(_CJK_CHAR.findall(text))
+            kana += len(_KANA_HANGUL.findall(text))
             letters += len(_LETTER.findall(text))
-    return Analyzer.CJK if letters and cjk >= _CJK_SHARE * letters else Analyzer.ENGLISH
+    if not letters or cjk < _CJK_SHARE * letters:
+        return Analyzer.ENGLISH
+    return Analyzer.CHINESE if kana < _CJK_SHARE * cjk and jieba_available() else Analyzer.CJK

@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="catalogue file (.csv, .tsv, .jsonl; may be compressed)")
     p.add_argument("--out", help="bundle directory (default: indexes/<file stem>)")
     p.add_argument(
-        "--analyzer", choices=["auto", "english", "cjk", "standard"], default="auto",
+        "--analyzer", choices=["auto", "english", "chinese", "cjk", "standard"], default="auto",
         help="how titles are cut into words for BM25 (default: from the titles' script)",
     )  # fmt: skip
     p.add_argument(

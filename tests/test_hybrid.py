@@ -12,6 +12,7 @@ import pytest
 from conftest import make_catalogue
 
 from matching import Matcher
+from matching.analysis import Analyzer, analyze, jieba_available, resolve_analyzer
 from matching.features import DEFAULT_DENSE_WEIGHT
 
 QUERIES = ["acme black running shoes", "wireless headphones", "desk lamp white", "coffee"]
@@ -120,7 +121,7 @@ def test_a_chinese_catalogue_warns_about_unknown_tokens_and_matches_by_words(
     assert "unknown to the encoder" in caplog.text
     assert "--model" in caplog.text
     assert m.manifest.source["unknown_token_share"] > 0.5
-    assert (m.manifest.lexical or {})["analyzer"] == "cjk"
+    assert (m.manifest.lexical or {})["analyzer"] == ("chinese" if jieba_available() else "cjk")
     assert m.search("保温杯", k=1)[0].title == "不锈钢保温杯"
     assert m.search("跑步鞋", k=1, retrieval="lexical")[0].title == "男士跑步鞋"
 
@@ -133,3 +134,11 @@ def test_an_english_catalogue_does_not_warn(
     assert "unknown to the encoder" not in caplog.text
     assert m.manifest.source["unknown_token_share"] < 0.05
     assert (m.manifest.lexical or {})["analyzer"] == "english"
+
+
+@pytest.mark.skipif(not jieba_available(), reason="jieba (matching[cjk]) is not installed")
+def test_the_chinese_analyser_cuts_words_and_is_chosen_for_han_text_only() -> None:
+    assert analyze("无线蓝牙耳机 iPhone 手机壳", Analyzer.CHINESE) == ["无线", "蓝牙", "耳机", "iphon", "手机", "壳"]
+    assert resolve_analyzer(CHINESE) == Analyzer.CHINESE
+    assert resolve_analyzer(["ワイヤレスイヤホン", "ランニングシューズ"]) == Analyzer.CJK  # kana: not for jieba
+    assert resolve_analyzer(["wireless headphones"]) == Analyzer.ENGLISH
