@@ -105,7 +105,7 @@ def lexical_from_store(gen: Path, analyzer: Analyzer | str) -> LexicalIndex:
     titles' script)."""
     store = Store.open(gen)
     try:
-        titles = [(r.row_id, r.title) for rows in store.rows(batch=50_000) for r in rows]
+        titles = [pair for part in store.titles() for pair in part]
         return LexicalIndex.build(titles, Analyzer(analyzer), rows=len(store.vectors))
     finally:
         store.close()

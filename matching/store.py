@@ -185,6 +185,18 @@ class Store:
             yield part
             last = part[-1].row_id
 
+    def titles(self, batch: int = 50_000) -> Iterator[list[tuple[int, str]]]:
+        """Every live (row id, title) in row-id order, in batches (no metadata: the lexical index reads these)."""
+        last = -1
+        while True:
+            with Session(self.engine) as session:
+                stmt = select(TitleRow.row_id, TitleRow.title).where(TitleRow.row_id > last)
+                part = [(int(r), str(t)) for r, t in session.execute(stmt.order_by(TitleRow.row_id).limit(batch))]
+            if not part:
+                return
+            yield part
+            last = part[-1][0]
+
     def filter_ids(self, where: Where) -> np.ndarray:
         """Row ids whose metadata satisfy every condition of ``where`` (values are bound parameters)."""
         stmt = select(TitleRow.row_id).where(*where_clauses(where)).order_by(TitleRow.row_id)

@@ -142,3 +142,11 @@ def test_the_chinese_analyser_cuts_words_and_is_chosen_for_han_text_only() -> No
     assert resolve_analyzer(CHINESE) == Analyzer.CHINESE
     assert resolve_analyzer(["ワイヤレスイヤホン", "ランニングシューズ"]) == Analyzer.CJK  # kana: not for jieba
     assert resolve_analyzer(["wireless headphones"]) == Analyzer.ENGLISH
+
+
+def test_store_titles_are_the_live_rows_in_order(hybrid: Matcher) -> None:
+    hybrid.remove([int(make_catalogue()["id"].iloc[2])])
+    store = hybrid.store
+    expected = [(r.row_id, r.title) for rows in store.rows() for r in rows]
+    assert [pair for part in store.titles(batch=7) for pair in part] == expected
+    assert len(expected) == 39
