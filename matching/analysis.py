@@ -175,3 +175,35 @@ def resolve_analyzer(titles: Iterable[str]) -> Analyzer:
     if not letters or cjk < _CJK_SHARE * letters:
         return Analyzer.ENGLISH
     return Analyzer.CHINESE if kana < _CJK_SHARE * cjk and jieba_available() else Analyzer.CJK
+
+
+_TITLE_PIECE = re.compile(f"[{_CJK}]+|[^\\W_{_CJK}]+")
+
+
+def matched_spans(query: str, title: str, analyzer: Analyzer) -> list[tuple[int, int]]:
+    """``(start, end)`` character spans of ``title`` whose terms are among the query's (for highlighting).
+
+    Words are analysed one at a time, so a stemmed or case-folded form still matches; in a CJK run each
+    character matches when the query has it (a jieba word or a bigram is made of such characters).
+    """
+    if analyzer == Analyzer.AUTO:
+        analyzer = Analyzer.ENGLISH
+    terms = set(analyze(query, analyzer))
+    query_chars = set(unicodedata.normalize("NFKC", query).casefold())
+    spans: list[tuple[int, int]] = []
+    for m in _TITLE_PIECE.finditer(title):
+        piece = m.group()
+        if _CJK_CHAR.match(piece):
+            for i, char in enumerate(piece):
+                if unicodedata.normalize("NFKC", char).casefold() in query_chars:
+                    spans.append((m.start() + i, m.start() + i + 1))
+        elif terms.intersection(analyze(piece, analyzer)):
+            spans.append(m.span())
+    # neighbouring characters join into one span
+    merged: list[tuple[int, int]] = []
+    for start, end in spans:
+        if merged and merged[-1][1] == start:
+            merged[-1] = (merged[-1][0], end)
+        else:
+            merged.append((start, end))
+    return merged

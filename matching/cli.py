@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -288,6 +289,37 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from matching.errors import ConfigError
+
+    try:
+        import uvicorn
+
+        from matching import service
+    except ImportError:
+        raise ConfigError("matching serve needs FastAPI and uvicorn: pip install 'matching[serve]'") from None
+    from matching.bundle import current_generation
+    from matching.config import ServiceConfig
+
+    current_generation(Path(args.bundle))  # a missing or broken bundle fails here, not in every worker
+    token = service.read_token(args.token_file) if args.token_file else None
+    config = ServiceConfig(torch_threads=args.torch_threads)
+    print(f"serving {args.bundle} on http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr)
+    if args.workers == 1:
+        app = service.create_app(args.bundle, token=token, config=config)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        return 0
+    os.environ[service.ENV_BUNDLE] = str(Path(args.bundle).resolve())
+    os.environ[service.ENV_CONFIG] = json.dumps(config.to_dict())
+    if args.token_file:
+        os.environ[service.ENV_TOKEN] = str(Path(args.token_file).resolve())
+    uvicorn.run(
+        "matching.service:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers,
+        log_level=args.log_level,
+    )  # fmt: skip
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from matching.demo import run_demo
 
@@ -456,6 +488,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="also check every file's checksum")
     p.add_argument("--files", action="store_true", help="list the files and their checksums")
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("serve", help="serve a bundle over HTTP: JSON search/score/write API and a search page")
+    p.add_argument("bundle")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1, help="server processes, each with its own copy of the model")
+    p.add_argument("--token-file", help="file holding the bearer token that POST /add, /upsert, /remove need")
+    p.add_argument("--torch-threads", type=int, default=1, help="torch threads per process (default 1)")
+    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("demo", help="build a demo bundle from a generated catalogue and query it")
     p.add_argument("--out", default="indexes/demo")

@@ -138,3 +138,24 @@ class ScorerConfig(JsonConfig):
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.dense_weight <= 1.0 or (not self.lexical and self.dense_weight != 1.0):
             raise ConfigError(f"dense_weight must be in [0, 1] (1 without lexical features), got {self.dense_weight}")
+
+
+@dataclass(frozen=True)
+class ServiceConfig(JsonConfig):
+    """Bounds and settings of the search service (``matching serve``): a request past a bound gets a 4xx."""
+
+    max_k: int = 1000
+    max_candidates: int = 10_000
+    max_query_chars: int = 2000
+    max_batch: int = 256  # queries in one POST /search, rows in one write
+    max_pairs: int = 10_000  # pairs in one POST /score
+    max_body_bytes: int = 8 * 1024 * 1024
+    refresh_seconds: float = 1.0  # how often the live generation is checked
+    # torch intra-op threads per process. 1: a single query's encode is too small to split, and split work
+    # waits on the slowest thread whenever another process holds a core (see BENCHMARKS.md, service)
+    torch_threads: int = 1
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) <= 0:
+                raise ConfigError(f"ServiceConfig.{f.name} must be > 0, got {getattr(self, f.name)}")

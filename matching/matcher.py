@@ -266,6 +266,11 @@ class Matcher:
         self._reopen(collect=False)
         return True
 
+    def pin(self) -> Matcher:
+        """A read-only view of the generation served now, which refreshes and writes here do not move (one
+        generation for a whole request); do not close it: the generation goes when no view holds it."""
+        return Matcher(self._snap, path=None, lock_timeout=self.lock_timeout, retrieval=self.retrieval)
+
     def __enter__(self) -> Matcher:
         return self
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import mmap
 import os
 import re
@@ -34,6 +35,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    true,
     update,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -204,6 +206,14 @@ class Store:
             ids = session.scalars(stmt).all()
         return np.asarray(ids, dtype=np.int64)
 
+    def metadata_keys(self, sample: int = 10_000) -> list[str]:
+        """The metadata field names of the first ``sample`` live titles, sorted (what a search page offers)."""
+        inner = select(TitleRow.metadata_json.label("m")).order_by(TitleRow.row_id).limit(sample).subquery()
+        each = func.json_each(inner.c.m).table_valued("key")
+        with Session(self.engine) as session:
+            keys = session.scalars(select(each.c.key).select_from(inner).join(each, true()).distinct()).all()
+        return sorted(str(k) for k in keys)
+
     def get(self, row_ids: Sequence[int]) -> list[StoredTitle]:
         """Rows for ``row_ids``, in the same order (KeyError if one is absent)."""
         found: dict[int, TitleRow] = {}
@@ -272,9 +282,10 @@ def _write_config(directory: Path, *, count: int, rows: int, dim: int, id_type: 
 def where_clauses(where: Where) -> list[ColumnElement[bool]]:
     """SQL conditions for a metadata filter such as ``{"brand": "acme", "price": ("<", 50)}``.
 
-    A value means equality (``None`` matches a missing or null field), a list means "one of", and an
-    ``(op, value)`` pair compares, with op one of ``== != < <= > >= in``, ``not in``. Keys and values
-    are always bound parameters.
+    A value means equality (``None`` matches a missing or null field), a list means "one of", an
+    ``(op, value)`` pair compares, with op one of ``== != < <= > >= in``, ``not in``, and a dict of
+    ``{op: value}`` applies several to one field (a range: ``{"price": {">=": 10, "<": 20}}``; the form JSON
+    requests use). Booleans compare as 1 and 0, as SQLite stores them. Keys and values are always bound parameters.
     """
     if not isinstance(where, Mapping):
         raise ConfigError(f"where must be a dict of metadata field -> condition, got {type(where).__name__}")
@@ -283,40 +294,54 @@ def where_clauses(where: Where) -> list[ColumnElement[bool]]:
         if not isinstance(key, str) or not key or '"' in key or any(ord(c) < 32 for c in key):
             raise ConfigError(f"where: {key!r} is not a usable metadata field name")
         field = func.json_extract(TitleRow.metadata_json, f'$."{key}"')
-        if isinstance(spec, tuple):
-            if len(spec) != 2 or spec[0] not in _COMPARE + _MEMBER:
-                raise ConfigError(
-                    f"where[{key!r}]: {spec!r} is not an (operator, value) pair; "
-                    f"operators are {', '.join(_COMPARE + _MEMBER)}"
-                )
-            op, value = spec
-        elif isinstance(spec, list | set | frozenset):
-            op, value = "in", spec
-        else:
-            op, value = "==", spec
-        if op in _MEMBER:
-            if not isinstance(value, list | tuple | set | frozenset):
-                raise ConfigError(f"where[{key!r}]: {op!r} needs a list of values, got {value!r}")
-            values = [_check_value(key, v) for v in value]
-            clauses.append(field.in_(values) if op == "in" else field.not_in(values))
-            continue
-        value = _check_value(key, value)
-        if value is None:
-            if op not in ("==", "!="):
-                raise ConfigError(f"where[{key!r}]: None can only be compared with == or !=")
-            clauses.append(field.is_(None) if op == "==" else field.is_not(None))
-            continue
-        clauses.append(
-            {
-                "==": field == value,
-                "!=": field != value,
-                "<": field < value,
-                "<=": field <= value,
-                ">": field > value,
-                ">=": field >= value,
-            }[op]
-        )
+        for op, value in _conditions(key, spec):
+            clauses.append(_clause(field, key, op, value))
     return clauses
+
+
+def _conditions(key: str, spec: Any) -> list[tuple[str, Any]]:
+    """The (operator, value) pairs of one field's condition."""
+    if isinstance(spec, Mapping):
+        if not spec:
+            raise ConfigError(f'where[{key!r}]: an empty condition; give {{operator: value}}, e.g. {{">=": 10}}')
+        bad = [op for op in spec if op not in _COMPARE + _MEMBER]
+        if bad:
+            raise ConfigError(
+                f"where[{key!r}]: unknown operator {bad[0]!r}; operators are {', '.join(_COMPARE + _MEMBER)}"
+            )
+        return list(spec.items())
+    if isinstance(spec, tuple):
+        if len(spec) != 2 or spec[0] not in _COMPARE + _MEMBER:
+            raise ConfigError(
+                f"where[{key!r}]: {spec!r} is not an (operator, value) pair; "
+                f"operators are {', '.join(_COMPARE + _MEMBER)}"
+            )
+        return [(spec[0], spec[1])]
+    if isinstance(spec, list | set | frozenset):
+        return [("in", spec)]
+    return [("==", spec)]
+
+
+def _clause(field: ColumnElement[Any], key: str, op: str, value: Any) -> ColumnElement[bool]:
+    if op in _MEMBER:
+        if not isinstance(value, list | tuple | set | frozenset):
+            raise ConfigError(f"where[{key!r}]: {op!r} needs a list of values, got {value!r}")
+        values = [_check_value(key, v) for v in value]
+        return field.in_(values) if op == "in" else field.not_in(values)
+    value = _check_value(key, value)
+    if value is None:
+        if op not in ("==", "!="):
+            raise ConfigError(f"where[{key!r}]: None can only be compared with == or !=")
+        return field.is_(None) if op == "==" else field.is_not(None)
+    clause: ColumnElement[bool] = {
+        "==": lambda: field == value,
+        "!=": lambda: field != value,
+        "<": lambda: field < value,
+        "<=": lambda: field <= value,
+        ">": lambda: field > value,
+        ">=": lambda: field >= value,
+    }[op]()
+    return clause
 
 
 _WHERE = re.compile(r"\s*(?P<key>.+?)\s*(?P<op>==|!=|<=|>=|=|<|>|\s+not\s+in\s+|\s+in\s+)\s*(?P<value>.*?)\s*\Z")
@@ -332,7 +357,7 @@ def parse_where(expressions: Sequence[str]) -> dict[str, Any]:
     A value is read as JSON where it parses (numbers, true/false/null, quoted strings, lists),
     else taken as a plain string.
     """
-    where: dict[str, Any] = {}
+    where: dict[str, dict[str, Any]] = {}
     for text in expressions:
         m = _WHERE.match(text)
         if not m or not m["key"]:
@@ -348,10 +373,15 @@ def parse_where(expressions: Sequence[str]) -> dict[str, Any]:
             value = m["value"]
         if op in ("in", "not in") and not isinstance(value, list):
             raise ConfigError(f'--where {text!r}: {op!r} needs a JSON list, e.g. \'color in ["red", "blue"]\'')
-        if m["key"] in where:
-            raise ConfigError(f"--where: field {m['key']!r} is given twice")
-        where[m["key"]] = value if op == "==" else (op, value)
-    return where
+        conditions = where.setdefault(m["key"], {})
+        if op in conditions:
+            raise ConfigError(f"--where: {m['key']} {op} is given twice")
+        conditions[op] = value
+    # one condition stays in the plain form (a value, or an (op, value) pair); a range on one field is a dict
+    return {
+        key: (ops["=="] if list(ops) == ["=="] else next(iter(ops.items()))) if len(ops) == 1 else ops
+        for key, ops in where.items()
+    }
 
 
 def _check_value(key: str, value: Any) -> WhereValue:
@@ -359,6 +389,12 @@ def _check_value(key: str, value: Any) -> WhereValue:
         value = value.item()
     if value is not None and not isinstance(value, str | int | float | bool):
         raise ConfigError(f"where[{key!r}]: {value!r} is not a string, number, bool or None")
+    if isinstance(value, bool):
+        return int(value)  # json_extract reads true/false as 1/0, and SQLAlchemy refuses `< True`
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        raise ConfigError(f"where[{key!r}]: {value} is outside SQLite's 64-bit integers; compare with a float instead")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"where[{key!r}]: {value} is not a finite number")
     return value
 
 

@@ -1,0 +1,420 @@
+"""The search service: every endpoint with values against the library, the token rule, bounds, refresh."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.conftest import make_catalogue
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient
+
+from matching import Matcher
+from matching.analysis import Analyzer, matched_spans
+from matching.config import ServiceConfig
+from matching.service import create_app, limit_body, read_token
+from matching.store import parse_where
+
+TOKEN = "test-token-0123456789"
+CONFIG = ServiceConfig(refresh_seconds=0.1, max_k=50, max_candidates=500, max_query_chars=200, max_batch=8)
+
+
+def wait_ready(client: TestClient, timeout: float = 30.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = client.get("/ready")
+        if r.status_code == 200:
+            return dict(r.json())
+        assert r.status_code == 503
+        time.sleep(0.05)
+    raise AssertionError("the service did not become ready")
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory, tiny_encoder: Any) -> Iterator[Path]:
+    path = tmp_path_factory.mktemp("service") / "products"
+    Matcher.build(make_catalogue(), path, encoder=tiny_encoder, show_progress=False).close()  # hybrid
+    return path
+
+
+@pytest.fixture(scope="module")
+def library(bundle: Path, tiny_encoder: Any) -> Iterator[Matcher]:
+    m = Matcher.load(bundle, encoder=tiny_encoder)
+    yield m
+    m.close()
+
+
+@pytest.fixture(scope="module")
+def client(bundle: Path) -> Iterator[TestClient]:
+    with TestClient(create_app(bundle, token=TOKEN, config=CONFIG)) as c:
+        wait_ready(c)
+        yield c
+
+
+def hits_of(matches: list[Any]) -> list[tuple[Any, str, float]]:
+    return [(m.id, m.title, round(m.score, 5)) for m in matches]
+
+
+def hits_json(hits: list[dict[str, Any]]) -> list[tuple[Any, str, float]]:
+    return [(h["id"], h["title"], round(h["score"], 5)) for h in hits]
+
+
+# -- reads ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("retrieval", ["hybrid", "dense", "lexical"])
+def test_get_search_returns_what_the_library_returns(client: TestClient, library: Matcher, retrieval: str) -> None:
+    r = client.get("/search", params={"q": "acme red coffee maker", "k": 5, "retrieval": retrieval})
+    assert r.status_code == 200
+    body = r.json()
+    want = library.search("acme red coffee maker", 5, retrieval=retrieval)
+    assert hits_json(body["hits"]) == hits_of(want)
+    assert body["query"] == "acme red coffee maker"
+    assert body["generation"] == library.generation
+    first, match = body["hits"][0], want[0]
+    assert first["metadata"] == match.metadata
+    assert first["retrieval_score"] == pytest.approx(match.retrieval_score, abs=1e-6)
+    for part in ("dense_score", "lexical_score"):
+        assert (first[part] is None) == (getattr(match, part) is None)
+
+
+def test_post_search_answers_many_queries_as_get_answers_each(client: TestClient) -> None:
+    queries = ["acme red coffee maker", "blue desk lamp", "globex yoga mat"]
+    r = client.post("/search", json={"queries": queries, "k": 4, "rerank": False})
+    assert r.status_code == 200
+    results = r.json()["results"]
+    assert [x["query"] for x in results] == queries
+    for q, result in zip(queries, results, strict=True):
+        one = client.get("/search", params={"q": q, "k": 4, "rerank": "false"}).json()
+        assert hits_json(result["hits"]) == hits_json(one["hits"])
+
+
+WHERES: list[tuple[dict[str, Any], Any]] = [
+    ({"brand": "acme"}, lambda d: d.brand == "acme"),
+    ({"brand": {"==": "acme"}}, lambda d: d.brand == "acme"),
+    ({"brand": {"!=": "acme"}}, lambda d: d.brand != "acme"),
+    ({"price": {"<": 30}}, lambda d: d.price < 30),
+    ({"price": {"<=": 24.49}}, lambda d: d.price <= 24.49),
+    ({"price": {">": 100}}, lambda d: d.price > 100),
+    ({"price": {">=": 40, "<": 80}}, lambda d: (d.price >= 40) & (d.price < 80)),
+    ({"brand": ["acme", "globex"]}, lambda d: d.brand.isin(["acme", "globex"])),
+    ({"brand": {"in": ["acme"]}}, lambda d: d.brand == "acme"),
+    ({"brand": {"not in": ["acme", "globex"]}}, lambda d: ~d.brand.isin(["acme", "globex"])),
+    ({"colour": None}, lambda d: d.brand == d.brand),  # no title has the field
+    ({"brand": {"!=": None}}, lambda d: d.brand == d.brand),
+]
+
+
+@pytest.mark.parametrize(("where", "keep"), WHERES, ids=[json.dumps(w) for w, _ in WHERES])
+def test_where_in_json_expresses_every_operator(client: TestClient, where: dict[str, Any], keep: Any) -> None:
+    df = make_catalogue()
+    allowed = set(df[keep(df)]["id"])
+    r = client.get("/search", params={"q": "lamp", "k": 50, "where": json.dumps(where)})
+    assert r.status_code == 200, r.text
+    assert {h["id"] for h in r.json()["hits"]} == allowed  # k >= the matching titles: every one comes back
+
+
+def test_score_equals_the_library(client: TestClient, library: Matcher) -> None:
+    pairs = [
+        ("red kettle", "acme red coffee maker"),
+        ("lamp", "not in the catalogue at all"),
+        ("red kettle", "blue desk lamp"),
+    ]
+    r = client.post("/score", json={"pairs": [{"query": q, "title": t} for q, t in pairs]})
+    assert r.status_code == 200
+    want = library.score_pairs([q for q, _ in pairs], [t for _, t in pairs])
+    np.testing.assert_allclose(r.json()["scores"], want, rtol=0, atol=1e-6)
+
+
+def test_health_ready_info(client: TestClient, library: Matcher) -> None:
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/ready").json() == {"status": "ready", "generation": library.generation, "count": 40}
+    info = client.get("/info").json()
+    assert info["count"] == 40
+    assert info["metadata_keys"] == ["brand", "price"]
+    assert info["limits"]["max_k"] == 50
+    assert info["writes"] is True
+    assert info["encoder"] == library.info()["encoder"]
+    assert client.get("/docs").status_code == 200
+    assert "/search" in client.get("/openapi.json").json()["paths"]
+
+
+def test_metrics_count_requests_errors_and_latency(bundle: Path) -> None:
+    with TestClient(create_app(bundle, config=CONFIG)) as c:
+        wait_ready(c)
+        for _ in range(3):
+            assert c.get("/search", params={"q": "lamp"}).status_code == 200
+        assert c.get("/search", params={"q": "lamp", "k": 0}).status_code == 400
+        text = c.get("/metrics").text
+    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    assert lines['matching_requests_total{route="/search",status="200"}'] == "3"
+    assert lines['matching_requests_total{route="/search",status="400"}'] == "1"
+    assert lines['matching_errors_total{route="/search"}'] == "1"
+    assert lines['matching_request_seconds_count{route="/search"}'] == "4"
+    assert lines['matching_request_seconds_bucket{route="/search",le="+Inf"}'] == "4"
+    buckets = [int(v) for k, v in lines.items() if k.startswith('matching_request_seconds_bucket{route="/search"')]
+    assert buckets == sorted(buckets)  # cumulative
+    assert lines["matching_titles"] == "40"
+    assert lines["matching_generation"] == "1"
+
+
+def test_page_is_served(client: TestClient) -> None:
+    r = client.get("/")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/html")
+    assert 'id="q"' in r.text
+    assert "search?" in r.text
+
+
+def test_highlights_are_the_matched_words(client: TestClient) -> None:
+    hit = client.get("/search", params={"q": "Desk LAMPS", "k": 1, "highlight": "true"}).json()["hits"][0]
+    marked = [hit["title"][a:b] for a, b in hit["highlights"]]
+    assert marked == ["desk", "lamp"]  # "LAMPS" stems to "lamp" and the case of the query does not matter
+
+
+def test_matched_spans_follow_the_analyser() -> None:
+    title = "Running Shoes, for the Marathon"
+    assert [title[a:b] for a, b in matched_spans("run shoe the", title, Analyzer.ENGLISH)] == ["Running", "Shoes"]
+    assert [title[a:b] for a, b in matched_spans("run shoe", title, Analyzer.STANDARD)] == []
+    cn = "苹果手机壳 Pro"
+    assert [cn[a:b] for a, b in matched_spans("手机 pro", cn, Analyzer.CJK)] == ["手机", "Pro"]
+    assert matched_spans("", cn, Analyzer.CJK) == []
+
+
+# -- bounds and bad requests ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("params", "needle"),
+    [
+        ({"q": "lamp", "k": 0}, "k must be between 1 and 50"),
+        ({"q": "lamp", "k": 51}, "k must be between 1 and 50"),
+        ({"q": "lamp", "candidates": 501}, "candidates must be between 1 and 500"),
+        ({"q": "x" * 201}, "at most 200"),
+        ({"q": "lamp", "where": "{bad"}, "where is not JSON"),
+        ({"q": "lamp", "where": "[1, 2]"}, "where must be a JSON object"),
+        ({"q": "lamp", "where": '{"price": {"~": 1}}'}, "unknown operator '~'"),
+        ({"q": "lamp", "where": '{"price": {"<": 1e999}}'}, "not a finite number"),
+        ({"q": "lamp", "where": '{"price": {"<": 99999999999999999999}}'}, "64-bit"),
+        ({"q": "lamp", "where": '{"price": {"in": 3}}'}, "needs a list"),
+    ],
+)
+def test_bad_search_gets_400_with_the_fix(client: TestClient, params: dict[str, Any], needle: str) -> None:
+    r = client.get("/search", params=params)
+    assert r.status_code == 400
+    assert needle in r.json()["detail"]
+
+
+def test_bad_bodies(client: TestClient) -> None:
+    r = client.post("/search", json={"queries": ["a"] * 9})
+    assert r.status_code == 400
+    assert "at most 8" in r.json()["detail"]
+    assert client.post("/search", json={"queries": []}).status_code == 400
+    assert client.post("/search", json={"queries": ["a"], "kk": 3}).status_code == 422  # unknown field
+    assert client.post("/search", json={"queries": ["a"], "retrieval": "fuzzy"}).status_code == 422
+    assert client.get("/search").status_code == 422  # no q
+    assert client.post("/score", json={"pairs": []}).status_code == 400
+    r = client.post("/score", json={"pairs": [{"query": "a", "title": "b" * 201}]})
+    assert r.status_code == 400
+    assert "at most 200" in r.json()["detail"]
+    r = client.post(
+        "/search", content=b"{" + b" " * (8 * 1024 * 1024) + b"}", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 413
+    assert "body over" in r.json()["detail"]
+
+
+def test_streamed_body_over_the_limit_is_413() -> None:
+    seen: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+
+    async def run() -> None:
+        chunks = [{"type": "http.request", "body": b"x" * 60, "more_body": True}] * 3
+
+        async def receive() -> Any:
+            return chunks.pop(0)
+
+        async def send(message: Any) -> None:
+            seen.append(message)
+
+        from fastapi import HTTPException
+
+        with pytest.raises(HTTPException) as err:  # FastAPI turns it into the 413 response
+            await limit_body(app, 100)({"type": "http", "headers": []}, receive, send)
+        assert err.value.status_code == 413
+
+    import asyncio
+
+    asyncio.run(run())
+
+
+# -- writes and the token ----------------------------------------------------------------------------
+
+
+def test_token_rule(tmp_path: Path, tiny_encoder: Any) -> None:
+    path = tmp_path / "b"
+    Matcher.build(make_catalogue(), path, encoder=tiny_encoder, show_progress=False).close()
+    row = {"rows": [{"id": 1, "title": "acme teal teapot", "brand": "acme", "price": 9.5}]}
+    with TestClient(create_app(path, config=CONFIG)) as off:
+        wait_ready(off)
+        r = off.post("/add", json=row, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert r.status_code == 403
+        assert "--token-file" in r.json()["detail"]
+    with TestClient(create_app(path, token=TOKEN, config=CONFIG)) as c:
+        wait_ready(c)
+        r = c.post("/add", json=row)
+        assert r.status_code == 401
+        assert r.headers["www-authenticate"] == "Bearer"
+        assert c.post("/add", json=row, headers={"Authorization": "Basic abc"}).status_code == 401
+        assert c.post("/add", json=row, headers={"Authorization": "Bearer wrong"}).status_code == 403
+        assert c.post("/remove", json={"ids": [1000]}, headers={"Authorization": "Bearer wrong"}).status_code == 403
+        assert c.get("/ready").json()["count"] == 40  # nothing written
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        r = c.post("/add", json=row, headers=auth)
+        assert r.status_code == 200
+        assert r.json()["added"] == 1
+        assert r.json()["count"] == 41
+        hit = c.get("/search", params={"q": "acme teal teapot", "k": 1}).json()["hits"][0]
+        assert (hit["id"], hit["title"], hit["metadata"]) == (1, "acme teal teapot", {"brand": "acme", "price": 9.5})
+        r = c.post("/add", json=row, headers=auth)
+        assert r.status_code == 400
+        assert "1" in r.json()["detail"]
+        up = {"rows": [{"id": 1, "title": "acme teal teapot", "brand": "acme", "price": 7.0}]}
+        assert c.post("/upsert", json=up, headers=auth).json()["metadata_updated"] == 1
+        r = c.post("/remove", json={"ids": [1, 1000]}, headers=auth)
+        assert r.json()["removed"] == 2
+        assert r.json()["count"] == 39
+        r = c.post("/remove", json={"ids": [123456]}, headers=auth)
+        assert r.status_code == 400
+        assert "123456" in r.json()["detail"]
+        assert c.post("/remove", json={"ids": [123456], "missing_ok": True}, headers=auth).status_code == 200
+    assert len(Matcher.load(path, encoder=tiny_encoder)) == 39
+
+
+def test_read_token(tmp_path: Path) -> None:
+    (tmp_path / "t").write_text(" abc \n", encoding="utf-8")
+    assert read_token(tmp_path / "t") == "abc"
+    (tmp_path / "e").write_text("\n", encoding="utf-8")
+    with pytest.raises(Exception, match="empty"):
+        read_token(tmp_path / "e")
+    with pytest.raises(Exception, match="cannot read the token file"):
+        read_token(tmp_path / "missing")
+
+
+def test_a_title_added_by_another_process_is_found_within_5_s(tmp_path: Path, tiny_encoder: Any) -> None:
+    path = tmp_path / "b"
+    Matcher.build(make_catalogue(), path, encoder=tiny_encoder, show_progress=False).close()
+    new = tmp_path / "new.csv"
+    pd.DataFrame([{"id": 5, "title": "zenith violet umbrella", "brand": "zenith", "price": 3.0}]).to_csv(
+        new, index=False
+    )
+    with TestClient(create_app(path, config=CONFIG)) as c:
+        before = wait_ready(c)["generation"]
+        pinned = c.app.state.service.pinned()  # type: ignore[attr-defined]
+        pinned_hits = hits_of(pinned.search("zenith violet umbrella", 3))
+        done = subprocess.run(
+            [sys.executable, "-m", "matching", "add", str(path), str(new), "-q"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        published = time.monotonic()
+        while time.monotonic() - published < 5:
+            hit = c.get("/search", params={"q": "zenith violet umbrella", "k": 1}).json()
+            if hit["hits"][0]["id"] == 5:
+                break
+            time.sleep(0.05)
+        assert hit["hits"][0]["id"] == 5
+        assert hit["generation"] != before
+        assert c.get("/ready").json()["count"] == 41
+        # a request's snapshot is its own: a view pinned before the change still answers as before
+        assert hits_of(pinned.search("zenith violet umbrella", 3)) == pinned_hits
+
+
+def test_requests_never_fail_while_another_writer_publishes(tmp_path: Path, tiny_encoder: Any) -> None:
+    path = tmp_path / "b"
+    Matcher.build(make_catalogue(), path, encoder=tiny_encoder, show_progress=False).close()
+    errors: list[str] = []
+    stop = threading.Event()
+    with TestClient(create_app(path, config=CONFIG)) as c:
+        wait_ready(c)
+
+        def read() -> None:
+            while not stop.is_set():
+                r = c.get("/search", params={"q": "acme desk lamp", "k": 5})
+                if r.status_code != 200 or len(r.json()["hits"]) != 5:
+                    errors.append(r.text)
+
+        readers = [threading.Thread(target=read) for _ in range(3)]
+        for t in readers:
+            t.start()
+        writer = Matcher.load(path, encoder=tiny_encoder)
+        generations = set()
+        for i in range(6):
+            writer.add(pd.DataFrame([{"id": 10 + i, "title": f"acme desk lamp number {i}"}]), show_progress=False)
+            time.sleep(0.15)
+            generations.add(c.get("/ready").json()["generation"])
+        stop.set()
+        for t in readers:
+            t.join()
+        writer.close()
+    assert errors == []
+    assert len(generations) >= 3  # the service moved along with the writer
+
+
+# -- where parsing (CLI) and threads --------------------------------------------------------------------
+
+
+def test_cli_where_takes_a_range_on_one_field_and_booleans() -> None:
+    assert parse_where(["price>=10", "price<=20"]) == {"price": {">=": 10, "<=": 20}}
+    assert parse_where(["flag=true", "brand=acme", "price<5"]) == {"flag": True, "brand": "acme", "price": ("<", 5)}
+    with pytest.raises(Exception, match="given twice"):
+        parse_where(["price<5", "price<6"])
+
+
+def test_faiss_thread_setting_is_per_thread() -> None:
+    """index._threads_for sets OpenMP's thread count for the calling thread only (OpenMP's nthreads-var is a
+    per-thread setting): a search holding one thread does not change what a concurrent thread sees."""
+    from matching.index import _threads_for
+
+    outside = faiss.omp_get_max_threads()
+    inside = threading.Event()
+    release = threading.Event()
+    seen: list[int] = []
+
+    def hold() -> None:
+        with _threads_for(1):
+            seen.append(faiss.omp_get_max_threads())
+            inside.set()
+            release.wait(10)
+        seen.append(faiss.omp_get_max_threads())
+
+    t = threading.Thread(target=hold)
+    t.start()
+    assert inside.wait(10)
+    assert faiss.omp_get_max_threads() == outside
+    other: list[int] = []
+    probe = threading.Thread(target=lambda: other.append(faiss.omp_get_max_threads()))
+    probe.start()
+    probe.join()
+    release.set()
+    t.join()
+    assert seen[0] == 1
+    assert other == [outside]
+    assert faiss.omp_get_max_threads() == outside
