@@ -139,6 +139,7 @@ class Service:
         self._lock = threading.Lock()  # one writer or refresher at a time in this process
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._torch_threads = 0
 
     def start(self) -> None:
         """Load the bundle and keep it fresh, in a background thread (``/ready`` says when it is loaded)."""
@@ -151,10 +152,15 @@ class Service:
             self._thread.join(timeout=10)
         if self.matcher is not None:
             self.matcher.close()
+        if self._torch_threads:  # the setting is process-wide: give it back (an app in tests, in a notebook)
+            import torch
+
+            torch.set_num_threads(self._torch_threads)
 
     def _run(self) -> None:
         import torch
 
+        self._torch_threads = torch.get_num_threads()
         torch.set_num_threads(self.config.torch_threads)
         try:
             matcher = Matcher.load(self.path)
