@@ -40,7 +40,8 @@ from matching.layout import MANIFEST_FILE, POINTER_FILE
 
 FORMAT_VERSION = 1
 DEFAULT_LOCK_TIMEOUT = 30.0
-_GEN = re.compile(r"gen-(\d{6})\Z")
+# six digits or more: the name after gen-999999 is gen-1000000 (numbers, not names, are compared)
+_GEN = re.compile(r"gen-(\d{6,})\Z")
 
 
 @dataclass
@@ -100,7 +101,10 @@ def _fsync(path: Path) -> None:
 
 
 def is_bundle(path: Path) -> bool:
-    return (path / POINTER_FILE).is_file()
+    """Whether ``path`` is a bundle: a ``CURRENT`` file that names one of its ``gen-N`` directories (any other
+    folder that happens to hold a file called CURRENT is not one, and is never overwritten as one)."""
+    name = _read_pointer(Path(path))
+    return name is not None and _GEN.match(name) is not None and (Path(path) / name).is_dir()
 
 
 def current_generation(path: Path) -> Path:
@@ -116,9 +120,11 @@ def current_generation(path: Path) -> Path:
             f"{str(path)!r} is not a bundle (it has no {POINTER_FILE} file); "
             "pass the directory that Matcher.build / matching build created"
         )
-    name = pointer.read_text(encoding="utf-8").strip()
+    name = _read_pointer(path)
+    if name is None:
+        raise BundleError(f"cannot read {str(pointer)!r}: it is not a generation name; restore it or rebuild")
     gen = path / name
-    if not _GEN.match(name) or not (gen / MANIFEST_FILE).is_file():
+    if not _GEN.match(name) or gen.is_symlink() or not (gen / MANIFEST_FILE).is_file():
         raise BundleError(f"bundle {str(path)!r} points to {name!r}, which is not a complete generation")
     return gen
 
@@ -216,7 +222,7 @@ def live_name(path: Path) -> str | None:
 def _read_pointer(path: Path) -> str | None:
     try:
         return (path / POINTER_FILE).read_text(encoding="utf-8").strip()
-    except OSError:
+    except (OSError, UnicodeDecodeError):  # missing, unreadable, or damaged bytes: no generation named
         return None
 
 
@@ -334,6 +340,7 @@ def _new_generation(path: Path, *, overwrite: bool, base: Path | None, change: b
             raise BundleError("internal error: a generation was finished without a manifest")
         for file in staging.iterdir():
             _fsync(file)
+        _share(staging, root if fresh else None)
         _fsync(staging)
         staging.rename(root / final_name)
         _fsync(root)
@@ -348,6 +355,30 @@ def _new_generation(path: Path, *, overwrite: bool, base: Path | None, change: b
         if fresh:
             shutil.rmtree(root, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask would, for an instant, in every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def _share(staging: Path, root: Path | None) -> None:
+    """Give a new generation (and a new bundle's directory) the permissions the umask asks for: temporary
+    directories are made 0700 and some writers make files 0600, which would lock out a service account
+    that only reads the bundle."""
+    mask = _umask()
+    for file in staging.iterdir():
+        if file.is_file() and not file.is_symlink():
+            os.chmod(file, 0o666 & ~mask)
+    os.chmod(staging, 0o777 & ~mask)
+    if root is not None:
+        os.chmod(root, 0o777 & ~mask)
 
 
 def link_or_copy(source: Path, target: Path) -> None:
@@ -398,8 +429,8 @@ def collect_garbage(path: Path, *, lock: bool = True) -> list[str]:
     live = current_generation(path).name
     removed = []
     for child in sorted(path.iterdir()):
-        if child.name == live or not _GEN.match(child.name):
-            continue
+        if child.name == live or not _GEN.match(child.name) or child.is_symlink():
+            continue  # a gen-N link is not ours to empty: its files live elsewhere
         manifest = child / MANIFEST_FILE
         try:
             fd = os.open(manifest, os.O_RDONLY)

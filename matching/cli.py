@@ -38,6 +38,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
         show_progress=not args.quiet,
         analyzer=args.analyzer,
         retrieval=args.retrieval,
+        engine=args.engine,
+        ray_address=args.ray_address,
+        encoders=args.encoders,
     )
     skipped = matcher.manifest.source.get("skipped_rows", 0)
     print(
@@ -338,8 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("build", help="encode a CSV/TSV/JSONL catalogue into a new index bundle")
-    p.add_argument("source", help="catalogue file (.csv, .tsv, .jsonl; may be compressed)")
+    p = sub.add_parser("build", help="encode a CSV/TSV/JSONL/Parquet catalogue into a new index bundle")
+    p.add_argument(
+        "source", help="catalogue file (.csv, .tsv, .jsonl, maybe compressed; .parquet), or a directory or glob of them"
+    )
+    p.add_argument("--engine", choices=["local", "ray"], default="local", help="where to read and encode")
+    p.add_argument("--ray-address", help="Ray cluster to use with --engine ray (default: start a local one)")
+    p.add_argument("--encoders", type=int, help="encoder actors with --engine ray (default: one per GPU, else CPUs/4)")
     p.add_argument("--out", help="bundle directory (default: indexes/<file stem>)")
     p.add_argument(
         "--analyzer", choices=["auto", "english", "chinese", "cjk", "standard"], default="auto",

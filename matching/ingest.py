@@ -26,6 +26,7 @@ from matching.types import IdType
 _INT_ID = re.compile(r"-?(0|[1-9][0-9]*)\Z")
 _TAB_SUFFIXES = {".tsv", ".tab", ".txt"}
 _JSONL_SUFFIXES = {".jsonl", ".ndjson"}
+_PARQUET_SUFFIXES = {".parquet", ".pq"}
 _COMPRESSION_SUFFIXES = {".gz", ".bz2", ".zip", ".xz", ".zst"}
 DEFAULT_CHUNKSIZE = 20_000
 _EXACT = 2.0**53  # floats at or above this cannot tell neighbouring whole numbers apart
@@ -108,7 +109,7 @@ def _locate_decode_error(path: Path, encoding: str) -> tuple[int, int] | None:
 
 
 def file_format(path: Path) -> str:
-    """'csv', 'tsv' or 'jsonl', from the suffix (a compression suffix is looked through)."""
+    """'csv', 'tsv', 'jsonl' or 'parquet', from the suffix (a compression suffix is looked through)."""
     suffixes = [s.lower() for s in path.suffixes]
     while suffixes and suffixes[-1] in _COMPRESSION_SUFFIXES:
         suffixes.pop()
@@ -117,7 +118,44 @@ def file_format(path: Path) -> str:
         return "tsv"
     if last in _JSONL_SUFFIXES:
         return "jsonl"
+    if last in _PARQUET_SUFFIXES:
+        return "parquet"
     return "csv"
+
+
+def catalogue_files(source: str | Path) -> list[Path]:
+    """The files of a catalogue source, in the order they are read: one file, or the table files (by suffix:
+    CSV, TSV, JSONL, Parquet; hidden files skipped) of a directory (not its subdirectories) or of what a glob
+    pattern matches, sorted by name."""
+    path = Path(source).expanduser()
+    with reading(path):
+        if not path.exists() and any(c in str(source) for c in "*?["):
+            anchor = Path(path.anchor or ".")
+            pattern = str(path.relative_to(anchor)) if path.is_absolute() else str(source)
+            files = sorted(
+                p for p in anchor.glob(pattern) if p.is_file() and not p.name.startswith(".") and _is_table(p)
+            )
+            if not files:
+                raise InputFileError(f"no catalogue file (CSV, TSV, JSONL, Parquet) matches {str(source)!r}")
+            return files
+        if not path.exists():
+            raise InputFileError(f"catalogue file {str(path)!r} does not exist")
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and _is_table(p))
+            if not files:
+                raise InputFileError(
+                    f"catalogue path {str(path)!r} is a directory; pass a CSV, TSV, JSONL or Parquet file, or a "
+                    "directory that holds some (this one has none)"
+                )
+            return files
+    return [path]
+
+
+def _is_table(path: Path) -> bool:
+    suffixes = [s.lower() for s in path.suffixes]
+    while suffixes and suffixes[-1] in _COMPRESSION_SUFFIXES:
+        suffixes.pop()
+    return bool(suffixes) and suffixes[-1] in {".csv", *_TAB_SUFFIXES, *_JSONL_SUFFIXES, *_PARQUET_SUFFIXES}
 
 
 def _separator(path: Path) -> str:
@@ -139,6 +177,9 @@ def read_table(
     without ``chunksize``, else frames of ``chunksize`` rows. Call inside :func:`reading` for typed errors.
     """
     encoding = _encoding(encoding)
+    if file_format(path) == "parquet":
+        yield from _read_parquet(path, chunksize)
+        return
     if file_format(path) == "jsonl":
         if path.stat().st_size == 0:
             raise pd.errors.EmptyDataError("empty")
@@ -155,6 +196,32 @@ def read_table(
         yield frames
     else:
         yield from frames
+
+
+def _read_parquet(path: Path, chunksize: int | None) -> Iterator[pd.DataFrame]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise InputFileError(f"reading {str(path)!r} needs pyarrow: pip install pyarrow (or 'matching[ray]')") from None
+    try:
+        table = pq.ParquetFile(path)
+        if chunksize is None:
+            yield table.read().to_pandas()
+            return
+        empty = True
+        for batch in table.iter_batches(batch_size=chunksize):
+            empty = False
+            yield batch.to_pandas()
+        if empty:
+            raise pd.errors.EmptyDataError("empty")
+    except pa.ArrowException as exc:
+        raise InputFileError(f"{str(path)!r} is not a readable Parquet file ({exc})") from None
+
+
+def is_int_id(ext_id: str) -> bool:
+    """Whether a canonical id is a whole number written plainly (the bundle then hands ids back as ints)."""
+    return _INT_ID.match(ext_id) is not None
 
 
 def canonical_id(value: Any) -> str | None:
@@ -219,10 +286,16 @@ class CatalogueReader:
         self.skipped = 0
         self.skipped_examples: list[str] = []
         self._all_int = True
-        self._seen: set[str] = set()
+        self._seen: dict[str, int] = {}  # id -> where it was read: file number << 32 | row
+        self._files: list[str] = []
+        self._name = ""
+        self.files: list[Path] = []  # the files of the source, once iteration has started
 
     @property
     def name(self) -> str:
+        """The table being read (the file, for a source of several), as error messages name it."""
+        if self._name:
+            return self._name
         return "the DataFrame" if isinstance(self.source, pd.DataFrame) else repr(str(self.source))
 
     @property
@@ -230,31 +303,35 @@ class CatalogueReader:
         return IdType.INT if self._all_int and self.count else IdType.STR
 
     def __iter__(self) -> Iterator[Chunk]:
-        first_row = 1
-        for frame in self._frames():
-            chunk = self._validate(frame, first_row)
-            first_row += len(frame)
-            if len(chunk):
-                yield chunk
+        for frames in self._tables():
+            first_row = 1  # rows are counted per file
+            for frame in frames:
+                chunk = self._validate(frame, first_row)
+                first_row += len(frame)
+                if len(chunk):
+                    yield chunk
 
     # -- reading ---------------------------------------------------------------------------------
 
-    def _frames(self) -> Iterator[pd.DataFrame]:
+    def _tables(self) -> Iterator[Iterator[pd.DataFrame]]:
         if isinstance(self.source, pd.DataFrame):
             self._check_columns(list(self.source.columns))
-            for start in range(0, len(self.source), self.chunksize):
-                yield self.source.iloc[start : start + self.chunksize]
+            frame = self.source
+            yield (frame.iloc[start : start + self.chunksize] for start in range(0, len(frame), self.chunksize))
             return
-        path = Path(self.source).expanduser()
-        with reading(path, self.encoding):  # exists() too raises PermissionError in an unreadable folder
-            if not path.exists():
-                raise InputFileError(f"catalogue file {str(path)!r} does not exist")
-            if path.is_dir():
-                raise InputFileError(f"catalogue path {str(path)!r} is a directory; pass a CSV, TSV or JSONL file")
+        files = self.files = catalogue_files(self.source)
+        for path in files:
+            if len(files) > 1:
+                self._name = repr(str(path))
+            self._files.append(self._name)
+            yield self._file_frames(path)
+
+    def _file_frames(self, path: Path) -> Iterator[pd.DataFrame]:
+        with reading(path, self.encoding):
             yield from self._read_file(path)
 
     def _read_file(self, path: Path) -> Iterator[pd.DataFrame]:
-        if file_format(path) != "jsonl":
+        if file_format(path) in ("csv", "tsv"):
             # the header as written: pandas would rename a repeated "title" to "title.1" and hide the clash
             header = pd.read_csv(
                 path, sep=_separator(path), header=None, nrows=1, encoding=_encoding(self.encoding), dtype=str,
@@ -269,6 +346,10 @@ class CatalogueReader:
                 self._check_columns(list(frame.columns))
                 checked = True
             yield frame
+
+    def _where(self, seen: int) -> str:
+        row = f"row {seen & 0xFFFFFFFF}"
+        return f"{self._files[seen >> 32]} {row}" if self._files and self._files[seen >> 32] else row
 
     def _check_columns(self, columns: list[Any]) -> None:
         names = [str(c) for c in columns]
@@ -323,9 +404,9 @@ class CatalogueReader:
                 continue
             assert ext_id is not None
             if ext_id in self._seen:
-                duplicates.append(f"{ext_id!r} (row {row})")
+                duplicates.append(f"{ext_id!r} (row {row}) first at {self._where(self._seen[ext_id])}")
                 continue
-            self._seen.add(ext_id)
+            self._seen[ext_id] = max(0, len(self._files) - 1) << 32 | row
             if self._all_int and not _INT_ID.match(ext_id):
                 self._all_int = False
             chunk.ids.append(ext_id)

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
-from matching import __version__, changes, generation
+from matching import changes, generation
 from matching.analysis import Analyzer
+from matching.building import build_bundle
 from matching.bundle import (
     DEFAULT_LOCK_TIMEOUT,
     Manifest,
@@ -25,19 +25,18 @@ from matching.bundle import (
     current_generation,
     lease_current,
     live_name,
-    new_generation,
 )
 from matching.config import EncoderConfig, IndexConfig, ScorerConfig
-from matching.encoder import Encoder, UnknownTokens
-from matching.errors import BadRowError, BundleError, ConfigError
+from matching.encoder import Encoder
+from matching.errors import BundleError, ConfigError
 from matching.features import DEFAULT_DENSE_WEIGHT
 from matching.index import VectorIndex
-from matching.ingest import DEFAULT_CHUNKSIZE, CatalogueReader, metadata_json
+from matching.ingest import DEFAULT_CHUNKSIZE
 from matching.layout import QUERY_ENCODER, SCORER_CONFIG, SCORER_WEIGHTS, TRAIN_REPORT
 from matching.scorer import Scorer
 from matching.search import RETRIEVERS, NoReranker, Queries, ScorerReranker, Snapshot, open_snapshot, search
 from matching.store import Store, Where
-from matching.types import ChangeReport, ExternalId, Match, Preset, Retrieval
+from matching.types import ChangeReport, Engine, ExternalId, Match, Preset, Retrieval
 
 if TYPE_CHECKING:
     from matching.training.distill import DistillReport
@@ -133,13 +132,19 @@ class Matcher:
         overwrite: bool = False,
         show_progress: bool = True,
         lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+        engine: Engine | str = Engine.LOCAL,
+        ray_address: str | None = None,
+        encoders: int | None = None,
     ) -> Matcher:
-        """Encode every title of ``source`` (CSV/TSV/JSONL path or DataFrame) into a new bundle at ``path``.
+        """Encode every title of ``source`` into a new bundle at ``path``: a CSV/TSV/JSONL/Parquet file, a directory
+        or glob of them (ids unique across all), or a DataFrame.
 
         ``title_column`` may name several columns; their values are joined with a space.
-        Every other column is kept as metadata. ``preset`` picks the encoder's speed/precision
-        (:class:`~matching.types.Preset`; default ``default``). ``index_config`` defaults to the automatic
-        index for the catalogue's size. Nothing is published unless the whole build succeeds.
+        Every other column is kept as metadata. ``engine="ray"`` reads and encodes on a Ray cluster
+        (``ray_address``; default: a local one) with ``encoders`` encoder actors (:mod:`matching.distributed`).
+        ``preset`` picks the encoder's speed/precision (:class:`~matching.types.Preset`; default ``default``).
+        ``index_config`` defaults to the automatic index for the catalogue's size.
+        Nothing is published unless the whole build succeeds.
         """
         path = Path(path)
         check_target(path, overwrite=overwrite)
@@ -160,57 +165,14 @@ class Matcher:
         # the untrained reranker scores as the default retrieval ranks: cosine, BM25, or their fusion
         weight = {Retrieval.DENSE: 1.0, Retrieval.LEXICAL: 0.0}.get(retrieval or Retrieval.HYBRID, DEFAULT_DENSE_WEIGHT)
         scorer_config = ScorerConfig(dim=encoder.dim, hidden=scorer_hidden, lexical=True, dense_weight=weight)
-        reader = CatalogueReader(
-            source,
-            id_column=id_column,
-            title_column=title_column,
-            skip_bad_rows=skip_bad_rows,
-            chunksize=chunksize,
-            encoding=encoding,
-        )
-        total = len(source) if isinstance(source, pd.DataFrame) else None
-        with new_generation(path, overwrite=overwrite, lock_timeout=lock_timeout) as gen:
-            writer = Store.create(gen, encoder.dim)
-            unknown = UnknownTokens(encoder)
-            try:
-                with tqdm(total=total, desc="encoding titles", unit="title", disable=not show_progress) as bar:
-                    for chunk in reader:
-                        unknown.count(chunk.titles)
-                        vectors = encoder.encode_titles(chunk.titles)
-                        writer.append(chunk.ids, chunk.titles, map(metadata_json, chunk.metadata), vectors)
-                        bar.update(len(chunk))
-            except BaseException:
-                writer.abort()
-                raise
-            if reader.count == 0:
-                writer.abort()
-                raise BadRowError(
-                    f"{reader.name} has no usable rows ({reader.skipped} skipped); nothing was built. "
-                    "Add rows, or check id_column / title_column"
-                )
-            writer.finish(reader.id_type)
-            built = generation.index_from_store(gen, index_config)
-            lexical = generation.lexical_from_store(gen, analyzer)
-            manifest = Manifest(
-                library_version=__version__,
-                encoder=generation.encoder_record(encoder),
-                dim=encoder.dim,
-                count=reader.count,
-                index=generation.index_record(built, index_config),
-                id_type=reader.id_type.value,
-                source={
-                    "name": "DataFrame" if isinstance(source, pd.DataFrame) else str(source),
-                    "id_column": id_column,
-                    "title_columns": reader.title_columns,
-                    "skipped_rows": reader.skipped,
-                    "unknown_token_share": unknown.share,
-                },
-                lexical=generation.lexical_record(lexical, retrieval=(retrieval or Retrieval.HYBRID).value),
-            )
-            generation.finish(gen, manifest, index=built, lexical=lexical, scorer=Scorer(scorer_config))
-        unknown.warn()
-        if reader.skipped:
-            log.warning("skipped %d bad row(s), e.g. %s", reader.skipped, "; ".join(reader.skipped_examples))
+        rows = build_bundle(
+            source, path, encoder, id_column=id_column, title_column=title_column, index_config=index_config,
+            scorer_config=scorer_config, analyzer=analyzer, retrieval=retrieval, skip_bad_rows=skip_bad_rows,
+            encoding=encoding, chunksize=chunksize, overwrite=overwrite, show_progress=show_progress,
+            lock_timeout=lock_timeout, engine=Engine(engine), ray_address=ray_address, encoders=encoders,
+        )  # fmt: skip
+        if rows.skipped:
+            log.warning("skipped %d bad row(s), e.g. %s", rows.skipped, "; ".join(rows.skipped_examples))
         return cls.load(path, encoder=encoder, verify=False, lock_timeout=lock_timeout)
 
     @classmethod

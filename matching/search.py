@@ -367,8 +367,13 @@ def search(
 ) -> list[list[Match]]:
     """The ``k`` best titles for each query: ``retriever`` finds ``max(k, candidates)`` (hybrid: from each side),
     ``reranker`` orders them, and the rows are read from the store."""
-    if k < 1:
-        raise ConfigError(f"k must be >= 1, got {k}")
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise ConfigError(f"k must be a whole number >= 1, got {k!r}")
+    if isinstance(candidates, bool) or not isinstance(candidates, int | np.integer) or candidates < 0:
+        raise ConfigError(f"candidates must be a whole number >= 0, got {candidates!r}")
+    # no more can come back than the catalogue holds: a huge k or candidates must not size the work
+    live = max(1, snap.store.count)
+    k, candidates = min(int(k), live), min(int(candidates), live)
     vectors = np.atleast_2d(np.asarray(queries.vectors, dtype=np.float32))
     queries = Queries(vectors, queries.texts)
     allowed = snap.store.filter_ids(where) if where is not None else None

@@ -35,6 +35,13 @@ class Retrieval(StrEnum):
     LEXICAL = "lexical"
 
 
+class Engine(StrEnum):
+    """Where a build reads and encodes: in this process, or on a Ray cluster (the extra ``matching[ray]``)."""
+
+    LOCAL = "local"
+    RAY = "ray"
+
+
 class IdType(StrEnum):
     """The Python type external ids are handed back as."""
 

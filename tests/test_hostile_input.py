@@ -171,7 +171,7 @@ ERROR_CASES = [
         write("c.csv", "id,title\n 7,tea\n7 ,coffee\n"),
         {},
         DuplicateIdError,
-        r"{file}' repeats ids in column 'id': '7' \(row 2\)\. Ids must be unique",
+        r"{file}' repeats ids in column 'id': '7' \(row 2\) first at row 1\. Ids must be unique",
         id="duplicate-ids-after-strip",
     ),
     pytest.param(

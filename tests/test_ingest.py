@@ -493,3 +493,51 @@ def test_failed_build_into_a_missing_parent_leaves_no_bundle(tmp_path: Path, tin
         build(_empty_title(tmp_path), out, tiny_encoder)
     assert not out.exists()
     assert hidden_entries(out.parent) == []
+
+
+# -- sources of several files ----------------------------------------------------------------------------
+
+
+def _rows(reader: CatalogueReader) -> list[tuple[str, str, dict[str, Any]]]:
+    return [(i, t, m) for chunk in reader for i, t, m in zip(chunk.ids, chunk.titles, chunk.metadata, strict=True)]
+
+
+def test_a_directory_or_glob_of_files_reads_as_their_concatenation(tmp_path: Path) -> None:
+    pytest.importorskip("pyarrow")
+    df = pd.DataFrame({"id": ["a1", "a2", "b1", "c1", "c2"], "title": ["t a1", "t a2", "t b1", "t c1", "t c2"],
+                       "price": [1.5, 2.0, 3.25, 4.0, 5.5]})  # fmt: skip
+    src = tmp_path / "src"
+    src.mkdir()
+    df.iloc[:2].to_csv(src / "a.csv", index=False)
+    df.iloc[2:3].to_json(src / "b.jsonl.gz", orient="records", lines=True)
+    df.iloc[3:].to_parquet(src / "c.parquet")
+    (src / ".hidden.csv").write_text("id,title\nzz,hidden\n", encoding="utf-8")
+    (src / "notes.md").write_text("not a table\n", encoding="utf-8")
+    df.to_csv(tmp_path / "all.csv", index=False)
+    whole = _rows(CatalogueReader(tmp_path / "all.csv"))
+    assert _rows(CatalogueReader(src)) == whole
+    assert _rows(CatalogueReader(str(src / "*"))) == whole
+    assert _rows(CatalogueReader(str(src / "[ab]*"))) == whole[:3]
+    reader = CatalogueReader(src)
+    _rows(reader)
+    assert [p.name for p in reader.files] == ["a.csv", "b.jsonl.gz", "c.parquet"]
+
+
+def test_sources_of_several_files_name_the_file(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.csv").write_text("id,title\n1,one\n2,two\n", encoding="utf-8")
+    (src / "b.csv").write_text("id,title\n3,three\n1,one again\n", encoding="utf-8")
+    with pytest.raises(
+        DuplicateIdError, match=r"b\.csv' repeats ids in column 'id': '1' \(row 2\) first at '[^']*a\.csv' row 1"
+    ):
+        _rows(CatalogueReader(src))
+    (src / "b.csv").write_text("id,title\n3,three\n4,\n", encoding="utf-8")
+    with pytest.raises(BadRowError, match=r"b\.csv', row 2 \(id '4'\): the title 'title' is empty"):
+        _rows(CatalogueReader(src))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputFileError, match="is a directory; pass a CSV, TSV, JSONL or Parquet file"):
+        _rows(CatalogueReader(empty))
+    with pytest.raises(InputFileError, match=r"no catalogue file \(CSV, TSV, JSONL, Parquet\) matches '.*\*\.tsv'"):
+        _rows(CatalogueReader(str(src / "*.tsv")))

@@ -148,7 +148,7 @@ def test_candidates_below_k_still_gives_k(built_bundle: Matcher) -> None:
 
 @pytest.mark.parametrize("k", [0, -1], ids=["k-0", "k-negative"])
 def test_k_below_one_is_a_config_error(built_bundle: Matcher, k: int) -> None:
-    with pytest.raises(ConfigError, match="k must be >= 1"):
+    with pytest.raises(ConfigError, match="k must be a whole number >= 1"):
         built_bundle.search("coffee", k=k)
 
 

@@ -1,0 +1,229 @@
+"""The offline side on a Ray cluster (``engine="ray"``; the extra ``matching[ray]``).
+
+Ray Data reads the catalogue's files (one read per file, with the same :class:`~matching.ingest.CatalogueReader`
+and so the same rules and messages as a local build), encoder actors encode the titles (each loads the encoder
+once), and this process receives the rows in catalogue order and writes them through the one generation writer
+(:mod:`matching.building`): the store, vectors, BM25 and the FAISS index are built here, exactly as locally.
+
+Why the index is built on the driver and not per shard: adding 1M vectors to IVF4096,SQ8 took 2% of the local
+build's time (BENCHMARKS.md), so there is nothing to win on one machine by merging shards; at 100M titles the
+plan in SCALE.md trains the coarse quantiser once and builds inverted lists per shard instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from matching.building import Encoded
+from matching.config import EncoderConfig
+from matching.encoder import Encoder
+from matching.errors import ConfigError, DuplicateIdError, MatchingError
+from matching.ingest import CatalogueReader, catalogue_files, is_int_id, metadata_json
+from matching.types import Engine, IdType
+
+log = logging.getLogger(__name__)
+
+# titles per call of an encoder actor: large enough that Ray's per-batch cost (~1 ms) disappears next to
+# encoding (~2.4 ms a title here), small enough to keep every actor busy and the progress bar moving
+RAY_BATCH = 1024
+# CPU threads for one encoder actor where the cluster does not say otherwise: torch gains little past 4
+_THREADS_PER_ENCODER = 4
+
+
+def read_files(batch: dict[str, np.ndarray], settings: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data: the validated rows of each file in ``batch``, in chunks (one read per file)."""
+    for index, name in zip(batch["index"], batch["file"], strict=True):
+        reader = CatalogueReader(str(name), **settings)
+        before = 0
+        for chunk in reader:
+            n = len(chunk)
+            skipped = np.zeros(n, dtype=np.int64)
+            skipped[0] = reader.skipped - before
+            before = reader.skipped
+            yield {
+                "file": np.full(n, int(index), dtype=np.int64),
+                "row": np.asarray(chunk.rows, dtype=np.int64),
+                "id": np.asarray(chunk.ids, dtype=object),
+                "title": np.asarray(chunk.titles, dtype=object),
+                "metadata": np.asarray([metadata_json(m) for m in chunk.metadata], dtype=object),
+                "skipped": skipped,
+                "keep": np.ones(n, dtype=bool),
+            }
+        if reader.skipped > before:  # bad rows after the last good one: a row that only carries the count
+            yield {
+                "file": np.array([int(index)]), "row": np.array([0]), "id": np.array([""], dtype=object),
+                "title": np.array([""], dtype=object), "metadata": np.array(["{}"], dtype=object),
+                "skipped": np.array([reader.skipped - before]), "keep": np.zeros(1, dtype=bool),
+            }  # fmt: skip
+
+
+class EncodeBatches:
+    """Ray Data actor: loads the encoder once, then encodes each batch's titles."""
+
+    def __init__(self, config: dict[str, Any], threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        self.encoder = Encoder.from_pretrained(EncoderConfig.from_dict(config))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        titles = [str(t) for t in batch["title"]]
+        batch["vector"] = self.encoder.encode_titles(titles)
+        seconds = np.zeros(len(titles))
+        seconds[0] = time.perf_counter() - start
+        batch["encode_seconds"] = seconds
+        batch["actor"] = np.full(len(titles), os.getpid(), dtype=np.int64)
+        return batch
+
+
+def cause(exc: BaseException) -> MatchingError | None:
+    """The :class:`MatchingError` a Ray task raised, found through Ray's wrappers."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        # Ray re-raises a task's error as a class deriving from both RayTaskError and the error: look past it
+        if isinstance(e, MatchingError) and not any(c.__module__.startswith("ray") for c in type(e).__mro__):
+            return e
+        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None
+
+
+class RaySource:
+    """A build's rows, read and encoded on a Ray cluster, received here in catalogue order."""
+
+    def __init__(
+        self,
+        source: str | Path | pd.DataFrame,
+        settings: dict[str, Any],
+        encoder: Encoder,
+        *,
+        address: str | None = None,
+        encoders: int | None = None,
+    ) -> None:
+        if isinstance(source, pd.DataFrame):
+            raise ConfigError("engine='ray' reads files: write the DataFrame to Parquet/CSV, or build it locally")
+        try:
+            import ray
+            import ray.data  # noqa: F401
+        except ImportError:
+            raise ConfigError("engine='ray' needs Ray Data: pip install 'matching[ray]'") from None
+        if encoders is not None and encoders < 1:
+            raise ConfigError(f"encoders must be >= 1, got {encoders}")
+        self.source = source
+        self.files = catalogue_files(source)  # a missing or empty source fails here, before any cluster work
+        self.settings = settings
+        self.encoder = encoder
+        self.address = address
+        self.encoders = encoders
+        self.name = repr(str(source))
+        self.title_columns = [settings["title_column"]] if isinstance(settings["title_column"], str) else list(
+            settings["title_column"]
+        )  # fmt: skip
+        self.count = self.skipped = 0
+        self.skipped_examples: list[str] = []
+        self._all_int = True
+        self._plan: dict[str, Any] = {}
+        self._actors: dict[int, list[float]] = {}
+
+    @property
+    def id_type(self) -> IdType:
+        return IdType.INT if self._all_int and self.count else IdType.STR
+
+    def record(self) -> dict[str, Any]:
+        per_actor = {
+            str(pid): round(titles / seconds, 1) for pid, (titles, seconds) in self._actors.items() if seconds
+        }  # fmt: skip
+        return {"engine": Engine.RAY.value, "files": len(self.files), **self._plan, "titles_per_second": per_actor}
+
+    def __iter__(self) -> Iterator[Encoded]:
+        import ray
+
+        started_here = not ray.is_initialized()
+        if started_here:
+            ray.init(address=self.address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+        try:
+            yield from self._run()
+        except Exception as exc:
+            found = cause(exc)
+            if found is None or found is exc:
+                raise
+            raise found from None  # the file and row the read task named, not Ray's wrapping
+        finally:
+            if started_here:
+                ray.shutdown()
+
+    def _run(self) -> Iterator[Encoded]:
+        import ray
+        import ray.data
+
+        nodes = [n for n in ray.nodes() if n.get("Alive")]  # type: ignore[no-untyped-call]
+        gpus = int(sum(n["Resources"].get("GPU", 0) for n in nodes))
+        cpus = int(sum(n["Resources"].get("CPU", 0) for n in nodes))
+        node_cpus = min((int(n["Resources"].get("CPU", 1)) for n in nodes), default=1)
+        encoders = self.encoders or (gpus or max(1, cpus // _THREADS_PER_ENCODER))
+        threads = max(1, min(node_cpus, cpus // encoders))
+        self._plan = {"encoders": encoders, "threads_per_encoder": threads, "gpus_per_encoder": 1 if gpus else 0,
+                      "cluster_cpus": cpus, "cluster_gpus": gpus, "batch": RAY_BATCH}  # fmt: skip
+        ctx = ray.data.DataContext.get_current()
+        saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
+        ray_log = logging.getLogger("ray.data")
+        level = ray_log.level
+        ray_log.setLevel(max(level, logging.WARNING))  # its INFO lines announce every execution on stdout
+        ctx.execution_options.preserve_order = True  # rows arrive in catalogue order: the same row ids as locally
+        ctx.enable_progress_bars = False  # the build shows its own
+        try:
+            items = [{"index": i, "file": str(f)} for i, f in enumerate(self.files)]
+            ds: Any = ray.data.from_items(items, override_num_blocks=len(items))
+            ds = ds.map_batches(read_files, batch_size=1, fn_kwargs={"settings": self.settings})
+            ds = ds.map_batches(
+                EncodeBatches, batch_size=RAY_BATCH, num_cpus=1, num_gpus=1 if gpus else 0,
+                compute=ray.data.ActorPoolStrategy(size=encoders),
+                fn_constructor_kwargs={"config": self.encoder.config().to_dict(), "threads": threads},
+            )  # fmt: skip
+            seen: dict[str, tuple[int, int]] = {}
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+                yield self._receive(batch, seen)
+        finally:
+            ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
+            ray_log.setLevel(level)
+
+    def _receive(self, batch: dict[str, np.ndarray], seen: dict[str, tuple[int, int]]) -> Encoded:
+        """Check ids across files (each read task checked its own file), count, and keep the rows."""
+        self.skipped += int(batch["skipped"].sum())
+        for pid in np.unique(batch["actor"]):
+            mine = batch["actor"] == pid
+            total = self._actors.setdefault(int(pid), [0.0, 0.0])
+            total[0] += int((mine & batch["keep"]).sum())
+            total[1] += float(batch["encode_seconds"][mine].sum())
+        keep = np.flatnonzero(batch["keep"])
+        ids = [str(batch["id"][i]) for i in keep]
+        for i, ext_id in zip(keep, ids, strict=True):
+            where = (int(batch["file"][i]), int(batch["row"][i]))
+            first = seen.setdefault(ext_id, where)
+            if first != where:
+                raise DuplicateIdError(
+                    f"id {ext_id!r} is in {str(self.files[first[0]])!r} row {first[1]} and again in "
+                    f"{str(self.files[where[0]])!r} row {where[1]}. Ids must be unique across the source's files"
+                )
+            if self._all_int and not is_int_id(ext_id):
+                self._all_int = False
+        self.count += len(ids)
+        return Encoded(
+            ids,
+            [str(batch["title"][i]) for i in keep],
+            [str(batch["metadata"][i]) for i in keep],
+            np.ascontiguousarray(batch["vector"][keep], dtype=np.float32),
+        )

@@ -1,0 +1,113 @@
+"""Ray build vs local build of the 1M-title generated catalogue (issue #13), side by side in one run.
+
+    .venv/bin/python scripts/bench_ray.py                 # 1M titles (about 25 minutes on 2 cores)
+    .venv/bin/python scripts/bench_ray.py --size 20000    # a quick look
+
+Each build is `matching build CSV --out B [--engine ray --encoders 1]` in a fresh process. Peak memory is the
+largest sum of RSS over the build process and all its descendants (Ray's GCS, raylet and workers included),
+sampled every 0.5 s. Afterwards both bundles are compared: the same ids and titles in the same rows, and the
+largest difference between their stored vectors. Prints a table and writes JSON (results/bench_ray.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from matching.demo import generate_large_catalogue  # noqa: E402
+from matching.matcher import Matcher  # noqa: E402
+
+
+def tree_rss(root: int) -> int:
+    """Bytes resident in ``root`` and all its descendants (from /proc)."""
+    parents: dict[int, int] = {}
+    rss: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            parents[int(entry.name)] = int(stat[1])
+            rss[int(entry.name)] = int(stat[21]) * 4096
+        except (OSError, IndexError, ValueError):
+            continue
+    tree, frontier = {root}, [root]
+    while frontier:
+        pid = frontier.pop()
+        for child, parent in parents.items():
+            if parent == pid and child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    return sum(rss.get(pid, 0) for pid in tree)
+
+
+def timed_build(cmd: list[str]) -> dict[str, Any]:
+    print("$ " + " ".join(cmd), flush=True)
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, tree_rss(proc.pid))
+        time.sleep(0.5)
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        raise SystemExit(f"build failed ({proc.returncode})")
+    return {"command": " ".join(cmd), "wall_seconds": wall, "peak_rss_mb": peak / 2**20}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=1_000_000)
+    parser.add_argument("--encoders", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench_ray.json")
+    args = parser.parse_args()
+    work = ROOT / "results" / "ray"
+    work.mkdir(parents=True, exist_ok=True)
+    csv = ROOT / "results" / "scale" / f"catalogue-{args.size}.csv"
+    if not csv.exists():
+        csv = work / f"catalogue-{args.size}.csv"
+        if not csv.exists():
+            generate_large_catalogue(args.size).to_csv(csv, index=False)
+    runs: dict[str, dict[str, Any]] = {}
+    base = [sys.executable, "-m", "matching", "build", str(csv), "--overwrite", "-q"]
+    runs["ray"] = timed_build([*base, "--out", str(work / "bundle-ray"), "--engine", "ray",
+                               "--encoders", str(args.encoders)])  # fmt: skip
+    runs["local"] = timed_build([*base, "--out", str(work / "bundle-local")])
+    with Matcher.load(work / "bundle-local", verify=False) as a, Matcher.load(work / "bundle-ray", verify=False) as b:
+        for name, m in (("local", a), ("ray", b)):
+            runs[name]["build_record"] = m.manifest.source.get("build")
+        same_rows = a.catalogue().equals(b.catalogue())
+        diff = float(np.abs(a.store.vectors - b.store.vectors).max())
+    ray_record = runs["ray"]["build_record"] or {}
+    report = {
+        "titles": args.size, "runs": runs, "same_ids_titles_metadata": same_rows, "max_vector_difference": diff,
+        "ray_overhead": runs["ray"]["wall_seconds"] / runs["local"]["wall_seconds"] - 1,
+        "ray_rss_ratio": runs["ray"]["peak_rss_mb"] / runs["local"]["peak_rss_mb"],
+        "per_actor_titles_per_second": ray_record.get("titles_per_second"),
+    }  # fmt: skip
+    print(f"\n{args.size} titles, CSV -> bundle, this machine")
+    print(f"{'engine':<8} {'wall s':>8} {'peak RSS MB':>12} {'read+encode s':>14} {'index s':>8} {'BM25 s':>7}")
+    for name, r in runs.items():
+        sec = (r["build_record"] or {}).get("seconds", {})
+        print(f"{name:<8} {r['wall_seconds']:>8.1f} {r['peak_rss_mb']:>12.0f} {sec.get('read_and_encode', 0):>14.1f} "
+              f"{sec.get('index', 0):>8.1f} {sec.get('lexical', 0):>7.1f}")  # fmt: skip
+    print(f"ray overhead {report['ray_overhead']:+.1%}, RSS x{report['ray_rss_ratio']:.2f}; "
+          f"per-actor titles/s {report['per_actor_titles_per_second']}; same rows {same_rows}, "
+          f"max vector difference {diff:.2e}")  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Builds on a real local Ray cluster (2 CPUs, one encoder actor) against the local build of the same files."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from matching import BadRowError, ConfigError, DuplicateIdError, Matcher
+from tests.conftest import make_catalogue
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("ray.data")
+pytest.importorskip("pyarrow")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[None]:
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
+
+
+def split_files(directory: Path, df: pd.DataFrame) -> Path:
+    """``df`` as three files of three formats in ``directory``, read in name order."""
+    directory.mkdir(parents=True, exist_ok=True)
+    third = len(df) // 3
+    df.iloc[:third].to_csv(directory / "a.csv", index=False)
+    df.iloc[third : 2 * third].to_json(directory / "b.jsonl", orient="records", lines=True)
+    df.iloc[2 * third :].to_parquet(directory / "c.parquet")
+    return directory
+
+
+def build(source: Any, out: Path, encoder: Any, **kwargs: Any) -> Matcher:
+    return Matcher.build(source, out, encoder=encoder, show_progress=False, **kwargs)
+
+
+def test_a_ray_build_equals_the_local_build(cluster: None, tmp_path: Path, tiny_encoder: Any) -> None:
+    source = split_files(tmp_path / "src", make_catalogue())
+    with (
+        build(source, tmp_path / "local", tiny_encoder) as local,
+        build(source, tmp_path / "ray", tiny_encoder, engine="ray", encoders=1) as on_ray,
+    ):
+        pd.testing.assert_frame_equal(on_ray.catalogue(), local.catalogue())
+        assert on_ray.catalogue()["id"].tolist() == make_catalogue()["id"].tolist()  # ints, in file order
+        assert on_ray.manifest.id_type == local.manifest.id_type == "int"
+        np.testing.assert_allclose(on_ray.store.vectors, local.store.vectors, rtol=0, atol=1e-5)
+        for query in ("acme red coffee maker", "wireless headphones", "blue desk lamp"):
+            a, b = local.search(query, 5), on_ray.search(query, 5)
+            assert [m.id for m in b] == [m.id for m in a]
+            np.testing.assert_allclose([m.score for m in b], [m.score for m in a], atol=1e-5)
+        record = on_ray.manifest.source["build"]
+        assert record["engine"] == "ray"
+        assert record["encoders"] == 1
+        assert record["files"] == 3
+        assert record["cluster_cpus"] == 2
+        assert set(record["seconds"]) == {"read_and_encode", "index", "lexical"}
+        assert all(v > 0 for v in record["titles_per_second"].values())
+        assert local.manifest.source["build"]["engine"] == "local"
+
+
+def test_a_bad_row_fails_the_whole_build_and_publishes_nothing(
+    cluster: None, tmp_path: Path, tiny_encoder: Any
+) -> None:
+    df = make_catalogue()
+    df.loc[len(df) // 3 + 2, "title"] = "   "  # row 3 of the second file
+    source = split_files(tmp_path / "src", df)
+    with pytest.raises(BadRowError, match=r"b\.jsonl', row 3 \(id '1\d+'\): the title 'title' is empty"):
+        build(source, tmp_path / "new", tiny_encoder, engine="ray", encoders=1)
+    assert not (tmp_path / "new").exists() or not (tmp_path / "new" / "CURRENT").exists()
+    # over an existing bundle: it stays as it was
+    with build(make_catalogue().iloc[:5], tmp_path / "old", tiny_encoder) as old:
+        before = old.generation
+    with pytest.raises(BadRowError):
+        build(source, tmp_path / "old", tiny_encoder, engine="ray", encoders=1, overwrite=True)
+    with Matcher.load(tmp_path / "old", encoder=tiny_encoder) as again:
+        assert (again.generation, len(again)) == (before, 5)
+
+
+def test_bad_rows_skipped_on_ray_are_counted_as_locally(cluster: None, tmp_path: Path, tiny_encoder: Any) -> None:
+    df = make_catalogue()
+    third = len(df) // 3
+    df.loc[[1, third + 4, 2 * third - 1, len(df) - 1], "title"] = ""  # the middle and the very end of files
+    source = split_files(tmp_path / "src", df)
+    with (
+        build(source, tmp_path / "local", tiny_encoder, skip_bad_rows=True) as local,
+        build(source, tmp_path / "ray", tiny_encoder, engine="ray", encoders=1, skip_bad_rows=True) as on_ray,
+    ):
+        assert on_ray.manifest.source["skipped_rows"] == local.manifest.source["skipped_rows"] == 4
+        pd.testing.assert_frame_equal(on_ray.catalogue(), local.catalogue())
+
+
+def test_an_id_in_two_files_is_refused_naming_both(cluster: None, tmp_path: Path, tiny_encoder: Any) -> None:
+    df = make_catalogue()
+    df.loc[len(df) - 1, "id"] = df.loc[2, "id"]  # the last row of c.parquet repeats a row of a.csv
+    source = split_files(tmp_path / "src", df)
+    dup = df.loc[2, "id"]
+    with pytest.raises(DuplicateIdError, match=rf"id '{dup}' is in '[^']*a\.csv' row 3 and again in '[^']*c\.parquet'"):
+        build(source, tmp_path / "ray", tiny_encoder, engine="ray", encoders=1)
+    with pytest.raises(
+        DuplicateIdError, match=rf"c\.parquet' repeats ids .*'{dup}' \(row \d+\) first at '[^']*a\.csv' row 3"
+    ):
+        build(source, tmp_path / "local", tiny_encoder)
+
+
+def test_ray_needs_files(tmp_path: Path, tiny_encoder: Any) -> None:
+    with pytest.raises(ConfigError, match="reads files"):
+        build(make_catalogue(), tmp_path / "b", tiny_encoder, engine="ray")
+    with pytest.raises(ConfigError, match="encoders must be >= 1"):
+        build(split_files(tmp_path / "src", make_catalogue()), tmp_path / "b", tiny_encoder, engine="ray", encoders=0)
