@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
@@ -19,20 +17,10 @@ from matching.bundle import Manifest, new_generation
 from matching.config import IndexConfig, ScorerConfig
 from matching.encoder import Encoder, UnknownTokens
 from matching.errors import BadRowError
-from matching.ingest import CatalogueReader, metadata_json
+from matching.ingest import CatalogueReader, Encoded, metadata_json
 from matching.scorer import Scorer
 from matching.store import Store
 from matching.types import Engine, IdType, Retrieval
-
-
-@dataclass
-class Encoded:
-    """Validated rows with their vectors (metadata as JSON text), in catalogue order."""
-
-    ids: list[str]
-    titles: list[str]
-    metadata: list[str]
-    vectors: np.ndarray
 
 
 class RowSource(Protocol):

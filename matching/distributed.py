@@ -22,11 +22,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from matching.building import Encoded
 from matching.config import EncoderConfig
 from matching.encoder import Encoder
 from matching.errors import ConfigError, DuplicateIdError, MatchingError
-from matching.ingest import CatalogueReader, catalogue_files, is_int_id, metadata_json
+from matching.ingest import CatalogueReader, Encoded, catalogue_files, is_int_id, metadata_json
 from matching.types import Engine, IdType
 
 log = logging.getLogger(__name__)

@@ -45,6 +45,16 @@ class Chunk:
         return len(self.ids)
 
 
+@dataclass
+class Encoded:
+    """Validated rows with their vectors (metadata as JSON text), in catalogue order: what a build writes."""
+
+    ids: list[str]
+    titles: list[str]
+    metadata: list[str]
+    vectors: np.ndarray
+
+
 @contextlib.contextmanager
 def reading(path: Path, encoding: str = "utf-8") -> Iterator[None]:
     """Turn the ways reading a user table can fail into typed errors that name the file and the fix."""

@@ -224,6 +224,10 @@ def serve(model_dir: str, bundle: str) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "serve":
+        # pandas imports pyarrow where it is installed, and pyarrow starts a jemalloc background thread: a fork
+        # taken while that thread holds an allocator lock leaves the child waiting on it for ever (seen: a forked
+        # writer stuck in futex_wait with its staging store open). The writer never needs pyarrow; hide it.
+        sys.modules["pyarrow"] = None  # type: ignore[assignment]
         serve(sys.argv[2], sys.argv[3])
     elif len(sys.argv) == 5:
         run_writer(load_encoder(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
