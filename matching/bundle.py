@@ -107,6 +107,14 @@ def is_bundle(path: Path) -> bool:
     return name is not None and _GEN.match(name) is not None and (Path(path) / name).is_dir()
 
 
+def enclosing_bundle(path: Path) -> Path | None:
+    """The bundle that ``path`` is, or lies inside (an output must never be written there), else ``None``."""
+    for candidate in [Path(path).resolve(), *Path(path).resolve().parents]:
+        if is_bundle(candidate):
+            return candidate
+    return None
+
+
 def current_generation(path: Path) -> Path:
     """The live generation directory of the bundle at ``path``."""
     path = Path(path)

@@ -80,11 +80,16 @@ def _add_index_options(p: argparse.ArgumentParser, *, default: str | None) -> No
     p.add_argument("--ef-search", type=int, help="fix HNSW efSearch instead of tuning it")
 
 
+def _shown(text: object) -> str:
+    """Text for a terminal: control characters (escape codes included) written as escapes, never sent raw."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 def _print_hits(query: str, hits: Sequence[Any]) -> None:
-    print(f"\nquery: {query}")
+    print(f"\nquery: {_shown(query)}")
     for rank, h in enumerate(hits, 1):
         meta = f"  {json.dumps(h.metadata, ensure_ascii=False)}" if h.metadata else ""
-        print(f"  {rank:>2}. {h.score:.4f}  [{h.id}] {h.title}{meta}")
+        print(f"  {rank:>2}. {h.score:.4f}  [{_shown(h.id)}] {_shown(h.title)}{_shown(meta)}")
 
 
 def _cmd_search(args: argparse.Namespace) -> int:

@@ -267,13 +267,28 @@ def _max_distinct() -> int:
     return total * len(_BRANDS)
 
 
+def _generated(path: Path) -> bool:
+    """Whether ``path`` is a catalogue the demo wrote (its header, and SKU ids)."""
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        head = [fh.readline() for _ in range(2)]
+    return head[0].strip() == "id,title,brand,category,price" and head[1].startswith("SKU-")
+
+
 def run_demo(out: Path, *, size: int = 3000, show_progress: bool = True) -> None:
     """Write a generated catalogue CSV, build a bundle from it, and print matches for a few queries."""
+    from matching.bundle import current_generation, is_bundle, read_manifest
+    from matching.errors import BundleError
     from matching.matcher import Matcher
 
     out.parent.mkdir(parents=True, exist_ok=True)
     csv_path = out.parent / f"{out.name}-catalogue.csv"
-    generate_catalogue(size).to_csv(csv_path, index=False)
+    text = generate_catalogue(size).to_csv(index=False)
+    # the demo replaces only what an earlier demo wrote: its own catalogue file and a bundle built from it
+    if csv_path.exists() and (not csv_path.is_file() or not _generated(csv_path)):
+        raise BundleError(f"{str(csv_path)!r} exists and is not a demo catalogue; choose another --out")
+    if is_bundle(out) and read_manifest(current_generation(out), verify=False).source.get("name") != str(csv_path):
+        raise BundleError(f"{str(out)!r} is a bundle that the demo did not build; choose another --out")
+    csv_path.write_text(text, encoding="utf-8")
     print(f"wrote {size} generated product titles to {csv_path}")
     matcher = Matcher.build(csv_path, out, overwrite=True, show_progress=show_progress)
     print(f"built bundle {out} ({len(matcher)} titles, index {matcher.manifest.factory})")

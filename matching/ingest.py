@@ -5,6 +5,7 @@ from __future__ import annotations
 import bz2
 import contextlib
 import csv
+import decimal
 import gzip
 import json
 import lzma
@@ -191,9 +192,9 @@ def read_table(
         yield from _read_parquet(path, chunksize)
         return
     if file_format(path) == "jsonl":
-        if path.stat().st_size == 0:
-            raise pd.errors.EmptyDataError("empty")
-        frames: Any = pd.read_json(path, lines=True, chunksize=chunksize, dtype=False, encoding=encoding)
+        frames: Any = _read_jsonl(path, chunksize, encoding)
+        if chunksize is None:
+            frames = pd.concat(list(frames), ignore_index=True)
     else:
         text: dict[str, Any] = (
             {"dtype": str} if text_columns is None else {"dtype": dict.fromkeys(text_columns, str), "na_values": [""]}
@@ -208,6 +209,56 @@ def read_table(
         yield from frames
 
 
+def _read_jsonl(path: Path, chunksize: int | None, encoding: str) -> Iterator[pd.DataFrame]:
+    """JSON Lines as frames of Python values (object columns): an integer stays an exact int however large and
+    whatever other rows lack the key, where pandas would turn the column into floats."""
+    from pandas.io.common import get_handle  # type: ignore[import-not-found]  # (absent from pandas-stubs)
+
+    records: list[dict[str, Any]] = []
+    yielded = False
+    with get_handle(path, "r", encoding=encoding, compression="infer") as handles:
+        for number, line in enumerate(handles.handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"line {number}: {exc.msg} (column {exc.colno})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"line {number} is a JSON {type(record).__name__}, not an object of fields")
+            records.append(record)
+            if chunksize and len(records) >= chunksize:
+                yield pd.DataFrame(records, dtype=object)
+                yielded, records = True, []
+    if records:
+        yield pd.DataFrame(records, dtype=object)
+    elif not yielded:
+        raise pd.errors.EmptyDataError("empty")
+
+
+_DECIMAL = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?\Z")
+
+
+def typed_text(text: str) -> Any:
+    """A CSV/TSV metadata cell as the value it stands for, losing nothing: empty is missing (None); a plainly
+    written integer (no leading zero, any size) is an int; a decimal that a float gives back as written (by repr:
+    "1.50", "2.25", "1e3") is a float; true/false (any case) are booleans; everything else ("007", "+5", "NaN",
+    "1.10000000000000000001") stays the text it was."""
+    if not text:
+        return None
+    if _DECIMAL.match(text):
+        if _INT_ID.match(text):
+            return int(text)
+        number = float(text)
+        if math.isfinite(number) and decimal.Decimal(text) == decimal.Decimal(repr(number)):
+            return number
+        return text
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    return text
+
+
 def _read_parquet(path: Path, chunksize: int | None) -> Iterator[pd.DataFrame]:
     try:
         import pyarrow as pa
@@ -217,12 +268,12 @@ def _read_parquet(path: Path, chunksize: int | None) -> Iterator[pd.DataFrame]:
     try:
         table = pq.ParquetFile(path)
         if chunksize is None:
-            yield table.read().to_pandas()
+            yield table.read().to_pandas(integer_object_nulls=True)
             return
         empty = True
         for batch in table.iter_batches(batch_size=chunksize):
             empty = False
-            yield batch.to_pandas()
+            yield batch.to_pandas(integer_object_nulls=True)  # ints with nulls stay ints
         if empty:
             raise pd.errors.EmptyDataError("empty")
     except pa.ArrowException as exc:
@@ -349,12 +400,20 @@ class CatalogueReader:
             )  # fmt: skip
             self._check_columns(header.iloc[0].tolist())
         checked = False
-        for frame in read_table(
-            path, text_columns=[self.id_column, *self.title_columns], chunksize=self.chunksize, encoding=self.encoding
-        ):
+        text = file_format(path) in ("csv", "tsv")
+        # CSV/TSV cells are read as written and typed one by one (typed_text): no column-wide guess turns "007"
+        # into 7 or an integer column with a gap into floats
+        for frame in read_table(path, text_columns=None if text else [self.id_column, *self.title_columns],
+                                chunksize=self.chunksize, encoding=self.encoding):  # fmt: skip
             if not checked:
                 self._check_columns(list(frame.columns))
                 checked = True
+            if text:
+                for column in frame.columns:
+                    if column != self.id_column and column not in self.title_columns:
+                        # a Series built as object: Series.map would infer floats for ints beside a None
+                        values = [typed_text(v) for v in frame[column].tolist()]
+                        frame[column] = pd.Series(values, index=frame.index, dtype=object)
             yield frame
 
     def _where(self, seen: int) -> str:
@@ -387,7 +446,7 @@ class CatalogueReader:
         for offset, raw_id in enumerate(raw_ids):
             row = first_row + offset
             ext_id = canonical_id(raw_id)
-            title = " ".join(str(p[offset]) for p in parts if not _is_missing(p[offset])).strip()
+            title = " ".join(str(p[offset]) for p in parts if not _is_missing(p[offset]) and p[offset] != "").strip()
             problem = None
             if isinstance(raw_id, list | tuple | dict | set | np.ndarray):  # a JSON array/object, not an id
                 problem = f"row {row}: the id {raw_id!r} in column {self.id_column!r} is not a string or a number"

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from matching.bundle import enclosing_bundle
 from matching.errors import InputFileError, SchemaError
 from matching.ingest import file_format, read_table, reading
 
@@ -34,6 +35,14 @@ def score_file(
     """
     if not source.is_file():
         raise InputFileError(f"pairs file {str(source)!r} does not exist or is not a file")
+    if out.is_dir():
+        raise InputFileError(f"--out {str(out)!r} is a directory; give a file path such as {str(out / 'scores.csv')!r}")
+    bundle = enclosing_bundle(out.parent)
+    if bundle is not None:
+        raise InputFileError(
+            f"--out {str(out)!r} is inside the bundle {str(bundle)!r}, which only its own writer may change; "
+            "write the scores elsewhere"
+        )
     if {".zip", ".tar"} & {s.lower() for s in out.suffixes}:
         raise InputFileError(f"cannot stream scores into an archive ({str(out)!r}); use .csv, .tsv or .csv.gz")
     sep = "\t" if file_format(source) == "tsv" else ","

@@ -252,6 +252,12 @@ class Store:
         frame = pd.DataFrame.from_records(records)
         if frame.empty:
             return pd.DataFrame({"id": [], "title": []})
+        for column in frame.columns:
+            # pandas makes floats of integers beside a gap or above 2**53: keep such a column as Python values
+            values = [r.get(column) for r in records]
+            ints = [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+            if ints and ((len(ints) < len(values) and None in values) or max(abs(v) for v in ints) > 2**53):
+                frame[column] = pd.Series(values, dtype=object)
         return frame[["id", "title", *[c for c in frame.columns if c not in ("id", "title")]]]
 
     def external_id(self, raw: str) -> str | int:

@@ -113,3 +113,91 @@ def test_a_huge_k_or_candidates_is_bounded_by_the_catalogue(built_bundle: Any) -
     for bad in (0, -1, 2.5, True, "10"):
         with pytest.raises(Exception, match="k must be a whole number"):
             built_bundle.search("red shoes", k=bad)
+
+
+def test_score_output_never_lands_in_a_bundle_or_on_a_directory(
+    own_bundle: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from matching.cli import main
+
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("query,title\nred shoes,Acme red running shoes\n", encoding="utf-8")
+    path = own_bundle.path
+    gen = current_generation(path)
+    before = {p.name: p.read_bytes() for p in [path / "CURRENT", *gen.iterdir()] if p.is_file()}
+    for out in (path / "CURRENT", gen / "store.sqlite", gen / "scores.csv", path / "scores.csv"):
+        assert main(["score", str(path), str(pairs), "--out", str(out), "-q"]) == 1
+        assert "inside the bundle" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in [path / "CURRENT", *gen.iterdir()] if p.is_file()} == before
+    assert main(["score", str(path), str(pairs), "--out", str(tmp_path), "-q"]) == 1
+    assert "is a directory; give a file path" in capsys.readouterr().err
+    assert main(["score", str(path), str(pairs), "--out", str(tmp_path / "scores.csv"), "-q"]) == 0
+
+
+def test_demo_replaces_only_what_a_demo_wrote(own_bundle: Any, tmp_path: Path) -> None:
+    from matching.demo import run_demo
+
+    mine = tmp_path / "shop-catalogue.csv"
+    mine.write_text("id,title\n1,my own precious catalogue\n", encoding="utf-8")
+    with pytest.raises(BundleError, match="is not a demo catalogue"):
+        run_demo(tmp_path / "shop", size=20, show_progress=False)
+    assert mine.read_text(encoding="utf-8") == "id,title\n1,my own precious catalogue\n"
+    target = own_bundle.path  # a bundle built from something else
+    with pytest.raises(BundleError, match="the demo did not build"):
+        run_demo(target, size=20, show_progress=False)
+    assert len(Matcher.load(target, encoder=own_bundle.encoder)) == 40
+
+
+def test_catalogue_values_round_trip_exactly(tmp_path: Path, tiny_encoder: Any) -> None:
+    big = 2**53 + 1
+    csv = tmp_path / "c.csv"
+    csv.write_text(
+        "id,title,code,count,price,flag,note,pi\n"
+        f"1,red shoe,007,{big},1.50,true,NaN,3.14159265358979323846\n"
+        "2,blue shoe,42,,2.25,FALSE,+5,1e3\n"
+        "3,green hat,0,7,,false,,-0\n",
+        encoding="utf-8",
+    )
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text(
+        f'{{"id": {big}, "title": "red shoe", "count": {big}, "code": "007"}}\n'
+        '{"id": 2, "title": "blue shoe"}\n'
+        '{"id": 3, "title": "green hat", "count": 7}\n',
+        encoding="utf-8",
+    )
+    with Matcher.build(csv, tmp_path / "b1", encoder=tiny_encoder, show_progress=False) as m:
+        rows = {r["id"]: r for r in m.catalogue().to_dict("records")}
+        assert rows[1]["code"] == "007"  # leading zero: text
+        assert rows[1]["count"] == big
+        assert isinstance(rows[1]["count"], int)
+        assert rows[2]["count"] is None  # a gap is missing, not 0 or NaN
+        assert rows[3]["count"] == 7
+        assert isinstance(rows[3]["count"], int)
+        assert (rows[1]["price"], rows[2]["price"]) == (1.5, 2.25)
+        assert (rows[1]["flag"], rows[2]["flag"], rows[3]["flag"]) == (True, False, False)
+        assert (rows[1]["note"], rows[2]["note"]) == ("NaN", "+5")  # not numbers as written: text
+        assert rows[1]["pi"] == "3.14159265358979323846"  # more digits than a float holds: text
+        assert (rows[2]["pi"], rows[3]["pi"]) == (1000.0, 0)  # numbers by value: 1e3 is 1000.0, -0 is 0
+        assert m.search("red shoe", 3, where={"count": big})[0].id == 1
+    with Matcher.build(jsonl, tmp_path / "b2", encoder=tiny_encoder, show_progress=False) as m:
+        rows = {r["id"]: r for r in m.catalogue().to_dict("records")}
+        assert set(rows) == {big, 2, 3}  # the id above 2**53 is exact, not rounded
+        assert rows[big]["count"] == big
+        assert rows[3]["count"] == 7
+        assert isinstance(rows[3]["count"], int)
+        assert rows[big]["code"] == "007"
+
+
+def test_text_output_never_sends_escape_codes(
+    tmp_path: Path, tiny_encoder: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from matching.cli import main
+
+    df = pd.DataFrame([{"id": "evil\x1b]0;owned\x07", "title": "red \x1b[2Jshoe\x1b[31m", "note": "\x1b[1mbold"}])
+    Matcher.build(df, tmp_path / "b", encoder=tiny_encoder, show_progress=False).close()
+    assert main(["search", str(tmp_path / "b"), "red shoe"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out
+    assert "\x07" not in out
+    assert "red \\x1b[2Jshoe\\x1b[31m" in out
+    assert "[evil\\x1b]0;owned\\x07]" in out

@@ -196,12 +196,12 @@ ERROR_CASES = [
         id="array-id-jsonl",
     ),
     pytest.param(
-        write("c.jsonl", '{"id": 9007199254740993, "title": "tea"}\n{"id": 2.5, "title": "coffee"}\n'),
+        write("c.jsonl", '{"id": 1e20, "title": "tea"}\n'),
         {},
         BadRowError,
-        r"row 1: the id 9007199254740992\.0 in column 'id' is a float too large to be an exact whole number.*"
+        r"row 1: the id 1e\+20 in column 'id' is a float too large to be an exact whole number.*"
         r"write the ids as strings",
-        id="big-int-id-turned-float-jsonl",
+        id="big-float-id-jsonl",
     ),
     pytest.param(
         write("c.jsonl", '{"id": 1, "title": "tea"}\n{"id": null, "title": "coffee"}\n'),
@@ -214,7 +214,7 @@ ERROR_CASES = [
         write("c.jsonl", "[1, 2]\n"),
         {},
         SchemaError,
-        r"{file}' has no column 'id', 'title'; its columns are \['0', '1'\]\. Name the right ones",
+        r"{file}' is not valid JSON Lines: line 1 is a JSON list, not an object of fields",
         id="jsonl-array-lines",
     ),
     pytest.param(
