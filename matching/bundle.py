@@ -332,7 +332,13 @@ def _new_generation(path: Path, *, overwrite: bool, base: Path | None, change: b
     else:
         check_target(path, overwrite=overwrite)
     fresh = not is_bundle(path)
-    if fresh:
+    # an empty directory that exists (check_target allowed it) is built in place: replacing it would pull it
+    # from under a shell or process whose working directory it is (`matching build ... --out .`)
+    in_place = fresh and path.is_dir()
+    if in_place:
+        root = path
+        number = 1
+    elif fresh:
         path.parent.mkdir(parents=True, exist_ok=True)
         root = Path(tempfile.mkdtemp(prefix=f".{path.name}.building-", dir=path.parent))
         number = 1
@@ -348,19 +354,17 @@ def _new_generation(path: Path, *, overwrite: bool, base: Path | None, change: b
             raise BundleError("internal error: a generation was finished without a manifest")
         for file in staging.iterdir():
             _fsync(file)
-        _share(staging, root if fresh else None)
+        _share(staging, root if fresh and not in_place else None)
         _fsync(staging)
         staging.rename(root / final_name)
         _fsync(root)
         _point(root, final_name)
-        if fresh:
-            if path.exists():
-                path.rmdir()  # an empty directory the user made for us
+        if fresh and not in_place:
             root.rename(path)
             _fsync(path.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        if fresh:
+        if fresh and not in_place:
             shutil.rmtree(root, ignore_errors=True)
         raise
 

@@ -201,3 +201,22 @@ def test_text_output_never_sends_escape_codes(
     assert "\x07" not in out
     assert "red \\x1b[2Jshoe\\x1b[31m" in out
     assert "[evil\\x1b]0;owned\\x07]" in out
+
+
+def test_build_into_the_empty_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from matching.cli import main
+    from tests.conftest import make_tiny_bert
+
+    model = make_tiny_bert(tmp_path / "model")
+    make_catalogue().to_csv(tmp_path / "c.csv", index=False)
+    here = tmp_path / "here"
+    here.mkdir()
+    inode = here.stat().st_ino
+    monkeypatch.chdir(here)
+    assert main(["build", str(tmp_path / "c.csv"), "--out", ".", "--model", str(model), "-q"]) == 0
+    assert "built .: 40 titles" in capsys.readouterr().out
+    assert here.stat().st_ino == inode  # built in place: the working directory is still the same directory
+    assert is_bundle(here)
+    assert main(["search", ".", "acme", "-k", "1"]) == 0
