@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import tempfile
 import time
 from collections.abc import Iterator
@@ -34,6 +35,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy.exc import OperationalError
 
 from matching.errors import BundleError, BundleLockedError
 from matching.layout import MANIFEST_FILE, POINTER_FILE
@@ -74,8 +77,42 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        """A manifest from its JSON, every field checked for its type (a damaged or crafted one is refused)."""
+        if not isinstance(data, dict):
+            raise TypeError(f"a manifest is a JSON object, not {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        fields = {k: v for k, v in data.items() if k in names}
+        for name, kinds in _FIELD_TYPES.items():
+            if name in fields and not _is(fields[name], kinds):
+                raise TypeError(f"field {name!r} is {fields[name]!r}, not {' or '.join(k.__name__ for k in kinds)}")
+        for name in (*fields.get("files", {}), *fields.get("sizes", {}), *fields.get("growable", [])):
+            if not isinstance(name, str) or not _FILE_NAME.match(name):
+                raise TypeError(f"it names the file {name!r}; a bundle's files are plain names inside its generation")
+        if not all(isinstance(v, str) for v in fields.get("files", {}).values()) or not all(
+            _is(v, (int,)) and v >= 0 for v in fields.get("sizes", {}).values()
+        ):
+            raise TypeError("its file checksums must be text and its sizes whole numbers >= 0")
+        if any(_is(fields.get(k, 1), (int,)) and fields.get(k, 1) < 0 for k in ("dim", "count")):
+            raise TypeError("dim and count must be >= 0")
+        return cls(**fields)
+
+
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "library_version": (str,), "encoder": (dict,), "dim": (int,), "count": (int,), "index": (dict,),
+    "id_type": (str,), "source": (dict,), "query_encoder": (dict, type(None)), "lexical": (dict, type(None)),
+    "created_at": (str,), "format_version": (int,), "files": (dict,), "sizes": (dict,), "growable": (list,),
+}  # fmt: skip
+_CHECKSUM = "checksum"  # the manifest's own SHA-256, over its JSON without this key
+
+
+def _is(value: Any, kinds: tuple[type, ...]) -> bool:
+    return isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+
+
+def _own_checksum(data: dict[str, Any]) -> str:
+    body = {k: v for k, v in data.items() if k != _CHECKSUM}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
 
 
 def sha256_file(path: Path, size: int | None = None) -> str:
@@ -133,16 +170,22 @@ def current_generation(path: Path) -> Path:
         raise BundleError(f"cannot read {str(pointer)!r}: it is not a generation name; restore it or rebuild")
     gen = path / name
     if not _GEN.match(name) or gen.is_symlink() or not (gen / MANIFEST_FILE).is_file():
-        raise BundleError(f"bundle {str(path)!r} points to {name!r}, which is not a complete generation")
+        raise BundleError(
+            f"bundle {str(path)!r}: its {POINTER_FILE} names {name!r}, which is not a complete generation"
+        )
     return gen
 
 
 def read_manifest(generation: Path, *, verify: bool = True) -> Manifest:
     """Read a generation's manifest; with ``verify``, check every file against its checksum."""
+    where = str(generation / MANIFEST_FILE)
     try:
-        manifest = Manifest.from_dict(json.loads((generation / MANIFEST_FILE).read_text(encoding="utf-8")))
-    except (OSError, json.JSONDecodeError, TypeError) as exc:
-        raise BundleError(f"cannot read {str(generation / MANIFEST_FILE)!r}: {exc}") from None
+        data = json.loads((generation / MANIFEST_FILE).read_text(encoding="utf-8"))
+        if isinstance(data, dict) and _CHECKSUM in data and data[_CHECKSUM] != _own_checksum(data):
+            raise BundleError(f"bundle file {where!r} is damaged: its own checksum does not match its content")
+        manifest = Manifest.from_dict(data)
+    except (OSError, ValueError, TypeError, RecursionError) as exc:  # ValueError: bad JSON or bytes not UTF-8
+        raise BundleError(f"cannot read {where!r}: {exc}; restore the bundle or rebuild it") from None
     if manifest.format_version > FORMAT_VERSION:
         raise BundleError(
             f"bundle format {manifest.format_version} is newer than this library reads ({FORMAT_VERSION}); "
@@ -151,6 +194,8 @@ def read_manifest(generation: Path, *, verify: bool = True) -> Manifest:
     if verify:
         for name, digest in manifest.files.items():
             file = generation / name
+            if file.is_symlink():
+                raise BundleError(f"bundle file {str(file)!r} is a symbolic link; a bundle holds regular files only")
             if not file.is_file():
                 raise BundleError(f"bundle file {str(file)!r} is missing")
             size = manifest.sizes.get(name)
@@ -175,7 +220,9 @@ def write_manifest(generation: Path, manifest: Manifest, *, prefixes: dict[str, 
             manifest.files[p.name] = sha256_file(p, size)
             manifest.sizes[p.name] = size
     manifest.growable = sorted(prefixes)
-    text = json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n"
+    data = manifest.to_dict()
+    data[_CHECKSUM] = _own_checksum(data)
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     (generation / MANIFEST_FILE).write_text(text, encoding="utf-8")
 
 
@@ -313,11 +360,21 @@ def new_generation(
     deleted and whatever was live stays live.
     """
     path = Path(path).resolve()
-    with writer_lock(path, timeout=lock_timeout):
-        _remove_leftovers(path)
-        with _new_generation(path, overwrite=overwrite, base=base, change=change) as staging:
-            yield staging
-        collect_garbage(path, lock=False)
+    try:
+        with writer_lock(path, timeout=lock_timeout):
+            _remove_leftovers(path)
+            with _new_generation(path, overwrite=overwrite, base=base, change=change) as staging:
+                yield staging
+            collect_garbage(path, lock=False)
+    except (OSError, sqlite3.Error, OperationalError) as exc:  # disk full, read-only: the live one is untouched
+        if isinstance(exc, OSError):
+            what = f"{exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
+        else:  # SQLite says "database or disk is full" or "disk I/O error"
+            what = f"the store could not be written ({str(getattr(exc, 'orig', None) or exc).splitlines()[0]})"
+        raise BundleError(
+            f"writing bundle {str(path)!r} failed: {what}. Nothing was published; the bundle is as it was. "
+            "Free space or make the folder writable, then try again"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -329,6 +386,9 @@ def _new_generation(path: Path, *, overwrite: bool, base: Path | None, change: b
                 f"bundle {str(path)!r} changed since this change was prepared ({base.name} -> {live.name}); "
                 "reload it and try again"
             )
+        # a change carries the live generation's files over and checksums them anew: check them first, or a
+        # damaged file would be blessed by the new manifest
+        read_manifest(live, verify=True)
     else:
         check_target(path, overwrite=overwrite)
     fresh = not is_bundle(path)

@@ -299,6 +299,23 @@ def canonical_id(value: Any) -> str | None:
     return text or None
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _surrogate(ext_id: str, title: str, metadata: dict[Any, Any]) -> str | None:
+    """Which text of a row holds a lone surrogate (such text would be dropped or refused by SQLite), if any."""
+    if not ext_id.isascii() and _SURROGATE.search(ext_id):
+        return "the id"
+    if not title.isascii() and _SURROGATE.search(title):
+        return "the title"
+    for key, value in metadata.items():
+        if isinstance(value, str) and not value.isascii() and _SURROGATE.search(value):
+            return f"metadata field {str(key)!r}"
+        if isinstance(key, str) and not key.isascii() and _SURROGATE.search(key):
+            return "a metadata field name"
+    return None
+
+
 def _is_missing(value: Any) -> bool:
     """None, NaN, pandas.NA or NaT (scalars only: a list cell is a value)."""
     if value is None:
@@ -458,6 +475,11 @@ class CatalogueReader:
                 )
             elif ext_id is None:
                 problem = f"row {row}: the id column {self.id_column!r} is empty"
+            elif (bad := _surrogate(ext_id, title, meta_records[offset])) is not None:
+                problem = (
+                    f"row {row}: {bad} holds a lone surrogate (half of a UTF-16 pair), which UTF-8 cannot store; "
+                    "fix the text where it was decoded"
+                )
             elif not title:
                 cols = " + ".join(map(repr, self.title_columns))
                 problem = f"row {row} (id {ext_id!r}): the title {cols} is empty"

@@ -10,6 +10,7 @@ from typing import Self
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -99,8 +100,21 @@ class Scorer(nn.Module):
                 raise BundleError(f"bundle scorer file {str(p)!r} is missing")
         try:
             config = ScorerConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
+            # compare the shapes the config asks for with the file's header before allocating anything: a crafted
+            # scorer.json must not make us allocate what it names (hidden=10**6 was 750 MiB before a refusal)
+            with torch.device("meta"):
+                wanted = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
+            with safe_open(str(weights), framework="pt") as fh:
+                found = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118
+            if found != wanted:
+                extra, missing = sorted(set(found) - set(wanted)), sorted(set(wanted) - set(found))
+                differ = [f"{k} {found[k]} vs {wanted[k]}" for k in wanted if k in found and found[k] != wanted[k]]
+                raise ValueError(
+                    f"{SCORER_CONFIG} and {SCORER_WEIGHTS} disagree: unexpected {extra}, missing {missing}, "
+                    f"other shapes {differ}"
+                )
             model = cls(config)
             model.load_state_dict(load_file(str(weights)), strict=True)
-        except (RuntimeError, ValueError, OSError) as exc:
+        except (RuntimeError, ValueError, OSError, TypeError) as exc:
             raise BundleError(f"cannot load the scorer from {str(directory)!r}: {exc}") from None
         return model.eval()

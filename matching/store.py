@@ -404,6 +404,30 @@ def _check_value(key: str, value: Any) -> WhereValue:
     return value
 
 
+def _linked_elsewhere(file: Path, root: Path) -> bool:
+    """Whether ``file`` has hard links outside the bundle directory ``root`` (its generations share it)."""
+    st = file.stat()
+    inside = 0
+    for child in root.iterdir():
+        try:
+            other = (child / VECTORS_FILE).stat()
+        except OSError:
+            continue
+        inside += (other.st_ino, other.st_dev) == (st.st_ino, st.st_dev)
+    return st.st_nlink > inside
+
+
+def _copy_prefix(source: Path, target: Path, size: int) -> None:
+    with source.open("rb") as src, target.open("wb") as dst:
+        left = size
+        while left > 0:
+            block = src.read(min(1 << 24, left))
+            if not block:
+                break
+            dst.write(block)
+            left -= len(block)
+
+
 class StoreEditor:
     """A writable copy of a published store, made inside a staging generation.
 
@@ -418,10 +442,15 @@ class StoreEditor:
         self.rows = config["rows"]
         self.id_type = IdType(config["id_type"])
         shutil.copyfile(base / STORE_DB, staging / STORE_DB)
-        try:
-            os.link(base / VECTORS_FILE, staging / VECTORS_FILE)
-        except OSError:
-            shutil.copyfile(base / VECTORS_FILE, staging / VECTORS_FILE)
+        if _linked_elsewhere(base / VECTORS_FILE, base.parent):
+            # a hard-linked copy of the bundle (cp -al, rsync --link-dest) shares this file: appending to it, or
+            # truncating it, would change the other copy; this bundle takes a copy of its own
+            _copy_prefix(base / VECTORS_FILE, staging / VECTORS_FILE, self.rows * self.dim * 4)
+        else:
+            try:
+                os.link(base / VECTORS_FILE, staging / VECTORS_FILE)
+            except OSError:
+                shutil.copyfile(base / VECTORS_FILE, staging / VECTORS_FILE)
         self._vectors = (staging / VECTORS_FILE).open("r+b")
         self._vectors.truncate(self.rows * self.dim * 4)  # drop what a crashed writer appended
         self._vectors.seek(0, os.SEEK_END)

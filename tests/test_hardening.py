@@ -220,3 +220,204 @@ def test_build_into_the_empty_working_directory(
     assert here.stat().st_ino == inode  # built in place: the working directory is still the same directory
     assert is_bundle(here)
     assert main(["search", ".", "acme", "-k", "1"]) == 0
+
+
+# -- class 2: links, damage, paths; class 7: messages -------------------------------------------------------
+
+
+def _search_ids(path: Path, encoder: Any) -> list[Any]:
+    with Matcher.load(path, encoder=encoder) as m:
+        return [[h.id for h in m.search(q, 5)] for q in ("acme red coffee maker", "blue lamp")]
+
+
+def test_hard_linked_copies_do_not_damage_each_other(own_bundle: Any, tmp_path: Path, tiny_encoder: Any) -> None:
+    import shutil
+
+    original = own_bundle.path
+    own_bundle.close()
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy, copy_function=os.link)  # cp -al
+    before = _search_ids(original, tiny_encoder)
+    with Matcher.load(copy, encoder=tiny_encoder) as c:
+        c.add(one_row(1), show_progress=False)
+        with pytest.raises(Exception, match="already"):  # a failed write, after the editor opened the store
+            c.add(pd.DataFrame([{"id": 1000, "title": "x"}]), show_progress=False)
+    with Matcher.load(original, encoder=tiny_encoder) as o:  # verify=True: every checksum of the original holds
+        o.add(one_row(2), show_progress=False)
+        assert len(o) == 41
+    assert _search_ids(original, tiny_encoder)[1] == before[1]
+    with Matcher.load(copy, encoder=tiny_encoder) as c:
+        assert len(c) == 41
+        assert c.search("hardening probe 1", 1, retrieval="lexical")[0].id == 90_001
+
+
+def test_a_bundle_file_that_is_a_symlink_is_refused_before_any_write(own_bundle: Any, tmp_path: Path) -> None:
+    gen = current_generation(own_bundle.path)
+    victim = tmp_path / "victim.bin"
+    (gen / "vectors.f32").rename(victim)
+    os.symlink(victim, gen / "vectors.f32")
+    size = victim.stat().st_size
+    with pytest.raises(BundleError, match=r"vectors\.f32' is a symbolic link"):
+        own_bundle.add(one_row(1), show_progress=False)
+    assert victim.stat().st_size == size  # not truncated, not appended to
+    with pytest.raises(BundleError, match="symbolic link"):
+        Matcher.load(own_bundle.path)
+
+
+@pytest.mark.parametrize("name", ["store.sqlite", "vectors.f32", "index.faiss", "lexical.safetensors"])
+def test_a_damaged_file_is_not_blessed_by_the_next_write(own_bundle: Any, name: str) -> None:
+    gen = current_generation(own_bundle.path)
+    data = bytearray((gen / name).read_bytes())
+    data[len(data) // 2] ^= 0x40
+    (gen / name).write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=rf"{name}. is damaged"):
+        own_bundle.add(one_row(1), show_progress=False)
+    assert current_generation(own_bundle.path) == gen
+    with pytest.raises(BundleError, match=rf"{name}. is damaged"):
+        Matcher.load(own_bundle.path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        (lambda m: m["files"].update({"../../etc/passwd": "0" * 64}), "plain names"),
+        (lambda m: m["files"].update({"/etc/passwd": "0" * 64}), "plain names"),
+        (lambda m: m.update(dim="384"), "field 'dim'"),
+        (lambda m: m.update(count=-1), "dim and count must be >= 0"),
+        (lambda m: m.update(encoder=["x"]), "field 'encoder'"),
+        (lambda m: m["sizes"].update({"store.json": "12"}), "sizes whole numbers"),
+        (lambda m: m.update(count=m["count"] + 1), "its own checksum"),
+    ],
+)
+def test_a_crafted_or_damaged_manifest_is_refused(own_bundle: Any, edit: Any, needle: str) -> None:
+    import json
+
+    path = current_generation(own_bundle.path) / "manifest.json"
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    edit(manifest)
+    if needle != "its own checksum":
+        manifest.pop("checksum")  # a crafted manifest without a self-checksum (as bundles before it) is type-checked
+    path.write_text(json.dumps(manifest), encoding="utf-8")
+    with pytest.raises(BundleError, match=needle):
+        Matcher.load(own_bundle.path)
+
+
+def test_a_manifest_of_other_bytes_is_a_message(own_bundle: Any) -> None:
+    path = current_generation(own_bundle.path) / "manifest.json"
+    path.write_bytes(b'{"dim": "\xff\xfe"}')
+    with pytest.raises(BundleError, match=r"cannot read .*manifest.json"):
+        Matcher.load(own_bundle.path)
+
+
+def test_a_crafted_scorer_config_allocates_nothing_before_refusal(own_bundle: Any) -> None:
+    import json
+    import tracemalloc
+
+    path = current_generation(own_bundle.path) / "scorer.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["hidden"] = 1_000_000
+    path.write_text(json.dumps(config), encoding="utf-8")
+    from matching.scorer import Scorer
+
+    tracemalloc.start()
+    with pytest.raises(BundleError, match="disagree"):
+        Scorer.load(path.parent)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 20 * 2**20
+
+
+def test_a_write_that_runs_out_of_space_is_a_message_and_keeps_the_bundle(
+    own_bundle: Any, tiny_model_dir: Path
+) -> None:
+    import subprocess
+    import sys
+
+    own_bundle.close()
+    script = (
+        "import resource, signal, sys\n"
+        "import pandas as pd\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "from matching.cli import main\n"
+        "pd.DataFrame([{'id': 5000 + i, 'title': 'filler title number %d' % i} for i in range(3000)])"
+        ".to_csv(sys.argv[2], index=False)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # files may not grow past 200 kB\n"
+        "sys.exit(main(['add', sys.argv[1], sys.argv[2], '-q']))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(own_bundle.path), str(own_bundle.path.parent / "more.csv")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "Nothing was published; the bundle is as it was" in done.stderr
+    with Matcher.load(own_bundle.path) as m:  # every checksum holds
+        assert len(m) == 40
+
+
+def test_non_utf8_paths_on_the_command_line_are_messages(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    bad = os.fsencode(str(tmp_path)) + b"/caf\xe9-bundle"
+    done = subprocess.run([sys.executable.encode(), b"-m", b"matching", b"info", bad], capture_output=True, check=False)
+    assert done.returncode == 1
+    assert b"Traceback" not in done.stderr
+    assert b"does not exist" in done.stderr
+
+
+# -- the property: damage is reported by name, or nothing different is served ----------------------------------
+
+QUERIES = ("acme red coffee maker", "blue desk lamp", "globex yoga mat")
+
+
+def _answers(m: Matcher) -> list[Any]:
+    return [len(m)] + [[(h.id, h.title, round(h.score, 6), h.metadata) for h in m.search(q, 5)] for q in QUERIES]
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory, tiny_encoder: Any) -> tuple[Path, list[Any]]:
+    path = tmp_path_factory.mktemp("pristine") / "b"
+    with Matcher.build(make_catalogue(), path, encoder=tiny_encoder, show_progress=False) as m:  # hybrid
+        return path, _answers(m)
+
+
+def test_random_byte_damage_is_reported_by_name_or_never_served(
+    pristine: tuple[Path, list[Any]], tiny_encoder: Any
+) -> None:
+    import shutil
+    import tempfile
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from matching import MatchingError
+
+    path, expected = pristine
+    gen = current_generation(path)
+    files = ["CURRENT", *sorted(f"{gen.name}/{p.name}" for p in gen.iterdir())]
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(st.data())
+    def damage(data: st.DataObject) -> None:
+        name = data.draw(st.sampled_from(files), label="file")
+        work = Path(tempfile.mkdtemp())
+        try:
+            copy = work / "b"
+            shutil.copytree(path, copy)
+            target = copy / name
+            raw = bytearray(target.read_bytes())
+            at = data.draw(st.integers(0, len(raw) - 1), label="offset")
+            raw[at] ^= data.draw(st.integers(1, 255), label="xor")
+            target.write_bytes(bytes(raw))
+            try:
+                m = Matcher.load(copy, encoder=tiny_encoder)
+            except MatchingError as exc:
+                assert Path(name).name in str(exc), f"damage to {name} reported without naming it: {exc}"  # noqa: PT017 (a damage may also be harmless)
+                return
+            with m:
+                assert _answers(m) == expected, f"damage to {name} at byte {at} was served"
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    damage()
