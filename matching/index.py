@@ -199,8 +199,8 @@ class VectorIndex:
             raise BundleError(f"bundle index file {str(path)!r} is missing")
         try:
             index = faiss.read_index(str(path))
-        except RuntimeError as exc:
-            raise BundleError(f"cannot read FAISS index {str(path)!r}: {exc}") from None
+        except (RuntimeError, MemoryError) as exc:  # a crafted size: FAISS's bad_alloc arrives as MemoryError
+            raise BundleError(f"cannot read FAISS index {str(path)!r}: {exc!r}") from None
         return cls(index, IndexConfig.load(directory / INDEX_CONFIG))
 
 

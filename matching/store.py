@@ -275,7 +275,10 @@ def read_config(directory: Path) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
         count, dim = int(config["count"]), int(config["dim"])
-        return {"count": count, "rows": int(config.get("rows", count)), "dim": dim, "id_type": config["id_type"]}
+        rows, id_type = int(config.get("rows", count)), IdType(config["id_type"])
+        if not (0 <= count <= rows and 1 <= dim <= 65_536):
+            raise ValueError(f"count {count}, rows {rows}, dim {dim} do not describe a store")
+        return {"count": count, "rows": rows, "dim": dim, "id_type": id_type.value}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise BundleError(f"cannot read store config {str(path)!r}: {exc}") from None
 

@@ -421,3 +421,36 @@ def test_random_byte_damage_is_reported_by_name_or_never_served(
             shutil.rmtree(work, ignore_errors=True)
 
     damage()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"count": 40, "rows": 10**15, "dim": 32, "id_type": "int"},
+        {"count": -1, "rows": 40, "dim": 32, "id_type": "int"},
+        {"count": 40, "rows": 40, "dim": 0, "id_type": "int"},
+        {"count": 40, "rows": 40, "dim": 32, "id_type": "float"},
+        {"count": "x", "rows": 40, "dim": 32, "id_type": "int"},
+    ],
+)
+def test_crafted_store_sizes_are_refused(own_bundle: Any, config: dict[str, Any]) -> None:
+    import json
+
+    from matching.store import Store
+
+    gen = current_generation(own_bundle.path)
+    (gen / "store.json").write_text(json.dumps(config), encoding="utf-8")
+    with pytest.raises(BundleError, match=r"cannot read store config|vectors\.f32. holds .* the file is damaged"):
+        Store.open(gen)
+
+
+def test_a_faiss_index_with_a_crafted_size_is_a_message(own_bundle: Any) -> None:
+    from matching.index import VectorIndex
+
+    gen = current_generation(own_bundle.path)
+    raw = bytearray((gen / "index.faiss").read_bytes())
+    # the header's ntotal (after the 4-byte fourcc and 4-byte d): claim 2**60 vectors
+    raw[8:16] = (2**60).to_bytes(8, "little")
+    (gen / "index.faiss").write_bytes(bytes(raw))
+    with pytest.raises(BundleError, match="cannot read FAISS index"):
+        VectorIndex.load(gen)
