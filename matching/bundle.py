@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
@@ -28,6 +29,7 @@ import os
 import re
 import shutil
 import sqlite3
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -103,6 +105,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "id_type": (str,), "source": (dict,), "query_encoder": (dict, type(None)), "lexical": (dict, type(None)),
     "created_at": (str,), "format_version": (int,), "files": (dict,), "sizes": (dict,), "growable": (list,),
 }  # fmt: skip
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO, errno.EACCES, errno.EPERM}
 _CHECKSUM = "checksum"  # the manifest's own SHA-256, over its JSON without this key
 
 
@@ -338,8 +341,21 @@ def check_target(path: Path, *, overwrite: bool) -> None:
         if not overwrite:
             raise BundleError(f"bundle {str(path)!r} already exists; pass overwrite=True (--overwrite) to replace it")
         return
-    if any(path.iterdir()):
-        raise BundleError(f"{str(path)!r} exists and is not a bundle; choose an empty or new directory")
+    entries = list(path.iterdir())
+    if not entries or (all(_LEFTOVER.match(p.name) for p in entries) and not (path / POINTER_FILE).exists()):
+        return  # empty, or what a killed build in place left: nothing of anyone else's
+    if (
+        overwrite
+        and (path / POINTER_FILE).is_file()
+        and all(_LEFTOVER.match(p.name) or p.name == POINTER_FILE for p in entries)
+        and any(_GEN.match(p.name) and p.is_dir() for p in entries)  # a bundle's footprint, not a stray file
+    ):
+        return  # a bundle whose CURRENT is damaged: --overwrite rebuilds it, as its error message says
+    raise BundleError(f"{str(path)!r} exists and is not a bundle; choose an empty or new directory")
+
+
+# what a bundle folder holds besides CURRENT: generations, and a killed writer's staging or pointer files
+_LEFTOVER = re.compile(r"(\.?gen-\d{6,}(\.staging-.*)?|\.CURRENT\.tmp)\Z")
 
 
 @contextlib.contextmanager
@@ -367,6 +383,8 @@ def new_generation(
                 yield staging
             collect_garbage(path, lock=False)
     except (OSError, sqlite3.Error, OperationalError) as exc:  # disk full, read-only: the live one is untouched
+        if isinstance(exc, OSError) and exc.errno not in _DISK_ERRORS:
+            raise
         if isinstance(exc, OSError):
             what = f"{exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
         else:  # SQLite says "database or disk is full" or "disk I/O error"
@@ -374,7 +392,7 @@ def new_generation(
         raise BundleError(
             f"writing bundle {str(path)!r} failed: {what}. Nothing was published; the bundle is as it was. "
             "Free space or make the folder writable, then try again"
-        ) from None
+        ) from exc
 
 
 @contextlib.contextmanager
@@ -397,6 +415,8 @@ def _new_generation(path: Path, *, overwrite: bool, base: Path | None, change: b
     in_place = fresh and path.is_dir()
     if in_place:
         root = path
+        for leftover in path.iterdir():  # check_target allowed only generations and staging leftovers here
+            shutil.rmtree(leftover) if leftover.is_dir() and not leftover.is_symlink() else leftover.unlink()
         number = 1
     elif fresh:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -426,6 +446,9 @@ def _new_generation(path: Path, *, overwrite: bool, base: Path | None, change: b
         shutil.rmtree(staging, ignore_errors=True)
         if fresh and not in_place:
             shutil.rmtree(root, ignore_errors=True)
+        elif in_place and not is_bundle(path):  # leave the directory as empty as it was given
+            shutil.rmtree(root / final_name, ignore_errors=True)
+            (root / f".{POINTER_FILE}.tmp").unlink(missing_ok=True)
         raise
 
 
@@ -446,7 +469,10 @@ def _share(staging: Path, root: Path | None) -> None:
     that only reads the bundle."""
     mask = _umask()
     for file in staging.iterdir():
-        if file.is_file() and not file.is_symlink():
+        st = file.lstat()
+        # only files made for this generation: a carried file is a hard link to earlier generations (or to a
+        # copy of the bundle, or owned by another user) and keeps the mode it was published with
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and stat.S_IMODE(st.st_mode) != 0o666 & ~mask:
             os.chmod(file, 0o666 & ~mask)
     os.chmod(staging, 0o777 & ~mask)
     if root is not None:

@@ -24,7 +24,7 @@ import pandas as pd
 
 from matching.config import EncoderConfig
 from matching.encoder import Encoder
-from matching.errors import ConfigError, DuplicateIdError, MatchingError
+from matching.errors import ConfigError, DuplicateIdError, MatchingError, ModelError
 from matching.ingest import CatalogueReader, Encoded, catalogue_files, is_int_id, metadata_json
 from matching.types import Engine, IdType
 
@@ -67,11 +67,17 @@ def read_files(batch: dict[str, np.ndarray], settings: dict[str, Any]) -> Iterat
 class EncodeBatches:
     """Ray Data actor: loads the encoder once, then encodes each batch's titles."""
 
-    def __init__(self, config: dict[str, Any], threads: int) -> None:
+    def __init__(self, config: dict[str, Any], threads: int, fingerprint: str) -> None:
         import torch
 
         torch.set_num_threads(threads)
         self.encoder = Encoder.from_pretrained(EncoderConfig.from_dict(config))
+        if self.encoder.fingerprint != fingerprint:  # an in-memory or changed model: its vectors would not match
+            raise ModelError(
+                f"the encoder an actor loaded from {config.get('model')!r} is not the one this build uses "
+                f"(fingerprint {self.encoder.fingerprint} != {fingerprint}); save the model to a directory every "
+                "node can read and build from it"
+            )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
@@ -174,7 +180,8 @@ class RaySource:
         node_cpus = min((int(n["Resources"].get("CPU", 1)) for n in nodes), default=1)
         encoders = self.encoders or (gpus or max(1, cpus // _THREADS_PER_ENCODER))
         threads = max(1, min(node_cpus, cpus // encoders))
-        self._plan = {"encoders": encoders, "threads_per_encoder": threads, "gpus_per_encoder": 1 if gpus else 0,
+        gpu_share = min(1.0, gpus / encoders) if gpus else 0  # more actors than GPUs share them, never wait
+        self._plan = {"encoders": encoders, "threads_per_encoder": threads, "gpus_per_encoder": gpu_share,
                       "cluster_cpus": cpus, "cluster_gpus": gpus, "batch": RAY_BATCH}  # fmt: skip
         ctx = ray.data.DataContext.get_current()
         saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
@@ -188,9 +195,10 @@ class RaySource:
             ds: Any = ray.data.from_items(items, override_num_blocks=len(items))
             ds = ds.map_batches(read_files, batch_size=1, fn_kwargs={"settings": self.settings})
             ds = ds.map_batches(
-                EncodeBatches, batch_size=RAY_BATCH, num_cpus=1, num_gpus=1 if gpus else 0,
+                EncodeBatches, batch_size=RAY_BATCH, num_cpus=1, num_gpus=gpu_share,
                 compute=ray.data.ActorPoolStrategy(size=encoders),
-                fn_constructor_kwargs={"config": self.encoder.config().to_dict(), "threads": threads},
+                fn_constructor_kwargs={"config": self.encoder.config().to_dict(), "threads": threads,
+                                       "fingerprint": self.encoder.fingerprint},
             )  # fmt: skip
             seen: dict[str, tuple[int, int]] = {}
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):

@@ -302,6 +302,11 @@ def canonical_id(value: Any) -> str | None:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def has_surrogate(text: str) -> bool:
+    """Whether ``text`` holds a lone surrogate (no UTF-8 encoder or tokenizer takes one)."""
+    return not text.isascii() and _SURROGATE.search(text) is not None
+
+
 def _surrogate(ext_id: str, title: str, metadata: dict[Any, Any]) -> str | None:
     """Which text of a row holds a lone surrogate (such text would be dropped or refused by SQLite), if any."""
     if not ext_id.isascii() and _SURROGATE.search(ext_id):

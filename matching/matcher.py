@@ -31,7 +31,7 @@ from matching.encoder import Encoder
 from matching.errors import BundleError, ConfigError
 from matching.features import DEFAULT_DENSE_WEIGHT
 from matching.index import VectorIndex
-from matching.ingest import DEFAULT_CHUNKSIZE
+from matching.ingest import DEFAULT_CHUNKSIZE, has_surrogate
 from matching.layout import QUERY_ENCODER, SCORER_CONFIG, SCORER_WEIGHTS, TRAIN_REPORT
 from matching.scorer import Scorer
 from matching.search import RETRIEVERS, NoReranker, Queries, ScorerReranker, Snapshot, open_snapshot, search
@@ -283,6 +283,9 @@ class Matcher:
         bad = [i for i, q in enumerate(queries) if not isinstance(q, str)]
         if bad:
             raise ConfigError(f"queries must be strings; item {bad[0]} is {type(queries[bad[0]]).__name__}")
+        bad = [i for i, q in enumerate(queries) if has_surrogate(q)]
+        if bad:
+            raise ConfigError(f"query {bad[0]} holds a lone surrogate (half of a UTF-16 pair); fix its decoding")
         snap = self._snap
         vectors = snap.query_encoder.encode_queries(list(queries), show_progress=show_progress)
         return self._search(snap, Queries(vectors, list(queries)), k, candidates, rerank, where, retrieval)

@@ -10,7 +10,7 @@ from typing import Self
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -115,6 +115,6 @@ class Scorer(nn.Module):
                 )
             model = cls(config)
             model.load_state_dict(load_file(str(weights)), strict=True)
-        except (RuntimeError, ValueError, OSError, TypeError) as exc:
+        except (RuntimeError, ValueError, OSError, TypeError, SafetensorError) as exc:
             raise BundleError(f"cannot load the scorer from {str(directory)!r}: {exc}") from None
         return model.eval()

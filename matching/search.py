@@ -25,6 +25,7 @@ from matching.features import (
 )
 from matching.generation import load_encoder
 from matching.index import VectorIndex
+from matching.ingest import has_surrogate
 from matching.layout import LEXICAL_CONFIG, QUERY_ENCODER
 from matching.lexical import LexicalIndex
 from matching.scorer import Scorer
@@ -114,6 +115,9 @@ class Snapshot:
             bad = next((i for i, x in enumerate(seq) if not isinstance(x, str)), None)
             if bad is not None:
                 raise ConfigError(f"{name}[{bad}] is {type(seq[bad]).__name__}, not a string")
+            bad = next((i for i, x in enumerate(seq) if has_surrogate(x)), None)
+            if bad is not None:
+                raise ConfigError(f"{name}[{bad}] holds a lone surrogate (half of a UTF-16 pair); fix its decoding")
         uq = list(dict.fromkeys(queries))
         q_vecs = self.query_encoder.encode_queries(uq, show_progress=show_progress)
         q_pos = {q: i for i, q in enumerate(uq)}

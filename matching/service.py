@@ -4,6 +4,8 @@ Every request searches one generation (:meth:`Matcher.pin`); a background thread
 generation another process published; writes need the bearer token. Needs the extra ``matching[serve]``.
 """
 
+import asyncio
+import concurrent.futures
 import dataclasses
 import hmac
 import json
@@ -140,6 +142,7 @@ class Service:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._torch_threads = 0
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="matching-writer")
 
     def start(self) -> None:
         """Load the bundle and keep it fresh, in a background thread (``/ready`` says when it is loaded)."""
@@ -148,6 +151,7 @@ class Service:
 
     def stop(self) -> None:
         self._stop.set()
+        self._writer.shutdown(wait=True)
         if self._thread is not None:
             self._thread.join(timeout=10)
         if self.matcher is not None:
@@ -162,17 +166,23 @@ class Service:
 
         self._torch_threads = torch.get_num_threads()
         torch.set_num_threads(self.config.torch_threads)
-        try:
-            matcher = Matcher.load(self.path)
-            # the first encode builds the encoder's runner (0.4 s here): before /ready, not in a user's request
-            matcher.query_encoder.encode_queries(["warm up"])
-            self.matcher = matcher
-        except MatchingError as exc:
-            self.error = str(exc)
-            log.error("cannot serve %s: %s", self.path, exc)
-            return
+        while self.matcher is None:
+            try:
+                matcher = Matcher.load(self.path)
+                # the first encode builds the encoder's runner (0.4 s here): before /ready, not in a user's request
+                matcher.query_encoder.encode_queries(["warm up"])
+                self.matcher, self.error = matcher, None
+            except Exception as exc:  # keep trying: /ready says why meanwhile
+                self.error = f"cannot load the bundle: {exc}"
+                log.error("cannot serve %s: %s", self.path, exc)
+                if self._stop.wait(max(5.0, self.config.refresh_seconds)):
+                    return
         while not self._stop.wait(self.config.refresh_seconds):
-            self.refresh()
+            try:
+                self.refresh()
+            except Exception as exc:  # the thread must outlive any one failure, or the service goes stale
+                self.error = f"cannot refresh: {exc}"
+                log.exception("refreshing %s failed", self.path)
 
     def refresh(self) -> bool:
         """Move to the bundle's live generation if another process published one; searches in flight finish on
@@ -182,10 +192,13 @@ class Service:
             return False
         with self._lock:
             try:
-                return matcher.refresh()
+                refreshed = matcher.refresh()
             except MatchingError as exc:  # a damaged new generation: keep serving the one we have
+                self.error = f"cannot refresh: {exc}"
                 log.error("cannot refresh %s: %s", self.path, exc)
                 return False
+            self.error = None
+            return refreshed
 
     def ready(self) -> Matcher:
         if self.matcher is None:
@@ -195,10 +208,16 @@ class Service:
     def pinned(self) -> Matcher:
         return self.ready().pin()
 
-    def write(self, change: Callable[[Matcher], ChangeReport]) -> dict[str, Any]:
+    async def write(self, change: Callable[[Matcher], ChangeReport]) -> dict[str, Any]:
+        """Run a change on the service's one writer thread, so waiting writes never hold the threads that
+        answer searches."""
         matcher = self.ready()
-        with self._lock:
-            report = change(matcher)
+
+        def run() -> ChangeReport:
+            with self._lock:
+                return change(matcher)
+
+        report = await asyncio.get_running_loop().run_in_executor(self._writer, run)
         return dataclasses.asdict(report)
 
     def authorize(self, request: Request) -> None:
@@ -314,7 +333,12 @@ def create_app(bundle: str | Path, *, token: str | None = None, config: ServiceC
     @app.middleware("http")
     async def measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         start = time.perf_counter()
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception:
+            route = getattr(request.scope.get("route"), "path", "other")
+            service.metrics.observe(route, 500, time.perf_counter() - start)
+            raise
         route = getattr(request.scope.get("route"), "path", "other")
         service.metrics.observe(route, response.status_code, time.perf_counter() - start)
         return response
@@ -398,29 +422,29 @@ def create_app(bundle: str | Path, *, token: str | None = None, config: ServiceC
             raise HTTPException(400, "no rows: give at least one")
         if len(body.rows) > service.config.max_batch:
             raise HTTPException(400, f"{len(body.rows)} rows in one request; at most {service.config.max_batch}")
-        return pd.DataFrame.from_records(body.rows)
+        return pd.DataFrame(body.rows, dtype=object)  # ints stay ints beside rows that lack the field
 
     @app.post("/add")
-    def add(body: RowsBody, request: Request) -> dict[str, Any]:
+    async def add(body: RowsBody, request: Request) -> dict[str, Any]:
         """Add titles (``rows``: objects with the bundle's id and title fields plus metadata). Needs the token."""
         service.authorize(request)
         frame = rows_frame(body)
-        return service.write(lambda m: m.add(frame, show_progress=False))
+        return await service.write(lambda m: m.add(frame, show_progress=False))
 
     @app.post("/upsert")
-    def upsert(body: RowsBody, request: Request) -> dict[str, Any]:
+    async def upsert(body: RowsBody, request: Request) -> dict[str, Any]:
         """Add titles and replace those with the same id. Needs the token."""
         service.authorize(request)
         frame = rows_frame(body)
-        return service.write(lambda m: m.upsert(frame, show_progress=False))
+        return await service.write(lambda m: m.upsert(frame, show_progress=False))
 
     @app.post("/remove")
-    def remove(body: RemoveBody, request: Request) -> dict[str, Any]:
+    async def remove(body: RemoveBody, request: Request) -> dict[str, Any]:
         """Remove titles by id. Needs the token."""
         service.authorize(request)
         if len(body.ids) > service.config.max_batch:
             raise HTTPException(400, f"{len(body.ids)} ids in one request; at most {service.config.max_batch}")
-        return service.write(lambda m: m.remove(body.ids, missing_ok=body.missing_ok))
+        return await service.write(lambda m: m.remove(body.ids, missing_ok=body.missing_ok))
 
     app.add_middleware(_BodyLimit, limit=service.config.max_body_bytes)
     return app

@@ -454,3 +454,51 @@ def test_a_faiss_index_with_a_crafted_size_is_a_message(own_bundle: Any) -> None
     (gen / "index.faiss").write_bytes(bytes(raw))
     with pytest.raises(BundleError, match="cannot read FAISS index"):
         VectorIndex.load(gen)
+
+
+# -- review follow-ups ----------------------------------------------------------------------------------------
+
+
+def test_a_killed_build_in_place_leaves_a_folder_the_next_build_takes(tmp_path: Path, tiny_encoder: Any) -> None:
+    here = tmp_path / "here"
+    (here / "gen-000001").mkdir(parents=True)  # renamed into place, CURRENT never written
+    (here / ".gen-000002.staging-abc").mkdir()
+    (here / ".CURRENT.tmp").write_text("gen-000001\n", encoding="utf-8")
+    with Matcher.build(make_catalogue(), here, encoder=tiny_encoder, show_progress=False) as m:
+        assert (m.generation, len(m)) == ("gen-000001", 40)
+    assert sorted(p.name for p in here.iterdir()) == ["CURRENT", "gen-000001"]
+
+
+def test_a_bundle_with_a_damaged_current_can_be_rebuilt_with_overwrite(own_bundle: Any, tiny_encoder: Any) -> None:
+    path = own_bundle.path
+    own_bundle.close()
+    (path / "CURRENT").write_bytes(b"\xff\xfe")
+    with pytest.raises(BundleError):
+        Matcher.build(make_catalogue(), path, encoder=tiny_encoder, show_progress=False)
+    with Matcher.build(make_catalogue(), path, encoder=tiny_encoder, show_progress=False, overwrite=True) as m:
+        assert len(m) == 40
+
+
+def test_a_change_under_another_umask_leaves_published_files_alone(tmp_path: Path, tiny_encoder: Any) -> None:
+    before = os.umask(0o022)
+    try:
+        m = Matcher.build(make_catalogue(), tmp_path / "b", encoder=tiny_encoder, show_progress=False)
+        os.umask(0o077)
+        m.add(one_row(1), show_progress=False)
+        m.close()
+    finally:
+        os.umask(before)
+    gen = current_generation(tmp_path / "b")
+    # carried by hard link from the first generation: the mode it was published with stays
+    assert stat.S_IMODE((gen / "scorer.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE((gen / "vectors.f32").stat().st_mode) == 0o644
+    assert stat.S_IMODE((gen / "store.sqlite").stat().st_mode) == 0o600  # written by this change
+
+
+def test_queries_with_lone_surrogates_are_messages(built_bundle: Any) -> None:
+    from matching import ConfigError
+
+    with pytest.raises(ConfigError, match="lone surrogate"):
+        built_bundle.search("red \ud800 shoes")
+    with pytest.raises(ConfigError, match=r"titles\[0\] holds a lone surrogate"):
+        built_bundle.score_pairs(["red shoes"], ["red \udc80 shoes"])

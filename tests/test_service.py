@@ -418,3 +418,20 @@ def test_faiss_thread_setting_is_per_thread() -> None:
     assert seen[0] == 1
     assert other == [outside]
     assert faiss.omp_get_max_threads() == outside
+
+
+def test_written_rows_keep_their_values_and_bad_text_is_a_400(tmp_path: Path, tiny_encoder: Any) -> None:
+    path = tmp_path / "b"
+    Matcher.build(make_catalogue(), path, encoder=tiny_encoder, show_progress=False).close()
+    big = 2**53 + 1
+    rows = {"rows": [{"id": 1, "title": "teal teapot", "stock": big}, {"id": 2, "title": "teal kettle"}]}
+    with TestClient(create_app(path, token=TOKEN, config=CONFIG)) as c:
+        wait_ready(c)
+        assert c.post("/add", json=rows, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+        hit = c.get("/search", params={"q": "teal teapot", "k": 1, "retrieval": "lexical"}).json()["hits"][0]
+        assert hit["metadata"] == {"stock": big}  # not 9007199254740992.0
+        r = c.post(
+            "/search", content=b'{"queries": ["teal \\ud800 teapot"]}', headers={"content-type": "application/json"}
+        )
+        assert r.status_code == 400
+        assert "lone surrogate" in r.json()["detail"]
