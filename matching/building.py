@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pandas as pd
 from tqdm.auto import tqdm
@@ -17,10 +17,14 @@ from matching.bundle import Manifest, new_generation
 from matching.config import IndexConfig, ScorerConfig
 from matching.encoder import Encoder, UnknownTokens
 from matching.errors import BadRowError
+from matching.features import DEFAULT_DENSE_WEIGHT
 from matching.ingest import CatalogueReader, Encoded, metadata_json
 from matching.scorer import Scorer
 from matching.store import Store
 from matching.types import Engine, IdType, Retrieval
+
+if TYPE_CHECKING:
+    from matching.search import Snapshot
 
 
 class RowSource(Protocol):
@@ -68,6 +72,33 @@ class LocalSource:
         return {"engine": Engine.LOCAL.value, "files": len(self.reader.files)}
 
 
+class StoreSource:
+    """The live rows of a bundle's store, encoded anew (a re-encode: no CSV needed)."""
+
+    def __init__(self, store: Store, encoder: Encoder, title_columns: list[str]) -> None:
+        self.store = store
+        self.encoder = encoder
+        self.name = repr(str(store.directory))
+        self.title_columns = title_columns
+        self.count = self.skipped = 0
+        self.skipped_examples: list[str] = []
+        self._id_type = store.id_type
+
+    @property
+    def id_type(self) -> IdType:
+        return self._id_type
+
+    def __iter__(self) -> Iterator[Encoded]:
+        for batch in self.store.rows():
+            titles = [r.title for r in batch]
+            vectors = self.encoder.encode_titles(titles)
+            self.count += len(batch)
+            yield Encoded([r.external_id for r in batch], titles, [metadata_json(r.metadata) for r in batch], vectors)
+
+    def record(self) -> dict[str, Any]:
+        return {"engine": Engine.LOCAL.value, "from_store": True}
+
+
 def build_bundle(
     source: str | Path | pd.DataFrame,
     path: Path,
@@ -104,7 +135,35 @@ def build_bundle(
     else:
         rows = LocalSource(CatalogueReader(source, **settings), encoder)
     total = len(source) if isinstance(source, pd.DataFrame) else None
-    with new_generation(path, overwrite=overwrite, lock_timeout=lock_timeout) as gen:
+    name = "DataFrame" if isinstance(source, pd.DataFrame) else str(source)
+    record = {"name": name, "id_column": id_column}
+    return write_bundle(
+        rows, path, encoder, record=record, total=total, index_config=index_config, scorer_config=scorer_config,
+        analyzer=analyzer, retrieval=retrieval, overwrite=overwrite, show_progress=show_progress,
+        lock_timeout=lock_timeout, started=started,
+    )  # fmt: skip
+
+
+def write_bundle(
+    rows: RowSource,
+    path: Path,
+    encoder: Encoder,
+    *,
+    record: dict[str, Any],
+    total: int | None,
+    index_config: IndexConfig,
+    scorer_config: ScorerConfig,
+    analyzer: Analyzer,
+    retrieval: Retrieval | None,
+    overwrite: bool,
+    show_progress: bool,
+    lock_timeout: float,
+    started: float,
+    base: Path | None = None,
+) -> RowSource:
+    """Write ``rows`` (encoded as they are read) into a new generation: the store, vectors, FAISS index, BM25 and
+    an untrained reranker; with ``base``, the change is refused if another writer published since."""
+    with new_generation(path, overwrite=overwrite, base=base, lock_timeout=lock_timeout) as gen:
         writer = Store.create(gen, encoder.dim)
         unknown = UnknownTokens(encoder)
         try:
@@ -137,8 +196,7 @@ def build_bundle(
             index=generation.index_record(built, index_config),
             id_type=rows.id_type.value,
             source={
-                "name": "DataFrame" if isinstance(source, pd.DataFrame) else str(source),
-                "id_column": id_column,
+                **record,
                 "title_columns": rows.title_columns,
                 "skipped_rows": rows.skipped,
                 "unknown_token_share": unknown.share,
@@ -149,3 +207,41 @@ def build_bundle(
         generation.finish(gen, manifest, index=built, lexical=lexical, scorer=Scorer(scorer_config))
     unknown.warn()
     return rows
+
+
+def reencode_bundle(
+    snap: Snapshot,
+    path: Path,
+    encoder: Encoder,
+    *,
+    index_config: IndexConfig | None,
+    show_progress: bool,
+    lock_timeout: float,
+) -> RowSource:
+    """Encode the live titles of ``snap`` with ``encoder`` into one new generation of the bundle at ``path``:
+    ids, titles, metadata and the BM25 settings stay; the reranker is reset and a query tower dropped (both were
+    fitted to the old vectors), and the manifest says so. Refused if another writer published since ``snap``."""
+    started = time.perf_counter()
+    manifest = snap.manifest
+    old = snap.scorer.config
+    lexical = manifest.lexical or {}
+    scorer_config = ScorerConfig(
+        dim=encoder.dim, hidden=old.hidden, lexical=True,
+        dense_weight=old.dense_weight if old.lexical else DEFAULT_DENSE_WEIGHT,
+    )  # fmt: skip
+    kept = {k: v for k, v in manifest.source.items() if k in ("name", "id_column")}
+    record = {
+        **kept,
+        "reencoded": {
+            "from_fingerprint": manifest.encoder.get("fingerprint"),
+            "scorer": "reset: the trained reranker scored the old encoder's vectors; train it again",
+            "query_encoder": "dropped" if manifest.query_encoder else None,
+        },
+    }
+    rows = StoreSource(snap.store, encoder, list(manifest.source.get("title_columns", ["title"])))
+    return write_bundle(
+        rows, path, encoder, record=record, total=snap.store.count, index_config=index_config or IndexConfig(),
+        scorer_config=scorer_config, analyzer=Analyzer(lexical.get("analyzer", Analyzer.AUTO)),
+        retrieval=Retrieval(lexical["retrieval"]) if "retrieval" in lexical else None, overwrite=False,
+        show_progress=show_progress, lock_timeout=lock_timeout, started=started, base=path / str(snap.generation),
+    )  # fmt: skip

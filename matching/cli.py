@@ -297,6 +297,19 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reencode(args: argparse.Namespace) -> int:
+    from matching import Matcher
+
+    with Matcher.load(args.bundle, verify=False) as m:
+        before = m.manifest.encoder.get("fingerprint")
+        m.reencode(args.model, preset=args.preset, show_progress=not args.quiet)
+        print(
+            f"re-encoded {args.bundle}: {len(m)} titles, encoder {before} -> {m.manifest.encoder.get('fingerprint')}, "
+            f"index {m.manifest.factory}, {m.generation}; the reranker was reset (train it again)"
+        )
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from matching.errors import ConfigError
 
@@ -501,6 +514,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="also check every file's checksum")
     p.add_argument("--files", action="store_true", help="list the files and their checksums")
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("reencode", help="switch a bundle to another encoder: re-encode every title, zero downtime")
+    p.add_argument("bundle")
+    p.add_argument("--model", help="checkpoint directory of the new encoder (default: the bundled MiniLM)")
+    p.add_argument("--preset", choices=["exact", "default", "fast"], help=PRESET_HELP)
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_cmd_reencode)
 
     p = sub.add_parser("serve", help="serve a bundle over HTTP: JSON search/score/write API and a search page")
     p.add_argument("bundle")

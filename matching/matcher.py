@@ -550,6 +550,26 @@ class Matcher:
             titles = [titles[i] for i in np.sort(pick)]
         return distill(self.encoder, titles, out_dir, layers=layers, show_progress=show_progress, **settings)
 
+    def reencode(
+        self, model: str | Path | None = None, *, encoder: Encoder | None = None, preset: Preset | str | None = None,
+        index_config: IndexConfig | None = None, show_progress: bool = True,
+    ) -> None:  # fmt: skip
+        """Switch the bundle to another encoder (``model`` directory, or ``encoder``): every stored title is encoded
+        anew, no CSV needed, and published with its index and BM25 as one new generation, which this matcher
+        then serves. Readers keep answering from the old generation until they refresh; a crash leaves one or
+        the other. The reranker is reset and a query tower dropped (the manifest's ``source.reencoded`` says so)."""
+        from matching.building import reencode_bundle
+
+        if encoder is None:
+            chosen = Preset(preset) if preset is not None else self.encoder.preset
+            encoder = Encoder.from_pretrained(EncoderConfig(model=None if model is None else str(model), preset=chosen))
+        reencode_bundle(
+            self._snap, self._require_path(), encoder, index_config=index_config, show_progress=show_progress,
+            lock_timeout=self.lock_timeout,
+        )  # fmt: skip
+        self.encoder = encoder
+        self._reopen()
+
     def catalogue(self) -> pd.DataFrame:
         """Every live title as a DataFrame: ``id``, ``title`` and one column per metadata field."""
         return self.store.frame()
