@@ -1,6 +1,6 @@
 """Re-encode a bundle while another process keeps searching it (issue #11's zero-downtime check).
 
-    .venv/bin/python scripts/bench_reencode.py [--bundle indexes/scifact-hybrid] [--preset fast]
+    .venv/bin/python scripts/bench_reencode.py [--bundle indexes/scifact] [--preset fast]
 
 The bundle is copied first (the original is left alone). A reader process searches the copy in a loop,
 calling refresh() between searches, while this process runs `Matcher.reencode` (the bundled MiniLM, with the
@@ -48,7 +48,7 @@ print(json.dumps({"searches": searches, "errors": len(errors), "examples": error
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", type=Path, default=ROOT / "indexes" / "scifact-hybrid")
+    parser.add_argument("--bundle", type=Path, default=ROOT / "indexes" / "scifact")
     parser.add_argument("--preset", default="fast")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench_reencode.json")
     args = parser.parse_args()
