@@ -134,9 +134,7 @@ class RaySource:
         self.address = address
         self.encoders = encoders
         self.name = repr(str(source))
-        self.title_columns = [settings["title_column"]] if isinstance(settings["title_column"], str) else list(
-            settings["title_column"]
-        )  # fmt: skip
+        self.title_columns = CatalogueReader(self.files[0], **settings).title_columns  # the reader's own rule
         self.count = self.skipped = 0
         self.skipped_examples: list[str] = []
         self._all_int = True

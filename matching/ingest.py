@@ -121,10 +121,7 @@ def _locate_decode_error(path: Path, encoding: str) -> tuple[int, int] | None:
 
 def file_format(path: Path) -> str:
     """'csv', 'tsv', 'jsonl' or 'parquet', from the suffix (a compression suffix is looked through)."""
-    suffixes = [s.lower() for s in path.suffixes]
-    while suffixes and suffixes[-1] in _COMPRESSION_SUFFIXES:
-        suffixes.pop()
-    last = suffixes[-1] if suffixes else ""
+    last = _table_suffix(path)
     if last in _TAB_SUFFIXES:
         return "tsv"
     if last in _JSONL_SUFFIXES:
@@ -162,11 +159,16 @@ def catalogue_files(source: str | Path) -> list[Path]:
     return [path]
 
 
-def _is_table(path: Path) -> bool:
+def _table_suffix(path: Path) -> str:
+    """The lower-case suffix that names the table format, behind any compression suffix ('' if none)."""
     suffixes = [s.lower() for s in path.suffixes]
     while suffixes and suffixes[-1] in _COMPRESSION_SUFFIXES:
         suffixes.pop()
-    return bool(suffixes) and suffixes[-1] in {".csv", *_TAB_SUFFIXES, *_JSONL_SUFFIXES, *_PARQUET_SUFFIXES}
+    return suffixes[-1] if suffixes else ""
+
+
+def _is_table(path: Path) -> bool:
+    return _table_suffix(path) in {".csv", *_TAB_SUFFIXES, *_JSONL_SUFFIXES, *_PARQUET_SUFFIXES}
 
 
 def _separator(path: Path) -> str:
@@ -309,14 +311,14 @@ def has_surrogate(text: str) -> bool:
 
 def _surrogate(ext_id: str, title: str, metadata: dict[Any, Any]) -> str | None:
     """Which text of a row holds a lone surrogate (such text would be dropped or refused by SQLite), if any."""
-    if not ext_id.isascii() and _SURROGATE.search(ext_id):
+    if has_surrogate(ext_id):
         return "the id"
-    if not title.isascii() and _SURROGATE.search(title):
+    if has_surrogate(title):
         return "the title"
     for key, value in metadata.items():
-        if isinstance(value, str) and not value.isascii() and _SURROGATE.search(value):
+        if isinstance(value, str) and has_surrogate(value):
             return f"metadata field {str(key)!r}"
-        if isinstance(key, str) and not key.isascii() and _SURROGATE.search(key):
+        if isinstance(key, str) and has_surrogate(key):
             return "a metadata field name"
     return None
 
