@@ -19,6 +19,7 @@ from matching.encoder import Encoder, UnknownTokens
 from matching.errors import BadRowError
 from matching.features import DEFAULT_DENSE_WEIGHT
 from matching.ingest import CatalogueReader, Encoded, metadata_json
+from matching.layout import ENCODER_WEIGHTS
 from matching.scorer import Scorer
 from matching.store import Store
 from matching.types import Engine, IdType, Retrieval
@@ -160,9 +161,11 @@ def write_bundle(
     lock_timeout: float,
     started: float,
     base: Path | None = None,
+    encoder_weights: bool = False,
 ) -> RowSource:
     """Write ``rows`` (encoded as they are read) into a new generation: the store, vectors, FAISS index, BM25 and
-    an untrained reranker; with ``base``, the change is refused if another writer published since."""
+    an untrained reranker; with ``base``, the change is refused if another writer published since. With
+    ``encoder_weights`` the encoder's weights are saved too (a fine-tuned encoder that exists nowhere else)."""
     with new_generation(path, overwrite=overwrite, base=base, lock_timeout=lock_timeout) as gen:
         writer = Store.create(gen, encoder.dim)
         unknown = UnknownTokens(encoder)
@@ -188,9 +191,13 @@ def write_bundle(
         lexical = generation.lexical_from_store(gen, analyzer)
         done = time.perf_counter()
         timings = {"read_and_encode": encoded - started, "index": indexed - encoded, "lexical": done - indexed}
+        encoder_entry = generation.encoder_record(encoder)
+        if encoder_weights:
+            encoder.save_weights(gen / ENCODER_WEIGHTS)
+            encoder_entry["weights"] = ENCODER_WEIGHTS
         manifest = Manifest(
             library_version=__version__,
-            encoder=generation.encoder_record(encoder),
+            encoder=encoder_entry,
             dim=encoder.dim,
             count=rows.count,
             index=generation.index_record(built, index_config),
@@ -217,10 +224,12 @@ def reencode_bundle(
     index_config: IndexConfig | None,
     show_progress: bool,
     lock_timeout: float,
+    finetuned: dict[str, Any] | None = None,
 ) -> RowSource:
     """Encode the live titles of ``snap`` with ``encoder`` into one new generation of the bundle at ``path``:
     ids, titles, metadata and the BM25 settings stay; the reranker is reset and a query tower dropped (both were
-    fitted to the old vectors), and the manifest says so. Refused if another writer published since ``snap``."""
+    fitted to the old vectors), and the manifest says so. Refused if another writer published since ``snap``.
+    ``finetuned`` (the fine-tune's report) marks ``encoder`` as fine-tuned: its weights go into the bundle."""
     started = time.perf_counter()
     manifest = snap.manifest
     old = snap.scorer.config
@@ -236,6 +245,7 @@ def reencode_bundle(
             "from_fingerprint": manifest.encoder.get("fingerprint"),
             "scorer": "reset: the trained reranker scored the old encoder's vectors; train it again",
             "query_encoder": "dropped" if manifest.query_encoder else None,
+            **({"finetuned": finetuned} if finetuned is not None else {}),
         },
     }
     rows = StoreSource(snap.store, encoder, list(manifest.source.get("title_columns", ["title"])))
@@ -244,4 +254,5 @@ def reencode_bundle(
         scorer_config=scorer_config, analyzer=Analyzer(lexical.get("analyzer", Analyzer.AUTO)),
         retrieval=Retrieval(lexical["retrieval"]) if "retrieval" in lexical else None, overwrite=False,
         show_progress=show_progress, lock_timeout=lock_timeout, started=started, base=path / str(snap.generation),
+        encoder_weights=finetuned is not None,
     )  # fmt: skip

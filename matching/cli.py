@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -297,6 +296,28 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from matching import Matcher
+
+    names = ("epochs", "lr", "batch_size", "loss", "seed", "query_column", "title_column", "label_column")
+    settings = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    with Matcher.load(args.bundle) as m:
+        before = m.manifest.encoder.get("fingerprint")
+        report = m.finetune(
+            args.pairs, args.valid, search=args.search or 0, retrain_scorer=not args.keep_scorer_reset,
+            show_progress=not args.quiet, **settings,
+        )  # fmt: skip
+        print(report.table())
+        if report.best_epoch == 0:
+            print(f"no validation beat the starting encoder: {args.bundle} is unchanged")
+        else:
+            scorer = "retrained on the same pairs" if report.scorer_report else "reset (train it again)"
+            after = m.manifest.encoder.get("fingerprint")
+            print(f"re-encoded {args.bundle}: {len(m)} titles, encoder {before} -> {after}, {m.generation}; "
+                  f"the reranker was {scorer}")  # fmt: skip
+    return 0
+
+
 def _cmd_reencode(args: argparse.Namespace) -> int:
     from matching import Matcher
 
@@ -311,32 +332,17 @@ def _cmd_reencode(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from matching.config import ServiceConfig
     from matching.errors import ConfigError
 
     try:
-        import uvicorn
-
         from matching import service
     except ImportError:
         raise ConfigError("matching serve needs FastAPI and uvicorn: pip install 'matching[serve]'") from None
-    from matching.bundle import current_generation
-    from matching.config import ServiceConfig
-
-    current_generation(Path(args.bundle))  # a missing or broken bundle fails here, not in every worker
-    token = service.read_token(args.token_file) if args.token_file else None
-    config = ServiceConfig(torch_threads=args.torch_threads)
     print(f"serving {args.bundle} on http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr)
-    if args.workers == 1:
-        app = service.create_app(args.bundle, token=token, config=config)
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-        return 0
-    os.environ[service.ENV_BUNDLE] = str(Path(args.bundle).resolve())
-    os.environ[service.ENV_CONFIG] = json.dumps(config.to_dict())
-    if args.token_file:
-        os.environ[service.ENV_TOKEN] = str(Path(args.token_file).resolve())
-    uvicorn.run(
-        "matching.service:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers,
-        log_level=args.log_level,
+    service.serve(
+        args.bundle, host=args.host, port=args.port, workers=args.workers, token_file=args.token_file,
+        config=ServiceConfig(torch_threads=args.torch_threads), log_level=args.log_level,
     )  # fmt: skip
     return 0
 
@@ -495,6 +501,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="override the encoder directory recorded in the bundle")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("finetune", help="fine-tune the encoder on labelled pairs, then re-encode the bundle")
+    p.add_argument("bundle")
+    p.add_argument("pairs", help="CSV/TSV/JSONL with query, title and label (positives only, 0/1 or graded)")
+    p.add_argument("--valid", help="validation pairs for early stopping (default: 10%% of the training queries)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--loss", choices=["auto", "mnrl", "cosent"])
+    p.add_argument("--search", type=int, metavar="TRIALS", help="random hyper-parameter search with N trials")
+    p.add_argument("--keep-scorer-reset", action="store_true", help="do not retrain the reranker afterwards")
+    p.add_argument("--seed", type=int)
+    for column in ("query", "title", "label"):
+        p.add_argument(f"--{column}-column")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_cmd_finetune)
 
     p = sub.add_parser("distill", help="train a smaller N-layer student encoder on the bundle's own titles")
     p.add_argument("bundle")

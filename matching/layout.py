@@ -18,6 +18,7 @@ LEXICAL_ARRAYS = "lexical.safetensors"
 SCORER_WEIGHTS = "scorer.safetensors"
 SCORER_CONFIG = "scorer.json"
 QUERY_ENCODER = "query_encoder.safetensors"
+ENCODER_WEIGHTS = "encoder.safetensors"  # a fine-tuned title/query encoder: the base checkpoint's weights replaced
 TRAIN_REPORT = "train_report.json"
 
 # what a catalogue change (add, upsert, remove, compact) rewrites; every other file is carried across

@@ -16,7 +16,7 @@ import pandas as pd
 
 from matching import changes, generation
 from matching.analysis import Analyzer
-from matching.building import build_bundle
+from matching.building import build_bundle, reencode_bundle
 from matching.bundle import (
     DEFAULT_LOCK_TIMEOUT,
     Manifest,
@@ -480,14 +480,9 @@ class Matcher:
             collect_garbage(self._require_path())
 
     def train_scorer(
-        self,
-        train_pairs: pd.DataFrame | str | Path,
-        valid_pairs: pd.DataFrame | str | Path | None = None,
-        *,
-        save: bool = True,
-        show_progress: bool = True,
-        **settings: Any,
-    ) -> TrainReport:
+        self, train_pairs: pd.DataFrame | str | Path, valid_pairs: pd.DataFrame | str | Path | None = None, *,
+        save: bool = True, show_progress: bool = True, **settings: Any,
+    ) -> TrainReport:  # fmt: skip
         """Train the reranker on (query, title, label) pairs; settings: :class:`matching.training.scorer.TrainConfig`.
 
         The best checkpoint on the validation metric is kept (never worse than the scorer it started from)
@@ -503,14 +498,9 @@ class Matcher:
         return report
 
     def train_query_tower(
-        self,
-        train_pairs: pd.DataFrame | str | Path,
-        valid_pairs: pd.DataFrame | str | Path | None = None,
-        *,
-        save: bool = True,
-        show_progress: bool = True,
-        **settings: Any,
-    ) -> TrainReport:
+        self, train_pairs: pd.DataFrame | str | Path, valid_pairs: pd.DataFrame | str | Path | None = None, *,
+        save: bool = True, show_progress: bool = True, **settings: Any,
+    ) -> TrainReport:  # fmt: skip
         """Fine-tune a separate query tower on positive pairs; settings: :class:`matching.training.tower.TowerConfig`.
 
         The title vectors stay frozen. Retrain the scorer afterwards (:meth:`train_scorer`): it was fitted to
@@ -523,6 +513,37 @@ class Matcher:
             self.replace_query_encoder(tower, report.to_dict())
         else:
             self.query_encoder = tower
+        return report
+
+    def finetune(
+        self, train_pairs: pd.DataFrame | str | Path, valid_pairs: pd.DataFrame | str | Path | None = None, *,
+        search: int = 0, retrain_scorer: bool = True, index_config: IndexConfig | None = None,
+        show_progress: bool = True, **settings: Any,
+    ) -> TrainReport:  # fmt: skip
+        """Fine-tune the encoder (both towers) on labelled pairs, then encode every stored title again and publish
+        encoder, vectors and index as one new generation (readers move on at :meth:`refresh`); with
+        ``retrain_scorer`` the reranker, reset by the new vectors, is then trained on the same pairs (one more
+        generation). Settings: :class:`matching.training.finetune.FinetuneConfig`; ``search`` > 0 runs that many
+        random-search trials. Nothing is published when no validation beat the starting encoder."""
+        from matching.training.finetune import finetune_encoder, search_finetune
+
+        args = (self._snap, self.encoder, train_pairs, valid_pairs)
+        if search > 0:
+            tuned, report, found = search_finetune(*args, trials=search, show_progress=show_progress, **settings)
+        else:
+            (tuned, report), found = finetune_encoder(*args, show_progress=show_progress, **settings), None
+        if report.best_epoch > 0:
+            record = {**report.to_dict(), **({"search": found.to_dict()} if found else {})}
+            reencode_bundle(
+                self._snap, self._require_path(), tuned, index_config=index_config, show_progress=show_progress,
+                lock_timeout=self.lock_timeout, finetuned=record,
+            )  # fmt: skip
+            self.encoder = tuned
+            self._reopen()
+            if retrain_scorer:
+                columns = {k: v for k, v in settings.items() if k.endswith("_column") or k == "seed"}
+                scorer = self.train_scorer(train_pairs, valid_pairs, show_progress=show_progress, **columns)
+                report.scorer_report = scorer.to_dict()
         return report
 
     # -- a smaller encoder -------------------------------------------------------------------------
@@ -558,8 +579,6 @@ class Matcher:
         anew, no CSV needed, and published with its index and BM25 as one new generation, which this matcher
         then serves. Readers keep answering from the old generation until they refresh; a crash leaves one or
         the other. The reranker is reset and a query tower dropped (the manifest's ``source.reencoded`` says so)."""
-        from matching.building import reencode_bundle
-
         if encoder is None:
             chosen = Preset(preset) if preset is not None else self.encoder.preset
             encoder = Encoder.from_pretrained(EncoderConfig(model=None if model is None else str(model), preset=chosen))

@@ -26,7 +26,7 @@ from matching.features import (
 from matching.generation import load_encoder
 from matching.index import VectorIndex
 from matching.ingest import has_surrogate
-from matching.layout import LEXICAL_CONFIG, QUERY_ENCODER
+from matching.layout import ENCODER_WEIGHTS, LEXICAL_CONFIG, QUERY_ENCODER
 from matching.lexical import LexicalIndex
 from matching.scorer import Scorer
 from matching.store import Store, Where
@@ -151,13 +151,19 @@ def open_snapshot(
     manifest = read_manifest(gen, verify=verify)
     if encoder is None:
         encoder = load_encoder(manifest.encoder, model=model, device=device, preset=preset)
+        if manifest.encoder.get("weights"):  # fine-tuned: the base checkpoint's architecture, the bundle's weights
+            encoder.load_weights(gen / ENCODER_WEIGHTS)
     elif preset is not None:
         encoder.set_preset(preset)
     if encoder.fingerprint != manifest.encoder["fingerprint"] and not allow_encoder_mismatch:
         raise BundleError(
             f"the encoder ({encoder.source}) is not the one bundle {str(path)!r} was built with "
             f"(fingerprint {encoder.fingerprint[:12]} != {manifest.encoder['fingerprint'][:12]}); "
-            "load the same model, or pass allow_encoder_mismatch=True if you know they are compatible"
+            + (
+                "this bundle's encoder was fine-tuned and its weights are in the bundle: load it without encoder="
+                if manifest.encoder.get("weights")
+                else "load the same model, or pass allow_encoder_mismatch=True if you know they are compatible"
+            )
         )
     query_encoder = encoder
     if manifest.query_encoder:

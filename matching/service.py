@@ -480,3 +480,28 @@ def app_from_env() -> FastAPI:
     token_file = os.environ.get(ENV_TOKEN)
     config = ServiceConfig.from_dict(json.loads(os.environ.get(ENV_CONFIG) or "{}"))
     return create_app(os.environ[ENV_BUNDLE], token=read_token(token_file) if token_file else None, config=config)
+
+
+def serve(
+    bundle: str | Path, *, host: str, port: int, workers: int = 1, token_file: str | Path | None = None,
+    config: ServiceConfig | None = None, log_level: str = "info",
+) -> None:  # fmt: skip
+    """Run the service under uvicorn until interrupted (``matching serve``); ``workers`` > 1 starts that many
+    processes, each building its app from the environment (:func:`app_from_env`)."""
+    import uvicorn
+
+    from matching.bundle import current_generation
+
+    current_generation(Path(bundle))  # a missing or broken bundle fails here, not in every worker
+    config = config or ServiceConfig()
+    token = read_token(token_file) if token_file else None
+    if workers == 1:
+        uvicorn.run(create_app(bundle, token=token, config=config), host=host, port=port, log_level=log_level)
+        return
+    os.environ[ENV_BUNDLE] = str(Path(bundle).resolve())
+    os.environ[ENV_CONFIG] = json.dumps(config.to_dict())
+    if token_file:
+        os.environ[ENV_TOKEN] = str(Path(token_file).resolve())
+    uvicorn.run(
+        "matching.service:app_from_env", factory=True, host=host, port=port, workers=workers, log_level=log_level
+    )

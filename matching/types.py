@@ -27,6 +27,14 @@ class Preset(StrEnum):
     FAST = "fast"  # fastest setting within 1.5 nDCG@10 points of EXACT on SciFact
 
 
+class EncoderLoss(StrEnum):
+    """Objective of an encoder fine-tune. ``auto``: ``mnrl`` when every label is positive, else ``cosent``."""
+
+    AUTO = "auto"
+    MNRL = "mnrl"  # in-batch + mined negatives (multiple-negatives ranking, InfoNCE) on positive pairs
+    COSENT = "cosent"  # pairwise ranking of the batch's pairs by label (0/1 or graded)
+
+
 class Retrieval(StrEnum):
     """How candidates are found: dense vectors, BM25 over words, or both fused (the default)."""
 

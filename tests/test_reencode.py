@@ -109,3 +109,71 @@ def test_cli_reencode(tmp_path: Path, tiny_encoder: Encoder, other_model_dir: Pa
     assert "40 titles" in out
     with Matcher.load(tmp_path / "b") as m:
         assert m.manifest.source["reencoded"]["from_fingerprint"] == tiny_encoder.fingerprint
+
+
+KILLER = """
+import sys, torch
+torch.set_num_threads(1)
+from matching import Matcher
+from matching.config import EncoderConfig
+from matching.encoder import Encoder
+encoder = Encoder.from_pretrained(EncoderConfig(model=sys.argv[2], preset="exact"))
+with Matcher.load(sys.argv[1], verify=False) as m:
+    print("begin", flush=True)
+    m.reencode(encoder=encoder, show_progress=False)
+print("end", flush=True)
+"""
+
+
+def test_a_writer_killed_during_reencode_leaves_the_old_or_the_new_encoding(
+    tmp_path: Path, tiny_encoder: Encoder, other_encoder: Encoder, tiny_model_dir: Path, other_model_dir: Path
+) -> None:
+    """SIGKILL a `reencode` process at random moments: the bundle always loads with checksums verified and is
+    wholly one encoding (fingerprint, vectors and index agree), with the same rows."""
+    import random
+    import subprocess
+    import sys
+    import time
+
+    df = pd.concat([make_catalogue()] * 40, ignore_index=True)
+    df["id"] = range(len(df))
+    df["title"] = [f"{t} {i}" for i, t in enumerate(df["title"])]
+    Matcher.build(df, tmp_path / "b", encoder=tiny_encoder, show_progress=False, preset="exact").close()
+    titles = df["title"].tolist()
+    expected = {
+        e.fingerprint: e.encode_titles(titles) for e in (tiny_encoder, other_encoder)
+    }  # fmt: skip
+    model_of = {tiny_encoder.fingerprint: other_model_dir, other_encoder.fingerprint: tiny_model_dir}
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER, encoding="utf-8")
+    rng = random.Random(7)
+    root = Path(__file__).resolve().parent.parent
+    duration, outcomes = 0.0, []
+    for attempt in range(6):
+        with Matcher.load(tmp_path / "b", verify=True) as m:  # every checksum checked
+            fingerprint = m.manifest.encoder["fingerprint"]
+            assert fingerprint in expected
+            assert m.catalogue()["title"].tolist() == titles
+            live = m.store.live_ids()
+            assert m.index.ntotal == len(live) == len(titles)
+            np.testing.assert_allclose(m.store.vectors[live], expected[fingerprint], atol=1e-5)
+            _, found = m.index.search(expected[fingerprint][:50], 1)
+            assert found[:, 0].tolist() == live[:50].tolist()  # the index holds the same vectors
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path / "b"), str(model_of[fingerprint])],
+            stdout=subprocess.PIPE, text=True, cwd=root,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "begin"
+        started = time.perf_counter()
+        if attempt == 0:  # the first runs to the end: how long a re-encode takes here
+            assert proc.wait(timeout=120) == 0
+            duration = time.perf_counter() - started
+            outcomes.append("finished")
+            continue
+        time.sleep(rng.uniform(0, duration))
+        proc.kill()
+        proc.wait(timeout=60)
+        with Matcher.load(tmp_path / "b", verify=True) as m:
+            outcomes.append("after" if m.manifest.encoder["fingerprint"] != fingerprint else "before")
+    assert "finished" in outcomes, outcomes

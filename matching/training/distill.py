@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -66,6 +67,9 @@ class DistillReport:
     cosine_after: float
     epoch_losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    sentence_chunks: int = 0  # training texts that are sentences cut from longer texts
+    extra_texts: int = 0  # e.g. the queries of training pairs
+    similarity: float = 0.0  # weight of the in-batch similarity term
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,6 +111,19 @@ def _clean_texts(texts: Sequence[str]) -> list[str]:
     if len(out) < 2:
         raise ConfigError(f"distillation needs at least 2 distinct non-empty texts, got {len(out)}")
     return out
+
+
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
+_SENTENCE_END = re.compile(r"(?<=[.!?;])\s+(?=\S)|(?<=[。！？；])")
+
+
+def sentence_chunks(text: str, min_chars: int = 12) -> list[str]:
+    """The sentences of a long text (split after . ! ? ; and their CJK forms), those of at least ``min_chars``
+    characters (a CJK character counts three: it is about a word); a text with one sentence gives nothing (it
+    is trained on whole already)."""
+    parts = [p.strip() for p in _SENTENCE_END.split(text)]
+    parts = [p for p in parts if len(p) + 2 * len(_CJK.findall(p)) >= min_chars]
+    return parts if len(parts) > 1 else []
 
 
 def _batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -163,13 +180,21 @@ def distill(
     seed: int = 0,
     mixed_precision: bool = True,
     show_progress: bool = True,
+    sentences: bool = True,
+    extra_texts: Sequence[str] = (),
+    similarity: float = 1.0,
 ) -> DistillReport:
     """Train a ``layers``-layer student to reproduce ``teacher``'s vectors on ``texts``; save it in ``out_dir``.
 
     ``texts`` are the user's own texts (e.g. catalogue titles; no labels). Duplicates and blanks are
     dropped; a ``held_out`` share (at most 2,000) is kept aside to report the student-vs-teacher cosine
-    before and after training. ``loss`` is ``"cosine"`` (1 - cosine) or ``"mse"`` on the normalised
-    vectors. AdamW with linear warm-up (first 10% of steps) and decay; seeded by ``seed``.
+    before and after training. With ``sentences`` the student also trains on the sentences of the long
+    training texts (queries are short: it must copy the teacher there too, and short texts are cheap
+    steps); ``extra_texts`` (e.g. the queries of training pairs) are trained on as well. ``similarity``
+    weighs a second term: the MSE between the batch's student and teacher similarity matrices, which
+    asks the student to keep the teacher's ranking, not only each vector's direction. ``loss`` is ``"cosine"``
+    (1 - cosine) or ``"mse"`` on the normalised vectors. AdamW with linear warm-up (first 10% of steps) and
+    decay; seeded by ``seed``.
     ``mixed_precision`` trains under bfloat16 autocast on CPUs with native bfloat16 and on CUDA (the
     student's weights stay float32). The teacher's targets are encoded with its own preset, or
     ``default`` where the teacher runs ``fast``. ``out_dir`` must not exist or must be empty; the
@@ -200,6 +225,14 @@ def distill(
     n_held = min(2000, max(1, round(len(texts) * held_out)))
     held = [texts[i] for i in order[:n_held]]
     train = [texts[i] for i in order[n_held:]]
+    whole = set(train)
+    chunks = [c for t in train for c in sentence_chunks(t) if c not in whole] if sentences else []
+    if isinstance(extra_texts, str):
+        raise ConfigError("extra_texts must be a sequence of strings, not one string")
+    extras = [t.strip() for t in extra_texts if isinstance(t, str) and t.strip()]
+    held_set = set(held)
+    added = [t for t in dict.fromkeys(chunks + extras) if t not in whole and t not in held_set]
+    train += added
 
     # targets: the teacher's vectors (a view on its weights: 'fast' int8 is too noisy to copy)
     target_preset = Preset.DEFAULT if teacher.preset is Preset.FAST else teacher.preset
@@ -235,6 +268,8 @@ def distill(
                 value = (1.0 - (pred * want).sum(dim=-1)).mean()
             else:
                 value = torch.nn.functional.mse_loss(pred, want)
+            if similarity:
+                value = value + similarity * torch.nn.functional.mse_loss(pred @ pred.T, want @ want.T)
             optimizer.zero_grad(set_to_none=True)
             value.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
@@ -264,6 +299,9 @@ def distill(
         cosine_after=cosine_after,
         epoch_losses=epoch_losses,
         seconds=time.perf_counter() - started,
+        sentence_chunks=len(set(chunks) & set(added)),
+        extra_texts=len(set(extras) & set(added)),
+        similarity=similarity,
     )
     _save(student, teacher, out, report)
     log.info(

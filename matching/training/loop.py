@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -48,6 +50,7 @@ class SplitSettings(PairColumns, Protocol):
 
 
 C = TypeVar("C", bound="JsonConfig")
+M = TypeVar("M")
 
 
 @dataclass
@@ -59,19 +62,20 @@ class TrainReport:
     metric: str
     baseline: float  # the validation metric of the scorer training started from
     best_metric: float
-    best_epoch: int  # 0 means no epoch beat the starting scorer, which is kept
+    best_epoch: float  # 0 means no epoch beat the starting state, which is kept (fractions: mid-epoch checks)
     epochs: list[dict[str, float]] = field(default_factory=list)
     train_pairs: int = 0
     valid_queries: int = 0
     seconds: float = 0.0
     loss_reason: str = ""  # why this loss: what the labels looked like
+    scorer_report: dict[str, Any] | None = None  # an encoder fine-tune: the reranker retrained after it
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def table(self) -> str:
         lines = [f"{'epoch':>5}  {'loss':>8}  {self.metric:>10}", f"{0:>5}  {'-':>8}  {self.baseline:>10.4f}"]
-        lines += [f"{int(e['epoch']):>5}  {e['loss']:>8.4f}  {e['metric']:>10.4f}" for e in self.epochs]
+        lines += [f"{e['epoch']:>5g}  {e['loss']:>8.4f}  {e['metric']:>10.4f}" for e in self.epochs]
         why = f" ({self.loss_reason})" if self.loss_reason else ""
         lines.append(
             f"best: epoch {self.best_epoch}, {self.metric} {self.best_metric:.4f} ({self.seconds:.1f}s); "
@@ -158,6 +162,15 @@ def unique_queries(pairs: pd.DataFrame, q: np.ndarray) -> tuple[list[str], np.nd
 # -- the loop
 
 
+def cosent_loss(scores: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """CoSENT: log(1 + sum over pairs with label_i > label_j of exp((s_j - s_i) / T))."""
+    diff = (scores[None, :] - scores[:, None]) / temperature  # diff[i, j] = (s_j - s_i) / T
+    ordered = labels[:, None] > labels[None, :]
+    diff = diff.masked_fill(~ordered, float("-inf"))
+    flat = torch.cat([torch.zeros(1, dtype=diff.dtype, device=diff.device), diff.reshape(-1)])
+    return torch.logsumexp(flat, dim=0)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -184,7 +197,7 @@ class EarlyStopping:
         self.best_state = copy.deepcopy(module.state_dict())
         self.stale = 0
 
-    def step(self, epoch: int, loss: float, value: float) -> bool:
+    def step(self, epoch: float, loss: float, value: float) -> bool:
         """Record an epoch; True when training should stop. A non-finite loss or metric stops it."""
         self.report.epochs.append({"epoch": epoch, "loss": loss, "metric": value})
         if not (math.isfinite(loss) and math.isfinite(value)):
@@ -205,3 +218,64 @@ class EarlyStopping:
         self.module.load_state_dict(self.best_state)
         self.module.eval()
         self.report.seconds = time.perf_counter() - started
+
+
+# -- hyper-parameter search
+
+
+@dataclass
+class SearchReport:
+    """Every trial's settings and validation result, and which one won."""
+
+    metric: str
+    trials: list[dict[str, Any]]
+    best_trial: int
+
+    @property
+    def best(self) -> dict[str, Any]:
+        return self.trials[self.best_trial]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def table(self) -> str:
+        keys = sorted({k for t in self.trials for k in t["settings"]})
+        head = f"{'trial':>5}  " + "  ".join(f"{k:>14}" for k in keys) + f"  {self.metric:>10}  {'epoch':>5}"
+        lines = [head]
+        for i, t in enumerate(self.trials):
+            mark = " *" if i == self.best_trial else ""
+            cells = "  ".join(f"{t['settings'].get(k, '-')!s:>14}" for k in keys)
+            lines.append(f"{i:>5}  {cells}  {t['best_metric']:>10.4f}  {t['best_epoch']:>5}{mark}")
+        return "\n".join(lines)
+
+
+def random_search(
+    run: Callable[[dict[str, Any]], tuple[M, TrainReport]],
+    space: dict[str, list[Any]],
+    *,
+    trials: int,
+    seed: int,
+    show_progress: bool,
+) -> tuple[M, TrainReport, SearchReport]:
+    """Run ``trials`` settings drawn without replacement from the grid ``space`` (seeded); keep the best model.
+
+    Plain random search: a handful of trials is what a budget of minutes per trial buys, and for its first ten
+    trials a TPE sampler (Optuna's default) samples at random too."""
+    rng = random.Random(seed)
+    grid = [dict(zip(space, combo, strict=True)) for combo in itertools.product(*space.values())]
+    rng.shuffle(grid)
+    chosen = grid[: max(1, trials)]
+    results: list[dict[str, Any]] = []
+    best: tuple[TrainReport, M, int] | None = None
+    for i, trial in enumerate(chosen):
+        model, report = run(trial)
+        results.append(
+            {"settings": trial, "best_metric": report.best_metric, "best_epoch": report.best_epoch, "trial": i}
+        )
+        if show_progress:
+            log.warning("trial %d/%d %s: %s %.4f", i + 1, len(chosen), trial, report.metric, report.best_metric)
+        if best is None or report.best_metric > best[0].best_metric:
+            best = (report, model, i)
+    assert best is not None  # chosen is never empty
+    report, model, best_index = best
+    return model, report, SearchReport(metric=report.metric, trials=results, best_trial=best_index)

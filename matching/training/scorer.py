@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import logging
 import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,8 +24,11 @@ from matching.metrics import ndcg_at_k, roc_auc, spearman
 from matching.scorer import Scorer
 from matching.training.loop import (
     EarlyStopping,
+    SearchReport,
     TrainReport,
     configured,
+    cosent_loss,
+    random_search,
     seed_everything,
     train_valid_pairs,
     unique_queries,
@@ -220,15 +220,6 @@ def _listwise_loss(scorer: Scorer, g: _Groups, temperature: float) -> torch.Tens
     return (per_group * g.weight).sum() / g.weight.sum()
 
 
-def _cosent_loss(scores: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log(1 + sum over pairs with label_i > label_j of exp((s_j - s_i) / T))."""
-    diff = (scores[None, :] - scores[:, None]) / temperature  # diff[i, j] = (s_j - s_i) / T
-    ordered = labels[:, None] > labels[None, :]
-    diff = diff.masked_fill(~ordered, float("-inf"))
-    flat = torch.cat([torch.zeros(1, dtype=diff.dtype), diff.reshape(-1)])
-    return torch.logsumexp(flat, dim=0)
-
-
 # -- the loop ------------------------------------------------------------------------------------
 
 
@@ -332,7 +323,7 @@ def train_scorer(
                 elif loss_kind is LossKind.MSE:
                     loss = nn.functional.mse_loss(scores, targets_tr[idx])
                 else:
-                    loss = _cosent_loss(scores, labels_tr[idx], cfg.temperature)
+                    loss = cosent_loss(scores, labels_tr[idx], cfg.temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             nn.utils.clip_grad_norm_(params, cfg.clip)
@@ -355,32 +346,6 @@ DEFAULT_SPACE: dict[str, list[Any]] = {
 }
 
 
-@dataclass
-class SearchReport:
-    """Every trial's settings and validation result, and which one won."""
-
-    metric: str
-    trials: list[dict[str, Any]]
-    best_trial: int
-
-    @property
-    def best(self) -> dict[str, Any]:
-        return self.trials[self.best_trial]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def table(self) -> str:
-        keys = sorted({k for t in self.trials for k in t["settings"]})
-        head = f"{'trial':>5}  " + "  ".join(f"{k:>14}" for k in keys) + f"  {self.metric:>10}  {'epoch':>5}"
-        lines = [head]
-        for i, t in enumerate(self.trials):
-            mark = " *" if i == self.best_trial else ""
-            cells = "  ".join(f"{t['settings'].get(k, '-')!s:>14}" for k in keys)
-            lines.append(f"{i:>5}  {cells}  {t['best_metric']:>10.4f}  {t['best_epoch']:>5}{mark}")
-        return "\n".join(lines)
-
-
 def search_scorer(
     snap: Snapshot,
     train_pairs: pd.DataFrame | str | Path,
@@ -400,28 +365,8 @@ def search_scorer(
     space = dict(space or DEFAULT_SPACE)
     if not settings.get("hard_negatives"):
         space.pop("hard_negatives", None)
-    rng = random.Random(seed)
-    grid = [dict(zip(space, combo, strict=True)) for combo in itertools.product(*space.values())]
-    rng.shuffle(grid)
-    chosen = grid[: max(1, trials)]
-    results: list[dict[str, Any]] = []
-    best: tuple[TrainReport, Scorer, int] | None = None
-    for i, trial in enumerate(chosen):
-        scorer, report = train_scorer(
-            snap, train_pairs, valid_pairs, show_progress=False, **{**settings, "seed": seed, **trial}
-        )
-        results.append(
-            {
-                "settings": trial,
-                "best_metric": report.best_metric,
-                "best_epoch": report.best_epoch,
-                "trial": i,
-            }
-        )
-        if show_progress:
-            log.warning("trial %d/%d %s: %s %.4f", i + 1, len(chosen), trial, report.metric, report.best_metric)
-        if best is None or report.best_metric > best[0].best_metric:
-            best = (report, scorer, i)
-    assert best is not None  # chosen is never empty
-    report, scorer, best_index = best
-    return scorer, report, SearchReport(metric=report.metric, trials=results, best_trial=best_index)
+
+    def run(trial: dict[str, Any]) -> tuple[Scorer, TrainReport]:
+        return train_scorer(snap, train_pairs, valid_pairs, show_progress=False, **{**settings, "seed": seed, **trial})
+
+    return random_search(run, space, trials=trials, seed=seed, show_progress=show_progress)

@@ -1,0 +1,315 @@
+"""Fine-tuning the shared encoder (title and query towers alike) on labelled pairs.
+
+The loss follows the labels: pairs that are all positives (qrels, clicks) train with in-batch negatives plus
+negatives mined from the bundle (multiple-negatives ranking, InfoNCE); 0/1 or graded labels train with CoSENT,
+which ranks every pair of a batch above the pairs labelled lower. AdamW, linear warm-up then decay, gradient
+clipping, fixed seeds, and early stopping on a validation metric measured before training too: the encoder
+returned is never worse on it than the one training started from. The titles must be encoded again afterwards
+(:meth:`matching.Matcher.finetune` does it and publishes one new generation).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from matching.accel import cpu_has_native_bf16
+from matching.config import JsonConfig
+from matching.encoder import Encoder
+from matching.errors import ConfigError, SchemaError
+from matching.metrics import ndcg_at_k, spearman
+from matching.training.loop import (
+    EarlyStopping,
+    SearchReport,
+    TrainReport,
+    configured,
+    cosent_loss,
+    random_search,
+    seed_everything,
+    train_valid_pairs,
+    warmup_linear,
+)
+from matching.types import EncoderLoss
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from matching.search import Snapshot
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(JsonConfig):
+    """Settings for :func:`finetune_encoder` (general defaults: those of sentence-transformers' recipes)."""
+
+    epochs: int = 2
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    batch_size: int = 16
+    warmup: float = 0.1  # share of the steps spent warming the learning rate up
+    clip: float = 1.0  # gradient-norm clipping
+    evals_per_epoch: int = 2  # validations per epoch (early stopping can keep a mid-epoch state)
+    patience: int = 2  # validations without a better metric before stopping
+    loss: EncoderLoss = EncoderLoss.AUTO
+    scale: float = 20.0  # cosines are multiplied by this in both losses (a temperature of 0.05)
+    hard_negatives: int = 1  # mined per positive pair from the bundle (positives-only data)
+    mine_depth: int = 30  # mined from this many nearest titles, positives and near-duplicates of them excluded
+    valid_pool: int = 2000  # titles besides the validation positives that validation retrieval ranks
+    mixed_precision: bool = True  # bfloat16 autocast where the CPU (or CUDA) runs it natively
+    valid_fraction: float = 0.1  # of the training queries, when no validation pairs are given
+    seed: int = 0
+    query_column: str = "query"
+    title_column: str = "title"
+    label_column: str = "label"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0 or self.scale <= 0:
+            raise ConfigError("epochs >= 1, batch_size >= 2, lr > 0 and scale > 0 are required")
+        if self.evals_per_epoch < 1 or self.patience < 1 or self.hard_negatives < 0 or self.mine_depth < 1:
+            raise ConfigError(
+                "evals_per_epoch >= 1, patience >= 1, hard_negatives >= 0 and mine_depth >= 1 are required"
+            )
+        if self.valid_pool < 0 or not 0 < self.valid_fraction < 1:
+            raise ConfigError("valid_pool >= 0 and 0 < valid_fraction < 1 are required")
+
+
+# searched by `finetune_encoder(search=N)`: the settings a fine-tune is most sensitive to
+DEFAULT_SPACE: dict[str, list[Any]] = {"lr": [1e-5, 2e-5, 3e-5, 5e-5], "batch_size": [16, 32], "warmup": [0.05, 0.1]}
+
+
+def pick_loss(labels: np.ndarray, asked: EncoderLoss) -> tuple[EncoderLoss, str]:
+    """The loss for these labels, and why."""
+    positives_only = bool(np.all(labels > 0))
+    if asked is EncoderLoss.COSENT and len(np.unique(labels)) < 2:
+        raise ConfigError("the cosent loss needs at least two different labels; these pairs all have one")
+    if asked is EncoderLoss.MNRL and not np.any(labels > 0):
+        raise ConfigError("the mnrl loss trains on positive pairs (label > 0); there are none")
+    if asked is not EncoderLoss.AUTO:
+        return asked, "asked for"
+    if positives_only:
+        return EncoderLoss.MNRL, "every label is positive: in-batch and mined negatives"
+    if set(np.unique(labels).tolist()) <= {0.0, 1.0}:
+        return EncoderLoss.COSENT, "0/1 labels: each positive pair ranked above each negative pair of its batch"
+    return EncoderLoss.COSENT, f"graded labels ({len(np.unique(labels))} values): pairs ranked by label"
+
+
+# -- validation
+
+
+def _pairs_metric(valid: pd.DataFrame) -> Callable[[Encoder], float]:
+    """Spearman between the cosine and the label on the validation pairs (graded and 0/1 labels)."""
+    queries, titles, labels = valid["query"].tolist(), valid["title"].tolist(), valid["label"].to_numpy()
+
+    def metric(encoder: Encoder) -> float:
+        q, t = encoder.encode(queries), encoder.encode(titles)
+        return spearman(np.einsum("ij,ij->i", q, t), labels)
+
+    return metric
+
+
+def _retrieval_metric(snap: Snapshot | None, valid: pd.DataFrame, pool: int, seed: int) -> Callable[[Encoder], float]:
+    """nDCG@10 of the validation queries over their positives plus up to ``pool`` other titles of the bundle."""
+    positives = valid[valid["label"] > 0]
+    texts = list(dict.fromkeys(positives["title"]))
+    if snap is not None and pool:
+        rows = snap.store.live_ids()
+        rng = np.random.default_rng(seed)
+        picked = rows[np.sort(rng.choice(len(rows), min(len(rows), pool), replace=False))]
+        texts = list(dict.fromkeys(texts + [r.title for r in snap.store.get(picked.tolist())]))
+    rel: dict[str, dict[str, int]] = {}
+    for q, t in zip(positives["query"], positives["title"], strict=True):
+        rel.setdefault(q, {})[t] = 1
+    queries = list(rel)
+
+    def metric(encoder: Encoder) -> float:
+        t = encoder.encode(texts)
+        q = encoder.encode(queries)
+        top = np.argsort(-(q @ t.T), axis=1)[:, :10]
+        return float(np.mean([ndcg_at_k([texts[j] for j in top[i]], rel[qq], 10) for i, qq in enumerate(queries)]))
+
+    return metric
+
+
+# -- training data
+
+
+def _mine(snap: Snapshot, pairs: pd.DataFrame, cfg: FinetuneConfig) -> dict[str, list[str]]:
+    """Per query, titles the starting encoder ranks high that are not its positives: candidates for negatives.
+
+    Titles whose cosine comes within 5% of the query's weakest positive are left out (likely unlabelled
+    positives; sentence-transformers' `relative_margin` idea)."""
+    positives: dict[str, set[str]] = {}
+    for q, t in zip(pairs["query"], pairs["title"], strict=True):
+        positives.setdefault(q, set()).add(t)
+    queries = list(positives)
+    qv = snap.query_encoder.encode_queries(queries)
+    scores, ids = snap.index.search(qv, cfg.mine_depth)
+    found = {int(r) for r in ids.ravel() if r >= 0}
+    text = {r: s.title for r, s in zip(sorted(found), snap.store.get(sorted(found)), strict=True)}
+    pos_vectors = snap.query_encoder.encode_titles([t for q in queries for t in sorted(positives[q])])
+    out: dict[str, list[str]] = {}
+    at = 0
+    for i, q in enumerate(queries):
+        n = len(positives[q])
+        limit = float(np.min(pos_vectors[at : at + n] @ qv[i])) * 0.95
+        at += n
+        out[q] = [
+            text[int(r)]
+            for r, s in zip(ids[i], scores[i], strict=True)
+            if r >= 0 and text[int(r)] not in positives[q] and s < limit
+        ]
+    return out
+
+
+def _mnrl_loss(
+    encoder: Encoder, queries: list[str], titles: list[str], positives: dict[str, set[str]], scale: float
+) -> torch.Tensor:
+    """Cross-entropy of each query over the batch's titles (its own positive first among them, and hard negatives
+    after the positives); titles that are another positive of the query are masked out."""
+    qv = encoder.embed(encoder.tokenize(queries)).float()
+    tv = encoder.embed(encoder.tokenize(titles)).float()
+    logits = scale * qv @ tv.T
+    mask = torch.tensor(
+        [[j != i and titles[j] in positives[q] for j in range(len(titles))] for i, q in enumerate(queries)],
+        device=logits.device,
+    )
+    logits = logits.masked_fill(mask, float("-inf"))
+    return nn.functional.cross_entropy(logits, torch.arange(len(queries), device=logits.device))
+
+
+def _cosent(
+    encoder: Encoder, queries: list[str], titles: list[str], labels: torch.Tensor, scale: float
+) -> torch.Tensor:
+    qv = encoder.embed(encoder.tokenize(queries)).float()
+    tv = encoder.embed(encoder.tokenize(titles)).float()
+    return cosent_loss((qv * tv).sum(dim=-1), labels.to(qv.device), 1.0 / scale)
+
+
+# -- the loop
+
+
+def finetune_encoder(
+    snap: Snapshot | None,
+    encoder: Encoder,
+    train_pairs: pd.DataFrame | str | Path,
+    valid_pairs: pd.DataFrame | str | Path | None = None,
+    *,
+    config: FinetuneConfig | None = None,
+    show_progress: bool = True,
+    **settings: Any,
+) -> tuple[Encoder, TrainReport]:
+    """Fine-tune a copy of ``encoder`` on labelled pairs; returns the best copy (the starting weights when no
+    validation beat them: ``report.best_epoch == 0``) and a report. ``snap``, the bundle being served, supplies
+    mined negatives and the validation pool for positives-only pairs (``None``: in-batch negatives only)."""
+    cfg = configured(FinetuneConfig, config, settings)
+    started = time.perf_counter()
+    seed_everything(cfg.seed)
+    train, valid = train_valid_pairs(train_pairs, valid_pairs, cfg)
+    loss_kind, reason = pick_loss(train["label"].to_numpy(), cfg.loss)
+    if loss_kind is EncoderLoss.MNRL:
+        train = train[train["label"] > 0].reset_index(drop=True)
+        if not (valid["label"] > 0).any():
+            raise SchemaError("the validation pairs have no positive (label > 0): retrieval cannot be measured")
+        validate = _retrieval_metric(snap, valid, cfg.valid_pool, cfg.seed)
+        metric_name = "ndcg@10"
+    else:
+        if len(np.unique(valid["label"])) < 2:
+            raise SchemaError("the validation pairs all have one label: Spearman cannot be measured")
+        validate = _pairs_metric(valid)
+        metric_name = "spearman"
+    mined = _mine(snap, train, cfg) if snap is not None and loss_kind is EncoderLoss.MNRL and cfg.hard_negatives else {}
+    positives: dict[str, set[str]] = {}
+    for q, t in zip(train["query"], train["title"], strict=True):
+        positives.setdefault(q, set()).add(t)
+
+    tower = encoder.clone(source=encoder.source)
+    view = tower  # validated as it will serve: in its own preset
+    baseline = validate(view)
+    report = TrainReport(
+        config=cfg.to_dict(), loss=loss_kind.value, metric=metric_name, baseline=baseline, best_metric=baseline,
+        best_epoch=0, train_pairs=len(train), valid_queries=valid["query"].nunique(), loss_reason=reason,
+    )  # fmt: skip
+    stopper = EarlyStopping(tower.model, report, cfg.patience)
+    model = tower.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_epoch = math.ceil(len(train) / cfg.batch_size)
+    scheduler = warmup_linear(optimizer, per_epoch * cfg.epochs, cfg.warmup)
+    device = tower.device
+    autocast = cfg.mixed_precision and (device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()))
+    checks = {min(per_epoch, math.ceil(per_epoch * (k + 1) / cfg.evals_per_epoch)) for k in range(cfg.evals_per_epoch)}
+    rng = np.random.default_rng(cfg.seed)
+    labels = torch.tensor(train["label"].to_numpy(), dtype=torch.float32)
+    queries, titles = train["query"].tolist(), train["title"].tolist()
+    bar = tqdm(total=per_epoch * cfg.epochs, desc="fine-tuning encoder", unit="batch", disable=not show_progress)
+    stop = False
+    for epoch in range(1, cfg.epochs + 1):
+        order = rng.permutation(len(train))
+        running, seen = 0.0, 0
+        model.train()
+        for step in range(1, per_epoch + 1):
+            idx = order[(step - 1) * cfg.batch_size : step * cfg.batch_size]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                if loss_kind is EncoderLoss.MNRL:
+                    bq = [queries[i] for i in idx]
+                    bt = [titles[i] for i in idx]
+                    for q in bq:  # one mined negative per query, a different draw each epoch
+                        if mined.get(q):
+                            pool = mined[q][: max(cfg.hard_negatives, 1) * 5]
+                            bt += [
+                                pool[int(k)]
+                                for k in rng.choice(len(pool), min(len(pool), cfg.hard_negatives), replace=False)
+                            ]
+                    loss = _mnrl_loss(tower, bq, bt, positives, cfg.scale)
+                else:
+                    loss = _cosent(tower, [queries[i] for i in idx], [titles[i] for i in idx], labels[idx], cfg.scale)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            nn.utils.clip_grad_norm_(params, cfg.clip)
+            optimizer.step()
+            scheduler.step()
+            running += float(loss.detach()) * len(idx)
+            seen += len(idx)
+            bar.update(1)
+            if step in checks:
+                model.eval()
+                value = validate(view)
+                bar.set_postfix(loss=f"{running / seen:.4f}", **{metric_name: f"{value:.4f}"})
+                stop = stopper.step(round(epoch - 1 + step / per_epoch, 3), running / seen, value)
+                model.train()
+                if stop:
+                    break
+        if stop:
+            break
+    bar.close()
+    stopper.restore(started)
+    return tower, report
+
+
+def search_finetune(
+    snap: Snapshot | None,
+    encoder: Encoder,
+    train_pairs: pd.DataFrame | str | Path,
+    valid_pairs: pd.DataFrame | str | Path | None = None,
+    *,
+    trials: int = 4,
+    space: dict[str, list[Any]] | None = None,
+    seed: int = 0,
+    show_progress: bool = True,
+    **settings: Any,
+) -> tuple[Encoder, TrainReport, SearchReport]:
+    """Random search over ``space`` (default :data:`DEFAULT_SPACE`), one fine-tune per trial; the best encoder."""
+
+    def run(trial: dict[str, Any]) -> tuple[Encoder, TrainReport]:
+        merged = {**settings, "seed": seed, **trial}
+        return finetune_encoder(snap, encoder, train_pairs, valid_pairs, show_progress=show_progress, **merged)
+
+    return random_search(run, dict(space or DEFAULT_SPACE), trials=trials, seed=seed, show_progress=show_progress)

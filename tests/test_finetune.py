@@ -1,0 +1,247 @@
+"""Fine-tuning the shared encoder: the loss each label shape gets, the metric moves and never ends worse, and the
+bundle is re-encoded into one new generation that reloads from disk alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import COLOURS, build_products, make_catalogue, shifted_pairs
+
+from matching import BundleError, ConfigError, Matcher, SchemaError
+from matching.bundle import current_generation
+from matching.cli import main
+from matching.encoder import Encoder
+from matching.layout import ENCODER_WEIGHTS
+from matching.metrics import ndcg_at_k, spearman
+from matching.training.finetune import FinetuneConfig, finetune_encoder, pick_loss
+from matching.types import EncoderLoss
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+FAST = {"lr": 3e-3, "epochs": 3, "batch_size": 8}
+
+
+@pytest.fixture(scope="module")
+def graded() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """0/1 pairs of the relabelled task: train on 4 colours, validate on 3 others."""
+    return shifted_pairs(COLOURS[:4], all_titles=False), shifted_pairs(COLOURS[5:], all_titles=False)
+
+
+@pytest.fixture(scope="module")
+def positives(graded: tuple[pd.DataFrame, pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    train, valid = graded
+    return train[train["label"] > 0].reset_index(drop=True), valid[valid["label"] > 0].reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory, tiny_encoder: Encoder) -> Any:
+    """Read-only: the function API leaves the matcher alone."""
+    m = build_products(tmp_path_factory.mktemp("ft") / "products", tiny_encoder)
+    yield m
+    m.close()
+
+
+def weights(encoder: Encoder) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in encoder.model.state_dict().items()}
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def pool_ndcg(encoder: Encoder, valid: pd.DataFrame, titles: list[str]) -> float:
+    """nDCG@10 over the catalogue's titles by brute force (the validation pool is the whole catalogue here)."""
+    texts = list(dict.fromkeys(list(valid["title"]) + titles))
+    rel: dict[str, dict[str, int]] = {}
+    for q, t in zip(valid["query"], valid["title"], strict=True):
+        rel.setdefault(q, {})[t] = 1
+    q, t = encoder.encode(list(rel)), encoder.encode(texts)
+    top = np.argsort(-(q @ t.T), axis=1)[:, :10]
+    return float(np.mean([ndcg_at_k([texts[j] for j in top[i]], rel[k], 10) for i, k in enumerate(rel)]))
+
+
+# -- the loss follows the labels
+
+
+def test_the_loss_follows_the_labels() -> None:
+    assert pick_loss(np.array([1.0, 1.0, 2.0]), EncoderLoss.AUTO)[0] is EncoderLoss.MNRL
+    kind, why = pick_loss(np.array([0.0, 1.0, 1.0]), EncoderLoss.AUTO)
+    assert kind is EncoderLoss.COSENT
+    assert "0/1" in why
+    kind, why = pick_loss(np.array([0.0, 2.5, 5.0, 1.2]), EncoderLoss.AUTO)
+    assert kind is EncoderLoss.COSENT
+    assert "graded labels (4 values)" in why
+    assert pick_loss(np.array([0.0, 1.0]), EncoderLoss.MNRL) == (EncoderLoss.MNRL, "asked for")
+    with pytest.raises(ConfigError, match="two different labels"):
+        pick_loss(np.array([1.0, 1.0]), EncoderLoss.COSENT)
+    with pytest.raises(ConfigError, match="no"):
+        pick_loss(np.array([0.0, 0.0]), EncoderLoss.MNRL)
+
+
+@pytest.mark.parametrize(
+    "bad", [{"epochs": 0}, {"batch_size": 1}, {"lr": 0.0}, {"evals_per_epoch": 0}, {"valid_fraction": 1.0}]
+)
+def test_bad_settings_are_config_errors(bad: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError):
+        FinetuneConfig.from_dict(bad)
+
+
+def test_the_config_round_trips() -> None:
+    cfg = FinetuneConfig(lr=5e-5, loss=EncoderLoss.COSENT, evals_per_epoch=3)
+    assert FinetuneConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.to_dict()["loss"] == "cosent"
+
+
+# -- the metric moves, and never ends worse
+
+
+def test_positives_only_moves_retrieval_and_the_report_is_the_encoders(
+    bundle: Matcher, tiny_encoder: Encoder, positives: tuple[pd.DataFrame, pd.DataFrame]
+) -> None:
+    before = weights(tiny_encoder)
+    tuned, report = finetune_encoder(bundle.snapshot, tiny_encoder, *positives, show_progress=False, **FAST)
+    assert report.loss == "mnrl"
+    assert report.metric == "ndcg@10"
+    assert report.best_metric > report.baseline + 0.2  # the relabelled task is learnt (measured 0.09 -> 0.71)
+    assert report.best_metric == max([report.baseline] + [e["metric"] for e in report.epochs])
+    titles = make_catalogue()["title"].tolist()
+    # the metric is brute-force nDCG over the catalogue, of the encoder returned
+    assert pool_ndcg(tuned, positives[1], titles) == pytest.approx(report.best_metric, abs=1e-9)
+    assert pool_ndcg(tiny_encoder, positives[1], titles) == pytest.approx(report.baseline, abs=1e-9)
+    assert same(weights(tiny_encoder), before)  # a copy was trained
+    assert not tuned.model.training
+
+
+def test_graded_labels_move_spearman(bundle: Matcher, tiny_encoder: Encoder, graded: Any) -> None:
+    tuned, report = finetune_encoder(None, tiny_encoder, *graded, show_progress=False, **FAST)
+    assert report.loss == "cosent"
+    assert report.metric == "spearman"
+    assert report.best_metric > report.baseline
+    valid = graded[1]
+    q, t = tuned.encode(valid["query"].tolist()), tuned.encode(valid["title"].tolist())
+    assert spearman(np.einsum("ij,ij->i", q, t), valid["label"].to_numpy()) == pytest.approx(report.best_metric)
+
+
+def easy_valid() -> pd.DataFrame:
+    """Each title against itself (label 1) and against the title half the catalogue away (label 0): the
+    untouched encoder already orders these almost perfectly."""
+    titles = make_catalogue()["title"].tolist()
+    half = len(titles) // 2
+    rows = [(t, t, 1) for t in titles[::4]] + [
+        (t, titles[(i + half) % len(titles)], 0) for i, t in enumerate(titles[::4])
+    ]
+    return pd.DataFrame(rows, columns=["query", "title", "label"])
+
+
+def test_no_better_validation_returns_the_starting_weights(tiny_encoder: Encoder, graded: Any) -> None:
+    # a learning rate far too high wrecks every check: the starting weights come back, bit for bit
+    tuned, report = finetune_encoder(
+        None, tiny_encoder, graded[0], easy_valid(), show_progress=False, lr=5.0, epochs=1, batch_size=8, patience=1
+    )
+    assert report.baseline > 0.8
+    assert report.best_epoch == 0
+    assert report.best_metric == report.baseline
+    assert all(not e["metric"] >= report.baseline for e in report.epochs)  # lower, or NaN
+    assert same(weights(tuned), weights(tiny_encoder))
+
+
+def test_the_same_seed_gives_the_same_encoder(bundle: Matcher, tiny_encoder: Encoder, positives: Any) -> None:
+    settings = {**FAST, "epochs": 1, "mixed_precision": False}
+    a, ra = finetune_encoder(bundle.snapshot, tiny_encoder, *positives, show_progress=False, **settings)
+    b, rb = finetune_encoder(bundle.snapshot, tiny_encoder, *positives, show_progress=False, **settings)
+    assert same(weights(a), weights(b))
+    assert ra.epochs == rb.epochs
+
+
+def test_bad_pairs_are_schema_errors(tiny_encoder: Encoder, graded: Any) -> None:
+    train, valid = graded
+    with pytest.raises(SchemaError, match="one label"):
+        finetune_encoder(None, tiny_encoder, train, valid.assign(label=1.0), show_progress=False)
+    with pytest.raises(SchemaError, match="no column"):
+        finetune_encoder(None, tiny_encoder, train.rename(columns={"label": "y"}), valid, show_progress=False)
+
+
+# -- the bundle
+
+
+def test_finetune_publishes_one_generation_that_reloads(
+    tmp_path: Path, tiny_encoder: Encoder, positives: tuple[pd.DataFrame, pd.DataFrame]
+) -> None:
+    m = build_products(tmp_path / "b", tiny_encoder)
+    before = m.catalogue()
+    pinned = m.pin()
+    pinned_hits = [(h.id, h.score) for h in pinned.search("red lamp", 5)]
+    report = m.finetune(*positives, show_progress=False, retrain_scorer=False, **FAST)
+    assert report.best_epoch > 0
+    assert report.scorer_report is None
+    pd.testing.assert_frame_equal(m.catalogue(), before)  # ids, titles, metadata identical
+    entry = m.manifest.encoder
+    assert entry["weights"] == ENCODER_WEIGHTS
+    assert entry["fingerprint"] != tiny_encoder.fingerprint
+    assert entry["source"] == tiny_encoder.source  # the architecture still comes from the base checkpoint
+    record = m.manifest.source["reencoded"]
+    assert record["from_fingerprint"] == tiny_encoder.fingerprint
+    assert record["finetuned"]["best_metric"] == report.best_metric
+    assert record["scorer"].startswith("reset")
+    live = m.store.live_ids()
+    np.testing.assert_allclose(m.store.vectors[live], m.encoder.encode_titles(before["title"].tolist()), atol=1e-5)
+    assert [(h.id, h.score) for h in pinned.search("red lamp", 5)] == pinned_hits  # the old generation, unchanged
+    m.add(pd.DataFrame({"id": [1], "title": ["acme violet lamp"]}), show_progress=False)
+    added = m.store.vectors[m.store.lookup(["1"])["1"].row_id]
+    hits = [(h.id, h.score) for h in m.search("red lamp", 5)]
+    m.close()
+    pinned.close()
+    with Matcher.load(tmp_path / "b") as again:  # from disk alone: base checkpoint + the bundle's weights
+        assert again.encoder.fingerprint == entry["fingerprint"]
+        np.testing.assert_allclose(again.encoder.encode_titles(["acme violet lamp"])[0], added, atol=1e-5)
+        assert [(h.id, h.score) for h in again.search("red lamp", 5)] == hits
+    with pytest.raises(BundleError, match="fine-tuned"):  # its weights are in the bundle, not in tiny_encoder
+        Matcher.load(tmp_path / "b", encoder=tiny_encoder)
+
+
+def test_finetune_that_does_not_improve_publishes_nothing(tmp_path: Path, tiny_encoder: Encoder, graded: Any) -> None:
+    m = build_products(tmp_path / "b", tiny_encoder)
+    gen = current_generation(tmp_path / "b").name
+    report = m.finetune(graded[0], easy_valid(), show_progress=False, lr=5.0, epochs=1, batch_size=8, patience=1)
+    assert report.best_epoch == 0
+    assert current_generation(tmp_path / "b").name == gen
+    assert m.encoder is tiny_encoder
+    m.close()
+
+
+def test_search_runs_trials_and_keeps_the_best(tmp_path: Path, tiny_encoder: Encoder, positives: Any) -> None:
+    m = build_products(tmp_path / "b", tiny_encoder)
+    space = {"lr": [3e-3, 1e-7]}
+    from matching.training.finetune import search_finetune
+
+    _tuned, report, found = search_finetune(
+        m.snapshot, tiny_encoder, *positives, trials=2, space=space, show_progress=False, epochs=2, batch_size=8
+    )
+    assert len(found.trials) == 2
+    assert found.best["settings"]["lr"] == 3e-3
+    assert report.best_metric == max(t["best_metric"] for t in found.trials)
+    m.close()
+
+
+def test_the_cli_finetunes_a_bundle(
+    tmp_path: Path, tiny_encoder: Encoder, positives: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    build_products(tmp_path / "b", tiny_encoder).close()
+    train, valid = positives
+    train.to_csv(tmp_path / "train.csv", index=False)
+    valid.to_csv(tmp_path / "valid.csv", index=False)
+    args = ["finetune", str(tmp_path / "b"), str(tmp_path / "train.csv"), "--valid", str(tmp_path / "valid.csv")]
+    assert main([*args, "--epochs", "3", "--lr", "3e-3", "--batch-size", "8", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "ndcg@10" in out
+    assert "re-encoded" in out
+    with Matcher.load(tmp_path / "b") as m:
+        assert m.manifest.encoder["weights"] == ENCODER_WEIGHTS
+        assert m.manifest.source["reencoded"]["finetuned"]["loss"] == "mnrl"
+        assert m.scorer.trained  # retrained on the same pairs after the re-encode (it was reset by it)
+    assert "the reranker was retrained on the same pairs" in out
