@@ -11,8 +11,9 @@ default    bfloat16 weights, TorchScript-traced            bfloat16 (float16 wit
 fast       texts cut at 192 tokens; batches of <= 256       as default (dynamic int8 is CPU-only),
            padded tokens (one query, a few titles): int8   texts cut at 192 tokens
            dynamic quantisation of every Linear
-           (per-channel weights); bigger batches: as
-           default. Both traced.
+           (per-channel weights), traced; bigger
+           batches: bfloat16 untraced. Each built on
+           first use.
 =========  ==============================================  ======================================
 
 On a CPU without native bfloat16 (no AVX512-BF16/AMX), where bfloat16 is emulated and slower than
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -186,13 +188,25 @@ def _trace(module: nn.Module, example: Batch) -> Any:
 
 
 class BySize:
-    """Run ``small`` on batches of at most ``max_tokens`` padded tokens and ``large`` on bigger ones."""
+    """Run the ``small`` runner on batches of at most ``max_tokens`` padded tokens and ``large`` on bigger ones;
+    each is built on first use (a bulk build never needs the int8 copy, a query-only service never the large one:
+    each copy costs a deep copy, a conversion and a trace)."""
 
-    def __init__(self, small: Runner, large: Runner, max_tokens: int) -> None:
-        self.small, self.large, self.max_tokens = small, large, max_tokens
+    def __init__(self, small: Callable[[], Runner], large: Callable[[], Runner], max_tokens: int) -> None:
+        self._make = {True: small, False: large}
+        self._built: dict[bool, Runner] = {}
+        self._lock = threading.Lock()
+        self.max_tokens = max_tokens
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        runner = self.small if input_ids.numel() <= self.max_tokens else self.large
+        small = input_ids.numel() <= self.max_tokens
+        runner = self._built.get(small)
+        if runner is None:
+            with self._lock:
+                if small not in self._built:
+                    with torch.inference_mode(False):
+                        self._built[small] = self._make[small]()
+                runner = self._built[small]
         return runner(input_ids, attention_mask)
 
 
@@ -205,9 +219,13 @@ def build_runner(model: nn.Module, pooling: Pooling, plan: Plan, examples: tuple
     if plan.uses_base_model:
         return Pooled(model, pooling).eval()
     if plan.int8 and plan.int8_max_tokens is not None:
-        small = _variant(model, pooling, torch.float32, int8=True, trace=plan.trace, examples=examples)
-        large = _variant(model, pooling, plan.dtype, int8=False, trace=plan.trace, examples=examples)
-        return BySize(small, large, plan.int8_max_tokens)
+        return BySize(
+            lambda: _variant(model, pooling, torch.float32, int8=True, trace=plan.trace, examples=examples),
+            # untraced: on big batches a trace gains nothing (3,000 titles: 1.027 s traced, 1.024 s eager) and
+            # costs 0.2-0.35 s to build, which a bulk build pays
+            lambda: _variant(model, pooling, plan.dtype, int8=False, trace=False, examples=examples),
+            plan.int8_max_tokens,
+        )
     return _variant(model, pooling, plan.dtype, int8=plan.int8, trace=plan.trace, examples=examples)
 
 

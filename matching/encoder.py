@@ -92,6 +92,14 @@ def pick_device(device: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+# encode() batches by padded tokens: batch_size x this many, so short titles go ~300 a batch instead of 64 (fewer,
+# fuller calls); never more than batch_size x MAX_ROWS_FACTOR texts; long texts keep batch_size. Measured on 3,000
+# product titles (~14 tokens), 'fast', batch_size 64, best of 4: 16 tokens a row (~batch 64) 1.05 s, 32 0.93 s,
+# 64 0.91 s, 128 0.99 s, 256 1.39 s (bigger batches fall out of cache).
+TOKENS_PER_ROW = 64
+MAX_ROWS_FACTOR = 16
+
+
 class Encoder:
     """A transformers encoder with pooling and normalisation. Build with :meth:`from_pretrained`.
 
@@ -235,29 +243,51 @@ class Encoder:
     def encode(self, texts: Sequence[str], *, batch_size: int | None = None, show_progress: bool = False) -> np.ndarray:
         """Encode ``texts`` to an ``(n, dim)`` float32 array of unit vectors, in input order.
 
-        Texts are sorted by length so each batch pads little, then the original order is restored.
+        All texts are tokenised in one call, sorted by token count so each batch pads little, and batched by
+        padded tokens (``batch_size`` x :data:`TOKENS_PER_ROW`, at least ``batch_size`` texts a batch): short
+        titles go many to a batch. The original order is restored.
         """
         n = len(texts)
         out = np.empty((n, self.dim), dtype=np.float32)
         if n == 0:
             return out
         bs = batch_size or self.batch_size
-        order = np.argsort([-len(t) for t in texts], kind="stable") if n > 1 else np.zeros(1, dtype=np.int64)
-        device = self.device
         plan = self.plan
-        limit = min(self.max_length, plan.max_tokens) if plan.max_tokens else None
-        exact = plan.uses_base_model
-        runner = None if exact else self._inference_runner()
-        with torch.inference_mode():
-            for start in tqdm(range(0, n, bs), desc="encoding", unit="batch", disable=not show_progress, leave=False):
-                idx = order[start : start + bs]
-                batch = self.tokenize([texts[i] for i in idx], device, max_length=limit)
+        limit = min(self.max_length, plan.max_tokens) if plan.max_tokens else self.max_length
+        ids = self.tokenizer(list(texts), truncation=True, max_length=limit)["input_ids"]
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=n)
+        order = np.argsort(-lengths, kind="stable")
+        runner = None if plan.uses_base_model else self._inference_runner()
+        device = self.device
+        with torch.inference_mode(), tqdm(total=n, desc="encoding", disable=not show_progress, leave=False) as bar:
+            start = 0
+            while start < n:
+                rows = min(max(bs, bs * TOKENS_PER_ROW // max(1, int(lengths[order[start]]))), bs * MAX_ROWS_FACTOR)
+                idx = order[start : start + rows]
+                batch = self._padded([ids[i] for i in idx], device)
                 if runner is None:
                     vectors = self.embed(batch)
                 else:
                     vectors = runner(batch["input_ids"], batch["attention_mask"])
                 out[idx] = vectors.float().cpu().numpy()
+                start += len(idx)
+                bar.update(len(idx))
         return out
+
+    def _padded(self, rows: list[list[int]], device: torch.device) -> dict[str, torch.Tensor]:
+        """Token id lists as one padded batch (on the tokenizer's padding side) with its attention mask."""
+        width = max(map(len, rows))
+        input_ids = np.full((len(rows), width), self.tokenizer.pad_token_id or 0, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        for j, row in enumerate(rows):
+            span = slice(width - len(row), width) if left else slice(0, len(row))
+            input_ids[j, span] = row
+            mask[j, span] = 1
+        return {
+            "input_ids": torch.from_numpy(input_ids).to(device),
+            "attention_mask": torch.from_numpy(mask).to(device),
+        }
 
     def tokenize(
         self, texts: Sequence[str], device: torch.device | None = None, *, max_length: int | None = None

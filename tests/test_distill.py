@@ -134,3 +134,32 @@ def test_mse_loss_trains_too(teacher: Encoder, tmp_path: Path) -> None:
     report = distill(teacher, TITLES, tmp_path / "s", **{**SETTINGS, "loss": "mse"})
     assert report.loss == "mse"
     assert report.cosine_after > report.cosine_before
+
+
+def test_sentences_are_cut_from_long_texts() -> None:
+    from matching.training.distill import sentence_chunks
+
+    text = "Vitamin D helps bones. It is made in the skin! Is it? Yes; 3.5 mg per day is enough."
+    assert sentence_chunks(text) == ["Vitamin D helps bones.", "It is made in the skin!", "3.5 mg per day is enough."]
+    assert sentence_chunks("维生素D有助于骨骼健康。它在皮肤中合成！够了吗？") == [
+        "维生素D有助于骨骼健康。",
+        "它在皮肤中合成！",
+    ]
+    assert sentence_chunks("Acme red desk lamp, small") == []  # one sentence: trained on whole already
+
+
+def test_sentence_chunks_and_extra_texts_join_the_training_set(teacher: Encoder, tmp_path: Path) -> None:
+    long_texts = [f"{a} is a {b} product. It ships in a {c} box. Returns are free." for a, b, c in zip(
+        TITLES[:20], ["red", "blue", "green", "black"] * 5, ["small", "large"] * 10, strict=True
+    )]  # fmt: skip
+    queries = ["a red product", "free returns", "a small box", long_texts[0]]  # the last one is a text already
+    report = distill(
+        teacher, long_texts, tmp_path / "s", extra_texts=queries, **{**SETTINGS, "epochs": 1, "held_out": 0.1}
+    )
+    held = report.held_out_texts
+    assert held == 2
+    # 18 training texts and their distinct sentences: 18 first ones, 2 "It ships in a ... box.", 1 "Returns are free."
+    assert report.sentence_chunks == 18 + 2 + 1
+    assert report.extra_texts == 3  # the text repeated as a query is not added again
+    assert report.train_texts == 18 + report.sentence_chunks + report.extra_texts
+    assert report.similarity == 1.0
