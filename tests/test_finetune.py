@@ -84,11 +84,22 @@ def test_the_loss_follows_the_labels() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", [{"epochs": 0}, {"batch_size": 1}, {"lr": 0.0}, {"evals_per_epoch": 0}, {"valid_fraction": 1.0}]
+    "bad", [{"epochs": -1}, {"batch_size": 1}, {"lr": 0.0}, {"evals_per_epoch": 0}, {"valid_fraction": 1.0}]
 )
 def test_bad_settings_are_config_errors(bad: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
         FinetuneConfig.from_dict(bad)
+
+
+def test_automatic_epochs_aim_at_a_minimum_of_steps() -> None:
+    from matching.training.finetune import MIN_STEPS, epochs_for
+
+    auto = FinetuneConfig()
+    assert MIN_STEPS == 300
+    assert epochs_for(auto, 360) == 2  # STS-B-sized: two passes
+    assert epochs_for(auto, 52) == 6  # 312 steps
+    assert epochs_for(auto, 3) == 10  # tiny sets stop at ten passes
+    assert epochs_for(FinetuneConfig(epochs=1), 3) == 1  # asked for
 
 
 def test_the_config_round_trips() -> None:

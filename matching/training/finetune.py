@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 class FinetuneConfig(JsonConfig):
     """Settings for :func:`finetune_encoder` (general defaults: those of sentence-transformers' recipes)."""
 
-    epochs: int = 2
+    epochs: int = 0  # 0: enough passes for MIN_STEPS optimiser steps, from 2 to 10 (small sets get more)
     lr: float = 2e-5
     weight_decay: float = 0.01
     batch_size: int = 16
@@ -71,14 +71,24 @@ class FinetuneConfig(JsonConfig):
     label_column: str = "label"
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0 or self.scale <= 0:
-            raise ConfigError("epochs >= 1, batch_size >= 2, lr > 0 and scale > 0 are required")
+        if self.epochs < 0 or self.batch_size < 2 or self.lr <= 0 or self.scale <= 0:
+            raise ConfigError("epochs >= 0 (0: automatic), batch_size >= 2, lr > 0 and scale > 0 are required")
         if self.evals_per_epoch < 1 or self.patience < 1 or self.hard_negatives < 0 or self.mine_depth < 1:
             raise ConfigError(
                 "evals_per_epoch >= 1, patience >= 1, hard_negatives >= 0 and mine_depth >= 1 are required"
             )
         if self.valid_pool < 0 or not 0 < self.valid_fraction < 1:
             raise ConfigError("valid_pool >= 0 and 0 < valid_fraction < 1 are required")
+
+
+# epochs=0 trains for at least this many steps (2 to 10 epochs). STS-B's 5,749 pairs make 360 steps an epoch, so 2;
+# SciFact's 818 train pairs 52, and 2 epochs (104 steps) left its validation nDCG still rising (0.8299 -> 0.8315).
+MIN_STEPS = 300
+
+
+def epochs_for(cfg: FinetuneConfig, steps_per_epoch: int) -> int:
+    """The configured epochs, or (``epochs=0``) enough for :data:`MIN_STEPS` steps, between 2 and 10."""
+    return cfg.epochs or max(2, min(10, math.ceil(MIN_STEPS / steps_per_epoch)))
 
 
 # searched by `finetune_encoder(search=N)`: the settings a fine-tune is most sensitive to
@@ -231,8 +241,7 @@ def finetune_encoder(
         positives.setdefault(q, set()).add(t)
 
     tower = encoder.clone(source=encoder.source)
-    view = tower  # validated as it will serve: in its own preset
-    baseline = validate(view)
+    baseline = validate(tower)  # in the encoder's own preset: the metric as it will serve
     report = TrainReport(
         config=cfg.to_dict(), loss=loss_kind.value, metric=metric_name, baseline=baseline, best_metric=baseline,
         best_epoch=0, train_pairs=len(train), valid_queries=valid["query"].nunique(), loss_reason=reason,
@@ -242,16 +251,18 @@ def finetune_encoder(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_epoch = math.ceil(len(train) / cfg.batch_size)
-    scheduler = warmup_linear(optimizer, per_epoch * cfg.epochs, cfg.warmup)
+    epochs = epochs_for(cfg, per_epoch)
+    report.config["epochs_run"] = epochs
+    scheduler = warmup_linear(optimizer, per_epoch * epochs, cfg.warmup)
     device = tower.device
     autocast = cfg.mixed_precision and (device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()))
     checks = {min(per_epoch, math.ceil(per_epoch * (k + 1) / cfg.evals_per_epoch)) for k in range(cfg.evals_per_epoch)}
     rng = np.random.default_rng(cfg.seed)
     labels = torch.tensor(train["label"].to_numpy(), dtype=torch.float32)
     queries, titles = train["query"].tolist(), train["title"].tolist()
-    bar = tqdm(total=per_epoch * cfg.epochs, desc="fine-tuning encoder", unit="batch", disable=not show_progress)
+    bar = tqdm(total=per_epoch * epochs, desc="fine-tuning encoder", unit="batch", disable=not show_progress)
     stop = False
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(1, epochs + 1):
         order = rng.permutation(len(train))
         running, seen = 0.0, 0
         model.train()
@@ -281,7 +292,7 @@ def finetune_encoder(
             bar.update(1)
             if step in checks:
                 model.eval()
-                value = validate(view)
+                value = validate(tower)
                 bar.set_postfix(loss=f"{running / seen:.4f}", **{metric_name: f"{value:.4f}"})
                 stop = stopper.step(round(epoch - 1 + step / per_epoch, 3), running / seen, value)
                 model.train()
