@@ -161,11 +161,10 @@ def write_bundle(
     lock_timeout: float,
     started: float,
     base: Path | None = None,
-    encoder_weights: bool = False,
 ) -> RowSource:
     """Write ``rows`` (encoded as they are read) into a new generation: the store, vectors, FAISS index, BM25 and
-    an untrained reranker; with ``base``, the change is refused if another writer published since. With
-    ``encoder_weights`` the encoder's weights are saved too (a fine-tuned encoder that exists nowhere else)."""
+    an untrained reranker; with ``base``, the change is refused if another writer published since. A tuned
+    encoder's weights (``Encoder.tuned``: they exist in no checkpoint directory) are saved too."""
     with new_generation(path, overwrite=overwrite, base=base, lock_timeout=lock_timeout) as gen:
         writer = Store.create(gen, encoder.dim)
         unknown = UnknownTokens(encoder)
@@ -192,7 +191,7 @@ def write_bundle(
         done = time.perf_counter()
         timings = {"read_and_encode": encoded - started, "index": indexed - encoded, "lexical": done - indexed}
         encoder_entry = generation.encoder_record(encoder)
-        if encoder_weights:
+        if encoder.tuned:
             encoder.save_weights(gen / ENCODER_WEIGHTS)
             encoder_entry["weights"] = ENCODER_WEIGHTS
         manifest = Manifest(
@@ -229,7 +228,7 @@ def reencode_bundle(
     """Encode the live titles of ``snap`` with ``encoder`` into one new generation of the bundle at ``path``:
     ids, titles, metadata and the BM25 settings stay; the reranker is reset and a query tower dropped (both were
     fitted to the old vectors), and the manifest says so. Refused if another writer published since ``snap``.
-    ``finetuned`` (the fine-tune's report) marks ``encoder`` as fine-tuned: its weights go into the bundle."""
+    ``finetuned`` (the fine-tune's report) is recorded in the manifest."""
     started = time.perf_counter()
     manifest = snap.manifest
     old = snap.scorer.config
@@ -254,5 +253,4 @@ def reencode_bundle(
         scorer_config=scorer_config, analyzer=Analyzer(lexical.get("analyzer", Analyzer.AUTO)),
         retrieval=Retrieval(lexical["retrieval"]) if "retrieval" in lexical else None, overwrite=False,
         show_progress=show_progress, lock_timeout=lock_timeout, started=started, base=path / str(snap.generation),
-        encoder_weights=finetuned is not None,
     )  # fmt: skip

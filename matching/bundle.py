@@ -210,17 +210,27 @@ def read_manifest(generation: Path, *, verify: bool = True) -> Manifest:
     return manifest
 
 
-def write_manifest(generation: Path, manifest: Manifest, *, prefixes: dict[str, int] | None = None) -> None:
+def write_manifest(
+    generation: Path,
+    manifest: Manifest,
+    *,
+    prefixes: dict[str, int] | None = None,
+    known: dict[str, tuple[str, int]] | None = None,
+) -> None:
     """Checksum every file in ``generation`` into ``manifest`` and write it (last).
 
-    ``prefixes`` names append-only files and the byte length this generation uses of each.
+    ``prefixes`` names append-only files and the byte length this generation uses of each; ``known`` gives the
+    (digest, size) of files already checksummed (hard links to a checked generation's files).
     """
-    prefixes = prefixes or {}
+    prefixes, known = prefixes or {}, known or {}
     manifest.files, manifest.sizes = {}, {}
     for p in sorted(generation.iterdir()):
         if p.is_file() and p.name != MANIFEST_FILE:
             size = prefixes.get(p.name, p.stat().st_size)
-            manifest.files[p.name] = sha256_file(p, size)
+            if p.name in known and p.name not in prefixes and known[p.name][1] == size:
+                manifest.files[p.name] = known[p.name][0]
+            else:
+                manifest.files[p.name] = sha256_file(p, size)
             manifest.sizes[p.name] = size
     manifest.growable = sorted(prefixes)
     data = manifest.to_dict()

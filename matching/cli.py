@@ -301,7 +301,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
     names = ("epochs", "lr", "batch_size", "loss", "seed", "query_column", "title_column", "label_column")
     settings = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-    with Matcher.load(args.bundle) as m:
+    with Matcher.load(args.bundle, verify=False) as m:
         before = m.manifest.encoder.get("fingerprint")
         report = m.finetune(
             args.pairs, args.valid, search=args.search or 0, retrain_scorer=not args.keep_scorer_reset,
@@ -539,7 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reencode", help="switch a bundle to another encoder: re-encode every title, zero downtime")
     p.add_argument("bundle")
-    p.add_argument("--model", help="checkpoint directory of the new encoder (default: the bundled MiniLM)")
+    p.add_argument(
+        "--model", help="checkpoint directory of the new encoder (default: the bundle's own, e.g. for --preset)"
+    )
     p.add_argument("--preset", choices=["exact", "default", "fast"], help=PRESET_HELP)
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_reencode)

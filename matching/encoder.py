@@ -126,6 +126,9 @@ class Encoder:
         self.batch_size = int(batch_size)
         self.source = source
         self.preset = Preset(preset)
+        # the weights are not those of the checkpoint at `source` (fine-tuned, or loaded from a bundle's
+        # encoder.safetensors): a bundle built with this encoder must store them
+        self.tuned = False
         self._fingerprint: str | None = None
         self._runner: Runner | None = None
         self._runner_key: tuple[Any, ...] | None = None
@@ -314,11 +317,13 @@ class Encoder:
 
     def clone(self, source: str) -> Encoder:
         """An independent copy (own weights, shared tokenizer), e.g. to fine-tune as a query tower."""
-        return self.variant(copy.deepcopy(self.model), source=source)
+        twin = self.variant(copy.deepcopy(self.model), source=source)
+        twin.tuned = self.tuned
+        return twin
 
     def variant(self, model: Any = None, *, source: str | None = None, preset: Preset | str | None = None) -> Encoder:
         """This encoder's settings around ``model`` (default: the same weights, shared), e.g. a truncated student."""
-        return Encoder(
+        twin = Encoder(
             self.model if model is None else model,
             self.tokenizer,
             pooling=self.pooling,
@@ -327,6 +332,8 @@ class Encoder:
             source=self.source if source is None else source,
             preset=self.preset if preset is None else preset,
         )
+        twin.tuned = self.tuned and model is None
+        return twin
 
     def save_weights(self, path: Path) -> None:
         """Write the transformer weights as safetensors (the architecture comes from the base checkpoint)."""
@@ -345,6 +352,7 @@ class Encoder:
             raise ModelError(f"cannot load encoder weights {str(path)!r}: {exc}") from None
         self.model.eval()
         self._fingerprint = None
+        self.tuned = True
 
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Pooled, normalised vectors for a tokenised batch (differentiable; used by training too)."""

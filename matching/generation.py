@@ -20,6 +20,7 @@ from matching.analysis import Analyzer
 from matching.bundle import Manifest, link_or_copy, new_generation, read_manifest, write_manifest
 from matching.config import EncoderConfig, IndexConfig
 from matching.encoder import Encoder
+from matching.errors import BundleError
 from matching.features import DEFAULT_DENSE_WEIGHT
 from matching.index import AUTO, VectorIndex
 from matching.layout import CATALOGUE_FILES, INDEX_CONFIG, LEXICAL_CONFIG, VECTORS_FILE
@@ -181,12 +182,37 @@ def finish(
         lexical.save(gen)
     if scorer is not None:
         scorer.save(gen)
+    known: dict[str, tuple[str, int]] = {}
     if carry_from is not None:
         carry(carry_from[0], gen, carry_from[1])
+        known = _linked_digests(carry_from[0], gen)
     config = read_config(gen)
     write_manifest(
-        gen, dataclasses.replace(manifest, files={}), prefixes={VECTORS_FILE: config["rows"] * config["dim"] * 4}
+        gen,
+        dataclasses.replace(manifest, files={}),
+        prefixes={VECTORS_FILE: config["rows"] * config["dim"] * 4},
+        known=known,
     )
+
+
+def _linked_digests(live: Path, gen: Path) -> dict[str, tuple[str, int]]:
+    """The live manifest's (digest, size) of each whole file ``gen`` shares with ``live`` by a hard link: the same
+    bytes, so not hashed again (a fine-tuned encoder's weights are ~90 MB to ~440 MB, carried by every change)."""
+    try:
+        base = read_manifest(live, verify=False)
+    except BundleError:
+        return {}
+    out: dict[str, tuple[str, int]] = {}
+    for name, digest in base.files.items():
+        if name in base.growable or name not in base.sizes:
+            continue
+        try:
+            a, b = (live / name).stat(), (gen / name).stat()
+        except OSError:
+            continue
+        if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) and b.st_size == base.sizes[name]:
+            out[name] = (digest, base.sizes[name])
+    return out
 
 
 def copy_rows(source: Store, gen: Path, *, limit: int | None = None, show_progress: bool = False) -> int:

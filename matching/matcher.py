@@ -25,6 +25,7 @@ from matching.bundle import (
     current_generation,
     lease_current,
     live_name,
+    read_manifest,
 )
 from matching.config import EncoderConfig, IndexConfig, ScorerConfig
 from matching.encoder import Encoder
@@ -394,7 +395,7 @@ class Matcher:
     ) -> Matcher:  # fmt: skip
         """Write a new bundle at ``out`` from this one's live titles (the first ``limit`` in row order, if given),
         reusing their stored vectors (no re-encoding), the reranker and the query encoder; returns it loaded."""
-        source = self.path / self.generation if self.path and self.generation else None
+        source = self._snap.directory  # a pinned view's generation too: its weights files are carried
         changes.copy_bundle(
             self._snap, source, Path(out), limit=limit, index_config=index_config or IndexConfig(),
             overwrite=overwrite, lock_timeout=self.lock_timeout, show_progress=show_progress,
@@ -466,18 +467,21 @@ class Matcher:
 
     def _reopen(self, *, collect: bool = True) -> None:
         """Serve the bundle's live generation (after a write, or a refresh); a writer also deletes the
-        generations no reader holds any more."""
+        generations no reader holds any more. If another writer moved the bundle to another encoder (reencode,
+        finetune), that encoder is loaded from the bundle, in this matcher's preset and device."""
+        path = self._require_path()
+        live = read_manifest(current_generation(path), verify=False).encoder.get("fingerprint")
+        keep = self.allow_encoder_mismatch or live == self.encoder.fingerprint
         fresh = Matcher.load(
-            self._require_path(),
-            encoder=self.encoder,
-            verify=False,
-            lock_timeout=self.lock_timeout,
+            path, encoder=self.encoder if keep else None, preset=None if keep else self.encoder.preset,
+            device=None if keep else str(self.encoder.device), verify=False, lock_timeout=self.lock_timeout,
             allow_encoder_mismatch=self.allow_encoder_mismatch,
-        )
+        )  # fmt: skip
+        self.encoder = fresh.encoder
         old, self._snap = self._snap, fresh._snap
         del old  # its lease goes when the last search using it finishes
         if collect:
-            collect_garbage(self._require_path())
+            collect_garbage(path)
 
     def train_scorer(
         self, train_pairs: pd.DataFrame | str | Path, valid_pairs: pd.DataFrame | str | Path | None = None, *,
@@ -549,14 +553,9 @@ class Matcher:
     # -- a smaller encoder -------------------------------------------------------------------------
 
     def distill(
-        self,
-        out_dir: str | Path,
-        *,
-        layers: int = 3,
-        max_titles: int = 100_000,
-        show_progress: bool = True,
+        self, out_dir: str | Path, *, layers: int = 3, max_titles: int = 100_000, show_progress: bool = True,
         **settings: Any,
-    ) -> DistillReport:
+    ) -> DistillReport:  # fmt: skip
         """Train a ``layers``-layer student of the title encoder on (up to ``max_titles`` of) this bundle's own
         titles and save it as a checkpoint in ``out_dir``; settings: :func:`matching.training.distill.distill`.
 
@@ -575,13 +574,14 @@ class Matcher:
         self, model: str | Path | None = None, *, encoder: Encoder | None = None, preset: Preset | str | None = None,
         index_config: IndexConfig | None = None, show_progress: bool = True,
     ) -> None:  # fmt: skip
-        """Switch the bundle to another encoder (``model`` directory, or ``encoder``): every stored title is encoded
-        anew, no CSV needed, and published with its index and BM25 as one new generation, which this matcher
-        then serves. Readers keep answering from the old generation until they refresh; a crash leaves one or
-        the other. The reranker is reset and a query tower dropped (the manifest's ``source.reencoded`` says so)."""
+        """Switch the bundle to another encoder (``model`` directory or ``encoder``; neither: its own, e.g. in another
+        ``preset``): every stored title is encoded anew, no CSV needed, and published with its index and BM25 as one
+        new generation, which this matcher then serves. Readers keep the old generation until they refresh; a crash
+        leaves one or the other. The reranker is reset, a query tower dropped (``source.reencoded`` says so)."""
+        chosen = Preset(preset) if preset is not None else self.encoder.preset
         if encoder is None:
-            chosen = Preset(preset) if preset is not None else self.encoder.preset
-            encoder = Encoder.from_pretrained(EncoderConfig(model=None if model is None else str(model), preset=chosen))
+            config = EncoderConfig(model=str(model), preset=chosen)
+            encoder = self.encoder.variant(preset=chosen) if model is None else Encoder.from_pretrained(config)
         reencode_bundle(
             self._snap, self._require_path(), encoder, index_config=index_config, show_progress=show_progress,
             lock_timeout=self.lock_timeout,

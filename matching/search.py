@@ -66,6 +66,7 @@ class Snapshot:
     handle: Handle = field(repr=False)
     generation: str | None = None
     lexical: LexicalIndex | None = None  # None in bundles built before hybrid retrieval
+    directory: Path | None = None  # the generation directory (held by the lease while this snapshot lives)
 
     @property
     def dense_weight(self) -> float:
@@ -188,7 +189,9 @@ def open_snapshot(
         raise BundleError(
             f"the lexical index of {str(gen)!r} holds {lexical.rows} rows but the store {len(store.vectors)}"
         )
-    return Snapshot(encoder, query_encoder, index, store, scorer, manifest, Handle(store, lease), gen.name, lexical)
+    return Snapshot(
+        encoder, query_encoder, index, store, scorer, manifest, Handle(store, lease), gen.name, lexical, directory=gen
+    )
 
 
 # -- retrieval ---------------------------------------------------------------------------------------------------

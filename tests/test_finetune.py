@@ -256,3 +256,72 @@ def test_the_cli_finetunes_a_bundle(
         assert m.manifest.source["reencoded"]["finetuned"]["loss"] == "mnrl"
         assert m.scorer.trained  # retrained on the same pairs after the re-encode (it was reset by it)
     assert "the reranker was retrained on the same pairs" in out
+
+
+@pytest.fixture
+def tuned_bundle(tmp_path: Path, tiny_encoder: Encoder, positives: Any) -> Any:
+    """A bundle fine-tuned once (reranker left reset), at tmp_path / "b"."""
+    m = build_products(tmp_path / "b", tiny_encoder)
+    report = m.finetune(*positives, show_progress=False, retrain_scorer=False, **FAST)
+    assert report.best_epoch > 0
+    yield m
+    m.close()
+
+
+def test_a_reader_refreshes_onto_a_bundle_finetuned_elsewhere(
+    tmp_path: Path, tiny_encoder: Encoder, positives: Any
+) -> None:
+    build_products(tmp_path / "b", tiny_encoder).close()
+    with Matcher.load(tmp_path / "b") as reader, Matcher.load(tmp_path / "b") as writer:
+        writer.finetune(*positives, show_progress=False, retrain_scorer=False, **FAST)
+        assert reader.refresh()  # no fingerprint error: the new encoder comes from the bundle
+        assert reader.encoder.fingerprint == writer.encoder.fingerprint != tiny_encoder.fingerprint
+        hits = [(h.id, round(h.score, 6)) for h in writer.search("red lamp", 5)]
+        assert [(h.id, round(h.score, 6)) for h in reader.search("red lamp", 5)] == hits
+        reader.add(pd.DataFrame({"id": [2], "title": ["acme violet lamp"]}), show_progress=False)  # writes work too
+        np.testing.assert_allclose(
+            reader.store.vectors[reader.store.lookup(["2"])["2"].row_id],
+            writer.encoder.encode_titles(["acme violet lamp"])[0],
+            atol=1e-5,
+        )
+
+
+def test_changes_carry_the_weights_without_hashing_them_again(tuned_bundle: Matcher, tmp_path: Path) -> None:
+    digest = tuned_bundle.manifest.files[ENCODER_WEIGHTS]
+    tuned_bundle.add(pd.DataFrame({"id": [3], "title": ["acme teal kettle"]}), show_progress=False)
+    tuned_bundle.compact(show_progress=False)
+    assert tuned_bundle.manifest.files[ENCODER_WEIGHTS] == digest
+    with Matcher.load(tmp_path / "b", verify=True) as again:  # every checksum read back and checked
+        assert again.encoder.fingerprint == tuned_bundle.encoder.fingerprint
+    gen = current_generation(tmp_path / "b")
+    raw = bytearray((gen / ENCODER_WEIGHTS).read_bytes())
+    raw[-1] ^= 0xFF
+    (gen / ENCODER_WEIGHTS).unlink()  # a new file: the older generations keep their own link
+    (gen / ENCODER_WEIGHTS).write_bytes(bytes(raw))
+    with pytest.raises(BundleError):
+        Matcher.load(tmp_path / "b", verify=True)
+
+
+def test_a_copy_of_a_pinned_view_keeps_the_weights(tuned_bundle: Matcher, tmp_path: Path) -> None:
+    pinned = tuned_bundle.pin()
+    pinned.copy(tmp_path / "copy", show_progress=False).close()
+    with Matcher.load(tmp_path / "copy", verify=True) as copy:
+        assert copy.encoder.fingerprint == tuned_bundle.encoder.fingerprint
+
+
+def test_reencode_keeps_a_tuned_encoder_and_its_weights(
+    tuned_bundle: Matcher, tmp_path: Path, tiny_encoder: Encoder, positives: Any
+) -> None:
+    fingerprint = tuned_bundle.encoder.fingerprint
+    tuned_bundle.reencode(preset="exact", show_progress=False)  # no model: the bundle's own encoder
+    assert tuned_bundle.manifest.encoder["fingerprint"] == fingerprint
+    # an encoder tuned outside any bundle, then given to another bundle: its weights go with it
+    other, report = finetune_encoder(None, tiny_encoder, *positives, show_progress=False, **FAST)
+    assert other.tuned
+    assert report.best_epoch > 0
+    m = build_products(tmp_path / "other", tiny_encoder)
+    m.reencode(encoder=other, show_progress=False)
+    m.close()
+    with Matcher.load(tmp_path / "other", verify=True) as again:
+        assert again.encoder.fingerprint == other.fingerprint
+        assert again.manifest.encoder["weights"] == ENCODER_WEIGHTS

@@ -148,7 +148,7 @@ def test_a_writer_killed_during_reencode_leaves_the_old_or_the_new_encoding(
     script.write_text(KILLER, encoding="utf-8")
     rng = random.Random(7)
     root = Path(__file__).resolve().parent.parent
-    duration, outcomes = 0.0, []
+    duration, outcomes, landed = 0.0, [], 0
     for attempt in range(6):
         with Matcher.load(tmp_path / "b", verify=True) as m:  # every checksum checked
             fingerprint = m.manifest.encoder["fingerprint"]
@@ -172,8 +172,9 @@ def test_a_writer_killed_during_reencode_leaves_the_old_or_the_new_encoding(
             outcomes.append("finished")
             continue
         time.sleep(rng.uniform(0, duration))
+        landed += proc.poll() is None  # still writing when killed
         proc.kill()
         proc.wait(timeout=60)
         with Matcher.load(tmp_path / "b", verify=True) as m:
             outcomes.append("after" if m.manifest.encoder["fingerprint"] != fingerprint else "before")
-    assert "finished" in outcomes, outcomes
+    assert landed >= 3, outcomes  # most kills hit a writer mid-re-encode (each draws a moment within its run)

@@ -161,15 +161,16 @@ def _mine(snap: Snapshot, pairs: pd.DataFrame, cfg: FinetuneConfig) -> dict[str,
         positives.setdefault(q, set()).add(t)
     queries = list(positives)
     qv = snap.query_encoder.encode_queries(queries)
-    scores, ids = snap.index.search(qv, cfg.mine_depth)
+    scores, ids = snap.index.search(qv, cfg.mine_depth, stored=snap.store.vectors)  # exact scores, lossy index or not
     found = {int(r) for r in ids.ravel() if r >= 0}
     text = {r: s.title for r, s in zip(sorted(found), snap.store.get(sorted(found)), strict=True)}
-    pos_vectors = snap.query_encoder.encode_titles([t for q in queries for t in sorted(positives[q])])
+    pos_vectors = snap.encoder.encode_titles([t for q in queries for t in sorted(positives[q])])
     out: dict[str, list[str]] = {}
     at = 0
     for i, q in enumerate(queries):
         n = len(positives[q])
-        limit = float(np.min(pos_vectors[at : at + n] @ qv[i])) * 0.95
+        weakest = float(np.min(pos_vectors[at : at + n] @ qv[i]))
+        limit = weakest - 0.05 * abs(weakest)
         at += n
         out[q] = [
             text[int(r)]
@@ -302,6 +303,7 @@ def finetune_encoder(
             break
     bar.close()
     stopper.restore(started)
+    tower.tuned = encoder.tuned or report.best_epoch > 0
     return tower, report
 
 

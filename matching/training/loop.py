@@ -202,7 +202,7 @@ class EarlyStopping:
         self.report.epochs.append({"epoch": epoch, "loss": loss, "metric": value})
         if not (math.isfinite(loss) and math.isfinite(value)):
             log.warning(
-                "epoch %d diverged (loss %s, metric %s): stopping; keeping the best earlier state", epoch, loss, value
+                "epoch %g diverged (loss %s, metric %s): stopping; keeping the best earlier state", epoch, loss, value
             )
             return True
         if value > self.report.best_metric:
