@@ -93,6 +93,11 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+def bf16_training(device: torch.device) -> bool:
+    """Whether training on ``device`` gains from bfloat16 autocast: CUDA, or a CPU with native bfloat16."""
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+
+
 def int8_available() -> bool:
     """Whether the eager dynamic int8 quantisation backend is present in this torch build."""
     engines = getattr(torch.backends.quantized, "supported_engines", [])

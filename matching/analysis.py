@@ -54,7 +54,7 @@ _CJK = (
 )
 _ASCII_WORD = re.compile(r"[a-z0-9]+")
 _ASCII_LETTERS = re.compile(r"[A-Za-z]")
-_CJK_CHAR = re.compile(f"[{_CJK}]")
+CJK_CHAR = re.compile(f"[{_CJK}]")  # one Han, kana or Hangul character
 _LETTER = re.compile(r"[^\W\d_]")
 
 
@@ -169,7 +169,7 @@ def resolve_analyzer(titles: Iterable[str]) -> Analyzer:
             letters += len(_ASCII_LETTERS.findall(title))
         else:
             text = unicodedata.normalize("NFKC", title)
-            cjk += len(_CJK_CHAR.findall(text))
+            cjk += len(CJK_CHAR.findall(text))
             kana += len(_KANA_HANGUL.findall(text))
             letters += len(_LETTER.findall(text))
     if not letters or cjk < _CJK_SHARE * letters:
@@ -193,7 +193,7 @@ def matched_spans(query: str, title: str, analyzer: Analyzer) -> list[tuple[int,
     spans: list[tuple[int, int]] = []
     for m in _TITLE_PIECE.finditer(title):
         piece = m.group()
-        if _CJK_CHAR.match(piece):
+        if CJK_CHAR.match(piece):
             for i, char in enumerate(piece):
                 if unicodedata.normalize("NFKC", char).casefold() in query_chars:
                     spans.append((m.start() + i, m.start() + i + 1))

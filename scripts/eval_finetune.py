@@ -40,6 +40,23 @@ def cosine(m: Matcher, frame: pd.DataFrame) -> np.ndarray:
     return np.einsum("ij,ij->i", q, t)
 
 
+def finetune_between(
+    m: Matcher, measure: Any, train: pd.DataFrame, valid: pd.DataFrame | None, settings: dict[str, Any], label: str
+) -> dict[str, Any]:
+    """``measure()`` before and after ``m.finetune(train, valid)``; prints both and the training table."""
+    out: dict[str, Any] = {"before": measure()}
+    started = time.perf_counter()
+    report = m.finetune(train, valid, **settings)
+    out["finetune_seconds_with_reencode"] = time.perf_counter() - started
+    out["report"] = report.to_dict()
+    out["after"] = measure()
+    print(report.table())
+    for key in out["before"]:
+        print(f"{label}{key:28} {out['before'][key]:.4f} -> {out['after'][key]:.4f}")
+    m.close()
+    return out
+
+
 def sts(settings: dict[str, Any]) -> dict[str, Any]:
     train, dev, test, mrpc = ds.sts("train"), ds.sts("dev"), ds.sts("test"), ds.mrpc("test")
     titles = pd.concat([train, dev, test])["title"].drop_duplicates().tolist()
@@ -58,17 +75,7 @@ def sts(settings: dict[str, Any]) -> dict[str, Any]:
             "mrpc_test_cosine_spearman": spearman(mrpc_cos, mrpc_labels),
         }
 
-    out: dict[str, Any] = {"before": measure()}
-    started = time.perf_counter()
-    report = m.finetune(train, dev, **settings)
-    out["finetune_seconds_with_reencode"] = time.perf_counter() - started
-    out["report"] = report.to_dict()
-    out["after"] = measure()
-    print(report.table())
-    for key in out["before"]:
-        print(f"{key:28} {out['before'][key]:.4f} -> {out['after'][key]:.4f}")
-    m.close()
-    return out
+    return finetune_between(m, measure, train, dev, settings, label="")
 
 
 def scifact(settings: dict[str, Any]) -> dict[str, Any]:
@@ -91,17 +98,8 @@ def scifact(settings: dict[str, Any]) -> dict[str, Any]:
                 result[f"{name}_{way}"] = columns[way]["ndcg@10"]
         return result
 
-    out: dict[str, Any] = {"test_queries": len(test_qrels), "unseen_doc_queries": len(unseen), "before": measure()}
-    started = time.perf_counter()
-    report = m.finetune(ds.scifact_pairs("train"), **settings)
-    out["finetune_seconds_with_reencode"] = time.perf_counter() - started
-    out["report"] = report.to_dict()
-    out["after"] = measure()
-    print(report.table())
-    for key in out["before"]:
-        print(f"ndcg@10 {key:20} {out['before'][key]:.4f} -> {out['after'][key]:.4f}")
-    m.close()
-    return out
+    out = finetune_between(m, measure, ds.scifact_pairs("train"), None, settings, label="ndcg@10 ")
+    return {"test_queries": len(test_qrels), "unseen_doc_queries": len(unseen), **out}
 
 
 def main() -> None:

@@ -34,7 +34,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from matching.accel import cpu_has_native_bf16
+from matching.accel import bf16_training
+from matching.analysis import CJK_CHAR
 from matching.encoder import Encoder
 from matching.errors import ConfigError, ModelError
 from matching.training.loop import warmup_linear
@@ -113,7 +114,6 @@ def _clean_texts(texts: Sequence[str]) -> list[str]:
     return out
 
 
-_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
 _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+(?=\S)|(?<=[。！？；])")
 
 
@@ -122,7 +122,7 @@ def sentence_chunks(text: str, min_chars: int = 12) -> list[str]:
     characters (a CJK character counts three: it is about a word); a text with one sentence gives nothing (it
     is trained on whole already)."""
     parts = [p.strip() for p in _SENTENCE_END.split(text)]
-    parts = [p for p in parts if len(p) + 2 * len(_CJK.findall(p)) >= min_chars]
+    parts = [p for p in parts if len(p) + 2 * len(CJK_CHAR.findall(p)) >= min_chars]
     return parts if len(parts) > 1 else []
 
 
@@ -245,7 +245,7 @@ def distill(
     cosine_before = _mean_cosine(student.encode(held), targets_held)
 
     device = student.device
-    autocast = mixed_precision and (device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()))
+    autocast = mixed_precision and bf16_training(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     steps = math.ceil(len(train) / batch_size) * epochs
     scheduler = warmup_linear(optimizer, steps, 0.1)

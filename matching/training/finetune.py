@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from matching.accel import cpu_has_native_bf16
+from matching.accel import bf16_training
 from matching.config import JsonConfig
 from matching.encoder import Encoder
 from matching.errors import ConfigError, SchemaError
@@ -151,14 +151,11 @@ def _retrieval_metric(snap: Snapshot | None, valid: pd.DataFrame, pool: int, see
 # -- training data
 
 
-def _mine(snap: Snapshot, pairs: pd.DataFrame, cfg: FinetuneConfig) -> dict[str, list[str]]:
+def _mine(snap: Snapshot, positives: dict[str, set[str]], cfg: FinetuneConfig) -> dict[str, list[str]]:
     """Per query, titles the starting encoder ranks high that are not its positives: candidates for negatives.
 
     Titles whose cosine comes within 5% of the query's weakest positive are left out (likely unlabelled
     positives; sentence-transformers' `relative_margin` idea)."""
-    positives: dict[str, set[str]] = {}
-    for q, t in zip(pairs["query"], pairs["title"], strict=True):
-        positives.setdefault(q, set()).add(t)
     queries = list(positives)
     qv = snap.query_encoder.encode_queries(queries)
     scores, ids = snap.index.search(qv, cfg.mine_depth, stored=snap.store.vectors)  # exact scores, lossy index or not
@@ -236,10 +233,12 @@ def finetune_encoder(
             raise SchemaError("the validation pairs all have one label: Spearman cannot be measured")
         validate = _pairs_metric(valid)
         metric_name = "spearman"
-    mined = _mine(snap, train, cfg) if snap is not None and loss_kind is EncoderLoss.MNRL and cfg.hard_negatives else {}
     positives: dict[str, set[str]] = {}
     for q, t in zip(train["query"], train["title"], strict=True):
         positives.setdefault(q, set()).add(t)
+    mined = (
+        _mine(snap, positives, cfg) if snap is not None and loss_kind is EncoderLoss.MNRL and cfg.hard_negatives else {}
+    )
 
     tower = encoder.clone(source=encoder.source)
     baseline = validate(tower)  # in the encoder's own preset: the metric as it will serve
@@ -256,7 +255,7 @@ def finetune_encoder(
     report.config["epochs_run"] = epochs
     scheduler = warmup_linear(optimizer, per_epoch * epochs, cfg.warmup)
     device = tower.device
-    autocast = cfg.mixed_precision and (device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()))
+    autocast = cfg.mixed_precision and bf16_training(device)
     checks = {min(per_epoch, math.ceil(per_epoch * (k + 1) / cfg.evals_per_epoch)) for k in range(cfg.evals_per_epoch)}
     rng = np.random.default_rng(cfg.seed)
     labels = torch.tensor(train["label"].to_numpy(), dtype=torch.float32)
