@@ -234,9 +234,12 @@ def reencode_bundle(
     old = snap.scorer.config
     lexical = manifest.lexical or {}
     scorer_config = ScorerConfig(
-        dim=encoder.dim, hidden=old.hidden, lexical=True,
+        dim=encoder.dim,
+        hidden=old.hidden,
+        lexical=True,
         dense_weight=old.dense_weight if old.lexical else DEFAULT_DENSE_WEIGHT,
-    )  # fmt: skip
+        fusion=old.fusion,
+    )
     kept = {k: v for k, v in manifest.source.items() if k in ("name", "id_column")}
     record = {
         **kept,

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Self, get_args, get_type_hints
 
 from matching.errors import ConfigError
-from matching.types import Pooling, Preset
+from matching.types import Fusion, Pooling, Preset, ScorerForm
 
 
 class JsonConfig:
@@ -129,7 +129,9 @@ class ScorerConfig(JsonConfig):
     hidden: int = 256
     dropout: float = 0.1
     lexical: bool = False
-    dense_weight: float = 1.0
+    dense_weight: float = 1.0  # FIXED: the dense weight; ADAPTIVE: its ceiling
+    fusion: Fusion = Fusion.FIXED
+    form: ScorerForm = ScorerForm.MLP
 
     def __post_init__(self) -> None:
         if self.dim < 1 or self.hidden < 1:
@@ -138,6 +140,8 @@ class ScorerConfig(JsonConfig):
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.dense_weight <= 1.0 or (not self.lexical and self.dense_weight != 1.0):
             raise ConfigError(f"dense_weight must be in [0, 1] (1 without lexical features), got {self.dense_weight}")
+        if self.fusion is Fusion.ADAPTIVE and not self.lexical:
+            raise ConfigError("the adaptive fusion needs lexical features (lexical=True)")
 
 
 @dataclass(frozen=True)

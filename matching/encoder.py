@@ -315,6 +315,20 @@ class Encoder:
         worst = max(range(len(shares)), key=shares.__getitem__)
         return sum(u for u, _ in counts), sum(n for _, n in counts), worst if shares[worst] > 0 else None
 
+    def known_shares(self, texts: Sequence[str]) -> np.ndarray:
+        """Per text, the share of its tokens (as the encoder reads it, truncated at ``max_length``) that are not
+        ``[UNK]``: how much of the text the dense side can read (1.0 for an empty text or a tokenizer without
+        an unknown token)."""
+        out = np.ones(len(texts), dtype=np.float64)
+        unk = getattr(self.tokenizer, "unk_token_id", None)
+        if unk is None or not len(texts):
+            return out
+        ids = self.tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=self.max_length)
+        for i, row in enumerate(ids["input_ids"]):
+            if row:
+                out[i] = 1.0 - sum(1 for t in row if t == unk) / len(row)
+        return out
+
     def clone(self, source: str) -> Encoder:
         """An independent copy (own weights, shared tokenizer), e.g. to fine-tune as a query tower."""
         twin = self.variant(copy.deepcopy(self.model), source=source)

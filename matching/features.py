@@ -2,9 +2,16 @@
 
 The fused score is ``w * cosine + (1 - w) * min(1, bm25(q, t) / bm25(q, q))``: the lexical part is the share of its
 own BM25 the query reaches against the title (1 for the query's own text, whatever its length; the catalogue's
-statistics weigh the words), and ``w`` is the
-dense weight. It needs no labels, is the same for a pair whatever other candidates a query has, and is what an
-untrained reranker scores, so retrieval, reranking and pair scoring agree until the reranker is trained.
+statistics weigh the words), and ``w`` is the dense weight. It needs no labels, is the same for a pair whatever
+other candidates a query has, and is what an untrained reranker scores, so retrieval, reranking and pair scoring
+agree until the reranker is trained.
+
+The adaptive rule (every bundle built since; older ones keep their fixed ``w``) sets, per pair,
+``w = ceiling * known * (0.5 + 0.5 * ratio)``: ``known`` is the share of the query's tokens the encoder has in its
+vocabulary (not ``[UNK]``), ``ratio`` the shorter side's distinct terms over the longer side's. The dense side
+counts as much as the encoder can read the query, and most between texts of like length (sentence against
+sentence, where the lexical share mostly repeats what the cosine knows), least for a short query against a long
+document (where BM25 is strongest).
 """
 
 from __future__ import annotations
@@ -19,13 +26,19 @@ from matching.lexical import LexicalIndex
 
 # bm25 / the query's own bm25, share of the query's terms in the title, character-bigram Jaccard, term-count ratio
 LEXICAL_FEATURES = 4
-# dense weight of the untrained fusion: an even split, not tuned on any data set (SciFact test nDCG@10: dense 0.645,
-# BM25 0.691, this fusion 0.732)
+# the fixed dense weight of bundles built before the adaptive rule (SciFact test nDCG@10: dense 0.645, BM25 0.691,
+# this fusion 0.732; STS-B test Spearman 0.810 against 0.820 for the cosine alone)
 DEFAULT_DENSE_WEIGHT = 0.5
+# the adaptive rule's ceiling, chosen over four sets at once (scripts/eval_hybrid.py; BENCHMARKS.md): 0.80 / 0.85 /
+# 0.90 give SciFact nDCG@10 0.735 / 0.732 / 0.731, STS-B Spearman 0.824 / 0.825 / 0.825 (its captions, the genre
+# where words mislead most, 0.911 / 0.914 / 0.916 against the cosine's 0.922), MRPC ROC-AUC 0.760 / 0.757 / 0.753,
+# LCQMC ROC-AUC 0.848 / 0.847 / 0.847 with the English default encoder
+DENSE_CEILING = 0.85
 
 
-def fuse(dense: np.ndarray, lexical: np.ndarray, dense_weight: float) -> np.ndarray:
-    """The fused score of pairs from their cosine and normalised BM25 (both arrays of one shape)."""
+def fuse(dense: np.ndarray, lexical: np.ndarray, dense_weight: float | np.ndarray) -> np.ndarray:
+    """The fused score of pairs from their cosine and normalised BM25 (both arrays of one shape; the weight one
+    number or one per pair)."""
     out: np.ndarray = (dense_weight * dense + (1.0 - dense_weight) * lexical).astype(np.float32)
     return out
 
@@ -36,6 +49,22 @@ def query_norms(lexical: LexicalIndex, queries: Sequence[str]) -> np.ndarray:
     to 0.802 (SciFact nDCG@10 0.732 -> 0.733), and a pair's score depends on the pair alone."""
     norms = np.array([float(lexical.score_texts(q, [q])[0]) for q in queries], dtype=np.float64)
     return np.where(norms > 0, norms, 1.0)
+
+
+def adaptive_weights(known: float | np.ndarray, ratio: np.ndarray, ceiling: float) -> np.ndarray:
+    """Per pair, the adaptive rule's dense weight: ``ceiling * known * (0.5 + 0.5 * ratio)``."""
+    out: np.ndarray = (ceiling * np.asarray(known, dtype=np.float64) * (0.5 + 0.5 * np.asarray(ratio))).astype(
+        np.float32
+    )
+    return out
+
+
+def length_ratio(shorter_or_longer: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """Per pair, the smaller of two distinct-term counts over the larger (1 when both are 0), as feature 3."""
+    a, b = np.asarray(shorter_or_longer, dtype=np.float64), np.asarray(other, dtype=np.float64)
+    longer = np.maximum(a, b)
+    out: np.ndarray = np.where(longer > 0, np.minimum(a, b) / np.maximum(longer, 1), 1.0).astype(np.float32)
+    return out
 
 
 def normalised(bm25: np.ndarray, norm: float) -> np.ndarray:
@@ -49,10 +78,18 @@ def _bigrams(text: str) -> set[str]:
 
 
 def pair_features(
-    lexical: LexicalIndex, query: str, titles: Sequence[str], bm25: np.ndarray, norm: float
+    lexical: LexicalIndex,
+    query: str,
+    titles: Sequence[str],
+    bm25: np.ndarray,
+    norm: float,
+    known: float | None = None,
 ) -> np.ndarray:
-    """``(len(titles), LEXICAL_FEATURES)`` float32 features of ``query`` against each title, given their BM25."""
-    out = np.zeros((len(titles), LEXICAL_FEATURES), dtype=np.float32)
+    """``(len(titles), LEXICAL_FEATURES)`` float32 features of ``query`` against each title, given their BM25; with
+    ``known`` (the query's known-token share, for the adaptive fusion) one more column holding it."""
+    out = np.zeros((len(titles), LEXICAL_FEATURES + (known is not None)), dtype=np.float32)
+    if known is not None:
+        out[:, LEXICAL_FEATURES] = known
     out[:, 0] = normalised(bm25, norm)
     q_terms = set(analyze(query, lexical.analyzer))
     q_grams = _bigrams(query)

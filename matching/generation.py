@@ -21,13 +21,13 @@ from matching.bundle import Manifest, link_or_copy, new_generation, read_manifes
 from matching.config import EncoderConfig, IndexConfig
 from matching.encoder import Encoder
 from matching.errors import BundleError
-from matching.features import DEFAULT_DENSE_WEIGHT
+from matching.features import DEFAULT_DENSE_WEIGHT, DENSE_CEILING
 from matching.index import AUTO, VectorIndex
 from matching.layout import CATALOGUE_FILES, INDEX_CONFIG, LEXICAL_CONFIG, VECTORS_FILE
 from matching.lexical import LexicalIndex
 from matching.scorer import Scorer
 from matching.store import Store, read_config
-from matching.types import Preset
+from matching.types import Fusion, Preset
 
 
 def encoder_record(encoder: Encoder) -> dict[str, Any]:
@@ -132,14 +132,19 @@ def lexical_for_change(live: Path, gen: Path, manifest: Manifest, dead: np.ndarr
 def lexical_record(
     lexical: LexicalIndex, manifest: Manifest | None = None, retrieval: str = "hybrid"
 ) -> dict[str, Any]:
-    """The manifest's lexical entry: analyser and BM25 parameters, the fusion's dense weight and the default
-    retrieval (both kept from ``manifest`` when it has them)."""
-    before = (manifest.lexical if manifest is not None else None) or {}
+    """The manifest's lexical entry: analyser and BM25 parameters, the fusion (rule and dense weight) and the
+    default retrieval, kept from ``manifest`` when there is one (a bundle from before the adaptive rule keeps its
+    fixed weight); a new bundle gets the adaptive rule."""
+    if manifest is None:
+        before: dict[str, Any] = {"dense_weight": DENSE_CEILING, "fusion": Fusion.ADAPTIVE.value}
+    else:
+        before = manifest.lexical or {}
     return {
         "analyzer": lexical.analyzer.value,
         "k1": lexical.params.k1,
         "b": lexical.params.b,
         "dense_weight": before.get("dense_weight", DEFAULT_DENSE_WEIGHT),
+        "fusion": before.get("fusion", Fusion.FIXED.value),
         "retrieval": before.get("retrieval", retrieval),
     }
 

@@ -59,6 +59,7 @@ class _Stats:
     weight: np.ndarray  # float32 (terms,): idf * (k1 + 1)
     ratio: np.ndarray  # float32 (postings,): tf / (tf + k1 * (1 - b + b * dl / avgdl))
     bound: np.ndarray  # float64 (terms,): weight * the term's largest ratio, the most it adds to any score
+    distinct: np.ndarray  # int64 (rows,): each row's distinct terms (its postings)
 
 
 class LexicalIndex:
@@ -287,7 +288,8 @@ class LexicalIndex:
         largest = np.zeros(len(counts), dtype=np.float64)
         if len(ratio):
             largest[counts > 0] = np.maximum.reduceat(ratio, self._ptr[:-1][counts > 0])
-        return _Stats(live, avgdl, df, weight, ratio, weight * largest)
+        distinct = np.bincount(self._rows, minlength=self.rows).astype(np.int64)
+        return _Stats(live, avgdl, df, weight, ratio, weight * largest, distinct)
 
     def _norm(self, doc_len: np.ndarray, avgdl: float) -> np.ndarray:
         """k1 * (1 - b + b * dl / avgdl), float32."""
@@ -452,6 +454,19 @@ class LexicalIndex:
             hit = tf[:, j] > 0
             acc[hit] += weights[j] * _ratio(np.minimum(tf[hit, j], _TF_MAX), norm[hit])
         return acc
+
+    def distinct_terms(self, row_ids: np.ndarray) -> np.ndarray:
+        """Each stored row's number of distinct terms (0 for ids outside 0..rows-1), as ``distinct_count`` counts
+        its title."""
+        row_ids = np.asarray(row_ids, dtype=np.int64)
+        valid = (row_ids >= 0) & (row_ids < self.rows)
+        out = np.zeros(row_ids.shape, dtype=np.int64)
+        out[valid] = self._statistics().distinct[row_ids[valid]]
+        return out
+
+    def distinct_count(self, text: str) -> int:
+        """The number of distinct terms the analyser finds in ``text``."""
+        return len(set(analyze(text, self.analyzer)))
 
     def max_score(self, query: str) -> float:
         """An upper bound of the query's BM25 over any title, for normalising into [0, 1]: the sum over its

@@ -30,14 +30,14 @@ from matching.bundle import (
 from matching.config import EncoderConfig, IndexConfig, ScorerConfig
 from matching.encoder import Encoder
 from matching.errors import BundleError, ConfigError
-from matching.features import DEFAULT_DENSE_WEIGHT
+from matching.features import DENSE_CEILING
 from matching.index import VectorIndex
 from matching.ingest import DEFAULT_CHUNKSIZE, has_surrogate
 from matching.layout import QUERY_ENCODER, SCORER_CONFIG, SCORER_WEIGHTS, TRAIN_REPORT
 from matching.scorer import Scorer
 from matching.search import RETRIEVERS, NoReranker, Queries, ScorerReranker, Snapshot, open_snapshot, search
 from matching.store import Store, Where
-from matching.types import ChangeReport, Engine, ExternalId, Match, Preset, Retrieval
+from matching.types import ChangeReport, Engine, ExternalId, Fusion, Match, Preset, Retrieval
 
 if TYPE_CHECKING:
     from matching.training.distill import DistillReport
@@ -164,8 +164,14 @@ class Matcher:
         analyzer = Analyzer(analyzer)
         retrieval = Retrieval(retrieval) if retrieval is not None else None
         # the untrained reranker scores as the default retrieval ranks: cosine, BM25, or their fusion
-        weight = {Retrieval.DENSE: 1.0, Retrieval.LEXICAL: 0.0}.get(retrieval or Retrieval.HYBRID, DEFAULT_DENSE_WEIGHT)
-        scorer_config = ScorerConfig(dim=encoder.dim, hidden=scorer_hidden, lexical=True, dense_weight=weight)
+        fixed = {Retrieval.DENSE: 1.0, Retrieval.LEXICAL: 0.0}.get(retrieval or Retrieval.HYBRID)
+        scorer_config = ScorerConfig(
+            dim=encoder.dim,
+            hidden=scorer_hidden,
+            lexical=True,
+            dense_weight=DENSE_CEILING if fixed is None else fixed,
+            fusion=Fusion.ADAPTIVE if fixed is None else Fusion.FIXED,
+        )
         rows = build_bundle(
             source, path, encoder, id_column=id_column, title_column=title_column, index_config=index_config,
             scorer_config=scorer_config, analyzer=analyzer, retrieval=retrieval, skip_bad_rows=skip_bad_rows,
@@ -489,13 +495,16 @@ class Matcher:
     ) -> TrainReport:  # fmt: skip
         """Train the reranker on (query, title, label) pairs; settings: :class:`matching.training.scorer.TrainConfig`.
 
-        The best checkpoint on the validation metric is kept (never worse than the scorer it started from)
-        and, with ``save``, published into the bundle.
+        The untrained default, a linear and an MLP reranker are compared on the validation pairs; a learned one
+        that wins (``report.chosen``) is kept and, with ``save``, published into the bundle. When none beats the
+        default, nothing is published and the report says so.
         """
         from matching.training.scorer import train_scorer
 
         scorer, report = train_scorer(self._snap, train_pairs, valid_pairs, show_progress=show_progress, **settings)
-        if save:
+        if report.chosen == "default":
+            log.info("reranker: nothing learned beat the untrained default on the validation pairs; kept it")
+        elif save:
             self.replace_scorer(scorer, report.to_dict())
         else:
             self.scorer = scorer

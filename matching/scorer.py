@@ -18,6 +18,12 @@ from matching.config import ScorerConfig
 from matching.errors import BundleError
 from matching.features import LEXICAL_FEATURES
 from matching.layout import SCORER_CONFIG, SCORER_WEIGHTS
+from matching.types import Fusion, ScorerForm
+
+
+def feature_count(adaptive: bool) -> int:
+    """Lexical feature columns a scorer takes: the adaptive fusion adds the query's known-token share."""
+    return LEXICAL_FEATURES + int(adaptive)
 
 
 class Scorer(nn.Module):
@@ -35,18 +41,20 @@ class Scorer(nn.Module):
         super().__init__()
         self.config = config
         d = config.dim
-        self.mlp = nn.Sequential(
-            nn.Linear(1 + LEXICAL_FEATURES if config.lexical else 4 * d + 1, config.hidden),
-            nn.GELU(),
-            nn.Dropout(config.dropout),
-            nn.Linear(config.hidden, 1),
-        )
+        inputs = 1 + feature_count(config.fusion is Fusion.ADAPTIVE) if config.lexical else 4 * d + 1
+        self.mlp: nn.Sequential
+        if config.form is ScorerForm.LINEAR:
+            self.mlp = nn.Sequential(nn.Linear(inputs, 1))
+        else:
+            self.mlp = nn.Sequential(
+                nn.Linear(inputs, config.hidden), nn.GELU(), nn.Dropout(config.dropout), nn.Linear(config.hidden, 1)
+            )
         out = self.mlp[-1]
         assert isinstance(out, nn.Linear)
         nn.init.zeros_(out.weight)
         nn.init.zeros_(out.bias)
         self.weighted: nn.Linear | None = None
-        if config.lexical:
+        if config.lexical and config.form is ScorerForm.MLP:
             self.weighted = nn.Linear(d, 1, bias=False)  # v . (q*t): a learned weighting of the cosine's terms
             nn.init.zeros_(self.weighted.weight)
 
@@ -55,14 +63,19 @@ class Scorer(nn.Module):
         (n, LEXICAL_FEATURES) is required when the config has lexical features."""
         q = q.expand_as(t)
         cos = (q * t).sum(dim=-1, keepdim=True)
-        if self.weighted is None:
+        if not self.config.lexical:
             plain: torch.Tensor = (cos + self.mlp(torch.cat([q, t, q * t, (q - t).abs(), cos], dim=-1))).squeeze(-1)
             return plain
         if lex is None:
             raise ValueError("this scorer takes lexical features: pass lex")
-        w = self.config.dense_weight
+        w: float | torch.Tensor = self.config.dense_weight
+        if self.config.fusion is Fusion.ADAPTIVE:  # features.adaptive_weights: known share, then term-count ratio
+            w = w * lex[:, LEXICAL_FEATURES : LEXICAL_FEATURES + 1] * (0.5 + 0.5 * lex[:, 3:4])
         base = w * cos + (1.0 - w) * lex[:, :1]
-        out: torch.Tensor = (base + self.weighted(q * t) + self.mlp(torch.cat([cos, lex], dim=-1))).squeeze(-1)
+        residual = self.mlp(torch.cat([cos, lex], dim=-1))
+        if self.weighted is not None:
+            residual = residual + self.weighted(q * t)
+        out: torch.Tensor = (base + residual).squeeze(-1)
         return out
 
     @property

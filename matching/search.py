@@ -17,8 +17,9 @@ from matching.errors import BundleError, ConfigError
 from matching.exact import exact_subset
 from matching.features import (
     DEFAULT_DENSE_WEIGHT,
-    LEXICAL_FEATURES,
+    adaptive_weights,
     fuse,
+    length_ratio,
     normalised,
     pair_features,
     query_norms,
@@ -28,9 +29,9 @@ from matching.index import VectorIndex
 from matching.ingest import has_surrogate
 from matching.layout import ENCODER_WEIGHTS, LEXICAL_CONFIG, QUERY_ENCODER
 from matching.lexical import LexicalIndex
-from matching.scorer import Scorer
+from matching.scorer import Scorer, feature_count
 from matching.store import Store, Where
-from matching.types import Match, Preset, Retrieval
+from matching.types import Fusion, Match, Preset, Retrieval
 
 # a filter that leaves at most this many titles is searched exactly over their stored vectors
 EXACT_FILTER_LIMIT = 20_000
@@ -70,8 +71,23 @@ class Snapshot:
 
     @property
     def dense_weight(self) -> float:
-        """The dense share of the untrained fusion (see :mod:`matching.features`)."""
+        """The dense share of the untrained fusion, or its ceiling under the adaptive rule (see
+        :mod:`matching.features`)."""
         return float((self.manifest.lexical or {}).get("dense_weight", DEFAULT_DENSE_WEIGHT))
+
+    @property
+    def fusion(self) -> Fusion:
+        """How retrieval fuses the cosine and the lexical share (bundles built before the adaptive rule: fixed)."""
+        return Fusion((self.manifest.lexical or {}).get("fusion", Fusion.FIXED))
+
+    def fusion_weights(self, text: str, row_ids: np.ndarray, fusion: Fusion, weight: float) -> float | np.ndarray:
+        """The dense weight of the untrained fusion for one query's candidates (one number when fixed)."""
+        if fusion is Fusion.FIXED:
+            return weight
+        lexical = self.require_lexical()
+        known = float(self.query_encoder.known_shares([text])[0])
+        ratio = length_ratio(np.full(len(row_ids), lexical.distinct_count(text)), lexical.distinct_terms(row_ids))
+        return adaptive_weights(known, ratio, weight)
 
     def pair_scores(self, queries: Sequence[str], titles: Sequence[str], q: np.ndarray, t: np.ndarray) -> np.ndarray:
         """The reranker's score of aligned pairs, given their vectors (lexical features computed here)."""
@@ -81,17 +97,20 @@ class Snapshot:
         return self.scorer.score(q, t, lex)
 
     def lexical_features(self, queries: Sequence[str], titles: Sequence[str]) -> np.ndarray:
-        """Lexical features of aligned (query, title) pairs against this generation's catalogue statistics."""
+        """Lexical features of aligned (query, title) pairs against this generation's catalogue statistics, with
+        the query's known-token share as a last column when the reranker uses the adaptive fusion."""
         lexical = self.require_lexical()
-        out = np.zeros((len(queries), LEXICAL_FEATURES), dtype=np.float32)
+        adaptive = self.scorer.config.fusion is Fusion.ADAPTIVE
         groups: dict[str, list[int]] = {}
         for i, q in enumerate(queries):
             groups.setdefault(q, []).append(i)
         norms = dict(zip(groups, query_norms(lexical, list(groups)), strict=True))
+        known = dict(zip(groups, self.query_encoder.known_shares(list(groups)), strict=True)) if adaptive else {}
+        out = np.zeros((len(queries), feature_count(adaptive)), dtype=np.float32)
         for q, rows in groups.items():
             group_titles = [titles[i] for i in rows]
             bm25 = lexical.score_texts(q, group_titles)
-            out[rows] = pair_features(lexical, q, group_titles, bm25, float(norms[q]))
+            out[rows] = pair_features(lexical, q, group_titles, bm25, float(norms[q]), known.get(q))
         return out
 
     def require_lexical(self) -> LexicalIndex:
@@ -286,6 +305,7 @@ class HybridRetriever:
         mask = _mask(lexical, allowed)
         _, lex_ids = lexical.search(list(texts), depth, mask)
         norms = query_norms(lexical, texts)
+        fusion = snap.fusion
         width = 2 * depth
         ids = np.full((len(texts), width), -1, dtype=np.int64)
         for qi in range(len(texts)):
@@ -296,7 +316,8 @@ class HybridRetriever:
         fused = np.zeros(ids.shape, dtype=np.float32)
         for qi, text in enumerate(texts):
             bm25[qi] = lexical.score_rows(text, ids[qi])
-            fused[qi] = fuse(dense[qi], normalised(bm25[qi], float(norms[qi])), snap.dense_weight)
+            weight = snap.fusion_weights(text, ids[qi], fusion, snap.dense_weight)
+            fused[qi] = fuse(dense[qi], normalised(bm25[qi], float(norms[qi])), weight)
         fused[ids < 0] = -np.inf
         order = np.argsort(-fused, axis=1, kind="stable")
         take = np.take_along_axis
@@ -353,11 +374,14 @@ class ScorerReranker:
             raise ConfigError("this reranker uses lexical features and needs the query text: use search/search_batch")
         norm = float(query_norms(lexical, [text])[0])
         bm25 = hit.lexical if hit.lexical is not None else lexical.score_rows(text, row_ids)
+        config = scorer.config
         if not scorer.trained:  # the MLP adds exactly 0: skip the features it would not use
             dense = hit.dense if hit.dense is not None else _cosines(snap, vector[None, :], row_ids[None, :])[0]
-            return fuse(dense, normalised(bm25, norm), scorer.config.dense_weight)
+            weight = snap.fusion_weights(text, row_ids, config.fusion, config.dense_weight)
+            return fuse(dense, normalised(bm25, norm), weight)
         texts = [r.title for r in snap.store.get(row_ids.tolist())]
-        features = pair_features(lexical, text, texts, bm25, norm)
+        known = float(snap.query_encoder.known_shares([text])[0]) if config.fusion is Fusion.ADAPTIVE else None
+        features = pair_features(lexical, text, texts, bm25, norm, known)
         return scorer.score(vector[None, :], snap.store.vectors[row_ids], features)
 
 

@@ -35,6 +35,21 @@ class EncoderLoss(StrEnum):
     COSENT = "cosent"  # pairwise ranking of the batch's pairs by label (0/1 or graded)
 
 
+class Fusion(StrEnum):
+    """How the untrained score weighs the cosine against the lexical share (see :mod:`matching.features`)."""
+
+    FIXED = "fixed"  # one dense weight for every pair (bundles built before the adaptive rule)
+    ADAPTIVE = "adaptive"  # the dense weight follows how much of the query the encoder reads and the length ratio
+
+
+class ScorerForm(StrEnum):
+    """The trained reranker's residual on the fused score: ``linear`` over the pair's scalar features (cosine,
+    lexical features), or ``mlp`` (a hidden layer over them plus a learned weighting of the cosine's terms)."""
+
+    LINEAR = "linear"
+    MLP = "mlp"
+
+
 class Retrieval(StrEnum):
     """How candidates are found: dense vectors, BM25 over words, or both fused (the default)."""
 

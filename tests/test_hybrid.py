@@ -13,7 +13,7 @@ from conftest import make_catalogue
 
 from matching import Matcher
 from matching.analysis import Analyzer, analyze, jieba_available, resolve_analyzer
-from matching.features import DEFAULT_DENSE_WEIGHT
+from matching.features import DENSE_CEILING
 
 QUERIES = ["acme black running shoes", "wireless headphones", "desk lamp white", "coffee"]
 
@@ -24,7 +24,9 @@ def hybrid(tmp_path: Path, tiny_encoder: Any) -> Matcher:
 
 
 def fused_by_hand(m: Matcher, query: str) -> dict[Any, float]:
-    """The fusion formula over every live title: w * cosine + (1 - w) * min(1, bm25 / bm25 of the query as a title)."""
+    """The fusion formula over every live title: w * cosine + (1 - w) * min(1, bm25 / bm25 of the query as a title),
+    with the adaptive w = 0.85 * (share of the query's tokens that are not [UNK]) * (0.5 + 0.5 * shorter / longer
+    distinct-term count), each part counted here from the texts themselves."""
     snap = m.snapshot
     assert snap.lexical is not None
     rows = snap.store.live_ids()
@@ -32,7 +34,14 @@ def fused_by_hand(m: Matcher, query: str) -> dict[Any, float]:
     cos = np.asarray(snap.store.vectors[rows]) @ q
     bm25 = snap.lexical.score_rows(query, rows).astype(np.float64)
     own = float(snap.lexical.score_texts(query, [query])[0])
-    fused = DEFAULT_DENSE_WEIGHT * cos + (1 - DEFAULT_DENSE_WEIGHT) * np.clip(bm25 / own, 0, 1)
+    tokenizer = snap.query_encoder.tokenizer
+    tokens = tokenizer(query, add_special_tokens=False)["input_ids"]
+    known = 1 - tokens.count(tokenizer.unk_token_id) / len(tokens)
+    n_query = len(set(analyze(query, snap.lexical.analyzer)))
+    n_titles = np.array([len(set(analyze(r.title, snap.lexical.analyzer))) for r in snap.store.get(rows.tolist())])
+    ratio = np.minimum(n_query, n_titles) / np.maximum(n_query, n_titles)
+    w = DENSE_CEILING * known * (0.5 + 0.5 * ratio)
+    fused = w * cos + (1 - w) * np.clip(bm25 / own, 0, 1)
     ids = [snap.store.external_id(r.external_id) for r in snap.store.get(rows.tolist())]
     return dict(zip(ids, fused.tolist(), strict=True))
 

@@ -269,8 +269,13 @@ def test_report_table_and_dict(bce_run: tuple[Scorer, TrainReport]) -> None:
     _, report = bce_run
     lines = report.table().splitlines()
     assert "roc_auc" in lines[0]
-    assert len(lines) == 2 + len(report.epochs) + 1
-    assert lines[-1].startswith(f"best: epoch {report.best_epoch}, roc_auc {report.best_metric:.4f}")
+    assert len(lines) == 2 + len(report.epochs) + 2
+    assert lines[-2].startswith(f"best: epoch {report.best_epoch}, roc_auc {report.best_metric:.4f}")
+    compared = report.compared
+    assert lines[-1] == (
+        f"held-out roc_auc: default {compared['default']:.4f}, linear {compared['linear']:.4f}, "
+        f"mlp {compared['mlp']:.4f}; chosen: {report.chosen}"
+    )
     data = json.loads(json.dumps(report.to_dict()))
     assert data["best_metric"] == report.best_metric
     assert data["epochs"] == report.epochs
@@ -623,3 +628,55 @@ def test_cli_train_errors_leave_the_bundle_alone(
     assert "Traceback" not in err
     assert (path / POINTER_FILE).read_text(encoding="utf-8") == pointer
     assert sorted(p.name for p in path.iterdir()) == entries
+
+
+# -- publish only a winner -----------------------------------------------------------------------------------
+
+
+def test_a_trainer_that_cannot_beat_the_default_publishes_nothing(
+    tmp_path: Path, tiny_encoder: Any, task: tuple[pd.DataFrame, pd.DataFrame]
+) -> None:
+    """Validation pairs the untrained default already orders perfectly (a title against itself, against another
+    product): nothing learned can beat it by MIN_GAIN, so no generation is written and the report says so."""
+    matcher = build(tmp_path / "products", tiny_encoder)
+    train, _ = task
+    titles = TITLES[:12]
+    valid = pd.DataFrame(
+        {
+            "query": titles * 2,
+            "title": titles + titles[6:] + titles[:6],
+            "label": [1] * len(titles) + [0] * len(titles),
+        }
+    )
+    q, t = matcher.encode_pairs(valid["query"].tolist(), valid["title"].tolist())
+    default = roc_auc(valid["label"].to_numpy(), matcher.score_pairs(valid["query"].tolist(), valid["title"].tolist()))
+    assert default == 1.0
+    before = current_generation(matcher.path).name
+    report = matcher.train_scorer(train, valid, epochs=3, show_progress=False)
+    assert report.chosen == "default"
+    assert report.compared["default"] == pytest.approx(1.0)
+    assert set(report.compared) == {"default", "linear", "mlp"}
+    assert "nothing is published" in report.table().splitlines()[-1]
+    assert current_generation(matcher.path).name == before
+    assert not matcher.scorer.trained
+    matcher.close()
+
+
+def test_the_linear_form_wins_only_by_a_margin(
+    train_bundle: Matcher, task: tuple[pd.DataFrame, pd.DataFrame]
+) -> None:
+    """The choice follows the held-out figures: a learned form is chosen only when it beats the simpler one by
+    MIN_GAIN, and the scorer returned is that form."""
+    from matching.training.scorer import MIN_GAIN
+
+    train, valid = task
+    scorer, report = train_scorer(train_bundle.snapshot, train, valid, epochs=10, show_progress=False)
+    figures = report.compared
+    expected, best = "default", figures["default"]
+    for form in ("linear", "mlp"):
+        if figures[form] > best + MIN_GAIN:
+            expected, best = form, figures[form]
+    assert report.chosen == expected
+    if expected != "default":
+        assert scorer.config.form == expected
+        assert valid_auc(train_bundle, scorer, valid) == pytest.approx(best, abs=1e-6)

@@ -69,6 +69,8 @@ class TrainReport:
     seconds: float = 0.0
     loss_reason: str = ""  # why this loss: what the labels looked like
     scorer_report: dict[str, Any] | None = None  # an encoder fine-tune: the reranker retrained after it
+    chosen: str = ""  # a reranker: which form won on the validation pairs ("default": nothing was learned)
+    compared: dict[str, float] = field(default_factory=dict)  # a reranker: each form's validation metric
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -81,6 +83,14 @@ class TrainReport:
             f"best: epoch {self.best_epoch}, {self.metric} {self.best_metric:.4f} ({self.seconds:.1f}s); "
             f"loss {self.loss}{why}"
         )
+        if self.compared:
+            figures = ", ".join(f"{name} {value:.4f}" for name, value in self.compared.items())
+            verdict = (
+                "nothing learned beat the untrained default: it stays, nothing is published"
+                if self.chosen == "default"
+                else f"chosen: {self.chosen}"
+            )
+            lines.append(f"held-out {self.metric}: {figures}; {verdict}")
         return "\n".join(lines)
 
 

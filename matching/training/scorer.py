@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -19,9 +20,8 @@ from tqdm.auto import tqdm
 
 from matching.config import JsonConfig, ScorerConfig
 from matching.errors import ConfigError, SchemaError
-from matching.features import LEXICAL_FEATURES
 from matching.metrics import ndcg_at_k, roc_auc, spearman
-from matching.scorer import Scorer
+from matching.scorer import Scorer, feature_count
 from matching.training.loop import (
     EarlyStopping,
     SearchReport,
@@ -34,6 +34,7 @@ from matching.training.loop import (
     unique_queries,
     warmup_linear,
 )
+from matching.types import Fusion, ScorerForm
 
 if TYPE_CHECKING:
     from matching.search import Snapshot
@@ -41,6 +42,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 # negatives mined per positive when training listwise without an explicit hard_negatives
 DEFAULT_MINED = 20
+# a learned form replaces the untrained default (or the linear form) only when its validation metric is higher by
+# this much: validation picked the checkpoint too, so a smaller edge is as likely noise as gain (LCQMC: a linear
+# model fitted on dev beat the default there, yet lost 1.4 ROC-AUC points to it on test)
+MIN_GAIN = 0.005
 
 
 class LossKind(StrEnum):
@@ -70,6 +75,7 @@ class TrainConfig(JsonConfig):
     hard_negatives: int | None = None  # negatives mined per query from the bundle (None: 20 when listwise)
     mine_depth: int = 100  # how deep to retrieve when mining, and the rerank depth when validating
     loss: LossKind = LossKind.AUTO
+    form: ScorerForm | None = None  # None: train linear and MLP, keep what wins over the default (see MIN_GAIN)
     temperature: float = 0.05
     valid_fraction: float = 0.1  # of the training queries, when no validation pairs are given
     seed: int = 0
@@ -93,7 +99,7 @@ class _Groups:
 
     q: torch.Tensor  # (g, d)
     t: torch.Tensor  # (g, m, d)
-    lex: torch.Tensor  # (g, m, LEXICAL_FEATURES); zeros for a scorer without lexical features
+    lex: torch.Tensor  # (g, m, features); zeros for a scorer without lexical features
     weight: torch.Tensor  # (g,) the positive's grade
     mask: torch.Tensor  # (g, m) True where a candidate exists
 
@@ -109,7 +115,7 @@ def _candidates(snap: Snapshot, queries: list[str], qv: np.ndarray, depth: int) 
 
 def _features(snap: Snapshot, lexical: bool, queries: list[str], titles: list[str]) -> np.ndarray:
     if not lexical:
-        return np.zeros((len(queries), LEXICAL_FEATURES), dtype=np.float32)
+        return np.zeros((len(queries), feature_count(False)), dtype=np.float32)
     return snap.lexical_features(queries, titles)
 
 
@@ -150,7 +156,7 @@ def _listwise_groups(
     width = max(len(g) for g in groups_t)
     dim = q.shape[1]
     tt = np.zeros((len(groups_t), width, dim), dtype=np.float32)
-    ll = np.zeros((len(groups_t), width, LEXICAL_FEATURES), dtype=np.float32)
+    ll = np.zeros((len(groups_t), width, lex.shape[1]), dtype=np.float32)
     mask = np.zeros((len(groups_t), width), dtype=bool)
     for gi, g in enumerate(groups_t):
         tt[gi, : len(g)] = np.stack(g)
@@ -223,24 +229,29 @@ def _listwise_loss(scorer: Scorer, g: _Groups, temperature: float) -> torch.Tens
 # -- the loop ------------------------------------------------------------------------------------
 
 
-def train_scorer(
-    snap: Snapshot,
-    train_pairs: pd.DataFrame | str | Path,
-    valid_pairs: pd.DataFrame | str | Path | None = None,
-    *,
-    config: TrainConfig | None = None,
-    show_progress: bool = True,
-    **settings: Any,
-) -> tuple[Scorer, TrainReport]:
-    """Train a fresh scorer for the snapshot's vectors; returns the best checkpoint and a report.
+@dataclass
+class _Prepared:
+    """What every form trained on the same pairs shares: the loss, the tensors and the validator."""
 
-    ``settings`` override fields of ``config`` (e.g. ``epochs=5, hard_negatives=20``).
-    """
-    cfg = configured(TrainConfig, config, settings)
-    started = time.perf_counter()
-    seed_everything(cfg.seed)
+    loss_kind: LossKind
+    why: str
+    lexical: bool
+    n_items: int
+    metric_name: str
+    validate: Callable[[Scorer], float]
+    train_pairs: int
+    valid_queries: int
+    groups: _Groups | None = None
+    q: torch.Tensor | None = None
+    t: torch.Tensor | None = None
+    lex: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
 
-    train, valid = train_valid_pairs(train_pairs, valid_pairs, cfg)
+
+def _prepare(
+    snap: Snapshot, train: pd.DataFrame, valid: pd.DataFrame, cfg: TrainConfig, show_progress: bool
+) -> _Prepared:
     binary = bool(np.isin(train["label"].to_numpy(), [0.0, 1.0]).all())
     positives_only = bool(train["label"].nunique() == 1 and (train["label"] > 0).all())
     loss_kind, why = cfg.loss, "asked for"
@@ -258,82 +269,152 @@ def train_scorer(
         else:
             loss_kind, why = LossKind.MSE, "graded labels"
     lexical = snap.scorer.config.lexical and snap.lexical is not None
-
     q_tr, t_tr = snap.encode_pairs(train["query"].tolist(), train["title"].tolist(), show_progress=show_progress)
     q_va, t_va = snap.encode_pairs(valid["query"].tolist(), valid["title"].tolist(), show_progress=show_progress)
+    lex_tr = _features(snap, lexical, train["query"].tolist(), train["title"].tolist())
+    n_train, n_valid = len(train), int(valid["query"].nunique())
     if loss_kind is LossKind.LISTWISE:
-        lex_tr = _features(snap, lexical, train["query"].tolist(), train["title"].tolist())
         groups = _listwise_groups(snap, train, q_tr, t_tr, lex_tr, cfg, lexical)
-        n_items = len(groups.q)
         validate = _retrieval_validator(snap, valid, q_va, cfg.mine_depth, lexical)
-        metric_name = "ndcg@10"
-    else:
-        labels_tr = torch.tensor(train["label"].to_numpy(), dtype=torch.float32)
-        low, high = float(labels_tr.min()), float(labels_tr.max())
-        targets_tr = (labels_tr - low) / (high - low) if high > low else torch.ones_like(labels_tr)
-        n_items = len(train)
-        lex_va = _features(snap, lexical, valid["query"].tolist(), valid["title"].tolist()) if lexical else None
-        validate = _pair_validator(q_va, t_va, lex_va, valid["label"].to_numpy(), binary)
-        metric_name = "roc_auc" if binary else "spearman"
-        q_t, t_t = torch.from_numpy(q_tr), torch.from_numpy(t_tr)
-        lex_t = torch.from_numpy(_features(snap, lexical, train["query"].tolist(), train["title"].tolist()))
+        return _Prepared(loss_kind, why, lexical, len(groups.q), "ndcg@10", validate, n_train, n_valid, groups=groups)
+    labels = torch.tensor(train["label"].to_numpy(), dtype=torch.float32)
+    low, high = float(labels.min()), float(labels.max())
+    targets = (labels - low) / (high - low) if high > low else torch.ones_like(labels)
+    lex_va = _features(snap, lexical, valid["query"].tolist(), valid["title"].tolist()) if lexical else None
+    validate = _pair_validator(q_va, t_va, lex_va, valid["label"].to_numpy(), binary)
+    return _Prepared(
+        loss_kind,
+        why,
+        lexical,
+        len(train),
+        "roc_auc" if binary else "spearman",
+        validate,
+        n_train,
+        n_valid,
+        q=torch.from_numpy(q_tr),
+        t=torch.from_numpy(t_tr),
+        lex=torch.from_numpy(lex_tr),
+        labels=labels,
+        targets=targets,
+    )
 
+
+def _batch_loss(
+    scorer: Scorer, prep: _Prepared, idx: torch.Tensor, affine: nn.Linear, cfg: TrainConfig
+) -> torch.Tensor:
+    if prep.groups is not None:
+        g = prep.groups
+        return _listwise_loss(
+            scorer, _Groups(g.q[idx], g.t[idx], g.lex[idx], g.weight[idx], g.mask[idx]), cfg.temperature
+        )
+    assert prep.q is not None
+    assert prep.t is not None
+    assert prep.lex is not None
+    assert prep.labels is not None
+    assert prep.targets is not None
+    scores = scorer(prep.q[idx], prep.t[idx], prep.lex[idx] if prep.lexical else None)
+    if prep.loss_kind is LossKind.BCE:
+        logits = affine(scores.unsqueeze(-1)).squeeze(-1)
+        return nn.functional.binary_cross_entropy_with_logits(logits, (prep.labels[idx] > 0).float())
+    if prep.loss_kind is LossKind.MSE:
+        return nn.functional.mse_loss(scores, prep.targets[idx])
+    return cosent_loss(scores, prep.labels[idx], cfg.temperature)
+
+
+def _fit(snap: Snapshot, prep: _Prepared, cfg: TrainConfig, form: ScorerForm) -> tuple[Scorer, TrainReport]:
+    """Train one form of the residual from zero; the best validation state is kept (never worse than zero)."""
+    started = time.perf_counter()
+    seed_everything(cfg.seed)
     base = snap.scorer.config
+    lexical = prep.lexical
     scorer = Scorer(
         ScorerConfig(
-            dim=snap.encoder.dim, hidden=cfg.hidden, dropout=cfg.dropout, lexical=lexical,
+            dim=snap.encoder.dim,
+            hidden=cfg.hidden,
+            dropout=cfg.dropout,
+            lexical=lexical,
             dense_weight=base.dense_weight if lexical else 1.0,
+            fusion=base.fusion if lexical else Fusion.FIXED,
+            form=form,
         )
-    )  # fmt: skip
+    )
     # BCE needs calibrated logits: a learned affine map of the score, used in training only.
     affine = nn.Linear(1, 1)
     nn.init.constant_(affine.weight, 1.0 / cfg.temperature)
     nn.init.constant_(affine.bias, -0.5 / cfg.temperature)
-    params = list(scorer.parameters()) + (list(affine.parameters()) if loss_kind is LossKind.BCE else [])
+    params = list(scorer.parameters()) + (list(affine.parameters()) if prep.loss_kind is LossKind.BCE else [])
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    lr_sched = warmup_linear(optimizer, math.ceil(n_items / cfg.batch_size) * cfg.epochs, cfg.warmup)
-    baseline = validate(scorer)
+    lr_sched = warmup_linear(optimizer, math.ceil(prep.n_items / cfg.batch_size) * cfg.epochs, cfg.warmup)
+    baseline = prep.validate(scorer)
     report = TrainReport(
         config=cfg.to_dict(),
-        loss=loss_kind.value,
-        loss_reason=why,
-        metric=metric_name,
+        loss=prep.loss_kind.value,
+        loss_reason=prep.why,
+        metric=prep.metric_name,
         baseline=baseline,
         best_metric=baseline,
         best_epoch=0,
-        train_pairs=len(train),
-        valid_queries=int(valid["query"].nunique()),
+        train_pairs=prep.train_pairs,
+        valid_queries=prep.valid_queries,
     )
     stopper = EarlyStopping(scorer, report, cfg.patience)
     generator = torch.Generator().manual_seed(cfg.seed)
-    for epoch in tqdm(range(1, cfg.epochs + 1), desc="training scorer", disable=not show_progress):
+    for epoch in range(1, cfg.epochs + 1):
         scorer.train()
-        perm = torch.randperm(n_items, generator=generator)
+        perm = torch.randperm(prep.n_items, generator=generator)
         epoch_loss = 0.0
-        for start in range(0, n_items, cfg.batch_size):
+        for start in range(0, prep.n_items, cfg.batch_size):
             idx = perm[start : start + cfg.batch_size]
-            if loss_kind is LossKind.LISTWISE:
-                g = _Groups(groups.q[idx], groups.t[idx], groups.lex[idx], groups.weight[idx], groups.mask[idx])
-                loss = _listwise_loss(scorer, g, cfg.temperature)
-            else:
-                scores = scorer(q_t[idx], t_t[idx], lex_t[idx] if lexical else None)
-                if loss_kind is LossKind.BCE:
-                    logits = affine(scores.unsqueeze(-1)).squeeze(-1)
-                    loss = nn.functional.binary_cross_entropy_with_logits(logits, (labels_tr[idx] > 0).float())
-                elif loss_kind is LossKind.MSE:
-                    loss = nn.functional.mse_loss(scores, targets_tr[idx])
-                else:
-                    loss = cosent_loss(scores, labels_tr[idx], cfg.temperature)
+            loss = _batch_loss(scorer, prep, idx, affine, cfg)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             nn.utils.clip_grad_norm_(params, cfg.clip)
             optimizer.step()
             lr_sched.step()
             epoch_loss += float(loss.detach()) * len(idx)
-        if stopper.step(epoch, epoch_loss / n_items, validate(scorer)):
+        if stopper.step(epoch, epoch_loss / prep.n_items, prep.validate(scorer)):
             break
     stopper.restore(started)
     return scorer, report
+
+
+def train_scorer(
+    snap: Snapshot,
+    train_pairs: pd.DataFrame | str | Path,
+    valid_pairs: pd.DataFrame | str | Path | None = None,
+    *,
+    config: TrainConfig | None = None,
+    show_progress: bool = True,
+    **settings: Any,
+) -> tuple[Scorer, TrainReport]:
+    """Train scorers for the snapshot's vectors on held-in pairs and keep the one that wins on the held-out ones.
+
+    The untrained default, the linear residual and the MLP residual (``form``: only that one) are compared on the
+    validation pairs (given, or split off the training queries); a learned form replaces a simpler one only when
+    it beats it by :data:`MIN_GAIN`. ``report.chosen`` says which won (``"default"``: nothing learned beat the
+    untrained score, which is returned unchanged), ``report.compared`` the figures. ``settings`` override fields of
+    ``config`` (e.g. ``epochs=5, hard_negatives=20``).
+    """
+    cfg = configured(TrainConfig, config, settings)
+    started = time.perf_counter()
+    seed_everything(cfg.seed)
+    train, valid = train_valid_pairs(train_pairs, valid_pairs, cfg)
+    prep = _prepare(snap, train, valid, cfg, show_progress)
+    forms = [cfg.form] if cfg.form is not None else [ScorerForm.LINEAR, ScorerForm.MLP]
+    fitted = {f: _fit(snap, prep, cfg, f) for f in tqdm(forms, desc="training scorer", disable=not show_progress)}
+    default = next(iter(fitted.values()))[1].baseline
+    chosen: str = "default"
+    best_scorer, best_report = next(iter(fitted.values()))
+    best_value = default
+    for form, (scorer, report) in fitted.items():
+        if report.best_metric > best_value + MIN_GAIN:
+            chosen, best_scorer, best_report, best_value = form.value, scorer, report, report.best_metric
+    if chosen == "default":
+        best_scorer = Scorer(dataclasses.replace(best_scorer.config)).eval()  # the zero residual: the default
+    best_report.chosen = chosen
+    best_report.compared = {"default": default, **{f.value: r.best_metric for f, (_, r) in fitted.items()}}
+    best_report.seconds = time.perf_counter() - started
+    return best_scorer, best_report
 
 
 # -- hyper-parameter search ----------------------------------------------------------------------
