@@ -648,7 +648,6 @@ def test_a_trainer_that_cannot_beat_the_default_publishes_nothing(
             "label": [1] * len(titles) + [0] * len(titles),
         }
     )
-    q, t = matcher.encode_pairs(valid["query"].tolist(), valid["title"].tolist())
     default = roc_auc(valid["label"].to_numpy(), matcher.score_pairs(valid["query"].tolist(), valid["title"].tolist()))
     assert default == 1.0
     before = current_generation(matcher.path).name
@@ -662,9 +661,7 @@ def test_a_trainer_that_cannot_beat_the_default_publishes_nothing(
     matcher.close()
 
 
-def test_the_linear_form_wins_only_by_a_margin(
-    train_bundle: Matcher, task: tuple[pd.DataFrame, pd.DataFrame]
-) -> None:
+def test_the_linear_form_wins_only_by_a_margin(train_bundle: Matcher, task: tuple[pd.DataFrame, pd.DataFrame]) -> None:
     """The choice follows the held-out figures: a learned form is chosen only when it beats the simpler one by
     MIN_GAIN, and the scorer returned is that form."""
     from matching.training.scorer import MIN_GAIN
