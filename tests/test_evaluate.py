@@ -271,3 +271,49 @@ def test_report_table_lists_every_metric() -> None:
     assert lines[2].split() == ["mrr@10", "0.2500", "0.5000"]
     assert lines[-1] == "(3 queries)"
     json.dumps(report.retrieval)
+
+
+# -- evaluate_pairs() ----------------------------------------------------------------------------------
+
+
+def _pairs() -> Any:
+    import pandas as pd
+
+    titles = make_catalogue()["title"].tolist()
+    queries = [t.split(" ", 1)[1] for t in titles[:10]]
+    return pd.DataFrame({"query": queries * 2, "title": titles[:10] + titles[10:20], "label": [1] * 10 + [0] * 10})
+
+
+def test_evaluate_pairs_gives_every_signal_by_hand(built_bundle: Any) -> None:
+    import numpy as np
+
+    from matching.evaluate import evaluate_pairs
+    from matching.metrics import roc_auc
+
+    pairs = _pairs()
+    queries, titles, y = pairs["query"].tolist(), pairs["title"].tolist(), pairs["label"].to_numpy()
+    report = evaluate_pairs(built_bundle, pairs)
+    q, t = built_bundle.encode_pairs(queries, titles)
+    lex = built_bundle.snapshot.lexical_features(queries, titles)
+    assert report.metric == "roc_auc"
+    assert report.pairs == 20
+    assert report.signals["cosine"] == pytest.approx(roc_auc(y, np.einsum("ij,ij->i", q, t)))
+    assert report.signals["lexical"] == pytest.approx(roc_auc(y, lex[:, 0]))
+    untrained = roc_auc(y, built_bundle.score_pairs(queries, titles))
+    assert report.signals["fused"] == pytest.approx(untrained)
+    assert report.signals["reranker"] == pytest.approx(untrained)
+    assert not report.trained
+    lines = report.table().splitlines()
+    assert lines[0].split() == ["signal", "roc_auc"]
+    assert [line.split()[0] for line in lines[1:5]] == ["cosine", "lexical", "fused", "reranker"]
+
+
+def test_evaluate_pairs_of_graded_labels_is_spearman(built_bundle: Any) -> None:
+    from matching.evaluate import evaluate_pairs
+    from matching.metrics import spearman
+
+    pairs = _pairs().assign(label=[4.0, 3.5] * 5 + [1.0, 0.5] * 5)
+    report = evaluate_pairs(built_bundle, pairs)
+    assert report.metric == "spearman"
+    scores = built_bundle.score_pairs(pairs["query"].tolist(), pairs["title"].tolist())
+    assert report.signals["fused"] == pytest.approx(spearman(scores, pairs["label"].to_numpy()))

@@ -13,7 +13,7 @@ from conftest import make_catalogue
 
 from matching import Matcher
 from matching.analysis import Analyzer, analyze, jieba_available, resolve_analyzer
-from matching.features import DENSE_CEILING
+from matching.features import DENSE_CEILING, adaptive_weights, length_ratio
 
 QUERIES = ["acme black running shoes", "wireless headphones", "desk lamp white", "coffee"]
 
@@ -56,6 +56,32 @@ def test_untrained_hybrid_ranks_by_the_fusion_formula(hybrid: Matcher, query: st
         assert h.score == pytest.approx(h.retrieval_score, abs=1e-6)  # untrained reranker = fusion
     best = sorted(expected.values(), reverse=True)[:10]
     assert [h.score for h in hits] == pytest.approx(best, abs=1e-5)
+
+
+def test_adaptive_weights_by_hand() -> None:
+    """w = ceiling * known * (0.5 + 0.5 * ratio); ratio = shorter / longer distinct-term count, 1 when both are 0."""
+    ratio = length_ratio(np.array([3, 0, 2, 8]), np.array([6, 0, 2, 2]))
+    assert ratio.tolist() == pytest.approx([0.5, 1.0, 1.0, 0.25])
+    assert adaptive_weights(0.5, ratio, 0.85).tolist() == pytest.approx([0.31875, 0.425, 0.425, 0.265625])
+    assert adaptive_weights(np.array([1.0, 0.0]), np.array([1.0, 1.0]), 0.85).tolist() == pytest.approx([0.85, 0.0])
+
+
+def test_a_query_the_encoder_cannot_read_leans_on_words(hybrid: Matcher) -> None:
+    """Han characters are [UNK] to the tiny English vocabulary: the dense weight falls with the known share, and
+    retrieval, reranking and pair scoring all follow the same formula."""
+    query = "跑步鞋 running shoes"
+    tokenizer = hybrid.snapshot.query_encoder.tokenizer
+    tokens = tokenizer(query, add_special_tokens=False)["input_ids"]
+    assert 0 < tokens.count(tokenizer.unk_token_id) < len(tokens)
+    expected = fused_by_hand(hybrid, query)
+    hits = hybrid.search(query, k=10, candidates=40)
+    assert [h.score for h in hits] == pytest.approx(sorted(expected.values(), reverse=True)[:10], abs=1e-5)
+    for h in hits:
+        assert h.retrieval_score == pytest.approx(expected[h.id], abs=1e-5)
+    titles = [h.title for h in hits]
+    assert hybrid.score_pairs([query] * len(titles), titles).tolist() == pytest.approx(
+        [expected[h.id] for h in hits], abs=1e-5
+    )
 
 
 @pytest.mark.parametrize("query", QUERIES)
