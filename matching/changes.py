@@ -129,8 +129,9 @@ def apply_rows(
         )
     if reader.skipped:
         log.warning("skipped %d bad row(s), e.g. %s", reader.skipped, "; ".join(reader.skipped_examples))
-    return ChangeReport(operation, **tally, count=count, generation=current_generation(path).name,
-                        seconds=time.perf_counter() - started)  # fmt: skip
+    return ChangeReport(
+        operation, **tally, count=count, generation=current_generation(path).name, seconds=time.perf_counter() - started
+    )
 
 
 @dataclass(frozen=True)
@@ -186,9 +187,13 @@ def remove(path: Path, ids: Iterable[ExternalId], *, missing_ok: bool, lock_time
         count = editor.finish()
         _finish_change(live, gen, manifest, dead, np.empty((0, 0), np.float32), np.empty(0, np.int64), count)
     return ChangeReport(
-        "remove", removed=len(dead), missing=len(missing), count=count,
-        generation=current_generation(path).name, seconds=time.perf_counter() - started,
-    )  # fmt: skip
+        "remove",
+        removed=len(dead),
+        missing=len(missing),
+        count=count,
+        generation=current_generation(path).name,
+        seconds=time.perf_counter() - started,
+    )
 
 
 def compact(
@@ -218,8 +223,9 @@ def compact(
             lexical=lexical,
             carry_from=(live, generation.non_catalogue(manifest)),
         )
-    return ChangeReport("compact", count=count, generation=current_generation(path).name,
-                        seconds=time.perf_counter() - started)  # fmt: skip
+    return ChangeReport(
+        "compact", count=count, generation=current_generation(path).name, seconds=time.perf_counter() - started
+    )
 
 
 def _finish_change(
@@ -258,9 +264,16 @@ def _as_int(text: str) -> int | None:
 
 
 def copy_bundle(
-    snap: Snapshot, source: Path | None, out: Path, *, limit: int | None, index_config: IndexConfig,
-    overwrite: bool, lock_timeout: float, show_progress: bool,
-) -> None:  # fmt: skip
+    snap: Snapshot,
+    source: Path | None,
+    out: Path,
+    *,
+    limit: int | None,
+    index_config: IndexConfig,
+    overwrite: bool,
+    lock_timeout: float,
+    show_progress: bool,
+) -> None:
     """A new bundle at ``out`` from ``snap``'s live titles (the first ``limit``), their stored vectors and (from the
     generation directory ``source``, or ``snap``) the reranker and query encoder."""
     with new_generation(out, overwrite=overwrite, lock_timeout=lock_timeout) as gen:
@@ -269,11 +282,17 @@ def copy_bundle(
         analyzer = (snap.manifest.lexical or {}).get("analyzer", Analyzer.AUTO)
         lexical = generation.lexical_from_store(gen, analyzer)
         manifest = generation.changed(
-            snap.manifest, count, index=generation.index_record(built, index_config),
+            snap.manifest,
+            count,
+            index=generation.index_record(built, index_config),
             lexical=generation.lexical_record(lexical, snap.manifest),
             source={**snap.manifest.source, "name": f"{count} titles of {source}"},
-        )  # fmt: skip
+        )
         generation.finish(
-            gen, manifest, index=built, lexical=lexical, scorer=None if source else snap.scorer,
+            gen,
+            manifest,
+            index=built,
+            lexical=lexical,
+            scorer=None if source else snap.scorer,
             carry_from=(source, generation.non_catalogue(snap.manifest)) if source else None,
-        )  # fmt: skip
+        )

@@ -281,10 +281,13 @@ def train_scorer(
     base = snap.scorer.config
     scorer = Scorer(
         ScorerConfig(
-            dim=snap.encoder.dim, hidden=cfg.hidden, dropout=cfg.dropout, lexical=lexical,
+            dim=snap.encoder.dim,
+            hidden=cfg.hidden,
+            dropout=cfg.dropout,
+            lexical=lexical,
             dense_weight=base.dense_weight if lexical else 1.0,
         )
-    )  # fmt: skip
+    )
     # BCE needs calibrated logits: a learned affine map of the score, used in training only.
     affine = nn.Linear(1, 1)
     nn.init.constant_(affine.weight, 1.0 / cfg.temperature)
