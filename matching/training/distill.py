@@ -204,59 +204,32 @@ def distill(
     """
     started = time.perf_counter()
     teacher_layers = layer_count(teacher.model)
-    out = _check_arguments(
-        out_dir, layers, teacher_layers, epochs=epochs, batch_size=batch_size, lr=lr, loss=loss, held_out=held_out
-    )
+    settings = _Settings(layers, epochs, batch_size, lr, loss, seed, similarity)
+    out = _check_arguments(out_dir, teacher_layers, settings, held_out)
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     split = _split_texts(_clean_texts(texts), rng, held_out, sentences, extra_texts)
-
-    # targets: the teacher's vectors (a view on its weights: 'fast' int8 is too noisy to copy)
-    target_preset = Preset.DEFAULT if teacher.preset is Preset.FAST else teacher.preset
-    view = teacher.variant(preset=target_preset)
-    targets_train = view.encode(split.train, show_progress=show_progress)
-    targets_held = view.encode(split.held)
-
+    targets_train, targets_held = _targets(teacher, split, show_progress)
     model = truncate(teacher.model, layers)
     student = teacher.variant(model, source=str(out), preset=Preset.EXACT)
     cosine_before = _mean_cosine(student.encode(split.held), targets_held)
-    epoch_losses = _train_student(
-        student,
-        model,
-        split.train,
-        targets_train,
-        rng,
-        layers=layers,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        loss=loss,
-        similarity=similarity,
-        autocast=mixed_precision and bf16_training(student.device),
-        show_progress=show_progress,
-    )
+    autocast = mixed_precision and bf16_training(student.device)
+    epoch_losses = _train_student(student, model, split.train, targets_train, rng, settings, autocast, show_progress)
     cosine_after = _mean_cosine(student.encode(split.held), targets_held)
-
     report = DistillReport(
         out_dir=str(out),
         teacher=teacher.source,
         teacher_fingerprint=teacher.fingerprint,
-        layers=layers,
         teacher_layers=teacher_layers,
         train_texts=len(split.train),
         held_out_texts=len(split.held),
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        loss=loss,
-        seed=seed,
         cosine_before=cosine_before,
         cosine_after=cosine_after,
         epoch_losses=epoch_losses,
         seconds=time.perf_counter() - started,
         sentence_chunks=len(set(split.chunks) & set(split.added)),
         extra_texts=len(set(split.extras) & set(split.added)),
-        similarity=similarity,
+        **asdict(settings),
     )
     _save(student, teacher, out, report)
     log.info(
@@ -271,18 +244,23 @@ def distill(
     return report
 
 
-def _check_arguments(
-    out_dir: str | Path,
-    layers: int,
-    teacher_layers: int,
-    *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    loss: str,
-    held_out: float,
-) -> Path:
+@dataclass(frozen=True)
+class _Settings:
+    """The training settings of one distillation, as :class:`DistillReport` records them."""
+
+    layers: int
+    epochs: int
+    batch_size: int
+    lr: float
+    loss: str
+    seed: int
+    similarity: float
+
+
+def _check_arguments(out_dir: str | Path, teacher_layers: int, settings: _Settings, held_out: float) -> Path:
     """The output directory, once every argument of :func:`distill` is checked."""
+    layers, epochs, batch_size = settings.layers, settings.epochs, settings.batch_size
+    lr, loss = settings.lr, settings.loss
     if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= teacher_layers:
         raise ConfigError(f"layers must be an integer from 1 to the teacher's {teacher_layers} layers, got {layers!r}")
     if epochs < 1 or batch_size < 1:
@@ -328,31 +306,34 @@ def _split_texts(
     return _Split(held, train + added, chunks, extras, added)
 
 
+def _targets(teacher: Encoder, split: _Split, show_progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The teacher's vectors of the training and the held-out texts, encoded by a view on its weights in its own
+    preset, or ``default`` where it runs ``fast`` (int8 is too noisy to copy)."""
+    target_preset = Preset.DEFAULT if teacher.preset is Preset.FAST else teacher.preset
+    view = teacher.variant(preset=target_preset)
+    return view.encode(split.train, show_progress=show_progress), view.encode(split.held)
+
+
 def _train_student(
     student: Encoder,
     model: nn.Module,
     train: list[str],
     targets: np.ndarray,
     rng: np.random.Generator,
-    *,
-    layers: int,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    loss: str,
-    similarity: float,
+    settings: _Settings,
     autocast: bool,
     show_progress: bool,
 ) -> list[float]:
     """Regress ``student``'s vectors of ``train`` onto the teacher's ``targets``: the mean loss of each epoch."""
+    epochs, batch_size, loss, similarity = settings.epochs, settings.batch_size, settings.loss, settings.similarity
     device = student.device
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.01)
     steps = math.ceil(len(train) / batch_size) * epochs
     scheduler = warmup_linear(optimizer, steps, 0.1)
     lengths = np.asarray([len(t) for t in train])
     target_t = torch.from_numpy(targets)
     epoch_losses: list[float] = []
-    bar = tqdm(total=steps, desc=f"distilling {layers} layers", unit="batch", disable=not show_progress)
+    bar = tqdm(total=steps, desc=f"distilling {settings.layers} layers", unit="batch", disable=not show_progress)
     model.train()
     for module in model.modules():  # regression onto fixed targets: no dropout
         if isinstance(module, nn.Dropout):
