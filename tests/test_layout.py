@@ -164,3 +164,17 @@ def test_the_bundle_format_lists_every_file() -> None:
         if not re.search(rf"(?<![\w.]){re.escape(name)}(?![\w.])", section)
     }
     assert not missing, f"indexes/README.md does not describe {missing}"
+
+
+def test_the_readme_layout_names_every_module() -> None:
+    """README.md's Layout section names each module (`name`) and each subpackage (`name/`) of matching/."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`([^`]+)`", section))
+    wanted = {
+        f"{path.parent.name}/" if path.name == "__init__.py" else path.stem
+        for path in PACKAGE.rglob("*.py")
+        if path.parent != PACKAGE or path.name != "__init__.py"
+    }
+    wanted |= {"__init__"}
+    assert not wanted - named, f"README.md's Layout section does not name {sorted(wanted - named)}"
