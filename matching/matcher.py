@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 class Matcher(ServedBundle):
-    """Two-tower matcher over one bundle: query encoder + FAISS index + store + reranker.
+    """Two-tower matcher over one bundle: query encoder + vector index (FAISS) + BM25 index + store + reranker.
 
     Build with :meth:`build` or open with :meth:`load`; ``__init__`` only wraps an opened :class:`Snapshot`.
     The generation served, and how it moves on (refresh, writes), is :class:`~matching.served.ServedBundle`'s.

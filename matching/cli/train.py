@@ -32,7 +32,8 @@ def _add_train(sub: Any) -> None:
         "--hard-negatives",
         type=int,
         default=None,
-        help="negatives mined per query from the bundle (default: 20 for positives-only pairs, else none)",
+        help="negatives mined per query from the bundle (default: 20 with the listwise loss, which positives-only "
+        "pairs get; else none)",
     )
     p.add_argument("--epochs", type=int)
     p.add_argument("--lr", type=float)
