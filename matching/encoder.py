@@ -419,5 +419,7 @@ class UnknownTokens:
                 "%.0f%% of the title tokens are unknown to the encoder (%s), e.g. in %r: it cannot read this "
                 "language, and dense matching will be poor (lexical matching still works). Build with a checkpoint "
                 "for the language: model=DIR / --model DIR",
-                100 * self.share, self.encoder.source, self.example[:80],
-            )  # fmt: skip
+                100 * self.share,
+                self.encoder.source,
+                self.example[:80],
+            )

@@ -88,6 +88,13 @@ def test_importing_the_cli_does_not_import_torch() -> None:
     assert result.stdout.strip() == "[]"
 
 
+def test_the_cli_lock_timeout_is_the_bundle_default() -> None:
+    from matching.bundle import DEFAULT_LOCK_TIMEOUT
+    from matching.cli.options import LOCK_TIMEOUT
+
+    assert LOCK_TIMEOUT == DEFAULT_LOCK_TIMEOUT
+
+
 # -- build / search / info / evaluate -----------------------------------------------------------------
 
 

@@ -204,6 +204,63 @@ def distill(
     """
     started = time.perf_counter()
     teacher_layers = layer_count(teacher.model)
+    settings = _Settings(layers, epochs, batch_size, lr, loss, seed, similarity)
+    out = _check_arguments(out_dir, teacher_layers, settings, held_out)
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    split = _split_texts(_clean_texts(texts), rng, held_out, sentences, extra_texts)
+    targets_train, targets_held = _targets(teacher, split, show_progress)
+    model = truncate(teacher.model, layers)
+    student = teacher.variant(model, source=str(out), preset=Preset.EXACT)
+    cosine_before = _mean_cosine(student.encode(split.held), targets_held)
+    autocast = mixed_precision and bf16_training(student.device)
+    epoch_losses = _train_student(student, model, split.train, targets_train, rng, settings, autocast, show_progress)
+    cosine_after = _mean_cosine(student.encode(split.held), targets_held)
+    report = DistillReport(
+        out_dir=str(out),
+        teacher=teacher.source,
+        teacher_fingerprint=teacher.fingerprint,
+        teacher_layers=teacher_layers,
+        train_texts=len(split.train),
+        held_out_texts=len(split.held),
+        cosine_before=cosine_before,
+        cosine_after=cosine_after,
+        epoch_losses=epoch_losses,
+        seconds=time.perf_counter() - started,
+        sentence_chunks=len(set(split.chunks) & set(split.added)),
+        extra_texts=len(set(split.extras) & set(split.added)),
+        **asdict(settings),
+    )
+    _save(student, teacher, out, report)
+    log.info(
+        "distilled %d of %d layers into %s: held-out cosine %.4f -> %.4f in %.0f s",
+        layers,
+        teacher_layers,
+        out,
+        cosine_before,
+        cosine_after,
+        report.seconds,
+    )
+    return report
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """The training settings of one distillation, as :class:`DistillReport` records them."""
+
+    layers: int
+    epochs: int
+    batch_size: int
+    lr: float
+    loss: str
+    seed: int
+    similarity: float
+
+
+def _check_arguments(out_dir: str | Path, teacher_layers: int, settings: _Settings, held_out: float) -> Path:
+    """The output directory, once every argument of :func:`distill` is checked."""
+    layers, epochs, batch_size = settings.layers, settings.epochs, settings.batch_size
+    lr, loss = settings.lr, settings.loss
     if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= teacher_layers:
         raise ConfigError(f"layers must be an integer from 1 to the teacher's {teacher_layers} layers, got {layers!r}")
     if epochs < 1 or batch_size < 1:
@@ -217,10 +274,24 @@ def distill(
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{str(out)!r} already exists and is not an empty directory; choose a new output path")
-    texts = _clean_texts(texts)
+    return out
 
-    rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
+
+@dataclass(frozen=True)
+class _Split:
+    """The texts of one distillation: ``held`` out for the report, ``train`` (the rest, then ``added``: sentence
+    ``chunks`` of long texts and ``extras`` not already among them)."""
+
+    held: list[str]
+    train: list[str]
+    chunks: list[str]
+    extras: list[str]
+    added: list[str]
+
+
+def _split_texts(
+    texts: list[str], rng: np.random.Generator, held_out: float, sentences: bool, extra_texts: Sequence[str]
+) -> _Split:
     order = rng.permutation(len(texts))
     n_held = min(2000, max(1, round(len(texts) * held_out)))
     held = [texts[i] for i in order[:n_held]]
@@ -232,27 +303,37 @@ def distill(
     extras = [t.strip() for t in extra_texts if isinstance(t, str) and t.strip()]
     held_set = set(held)
     added = [t for t in dict.fromkeys(chunks + extras) if t not in whole and t not in held_set]
-    train += added
+    return _Split(held, train + added, chunks, extras, added)
 
-    # targets: the teacher's vectors (a view on its weights: 'fast' int8 is too noisy to copy)
+
+def _targets(teacher: Encoder, split: _Split, show_progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The teacher's vectors of the training and the held-out texts, encoded by a view on its weights in its own
+    preset, or ``default`` where it runs ``fast`` (int8 is too noisy to copy)."""
     target_preset = Preset.DEFAULT if teacher.preset is Preset.FAST else teacher.preset
     view = teacher.variant(preset=target_preset)
-    targets_train = view.encode(train, show_progress=show_progress)
-    targets_held = view.encode(held)
+    return view.encode(split.train, show_progress=show_progress), view.encode(split.held)
 
-    model = truncate(teacher.model, layers)
-    student = teacher.variant(model, source=str(out), preset=Preset.EXACT)
-    cosine_before = _mean_cosine(student.encode(held), targets_held)
 
+def _train_student(
+    student: Encoder,
+    model: nn.Module,
+    train: list[str],
+    targets: np.ndarray,
+    rng: np.random.Generator,
+    settings: _Settings,
+    autocast: bool,
+    show_progress: bool,
+) -> list[float]:
+    """Regress ``student``'s vectors of ``train`` onto the teacher's ``targets``: the mean loss of each epoch."""
+    epochs, batch_size, loss, similarity = settings.epochs, settings.batch_size, settings.loss, settings.similarity
     device = student.device
-    autocast = mixed_precision and bf16_training(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.01)
     steps = math.ceil(len(train) / batch_size) * epochs
     scheduler = warmup_linear(optimizer, steps, 0.1)
     lengths = np.asarray([len(t) for t in train])
-    target_t = torch.from_numpy(targets_train)
+    target_t = torch.from_numpy(targets)
     epoch_losses: list[float] = []
-    bar = tqdm(total=steps, desc=f"distilling {layers} layers", unit="batch", disable=not show_progress)
+    bar = tqdm(total=steps, desc=f"distilling {settings.layers} layers", unit="batch", disable=not show_progress)
     model.train()
     for module in model.modules():  # regression onto fixed targets: no dropout
         if isinstance(module, nn.Dropout):
@@ -280,40 +361,7 @@ def distill(
         bar.set_postfix(loss=f"{epoch_losses[-1]:.5f}")
     bar.close()
     model.eval()
-    cosine_after = _mean_cosine(student.encode(held), targets_held)
-
-    report = DistillReport(
-        out_dir=str(out),
-        teacher=teacher.source,
-        teacher_fingerprint=teacher.fingerprint,
-        layers=layers,
-        teacher_layers=teacher_layers,
-        train_texts=len(train),
-        held_out_texts=len(held),
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        loss=loss,
-        seed=seed,
-        cosine_before=cosine_before,
-        cosine_after=cosine_after,
-        epoch_losses=epoch_losses,
-        seconds=time.perf_counter() - started,
-        sentence_chunks=len(set(chunks) & set(added)),
-        extra_texts=len(set(extras) & set(added)),
-        similarity=similarity,
-    )
-    _save(student, teacher, out, report)
-    log.info(
-        "distilled %d of %d layers into %s: held-out cosine %.4f -> %.4f in %.0f s",
-        layers,
-        teacher_layers,
-        out,
-        cosine_before,
-        cosine_after,
-        report.seconds,
-    )
-    return report
+    return epoch_losses
 
 
 def _save(student: Encoder, teacher: Encoder, out: Path, report: DistillReport) -> None:

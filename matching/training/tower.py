@@ -114,20 +114,8 @@ def train_query_tower(
     tower = base.clone(source=f"query-tower of {base.source}")
     queries = list(train_pos)
     original = torch.from_numpy(base.encode_queries(queries))
-    # Mine with the original tower once: negatives are what it wrongly ranks high.
-    scores, ids = snap.index.search(original.numpy(), cfg.mine_depth)
+    negatives = _mine(snap, queries, train_pos, original, cfg)
     vectors = snap.store.vectors
-    negatives: list[list[int]] = []
-    for qi, q in enumerate(queries):
-        pos = set(train_pos[q])
-        pos_cos = float(np.min(vectors[sorted(pos)] @ original[qi].numpy()))
-        limit = pos_cos - cfg.false_negative_margin
-        cands = [
-            int(r)
-            for r, s in zip(ids[qi], scores[qi], strict=True)
-            if r >= 0 and int(r) not in pos and (cfg.false_negative_margin <= 0 or s < limit)
-        ]
-        negatives.append(cands[: cfg.hard_negatives])
 
     trainable = _select_trainable(tower, cfg.train_layers)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -153,14 +141,9 @@ def train_query_tower(
         epoch_loss = 0.0
         for start in range(0, len(queries), cfg.batch_size):
             batch = perm[start : start + cfg.batch_size]
-            # one shared pool: every query's positives and mined negatives in this batch
-            pool_rows = list(dict.fromkeys(r for i in batch for r in train_pos[queries[i]] + negatives[i]))
-            where = {r: j for j, r in enumerate(pool_rows)}
+            positives = [train_pos[queries[i]] for i in batch]
+            pool_rows, target = _pool([positives[b] + negatives[i] for b, i in enumerate(batch)], positives, device)
             pool = torch.from_numpy(np.asarray(vectors[pool_rows])).to(device)
-            target = torch.zeros(len(batch), len(pool_rows), device=device)
-            for bi, i in enumerate(batch):
-                for r in train_pos[queries[i]]:
-                    target[bi, where[r]] = 1.0 / len(train_pos[queries[i]])
             qv = tower.embed(tower.tokenize([queries[i] for i in batch]))
             logits = qv @ pool.T / cfg.temperature
             loss = -(target * torch.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
@@ -178,6 +161,41 @@ def train_query_tower(
             break
     stopper.restore(started)
     return tower, report
+
+
+def _mine(
+    snap: Snapshot, queries: list[str], positives: dict[str, list[int]], original: torch.Tensor, cfg: TowerConfig
+) -> list[list[int]]:
+    """Each query's hard negatives, mined once with the original tower: what it wrongly ranks high (less similar
+    than the query's least similar positive by ``false_negative_margin``, when that is set)."""
+    scores, ids = snap.index.search(original.numpy(), cfg.mine_depth)
+    vectors = snap.store.vectors
+    negatives: list[list[int]] = []
+    for qi, q in enumerate(queries):
+        pos = set(positives[q])
+        pos_cos = float(np.min(vectors[sorted(pos)] @ original[qi].numpy()))
+        limit = pos_cos - cfg.false_negative_margin
+        cands = [
+            int(r)
+            for r, s in zip(ids[qi], scores[qi], strict=True)
+            if r >= 0 and int(r) not in pos and (cfg.false_negative_margin <= 0 or s < limit)
+        ]
+        negatives.append(cands[: cfg.hard_negatives])
+    return negatives
+
+
+def _pool(
+    candidates: list[list[int]], positives: list[list[int]], device: torch.device
+) -> tuple[list[int], torch.Tensor]:
+    """One shared pool for a batch (every query's positives and mined negatives, each row once) and the target
+    distribution of each query over it (uniform over its positives)."""
+    pool_rows = list(dict.fromkeys(r for rows in candidates for r in rows))
+    where = {r: j for j, r in enumerate(pool_rows)}
+    target = torch.zeros(len(positives), len(pool_rows), device=device)
+    for bi, rows in enumerate(positives):
+        for r in rows:
+            target[bi, where[r]] = 1.0 / len(rows)
+    return pool_rows, target
 
 
 def _select_trainable(tower: Encoder, top_layers: int) -> list[nn.Parameter]:
