@@ -61,10 +61,22 @@ def _add_score(sub: Any) -> None:
 
 
 def _add_evaluate(sub: Any) -> None:
-    p = sub.add_parser("evaluate", help="Recall@k / MRR@10 / nDCG@10 on a BEIR-layout query set")
+    p = sub.add_parser(
+        "evaluate",
+        help="Recall@k / MRR@10 / nDCG@10 on a BEIR-layout query set, or every signal's ROC-AUC / Spearman on "
+        "labelled pairs (--pairs)",
+    )
     p.add_argument("bundle")
-    p.add_argument("--queries", required=True, help="queries.jsonl ({_id, text} per line)")
-    p.add_argument("--qrels", required=True, help="qrels TSV (query-id, corpus-id, score; with header)")
+    p.add_argument("--queries", help="queries.jsonl ({_id, text} per line)")
+    p.add_argument("--qrels", help="qrels TSV (query-id, corpus-id, score; with header)")
+    p.add_argument(
+        "--pairs",
+        help="labelled (query, title, label) pairs (CSV/TSV/JSONL) instead of --queries/--qrels: cosine, lexical "
+        "share, fused default and reranker side by side",
+    )
+    p.add_argument("--query-column", default="query")
+    p.add_argument("--title-column", default="title")
+    p.add_argument("--label-column", default="label")
     p.add_argument("-k", type=int, nargs="+", default=[10, 100], help="cut-offs (default: 10 100)")
     p.add_argument("--candidates", type=int, default=100)
     add_preset(p)
@@ -130,8 +142,15 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from matching import Matcher
+    from matching.errors import ConfigError
     from matching.evaluate import evaluate, load_qrels, load_queries
 
+    if args.pairs is not None:
+        if args.queries or args.qrels:
+            raise ConfigError("give either --pairs or --queries with --qrels, not both")
+        return _evaluate_pairs(args)
+    if not (args.queries and args.qrels):
+        raise ConfigError("evaluate needs --queries and --qrels (a BEIR-layout query set), or --pairs")
     queries, qrels = load_queries(args.queries), load_qrels(args.qrels)
     with Matcher.load(args.bundle, model=args.model, preset=args.preset) as matcher:
         report = evaluate(matcher, queries, qrels, k_values=args.k, candidates=args.candidates)
@@ -142,6 +161,21 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             "reranked": report.reranked,
             "columns": report.columns,
         }
+        print(json.dumps(fields, indent=2))
+    else:
+        print(report.table())
+    return 0
+
+
+def _evaluate_pairs(args: argparse.Namespace) -> int:
+    from matching import Matcher
+    from matching.evaluate import evaluate_pairs
+
+    columns = {"query_column": args.query_column, "title_column": args.title_column, "label_column": args.label_column}
+    with Matcher.load(args.bundle, model=args.model, preset=args.preset) as matcher:
+        report = evaluate_pairs(matcher, args.pairs, **columns)
+    if args.json:
+        fields = {"pairs": report.pairs, "metric": report.metric, "signals": report.signals, "trained": report.trained}
         print(json.dumps(fields, indent=2))
     else:
         print(report.table())
