@@ -191,11 +191,12 @@ def test_malformed_prompts_name_the_file(tmp_path: Path) -> None:
 # -- bundles ----------------------------------------------------------------------------------------
 
 
-def test_a_bundle_built_with_it_reloads_from_disk_alone(e5_dir: Path, tmp_path: Path) -> None:
+def test_a_bundle_built_with_it_reloads_from_disk_alone(e5_encoder: Encoder, tmp_path: Path) -> None:
     titles = CHINESE + ENGLISH + MIXED
     frame = pd.DataFrame({"id": range(len(titles)), "title": titles})
     queries = ["蓝牙耳机", "protein intake", "手机壳"]
-    built = Matcher.build(frame, tmp_path / "b", model=MULTILINGUAL_MODEL, preset="exact", show_progress=False)
+    # the session's encoder (loaded by name, as model=MULTILINGUAL_MODEL does; the CLI test builds by name)
+    built = Matcher.build(frame, tmp_path / "b", encoder=e5_encoder, show_progress=False)
     with built:
         assert built.manifest.encoder["source"] == MULTILINGUAL_MODEL
         assert built.manifest.encoder["prompts"] == PROMPTS
@@ -204,6 +205,28 @@ def test_a_bundle_built_with_it_reloads_from_disk_alone(e5_dir: Path, tmp_path: 
         after = [[(m.id, round(m.score, 5)) for m in loaded.search(q, k=3)] for q in queries]
     assert after == before
     assert before[0][0][0] == 0  # 蓝牙耳机 finds 无线蓝牙耳机
+
+
+def test_the_cli_builds_with_it_by_name(e5_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from matching.cli import main
+
+    source = tmp_path / "zh.csv"
+    pd.DataFrame({"id": range(len(CHINESE)), "title": CHINESE}).to_csv(source, index=False)
+    out = tmp_path / "zh"
+    assert (
+        main(["build", str(source), "--out", str(out), "--model", MULTILINGUAL_MODEL, "--preset", "exact", "-q"]) == 0
+    )
+    capsys.readouterr()
+    assert main(["search", str(out), "保温杯", "-k", "1", "--retrieval", "dense", "--preset", "exact", "--json"]) == 0
+    assert "不锈钢保温杯500毫升" in capsys.readouterr().out
+
+
+def test_sentence_transformers_loads_it_with_the_same_prompts(e5_dir: Path, e5_encoder: Encoder) -> None:
+    st = pytest.importorskip("sentence_transformers")
+    model = st.SentenceTransformer(str(e5_dir), device="cpu", local_files_only=True)
+    texts = CHINESE[:3] + ENGLISH[:2]
+    theirs = model.encode(texts, prompt_name="query", normalize_embeddings=True)
+    np.testing.assert_allclose(theirs, e5_encoder.encode_queries(texts), atol=1e-4)
 
 
 # -- conversion and errors ----------------------------------------------------------------------------
