@@ -70,16 +70,17 @@ def _double_array(root: _Node) -> np.ndarray:
     while pending:
         node, pos = pending.pop()
         labels = np.array(sorted(node.children) + ([0] if node.value is not None else []), dtype=np.int64)
+        probe, window = start, 4096
         while True:
-            if start + 512 > size:  # room for the candidates and their blocks
+            while probe + window + 256 > size:  # room for a window of candidate bases and their blocks
                 units, used, is_base = (np.concatenate([a, np.zeros_like(a)]) for a in (units, used, is_base))
                 size *= 2
-            candidates = np.arange(start, min(size - 256, start + 4096), dtype=np.int64)
+            candidates = np.arange(probe, probe + window, dtype=np.int64)
             free = ~is_base[candidates] & ~used[candidates[:, None] ^ labels[None, :]].any(axis=1)
             if free.any():
                 base = int(candidates[int(np.argmax(free))])
                 break
-            start = int(candidates[-1]) + 1 if len(candidates) else size
+            probe += window
         is_base[base] = True
         offset = pos ^ base
         if offset >= _MAX_OFFSET:

