@@ -94,21 +94,22 @@ def _read_st_defaults(path: Path) -> tuple[Pooling | None, int | None]:
 
 @dataclass(frozen=True)
 class Prompts:
-    """Texts put before queries and before titles (e5's ``"query: "`` / ``"passage: "``); empty: none."""
+    """Texts put before queries and before titles (e5's ``"query: "``); empty: none."""
 
     query: str = ""
-    passage: str = ""
+    title: str = ""
 
     def __bool__(self) -> bool:
-        return bool(self.query or self.passage)
+        return bool(self.query or self.title)
 
     def to_dict(self) -> dict[str, str]:
-        return {"query": self.query, "passage": self.passage}
+        return {"query": self.query, "title": self.title}
 
 
 def read_prompts(path: Path) -> Prompts:
-    """The query and passage prompts of a sentence-transformers checkpoint (``config_sentence_transformers.json``,
-    ``"prompts"``; ``"document"`` stands for the passage prompt), empty where it has none."""
+    """The query and title prompts of a sentence-transformers checkpoint (``config_sentence_transformers.json``,
+    ``"prompts"``: ``"query"``, and for titles ``"title"``, else ``"passage"`` or ``"document"``), empty where it
+    has none."""
     file = path / "config_sentence_transformers.json"
     if not file.is_file():
         return Prompts()
@@ -119,7 +120,8 @@ def read_prompts(path: Path) -> Prompts:
     if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
         raise ModelError(f'{str(file)!r}: "prompts" must map names to strings, got {prompts!r}')
     passage = prompts["passage"] if "passage" in prompts else prompts.get("document", "")
-    return Prompts(query=str(prompts.get("query", "")), passage=str(passage))
+    # "title": what this project puts before catalogue titles, where a checkpoint says it differs from its passages
+    return Prompts(query=str(prompts.get("query", "")), title=str(prompts.get("title", passage)))
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -426,13 +428,13 @@ class Encoder:
         self, titles: Sequence[str], *, batch_size: int | None = None, show_progress: bool = False
     ) -> np.ndarray:
         """Encode catalogue titles (the offline tower), each after the passage prompt if the checkpoint has one."""
-        texts = self.prompted(titles, self.prompts.passage)
+        texts = self.prompted(titles, self.prompts.title)
         return self.encode(texts, batch_size=batch_size, show_progress=show_progress)
 
     @staticmethod
     def prompted(texts: Sequence[str], prompt: str) -> Sequence[str]:
         """``texts`` with ``prompt`` before each (as they are when it is empty). Training that calls :meth:`encode`
-        or :meth:`tokenize` directly puts ``prompts.query`` / ``prompts.passage`` before its texts with this."""
+        or :meth:`tokenize` directly puts ``prompts.query`` / ``prompts.title`` before its texts with this."""
         return [prompt + t for t in texts] if prompt else texts
 
 

