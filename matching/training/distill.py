@@ -38,7 +38,7 @@ from matching.accel import bf16_training
 from matching.analysis import CJK_CHAR
 from matching.encoder import Encoder
 from matching.errors import ConfigError, ModelError
-from matching.training.loop import warmup_linear
+from matching.training.loop import Optimisation
 from matching.types import Pooling, Preset
 
 log = logging.getLogger(__name__)
@@ -245,10 +245,17 @@ def distill(
     cosine_before = _mean_cosine(student.encode(held), targets_held)
 
     device = student.device
-    autocast = mixed_precision and bf16_training(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     steps = math.ceil(len(train) / batch_size) * epochs
-    scheduler = warmup_linear(optimizer, steps, 0.1)
+    optimisation = Optimisation(
+        model.parameters(),
+        lr=lr,
+        weight_decay=0.01,
+        total_steps=steps,
+        warmup=0.1,
+        clip=None,
+        autocast=torch.bfloat16 if mixed_precision and bf16_training(device) else None,
+        device=device,
+    )
     lengths = np.asarray([len(t) for t in train])
     target_t = torch.from_numpy(targets_train)
     epoch_losses: list[float] = []
@@ -261,7 +268,7 @@ def distill(
         total = 0.0
         for idx in _batches(lengths, batch_size, rng):
             batch = student.tokenize([train[i] for i in idx])
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            with optimisation.autocast():
                 pred = student.embed(batch).float()
             want = target_t[idx].to(device)
             if loss == "cosine":
@@ -270,11 +277,7 @@ def distill(
                 value = torch.nn.functional.mse_loss(pred, want)
             if similarity:
                 value = value + similarity * torch.nn.functional.mse_loss(pred @ pred.T, want @ want.T)
-            optimizer.zero_grad(set_to_none=True)
-            value.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            scheduler.step()
-            total += float(value.detach()) * len(idx)
+            total += optimisation.update(value) * len(idx)
             bar.update(1)
         epoch_losses.append(total / len(train))
         bar.set_postfix(loss=f"{epoch_losses[-1]:.5f}")

@@ -29,6 +29,7 @@ from matching.errors import ConfigError, SchemaError
 from matching.metrics import ndcg_at_k, spearman
 from matching.training.loop import (
     EarlyStopping,
+    Optimisation,
     SearchReport,
     TrainReport,
     configured,
@@ -36,7 +37,6 @@ from matching.training.loop import (
     random_search,
     seed_everything,
     train_valid_pairs,
-    warmup_linear,
 )
 from matching.types import EncoderLoss
 
@@ -248,14 +248,20 @@ def finetune_encoder(
     )  # fmt: skip
     stopper = EarlyStopping(tower.model, report, cfg.patience)
     model = tower.model
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_epoch = math.ceil(len(train) / cfg.batch_size)
     epochs = epochs_for(cfg, per_epoch)
     report.config["epochs_run"] = epochs
-    scheduler = warmup_linear(optimizer, per_epoch * epochs, cfg.warmup)
     device = tower.device
-    autocast = cfg.mixed_precision and bf16_training(device)
+    optimisation = Optimisation(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        total_steps=per_epoch * epochs,
+        warmup=cfg.warmup,
+        clip=cfg.clip,
+        autocast=torch.bfloat16 if cfg.mixed_precision and bf16_training(device) else None,
+        device=device,
+    )
     checks = {min(per_epoch, math.ceil(per_epoch * (k + 1) / cfg.evals_per_epoch)) for k in range(cfg.evals_per_epoch)}
     rng = np.random.default_rng(cfg.seed)
     labels = torch.tensor(train["label"].to_numpy(), dtype=torch.float32)
@@ -268,7 +274,7 @@ def finetune_encoder(
         model.train()
         for step in range(1, per_epoch + 1):
             idx = order[(step - 1) * cfg.batch_size : step * cfg.batch_size]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            with optimisation.autocast():
                 if loss_kind is EncoderLoss.MNRL:
                     bq = [queries[i] for i in idx]
                     bt = [titles[i] for i in idx]
@@ -282,19 +288,14 @@ def finetune_encoder(
                     loss = _mnrl_loss(tower, bq, bt, positives, cfg.scale)
                 else:
                     loss = _cosent(tower, [queries[i] for i in idx], [titles[i] for i in idx], labels[idx], cfg.scale)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            nn.utils.clip_grad_norm_(params, cfg.clip)
-            optimizer.step()
-            scheduler.step()
-            running += float(loss.detach()) * len(idx)
+            running += optimisation.update(loss) * len(idx)
             seen += len(idx)
             bar.update(1)
             if step in checks:
                 model.eval()
                 value = validate(tower)
                 bar.set_postfix(loss=f"{running / seen:.4f}", **{metric_name: f"{value:.4f}"})
-                stop = stopper.step(round(epoch - 1 + step / per_epoch, 3), running / seen, value)
+                stop = stopper.check(round(epoch - 1 + step / per_epoch, 3), running / seen, value)
                 model.train()
                 if stop:
                     break

@@ -10,7 +10,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -199,6 +199,47 @@ def warmup_linear(optimizer: torch.optim.Optimizer, total_steps: int, warmup_sha
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+class Optimisation:
+    """The one optimiser step of every trainer: AdamW, linear warm-up then decay (:func:`warmup_linear`), gradient
+    clipping (``clip=None``: none) and, with ``autocast``, the forward pass under that dtype on ``device``.
+
+    A trainer computes its loss (inside :meth:`autocast`) and hands it to :meth:`update`; no trainer touches the
+    optimiser itself (``tests/test_training_loop.py`` checks it)."""
+
+    def __init__(
+        self,
+        params: Iterable[nn.Parameter],
+        *,
+        lr: float,
+        weight_decay: float,
+        total_steps: int,
+        warmup: float,
+        clip: float | None,
+        autocast: torch.dtype | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        self.params = list(params)
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.scheduler = warmup_linear(self.optimizer, total_steps, warmup)
+        self.clip = clip
+        self.dtype = autocast
+        self.device_type = (device or torch.device("cpu")).type
+
+    def autocast(self) -> torch.autocast:
+        """The context the forward pass runs in (a no-op without an autocast dtype)."""
+        return torch.autocast(self.device_type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None)
+
+    def update(self, loss: torch.Tensor) -> float:
+        """One step on ``loss``: gradients, clipping, the optimiser and the schedule; the loss as a float."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        if self.clip is not None:
+            nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return float(loss.detach())
+
+
 class EarlyStopping:
     """Keeps the state of ``module`` at its best validation value (starting from ``report.baseline``)."""
 
@@ -207,7 +248,7 @@ class EarlyStopping:
         self.best_state = copy.deepcopy(module.state_dict())
         self.stale = 0
 
-    def step(self, epoch: float, loss: float, value: float) -> bool:
+    def check(self, epoch: float, loss: float, value: float) -> bool:
         """Record an epoch; True when training should stop. A non-finite loss or metric stops it."""
         self.report.epochs.append({"epoch": epoch, "loss": loss, "metric": value})
         if not (math.isfinite(loss) and math.isfinite(value)):

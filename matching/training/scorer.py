@@ -24,6 +24,7 @@ from matching.metrics import ndcg_at_k, roc_auc, spearman
 from matching.scorer import Scorer, feature_count
 from matching.training.loop import (
     EarlyStopping,
+    Optimisation,
     SearchReport,
     TrainReport,
     configured,
@@ -32,7 +33,6 @@ from matching.training.loop import (
     seed_everything,
     train_valid_pairs,
     unique_queries,
-    warmup_linear,
 )
 from matching.types import Fusion, ScorerForm
 
@@ -343,8 +343,10 @@ def _fit(snap: Snapshot, prep: _Prepared, cfg: TrainConfig, form: ScorerForm) ->
     nn.init.constant_(affine.weight, 1.0 / cfg.temperature)
     nn.init.constant_(affine.bias, -0.5 / cfg.temperature)
     params = list(scorer.parameters()) + (list(affine.parameters()) if prep.loss_kind is LossKind.BCE else [])
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    lr_sched = warmup_linear(optimizer, math.ceil(prep.n_items / cfg.batch_size) * cfg.epochs, cfg.warmup)
+    steps = math.ceil(prep.n_items / cfg.batch_size) * cfg.epochs
+    optimisation = Optimisation(
+        params, lr=cfg.lr, weight_decay=cfg.weight_decay, total_steps=steps, warmup=cfg.warmup, clip=cfg.clip
+    )
     baseline = prep.validate(scorer)
     report = TrainReport(
         config=cfg.to_dict(),
@@ -365,14 +367,8 @@ def _fit(snap: Snapshot, prep: _Prepared, cfg: TrainConfig, form: ScorerForm) ->
         epoch_loss = 0.0
         for start in range(0, prep.n_items, cfg.batch_size):
             idx = perm[start : start + cfg.batch_size]
-            loss = _batch_loss(scorer, prep, idx, affine, cfg)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            nn.utils.clip_grad_norm_(params, cfg.clip)
-            optimizer.step()
-            lr_sched.step()
-            epoch_loss += float(loss.detach()) * len(idx)
-        if stopper.step(epoch, epoch_loss / prep.n_items, prep.validate(scorer)):
+            epoch_loss += optimisation.update(_batch_loss(scorer, prep, idx, affine, cfg)) * len(idx)
+        if stopper.check(epoch, epoch_loss / prep.n_items, prep.validate(scorer)):
             break
     stopper.restore(started)
     return scorer, report

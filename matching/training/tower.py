@@ -28,11 +28,11 @@ from matching.errors import ConfigError, SchemaError
 from matching.metrics import ndcg_at_k
 from matching.training.loop import (
     EarlyStopping,
+    Optimisation,
     TrainReport,
     configured,
     seed_everything,
     train_valid_pairs,
-    warmup_linear,
 )
 
 if TYPE_CHECKING:
@@ -130,8 +130,10 @@ def train_query_tower(
         negatives.append(cands[: cfg.hard_negatives])
 
     trainable = _select_trainable(tower, cfg.train_layers)
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    lr_sched = warmup_linear(optimizer, math.ceil(len(queries) / cfg.batch_size) * cfg.epochs, cfg.warmup)
+    steps = math.ceil(len(queries) / cfg.batch_size) * cfg.epochs
+    optimisation = Optimisation(
+        trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, total_steps=steps, warmup=cfg.warmup, clip=cfg.clip
+    )
     validate = _validator(snap, valid_pos, max(100, cfg.mine_depth))
     baseline = validate(tower)
     report = TrainReport(
@@ -167,14 +169,9 @@ def train_query_tower(
             if cfg.anchor:
                 anchor = original[batch].to(device)
                 loss = loss + cfg.anchor * (1.0 - (qv * anchor).sum(dim=-1)).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            nn.utils.clip_grad_norm_(trainable, cfg.clip)
-            optimizer.step()
-            lr_sched.step()
-            epoch_loss += float(loss.detach()) * len(batch)
+            epoch_loss += optimisation.update(loss) * len(batch)
         tower.model.eval()
-        if stopper.step(epoch, epoch_loss / len(queries), validate(tower)):
+        if stopper.check(epoch, epoch_loss / len(queries), validate(tower)):
             break
     stopper.restore(started)
     return tower, report
