@@ -24,7 +24,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,13 +39,18 @@ from matching.analysis import CJK_CHAR
 from matching.encoder import Encoder
 from matching.errors import ConfigError, ModelError
 from matching.training.loop import Optimisation
-from matching.types import Pooling, Preset
+from matching.training.losses import CosineDistanceLoss, DistillationLoss, MSELoss
+from matching.types import DistillLoss, Pooling, Preset
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "distill_report.json"
 # config.json keys that hold the layer count, by architecture (distilbert calls it n_layers)
 _LAYER_KEYS = ("num_hidden_layers", "n_layers")
+VECTOR_LOSSES: dict[DistillLoss, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    DistillLoss.COSINE: CosineDistanceLoss(),
+    DistillLoss.MSE: MSELoss(),
+}
 
 
 @dataclass(frozen=True)
@@ -175,7 +180,7 @@ def distill(
     epochs: int = 3,
     batch_size: int = 32,
     lr: float = 2e-4,
-    loss: str = "cosine",
+    loss: DistillLoss | str = DistillLoss.COSINE,
     held_out: float = 0.1,
     seed: int = 0,
     mixed_precision: bool = True,
@@ -210,8 +215,10 @@ def distill(
         raise ConfigError(f"epochs and batch_size must be >= 1, got epochs={epochs}, batch_size={batch_size}")
     if not lr > 0:
         raise ConfigError(f"lr must be > 0, got {lr}")
-    if loss not in ("cosine", "mse"):
-        raise ConfigError(f"loss must be 'cosine' or 'mse', got {loss!r}")
+    try:
+        kind = DistillLoss(loss)
+    except ValueError:
+        raise ConfigError(f"loss must be 'cosine' or 'mse', got {loss!r}") from None
     if not 0 < held_out < 1:
         raise ConfigError(f"held_out must be a share in (0, 1), got {held_out}")
     out = Path(out_dir).expanduser()
@@ -256,6 +263,7 @@ def distill(
         autocast=torch.bfloat16 if mixed_precision and bf16_training(device) else None,
         device=device,
     )
+    objective = DistillationLoss(VECTOR_LOSSES[kind], similarity)
     lengths = np.asarray([len(t) for t in train])
     target_t = torch.from_numpy(targets_train)
     epoch_losses: list[float] = []
@@ -270,14 +278,7 @@ def distill(
             batch = student.tokenize([train[i] for i in idx])
             with optimisation.autocast():
                 pred = student.embed(batch).float()
-            want = target_t[idx].to(device)
-            if loss == "cosine":
-                value = (1.0 - (pred * want).sum(dim=-1)).mean()
-            else:
-                value = torch.nn.functional.mse_loss(pred, want)
-            if similarity:
-                value = value + similarity * torch.nn.functional.mse_loss(pred @ pred.T, want @ want.T)
-            total += optimisation.update(value) * len(idx)
+            total += optimisation.update(objective(pred, target_t[idx].to(device))) * len(idx)
             bar.update(1)
         epoch_losses.append(total / len(train))
         bar.set_postfix(loss=f"{epoch_losses[-1]:.5f}")
@@ -296,7 +297,7 @@ def distill(
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
-        loss=loss,
+        loss=kind.value,
         seed=seed,
         cosine_before=cosine_before,
         cosine_after=cosine_after,

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from matching.accel import bf16_training
@@ -33,11 +32,11 @@ from matching.training.loop import (
     SearchReport,
     TrainReport,
     configured,
-    cosent_loss,
     random_search,
     seed_everything,
     train_valid_pairs,
 )
+from matching.training.losses import CoSENTLoss, MNRLLoss
 from matching.types import EncoderLoss
 
 if TYPE_CHECKING:
@@ -178,27 +177,25 @@ def _mine(snap: Snapshot, positives: dict[str, set[str]], cfg: FinetuneConfig) -
 
 
 def _mnrl_loss(
-    encoder: Encoder, queries: list[str], titles: list[str], positives: dict[str, set[str]], scale: float
+    encoder: Encoder, queries: list[str], titles: list[str], positives: dict[str, set[str]], loss: MNRLLoss
 ) -> torch.Tensor:
-    """Cross-entropy of each query over the batch's titles (its own positive first among them, and hard negatives
-    after the positives); titles that are another positive of the query are masked out."""
+    """Each query over the batch's titles (its own positive first among them, and hard negatives after the
+    positives); titles that are another positive of the query are masked out."""
     qv = encoder.embed(encoder.tokenize(queries)).float()
     tv = encoder.embed(encoder.tokenize(titles)).float()
-    logits = scale * qv @ tv.T
-    mask = torch.tensor(
+    other = torch.tensor(
         [[j != i and titles[j] in positives[q] for j in range(len(titles))] for i, q in enumerate(queries)],
-        device=logits.device,
+        device=qv.device,
     )
-    logits = logits.masked_fill(mask, float("-inf"))
-    return nn.functional.cross_entropy(logits, torch.arange(len(queries), device=logits.device))
+    return loss(qv, tv, other)
 
 
 def _cosent(
-    encoder: Encoder, queries: list[str], titles: list[str], labels: torch.Tensor, scale: float
+    encoder: Encoder, queries: list[str], titles: list[str], labels: torch.Tensor, loss: CoSENTLoss
 ) -> torch.Tensor:
     qv = encoder.embed(encoder.tokenize(queries)).float()
     tv = encoder.embed(encoder.tokenize(titles)).float()
-    return cosent_loss((qv * tv).sum(dim=-1), labels.to(qv.device), 1.0 / scale)
+    return loss((qv * tv).sum(dim=-1), labels.to(qv.device))
 
 
 # -- the loop
@@ -285,9 +282,15 @@ def finetune_encoder(
                                 pool[int(k)]
                                 for k in rng.choice(len(pool), min(len(pool), cfg.hard_negatives), replace=False)
                             ]
-                    loss = _mnrl_loss(tower, bq, bt, positives, cfg.scale)
+                    loss = _mnrl_loss(tower, bq, bt, positives, MNRLLoss(cfg.scale))
                 else:
-                    loss = _cosent(tower, [queries[i] for i in idx], [titles[i] for i in idx], labels[idx], cfg.scale)
+                    loss = _cosent(
+                        tower,
+                        [queries[i] for i in idx],
+                        [titles[i] for i in idx],
+                        labels[idx],
+                        CoSENTLoss(1.0 / cfg.scale),
+                    )
             running += optimisation.update(loss) * len(idx)
             seen += len(idx)
             bar.update(1)

@@ -172,15 +172,6 @@ def unique_queries(pairs: pd.DataFrame, q: np.ndarray) -> tuple[list[str], np.nd
 # -- the loop
 
 
-def cosent_loss(scores: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-    """CoSENT: log(1 + sum over pairs with label_i > label_j of exp((s_j - s_i) / T))."""
-    diff = (scores[None, :] - scores[:, None]) / temperature  # diff[i, j] = (s_j - s_i) / T
-    ordered = labels[:, None] > labels[None, :]
-    diff = diff.masked_fill(~ordered, float("-inf"))
-    flat = torch.cat([torch.zeros(1, dtype=diff.dtype, device=diff.device), diff.reshape(-1)])
-    return torch.logsumexp(flat, dim=0)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

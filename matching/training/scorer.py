@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from matching.config import JsonConfig, ScorerConfig
@@ -28,12 +27,12 @@ from matching.training.loop import (
     SearchReport,
     TrainReport,
     configured,
-    cosent_loss,
     random_search,
     seed_everything,
     train_valid_pairs,
     unique_queries,
 )
+from matching.training.losses import AffineBCELoss, CoSENTLoss, InfoNCELoss, MSELoss, PairLoss
 from matching.types import Fusion, ScorerForm
 
 if TYPE_CHECKING:
@@ -214,18 +213,6 @@ def _pair_validator(
     return metric
 
 
-# -- losses --------------------------------------------------------------------------------------
-
-
-def _listwise_loss(scorer: Scorer, g: _Groups, temperature: float) -> torch.Tensor:
-    n, m, d = g.t.shape
-    lex = g.lex.reshape(n * m, -1) if scorer.config.lexical else None
-    scores = scorer(g.q.unsqueeze(1).expand(n, m, d).reshape(-1, d), g.t.reshape(-1, d), lex).reshape(n, m)
-    logits = (scores / temperature).masked_fill(~g.mask, float("-inf"))
-    per_group = -torch.log_softmax(logits, dim=-1)[:, 0]
-    return (per_group * g.weight).sum() / g.weight.sum()
-
-
 # -- the loop ------------------------------------------------------------------------------------
 
 
@@ -245,8 +232,7 @@ class _Prepared:
     q: torch.Tensor | None = None
     t: torch.Tensor | None = None
     lex: torch.Tensor | None = None
-    labels: torch.Tensor | None = None
-    targets: torch.Tensor | None = None
+    y: torch.Tensor | None = None  # per pair: the label, or (MSE) the label scaled to [0, 1]
 
 
 def _prepare(
@@ -294,31 +280,33 @@ def _prepare(
         q=torch.from_numpy(q_tr),
         t=torch.from_numpy(t_tr),
         lex=torch.from_numpy(lex_tr),
-        labels=labels,
-        targets=targets,
+        y=targets if loss_kind is LossKind.MSE else labels,
     )
 
 
+def _listwise_loss(scorer: Scorer, g: _Groups, loss: InfoNCELoss) -> torch.Tensor:
+    """Each group's positive (first) against its negatives, weighted by the positive's grade."""
+    n, m, d = g.t.shape
+    lex = g.lex.reshape(n * m, -1) if scorer.config.lexical else None
+    scores = scorer(g.q.unsqueeze(1).expand(n, m, d).reshape(-1, d), g.t.reshape(-1, d), lex).reshape(n, m)
+    first = torch.zeros_like(scores)
+    first[:, 0] = 1.0
+    return loss(scores, first, mask=g.mask, weight=g.weight)
+
+
 def _batch_loss(
-    scorer: Scorer, prep: _Prepared, idx: torch.Tensor, affine: nn.Linear, cfg: TrainConfig
+    scorer: Scorer, prep: _Prepared, idx: torch.Tensor, losses: dict[LossKind, PairLoss], cfg: TrainConfig
 ) -> torch.Tensor:
     if prep.groups is not None:
         g = prep.groups
-        return _listwise_loss(
-            scorer, _Groups(g.q[idx], g.t[idx], g.lex[idx], g.weight[idx], g.mask[idx]), cfg.temperature
-        )
+        batch = _Groups(g.q[idx], g.t[idx], g.lex[idx], g.weight[idx], g.mask[idx])
+        return _listwise_loss(scorer, batch, InfoNCELoss(cfg.temperature))
     assert prep.q is not None
     assert prep.t is not None
     assert prep.lex is not None
-    assert prep.labels is not None
-    assert prep.targets is not None
+    assert prep.y is not None
     scores = scorer(prep.q[idx], prep.t[idx], prep.lex[idx] if prep.lexical else None)
-    if prep.loss_kind is LossKind.BCE:
-        logits = affine(scores.unsqueeze(-1)).squeeze(-1)
-        return nn.functional.binary_cross_entropy_with_logits(logits, (prep.labels[idx] > 0).float())
-    if prep.loss_kind is LossKind.MSE:
-        return nn.functional.mse_loss(scores, prep.targets[idx])
-    return cosent_loss(scores, prep.labels[idx], cfg.temperature)
+    return losses[prep.loss_kind](scores, prep.y[idx])
 
 
 def _fit(snap: Snapshot, prep: _Prepared, cfg: TrainConfig, form: ScorerForm) -> tuple[Scorer, TrainReport]:
@@ -338,11 +326,15 @@ def _fit(snap: Snapshot, prep: _Prepared, cfg: TrainConfig, form: ScorerForm) ->
             form=form,
         )
     )
-    # BCE needs calibrated logits: a learned affine map of the score, used in training only.
-    affine = nn.Linear(1, 1)
-    nn.init.constant_(affine.weight, 1.0 / cfg.temperature)
-    nn.init.constant_(affine.bias, -0.5 / cfg.temperature)
-    params = list(scorer.parameters()) + (list(affine.parameters()) if prep.loss_kind is LossKind.BCE else [])
+    # every kind's loss is built, BCE's affine map included, so that the seeded random stream training draws from
+    # is the same whichever loss trains
+    bce = AffineBCELoss(cfg.temperature)
+    losses: dict[LossKind, PairLoss] = {
+        LossKind.BCE: bce,
+        LossKind.MSE: MSELoss(),
+        LossKind.COSENT: CoSENTLoss(cfg.temperature),
+    }
+    params = list(scorer.parameters()) + (list(bce.parameters()) if prep.loss_kind is LossKind.BCE else [])
     steps = math.ceil(prep.n_items / cfg.batch_size) * cfg.epochs
     optimisation = Optimisation(
         params, lr=cfg.lr, weight_decay=cfg.weight_decay, total_steps=steps, warmup=cfg.warmup, clip=cfg.clip
@@ -367,7 +359,7 @@ def _fit(snap: Snapshot, prep: _Prepared, cfg: TrainConfig, form: ScorerForm) ->
         epoch_loss = 0.0
         for start in range(0, prep.n_items, cfg.batch_size):
             idx = perm[start : start + cfg.batch_size]
-            epoch_loss += optimisation.update(_batch_loss(scorer, prep, idx, affine, cfg)) * len(idx)
+            epoch_loss += optimisation.update(_batch_loss(scorer, prep, idx, losses, cfg)) * len(idx)
         if stopper.check(epoch, epoch_loss / prep.n_items, prep.validate(scorer)):
             break
     stopper.restore(started)

@@ -34,6 +34,7 @@ from matching.training.loop import (
     seed_everything,
     train_valid_pairs,
 )
+from matching.training.losses import CosineDistanceLoss, InfoNCELoss
 
 if TYPE_CHECKING:
     from matching.search import Snapshot
@@ -149,6 +150,7 @@ def train_query_tower(
     stopper = EarlyStopping(tower.model, report, cfg.patience)
     generator = torch.Generator().manual_seed(cfg.seed)
     device = tower.device
+    infonce, to_original = InfoNCELoss(cfg.temperature), CosineDistanceLoss()
     for epoch in tqdm(range(1, cfg.epochs + 1), desc="training query tower", disable=not show_progress):
         tower.model.train()
         perm = torch.randperm(len(queries), generator=generator).tolist()
@@ -164,11 +166,9 @@ def train_query_tower(
                 for r in train_pos[queries[i]]:
                     target[bi, where[r]] = 1.0 / len(train_pos[queries[i]])
             qv = tower.embed(tower.tokenize([queries[i] for i in batch]))
-            logits = qv @ pool.T / cfg.temperature
-            loss = -(target * torch.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+            loss = infonce(qv @ pool.T, target)
             if cfg.anchor:
-                anchor = original[batch].to(device)
-                loss = loss + cfg.anchor * (1.0 - (qv * anchor).sum(dim=-1)).mean()
+                loss = loss + cfg.anchor * to_original(qv, original[batch].to(device))
             epoch_loss += optimisation.update(loss) * len(batch)
         tower.model.eval()
         if stopper.check(epoch, epoch_loss / len(queries), validate(tower)):
