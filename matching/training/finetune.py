@@ -25,13 +25,15 @@ from matching.accel import bf16_training
 from matching.config import JsonConfig
 from matching.encoder import Encoder
 from matching.errors import ConfigError, SchemaError
-from matching.metrics import ndcg_at_k, spearman
 from matching.training.loop import (
     EarlyStopping,
     Optimisation,
+    PairMetric,
     SearchReport,
     TrainReport,
     configured,
+    ndcg_validator,
+    pair_validator,
     random_search,
     seed_everything,
     train_valid_pairs,
@@ -115,13 +117,13 @@ def pick_loss(labels: np.ndarray, asked: EncoderLoss) -> tuple[EncoderLoss, str]
 
 def _pairs_metric(valid: pd.DataFrame) -> Callable[[Encoder], float]:
     """Spearman between the cosine and the label on the validation pairs (graded and 0/1 labels)."""
-    queries, titles, labels = valid["query"].tolist(), valid["title"].tolist(), valid["label"].to_numpy()
+    queries, titles = valid["query"].tolist(), valid["title"].tolist()
 
-    def metric(encoder: Encoder) -> float:
-        q, t = encoder.encode(queries), encoder.encode(titles)
-        return spearman(np.einsum("ij,ij->i", q, t), labels)
+    def cosines(encoder: Encoder) -> np.ndarray:
+        values: np.ndarray = np.einsum("ij,ij->i", encoder.encode(queries), encoder.encode(titles))
+        return values
 
-    return metric
+    return pair_validator(valid["label"].to_numpy(), cosines, PairMetric.SPEARMAN)
 
 
 def _retrieval_metric(snap: Snapshot | None, valid: pd.DataFrame, pool: int, seed: int) -> Callable[[Encoder], float]:
@@ -138,13 +140,13 @@ def _retrieval_metric(snap: Snapshot | None, valid: pd.DataFrame, pool: int, see
         rel.setdefault(q, {})[t] = 1
     queries = list(rel)
 
-    def metric(encoder: Encoder) -> float:
+    def rank(encoder: Encoder) -> list[list[str]]:
         t = encoder.encode(texts)
         q = encoder.encode(queries)
         top = np.argsort(-(q @ t.T), axis=1)[:, :10]
-        return float(np.mean([ndcg_at_k([texts[j] for j in top[i]], rel[qq], 10) for i, qq in enumerate(queries)]))
+        return [[texts[j] for j in row] for row in top]
 
-    return metric
+    return ndcg_validator([rel[q] for q in queries], rank)
 
 
 # -- training data

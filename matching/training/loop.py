@@ -10,8 +10,9 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -22,6 +23,7 @@ from torch import nn
 
 from matching.errors import SchemaError
 from matching.ingest import read_table, reading
+from matching.metrics import ndcg_at_k, roc_auc, spearman
 
 if TYPE_CHECKING:
     from matching.config import JsonConfig
@@ -260,6 +262,39 @@ class EarlyStopping:
         self.module.load_state_dict(self.best_state)
         self.module.eval()
         self.report.seconds = time.perf_counter() - started
+
+
+# -- validators: one per metric
+
+
+def ndcg_validator(
+    relevant: Sequence[Mapping[str, int]], rank: Callable[[M], Sequence[Sequence[str]]], k: int = 10
+) -> Callable[[M], float]:
+    """Mean nDCG@k over the validation queries: ``rank(model)`` gives each query's candidates (keys) in the
+    model's order, ``relevant[i]`` the grades of query i's relevant keys."""
+
+    def metric(model: M) -> float:
+        ranked = rank(model)
+        return float(np.mean([ndcg_at_k(list(r), rel, k) for r, rel in zip(ranked, relevant, strict=True)]))
+
+    return metric
+
+
+class PairMetric(StrEnum):
+    """How scores of labelled validation pairs are compared with the labels."""
+
+    ROC_AUC = "roc_auc"  # 0/1 labels: how well the score separates them
+    SPEARMAN = "spearman"  # rank correlation with (graded) labels
+
+
+def pair_validator(labels: np.ndarray, score: Callable[[M], np.ndarray], metric: PairMetric) -> Callable[[M], float]:
+    """The metric of ``score(model)`` (one score per validation pair) against ``labels``."""
+
+    def value(model: M) -> float:
+        scores = score(model)
+        return roc_auc(labels, scores) if metric is PairMetric.ROC_AUC else spearman(scores, labels)
+
+    return value
 
 
 # -- hyper-parameter search

@@ -19,14 +19,16 @@ from tqdm.auto import tqdm
 
 from matching.config import JsonConfig, ScorerConfig
 from matching.errors import ConfigError, SchemaError
-from matching.metrics import ndcg_at_k, roc_auc, spearman
 from matching.scorer import Scorer, feature_count
 from matching.training.loop import (
     EarlyStopping,
     Optimisation,
+    PairMetric,
     SearchReport,
     TrainReport,
     configured,
+    ndcg_validator,
+    pair_validator,
     random_search,
     seed_everything,
     train_valid_pairs,
@@ -184,33 +186,21 @@ def _retrieval_validator(
         key = str(row) if row is not None else f"missing:{len(rel[qq])}"
         if label > 0:
             rel[qq][key] = max(1, round(label))  # a positive label below 0.5 is still a positive
-    ids = _candidates(snap, uq, qv, depth)
-    cand_vecs = [np.asarray(snap.store.vectors[r[r >= 0]]) for r in ids]
+    ids = [r[r >= 0] for r in _candidates(snap, uq, qv, depth)]
+    cand_vecs = [np.asarray(snap.store.vectors[r]) for r in ids]
     cand_lex = [
-        _features(snap, lexical, [qq] * int((r >= 0).sum()), [x.title for x in snap.store.get(r[r >= 0].tolist())])
+        _features(snap, lexical, [qq] * len(r), [x.title for x in snap.store.get(r.tolist())])
         for qq, r in zip(uq, ids, strict=True)
     ]
 
-    def metric(scorer: Scorer) -> float:
-        total = 0.0
-        for i, qq in enumerate(uq):
-            row_ids = ids[i][ids[i] >= 0]
+    def rank(scorer: Scorer) -> list[list[str]]:
+        ranked = []
+        for i, row_ids in enumerate(ids):
             scores = scorer.score(qv[i : i + 1], cand_vecs[i], cand_lex[i] if lexical else None)
-            ranked = [str(r) for r in row_ids[np.argsort(-scores, kind="stable")]]
-            total += ndcg_at_k(ranked, rel[qq], 10)
-        return total / len(uq)
+            ranked.append([str(r) for r in row_ids[np.argsort(-scores, kind="stable")]])
+        return ranked
 
-    return metric
-
-
-def _pair_validator(
-    q: np.ndarray, t: np.ndarray, lex: np.ndarray | None, labels: np.ndarray, binary: bool
-) -> Callable[[Scorer], float]:
-    def metric(scorer: Scorer) -> float:
-        scores = scorer.score(q, t, lex)
-        return roc_auc(labels, scores) if binary else spearman(scores, labels)
-
-    return metric
+    return ndcg_validator([rel[qq] for qq in uq], rank)
 
 
 # -- the loop ------------------------------------------------------------------------------------
@@ -267,13 +257,14 @@ def _prepare(
     low, high = float(labels.min()), float(labels.max())
     targets = (labels - low) / (high - low) if high > low else torch.ones_like(labels)
     lex_va = _features(snap, lexical, valid["query"].tolist(), valid["title"].tolist()) if lexical else None
-    validate = _pair_validator(q_va, t_va, lex_va, valid["label"].to_numpy(), binary)
+    metric = PairMetric.ROC_AUC if binary else PairMetric.SPEARMAN
+    validate = pair_validator(valid["label"].to_numpy(), lambda scorer: scorer.score(q_va, t_va, lex_va), metric)
     return _Prepared(
         loss_kind,
         why,
         lexical,
         len(train),
-        "roc_auc" if binary else "spearman",
+        metric.value,
         validate,
         n_train,
         n_valid,

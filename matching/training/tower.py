@@ -25,18 +25,20 @@ from tqdm.auto import tqdm
 from matching.config import JsonConfig
 from matching.encoder import Encoder
 from matching.errors import ConfigError, SchemaError
-from matching.metrics import ndcg_at_k
 from matching.training.loop import (
     EarlyStopping,
     Optimisation,
     TrainReport,
     configured,
+    ndcg_validator,
     seed_everything,
     train_valid_pairs,
 )
 from matching.training.losses import CosineDistanceLoss, InfoNCELoss
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from matching.search import Snapshot
 
 
@@ -79,18 +81,15 @@ def _positives(snap: Snapshot, pairs: pd.DataFrame) -> dict[str, list[int]]:
     return out
 
 
-def _validator(snap: Snapshot, positives: dict[str, list[int]], depth: int) -> Any:
+def _validator(snap: Snapshot, positives: dict[str, list[int]], depth: int) -> Callable[[Encoder], float]:
+    """nDCG@10 of retrieving from the bundle's index with the tower's query vectors."""
     queries = list(positives)
-    rel = {q: {str(r): 1 for r in rows} for q, rows in positives.items()}
 
-    def metric(tower: Encoder) -> float:
-        vectors = tower.encode_queries(queries)
-        _, ids = snap.index.search(vectors, depth)
-        return float(
-            np.mean([ndcg_at_k([str(r) for r in ids[i] if r >= 0], rel[q], 10) for i, q in enumerate(queries)])
-        )
+    def rank(tower: Encoder) -> list[list[str]]:
+        _, ids = snap.index.search(tower.encode_queries(queries), depth)
+        return [[str(r) for r in row if r >= 0] for row in ids]
 
-    return metric
+    return ndcg_validator([{str(r): 1 for r in positives[q]} for q in queries], rank)
 
 
 def train_query_tower(
