@@ -39,6 +39,7 @@ from matching.training.loop import (
     train_valid_pairs,
 )
 from matching.training.losses import CoSENTLoss, MNRLLoss
+from matching.training.mining import MARGIN, mine_negatives, positive_rows
 from matching.types import EncoderLoss
 
 if TYPE_CHECKING:
@@ -63,6 +64,7 @@ class FinetuneConfig(JsonConfig):
     scale: float = 20.0  # cosines are multiplied by this in both losses (a temperature of 0.05)
     hard_negatives: int = 1  # mined per positive pair from the bundle (positives-only data)
     mine_depth: int = 30  # mined from this many nearest titles, positives and near-duplicates of them excluded
+    false_negative_margin: float = MARGIN  # mined titles within this share of the weakest positive are skipped
     valid_pool: int = 2000  # titles besides the validation positives that validation retrieval ranks
     mixed_precision: bool = True  # bfloat16 autocast where the CPU (or CUDA) runs it natively
     valid_fraction: float = 0.1  # of the training queries, when no validation pairs are given
@@ -80,6 +82,8 @@ class FinetuneConfig(JsonConfig):
             )
         if self.valid_pool < 0 or not 0 < self.valid_fraction < 1:
             raise ConfigError("valid_pool >= 0 and 0 < valid_fraction < 1 are required")
+        if self.false_negative_margin < 0:
+            raise ConfigError(f"false_negative_margin must be >= 0, got {self.false_negative_margin}")
 
 
 # epochs=0 trains for at least this many steps (2 to 10 epochs). STS-B's 5,749 pairs make 360 steps an epoch, so 2;
@@ -152,30 +156,31 @@ def _retrieval_metric(snap: Snapshot | None, valid: pd.DataFrame, pool: int, see
 # -- training data
 
 
-def _mine(snap: Snapshot, positives: dict[str, set[str]], cfg: FinetuneConfig) -> dict[str, list[str]]:
-    """Per query, titles the starting encoder ranks high that are not its positives: candidates for negatives.
-
-    Titles whose cosine comes within 5% of the query's weakest positive are left out (likely unlabelled
-    positives; sentence-transformers' `relative_margin` idea)."""
-    queries = list(positives)
-    qv = snap.query_encoder.encode_queries(queries)
-    scores, ids = snap.index.search(qv, cfg.mine_depth, stored=snap.store.vectors)  # exact scores, lossy index or not
-    found = {int(r) for r in ids.ravel() if r >= 0}
-    text = {r: s.title for r, s in zip(sorted(found), snap.store.get(sorted(found)), strict=True)}
-    pos_vectors = snap.encoder.encode_titles([t for q in queries for t in sorted(positives[q])])
-    out: dict[str, list[str]] = {}
-    at = 0
-    for i, q in enumerate(queries):
-        n = len(positives[q])
-        weakest = float(np.min(pos_vectors[at : at + n] @ qv[i]))
-        limit = weakest - 0.05 * abs(weakest)
-        at += n
-        out[q] = [
-            text[int(r)]
-            for r, s in zip(ids[i], scores[i], strict=True)
-            if r >= 0 and text[int(r)] not in positives[q] and s < limit
-        ]
-    return out
+def _mine(
+    snap: Snapshot, train: pd.DataFrame, positives: dict[str, set[str]], cfg: FinetuneConfig
+) -> dict[str, list[str]]:
+    """Per query, the titles of its mined negatives (:func:`~matching.training.mining.mine_negatives`: exact
+    cosines of the serving query encoder, near-positives left out), the ``5 x hard_negatives`` nearest: each epoch
+    draws its negatives from these."""
+    rows = positive_rows(snap, train)
+    queries = list(rows)
+    if not queries:
+        return {}
+    mined = mine_negatives(
+        snap,
+        snap.query_encoder.encode_queries(queries),
+        [set(rows[q]) for q in queries],
+        count=max(cfg.hard_negatives, 1) * 5,
+        depth=cfg.mine_depth,
+        margin=cfg.false_negative_margin,
+    )
+    found = sorted({r for negatives in mined for r in negatives})
+    text = {r: row.title for r, row in zip(found, snap.store.get(found), strict=True)}
+    # a title stored twice is one positive: its other row is no negative either
+    return {
+        q: [text[r] for r in negatives if text[r] not in positives[q]]
+        for q, negatives in zip(queries, mined, strict=True)
+    }
 
 
 def _mnrl_loss(
@@ -198,6 +203,47 @@ def _cosent(
     qv = encoder.embed(encoder.tokenize(queries)).float()
     tv = encoder.embed(encoder.tokenize(titles)).float()
     return loss((qv * tv).sum(dim=-1), labels.to(qv.device))
+
+
+def _batch_losses(
+    tower: Encoder,
+    train: pd.DataFrame,
+    positives: dict[str, set[str]],
+    mined: dict[str, list[str]],
+    cfg: FinetuneConfig,
+    rng: np.random.Generator,
+) -> dict[EncoderLoss, Callable[[np.ndarray], torch.Tensor]]:
+    """Per loss, the loss of a batch (row numbers of ``train``)."""
+    queries, titles = train["query"].tolist(), train["title"].tolist()
+    labels = torch.tensor(train["label"].to_numpy(), dtype=torch.float32)
+    mnrl, cosent = MNRLLoss(cfg.scale), CoSENTLoss(1.0 / cfg.scale)
+
+    def mnrl_batch(idx: np.ndarray) -> torch.Tensor:
+        bq = [queries[i] for i in idx]
+        bt = [titles[i] for i in idx]
+        for q in bq:  # hard_negatives mined negatives per query, a different draw each epoch
+            if mined.get(q):
+                pool = mined[q]
+                bt += [pool[int(k)] for k in rng.choice(len(pool), min(len(pool), cfg.hard_negatives), replace=False)]
+        return _mnrl_loss(tower, bq, bt, positives, mnrl)
+
+    def cosent_batch(idx: np.ndarray) -> torch.Tensor:
+        return _cosent(tower, [queries[i] for i in idx], [titles[i] for i in idx], labels[idx], cosent)
+
+    return {EncoderLoss.MNRL: mnrl_batch, EncoderLoss.COSENT: cosent_batch}
+
+
+def _validation(
+    snap: Snapshot | None, valid: pd.DataFrame, loss_kind: EncoderLoss, cfg: FinetuneConfig
+) -> tuple[Callable[[Encoder], float], str]:
+    """The validator and its metric's name: retrieval nDCG@10 for positives-only training, else Spearman."""
+    if loss_kind is EncoderLoss.MNRL:
+        if not (valid["label"] > 0).any():
+            raise SchemaError("the validation pairs have no positive (label > 0): retrieval cannot be measured")
+        return _retrieval_metric(snap, valid, cfg.valid_pool, cfg.seed), "ndcg@10"
+    if len(np.unique(valid["label"])) < 2:
+        raise SchemaError("the validation pairs all have one label: Spearman cannot be measured")
+    return _pairs_metric(valid), "spearman"
 
 
 # -- the loop
@@ -223,20 +269,14 @@ def finetune_encoder(
     loss_kind, reason = pick_loss(train["label"].to_numpy(), cfg.loss)
     if loss_kind is EncoderLoss.MNRL:
         train = train[train["label"] > 0].reset_index(drop=True)
-        if not (valid["label"] > 0).any():
-            raise SchemaError("the validation pairs have no positive (label > 0): retrieval cannot be measured")
-        validate = _retrieval_metric(snap, valid, cfg.valid_pool, cfg.seed)
-        metric_name = "ndcg@10"
-    else:
-        if len(np.unique(valid["label"])) < 2:
-            raise SchemaError("the validation pairs all have one label: Spearman cannot be measured")
-        validate = _pairs_metric(valid)
-        metric_name = "spearman"
+    validate, metric_name = _validation(snap, valid, loss_kind, cfg)
     positives: dict[str, set[str]] = {}
     for q, t in zip(train["query"], train["title"], strict=True):
         positives.setdefault(q, set()).add(t)
     mined = (
-        _mine(snap, positives, cfg) if snap is not None and loss_kind is EncoderLoss.MNRL and cfg.hard_negatives else {}
+        _mine(snap, train, positives, cfg)
+        if snap is not None and loss_kind is EncoderLoss.MNRL and cfg.hard_negatives
+        else {}
     )
 
     tower = encoder.clone(source=encoder.source)
@@ -263,8 +303,7 @@ def finetune_encoder(
     )
     checks = {min(per_epoch, math.ceil(per_epoch * (k + 1) / cfg.evals_per_epoch)) for k in range(cfg.evals_per_epoch)}
     rng = np.random.default_rng(cfg.seed)
-    labels = torch.tensor(train["label"].to_numpy(), dtype=torch.float32)
-    queries, titles = train["query"].tolist(), train["title"].tolist()
+    batch_loss = _batch_losses(tower, train, positives, mined, cfg, rng)[loss_kind]
     bar = tqdm(total=per_epoch * epochs, desc="fine-tuning encoder", unit="batch", disable=not show_progress)
     stop = False
     for epoch in range(1, epochs + 1):
@@ -274,25 +313,7 @@ def finetune_encoder(
         for step in range(1, per_epoch + 1):
             idx = order[(step - 1) * cfg.batch_size : step * cfg.batch_size]
             with optimisation.autocast():
-                if loss_kind is EncoderLoss.MNRL:
-                    bq = [queries[i] for i in idx]
-                    bt = [titles[i] for i in idx]
-                    for q in bq:  # one mined negative per query, a different draw each epoch
-                        if mined.get(q):
-                            pool = mined[q][: max(cfg.hard_negatives, 1) * 5]
-                            bt += [
-                                pool[int(k)]
-                                for k in rng.choice(len(pool), min(len(pool), cfg.hard_negatives), replace=False)
-                            ]
-                    loss = _mnrl_loss(tower, bq, bt, positives, MNRLLoss(cfg.scale))
-                else:
-                    loss = _cosent(
-                        tower,
-                        [queries[i] for i in idx],
-                        [titles[i] for i in idx],
-                        labels[idx],
-                        CoSENTLoss(1.0 / cfg.scale),
-                    )
+                loss = batch_loss(idx)
             running += optimisation.update(loss) * len(idx)
             seen += len(idx)
             bar.update(1)

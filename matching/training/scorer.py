@@ -35,6 +35,7 @@ from matching.training.loop import (
     unique_queries,
 )
 from matching.training.losses import AffineBCELoss, CoSENTLoss, InfoNCELoss, MSELoss, PairLoss
+from matching.training.mining import MARGIN, mine_negatives, positive_rows
 from matching.types import Fusion, ScorerForm
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ class TrainConfig(JsonConfig):
     dropout: float = 0.1
     hard_negatives: int | None = None  # negatives mined per query from the bundle (None: 20 when listwise)
     mine_depth: int = 100  # how deep to retrieve when mining, and the rerank depth when validating
+    false_negative_margin: float = MARGIN  # mined titles within this share of the weakest positive are skipped
     loss: LossKind = LossKind.AUTO
     form: ScorerForm | None = None  # None: train linear and MLP, keep what wins over the default (see MIN_GAIN)
     temperature: float = 0.05
@@ -89,6 +91,8 @@ class TrainConfig(JsonConfig):
             raise ConfigError("epochs, batch_size and lr must be positive")
         if (self.hard_negatives or 0) < 0 or self.mine_depth < 1 or not 0 < self.valid_fraction < 1:
             raise ConfigError("hard_negatives >= 0, mine_depth >= 1 and 0 < valid_fraction < 1 are required")
+        if self.false_negative_margin < 0:
+            raise ConfigError(f"false_negative_margin must be >= 0, got {self.false_negative_margin}")
 
 
 # -- data --------------------------------------------------------------------------------------------
@@ -125,17 +129,11 @@ def _listwise_groups(
 ) -> _Groups:
     """One group per positive pair: [positive, labelled negatives + negatives mined from the index]."""
     uq, qv = unique_queries(pairs, q)
-    positive_rows: dict[str, set[int]] = {qq: set() for qq in uq}
-    found = snap.store.find_titles(pairs["title"].tolist())
-    for qq, row, label in zip(pairs["query"], found, pairs["label"], strict=True):
-        if label > 0 and row is not None:
-            positive_rows[qq].add(row)
-    mined: dict[str, list[int]] = {qq: [] for qq in uq}
+    positives = positive_rows(snap, pairs)
     mine = cfg.hard_negatives if cfg.hard_negatives is not None else DEFAULT_MINED
-    if mine:
-        ids = _candidates(snap, uq, qv, cfg.mine_depth)
-        for qq, row_ids in zip(uq, ids, strict=True):
-            mined[qq] = [int(r) for r in row_ids if r >= 0 and int(r) not in positive_rows[qq]][:mine]
+    rows_of = [set(positives.get(qq, ())) for qq in uq]
+    negatives = mine_negatives(snap, qv, rows_of, count=mine, depth=cfg.mine_depth, margin=cfg.false_negative_margin)
+    mined = dict(zip(uq, negatives, strict=True))
     groups_q, groups_t, groups_lex, weights = [], [], [], []
     for qq, sub in pairs.groupby("query", sort=False):
         idx = sub.index.to_numpy()

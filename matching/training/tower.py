@@ -35,6 +35,7 @@ from matching.training.loop import (
     train_valid_pairs,
 )
 from matching.training.losses import CosineDistanceLoss, InfoNCELoss
+from matching.training.mining import MARGIN, mine_negatives, positive_rows
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -57,8 +58,8 @@ class TowerConfig(JsonConfig):
     anchor: float = 1.0  # weight of the pull toward the original query vector (0 turns it off)
     hard_negatives: int = 10  # mined per query from the index
     mine_depth: int = 50
-    # mined titles scoring above (positive's cosine - margin) are likely unlabelled positives: skipped
-    false_negative_margin: float = 0.0
+    # mined titles within this share of the weakest positive's cosine are likely unlabelled positives: skipped
+    false_negative_margin: float = MARGIN
     train_layers: int = 0  # train only the top N transformer layers (0: all)
     valid_fraction: float = 0.1
     seed: int = 0
@@ -69,16 +70,8 @@ class TowerConfig(JsonConfig):
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0 or self.temperature <= 0:
             raise ConfigError("epochs >= 1, batch_size >= 2, lr > 0 and temperature > 0 are required")
-
-
-def _positives(snap: Snapshot, pairs: pd.DataFrame) -> dict[str, list[int]]:
-    """Row ids of each query's positive titles (titles not in the bundle cannot be trained against)."""
-    rows = snap.store.find_titles(pairs["title"].tolist())
-    out: dict[str, list[int]] = {}
-    for q, row, label in zip(pairs["query"], rows, pairs["label"], strict=True):
-        if label > 0 and row is not None:
-            out.setdefault(str(q), []).append(int(row))
-    return out
+        if self.false_negative_margin < 0:
+            raise ConfigError(f"false_negative_margin must be >= 0, got {self.false_negative_margin}")
 
 
 def _validator(snap: Snapshot, positives: dict[str, list[int]], depth: int) -> Callable[[Encoder], float]:
@@ -106,7 +99,7 @@ def train_query_tower(
     started = time.perf_counter()
     seed_everything(cfg.seed)
     train, valid = train_valid_pairs(train_pairs, valid_pairs, cfg)
-    train_pos, valid_pos = _positives(snap, train), _positives(snap, valid)
+    train_pos, valid_pos = positive_rows(snap, train), positive_rows(snap, valid)
     if not train_pos or not valid_pos:
         raise SchemaError("query-tower training needs positive pairs whose titles are in the bundle")
 
@@ -115,19 +108,15 @@ def train_query_tower(
     queries = list(train_pos)
     original = torch.from_numpy(base.encode_queries(queries))
     # Mine with the original tower once: negatives are what it wrongly ranks high.
-    scores, ids = snap.index.search(original.numpy(), cfg.mine_depth)
+    negatives = mine_negatives(
+        snap,
+        original.numpy(),
+        [set(train_pos[q]) for q in queries],
+        count=cfg.hard_negatives,
+        depth=cfg.mine_depth,
+        margin=cfg.false_negative_margin,
+    )
     vectors = snap.store.vectors
-    negatives: list[list[int]] = []
-    for qi, q in enumerate(queries):
-        pos = set(train_pos[q])
-        pos_cos = float(np.min(vectors[sorted(pos)] @ original[qi].numpy()))
-        limit = pos_cos - cfg.false_negative_margin
-        cands = [
-            int(r)
-            for r, s in zip(ids[qi], scores[qi], strict=True)
-            if r >= 0 and int(r) not in pos and (cfg.false_negative_margin <= 0 or s < limit)
-        ]
-        negatives.append(cands[: cfg.hard_negatives])
 
     trainable = _select_trainable(tower, cfg.train_layers)
     steps = math.ceil(len(queries) / cfg.batch_size) * cfg.epochs
