@@ -246,6 +246,31 @@ def _validation(
     return _pairs_metric(valid), "spearman"
 
 
+def _training_pairs(
+    snap: Snapshot | None, train: pd.DataFrame, loss_kind: EncoderLoss, cfg: FinetuneConfig
+) -> tuple[dict[str, set[str]], dict[str, list[str]]]:
+    """Each query's positive titles, and (positives-only training with a bundle) its mined negatives' titles."""
+    positives: dict[str, set[str]] = {}
+    for q, t in zip(train["query"], train["title"], strict=True):
+        positives.setdefault(q, set()).add(t)
+    if snap is None or loss_kind is not EncoderLoss.MNRL or not cfg.hard_negatives:
+        return positives, {}
+    return positives, _mine(snap, train, positives, cfg)
+
+
+def _optimisation(tower: Encoder, cfg: FinetuneConfig, total_steps: int) -> Optimisation:
+    return Optimisation(
+        [p for p in tower.model.parameters() if p.requires_grad],
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        total_steps=total_steps,
+        warmup=cfg.warmup,
+        clip=cfg.clip,
+        autocast=torch.bfloat16 if cfg.mixed_precision and bf16_training(tower.device) else None,
+        device=tower.device,
+    )
+
+
 # -- the loop
 
 
@@ -270,14 +295,7 @@ def finetune_encoder(
     if loss_kind is EncoderLoss.MNRL:
         train = train[train["label"] > 0].reset_index(drop=True)
     validate, metric_name = _validation(snap, valid, loss_kind, cfg)
-    positives: dict[str, set[str]] = {}
-    for q, t in zip(train["query"], train["title"], strict=True):
-        positives.setdefault(q, set()).add(t)
-    mined = (
-        _mine(snap, train, positives, cfg)
-        if snap is not None and loss_kind is EncoderLoss.MNRL and cfg.hard_negatives
-        else {}
-    )
+    positives, mined = _training_pairs(snap, train, loss_kind, cfg)
 
     tower = encoder.clone(source=encoder.source)
     baseline = validate(tower)  # in the encoder's own preset: the metric as it will serve
@@ -290,17 +308,7 @@ def finetune_encoder(
     per_epoch = math.ceil(len(train) / cfg.batch_size)
     epochs = epochs_for(cfg, per_epoch)
     report.config["epochs_run"] = epochs
-    device = tower.device
-    optimisation = Optimisation(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        total_steps=per_epoch * epochs,
-        warmup=cfg.warmup,
-        clip=cfg.clip,
-        autocast=torch.bfloat16 if cfg.mixed_precision and bf16_training(device) else None,
-        device=device,
-    )
+    optimisation = _optimisation(tower, cfg, per_epoch * epochs)
     checks = {min(per_epoch, math.ceil(per_epoch * (k + 1) / cfg.evals_per_epoch)) for k in range(cfg.evals_per_epoch)}
     rng = np.random.default_rng(cfg.seed)
     batch_loss = _batch_losses(tower, train, positives, mined, cfg, rng)[loss_kind]

@@ -214,6 +214,7 @@ class Optimisation:
         self.params = list(params)
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
         self.scheduler = warmup_linear(self.optimizer, total_steps, warmup)
+        self.total_steps = total_steps
         self.clip = clip
         self.dtype = autocast
         self.device_type = (device or torch.device("cpu")).type
