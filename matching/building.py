@@ -125,9 +125,12 @@ def build_bundle(
     step succeeds. Returns the row source (what was read, skipped and how)."""
     started = time.perf_counter()
     settings: dict[str, Any] = {
-        "id_column": id_column, "title_column": title_column, "skip_bad_rows": skip_bad_rows, "chunksize": chunksize,
+        "id_column": id_column,
+        "title_column": title_column,
+        "skip_bad_rows": skip_bad_rows,
+        "chunksize": chunksize,
         "encoding": encoding,
-    }  # fmt: skip
+    }
     rows: RowSource
     if engine == Engine.RAY:
         from matching.distributed import RaySource
@@ -139,10 +142,20 @@ def build_bundle(
     name = "DataFrame" if isinstance(source, pd.DataFrame) else str(source)
     record = {"name": name, "id_column": id_column}
     return write_bundle(
-        rows, path, encoder, record=record, total=total, index_config=index_config, scorer_config=scorer_config,
-        analyzer=analyzer, retrieval=retrieval, overwrite=overwrite, show_progress=show_progress,
-        lock_timeout=lock_timeout, started=started,
-    )  # fmt: skip
+        rows,
+        path,
+        encoder,
+        record=record,
+        total=total,
+        index_config=index_config,
+        scorer_config=scorer_config,
+        analyzer=analyzer,
+        retrieval=retrieval,
+        overwrite=overwrite,
+        show_progress=show_progress,
+        lock_timeout=lock_timeout,
+        started=started,
+    )
 
 
 def write_bundle(
@@ -252,8 +265,18 @@ def reencode_bundle(
     }
     rows = StoreSource(snap.store, encoder, list(manifest.source.get("title_columns", ["title"])))
     return write_bundle(
-        rows, path, encoder, record=record, total=snap.store.count, index_config=index_config or IndexConfig(),
-        scorer_config=scorer_config, analyzer=Analyzer(lexical.get("analyzer", Analyzer.AUTO)),
-        retrieval=Retrieval(lexical["retrieval"]) if "retrieval" in lexical else None, overwrite=False,
-        show_progress=show_progress, lock_timeout=lock_timeout, started=started, base=path / str(snap.generation),
-    )  # fmt: skip
+        rows,
+        path,
+        encoder,
+        record=record,
+        total=snap.store.count,
+        index_config=index_config or IndexConfig(),
+        scorer_config=scorer_config,
+        analyzer=Analyzer(lexical.get("analyzer", Analyzer.AUTO)),
+        retrieval=Retrieval(lexical["retrieval"]) if "retrieval" in lexical else None,
+        overwrite=False,
+        show_progress=show_progress,
+        lock_timeout=lock_timeout,
+        started=started,
+        base=path / str(snap.generation),
+    )

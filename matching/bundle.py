@@ -101,10 +101,21 @@ class Manifest:
 
 _FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
-    "library_version": (str,), "encoder": (dict,), "dim": (int,), "count": (int,), "index": (dict,),
-    "id_type": (str,), "source": (dict,), "query_encoder": (dict, type(None)), "lexical": (dict, type(None)),
-    "created_at": (str,), "format_version": (int,), "files": (dict,), "sizes": (dict,), "growable": (list,),
-}  # fmt: skip
+    "library_version": (str,),
+    "encoder": (dict,),
+    "dim": (int,),
+    "count": (int,),
+    "index": (dict,),
+    "id_type": (str,),
+    "source": (dict,),
+    "query_encoder": (dict, type(None)),
+    "lexical": (dict, type(None)),
+    "created_at": (str,),
+    "format_version": (int,),
+    "files": (dict,),
+    "sizes": (dict,),
+    "growable": (list,),
+}
 _DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO, errno.EACCES, errno.EPERM}
 _CHECKSUM = "checksum"  # the manifest's own SHA-256, over its JSON without this key
 

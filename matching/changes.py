@@ -23,9 +23,9 @@ from matching.config import IndexConfig
 from matching.encoder import Encoder
 from matching.errors import BadRowError, BundleError, ConfigError, DuplicateIdError, SchemaError
 from matching.index import VectorIndex
-from matching.ingest import CatalogueReader, canonical_id, metadata_json
+from matching.ingest import CatalogueReader, Chunk, canonical_id, metadata_json
 from matching.lexical import LexicalIndex
-from matching.store import Store, StoreEditor
+from matching.store import Store, StoredTitle, StoreEditor
 from matching.types import ChangeReport, ExternalId, IdType
 
 if TYPE_CHECKING:
@@ -67,47 +67,18 @@ def apply_rows(
         dead: list[int] = []
         new_ids: list[np.ndarray] = []
         new_vectors: list[np.ndarray] = []
-        dead_before = 0
         try:
             with tqdm(desc=f"{operation}: encoding titles", unit="title", disable=not show_progress) as bar:
                 for chunk in reader:
                     existing = editor.lookup(chunk.ids)
                     if editor.id_type is IdType.INT:
                         _check_int_ids(chunk.ids, chunk.rows, reader.name)
-                    fresh: list[int] = []
-                    meta_changes: dict[int, str] = {}
-                    for j, ext in enumerate(chunk.ids):
-                        old = existing.get(ext)
-                        meta = metadata_json(chunk.metadata[j])
-                        if old is None:
-                            fresh.append(j)
-                            tally["added"] += 1
-                        elif operation == "add":
-                            raise DuplicateIdError(
-                                f"{reader.name} row {chunk.rows[j]}: id {ext!r} is already in the bundle; "
-                                "use upsert to replace it"
-                            )
-                        elif old.title != chunk.titles[j]:
-                            dead.append(old.row_id)
-                            fresh.append(j)
-                            tally["updated"] += 1
-                        elif old.metadata != json.loads(meta):  # as values: key order does not matter
-                            meta_changes[old.row_id] = meta
-                            tally["metadata_updated"] += 1
-                        else:
-                            tally["unchanged"] += 1
+                    fresh, replaced, meta_changes = _sort_rows(chunk, existing, operation, reader.name, tally)
                     editor.update_metadata(meta_changes)
-                    editor.delete(dead[dead_before:])  # before their new versions take the same external ids
-                    dead_before = len(dead)
+                    editor.delete(replaced)  # before their new versions take the same external ids
+                    dead += replaced
                     if fresh:
-                        titles = [chunk.titles[j] for j in fresh]
-                        vectors = encoder.encode_titles(titles)
-                        row_ids = editor.append(
-                            [chunk.ids[j] for j in fresh],
-                            titles,
-                            [metadata_json(chunk.metadata[j]) for j in fresh],
-                            vectors,
-                        )
+                        row_ids, vectors = _append_titles(editor, encoder, chunk, fresh)
                         new_ids.append(row_ids)
                         new_vectors.append(vectors)
                         tally["encoded"] += len(fresh)
@@ -129,8 +100,54 @@ def apply_rows(
         )
     if reader.skipped:
         log.warning("skipped %d bad row(s), e.g. %s", reader.skipped, "; ".join(reader.skipped_examples))
-    return ChangeReport(operation, **tally, count=count, generation=current_generation(path).name,
-                        seconds=time.perf_counter() - started)  # fmt: skip
+    return ChangeReport(
+        operation, **tally, count=count, generation=current_generation(path).name, seconds=time.perf_counter() - started
+    )
+
+
+def _sort_rows(
+    chunk: Chunk, existing: dict[str, StoredTitle], operation: str, source: str, tally: dict[str, int]
+) -> tuple[list[int], list[int], dict[int, str]]:
+    """What ``chunk`` changes, counted into ``tally``: the rows to encode (new ids, changed titles), the store rows
+    their changed titles replace, and the new metadata of rows whose title stays."""
+    fresh: list[int] = []
+    replaced: list[int] = []
+    meta_changes: dict[int, str] = {}
+    for j, ext in enumerate(chunk.ids):
+        old = existing.get(ext)
+        meta = metadata_json(chunk.metadata[j])
+        if old is None:
+            fresh.append(j)
+            tally["added"] += 1
+        elif operation == "add":
+            raise DuplicateIdError(
+                f"{source} row {chunk.rows[j]}: id {ext!r} is already in the bundle; use upsert to replace it"
+            )
+        elif old.title != chunk.titles[j]:
+            replaced.append(old.row_id)
+            fresh.append(j)
+            tally["updated"] += 1
+        elif old.metadata != json.loads(meta):  # as values: key order does not matter
+            meta_changes[old.row_id] = meta
+            tally["metadata_updated"] += 1
+        else:
+            tally["unchanged"] += 1
+    return fresh, replaced, meta_changes
+
+
+def _append_titles(
+    editor: StoreEditor, encoder: Encoder, chunk: Chunk, fresh: list[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Encode the ``fresh`` rows of ``chunk`` and append them to the store: their row ids and vectors."""
+    titles = [chunk.titles[j] for j in fresh]
+    vectors = encoder.encode_titles(titles)
+    row_ids = editor.append(
+        [chunk.ids[j] for j in fresh],
+        titles,
+        [metadata_json(chunk.metadata[j]) for j in fresh],
+        vectors,
+    )
+    return row_ids, vectors
 
 
 @dataclass(frozen=True)
@@ -186,9 +203,13 @@ def remove(path: Path, ids: Iterable[ExternalId], *, missing_ok: bool, lock_time
         count = editor.finish()
         _finish_change(live, gen, manifest, dead, np.empty((0, 0), np.float32), np.empty(0, np.int64), count)
     return ChangeReport(
-        "remove", removed=len(dead), missing=len(missing), count=count,
-        generation=current_generation(path).name, seconds=time.perf_counter() - started,
-    )  # fmt: skip
+        "remove",
+        removed=len(dead),
+        missing=len(missing),
+        count=count,
+        generation=current_generation(path).name,
+        seconds=time.perf_counter() - started,
+    )
 
 
 def compact(
@@ -218,8 +239,9 @@ def compact(
             lexical=lexical,
             carry_from=(live, generation.non_catalogue(manifest)),
         )
-    return ChangeReport("compact", count=count, generation=current_generation(path).name,
-                        seconds=time.perf_counter() - started)  # fmt: skip
+    return ChangeReport(
+        "compact", count=count, generation=current_generation(path).name, seconds=time.perf_counter() - started
+    )
 
 
 def _finish_change(
@@ -258,9 +280,16 @@ def _as_int(text: str) -> int | None:
 
 
 def copy_bundle(
-    snap: Snapshot, source: Path | None, out: Path, *, limit: int | None, index_config: IndexConfig,
-    overwrite: bool, lock_timeout: float, show_progress: bool,
-) -> None:  # fmt: skip
+    snap: Snapshot,
+    source: Path | None,
+    out: Path,
+    *,
+    limit: int | None,
+    index_config: IndexConfig,
+    overwrite: bool,
+    lock_timeout: float,
+    show_progress: bool,
+) -> None:
     """A new bundle at ``out`` from ``snap``'s live titles (the first ``limit``), their stored vectors and (from the
     generation directory ``source``, or ``snap``) the reranker and query encoder."""
     with new_generation(out, overwrite=overwrite, lock_timeout=lock_timeout) as gen:
@@ -269,11 +298,17 @@ def copy_bundle(
         analyzer = (snap.manifest.lexical or {}).get("analyzer", Analyzer.AUTO)
         lexical = generation.lexical_from_store(gen, analyzer)
         manifest = generation.changed(
-            snap.manifest, count, index=generation.index_record(built, index_config),
+            snap.manifest,
+            count,
+            index=generation.index_record(built, index_config),
             lexical=generation.lexical_record(lexical, snap.manifest),
             source={**snap.manifest.source, "name": f"{count} titles of {source}"},
-        )  # fmt: skip
+        )
         generation.finish(
-            gen, manifest, index=built, lexical=lexical, scorer=None if source else snap.scorer,
+            gen,
+            manifest,
+            index=built,
+            lexical=lexical,
+            scorer=None if source else snap.scorer,
             carry_from=(source, generation.non_catalogue(snap.manifest)) if source else None,
-        )  # fmt: skip
+        )

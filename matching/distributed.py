@@ -58,10 +58,14 @@ def read_files(batch: dict[str, np.ndarray], settings: dict[str, Any]) -> Iterat
             }
         if reader.skipped > before:  # bad rows after the last good one: a row that only carries the count
             yield {
-                "file": np.array([int(index)]), "row": np.array([0]), "id": np.array([""], dtype=object),
-                "title": np.array([""], dtype=object), "metadata": np.array(["{}"], dtype=object),
-                "skipped": np.array([reader.skipped - before]), "keep": np.zeros(1, dtype=bool),
-            }  # fmt: skip
+                "file": np.array([int(index)]),
+                "row": np.array([0]),
+                "id": np.array([""], dtype=object),
+                "title": np.array([""], dtype=object),
+                "metadata": np.array(["{}"], dtype=object),
+                "skipped": np.array([reader.skipped - before]),
+                "keep": np.zeros(1, dtype=bool),
+            }
 
 
 class EncodeBatches:
@@ -146,9 +150,7 @@ class RaySource:
         return IdType.INT if self._all_int and self.count else IdType.STR
 
     def record(self) -> dict[str, Any]:
-        per_actor = {
-            str(pid): round(titles / seconds, 1) for pid, (titles, seconds) in self._actors.items() if seconds
-        }  # fmt: skip
+        per_actor = {str(pid): round(titles / seconds, 1) for pid, (titles, seconds) in self._actors.items() if seconds}
         return {"engine": Engine.RAY.value, "files": len(self.files), **self._plan, "titles_per_second": per_actor}
 
     def __iter__(self) -> Iterator[Encoded]:
@@ -179,8 +181,14 @@ class RaySource:
         encoders = self.encoders or (gpus or max(1, cpus // _THREADS_PER_ENCODER))
         threads = max(1, min(node_cpus, cpus // encoders))
         gpu_share = min(1.0, gpus / encoders) if gpus else 0  # more actors than GPUs share them, never wait
-        self._plan = {"encoders": encoders, "threads_per_encoder": threads, "gpus_per_encoder": gpu_share,
-                      "cluster_cpus": cpus, "cluster_gpus": gpus, "batch": RAY_BATCH}  # fmt: skip
+        self._plan = {
+            "encoders": encoders,
+            "threads_per_encoder": threads,
+            "gpus_per_encoder": gpu_share,
+            "cluster_cpus": cpus,
+            "cluster_gpus": gpus,
+            "batch": RAY_BATCH,
+        }
         ctx = ray.data.DataContext.get_current()
         saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
         ray_log = logging.getLogger("ray.data")
@@ -193,11 +201,17 @@ class RaySource:
             ds: Any = ray.data.from_items(items, override_num_blocks=len(items))
             ds = ds.map_batches(read_files, batch_size=1, fn_kwargs={"settings": self.settings})
             ds = ds.map_batches(
-                EncodeBatches, batch_size=RAY_BATCH, num_cpus=1, num_gpus=gpu_share,
+                EncodeBatches,
+                batch_size=RAY_BATCH,
+                num_cpus=1,
+                num_gpus=gpu_share,
                 compute=ray.data.ActorPoolStrategy(size=encoders),
-                fn_constructor_kwargs={"config": self.encoder.config().to_dict(), "threads": threads,
-                                       "fingerprint": self.encoder.fingerprint},
-            )  # fmt: skip
+                fn_constructor_kwargs={
+                    "config": self.encoder.config().to_dict(),
+                    "threads": threads,
+                    "fingerprint": self.encoder.fingerprint,
+                },
+            )
             seen: dict[str, tuple[int, int]] = {}
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
                 yield self._receive(batch, seen)

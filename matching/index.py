@@ -89,9 +89,11 @@ class VectorIndex:
         sequential = len(ids) == 0 or (ids[0] == 0 and ids[-1] == n - 1 and bool(np.all(np.diff(ids) == 1)))
         if tune and param and config.target_recall and getattr(config, param) is None and sequential and n > 1:
             tuning = auto_tune(
-                built.index, vectors, dataclasses.replace(choice, refine=bool(config.refine_factor),
-                refine_factor=config.refine_factor or 1), target_recall=config.target_recall,
-            )  # fmt: skip
+                built.index,
+                vectors,
+                dataclasses.replace(choice, refine=bool(config.refine_factor), refine_factor=config.refine_factor or 1),
+                target_recall=config.target_recall,
+            )
             value = int(tuning["value"])
             if param == "nprobe":
                 built.config = dataclasses.replace(config, nprobe=value)

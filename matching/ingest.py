@@ -202,9 +202,14 @@ def read_table(
             {"dtype": str} if text_columns is None else {"dtype": dict.fromkeys(text_columns, str), "na_values": [""]}
         )
         frames = pd.read_csv(
-            path, sep=_separator(path), chunksize=chunksize, encoding=encoding, keep_default_na=False,
-            quoting=csv.QUOTE_MINIMAL, **text,
-        )  # fmt: skip
+            path,
+            sep=_separator(path),
+            chunksize=chunksize,
+            encoding=encoding,
+            keep_default_na=False,
+            quoting=csv.QUOTE_MINIMAL,
+            **text,
+        )
     if chunksize is None:
         yield frames
     else:
@@ -419,16 +424,25 @@ class CatalogueReader:
         if file_format(path) in ("csv", "tsv"):
             # the header as written: pandas would rename a repeated "title" to "title.1" and hide the clash
             header = pd.read_csv(
-                path, sep=_separator(path), header=None, nrows=1, encoding=_encoding(self.encoding), dtype=str,
+                path,
+                sep=_separator(path),
+                header=None,
+                nrows=1,
+                encoding=_encoding(self.encoding),
+                dtype=str,
                 na_filter=False,
-            )  # fmt: skip
+            )
             self._check_columns(header.iloc[0].tolist())
         checked = False
         text = file_format(path) in ("csv", "tsv")
         # CSV/TSV cells are read as written and typed one by one (typed_text): no column-wide guess turns "007"
         # into 7 or an integer column with a gap into floats
-        for frame in read_table(path, text_columns=None if text else [self.id_column, *self.title_columns],
-                                chunksize=self.chunksize, encoding=self.encoding):  # fmt: skip
+        for frame in read_table(
+            path,
+            text_columns=None if text else [self.id_column, *self.title_columns],
+            chunksize=self.chunksize,
+            encoding=self.encoding,
+        ):
             if not checked:
                 self._check_columns(list(frame.columns))
                 checked = True

@@ -7,36 +7,28 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from matching import changes, generation
+from matching import changes
 from matching.analysis import Analyzer
 from matching.building import build_bundle, reencode_bundle
-from matching.bundle import (
-    DEFAULT_LOCK_TIMEOUT,
-    Manifest,
-    check_target,
-    collect_garbage,
-    current_generation,
-    lease_current,
-    live_name,
-    read_manifest,
-)
+from matching.bundle import DEFAULT_LOCK_TIMEOUT, check_target
 from matching.config import EncoderConfig, IndexConfig, ScorerConfig
 from matching.encoder import Encoder
-from matching.errors import BundleError, ConfigError
+from matching.errors import ConfigError
 from matching.features import DENSE_CEILING
 from matching.index import VectorIndex
 from matching.ingest import DEFAULT_CHUNKSIZE, has_surrogate
 from matching.layout import QUERY_ENCODER, SCORER_CONFIG, SCORER_WEIGHTS, TRAIN_REPORT
 from matching.scorer import Scorer
-from matching.search import RETRIEVERS, NoReranker, Queries, ScorerReranker, Snapshot, open_snapshot, search
-from matching.store import Store, Where
+from matching.search import RETRIEVERS, NoReranker, Queries, ScorerReranker, Snapshot, search
+from matching.served import ServedBundle, open_live
+from matching.store import Where
 from matching.types import ChangeReport, Engine, ExternalId, Fusion, Match, Preset, Retrieval
 
 if TYPE_CHECKING:
@@ -46,68 +38,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class Matcher:
-    """Two-tower matcher over one bundle: query encoder + FAISS index + store + reranker.
+class Matcher(ServedBundle):
+    """Two-tower matcher over one bundle: query encoder + vector index (FAISS) + BM25 index + store + reranker.
 
     Build with :meth:`build` or open with :meth:`load`; ``__init__`` only wraps an opened :class:`Snapshot`.
+    The generation served, and how it moves on (refresh, writes), is :class:`~matching.served.ServedBundle`'s.
     """
-
-    def __init__(
-        self,
-        snapshot: Snapshot,
-        *,
-        path: Path | None = None,
-        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-        allow_encoder_mismatch: bool = False,
-        retrieval: Retrieval | str | None = None,
-    ) -> None:
-        self.encoder = snapshot.encoder
-        # the default for searches: the bundle's (hybrid unless built otherwise); dense in bundles without BM25
-        default = (snapshot.manifest.lexical or {}).get("retrieval", "hybrid") if snapshot.lexical else "dense"
-        self.retrieval = Retrieval(retrieval or default)
-        self.path = path
-        self.lock_timeout = lock_timeout
-        self.allow_encoder_mismatch = allow_encoder_mismatch  # kept for reloads after writes
-        self._snap = snapshot
-
-    # The parts of the generation this matcher serves; replaced together by refresh() and by writes.
-    @property
-    def snapshot(self) -> Snapshot:
-        """The generation being served, as one consistent set of parts (what trainers take)."""
-        return self._snap
-
-    @property
-    def index(self) -> VectorIndex:
-        return self._snap.index
-
-    @property
-    def store(self) -> Store:
-        return self._snap.store
-
-    @property
-    def manifest(self) -> Manifest:
-        return self._snap.manifest
-
-    @property
-    def scorer(self) -> Scorer:
-        return self._snap.scorer
-
-    @scorer.setter
-    def scorer(self, scorer: Scorer) -> None:
-        self._snap = dataclasses.replace(self._snap, scorer=scorer)
-
-    @property
-    def query_encoder(self) -> Encoder:
-        return self._snap.query_encoder
-
-    @query_encoder.setter
-    def query_encoder(self, encoder: Encoder) -> None:
-        self._snap = dataclasses.replace(self._snap, query_encoder=encoder)
-
-    @property
-    def generation(self) -> str | None:
-        """The name of the bundle generation being served (``None`` for an unsaved matcher)."""
-        return self._snap.generation
 
     # -- construction ----------------------------------------------------------------------------
 
@@ -164,20 +100,27 @@ class Matcher:
         analyzer = Analyzer(analyzer)
         retrieval = Retrieval(retrieval) if retrieval is not None else None
         # the untrained reranker scores as the default retrieval ranks: cosine, BM25, or their fusion
-        fixed = {Retrieval.DENSE: 1.0, Retrieval.LEXICAL: 0.0}.get(retrieval or Retrieval.HYBRID)
-        scorer_config = ScorerConfig(
-            dim=encoder.dim,
-            hidden=scorer_hidden,
-            lexical=True,
-            dense_weight=DENSE_CEILING if fixed is None else fixed,
-            fusion=Fusion.ADAPTIVE if fixed is None else Fusion.FIXED,
-        )
+        scorer_config = _untrained_scorer(encoder.dim, scorer_hidden, retrieval)
         rows = build_bundle(
-            source, path, encoder, id_column=id_column, title_column=title_column, index_config=index_config,
-            scorer_config=scorer_config, analyzer=analyzer, retrieval=retrieval, skip_bad_rows=skip_bad_rows,
-            encoding=encoding, chunksize=chunksize, overwrite=overwrite, show_progress=show_progress,
-            lock_timeout=lock_timeout, engine=Engine(engine), ray_address=ray_address, encoders=encoders,
-        )  # fmt: skip
+            source,
+            path,
+            encoder,
+            id_column=id_column,
+            title_column=title_column,
+            index_config=index_config,
+            scorer_config=scorer_config,
+            analyzer=analyzer,
+            retrieval=retrieval,
+            skip_bad_rows=skip_bad_rows,
+            encoding=encoding,
+            chunksize=chunksize,
+            overwrite=overwrite,
+            show_progress=show_progress,
+            lock_timeout=lock_timeout,
+            engine=Engine(engine),
+            ray_address=ray_address,
+            encoders=encoders,
+        )
         if rows.skipped:
             log.warning("skipped %d bad row(s), e.g. %s", rows.skipped, "; ".join(rows.skipped_examples))
         return cls.load(path, encoder=encoder, verify=False, lock_timeout=lock_timeout)
@@ -207,33 +150,22 @@ class Matcher:
         ``retrieval`` is the default for searches (``hybrid`` where the bundle has a lexical index).
         """
         path = Path(path)
-        lease = lease_current(path)
-        try:
-            snap = open_snapshot(
-                path, lease, encoder=encoder, model=model, device=device, preset=preset, verify=verify,
-                allow_encoder_mismatch=allow_encoder_mismatch,
-            )  # fmt: skip
-        except BaseException:
-            lease.release()
-            raise
+        snap = open_live(
+            path,
+            encoder=encoder,
+            model=model,
+            device=device,
+            preset=preset,
+            verify=verify,
+            allow_encoder_mismatch=allow_encoder_mismatch,
+        )
         return cls(
-            snap, path=path, lock_timeout=lock_timeout, allow_encoder_mismatch=allow_encoder_mismatch,
+            snap,
+            path=path,
+            lock_timeout=lock_timeout,
+            allow_encoder_mismatch=allow_encoder_mismatch,
             retrieval=retrieval,
-        )  # fmt: skip
-
-    def close(self) -> None:
-        """Release the store's database connections and this matcher's hold on its generation."""
-        self._snap.handle.close()
-
-    def refresh(self) -> bool:
-        """Switch to the bundle's live generation if a writer published a newer one; ``True`` if it did.
-
-        Searches already running finish on the generation they started with.
-        """
-        if self.path is None or live_name(self.path) == self.generation:
-            return False
-        self._reopen(collect=False)
-        return True
+        )
 
     def pin(self) -> Matcher:
         """A read-only view of the generation served now, which refreshes and writes here do not move (one
@@ -356,9 +288,10 @@ class Matcher:
         """
         reader = changes.ReaderFactory(source, id_column, title_column, skip_bad_rows, encoding, chunksize)
         return self._write(
-            lambda path: changes.apply_rows(path, self.encoder, "add", reader, self.lock_timeout, show_progress,
-                                            allow_encoder_mismatch)
-        )  # fmt: skip
+            lambda path: changes.apply_rows(
+                path, self.encoder, "add", reader, self.lock_timeout, show_progress, allow_encoder_mismatch
+            )
+        )
 
     def upsert(
         self,
@@ -376,9 +309,10 @@ class Matcher:
         metadata alone is just rewritten, and an identical row is left as it is."""
         reader = changes.ReaderFactory(source, id_column, title_column, skip_bad_rows, encoding, chunksize)
         return self._write(
-            lambda path: changes.apply_rows(path, self.encoder, "upsert", reader, self.lock_timeout, show_progress,
-                                            allow_encoder_mismatch)
-        )  # fmt: skip
+            lambda path: changes.apply_rows(
+                path, self.encoder, "upsert", reader, self.lock_timeout, show_progress, allow_encoder_mismatch
+            )
+        )
 
     def remove(self, ids: Iterable[ExternalId], *, missing_ok: bool = False) -> ChangeReport:
         """Remove titles by external id; an unknown id is an error unless ``missing_ok``."""
@@ -396,23 +330,28 @@ class Matcher:
         )
 
     def copy(
-        self, out: str | Path, *, limit: int | None = None, index_config: IndexConfig | None = None,
-        overwrite: bool = False, show_progress: bool = True,
-    ) -> Matcher:  # fmt: skip
+        self,
+        out: str | Path,
+        *,
+        limit: int | None = None,
+        index_config: IndexConfig | None = None,
+        overwrite: bool = False,
+        show_progress: bool = True,
+    ) -> Matcher:
         """Write a new bundle at ``out`` from this one's live titles (the first ``limit`` in row order, if given),
         reusing their stored vectors (no re-encoding), the reranker and the query encoder; returns it loaded."""
         source = self._snap.directory  # a pinned view's generation too: its weights files are carried
         changes.copy_bundle(
-            self._snap, source, Path(out), limit=limit, index_config=index_config or IndexConfig(),
-            overwrite=overwrite, lock_timeout=self.lock_timeout, show_progress=show_progress,
-        )  # fmt: skip
+            self._snap,
+            source,
+            Path(out),
+            limit=limit,
+            index_config=index_config or IndexConfig(),
+            overwrite=overwrite,
+            lock_timeout=self.lock_timeout,
+            show_progress=show_progress,
+        )
         return Matcher.load(out, encoder=self.encoder, verify=False, lock_timeout=self.lock_timeout)
-
-    def _write(self, change: Callable[[Path], ChangeReport]) -> ChangeReport:
-        """Run a catalogue change against the bundle, then serve the generation it published."""
-        report = change(self._require_path())
-        self._reopen()
-        return dataclasses.replace(report, generation=self.generation or report.generation)
 
     # -- pair scoring ----------------------------------------------------------------------------
 
@@ -456,43 +395,15 @@ class Matcher:
 
         self._publish((QUERY_ENCODER,), write, dataclasses.replace(self.manifest, query_encoder=record))
 
-    def _publish(
-        self, replaced: tuple[str, ...], write: Callable[[Path], None], manifest: Manifest, scorer: Scorer | None = None
-    ) -> None:
-        """A new generation with ``replaced`` rewritten, refused if another writer published since this matcher
-        loaded (the change was made against this matcher's generation)."""
-        path = self._require_path()
-        base = current_generation(path) if self.generation is None else path / self.generation
-        generation.publish(path, base, replaced, write, manifest, scorer=scorer, lock_timeout=self.lock_timeout)
-        self._reopen()
-
-    def _require_path(self) -> Path:
-        if self.path is None:
-            raise BundleError("this matcher has no bundle path to save into")
-        return self.path
-
-    def _reopen(self, *, collect: bool = True) -> None:
-        """Serve the bundle's live generation (after a write, or a refresh); a writer also deletes the
-        generations no reader holds any more. If another writer moved the bundle to another encoder (reencode,
-        finetune), that encoder is loaded from the bundle, in this matcher's preset and device."""
-        path = self._require_path()
-        live = read_manifest(current_generation(path), verify=False).encoder.get("fingerprint")
-        keep = self.allow_encoder_mismatch or live == self.encoder.fingerprint
-        fresh = Matcher.load(
-            path, encoder=self.encoder if keep else None, preset=None if keep else self.encoder.preset,
-            device=None if keep else str(self.encoder.device), verify=False, lock_timeout=self.lock_timeout,
-            allow_encoder_mismatch=self.allow_encoder_mismatch,
-        )  # fmt: skip
-        self.encoder = fresh.encoder
-        old, self._snap = self._snap, fresh._snap
-        del old  # its lease goes when the last search using it finishes
-        if collect:
-            collect_garbage(path)
-
     def train_scorer(
-        self, train_pairs: pd.DataFrame | str | Path, valid_pairs: pd.DataFrame | str | Path | None = None, *,
-        save: bool = True, show_progress: bool = True, **settings: Any,
-    ) -> TrainReport:  # fmt: skip
+        self,
+        train_pairs: pd.DataFrame | str | Path,
+        valid_pairs: pd.DataFrame | str | Path | None = None,
+        *,
+        save: bool = True,
+        show_progress: bool = True,
+        **settings: Any,
+    ) -> TrainReport:
         """Train the reranker on (query, title, label) pairs; settings: :class:`matching.training.scorer.TrainConfig`.
 
         The untrained default, a linear and an MLP reranker are compared on the validation pairs; a learned one
@@ -511,9 +422,14 @@ class Matcher:
         return report
 
     def train_query_tower(
-        self, train_pairs: pd.DataFrame | str | Path, valid_pairs: pd.DataFrame | str | Path | None = None, *,
-        save: bool = True, show_progress: bool = True, **settings: Any,
-    ) -> TrainReport:  # fmt: skip
+        self,
+        train_pairs: pd.DataFrame | str | Path,
+        valid_pairs: pd.DataFrame | str | Path | None = None,
+        *,
+        save: bool = True,
+        show_progress: bool = True,
+        **settings: Any,
+    ) -> TrainReport:
         """Fine-tune a separate query tower on positive pairs; settings: :class:`matching.training.tower.TowerConfig`.
 
         The title vectors stay frozen. Retrain the scorer afterwards (:meth:`train_scorer`): it was fitted to
@@ -529,10 +445,16 @@ class Matcher:
         return report
 
     def finetune(
-        self, train_pairs: pd.DataFrame | str | Path, valid_pairs: pd.DataFrame | str | Path | None = None, *,
-        search: int = 0, retrain_scorer: bool = True, index_config: IndexConfig | None = None,
-        show_progress: bool = True, **settings: Any,
-    ) -> TrainReport:  # fmt: skip
+        self,
+        train_pairs: pd.DataFrame | str | Path,
+        valid_pairs: pd.DataFrame | str | Path | None = None,
+        *,
+        search: int = 0,
+        retrain_scorer: bool = True,
+        index_config: IndexConfig | None = None,
+        show_progress: bool = True,
+        **settings: Any,
+    ) -> TrainReport:
         """Fine-tune the encoder (both towers) on labelled pairs, then encode every stored title again and publish
         encoder, vectors and index as one new generation (readers move on at :meth:`refresh`); with
         ``retrain_scorer`` the reranker, reset by the new vectors, is then trained on the same pairs (one more
@@ -548,9 +470,14 @@ class Matcher:
         if report.best_epoch > 0:
             record = {**report.to_dict(), **({"search": found.to_dict()} if found else {})}
             reencode_bundle(
-                self._snap, self._require_path(), tuned, index_config=index_config, show_progress=show_progress,
-                lock_timeout=self.lock_timeout, finetuned=record,
-            )  # fmt: skip
+                self._snap,
+                self._require_path(),
+                tuned,
+                index_config=index_config,
+                show_progress=show_progress,
+                lock_timeout=self.lock_timeout,
+                finetuned=record,
+            )
             self.encoder = tuned
             self._reopen()
             if retrain_scorer:
@@ -562,9 +489,14 @@ class Matcher:
     # -- a smaller encoder -------------------------------------------------------------------------
 
     def distill(
-        self, out_dir: str | Path, *, layers: int = 3, max_titles: int = 100_000, show_progress: bool = True,
+        self,
+        out_dir: str | Path,
+        *,
+        layers: int = 3,
+        max_titles: int = 100_000,
+        show_progress: bool = True,
         **settings: Any,
-    ) -> DistillReport:  # fmt: skip
+    ) -> DistillReport:
         """Train a ``layers``-layer student of the title encoder on (up to ``max_titles`` of) this bundle's own
         titles and save it as a checkpoint in ``out_dir``; settings: :func:`matching.training.distill.distill`.
 
@@ -580,9 +512,14 @@ class Matcher:
         return distill(self.encoder, titles, out_dir, layers=layers, show_progress=show_progress, **settings)
 
     def reencode(
-        self, model: str | Path | None = None, *, encoder: Encoder | None = None, preset: Preset | str | None = None,
-        index_config: IndexConfig | None = None, show_progress: bool = True,
-    ) -> None:  # fmt: skip
+        self,
+        model: str | Path | None = None,
+        *,
+        encoder: Encoder | None = None,
+        preset: Preset | str | None = None,
+        index_config: IndexConfig | None = None,
+        show_progress: bool = True,
+    ) -> None:
         """Switch the bundle to another encoder (``model`` directory or ``encoder``; neither: its own, e.g. in another
         ``preset``): every stored title is encoded anew, no CSV needed, and published with its index and BM25 as one
         new generation, which this matcher then serves. Readers keep the old generation until they refresh; a crash
@@ -592,9 +529,13 @@ class Matcher:
             config = EncoderConfig(model=str(model), preset=chosen)
             encoder = self.encoder.variant(preset=chosen) if model is None else Encoder.from_pretrained(config)
         reencode_bundle(
-            self._snap, self._require_path(), encoder, index_config=index_config, show_progress=show_progress,
+            self._snap,
+            self._require_path(),
+            encoder,
+            index_config=index_config,
+            show_progress=show_progress,
             lock_timeout=self.lock_timeout,
-        )  # fmt: skip
+        )
         self.encoder = encoder
         self._reopen()
 
@@ -607,3 +548,12 @@ class Matcher:
     def info(self) -> dict[str, Any]:
         """The manifest, plus the bundle path, as a JSON-able dict."""
         return {"path": str(self.path) if self.path else None, **self.manifest.to_dict()}
+
+
+def _untrained_scorer(dim: int, hidden: int, retrieval: Retrieval | None) -> ScorerConfig:
+    """A new bundle's reranker: the adaptive fusion for hybrid retrieval; the cosine, or BM25, alone where that is
+    the default retrieval."""
+    fixed = {Retrieval.DENSE: 1.0, Retrieval.LEXICAL: 0.0}.get(retrieval or Retrieval.HYBRID)
+    if fixed is None:
+        return ScorerConfig(dim=dim, hidden=hidden, lexical=True, dense_weight=DENSE_CEILING, fusion=Fusion.ADAPTIVE)
+    return ScorerConfig(dim=dim, hidden=hidden, lexical=True, dense_weight=fixed)

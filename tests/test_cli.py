@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 from conftest import hidden_entries, make_catalogue
 
@@ -86,6 +87,13 @@ def test_importing_the_cli_does_not_import_torch() -> None:
     code = "import sys, matching.cli; print(sorted(m for m in ('torch', 'transformers', 'faiss') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_the_cli_lock_timeout_is_the_bundle_default() -> None:
+    from matching.bundle import DEFAULT_LOCK_TIMEOUT
+    from matching.cli.options import LOCK_TIMEOUT
+
+    assert LOCK_TIMEOUT == DEFAULT_LOCK_TIMEOUT
 
 
 # -- build / search / info / evaluate -----------------------------------------------------------------
@@ -288,3 +296,34 @@ def test_info_on_a_plain_directory(capsys: pytest.CaptureFixture[str], tmp_path:
     code, _, err = run(capsys, "info", tmp_path)
     assert code == 1
     assert_one_line_error(err, "not a bundle")
+
+
+def test_evaluate_pairs_prints_every_signal(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, cli_bundle: Path
+) -> None:
+    catalogue = make_catalogue()
+    titles = catalogue["title"].tolist()
+    pairs = tmp_path / "pairs.csv"
+    pd.DataFrame(
+        {"q": [t.split(" ", 1)[1] for t in titles[:8]] * 2, "title": titles[:8] + titles[8:16], "y": [1] * 8 + [0] * 8}
+    ).to_csv(pairs, index=False)
+    code, stdout, _ = run(
+        capsys, "evaluate", cli_bundle, "--pairs", pairs, "--query-column", "q", "--label-column", "y", "--json"
+    )
+    assert code == 0
+    report = json.loads(stdout)
+    assert report["metric"] == "roc_auc"
+    assert report["pairs"] == 16
+    assert set(report["signals"]) == {"cosine", "lexical", "fused", "reranker"}
+    assert report["signals"]["fused"] == report["signals"]["reranker"]
+    code, stdout, _ = run(
+        capsys, "evaluate", cli_bundle, "--pairs", pairs, "--query-column", "q", "--label-column", "y"
+    )
+    assert code == 0
+    assert stdout.splitlines()[0].split() == ["signal", "roc_auc"]
+    code, _, stderr = run(capsys, "evaluate", cli_bundle, "--pairs", pairs, "--qrels", pairs)
+    assert code != 0
+    assert "not both" in stderr
+    code, _, stderr = run(capsys, "evaluate", cli_bundle)
+    assert code != 0
+    assert "--pairs" in stderr

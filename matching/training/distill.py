@@ -171,115 +171,6 @@ def _write_side_files(out: Path, teacher: Encoder, dim: int) -> None:
     (out / "2_Normalize").mkdir(exist_ok=True)
 
 
-def _checked(
-    teacher_layers: int,
-    layers: int,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    loss: DistillLoss | str,
-    held_out: float,
-    out_dir: str | Path,
-) -> tuple[DistillLoss, Path]:
-    """The loss and the output directory, once every argument is checked."""
-    if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= teacher_layers:
-        raise ConfigError(f"layers must be an integer from 1 to the teacher's {teacher_layers} layers, got {layers!r}")
-    if epochs < 1 or batch_size < 1:
-        raise ConfigError(f"epochs and batch_size must be >= 1, got epochs={epochs}, batch_size={batch_size}")
-    if not lr > 0:
-        raise ConfigError(f"lr must be > 0, got {lr}")
-    try:
-        kind = DistillLoss(loss)
-    except ValueError:
-        raise ConfigError(f"loss must be 'cosine' or 'mse', got {loss!r}") from None
-    if not 0 < held_out < 1:
-        raise ConfigError(f"held_out must be a share in (0, 1), got {held_out}")
-    out = Path(out_dir).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"{str(out)!r} already exists and is not an empty directory; choose a new output path")
-    return kind, out
-
-
-@dataclass(frozen=True)
-class _Split:
-    train: list[str]  # the training texts, sentences and extra texts included
-    held: list[str]
-    sentence_chunks: int  # how many training texts are sentences cut from longer ones
-    extra_texts: int
-
-
-def _split(
-    texts: list[str], held_out: float, rng: np.random.Generator, sentences: bool, extra_texts: Sequence[str]
-) -> _Split:
-    """A held-out share (at most 2,000) and the training texts: the rest, their sentences, the extra texts."""
-    order = rng.permutation(len(texts))
-    n_held = min(2000, max(1, round(len(texts) * held_out)))
-    held = [texts[i] for i in order[:n_held]]
-    train = [texts[i] for i in order[n_held:]]
-    whole = set(train)
-    chunks = [c for t in train for c in sentence_chunks(t) if c not in whole] if sentences else []
-    if isinstance(extra_texts, str):
-        raise ConfigError("extra_texts must be a sequence of strings, not one string")
-    extras = [t.strip() for t in extra_texts if isinstance(t, str) and t.strip()]
-    held_set = set(held)
-    added = [t for t in dict.fromkeys(chunks + extras) if t not in whole and t not in held_set]
-    return _Split(train + added, held, len(set(chunks) & set(added)), len(set(extras) & set(added)))
-
-
-@dataclass(frozen=True)
-class _Schedule:
-    epochs: int
-    batch_size: int
-    lr: float
-    mixed_precision: bool
-
-
-def _train(
-    student: Encoder,
-    model: nn.Module,
-    train: list[str],
-    targets: np.ndarray,
-    objective: DistillationLoss,
-    schedule: _Schedule,
-    rng: np.random.Generator,
-    bar: Any,
-) -> list[float]:
-    """Train ``student`` (its weights: ``model``) onto the teacher's ``targets``; the mean loss of each epoch."""
-    device = student.device
-    epochs, batch_size = schedule.epochs, schedule.batch_size
-    optimisation = Optimisation(
-        model.parameters(),
-        lr=schedule.lr,
-        weight_decay=0.01,
-        total_steps=math.ceil(len(train) / batch_size) * epochs,
-        warmup=0.1,
-        clip=None,
-        autocast=torch.bfloat16 if schedule.mixed_precision and bf16_training(device) else None,
-        device=device,
-    )
-    bar.reset(total=optimisation.total_steps)
-    lengths = np.asarray([len(t) for t in train])
-    target_t = torch.from_numpy(targets)
-    epoch_losses: list[float] = []
-    model.train()
-    for module in model.modules():  # regression onto fixed targets: no dropout
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-    for _ in range(epochs):
-        total = 0.0
-        for idx in _batches(lengths, batch_size, rng):
-            batch = student.tokenize([train[i] for i in idx])
-            with optimisation.autocast():
-                pred = student.embed(batch).float()
-            total += optimisation.update(objective(pred, target_t[idx].to(device))) * len(idx)
-            bar.update(1)
-        epoch_losses.append(total / len(train))
-        bar.set_postfix(loss=f"{epoch_losses[-1]:.5f}")
-    bar.close()
-    model.eval()
-    return epoch_losses
-
-
 def distill(
     teacher: Encoder,
     texts: Sequence[str],
@@ -318,48 +209,163 @@ def distill(
     """
     started = time.perf_counter()
     teacher_layers = layer_count(teacher.model)
-    kind, out = _checked(teacher_layers, layers, epochs, batch_size, lr, loss, held_out, out_dir)
+    settings = _Settings(layers, epochs, batch_size, lr, loss, seed, similarity)
+    out = _check_arguments(out_dir, teacher_layers, settings, held_out)
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    split = _split(_clean_texts(texts), held_out, rng, sentences, extra_texts)
-
-    # targets: the teacher's vectors (a view on its weights: 'fast' int8 is too noisy to copy)
-    view = teacher.variant(preset=Preset.DEFAULT if teacher.preset is Preset.FAST else teacher.preset)
-    targets_train = view.encode(split.train, show_progress=show_progress)
-    targets_held = view.encode(split.held)
-
+    split = _split_texts(_clean_texts(texts), rng, held_out, sentences, extra_texts)
+    targets_train, targets_held = _targets(teacher, split, show_progress)
     model = truncate(teacher.model, layers)
     student = teacher.variant(model, source=str(out), preset=Preset.EXACT)
     cosine_before = _mean_cosine(student.encode(split.held), targets_held)
-    objective = DistillationLoss(VECTOR_LOSSES[kind], similarity)
-    schedule = _Schedule(epochs, batch_size, lr, mixed_precision)
-    bar = tqdm(desc=f"distilling {layers} layers", unit="batch", disable=not show_progress)
-    epoch_losses = _train(student, model, split.train, targets_train, objective, schedule, rng, bar)
+    autocast = mixed_precision and bf16_training(student.device)
+    epoch_losses = _train_student(student, model, split.train, targets_train, rng, settings, autocast, show_progress)
     cosine_after = _mean_cosine(student.encode(split.held), targets_held)
-
     report = DistillReport(
         out_dir=str(out),
         teacher=teacher.source,
         teacher_fingerprint=teacher.fingerprint,
-        layers=layers,
         teacher_layers=teacher_layers,
         train_texts=len(split.train),
         held_out_texts=len(split.held),
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        loss=kind.value,
-        seed=seed,
         cosine_before=cosine_before,
         cosine_after=cosine_after,
         epoch_losses=epoch_losses,
         seconds=time.perf_counter() - started,
-        sentence_chunks=split.sentence_chunks,
-        extra_texts=split.extra_texts,
-        similarity=similarity,
+        sentence_chunks=len(set(split.chunks) & set(split.added)),
+        extra_texts=len(set(split.extras) & set(split.added)),
+        **asdict(settings),
     )
     _save(student, teacher, out, report)
+    log.info(
+        "distilled %d of %d layers into %s: held-out cosine %.4f -> %.4f in %.0f s",
+        layers,
+        teacher_layers,
+        out,
+        cosine_before,
+        cosine_after,
+        report.seconds,
+    )
     return report
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """The training settings of one distillation, as :class:`DistillReport` records them."""
+
+    layers: int
+    epochs: int
+    batch_size: int
+    lr: float
+    loss: DistillLoss | str
+    seed: int
+    similarity: float
+
+
+def _check_arguments(out_dir: str | Path, teacher_layers: int, settings: _Settings, held_out: float) -> Path:
+    """The output directory, once every argument of :func:`distill` is checked."""
+    layers, epochs, batch_size = settings.layers, settings.epochs, settings.batch_size
+    lr, loss = settings.lr, settings.loss
+    if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= teacher_layers:
+        raise ConfigError(f"layers must be an integer from 1 to the teacher's {teacher_layers} layers, got {layers!r}")
+    if epochs < 1 or batch_size < 1:
+        raise ConfigError(f"epochs and batch_size must be >= 1, got epochs={epochs}, batch_size={batch_size}")
+    if not lr > 0:
+        raise ConfigError(f"lr must be > 0, got {lr}")
+    try:
+        DistillLoss(loss)
+    except ValueError:
+        raise ConfigError(f"loss must be 'cosine' or 'mse', got {loss!r}") from None
+    if not 0 < held_out < 1:
+        raise ConfigError(f"held_out must be a share in (0, 1), got {held_out}")
+    out = Path(out_dir).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{str(out)!r} already exists and is not an empty directory; choose a new output path")
+    return out
+
+
+@dataclass(frozen=True)
+class _Split:
+    """The texts of one distillation: ``held`` out for the report, ``train`` (the rest, then ``added``: sentence
+    ``chunks`` of long texts and ``extras`` not already among them)."""
+
+    held: list[str]
+    train: list[str]
+    chunks: list[str]
+    extras: list[str]
+    added: list[str]
+
+
+def _split_texts(
+    texts: list[str], rng: np.random.Generator, held_out: float, sentences: bool, extra_texts: Sequence[str]
+) -> _Split:
+    order = rng.permutation(len(texts))
+    n_held = min(2000, max(1, round(len(texts) * held_out)))
+    held = [texts[i] for i in order[:n_held]]
+    train = [texts[i] for i in order[n_held:]]
+    whole = set(train)
+    chunks = [c for t in train for c in sentence_chunks(t) if c not in whole] if sentences else []
+    if isinstance(extra_texts, str):
+        raise ConfigError("extra_texts must be a sequence of strings, not one string")
+    extras = [t.strip() for t in extra_texts if isinstance(t, str) and t.strip()]
+    held_set = set(held)
+    added = [t for t in dict.fromkeys(chunks + extras) if t not in whole and t not in held_set]
+    return _Split(held, train + added, chunks, extras, added)
+
+
+def _targets(teacher: Encoder, split: _Split, show_progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The teacher's vectors of the training and the held-out texts, encoded by a view on its weights in its own
+    preset, or ``default`` where it runs ``fast`` (int8 is too noisy to copy)."""
+    target_preset = Preset.DEFAULT if teacher.preset is Preset.FAST else teacher.preset
+    view = teacher.variant(preset=target_preset)
+    return view.encode(split.train, show_progress=show_progress), view.encode(split.held)
+
+
+def _train_student(
+    student: Encoder,
+    model: nn.Module,
+    train: list[str],
+    targets: np.ndarray,
+    rng: np.random.Generator,
+    settings: _Settings,
+    autocast: bool,
+    show_progress: bool,
+) -> list[float]:
+    """Regress ``student``'s vectors of ``train`` onto the teacher's ``targets``: the mean loss of each epoch."""
+    epochs, batch_size, device = settings.epochs, settings.batch_size, student.device
+    steps = math.ceil(len(train) / batch_size) * epochs
+    optimisation = Optimisation(
+        model.parameters(),
+        lr=settings.lr,
+        weight_decay=0.01,
+        total_steps=steps,
+        warmup=0.1,
+        clip=None,
+        autocast=torch.bfloat16 if autocast else None,
+        device=device,
+    )
+    objective = DistillationLoss(VECTOR_LOSSES[DistillLoss(settings.loss)], settings.similarity)
+    lengths = np.asarray([len(t) for t in train])
+    target_t = torch.from_numpy(targets)
+    epoch_losses: list[float] = []
+    bar = tqdm(total=steps, desc=f"distilling {settings.layers} layers", unit="batch", disable=not show_progress)
+    model.train()
+    for module in model.modules():  # regression onto fixed targets: no dropout
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    for _ in range(epochs):
+        total = 0.0
+        for idx in _batches(lengths, batch_size, rng):
+            batch = student.tokenize([train[i] for i in idx])
+            with optimisation.autocast():
+                pred = student.embed(batch).float()
+            total += optimisation.update(objective(pred, target_t[idx].to(device))) * len(idx)
+            bar.update(1)
+        epoch_losses.append(total / len(train))
+        bar.set_postfix(loss=f"{epoch_losses[-1]:.5f}")
+    bar.close()
+    model.eval()
+    return epoch_losses
 
 
 def _save(student: Encoder, teacher: Encoder, out: Path, report: DistillReport) -> None:
@@ -384,12 +390,3 @@ def _save(student: Encoder, teacher: Encoder, out: Path, report: DistillReport) 
     finally:
         if bars:
             hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
-    log.info(
-        "distilled %d of %d layers into %s: held-out cosine %.4f -> %.4f in %.0f s",
-        report.layers,
-        report.teacher_layers,
-        out,
-        report.cosine_before,
-        report.cosine_after,
-        report.seconds,
-    )

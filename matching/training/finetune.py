@@ -300,9 +300,16 @@ def finetune_encoder(
     tower = encoder.clone(source=encoder.source)
     baseline = validate(tower)  # in the encoder's own preset: the metric as it will serve
     report = TrainReport(
-        config=cfg.to_dict(), loss=loss_kind.value, metric=metric_name, baseline=baseline, best_metric=baseline,
-        best_epoch=0, train_pairs=len(train), valid_queries=valid["query"].nunique(), loss_reason=reason,
-    )  # fmt: skip
+        config=cfg.to_dict(),
+        loss=loss_kind.value,
+        metric=metric_name,
+        baseline=baseline,
+        best_metric=baseline,
+        best_epoch=0,
+        train_pairs=len(train),
+        valid_queries=valid["query"].nunique(),
+        loss_reason=reason,
+    )
     stopper = EarlyStopping(tower.model, report, cfg.patience)
     model = tower.model
     per_epoch = math.ceil(len(train) / cfg.batch_size)

@@ -145,14 +145,9 @@ def train_query_tower(
         epoch_loss = 0.0
         for start in range(0, len(queries), cfg.batch_size):
             batch = perm[start : start + cfg.batch_size]
-            # one shared pool: every query's positives and mined negatives in this batch
-            pool_rows = list(dict.fromkeys(r for i in batch for r in train_pos[queries[i]] + negatives[i]))
-            where = {r: j for j, r in enumerate(pool_rows)}
+            positives = [train_pos[queries[i]] for i in batch]
+            pool_rows, target = _pool([positives[b] + negatives[i] for b, i in enumerate(batch)], positives, device)
             pool = torch.from_numpy(np.asarray(vectors[pool_rows])).to(device)
-            target = torch.zeros(len(batch), len(pool_rows), device=device)
-            for bi, i in enumerate(batch):
-                for r in train_pos[queries[i]]:
-                    target[bi, where[r]] = 1.0 / len(train_pos[queries[i]])
             qv = tower.embed(tower.tokenize([queries[i] for i in batch]))
             loss = infonce(qv @ pool.T, target)
             if cfg.anchor:
@@ -163,6 +158,20 @@ def train_query_tower(
             break
     stopper.restore(started)
     return tower, report
+
+
+def _pool(
+    candidates: list[list[int]], positives: list[list[int]], device: torch.device
+) -> tuple[list[int], torch.Tensor]:
+    """One shared pool for a batch (every query's positives and mined negatives, each row once) and the target
+    distribution of each query over it (uniform over its positives)."""
+    pool_rows = list(dict.fromkeys(r for rows in candidates for r in rows))
+    where = {r: j for j, r in enumerate(pool_rows)}
+    target = torch.zeros(len(positives), len(pool_rows), device=device)
+    for bi, rows in enumerate(positives):
+        for r in rows:
+            target[bi, where[r]] = 1.0 / len(rows)
+    return pool_rows, target
 
 
 def _select_trainable(tower: Encoder, top_layers: int) -> list[nn.Parameter]:

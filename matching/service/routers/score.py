@@ -1,0 +1,25 @@
+"""``POST /score``: the reranker's score of given (query, title) pairs."""
+
+from typing import Any
+
+from fastapi import APIRouter, HTTPException
+
+from matching.service.bodies import ScoreBody
+from matching.service.state import ServiceDep
+
+router = APIRouter()
+
+
+@router.post("/score")
+def score(body: ScoreBody, service: ServiceDep) -> dict[str, Any]:
+    """The reranker's score of each (query, title) pair; titles in the catalogue reuse their stored vectors."""
+    if not body.pairs:
+        raise HTTPException(400, "no pairs: give at least one")
+    if len(body.pairs) > service.config.max_pairs:
+        raise HTTPException(400, f"{len(body.pairs)} pairs in one request; at most {service.config.max_pairs}")
+    longest = max(max(len(p.query), len(p.title)) for p in body.pairs)
+    if longest > service.config.max_query_chars:
+        raise HTTPException(400, f"a pair has a text of {longest} characters; at most {service.config.max_query_chars}")
+    matcher = service.pinned()
+    scores = matcher.score_pairs([p.query for p in body.pairs], [p.title for p in body.pairs])
+    return {"generation": matcher.generation, "scores": [float(s) for s in scores]}

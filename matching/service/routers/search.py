@@ -1,0 +1,90 @@
+"""``GET /search`` (one query) and ``POST /search`` (many, encoded in one pass)."""
+
+import dataclasses
+import json
+import time
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Query
+
+from matching.analysis import Analyzer, matched_spans
+from matching.service.bodies import SearchBody
+from matching.service.state import Service, ServiceDep
+from matching.types import Match, Retrieval
+
+router = APIRouter()
+
+
+@router.get("/search")
+def search_one(
+    service: ServiceDep,
+    q: str,
+    k: int = 10,
+    where: str | None = Query(None, description='JSON object, e.g. {"brand": "acme", "price": {"<": 50}}'),
+    retrieval: Retrieval | None = None,
+    candidates: int = 100,
+    rerank: bool = True,
+    highlight: bool = False,
+) -> dict[str, Any]:
+    """The best titles for one query."""
+    body = SearchBody(
+        queries=[q],
+        k=k,
+        where=_parse_where(where),
+        retrieval=retrieval,
+        candidates=candidates,
+        rerank=rerank,
+        highlight=highlight,
+    )
+    out = search(service, body)
+    first = out.pop("results")[0]
+    return {**out, **first}
+
+
+@router.post("/search")
+def search_many(body: SearchBody, service: ServiceDep) -> dict[str, Any]:
+    """The best titles for each of many queries, encoded in one pass."""
+    return search(service, body)
+
+
+def search(service: Service, body: SearchBody) -> dict[str, Any]:
+    """``body``'s queries searched in one generation, within the service's bounds."""
+    service.check(body.queries, body.k, body.candidates)
+    start = time.perf_counter()
+    matcher = service.pinned()
+    results = matcher.search_batch(
+        body.queries,
+        body.k,
+        candidates=max(body.k, body.candidates),
+        rerank=body.rerank,
+        where=body.where,
+        retrieval=body.retrieval,
+    )
+    analyzer = Analyzer((matcher.manifest.lexical or {}).get("analyzer", Analyzer.ENGLISH))
+    return {
+        "generation": matcher.generation,
+        "took_ms": round((time.perf_counter() - start) * 1000, 3),
+        "results": [
+            {"query": q, "hits": [_hit(m, q if body.highlight else None, analyzer) for m in hits]}
+            for q, hits in zip(body.queries, results, strict=True)
+        ],
+    }
+
+
+def _hit(match: Match, query: str | None, analyzer: Analyzer) -> dict[str, Any]:
+    out = dataclasses.asdict(match)
+    if query is not None:
+        out["highlights"] = matched_spans(query, match.title, analyzer)
+    return out
+
+
+def _parse_where(text: str | None) -> dict[str, Any] | None:
+    if text is None or not text.strip():
+        return None
+    try:
+        where = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise HTTPException(400, f'where is not JSON ({exc.msg}); e.g. where={{"price": {{"<": 50}}}}') from None
+    if not isinstance(where, dict):
+        raise HTTPException(400, 'where must be a JSON object, e.g. {"brand": "acme", "price": {">=": 10}}')
+    return where

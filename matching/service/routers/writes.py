@@ -1,0 +1,44 @@
+"""``POST /add``, ``/upsert`` and ``/remove``: catalogue changes, each needing the bearer token."""
+
+from typing import Any
+
+import pandas as pd
+from fastapi import APIRouter, HTTPException, Request
+
+from matching.service.bodies import RemoveBody, RowsBody
+from matching.service.state import Service, ServiceDep
+
+router = APIRouter()
+
+
+def _rows_frame(service: Service, body: RowsBody) -> pd.DataFrame:
+    if not body.rows:
+        raise HTTPException(400, "no rows: give at least one")
+    if len(body.rows) > service.config.max_batch:
+        raise HTTPException(400, f"{len(body.rows)} rows in one request; at most {service.config.max_batch}")
+    return pd.DataFrame(body.rows, dtype=object)  # ints stay ints beside rows that lack the field
+
+
+@router.post("/add")
+async def add(body: RowsBody, request: Request, service: ServiceDep) -> dict[str, Any]:
+    """Add titles (``rows``: objects with the bundle's id and title fields plus metadata). Needs the token."""
+    service.authorize(request)
+    frame = _rows_frame(service, body)
+    return await service.write(lambda m: m.add(frame, show_progress=False))
+
+
+@router.post("/upsert")
+async def upsert(body: RowsBody, request: Request, service: ServiceDep) -> dict[str, Any]:
+    """Add titles and replace those with the same id. Needs the token."""
+    service.authorize(request)
+    frame = _rows_frame(service, body)
+    return await service.write(lambda m: m.upsert(frame, show_progress=False))
+
+
+@router.post("/remove")
+async def remove(body: RemoveBody, request: Request, service: ServiceDep) -> dict[str, Any]:
+    """Remove titles by id. Needs the token."""
+    service.authorize(request)
+    if len(body.ids) > service.config.max_batch:
+        raise HTTPException(400, f"{len(body.ids)} ids in one request; at most {service.config.max_batch}")
+    return await service.write(lambda m: m.remove(body.ids, missing_ok=body.missing_ok))

@@ -1,0 +1,64 @@
+"""Running the service under uvicorn (``matching serve``): the token file, and the environment from which each
+worker process of ``--workers N`` builds its app."""
+
+import json
+import os
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from matching.config import ServiceConfig
+from matching.errors import ConfigError
+from matching.service.app import create_app
+
+# environment of `matching serve --workers N`: each uvicorn worker process builds its app from it
+ENV_BUNDLE, ENV_TOKEN, ENV_CONFIG = "MATCHING_SERVE_BUNDLE", "MATCHING_SERVE_TOKEN_FILE", "MATCHING_SERVE_CONFIG"
+
+
+def read_token(path: str | Path) -> str:
+    """The write token in ``path`` (its first line), refused when empty or unreadable."""
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the token file {str(path)!r}: {exc}") from None
+    if not token:
+        raise ConfigError(f"the token file {str(path)!r} is empty; put a long random string in it")
+    return token
+
+
+def app_from_env() -> FastAPI:
+    """The app for one worker of ``matching serve --workers N`` (uvicorn's factory)."""
+    token_file = os.environ.get(ENV_TOKEN)
+    config = ServiceConfig.from_dict(json.loads(os.environ.get(ENV_CONFIG) or "{}"))
+    return create_app(os.environ[ENV_BUNDLE], token=read_token(token_file) if token_file else None, config=config)
+
+
+def serve(
+    bundle: str | Path,
+    *,
+    host: str,
+    port: int,
+    workers: int = 1,
+    token_file: str | Path | None = None,
+    config: ServiceConfig | None = None,
+    log_level: str = "info",
+) -> None:
+    """Run the service under uvicorn until interrupted (``matching serve``); ``workers`` > 1 starts that many
+    processes, each building its app from the environment (:func:`app_from_env`)."""
+    import uvicorn
+
+    from matching.bundle import current_generation
+
+    current_generation(Path(bundle))  # a missing or broken bundle fails here, not in every worker
+    config = config or ServiceConfig()
+    token = read_token(token_file) if token_file else None
+    if workers == 1:
+        uvicorn.run(create_app(bundle, token=token, config=config), host=host, port=port, log_level=log_level)
+        return
+    os.environ[ENV_BUNDLE] = str(Path(bundle).resolve())
+    os.environ[ENV_CONFIG] = json.dumps(config.to_dict())
+    if token_file:
+        os.environ[ENV_TOKEN] = str(Path(token_file).resolve())
+    uvicorn.run(
+        "matching.service.server:app_from_env", factory=True, host=host, port=port, workers=workers, log_level=log_level
+    )

@@ -1,0 +1,150 @@
+"""The state of one served bundle: the matcher, its refresh thread, the write token, the request bounds, and
+the dependency through which the routers reach it."""
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import hmac
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, HTTPException, Request
+
+from matching.bundle import live_name
+from matching.config import ServiceConfig
+from matching.errors import MatchingError
+from matching.matcher import Matcher
+from matching.service.metrics import Metrics
+from matching.types import ChangeReport
+
+log = logging.getLogger("matching.service")
+
+
+class Service:
+    """One bundle served: the matcher, its refresh thread, the write token and the request bounds."""
+
+    def __init__(self, bundle: str | Path, *, token: str | None = None, config: ServiceConfig | None = None) -> None:
+        self.path = Path(bundle)
+        self.token = token
+        self.config = config or ServiceConfig()
+        self.metrics = Metrics()
+        self.matcher: Matcher | None = None
+        self.error: str | None = None
+        self._lock = threading.Lock()  # one writer or refresher at a time in this process
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._torch_threads = 0
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="matching-writer")
+
+    def start(self) -> None:
+        """Load the bundle and keep it fresh, in a background thread (``/ready`` says when it is loaded)."""
+        self._thread = threading.Thread(target=self._run, name="matching-refresh", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._writer.shutdown(wait=True)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if self.matcher is not None:
+            self.matcher.close()
+        if self._torch_threads:  # the setting is process-wide: give it back (an app in tests, in a notebook)
+            import torch
+
+            torch.set_num_threads(self._torch_threads)
+
+    def _run(self) -> None:
+        import torch
+
+        self._torch_threads = torch.get_num_threads()
+        torch.set_num_threads(self.config.torch_threads)
+        while self.matcher is None:
+            try:
+                matcher = Matcher.load(self.path)
+                # the first encode builds the encoder's runner (0.4 s here): before /ready, not in a user's request
+                matcher.query_encoder.encode_queries(["warm up"])
+                self.matcher, self.error = matcher, None
+            except Exception as exc:  # keep trying: /ready says why meanwhile
+                self.error = f"cannot load the bundle: {exc}"
+                log.error("cannot serve %s: %s", self.path, exc)
+                if self._stop.wait(max(5.0, self.config.refresh_seconds)):
+                    return
+        while not self._stop.wait(self.config.refresh_seconds):
+            try:
+                self.refresh()
+            except Exception as exc:  # the thread must outlive any one failure, or the service goes stale
+                self.error = f"cannot refresh: {exc}"
+                log.exception("refreshing %s failed", self.path)
+
+    def refresh(self) -> bool:
+        """Move to the bundle's live generation if another process published one; searches in flight finish on
+        the one they started with."""
+        matcher = self.matcher
+        if matcher is None or live_name(self.path) == matcher.generation:
+            return False
+        with self._lock:
+            try:
+                refreshed = matcher.refresh()
+            except MatchingError as exc:  # a damaged new generation: keep serving the one we have
+                self.error = f"cannot refresh: {exc}"
+                log.error("cannot refresh %s: %s", self.path, exc)
+                return False
+            self.error = None
+            return refreshed
+
+    def ready(self) -> Matcher:
+        if self.matcher is None:
+            raise HTTPException(503, self.error or "loading the bundle")
+        return self.matcher
+
+    def pinned(self) -> Matcher:
+        return self.ready().pin()
+
+    async def write(self, change: Callable[[Matcher], ChangeReport]) -> dict[str, Any]:
+        """Run a change on the service's one writer thread, so waiting writes never hold the threads that
+        answer searches."""
+        matcher = self.ready()
+
+        def run() -> ChangeReport:
+            with self._lock:
+                return change(matcher)
+
+        report = await asyncio.get_running_loop().run_in_executor(self._writer, run)
+        return dataclasses.asdict(report)
+
+    def authorize(self, request: Request) -> None:
+        if self.token is None:
+            raise HTTPException(403, "writes are off: start the server with --token-file to allow them")
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise HTTPException(401, "writes need 'Authorization: Bearer <token>'", {"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+            raise HTTPException(403, "wrong token")
+
+    # -- bounds --------------------------------------------------------------------------------------
+
+    def check(self, queries: list[str], k: int, candidates: int) -> None:
+        c = self.config
+        if not queries:
+            raise HTTPException(400, "no queries: give at least one")
+        if len(queries) > c.max_batch:
+            raise HTTPException(400, f"{len(queries)} queries in one request; at most {c.max_batch}")
+        long = next((i for i, q in enumerate(queries) if len(q) > c.max_query_chars), None)
+        if long is not None:
+            raise HTTPException(400, f"query {long} has {len(queries[long])} characters; at most {c.max_query_chars}")
+        if not 1 <= k <= c.max_k:
+            raise HTTPException(400, f"k must be between 1 and {c.max_k}, got {k}")
+        if not 1 <= candidates <= c.max_candidates:
+            raise HTTPException(400, f"candidates must be between 1 and {c.max_candidates}, got {candidates}")
+
+
+async def current_service(request: Request) -> Service:
+    """The app's :class:`Service` (a FastAPI dependency; async, so it costs no thread hop)."""
+    service: Service = request.app.state.service
+    return service
+
+
+ServiceDep = Annotated[Service, Depends(current_service)]
