@@ -1,5 +1,6 @@
-"""The training loop's shared pieces: reading labelled pairs, seeds, the warm-up schedule, early stopping and the
-report. Used by every trainer (reranker, query tower, distillation); nothing here runs at query time."""
+"""The one training loop's pieces: reading labelled pairs, seeds, the one optimiser step (:class:`Optimisation`),
+early stopping, one validator per metric, random search and the report. Used by every trainer (reranker, query
+tower, encoder fine-tune, distillation); nothing here runs at query time."""
 
 from __future__ import annotations
 
