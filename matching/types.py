@@ -35,6 +35,13 @@ class EncoderLoss(StrEnum):
     COSENT = "cosent"  # pairwise ranking of the batch's pairs by label (0/1 or graded)
 
 
+class DistillLoss(StrEnum):
+    """How a distilled student's vectors are compared with the teacher's (both L2-normalised)."""
+
+    COSINE = "cosine"  # 1 - cosine
+    MSE = "mse"  # mean squared error
+
+
 class Fusion(StrEnum):
     """How the untrained score weighs the cosine against the lexical share (see :mod:`matching.features`)."""
 

@@ -24,7 +24,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,14 +38,19 @@ from matching.accel import bf16_training
 from matching.analysis import CJK_CHAR
 from matching.encoder import Encoder
 from matching.errors import ConfigError, ModelError
-from matching.training.loop import warmup_linear
-from matching.types import Pooling, Preset
+from matching.training.loop import Optimisation
+from matching.training.losses import CosineDistanceLoss, DistillationLoss, MSELoss
+from matching.types import DistillLoss, Pooling, Preset
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "distill_report.json"
 # config.json keys that hold the layer count, by architecture (distilbert calls it n_layers)
 _LAYER_KEYS = ("num_hidden_layers", "n_layers")
+VECTOR_LOSSES: dict[DistillLoss, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    DistillLoss.COSINE: CosineDistanceLoss(),
+    DistillLoss.MSE: MSELoss(),
+}
 
 
 @dataclass(frozen=True)
@@ -175,7 +180,7 @@ def distill(
     epochs: int = 3,
     batch_size: int = 32,
     lr: float = 2e-4,
-    loss: str = "cosine",
+    loss: DistillLoss | str = DistillLoss.COSINE,
     held_out: float = 0.1,
     seed: int = 0,
     mixed_precision: bool = True,
@@ -252,7 +257,7 @@ class _Settings:
     epochs: int
     batch_size: int
     lr: float
-    loss: str
+    loss: DistillLoss | str
     seed: int
     similarity: float
 
@@ -267,8 +272,10 @@ def _check_arguments(out_dir: str | Path, teacher_layers: int, settings: _Settin
         raise ConfigError(f"epochs and batch_size must be >= 1, got epochs={epochs}, batch_size={batch_size}")
     if not lr > 0:
         raise ConfigError(f"lr must be > 0, got {lr}")
-    if loss not in ("cosine", "mse"):
-        raise ConfigError(f"loss must be 'cosine' or 'mse', got {loss!r}")
+    try:
+        DistillLoss(loss)
+    except ValueError:
+        raise ConfigError(f"loss must be 'cosine' or 'mse', got {loss!r}") from None
     if not 0 < held_out < 1:
         raise ConfigError(f"held_out must be a share in (0, 1), got {held_out}")
     out = Path(out_dir).expanduser()
@@ -325,11 +332,19 @@ def _train_student(
     show_progress: bool,
 ) -> list[float]:
     """Regress ``student``'s vectors of ``train`` onto the teacher's ``targets``: the mean loss of each epoch."""
-    epochs, batch_size, loss, similarity = settings.epochs, settings.batch_size, settings.loss, settings.similarity
-    device = student.device
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.01)
+    epochs, batch_size, device = settings.epochs, settings.batch_size, student.device
     steps = math.ceil(len(train) / batch_size) * epochs
-    scheduler = warmup_linear(optimizer, steps, 0.1)
+    optimisation = Optimisation(
+        model.parameters(),
+        lr=settings.lr,
+        weight_decay=0.01,
+        total_steps=steps,
+        warmup=0.1,
+        clip=None,
+        autocast=torch.bfloat16 if autocast else None,
+        device=device,
+    )
+    objective = DistillationLoss(VECTOR_LOSSES[DistillLoss(settings.loss)], settings.similarity)
     lengths = np.asarray([len(t) for t in train])
     target_t = torch.from_numpy(targets)
     epoch_losses: list[float] = []
@@ -342,20 +357,9 @@ def _train_student(
         total = 0.0
         for idx in _batches(lengths, batch_size, rng):
             batch = student.tokenize([train[i] for i in idx])
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            with optimisation.autocast():
                 pred = student.embed(batch).float()
-            want = target_t[idx].to(device)
-            if loss == "cosine":
-                value = (1.0 - (pred * want).sum(dim=-1)).mean()
-            else:
-                value = torch.nn.functional.mse_loss(pred, want)
-            if similarity:
-                value = value + similarity * torch.nn.functional.mse_loss(pred @ pred.T, want @ want.T)
-            optimizer.zero_grad(set_to_none=True)
-            value.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            scheduler.step()
-            total += float(value.detach()) * len(idx)
+            total += optimisation.update(objective(pred, target_t[idx].to(device))) * len(idx)
             bar.update(1)
         epoch_losses.append(total / len(train))
         bar.set_postfix(loss=f"{epoch_losses[-1]:.5f}")

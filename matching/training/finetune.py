@@ -19,25 +19,27 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from matching.accel import bf16_training
 from matching.config import JsonConfig
 from matching.encoder import Encoder
 from matching.errors import ConfigError, SchemaError
-from matching.metrics import ndcg_at_k, spearman
 from matching.training.loop import (
     EarlyStopping,
+    Optimisation,
+    PairMetric,
     SearchReport,
     TrainReport,
     configured,
-    cosent_loss,
+    ndcg_validator,
+    pair_validator,
     random_search,
     seed_everything,
     train_valid_pairs,
-    warmup_linear,
 )
+from matching.training.losses import CoSENTLoss, MNRLLoss
+from matching.training.mining import MARGIN, mine_negatives, positive_rows
 from matching.types import EncoderLoss
 
 if TYPE_CHECKING:
@@ -62,6 +64,7 @@ class FinetuneConfig(JsonConfig):
     scale: float = 20.0  # cosines are multiplied by this in both losses (a temperature of 0.05)
     hard_negatives: int = 1  # mined per positive pair from the bundle (positives-only data)
     mine_depth: int = 30  # mined from this many nearest titles, positives and near-duplicates of them excluded
+    false_negative_margin: float = MARGIN  # mined titles within this share of the weakest positive are skipped
     valid_pool: int = 2000  # titles besides the validation positives that validation retrieval ranks
     mixed_precision: bool = True  # bfloat16 autocast where the CPU (or CUDA) runs it natively
     valid_fraction: float = 0.1  # of the training queries, when no validation pairs are given
@@ -79,6 +82,8 @@ class FinetuneConfig(JsonConfig):
             )
         if self.valid_pool < 0 or not 0 < self.valid_fraction < 1:
             raise ConfigError("valid_pool >= 0 and 0 < valid_fraction < 1 are required")
+        if self.false_negative_margin < 0:
+            raise ConfigError(f"false_negative_margin must be >= 0, got {self.false_negative_margin}")
 
 
 # epochs=0 trains for at least this many steps (2 to 10 epochs). STS-B's 5,749 pairs make 360 steps an epoch, so 2;
@@ -116,13 +121,13 @@ def pick_loss(labels: np.ndarray, asked: EncoderLoss) -> tuple[EncoderLoss, str]
 
 def _pairs_metric(valid: pd.DataFrame) -> Callable[[Encoder], float]:
     """Spearman between the cosine and the label on the validation pairs (graded and 0/1 labels)."""
-    queries, titles, labels = valid["query"].tolist(), valid["title"].tolist(), valid["label"].to_numpy()
+    queries, titles = valid["query"].tolist(), valid["title"].tolist()
 
-    def metric(encoder: Encoder) -> float:
-        q, t = encoder.encode(queries), encoder.encode(titles)
-        return spearman(np.einsum("ij,ij->i", q, t), labels)
+    def cosines(encoder: Encoder) -> np.ndarray:
+        values: np.ndarray = np.einsum("ij,ij->i", encoder.encode(queries), encoder.encode(titles))
+        return values
 
-    return metric
+    return pair_validator(valid["label"].to_numpy(), cosines, PairMetric.SPEARMAN)
 
 
 def _retrieval_metric(snap: Snapshot | None, valid: pd.DataFrame, pool: int, seed: int) -> Callable[[Encoder], float]:
@@ -139,66 +144,131 @@ def _retrieval_metric(snap: Snapshot | None, valid: pd.DataFrame, pool: int, see
         rel.setdefault(q, {})[t] = 1
     queries = list(rel)
 
-    def metric(encoder: Encoder) -> float:
+    def rank(encoder: Encoder) -> list[list[str]]:
         t = encoder.encode(texts)
         q = encoder.encode(queries)
         top = np.argsort(-(q @ t.T), axis=1)[:, :10]
-        return float(np.mean([ndcg_at_k([texts[j] for j in top[i]], rel[qq], 10) for i, qq in enumerate(queries)]))
+        return [[texts[j] for j in row] for row in top]
 
-    return metric
+    return ndcg_validator([rel[q] for q in queries], rank)
 
 
 # -- training data
 
 
-def _mine(snap: Snapshot, positives: dict[str, set[str]], cfg: FinetuneConfig) -> dict[str, list[str]]:
-    """Per query, titles the starting encoder ranks high that are not its positives: candidates for negatives.
-
-    Titles whose cosine comes within 5% of the query's weakest positive are left out (likely unlabelled
-    positives; sentence-transformers' `relative_margin` idea)."""
-    queries = list(positives)
-    qv = snap.query_encoder.encode_queries(queries)
-    scores, ids = snap.index.search(qv, cfg.mine_depth, stored=snap.store.vectors)  # exact scores, lossy index or not
-    found = {int(r) for r in ids.ravel() if r >= 0}
-    text = {r: s.title for r, s in zip(sorted(found), snap.store.get(sorted(found)), strict=True)}
-    pos_vectors = snap.encoder.encode_titles([t for q in queries for t in sorted(positives[q])])
-    out: dict[str, list[str]] = {}
-    at = 0
-    for i, q in enumerate(queries):
-        n = len(positives[q])
-        weakest = float(np.min(pos_vectors[at : at + n] @ qv[i]))
-        limit = weakest - 0.05 * abs(weakest)
-        at += n
-        out[q] = [
-            text[int(r)]
-            for r, s in zip(ids[i], scores[i], strict=True)
-            if r >= 0 and text[int(r)] not in positives[q] and s < limit
-        ]
-    return out
+def _mine(
+    snap: Snapshot, train: pd.DataFrame, positives: dict[str, set[str]], cfg: FinetuneConfig
+) -> dict[str, list[str]]:
+    """Per query, the titles of its mined negatives (:func:`~matching.training.mining.mine_negatives`: exact
+    cosines of the serving query encoder, near-positives left out), the ``5 x hard_negatives`` nearest: each epoch
+    draws its negatives from these."""
+    rows = positive_rows(snap, train)
+    queries = list(rows)
+    if not queries:
+        return {}
+    mined = mine_negatives(
+        snap,
+        snap.query_encoder.encode_queries(queries),
+        [set(rows[q]) for q in queries],
+        count=max(cfg.hard_negatives, 1) * 5,
+        depth=cfg.mine_depth,
+        margin=cfg.false_negative_margin,
+    )
+    found = sorted({r for negatives in mined for r in negatives})
+    text = {r: row.title for r, row in zip(found, snap.store.get(found), strict=True)}
+    # a title stored twice is one positive: its other row is no negative either
+    return {
+        q: [text[r] for r in negatives if text[r] not in positives[q]]
+        for q, negatives in zip(queries, mined, strict=True)
+    }
 
 
 def _mnrl_loss(
-    encoder: Encoder, queries: list[str], titles: list[str], positives: dict[str, set[str]], scale: float
+    encoder: Encoder, queries: list[str], titles: list[str], positives: dict[str, set[str]], loss: MNRLLoss
 ) -> torch.Tensor:
-    """Cross-entropy of each query over the batch's titles (its own positive first among them, and hard negatives
-    after the positives); titles that are another positive of the query are masked out."""
+    """Each query over the batch's titles (its own positive first among them, and hard negatives after the
+    positives); titles that are another positive of the query are masked out."""
     qv = encoder.embed(encoder.tokenize(queries)).float()
     tv = encoder.embed(encoder.tokenize(titles)).float()
-    logits = scale * qv @ tv.T
-    mask = torch.tensor(
+    other = torch.tensor(
         [[j != i and titles[j] in positives[q] for j in range(len(titles))] for i, q in enumerate(queries)],
-        device=logits.device,
+        device=qv.device,
     )
-    logits = logits.masked_fill(mask, float("-inf"))
-    return nn.functional.cross_entropy(logits, torch.arange(len(queries), device=logits.device))
+    return loss(qv, tv, other)
 
 
 def _cosent(
-    encoder: Encoder, queries: list[str], titles: list[str], labels: torch.Tensor, scale: float
+    encoder: Encoder, queries: list[str], titles: list[str], labels: torch.Tensor, loss: CoSENTLoss
 ) -> torch.Tensor:
     qv = encoder.embed(encoder.tokenize(queries)).float()
     tv = encoder.embed(encoder.tokenize(titles)).float()
-    return cosent_loss((qv * tv).sum(dim=-1), labels.to(qv.device), 1.0 / scale)
+    return loss((qv * tv).sum(dim=-1), labels.to(qv.device))
+
+
+def _batch_losses(
+    tower: Encoder,
+    train: pd.DataFrame,
+    positives: dict[str, set[str]],
+    mined: dict[str, list[str]],
+    cfg: FinetuneConfig,
+    rng: np.random.Generator,
+) -> dict[EncoderLoss, Callable[[np.ndarray], torch.Tensor]]:
+    """Per loss, the loss of a batch (row numbers of ``train``)."""
+    queries, titles = train["query"].tolist(), train["title"].tolist()
+    labels = torch.tensor(train["label"].to_numpy(), dtype=torch.float32)
+    mnrl, cosent = MNRLLoss(cfg.scale), CoSENTLoss(1.0 / cfg.scale)
+
+    def mnrl_batch(idx: np.ndarray) -> torch.Tensor:
+        bq = [queries[i] for i in idx]
+        bt = [titles[i] for i in idx]
+        for q in bq:  # hard_negatives mined negatives per query, a different draw each epoch
+            if mined.get(q):
+                pool = mined[q]
+                bt += [pool[int(k)] for k in rng.choice(len(pool), min(len(pool), cfg.hard_negatives), replace=False)]
+        return _mnrl_loss(tower, bq, bt, positives, mnrl)
+
+    def cosent_batch(idx: np.ndarray) -> torch.Tensor:
+        return _cosent(tower, [queries[i] for i in idx], [titles[i] for i in idx], labels[idx], cosent)
+
+    return {EncoderLoss.MNRL: mnrl_batch, EncoderLoss.COSENT: cosent_batch}
+
+
+def _validation(
+    snap: Snapshot | None, valid: pd.DataFrame, loss_kind: EncoderLoss, cfg: FinetuneConfig
+) -> tuple[Callable[[Encoder], float], str]:
+    """The validator and its metric's name: retrieval nDCG@10 for positives-only training, else Spearman."""
+    if loss_kind is EncoderLoss.MNRL:
+        if not (valid["label"] > 0).any():
+            raise SchemaError("the validation pairs have no positive (label > 0): retrieval cannot be measured")
+        return _retrieval_metric(snap, valid, cfg.valid_pool, cfg.seed), "ndcg@10"
+    if len(np.unique(valid["label"])) < 2:
+        raise SchemaError("the validation pairs all have one label: Spearman cannot be measured")
+    return _pairs_metric(valid), "spearman"
+
+
+def _training_pairs(
+    snap: Snapshot | None, train: pd.DataFrame, loss_kind: EncoderLoss, cfg: FinetuneConfig
+) -> tuple[dict[str, set[str]], dict[str, list[str]]]:
+    """Each query's positive titles, and (positives-only training with a bundle) its mined negatives' titles."""
+    positives: dict[str, set[str]] = {}
+    for q, t in zip(train["query"], train["title"], strict=True):
+        positives.setdefault(q, set()).add(t)
+    if snap is None or loss_kind is not EncoderLoss.MNRL or not cfg.hard_negatives:
+        return positives, {}
+    return positives, _mine(snap, train, positives, cfg)
+
+
+def _optimisation(tower: Encoder, cfg: FinetuneConfig, total_steps: int) -> Optimisation:
+    return Optimisation(
+        [p for p in tower.model.parameters() if p.requires_grad],
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        total_steps=total_steps,
+        warmup=cfg.warmup,
+        clip=cfg.clip,
+        autocast=torch.bfloat16 if cfg.mixed_precision and bf16_training(tower.device) else None,
+        device=tower.device,
+    )
 
 
 # -- the loop
@@ -224,21 +294,8 @@ def finetune_encoder(
     loss_kind, reason = pick_loss(train["label"].to_numpy(), cfg.loss)
     if loss_kind is EncoderLoss.MNRL:
         train = train[train["label"] > 0].reset_index(drop=True)
-        if not (valid["label"] > 0).any():
-            raise SchemaError("the validation pairs have no positive (label > 0): retrieval cannot be measured")
-        validate = _retrieval_metric(snap, valid, cfg.valid_pool, cfg.seed)
-        metric_name = "ndcg@10"
-    else:
-        if len(np.unique(valid["label"])) < 2:
-            raise SchemaError("the validation pairs all have one label: Spearman cannot be measured")
-        validate = _pairs_metric(valid)
-        metric_name = "spearman"
-    positives: dict[str, set[str]] = {}
-    for q, t in zip(train["query"], train["title"], strict=True):
-        positives.setdefault(q, set()).add(t)
-    mined = (
-        _mine(snap, positives, cfg) if snap is not None and loss_kind is EncoderLoss.MNRL and cfg.hard_negatives else {}
-    )
+    validate, metric_name = _validation(snap, valid, loss_kind, cfg)
+    positives, mined = _training_pairs(snap, train, loss_kind, cfg)
 
     tower = encoder.clone(source=encoder.source)
     baseline = validate(tower)  # in the encoder's own preset: the metric as it will serve
@@ -255,18 +312,13 @@ def finetune_encoder(
     )
     stopper = EarlyStopping(tower.model, report, cfg.patience)
     model = tower.model
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_epoch = math.ceil(len(train) / cfg.batch_size)
     epochs = epochs_for(cfg, per_epoch)
     report.config["epochs_run"] = epochs
-    scheduler = warmup_linear(optimizer, per_epoch * epochs, cfg.warmup)
-    device = tower.device
-    autocast = cfg.mixed_precision and bf16_training(device)
+    optimisation = _optimisation(tower, cfg, per_epoch * epochs)
     checks = {min(per_epoch, math.ceil(per_epoch * (k + 1) / cfg.evals_per_epoch)) for k in range(cfg.evals_per_epoch)}
     rng = np.random.default_rng(cfg.seed)
-    labels = torch.tensor(train["label"].to_numpy(), dtype=torch.float32)
-    queries, titles = train["query"].tolist(), train["title"].tolist()
+    batch_loss = _batch_losses(tower, train, positives, mined, cfg, rng)[loss_kind]
     bar = tqdm(total=per_epoch * epochs, desc="fine-tuning encoder", unit="batch", disable=not show_progress)
     stop = False
     for epoch in range(1, epochs + 1):
@@ -275,33 +327,16 @@ def finetune_encoder(
         model.train()
         for step in range(1, per_epoch + 1):
             idx = order[(step - 1) * cfg.batch_size : step * cfg.batch_size]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                if loss_kind is EncoderLoss.MNRL:
-                    bq = [queries[i] for i in idx]
-                    bt = [titles[i] for i in idx]
-                    for q in bq:  # one mined negative per query, a different draw each epoch
-                        if mined.get(q):
-                            pool = mined[q][: max(cfg.hard_negatives, 1) * 5]
-                            bt += [
-                                pool[int(k)]
-                                for k in rng.choice(len(pool), min(len(pool), cfg.hard_negatives), replace=False)
-                            ]
-                    loss = _mnrl_loss(tower, bq, bt, positives, cfg.scale)
-                else:
-                    loss = _cosent(tower, [queries[i] for i in idx], [titles[i] for i in idx], labels[idx], cfg.scale)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            nn.utils.clip_grad_norm_(params, cfg.clip)
-            optimizer.step()
-            scheduler.step()
-            running += float(loss.detach()) * len(idx)
+            with optimisation.autocast():
+                loss = batch_loss(idx)
+            running += optimisation.update(loss) * len(idx)
             seen += len(idx)
             bar.update(1)
             if step in checks:
                 model.eval()
                 value = validate(tower)
                 bar.set_postfix(loss=f"{running / seen:.4f}", **{metric_name: f"{value:.4f}"})
-                stop = stopper.step(round(epoch - 1 + step / per_epoch, 3), running / seen, value)
+                stop = stopper.check(round(epoch - 1 + step / per_epoch, 3), running / seen, value)
                 model.train()
                 if stop:
                     break

@@ -1,5 +1,6 @@
-"""The training loop's shared pieces: reading labelled pairs, seeds, the warm-up schedule, early stopping and the
-report. Used by every trainer (reranker, query tower, distillation); nothing here runs at query time."""
+"""The one training loop's pieces: reading labelled pairs, seeds, the one optimiser step (:class:`Optimisation`),
+early stopping, one validator per metric, random search and the report. Used by every trainer (reranker, query
+tower, encoder fine-tune, distillation); nothing here runs at query time."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -22,6 +24,7 @@ from torch import nn
 
 from matching.errors import SchemaError
 from matching.ingest import read_table, reading
+from matching.metrics import ndcg_at_k, roc_auc, spearman
 
 if TYPE_CHECKING:
     from matching.config import JsonConfig
@@ -172,15 +175,6 @@ def unique_queries(pairs: pd.DataFrame, q: np.ndarray) -> tuple[list[str], np.nd
 # -- the loop
 
 
-def cosent_loss(scores: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-    """CoSENT: log(1 + sum over pairs with label_i > label_j of exp((s_j - s_i) / T))."""
-    diff = (scores[None, :] - scores[:, None]) / temperature  # diff[i, j] = (s_j - s_i) / T
-    ordered = labels[:, None] > labels[None, :]
-    diff = diff.masked_fill(~ordered, float("-inf"))
-    flat = torch.cat([torch.zeros(1, dtype=diff.dtype, device=diff.device), diff.reshape(-1)])
-    return torch.logsumexp(flat, dim=0)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -199,6 +193,48 @@ def warmup_linear(optimizer: torch.optim.Optimizer, total_steps: int, warmup_sha
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+class Optimisation:
+    """The one optimiser step of every trainer: AdamW, linear warm-up then decay (:func:`warmup_linear`), gradient
+    clipping (``clip=None``: none) and, with ``autocast``, the forward pass under that dtype on ``device``.
+
+    A trainer computes its loss (inside :meth:`autocast`) and hands it to :meth:`update`; no trainer touches the
+    optimiser itself (``tests/test_training_loop.py`` checks it)."""
+
+    def __init__(
+        self,
+        params: Iterable[nn.Parameter],
+        *,
+        lr: float,
+        weight_decay: float,
+        total_steps: int,
+        warmup: float,
+        clip: float | None,
+        autocast: torch.dtype | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        self.params = list(params)
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.scheduler = warmup_linear(self.optimizer, total_steps, warmup)
+        self.total_steps = total_steps
+        self.clip = clip
+        self.dtype = autocast
+        self.device_type = (device or torch.device("cpu")).type
+
+    def autocast(self) -> torch.autocast:
+        """The context the forward pass runs in (a no-op without an autocast dtype)."""
+        return torch.autocast(self.device_type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None)
+
+    def update(self, loss: torch.Tensor) -> float:
+        """One step on ``loss``: gradients, clipping, the optimiser and the schedule; the loss as a float."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        if self.clip is not None:
+            nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return float(loss.detach())
+
+
 class EarlyStopping:
     """Keeps the state of ``module`` at its best validation value (starting from ``report.baseline``)."""
 
@@ -207,7 +243,7 @@ class EarlyStopping:
         self.best_state = copy.deepcopy(module.state_dict())
         self.stale = 0
 
-    def step(self, epoch: float, loss: float, value: float) -> bool:
+    def check(self, epoch: float, loss: float, value: float) -> bool:
         """Record an epoch; True when training should stop. A non-finite loss or metric stops it."""
         self.report.epochs.append({"epoch": epoch, "loss": loss, "metric": value})
         if not (math.isfinite(loss) and math.isfinite(value)):
@@ -228,6 +264,39 @@ class EarlyStopping:
         self.module.load_state_dict(self.best_state)
         self.module.eval()
         self.report.seconds = time.perf_counter() - started
+
+
+# -- validators: one per metric
+
+
+def ndcg_validator(
+    relevant: Sequence[Mapping[str, int]], rank: Callable[[M], Sequence[Sequence[str]]], k: int = 10
+) -> Callable[[M], float]:
+    """Mean nDCG@k over the validation queries: ``rank(model)`` gives each query's candidates (keys) in the
+    model's order, ``relevant[i]`` the grades of query i's relevant keys."""
+
+    def metric(model: M) -> float:
+        ranked = rank(model)
+        return float(np.mean([ndcg_at_k(list(r), rel, k) for r, rel in zip(ranked, relevant, strict=True)]))
+
+    return metric
+
+
+class PairMetric(StrEnum):
+    """How scores of labelled validation pairs are compared with the labels."""
+
+    ROC_AUC = "roc_auc"  # 0/1 labels: how well the score separates them
+    SPEARMAN = "spearman"  # rank correlation with (graded) labels
+
+
+def pair_validator(labels: np.ndarray, score: Callable[[M], np.ndarray], metric: PairMetric) -> Callable[[M], float]:
+    """The metric of ``score(model)`` (one score per validation pair) against ``labels``."""
+
+    def value(model: M) -> float:
+        scores = score(model)
+        return roc_auc(labels, scores) if metric is PairMetric.ROC_AUC else spearman(scores, labels)
+
+    return value
 
 
 # -- hyper-parameter search

@@ -15,25 +15,27 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from matching.config import JsonConfig, ScorerConfig
 from matching.errors import ConfigError, SchemaError
-from matching.metrics import ndcg_at_k, roc_auc, spearman
 from matching.scorer import Scorer, feature_count
 from matching.training.loop import (
     EarlyStopping,
+    Optimisation,
+    PairMetric,
     SearchReport,
     TrainReport,
     configured,
-    cosent_loss,
+    ndcg_validator,
+    pair_validator,
     random_search,
     seed_everything,
     train_valid_pairs,
     unique_queries,
-    warmup_linear,
 )
+from matching.training.losses import AffineBCELoss, CoSENTLoss, InfoNCELoss, MSELoss, PairLoss
+from matching.training.mining import MARGIN, mine_negatives, positive_rows
 from matching.types import Fusion, ScorerForm
 
 if TYPE_CHECKING:
@@ -77,6 +79,7 @@ class TrainConfig(JsonConfig):
     dropout: float = 0.1
     hard_negatives: int | None = None  # negatives mined per query from the bundle (None: 20 when listwise)
     mine_depth: int = 100  # how deep to retrieve when mining, and the rerank depth when validating
+    false_negative_margin: float = MARGIN  # mined titles within this share of the weakest positive are skipped
     loss: LossKind = LossKind.AUTO
     form: ScorerForm | None = None  # None: train linear and MLP, keep what wins over the default (see MIN_GAIN)
     temperature: float = 0.05
@@ -91,6 +94,8 @@ class TrainConfig(JsonConfig):
             raise ConfigError("epochs, batch_size and lr must be positive")
         if (self.hard_negatives or 0) < 0 or self.mine_depth < 1 or not 0 < self.valid_fraction < 1:
             raise ConfigError("hard_negatives >= 0, mine_depth >= 1 and 0 < valid_fraction < 1 are required")
+        if self.false_negative_margin < 0:
+            raise ConfigError(f"false_negative_margin must be >= 0, got {self.false_negative_margin}")
 
 
 # -- data --------------------------------------------------------------------------------------------
@@ -127,17 +132,11 @@ def _listwise_groups(
 ) -> _Groups:
     """One group per positive pair: [positive, labelled negatives + negatives mined from the index]."""
     uq, qv = unique_queries(pairs, q)
-    positive_rows: dict[str, set[int]] = {qq: set() for qq in uq}
-    found = snap.store.find_titles(pairs["title"].tolist())
-    for qq, row, label in zip(pairs["query"], found, pairs["label"], strict=True):
-        if label > 0 and row is not None:
-            positive_rows[qq].add(row)
-    mined: dict[str, list[int]] = {qq: [] for qq in uq}
+    positives = positive_rows(snap, pairs)
     mine = cfg.hard_negatives if cfg.hard_negatives is not None else DEFAULT_MINED
-    if mine:
-        ids = _candidates(snap, uq, qv, cfg.mine_depth)
-        for qq, row_ids in zip(uq, ids, strict=True):
-            mined[qq] = [int(r) for r in row_ids if r >= 0 and int(r) not in positive_rows[qq]][:mine]
+    rows_of = [set(positives.get(qq, ())) for qq in uq]
+    negatives = mine_negatives(snap, qv, rows_of, count=mine, depth=cfg.mine_depth, margin=cfg.false_negative_margin)
+    mined = dict(zip(uq, negatives, strict=True))
     groups_q, groups_t, groups_lex, weights = [], [], [], []
     for qq, sub in pairs.groupby("query", sort=False):
         idx = sub.index.to_numpy()
@@ -188,45 +187,21 @@ def _retrieval_validator(
         key = str(row) if row is not None else f"missing:{len(rel[qq])}"
         if label > 0:
             rel[qq][key] = max(1, round(label))  # a positive label below 0.5 is still a positive
-    ids = _candidates(snap, uq, qv, depth)
-    cand_vecs = [np.asarray(snap.store.vectors[r[r >= 0]]) for r in ids]
+    ids = [r[r >= 0] for r in _candidates(snap, uq, qv, depth)]
+    cand_vecs = [np.asarray(snap.store.vectors[r]) for r in ids]
     cand_lex = [
-        _features(snap, lexical, [qq] * int((r >= 0).sum()), [x.title for x in snap.store.get(r[r >= 0].tolist())])
+        _features(snap, lexical, [qq] * len(r), [x.title for x in snap.store.get(r.tolist())])
         for qq, r in zip(uq, ids, strict=True)
     ]
 
-    def metric(scorer: Scorer) -> float:
-        total = 0.0
-        for i, qq in enumerate(uq):
-            row_ids = ids[i][ids[i] >= 0]
+    def rank(scorer: Scorer) -> list[list[str]]:
+        ranked = []
+        for i, row_ids in enumerate(ids):
             scores = scorer.score(qv[i : i + 1], cand_vecs[i], cand_lex[i] if lexical else None)
-            ranked = [str(r) for r in row_ids[np.argsort(-scores, kind="stable")]]
-            total += ndcg_at_k(ranked, rel[qq], 10)
-        return total / len(uq)
+            ranked.append([str(r) for r in row_ids[np.argsort(-scores, kind="stable")]])
+        return ranked
 
-    return metric
-
-
-def _pair_validator(
-    q: np.ndarray, t: np.ndarray, lex: np.ndarray | None, labels: np.ndarray, binary: bool
-) -> Callable[[Scorer], float]:
-    def metric(scorer: Scorer) -> float:
-        scores = scorer.score(q, t, lex)
-        return roc_auc(labels, scores) if binary else spearman(scores, labels)
-
-    return metric
-
-
-# -- losses --------------------------------------------------------------------------------------
-
-
-def _listwise_loss(scorer: Scorer, g: _Groups, temperature: float) -> torch.Tensor:
-    n, m, d = g.t.shape
-    lex = g.lex.reshape(n * m, -1) if scorer.config.lexical else None
-    scores = scorer(g.q.unsqueeze(1).expand(n, m, d).reshape(-1, d), g.t.reshape(-1, d), lex).reshape(n, m)
-    logits = (scores / temperature).masked_fill(~g.mask, float("-inf"))
-    per_group = -torch.log_softmax(logits, dim=-1)[:, 0]
-    return (per_group * g.weight).sum() / g.weight.sum()
+    return ndcg_validator([rel[qq] for qq in uq], rank)
 
 
 # -- the loop ------------------------------------------------------------------------------------
@@ -248,8 +223,7 @@ class _Prepared:
     q: torch.Tensor | None = None
     t: torch.Tensor | None = None
     lex: torch.Tensor | None = None
-    labels: torch.Tensor | None = None
-    targets: torch.Tensor | None = None
+    y: torch.Tensor | None = None  # per pair: the label, or (MSE) the label scaled to [0, 1]
 
 
 def _prepare(
@@ -284,44 +258,47 @@ def _prepare(
     low, high = float(labels.min()), float(labels.max())
     targets = (labels - low) / (high - low) if high > low else torch.ones_like(labels)
     lex_va = _features(snap, lexical, valid["query"].tolist(), valid["title"].tolist()) if lexical else None
-    validate = _pair_validator(q_va, t_va, lex_va, valid["label"].to_numpy(), binary)
+    metric = PairMetric.ROC_AUC if binary else PairMetric.SPEARMAN
+    validate = pair_validator(valid["label"].to_numpy(), lambda scorer: scorer.score(q_va, t_va, lex_va), metric)
     return _Prepared(
         loss_kind,
         why,
         lexical,
         len(train),
-        "roc_auc" if binary else "spearman",
+        metric.value,
         validate,
         n_train,
         n_valid,
         q=torch.from_numpy(q_tr),
         t=torch.from_numpy(t_tr),
         lex=torch.from_numpy(lex_tr),
-        labels=labels,
-        targets=targets,
+        y=targets if loss_kind is LossKind.MSE else labels,
     )
 
 
+def _listwise_loss(scorer: Scorer, g: _Groups, loss: InfoNCELoss) -> torch.Tensor:
+    """Each group's positive (first) against its negatives, weighted by the positive's grade."""
+    n, m, d = g.t.shape
+    lex = g.lex.reshape(n * m, -1) if scorer.config.lexical else None
+    scores = scorer(g.q.unsqueeze(1).expand(n, m, d).reshape(-1, d), g.t.reshape(-1, d), lex).reshape(n, m)
+    first = torch.zeros_like(scores)
+    first[:, 0] = 1.0
+    return loss(scores, first, mask=g.mask, weight=g.weight)
+
+
 def _batch_loss(
-    scorer: Scorer, prep: _Prepared, idx: torch.Tensor, affine: nn.Linear, cfg: TrainConfig
+    scorer: Scorer, prep: _Prepared, idx: torch.Tensor, losses: dict[LossKind, PairLoss], cfg: TrainConfig
 ) -> torch.Tensor:
     if prep.groups is not None:
         g = prep.groups
-        return _listwise_loss(
-            scorer, _Groups(g.q[idx], g.t[idx], g.lex[idx], g.weight[idx], g.mask[idx]), cfg.temperature
-        )
+        batch = _Groups(g.q[idx], g.t[idx], g.lex[idx], g.weight[idx], g.mask[idx])
+        return _listwise_loss(scorer, batch, InfoNCELoss(cfg.temperature))
     assert prep.q is not None
     assert prep.t is not None
     assert prep.lex is not None
-    assert prep.labels is not None
-    assert prep.targets is not None
+    assert prep.y is not None
     scores = scorer(prep.q[idx], prep.t[idx], prep.lex[idx] if prep.lexical else None)
-    if prep.loss_kind is LossKind.BCE:
-        logits = affine(scores.unsqueeze(-1)).squeeze(-1)
-        return nn.functional.binary_cross_entropy_with_logits(logits, (prep.labels[idx] > 0).float())
-    if prep.loss_kind is LossKind.MSE:
-        return nn.functional.mse_loss(scores, prep.targets[idx])
-    return cosent_loss(scores, prep.labels[idx], cfg.temperature)
+    return losses[prep.loss_kind](scores, prep.y[idx])
 
 
 def _fit(snap: Snapshot, prep: _Prepared, cfg: TrainConfig, form: ScorerForm) -> tuple[Scorer, TrainReport]:
@@ -341,14 +318,20 @@ def _fit(snap: Snapshot, prep: _Prepared, cfg: TrainConfig, form: ScorerForm) ->
             form=form,
         )
     )
-    # BCE needs calibrated logits: a learned affine map of the score, used in training only.
-    affine = nn.Linear(1, 1)
-    nn.init.constant_(affine.weight, 1.0 / cfg.temperature)
-    nn.init.constant_(affine.bias, -0.5 / cfg.temperature)
-    params = list(scorer.parameters()) + (list(affine.parameters()) if prep.loss_kind is LossKind.BCE else [])
+    # every kind's loss is built, BCE's affine map included, so that the seeded random stream training draws from
+    # is the same whichever loss trains
+    bce = AffineBCELoss(cfg.temperature)
+    losses: dict[LossKind, PairLoss] = {
+        LossKind.BCE: bce,
+        LossKind.MSE: MSELoss(),
+        LossKind.COSENT: CoSENTLoss(cfg.temperature),
+    }
+    params = list(scorer.parameters()) + (list(bce.parameters()) if prep.loss_kind is LossKind.BCE else [])
+    steps = math.ceil(prep.n_items / cfg.batch_size) * cfg.epochs
     lr = cfg.lr * (LINEAR_LR_FACTOR if form is ScorerForm.LINEAR else 1.0)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    lr_sched = warmup_linear(optimizer, math.ceil(prep.n_items / cfg.batch_size) * cfg.epochs, cfg.warmup)
+    optimisation = Optimisation(
+        params, lr=lr, weight_decay=cfg.weight_decay, total_steps=steps, warmup=cfg.warmup, clip=cfg.clip
+    )
     baseline = prep.validate(scorer)
     report = TrainReport(
         config=cfg.to_dict(),
@@ -369,14 +352,8 @@ def _fit(snap: Snapshot, prep: _Prepared, cfg: TrainConfig, form: ScorerForm) ->
         epoch_loss = 0.0
         for start in range(0, prep.n_items, cfg.batch_size):
             idx = perm[start : start + cfg.batch_size]
-            loss = _batch_loss(scorer, prep, idx, affine, cfg)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            nn.utils.clip_grad_norm_(params, cfg.clip)
-            optimizer.step()
-            lr_sched.step()
-            epoch_loss += float(loss.detach()) * len(idx)
-        if stopper.step(epoch, epoch_loss / prep.n_items, prep.validate(scorer)):
+            epoch_loss += optimisation.update(_batch_loss(scorer, prep, idx, losses, cfg)) * len(idx)
+        if stopper.check(epoch, epoch_loss / prep.n_items, prep.validate(scorer)):
             break
     stopper.restore(started)
     return scorer, report

@@ -25,17 +25,21 @@ from tqdm.auto import tqdm
 from matching.config import JsonConfig
 from matching.encoder import Encoder
 from matching.errors import ConfigError, SchemaError
-from matching.metrics import ndcg_at_k
 from matching.training.loop import (
     EarlyStopping,
+    Optimisation,
     TrainReport,
     configured,
+    ndcg_validator,
     seed_everything,
     train_valid_pairs,
-    warmup_linear,
 )
+from matching.training.losses import CosineDistanceLoss, InfoNCELoss
+from matching.training.mining import MARGIN, mine_negatives, positive_rows
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from matching.search import Snapshot
 
 
@@ -54,8 +58,8 @@ class TowerConfig(JsonConfig):
     anchor: float = 1.0  # weight of the pull toward the original query vector (0 turns it off)
     hard_negatives: int = 10  # mined per query from the index
     mine_depth: int = 50
-    # mined titles scoring above (positive's cosine - margin) are likely unlabelled positives: skipped
-    false_negative_margin: float = 0.0
+    # mined titles within this share of the weakest positive's cosine are likely unlabelled positives: skipped
+    false_negative_margin: float = MARGIN
     train_layers: int = 0  # train only the top N transformer layers (0: all)
     valid_fraction: float = 0.1
     seed: int = 0
@@ -66,30 +70,19 @@ class TowerConfig(JsonConfig):
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0 or self.temperature <= 0:
             raise ConfigError("epochs >= 1, batch_size >= 2, lr > 0 and temperature > 0 are required")
+        if self.false_negative_margin < 0:
+            raise ConfigError(f"false_negative_margin must be >= 0, got {self.false_negative_margin}")
 
 
-def _positives(snap: Snapshot, pairs: pd.DataFrame) -> dict[str, list[int]]:
-    """Row ids of each query's positive titles (titles not in the bundle cannot be trained against)."""
-    rows = snap.store.find_titles(pairs["title"].tolist())
-    out: dict[str, list[int]] = {}
-    for q, row, label in zip(pairs["query"], rows, pairs["label"], strict=True):
-        if label > 0 and row is not None:
-            out.setdefault(str(q), []).append(int(row))
-    return out
-
-
-def _validator(snap: Snapshot, positives: dict[str, list[int]], depth: int) -> Any:
+def _validator(snap: Snapshot, positives: dict[str, list[int]], depth: int) -> Callable[[Encoder], float]:
+    """nDCG@10 of retrieving from the bundle's index with the tower's query vectors."""
     queries = list(positives)
-    rel = {q: {str(r): 1 for r in rows} for q, rows in positives.items()}
 
-    def metric(tower: Encoder) -> float:
-        vectors = tower.encode_queries(queries)
-        _, ids = snap.index.search(vectors, depth)
-        return float(
-            np.mean([ndcg_at_k([str(r) for r in ids[i] if r >= 0], rel[q], 10) for i, q in enumerate(queries)])
-        )
+    def rank(tower: Encoder) -> list[list[str]]:
+        _, ids = snap.index.search(tower.encode_queries(queries), depth)
+        return [[str(r) for r in row if r >= 0] for row in ids]
 
-    return metric
+    return ndcg_validator([{str(r): 1 for r in positives[q]} for q in queries], rank)
 
 
 def train_query_tower(
@@ -106,7 +99,7 @@ def train_query_tower(
     started = time.perf_counter()
     seed_everything(cfg.seed)
     train, valid = train_valid_pairs(train_pairs, valid_pairs, cfg)
-    train_pos, valid_pos = _positives(snap, train), _positives(snap, valid)
+    train_pos, valid_pos = positive_rows(snap, train), positive_rows(snap, valid)
     if not train_pos or not valid_pos:
         raise SchemaError("query-tower training needs positive pairs whose titles are in the bundle")
 
@@ -114,12 +107,22 @@ def train_query_tower(
     tower = base.clone(source=f"query-tower of {base.source}")
     queries = list(train_pos)
     original = torch.from_numpy(base.encode_queries(queries))
-    negatives = _mine(snap, queries, train_pos, original, cfg)
+    # Mine with the original tower once: negatives are what it wrongly ranks high.
+    negatives = mine_negatives(
+        snap,
+        original.numpy(),
+        [set(train_pos[q]) for q in queries],
+        count=cfg.hard_negatives,
+        depth=cfg.mine_depth,
+        margin=cfg.false_negative_margin,
+    )
     vectors = snap.store.vectors
 
     trainable = _select_trainable(tower, cfg.train_layers)
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    lr_sched = warmup_linear(optimizer, math.ceil(len(queries) / cfg.batch_size) * cfg.epochs, cfg.warmup)
+    steps = math.ceil(len(queries) / cfg.batch_size) * cfg.epochs
+    optimisation = Optimisation(
+        trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, total_steps=steps, warmup=cfg.warmup, clip=cfg.clip
+    )
     validate = _validator(snap, valid_pos, max(100, cfg.mine_depth))
     baseline = validate(tower)
     report = TrainReport(
@@ -135,6 +138,7 @@ def train_query_tower(
     stopper = EarlyStopping(tower.model, report, cfg.patience)
     generator = torch.Generator().manual_seed(cfg.seed)
     device = tower.device
+    infonce, to_original = InfoNCELoss(cfg.temperature), CosineDistanceLoss()
     for epoch in tqdm(range(1, cfg.epochs + 1), desc="training query tower", disable=not show_progress):
         tower.model.train()
         perm = torch.randperm(len(queries), generator=generator).tolist()
@@ -145,43 +149,15 @@ def train_query_tower(
             pool_rows, target = _pool([positives[b] + negatives[i] for b, i in enumerate(batch)], positives, device)
             pool = torch.from_numpy(np.asarray(vectors[pool_rows])).to(device)
             qv = tower.embed(tower.tokenize([queries[i] for i in batch]))
-            logits = qv @ pool.T / cfg.temperature
-            loss = -(target * torch.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+            loss = infonce(qv @ pool.T, target)
             if cfg.anchor:
-                anchor = original[batch].to(device)
-                loss = loss + cfg.anchor * (1.0 - (qv * anchor).sum(dim=-1)).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            nn.utils.clip_grad_norm_(trainable, cfg.clip)
-            optimizer.step()
-            lr_sched.step()
-            epoch_loss += float(loss.detach()) * len(batch)
+                loss = loss + cfg.anchor * to_original(qv, original[batch].to(device))
+            epoch_loss += optimisation.update(loss) * len(batch)
         tower.model.eval()
-        if stopper.step(epoch, epoch_loss / len(queries), validate(tower)):
+        if stopper.check(epoch, epoch_loss / len(queries), validate(tower)):
             break
     stopper.restore(started)
     return tower, report
-
-
-def _mine(
-    snap: Snapshot, queries: list[str], positives: dict[str, list[int]], original: torch.Tensor, cfg: TowerConfig
-) -> list[list[int]]:
-    """Each query's hard negatives, mined once with the original tower: what it wrongly ranks high (less similar
-    than the query's least similar positive by ``false_negative_margin``, when that is set)."""
-    scores, ids = snap.index.search(original.numpy(), cfg.mine_depth)
-    vectors = snap.store.vectors
-    negatives: list[list[int]] = []
-    for qi, q in enumerate(queries):
-        pos = set(positives[q])
-        pos_cos = float(np.min(vectors[sorted(pos)] @ original[qi].numpy()))
-        limit = pos_cos - cfg.false_negative_margin
-        cands = [
-            int(r)
-            for r, s in zip(ids[qi], scores[qi], strict=True)
-            if r >= 0 and int(r) not in pos and (cfg.false_negative_margin <= 0 or s < limit)
-        ]
-        negatives.append(cands[: cfg.hard_negatives])
-    return negatives
 
 
 def _pool(
