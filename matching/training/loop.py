@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -269,17 +269,33 @@ class EarlyStopping:
 # -- validators: one per metric
 
 
+@dataclass(frozen=True)
+class Validator(Generic[M]):
+    """A validation metric that can also be read on resamples: ``units(model)`` gives one value per validation
+    unit (a query's nDCG, a pair's score) and ``summary(units, idx)`` the metric over the units ``idx`` (all when
+    None). Calling it gives the metric over all units."""
+
+    units: Callable[[M], np.ndarray]
+    summary: Callable[[np.ndarray, np.ndarray | None], float]
+
+    def __call__(self, model: M) -> float:
+        return self.summary(self.units(model), None)
+
+
 def ndcg_validator(
     relevant: Sequence[Mapping[str, int]], rank: Callable[[M], Sequence[Sequence[str]]], k: int = 10
-) -> Callable[[M], float]:
+) -> Validator[M]:
     """Mean nDCG@k over the validation queries: ``rank(model)`` gives each query's candidates (keys) in the
     model's order, ``relevant[i]`` the grades of query i's relevant keys."""
 
-    def metric(model: M) -> float:
+    def units(model: M) -> np.ndarray:
         ranked = rank(model)
-        return float(np.mean([ndcg_at_k(list(r), rel, k) for r, rel in zip(ranked, relevant, strict=True)]))
+        return np.array([ndcg_at_k(list(r), rel, k) for r, rel in zip(ranked, relevant, strict=True)])
 
-    return metric
+    def summary(values: np.ndarray, idx: np.ndarray | None) -> float:
+        return float(np.mean(values if idx is None else values[idx]))
+
+    return Validator(units, summary)
 
 
 class PairMetric(StrEnum):
@@ -289,14 +305,32 @@ class PairMetric(StrEnum):
     SPEARMAN = "spearman"  # rank correlation with (graded) labels
 
 
-def pair_validator(labels: np.ndarray, score: Callable[[M], np.ndarray], metric: PairMetric) -> Callable[[M], float]:
+def pair_validator(labels: np.ndarray, score: Callable[[M], np.ndarray], metric: PairMetric) -> Validator[M]:
     """The metric of ``score(model)`` (one score per validation pair) against ``labels``."""
 
-    def value(model: M) -> float:
-        scores = score(model)
-        return roc_auc(labels, scores) if metric is PairMetric.ROC_AUC else spearman(scores, labels)
+    def summary(scores: np.ndarray, idx: np.ndarray | None) -> float:
+        y, s = (labels, scores) if idx is None else (labels[idx], scores[idx])
+        return roc_auc(y, s) if metric is PairMetric.ROC_AUC else spearman(s, y)
 
-    return value
+    return Validator(score, summary)
+
+
+# resamples of the validation units for a paired bootstrap, and the share of them in which a challenger must win
+BOOTSTRAP_DRAWS = 200
+BOOTSTRAP_LEVEL = 0.95
+
+
+def significantly_better(validator: Validator[M], incumbent: M, challenger: M, *, seed: int = 0) -> bool:
+    """Whether ``challenger`` beats ``incumbent`` on the validation units beyond chance: its metric is higher in at
+    least :data:`BOOTSTRAP_LEVEL` of :data:`BOOTSTRAP_DRAWS` paired resamples of the units (queries or pairs)."""
+    a, b = validator.units(incumbent), validator.units(challenger)
+    rng = np.random.default_rng(seed)
+    wins = 0
+    for _ in range(BOOTSTRAP_DRAWS):
+        idx = rng.integers(0, len(a), len(a))
+        gain = validator.summary(b, idx) - validator.summary(a, idx)
+        wins += bool(gain > 0)  # a NaN (a resample with one class) counts as no win
+    return wins >= BOOTSTRAP_LEVEL * BOOTSTRAP_DRAWS
 
 
 # -- hyper-parameter search
