@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -272,6 +273,23 @@ def test_filters_bind_values_and_reject_bad_conditions(built_bundle: Matcher) ->
     ]:
         with pytest.raises(ConfigError, match=message):
             built_bundle.search(QUERY, where=bad)
+
+
+def test_a_where_too_deep_or_too_big_for_sqlite_is_refused_by_name(built_bundle: Matcher) -> None:
+    deep: list[Any] = []
+    for _ in range(100_000):  # deeper than repr can print
+        deep = [deep]
+    for bad, message in [
+        ({"price": ("<", deep)}, "a list of 1 is not a string, number, bool or None"),
+        ({"price": {"in": [deep]}}, "a list of 1 is not a string, number, bool or None"),
+        ({f"f{i}": i for i in range(257)}, "more than 256 conditions"),  # SQLite nests ANDs at most 1,000 deep
+        ({"price": {"in": list(range(10_001))}}, "more than 10000 values"),
+        ({"brand": "\ud800"}, "not valid Unicode"),
+        ({"price": 10**5000}, "an integer of 16610 bits is outside SQLite's 64-bit integers"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            built_bundle.search(QUERY, where=bad)
+    assert len(built_bundle.search(QUERY, k=50, where={f"f{i}": None for i in range(256)})) == 40  # the bound
 
 
 def test_parse_where() -> None:

@@ -217,6 +217,66 @@ def test_bad_search_gets_400_with_the_fix(client: TestClient, params: dict[str, 
     assert needle in r.json()["detail"]
 
 
+def _deep(depth: int) -> str:
+    return '{"price": ' + "[" * depth + "]" * depth + "}"
+
+
+MALFORMED_WHERES: list[tuple[str, str, str]] = [
+    ("nested-1000", _deep(1000), "nests deeper than the JSON parser goes"),
+    ("nested-5", '{"price": {"in": [[[1]]]}}', "a list of 1 is not a string, number, bool or None"),
+    ("a-list", "[1, 2]", "where must be a JSON object"),
+    ("a-number", "3", "got a int"),
+    ("300-fields", json.dumps({f"f{i}": i for i in range(300)}), "more than 256 conditions"),
+    ("10001-values", json.dumps({"price": [0] * 10_001}, separators=(",", ":")), "more than 10000 values"),
+    ("lone-surrogate-value", '{"brand": "\\ud800"}', "not valid Unicode"),
+    ("lone-surrogate-field", '{"\\ud800": 1}', "not a usable metadata field name"),
+    ("5000-digits", '{"price": ' + "9" * 5000 + "}", "Exceeds the limit (4300 digits)"),
+    ("empty-condition", '{"price": {}}', "an empty condition"),
+    ("null-range", '{"price": {"<": null}}', "None can only be compared with == or !="),
+]
+
+
+@pytest.mark.parametrize(("where", "needle"), [c[1:] for c in MALFORMED_WHERES], ids=[c[0] for c in MALFORMED_WHERES])
+def test_malformed_where_is_400_naming_it_through_get_and_post(client: TestClient, where: str, needle: str) -> None:
+    got = client.get("/search", params={"q": "lamp", "where": where})
+    posted = client.post(
+        "/search", content='{"queries": ["lamp"], "where": ' + where + "}", headers={"content-type": "application/json"}
+    )
+    for r in (got, posted):
+        assert r.status_code == 400, r.text
+        assert needle in r.json()["detail"]
+
+
+def test_random_json_as_where_answers_200_or_400_never_500(bundle: Path) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    text = st.text(st.characters(codec=None, categories=None), max_size=8) | st.sampled_from(["brand", "price"])
+    scalar = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | text
+    ops = st.sampled_from(["==", "!=", "<", "<=", ">", ">=", "in", "not in", "~"])
+    value = st.recursive(
+        scalar, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text | ops, inner, max_size=4)
+    )
+    where = st.dictionaries(text, value | st.dictionaries(ops, value, max_size=3), max_size=4) | value
+    wrapped = st.tuples(where, st.integers(0, 1200)).map(lambda w: "[" * w[1] + json.dumps(w[0]) + "]" * w[1])
+    raw = st.one_of(where.map(json.dumps), wrapped)
+    with TestClient(create_app(bundle, config=CONFIG), raise_server_exceptions=False) as c:
+        wait_ready(c)
+
+        @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+        @given(raw)
+        def answers(where: str) -> None:
+            got = c.get("/search", params={"q": "lamp", "where": where})
+            body = '{"queries": ["lamp"], "where": ' + where + "}"
+            posted = c.post("/search", content=body, headers={"content-type": "application/json"})
+            for r in (got, posted):
+                assert r.status_code in (200, 400), (where[:200], r.status_code, r.text[:300])
+                if r.status_code == 400:
+                    assert isinstance(r.json()["detail"], str)
+
+        answers()
+
+
 def test_bad_bodies(client: TestClient) -> None:
     r = client.post("/search", json={"queries": ["a"] * 9})
     assert r.status_code == 400

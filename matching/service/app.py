@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from matching.config import ServiceConfig
 from matching.errors import BundleLockedError, MatchingError
@@ -30,6 +32,7 @@ def create_app(bundle: str | Path, *, token: str | None = None, config: ServiceC
     app = FastAPI(title="matching", summary="Two-tower semantic matching over one bundle", lifespan=lifespan)
     app.state.service = service
     app.exception_handler(MatchingError)(_matching_error)
+    app.exception_handler(StarletteHTTPException)(_http_error)
     app.middleware("http")(_measure)
     for module in (ops, search, score, writes):
         app.include_router(module.router)
@@ -39,6 +42,17 @@ def create_app(bundle: str | Path, *, token: str | None = None, config: ServiceC
 
 async def _matching_error(_: Request, exc: MatchingError) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=409 if isinstance(exc, BundleLockedError) else 400)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """FastAPI's answer, with a body the JSON parser gave up on named (FastAPI says only that parsing failed)."""
+    cause = exc.__cause__
+    if exc.status_code == 400 and isinstance(cause, RecursionError | ValueError):
+        why = (
+            "nests deeper than the JSON parser goes" if isinstance(cause, RecursionError) else f"is unreadable: {cause}"
+        )
+        return JSONResponse({"detail": f"the request body {why}; no request needs more than 4 levels"}, 400)
+    return await http_exception_handler(request, exc)
 
 
 async def _measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
