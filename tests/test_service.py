@@ -184,6 +184,23 @@ def test_highlights_are_the_matched_words(client: TestClient) -> None:
     assert marked == ["desk", "lamp"]  # "LAMPS" stems to "lamp" and the case of the query does not matter
 
 
+def test_a_turkish_title_is_found_and_highlighted_in_either_case(tmp_path: Path, tiny_encoder: Any) -> None:
+    titles = pd.DataFrame({"id": [1, 2, 3], "title": ["İSTANBUL halı", "Ankara kırmızı kilim", "Straße Karte"]})
+    Matcher.build(titles, tmp_path / "tr", encoder=tiny_encoder, show_progress=False).close()
+    with TestClient(create_app(tmp_path / "tr", config=CONFIG)) as c:
+        wait_ready(c)
+        assert c.get("/info").json()["lexical"]["fold"] == 2
+        for q, title, marked in [
+            ("istanbul", "İSTANBUL halı", ["İSTANBUL"]),
+            ("KIRMIZI", "Ankara kırmızı kilim", ["kırmızı"]),
+            ("strasse", "Straße Karte", ["Straße"]),
+        ]:
+            params = {"q": q, "k": 1, "highlight": "true", "retrieval": "lexical"}
+            hit = c.get("/search", params=params).json()["hits"][0]
+            assert hit["title"] == title
+            assert [hit["title"][a:b] for a, b in hit["highlights"]] == marked
+
+
 def test_matched_spans_follow_the_analyser() -> None:
     title = "Running Shoes, for the Marathon"
     assert [title[a:b] for a, b in matched_spans("run shoe the", title, Analyzer.ENGLISH)] == ["Running", "Shoes"]

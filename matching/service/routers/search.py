@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Query
 
-from matching.analysis import Analyzer, matched_spans
+from matching.analysis import FOLD, Analyzer, matched_spans
 from matching.filters import conditions, where_from_json
 from matching.service.bodies import SearchBody
 from matching.service.state import Service, ServiceDep
@@ -62,19 +62,21 @@ def search(service: Service, body: SearchBody) -> dict[str, Any]:
         where=body.where,
         retrieval=body.retrieval,
     )
-    analyzer = Analyzer((matcher.manifest.lexical or {}).get("analyzer", Analyzer.ENGLISH))
+    lexical = matcher.manifest.lexical or {}
+    analyzer = Analyzer(lexical.get("analyzer", Analyzer.ENGLISH))
+    fold = int(lexical.get("fold", 1)) if lexical else FOLD  # as the bundle's index folds, which may predate FOLD
     return {
         "generation": matcher.generation,
         "took_ms": round((time.perf_counter() - start) * 1000, 3),
         "results": [
-            {"query": q, "hits": [_hit(m, q if body.highlight else None, analyzer) for m in hits]}
+            {"query": q, "hits": [_hit(m, q if body.highlight else None, analyzer, fold) for m in hits]}
             for q, hits in zip(body.queries, results, strict=True)
         ],
     }
 
 
-def _hit(match: Match, query: str | None, analyzer: Analyzer) -> dict[str, Any]:
+def _hit(match: Match, query: str | None, analyzer: Analyzer, fold: int) -> dict[str, Any]:
     out = dataclasses.asdict(match)
     if query is not None:
-        out["highlights"] = matched_spans(query, match.title, analyzer)
+        out["highlights"] = matched_spans(query, match.title, analyzer, fold)
     return out
