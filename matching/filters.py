@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from sqlalchemy import ColumnElement, SQLColumnExpression, func
+from sqlalchemy import ColumnElement, SQLColumnExpression, func, select
 
 from matching.errors import ConfigError
 
@@ -58,8 +58,8 @@ def conditions(where: Any) -> list[Condition]:
     out: list[Condition] = []
     values = 0
     for key, spec in where.items():
-        if not isinstance(key, str) or not key or '"' in key or any(ord(c) < 32 for c in key) or _broken(key):
-            raise ConfigError(f"where: {_show(key)} is not a usable metadata field name")
+        if not isinstance(key, str) or _broken(key):
+            raise ConfigError(f"where: {_show(key)} is not a metadata field name (a string of valid Unicode)")
         for op, value in _operators(key, spec):
             out.append((key, op, _values(key, op, value)))
             values += len(value) if isinstance(value, list | tuple | set | frozenset) else 1
@@ -78,7 +78,22 @@ def where_clauses(column: SQLColumnExpression[str], where: Where) -> list[Column
     ``{op: value}`` applies several to one field (a range: ``{"price": {">=": 10, "<": 20}}``; the form JSON
     requests use). Booleans compare as 1 and 0, as SQLite stores them. Keys and values are always bound parameters.
     """
-    return [_clause(func.json_extract(column, f'$."{key}"'), op, value) for key, op, value in conditions(where)]
+    fields: dict[str, ColumnElement[Any]] = {}
+    out = []
+    for key, op, value in conditions(where):
+        if key not in fields:
+            fields[key] = field_value(column, key)
+        out.append(_clause(fields[key], op, value))
+    return out
+
+
+def field_value(column: SQLColumnExpression[str], key: str) -> ColumnElement[Any]:
+    """The value of metadata field ``key`` in the JSON text ``column`` (NULL where missing, 1/0 for true/false).
+
+    The key is a bound parameter compared with the keys ``json_each`` decodes, so any key the store holds can be
+    filtered: a JSON path built from it missed keys with a backslash, a quote or a control character."""
+    each = func.json_each(column).table_valued("key", "value")
+    return select(each.c.value).where(each.c.key == key).scalar_subquery()
 
 
 def _operators(key: str, spec: Any) -> list[tuple[str, Any]]:

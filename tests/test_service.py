@@ -246,7 +246,7 @@ MALFORMED_WHERES: list[tuple[str, str, str]] = [
     ("300-fields", json.dumps({f"f{i}": i for i in range(300)}), "more than 256 conditions"),
     ("10001-values", json.dumps({"price": [0] * 10_001}, separators=(",", ":")), "more than 10000 values"),
     ("lone-surrogate-value", '{"brand": "\\ud800"}', "not valid Unicode"),
-    ("lone-surrogate-field", '{"\\ud800": 1}', "not a usable metadata field name"),
+    ("lone-surrogate-field", '{"\\ud800": 1}', "not a metadata field name"),
     ("5000-digits", '{"price": ' + "9" * 5000 + "}", "Exceeds the limit (4300 digits)"),
     ("empty-condition", '{"price": {}}', "an empty condition"),
     ("null-range", '{"price": {"<": null}}', "None can only be compared with == or !="),
@@ -292,6 +292,36 @@ def test_random_json_as_where_answers_200_or_400_never_500(bundle: Path) -> None
                     assert isinstance(r.json()["detail"], str)
 
         answers()
+
+
+ODD_KEYS = ["a\\b", 'q"k', "tab\tkey", "line\nbreak", "é", "a.b", "x[0]", "$", "", " sp ", '\\"', "ключ"]
+
+
+def test_every_metadata_key_that_is_stored_can_be_filtered(tmp_path: Path, tiny_encoder: Any) -> None:
+    """Keys a JSON path built from the key would miss (backslash, quote, control characters) match like any."""
+    frame = pd.DataFrame({"id": range(len(ODD_KEYS)), "title": [f"red lamp {i}" for i in range(len(ODD_KEYS))]})
+    for i, key in enumerate(ODD_KEYS):
+        frame[key] = pd.Series([100 + i if j == i else "other" for j in range(len(ODD_KEYS))], dtype=object)
+    with Matcher.build(frame, tmp_path / "odd", encoder=tiny_encoder, show_progress=False) as m:
+        for i, key in enumerate(ODD_KEYS):
+            assert [h.id for h in m.search("lamp", k=20, where={key: 100 + i})] == [i], key
+            assert len(m.search("lamp", k=20, where={key: {"!=": 100 + i}})) == len(ODD_KEYS) - 1
+    with TestClient(create_app(tmp_path / "odd", token=TOKEN, config=CONFIG)) as c:
+        wait_ready(c)
+        assert c.get("/info").json()["metadata_keys"] == sorted(ODD_KEYS)  # each one filterable, so each listed
+        for i, key in enumerate(ODD_KEYS):
+            r = c.get("/search", params={"q": "lamp", "k": 20, "where": json.dumps({key: {"in": [100 + i]}})})
+            assert [h["id"] for h in r.json()["hits"]] == [i], key
+        r = c.post(
+            "/upsert",
+            content='{"rows": [{"id": 99, "title": "lamp", "\\ud800": 1}]}',
+            headers={"content-type": "application/json", "authorization": f"Bearer {TOKEN}"},
+        )
+        assert r.status_code == 400
+        assert (
+            r.json()["detail"]
+            == "row 0: field name '\\ud800' holds a lone surrogate (half of a UTF-16 pair); fix the name"
+        )
 
 
 def test_bad_bodies(client: TestClient) -> None:
