@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from fastapi.testclient import TestClient
 from matching import Matcher
 from matching.analysis import Analyzer, matched_spans
 from matching.config import ServiceConfig
+from matching.errors import ConfigError
 from matching.service import create_app, limit_body, read_token
 from matching.store import parse_where
 
@@ -413,14 +415,66 @@ def test_token_rule(tmp_path: Path, tiny_encoder: Any) -> None:
     assert len(Matcher.load(path, encoder=tiny_encoder)) == 39
 
 
-def test_read_token(tmp_path: Path) -> None:
-    (tmp_path / "t").write_text(" abc \n", encoding="utf-8")
-    assert read_token(tmp_path / "t") == "abc"
-    (tmp_path / "e").write_text("\n", encoding="utf-8")
-    with pytest.raises(Exception, match="empty"):
-        read_token(tmp_path / "e")
-    with pytest.raises(Exception, match="cannot read the token file"):
+GOOD_TOKEN = "0123456789abcdef-_.~!"
+
+
+@pytest.mark.parametrize(
+    ("text", "token"),
+    [
+        (f" {GOOD_TOKEN} \n", GOOD_TOKEN),
+        (f"{GOOD_TOKEN}\r\n", GOOD_TOKEN),
+        (f"\ufeff{GOOD_TOKEN}", GOOD_TOKEN),  # an editor's byte-order mark
+        ("x" * 16, "x" * 16),
+    ],
+    ids=["spaces-around", "crlf", "bom", "16-chars"],
+)
+def test_read_token_takes_the_stripped_first_line(tmp_path: Path, text: str, token: str) -> None:
+    path = tmp_path / "t"
+    path.write_text(text, encoding="utf-8")
+    path.chmod(0o600)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_token(path) == token
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("\n", "has nothing on its first line"),
+        (f"\n{GOOD_TOKEN}", "has nothing on its first line"),
+        ("x" * 15, "has 15 characters"),
+        (f"{GOOD_TOKEN[:8]} {GOOD_TOKEN[8:]}", "holds ' ', which a header cannot carry"),
+        (f"{GOOD_TOKEN}é", "holds 'é', which a header cannot carry"),
+        (f"{GOOD_TOKEN}\t", None),  # stripped: fine
+    ],
+    ids=["empty", "blank-first-line", "15-chars", "a-space", "non-ascii", "tab-after"],
+)
+def test_read_token_refuses_what_no_header_carries(tmp_path: Path, text: str, message: str | None) -> None:
+    path = tmp_path / "t"
+    path.write_text(text, encoding="utf-8")
+    path.chmod(0o600)
+    if message is None:
+        assert read_token(path) == GOOD_TOKEN
+        return
+    with pytest.raises(ConfigError) as caught:
+        read_token(path)
+    assert message in str(caught.value)
+    assert str(path) in str(caught.value)
+    assert "16 or more printable ASCII characters, no spaces, on the first line" in str(caught.value)
+    with pytest.raises(ConfigError, match="cannot read the token file"):
         read_token(tmp_path / "missing")
+
+
+def test_read_token_warns_of_other_readers_and_other_lines(tmp_path: Path) -> None:
+    path = tmp_path / "t"
+    path.write_text(f"{GOOD_TOKEN}\nsecond line\n", encoding="utf-8")
+    path.chmod(0o600)
+    with pytest.warns(UserWarning, match="more than one line; only the first is the token"):
+        assert read_token(path) == GOOD_TOKEN
+    path.write_text(GOOD_TOKEN, encoding="utf-8")
+    path.chmod(0o644)
+    with pytest.warns(UserWarning, match=r"readable by other users \(mode 644\); chmod 600 it"):
+        assert read_token(path) == GOOD_TOKEN
 
 
 def test_a_title_added_by_another_process_is_found_within_5_s(tmp_path: Path, tiny_encoder: Any) -> None:
