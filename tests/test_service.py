@@ -143,7 +143,7 @@ def test_score_equals_the_library(client: TestClient, library: Matcher) -> None:
 def test_health_ready_info(client: TestClient, library: Matcher) -> None:
     assert client.get("/health").json() == {"status": "ok"}
     assert client.get("/ready").json() == {"status": "ready", "generation": library.generation, "count": 40}
-    info = client.get("/info").json()
+    info = client.get("/info", headers={"Authorization": f"Bearer {TOKEN}"}).json()  # everything, paths too
     assert info["count"] == 40
     assert info["metadata_keys"] == ["brand", "price"]
     assert info["limits"]["max_k"] == 50
@@ -151,6 +151,37 @@ def test_health_ready_info(client: TestClient, library: Matcher) -> None:
     assert info["encoder"] == library.info()["encoder"]
     assert client.get("/docs").status_code == 200
     assert "/search" in client.get("/openapi.json").json()["paths"]
+
+
+def test_info_shows_paths_and_the_source_file_only_with_the_token(client: TestClient, bundle: Path) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    full = client.get("/info", headers=auth).json()
+    assert full["path"] == str(bundle)
+    assert full["source"]["name"] == "DataFrame"
+    model = Path(full["encoder"]["source"])
+    assert model.is_absolute()
+    for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789"}):
+        r = client.get("/info", headers=headers)
+        public = r.json()
+        assert "path" not in public
+        assert "name" not in public["source"]
+        assert public["source"]["id_column"] == "id"
+        assert public["encoder"]["source"] == model.name
+        assert str(bundle.parent) not in r.text
+        assert str(model.parent) not in r.text
+        assert public["metadata_keys"] == ["brand", "price"]  # what the page needs stays
+    row = make_catalogue().iloc[0].to_dict()
+    r = client.post("/upsert", json={"rows": [row]}, headers=auth)  # a retry of a row as stored
+    assert r.status_code == 200
+    assert r.json() | {"seconds": 0} == {
+        **dict.fromkeys(("added", "updated", "metadata_updated", "removed", "missing", "encoded"), 0),
+        "operation": "upsert",
+        "unchanged": 1,
+        "count": 40,
+        "generation": full["generation"],
+        "seconds": 0,
+        "published": False,
+    }
 
 
 def test_metrics_count_requests_errors_and_latency(bundle: Path) -> None:
