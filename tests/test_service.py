@@ -376,12 +376,12 @@ def test_bad_bodies(client: TestClient) -> None:
     assert "body over" in r.json()["detail"]
 
 
-def test_streamed_body_over_the_limit_is_413() -> None:
+def test_streamed_body_over_the_limit_is_413_before_the_app_reads_it() -> None:
     seen: list[Any] = []
+    called: list[bool] = []
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
-        while (await receive()).get("more_body"):
-            pass
+        called.append(True)
 
     async def run() -> None:
         chunks = [{"type": "http.request", "body": b"x" * 60, "more_body": True}] * 3
@@ -392,15 +392,48 @@ def test_streamed_body_over_the_limit_is_413() -> None:
         async def send(message: Any) -> None:
             seen.append(message)
 
-        from fastapi import HTTPException
-
-        with pytest.raises(HTTPException) as err:  # FastAPI turns it into the 413 response
-            await limit_body(app, 100)({"type": "http", "headers": []}, receive, send)
-        assert err.value.status_code == 413
+        await limit_body(app, 100)({"type": "http", "headers": []}, receive, send)
 
     import asyncio
 
     asyncio.run(run())
+    assert seen[0]["status"] == 413
+    assert json.loads(seen[1]["body"]) == {"detail": "request body over 100 bytes; send fewer queries, pairs or rows"}
+    assert not called
+
+
+def _chunks(n: int) -> Iterator[bytes]:
+    """A JSON search body sent chunked (no Content-Length): ``n`` pieces of 100 bytes in its one query."""
+    yield b'{"queries": ["'
+    for _ in range(n):
+        yield b"x" * 100
+    yield b'"]}'
+
+
+def test_a_chunked_body_answers_as_a_declared_one(bundle: Path) -> None:
+    config = ServiceConfig(max_body_bytes=1000, max_query_chars=2000)
+    with TestClient(create_app(bundle, config=config)) as c:
+        wait_ready(c)
+        json_type = {"content-type": "application/json"}
+        over = c.post("/search", content=_chunks(20), headers=json_type)
+        assert over.request.headers["transfer-encoding"] == "chunked"
+        declared = c.post("/search", content=b"".join(_chunks(20)), headers=json_type)
+        for r in (over, declared):
+            assert r.status_code == 413
+            assert r.json() == {"detail": "request body over 1000 bytes; send fewer queries, pairs or rows"}
+        under = c.post("/search", content=_chunks(5), headers=json_type)  # replayed to the app whole
+        assert under.status_code == 200
+        assert under.json()["results"][0]["query"] == "x" * 500
+
+
+def test_no_redirect_follows_a_forged_host(client: TestClient) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}", "Host": "evil.example"}
+    for method, url, body in [("POST", "/add/", {"rows": []}), ("POST", "/search/", {"queries": ["a"]})]:
+        r = client.request(method, url, json=body, headers=auth, follow_redirects=False)
+        assert (r.status_code, r.headers.get("location")) == (404, None)
+    r = client.get("/search/", params={"q": "lamp"}, headers={"Host": "evil.example"}, follow_redirects=False)
+    assert (r.status_code, r.headers.get("location")) == (404, None)
+    assert client.get("/search", params={"q": "lamp"}, headers={"Host": "evil.example"}).status_code == 200
 
 
 # -- writes and the token ----------------------------------------------------------------------------
