@@ -357,6 +357,33 @@ def test_every_metadata_key_that_is_stored_can_be_filtered(tmp_path: Path, tiny_
         )
 
 
+def test_values_sent_over_http_round_trip_or_are_refused_naming_row_and_column(
+    tmp_path: Path, tiny_encoder: Any
+) -> None:
+    frame = pd.DataFrame({"id": [1, 2], "title": ["red lamp", "blue lamp"]})
+    Matcher.build(frame, tmp_path / "v", encoder=tiny_encoder, show_progress=False).close()
+    headers = {"content-type": "application/json", "authorization": f"Bearer {TOKEN}"}
+    with TestClient(create_app(tmp_path / "v", token=TOKEN, config=CONFIG)) as c:
+        wait_ready(c)
+        row = '{"id": 3, "title": "green lamp", "tags": [1, [2, "x"]], "o": {"k": null}, "gap": NaN, '
+        row += '"n": 12345678901234567890}'
+        r = c.post("/upsert", content='{"rows": [' + row + "]}", headers=headers)
+        assert r.status_code == 200, r.text
+        hit = c.get("/search", params={"q": "green lamp", "k": 1, "where": '{"gap": null}'}).json()["hits"][0]
+        assert hit["id"] == 3
+        assert hit["metadata"] == {"tags": [1, [2, "x"]], "o": {"k": None}, "gap": None, "n": 12345678901234567890}
+        for bad, message in [
+            ('{"id": 4, "title": ["a", "b"]}', "row 1: the title column 'title' holds ['a', 'b'], not text"),
+            ('{"id": true, "title": "x"}', "row 1: the id True in column 'id' is not a string or a number"),
+            ('{"id": 4, "title": "x", "v": Infinity}', "row 1 (id '4'): column 'v' holds inf"),
+            ('{"id": 4, "title": "x", "v": [-Infinity]}', "row 1 (id '4'): column 'v' holds -inf"),
+        ]:
+            r = c.post("/upsert", content='{"rows": [' + bad + "]}", headers=headers)
+            assert r.status_code == 400
+            assert message in r.json()["detail"]
+        assert c.get("/ready").json()["count"] == 3
+
+
 def test_bad_bodies(client: TestClient) -> None:
     r = client.post("/search", json={"queries": ["a"] * 9})
     assert r.status_code == 400
