@@ -16,6 +16,11 @@ import Stemmer
 
 from matching.errors import ConfigError
 
+# The case folding a lexical index was built with, recorded with it ("fold"; indexes from before the record are 1):
+# 1 was NFKC + casefold, which left the dot above of a lowered Turkish İ ("i̇stanbul" missed "istanbul"); 2 is
+# fold_case. An index keeps the folding it was built with, so its stored terms keep matching its queries.
+FOLD = 2
+FOLDS = (1, 2)
 _RESOLVE_SAMPLE = 100_000
 _STEM_CACHE = 200_000
 _CJK_SHARE = 0.1
@@ -25,7 +30,7 @@ class Analyzer(StrEnum):
     """How titles and queries become terms; recorded in the bundle manifest."""
 
     AUTO = "auto"  # resolved at build time by resolve_analyzer()
-    STANDARD = "standard"  # NFKC + casefold, unicode word tokens, CJK runs as character uni- and bigrams
+    STANDARD = "standard"  # fold_case, unicode word tokens, CJK runs as character uni- and bigrams
     ENGLISH = "english"  # STANDARD + English stopwords removed + Snowball English stemming
     CJK = "cjk"  # CJK runs as character uni- and bigrams, other runs as ENGLISH
     # CJK runs cut into words by jieba (the optional extra matching[cjk]), other runs as ENGLISH. On LCQMC test the
@@ -59,14 +64,18 @@ _LETTER = re.compile(r"[^\W\d_]")
 
 
 _CJK_SPLIT = re.compile(f"([{_CJK}]+)")
+# i and j carry their dot already: the U+0307 that lowering İ adds says nothing, and nobody types it
+_DOT_ABOVE = re.compile("(?<=[ij])\u0307")
+# Turkish and Azeri pair I with ı and İ with i; anywhere else ı is rare, so both fold to i and a Turkish title
+# matches its query in either case ("KIRMIZI" ~ "kırmızı", "İSTANBUL" ~ "istanbul")
+_DOTLESS_I = str.maketrans({"ı": "i"})
 # kana and Hangul: a catalogue with many is Japanese or Korean, which jieba does not segment
 _KANA_HANGUL = re.compile("[\u1100-\u11ff\u3041-\u3096\u30a1-\u30fa\u3131-\u318e\uac00-\ud7ff\uff66-\uff9f]")
 
 
 @functools.cache
-def _word_pattern() -> re.Pattern[str]:
-    """Unicode words; combining marks (BMP only: one fast character table) stay inside a word, which
-    Devanagari, Arabic and Hebrew words would otherwise break at every vowel sign (``\\w`` has no marks)."""
+def _marks() -> str:
+    """A character class body of the combining marks (BMP only: one fast character table)."""
     marks, start = [], -1
     for code in range(0x300, 0x10000):
         if unicodedata.category(chr(code))[0] == "M":
@@ -75,7 +84,14 @@ def _word_pattern() -> re.Pattern[str]:
         elif start >= 0:
             marks.append(f"{chr(start)}-{chr(code - 1)}")
             start = -1
-    return re.compile(f"[^\\W_]+(?:[{''.join(marks)}]+[^\\W_]*)*")
+    return "".join(marks)
+
+
+@functools.cache
+def _word_pattern() -> re.Pattern[str]:
+    """Unicode words; combining marks stay inside a word, which Devanagari, Arabic and Hebrew words would
+    otherwise break at every vowel sign (``\\w`` has no marks)."""
+    return re.compile(f"[^\\W_]+(?:[{_marks()}]+[^\\W_]*)*")
 
 
 class _StemState(threading.local):
@@ -140,17 +156,31 @@ def _segment(run: str, out: list[str]) -> None:
     out.extend(w for w in _jieba().lcut(run, HMM=True) if w.strip())
 
 
-def analyze(text: str, analyzer: Analyzer) -> list[str]:
-    """The terms of ``text``, in order, duplicates kept."""
+def fold_case(text: str) -> str:
+    """``text`` in Unicode's caseless form: NFKC, casefold, NFKC again (casefold may leave a sequence that NFKC
+    composes), then the dot above a lowered İ dropped and ı read as i (``'İstanbul'`` -> ``'istanbul'``,
+    ``'Straße'`` -> ``'strasse'``, ``'ＡＢＣ'`` -> ``'abc'``)."""
+    folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
+    return _DOT_ABOVE.sub("", folded).translate(_DOTLESS_I)
+
+
+def _folded(text: str, fold: int) -> str:
+    if fold == 1:
+        return unicodedata.normalize("NFKC", text).casefold()
+    return fold_case(text)
+
+
+def analyze(text: str, analyzer: Analyzer, fold: int = FOLD) -> list[str]:
+    """The terms of ``text``, in order, duplicates kept; ``fold`` is the case folding of the index they are for."""
     if analyzer == Analyzer.AUTO:
         raise ConfigError("analyzer 'auto' has to be resolved first: pass resolve_analyzer(titles)")
     english = analyzer != Analyzer.STANDARD
-    if text.isascii():
+    if text.isascii():  # every folding lowers ASCII alike
         return _words(_ASCII_WORD.findall(text.lower()), english)
     out: list[str] = []
     cut = _segment if analyzer == Analyzer.CHINESE else _grams
     # other text and CJK runs, alternating
-    for i, piece in enumerate(_CJK_SPLIT.split(unicodedata.normalize("NFKC", text).casefold())):
+    for i, piece in enumerate(_CJK_SPLIT.split(_folded(text, fold))):
         if i % 2:
             cut(piece, out)
         elif piece and (words := (_ASCII_WORD if piece.isascii() else _word_pattern()).findall(piece)):
@@ -177,10 +207,13 @@ def resolve_analyzer(titles: Iterable[str]) -> Analyzer:
     return Analyzer.CHINESE if kana < _CJK_SHARE * cjk and jieba_available() else Analyzer.CJK
 
 
-_TITLE_PIECE = re.compile(f"[{_CJK}]+|[^\\W_{_CJK}]+")
+@functools.cache
+def _title_piece() -> re.Pattern[str]:
+    """A CJK run, or a word as :func:`_word_pattern` finds it (marks inside), in an unfolded title."""
+    return re.compile(f"[{_CJK}]+|[^\\W_{_CJK}]+(?:[{_marks()}]+[^\\W_{_CJK}]*)*")
 
 
-def matched_spans(query: str, title: str, analyzer: Analyzer) -> list[tuple[int, int]]:
+def matched_spans(query: str, title: str, analyzer: Analyzer, fold: int = FOLD) -> list[tuple[int, int]]:
     """``(start, end)`` character spans of ``title`` whose terms are among the query's (for highlighting).
 
     Words are analysed one at a time, so a stemmed or case-folded form still matches; in a CJK run each
@@ -188,16 +221,16 @@ def matched_spans(query: str, title: str, analyzer: Analyzer) -> list[tuple[int,
     """
     if analyzer == Analyzer.AUTO:
         analyzer = Analyzer.ENGLISH
-    terms = set(analyze(query, analyzer))
-    query_chars = set(unicodedata.normalize("NFKC", query).casefold())
+    terms = set(analyze(query, analyzer, fold))
+    query_chars = set(_folded(query, fold))
     spans: list[tuple[int, int]] = []
-    for m in _TITLE_PIECE.finditer(title):
+    for m in _title_piece().finditer(title):
         piece = m.group()
         if CJK_CHAR.match(piece):
             for i, char in enumerate(piece):
-                if unicodedata.normalize("NFKC", char).casefold() in query_chars:
+                if _folded(char, fold) in query_chars:
                     spans.append((m.start() + i, m.start() + i + 1))
-        elif terms.intersection(analyze(piece, analyzer)):
+        elif terms.intersection(analyze(piece, analyzer, fold)):
             spans.append(m.span())
     # neighbouring characters join into one span
     merged: list[tuple[int, int]] = []

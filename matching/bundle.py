@@ -379,6 +379,11 @@ def check_target(path: Path, *, overwrite: bool) -> None:
 _LEFTOVER = re.compile(r"(\.?gen-\d{6,}(\.staging-.*)?|\.CURRENT\.tmp)\Z")
 
 
+class Unchanged(Exception):  # noqa: N818 - a signal, not an error
+    """Raised inside :func:`new_generation` by a change that changes nothing: the staging generation is deleted,
+    nothing is published, and the ``with`` block ends quietly."""
+
+
 @contextlib.contextmanager
 def new_generation(
     path: Path,
@@ -394,7 +399,7 @@ def new_generation(
     With ``base``, the change was computed from that generation and is refused if another writer
     published since. With ``change``, the bundle must exist and the body derives the new generation
     from the live one, which it reads under the lock. On any exception the partial generation is
-    deleted and whatever was live stays live.
+    deleted and whatever was live stays live; :class:`Unchanged` does that without propagating.
     """
     path = Path(path).resolve()
     try:
@@ -403,6 +408,8 @@ def new_generation(
             with _new_generation(path, overwrite=overwrite, base=base, change=change) as staging:
                 yield staging
             collect_garbage(path, lock=False)
+    except Unchanged:
+        return
     except (OSError, sqlite3.Error, OperationalError) as exc:  # disk full, read-only: the live one is untouched
         if isinstance(exc, OSError) and exc.errno not in _DISK_ERRORS:
             raise

@@ -18,14 +18,14 @@ from tqdm.auto import tqdm
 
 from matching import generation
 from matching.analysis import Analyzer
-from matching.bundle import Manifest, current_generation, new_generation, read_manifest
+from matching.bundle import Manifest, Unchanged, current_generation, new_generation, read_manifest
 from matching.config import IndexConfig
 from matching.encoder import Encoder
 from matching.errors import BadRowError, BundleError, ConfigError, DuplicateIdError, SchemaError
 from matching.index import VectorIndex
 from matching.ingest import CatalogueReader, Chunk, canonical_id, metadata_json
 from matching.lexical import LexicalIndex
-from matching.store import Store, StoredTitle, StoreEditor
+from matching.store import Store, StoredTitle, StoreEditor, read_config
 from matching.types import ChangeReport, ExternalId, IdType
 
 if TYPE_CHECKING:
@@ -50,9 +50,11 @@ def apply_rows(
     allow_encoder_mismatch: bool = False,
 ) -> ChangeReport:
     """``add`` (an id already in the bundle is an error) or ``upsert`` (a changed title is re-encoded, changed
-    metadata alone rewritten, an identical row left as it is) the rows ``reader_for(live manifest)`` reads."""
+    metadata alone rewritten, an identical row left as it is) the rows ``reader_for(live manifest)`` reads.
+    Rows that change nothing publish nothing (``published`` is false)."""
     started = time.perf_counter()
     tally = dict.fromkeys(("added", "updated", "metadata_updated", "unchanged", "encoded"), 0)
+    published = False
     with new_generation(path, change=True, lock_timeout=lock_timeout) as gen:
         live, manifest = _live(path)
         if manifest.encoder["fingerprint"] != encoder.fingerprint and not allow_encoder_mismatch:
@@ -63,46 +65,79 @@ def apply_rows(
                 "allow_encoder_mismatch=True"
             )
         reader = reader_for(manifest)
-        editor = StoreEditor(live, gen)
-        dead: list[int] = []
-        new_ids: list[np.ndarray] = []
-        new_vectors: list[np.ndarray] = []
+        edits = _Edits(live, gen)
+        count = edits.store.count
         try:
             with tqdm(desc=f"{operation}: encoding titles", unit="title", disable=not show_progress) as bar:
                 for chunk in reader:
-                    existing = editor.lookup(chunk.ids)
-                    if editor.id_type is IdType.INT:
-                        _check_int_ids(chunk.ids, chunk.rows, reader.name)
-                    fresh, replaced, meta_changes = _sort_rows(chunk, existing, operation, reader.name, tally)
-                    editor.update_metadata(meta_changes)
-                    editor.delete(replaced)  # before their new versions take the same external ids
-                    dead += replaced
-                    if fresh:
-                        row_ids, vectors = _append_titles(editor, encoder, chunk, fresh)
-                        new_ids.append(row_ids)
-                        new_vectors.append(vectors)
-                        tally["encoded"] += len(fresh)
+                    edits.apply(chunk, encoder, operation, reader.name, tally)
                     bar.update(len(chunk))
             if reader.count == 0:
                 raise BadRowError(f"{reader.name} has no usable rows ({reader.skipped} skipped); nothing changed")
         except BaseException:
-            editor.abort()
+            edits.abort()
             raise
-        count = editor.finish()
-        _finish_change(
-            live,
-            gen,
-            manifest,
-            np.asarray(dead, dtype=np.int64),
-            np.concatenate(new_vectors) if new_vectors else np.empty((0, encoder.dim), np.float32),
-            np.concatenate(new_ids) if new_ids else np.empty(0, np.int64),
-            count,
-        )
+        edits.store.close()
+        if edits.editor is None:  # every row as stored: a generation would only churn the disk (client retries)
+            raise Unchanged
+        count = edits.editor.finish()
+        _finish_change(live, gen, manifest, edits.dead(), edits.vectors(encoder.dim), edits.row_ids(), count)
+        published = True
     if reader.skipped:
         log.warning("skipped %d bad row(s), e.g. %s", reader.skipped, "; ".join(reader.skipped_examples))
     return ChangeReport(
-        operation, **tally, count=count, generation=current_generation(path).name, seconds=time.perf_counter() - started
+        operation,
+        **tally,
+        count=count,
+        generation=current_generation(path).name,
+        seconds=time.perf_counter() - started,
+        published=published,
     )
+
+
+class _Edits:
+    """The store edits of one add or upsert. The staging copy of the store is made at the first row that changes
+    something: until then lookups read the live store, so rows that change nothing copy nothing."""
+
+    def __init__(self, live: Path, gen: Path) -> None:
+        self.live, self.gen = live, gen
+        self.store = Store.open(live)
+        self.editor: StoreEditor | None = None
+        self._dead: list[int] = []
+        self._ids: list[np.ndarray] = []
+        self._vectors: list[np.ndarray] = []
+
+    def apply(self, chunk: Chunk, encoder: Encoder, operation: str, source: str, tally: dict[str, int]) -> None:
+        existing = (self.editor or self.store).lookup(chunk.ids)
+        if self.store.id_type is IdType.INT:
+            _check_int_ids(chunk.ids, chunk.rows, source)
+        fresh, replaced, meta_changes = _sort_rows(chunk, existing, operation, source, tally)
+        if not (fresh or replaced or meta_changes):
+            return
+        if self.editor is None:
+            self.editor = StoreEditor(self.live, self.gen)
+        self.editor.update_metadata(meta_changes)
+        self.editor.delete(replaced)  # before their new versions take the same external ids
+        self._dead += replaced
+        if fresh:
+            row_ids, vectors = _append_titles(self.editor, encoder, chunk, fresh)
+            self._ids.append(row_ids)
+            self._vectors.append(vectors)
+            tally["encoded"] += len(fresh)
+
+    def dead(self) -> np.ndarray:
+        return np.asarray(self._dead, dtype=np.int64)
+
+    def row_ids(self) -> np.ndarray:
+        return np.concatenate(self._ids) if self._ids else np.empty(0, np.int64)
+
+    def vectors(self, dim: int) -> np.ndarray:
+        return np.concatenate(self._vectors) if self._vectors else np.empty((0, dim), np.float32)
+
+    def abort(self) -> None:
+        if self.editor is not None:
+            self.editor.abort()
+        self.store.close()
 
 
 def _sort_rows(
@@ -184,8 +219,10 @@ def remove(path: Path, ids: Iterable[ExternalId], *, missing_ok: bool, lock_time
             raise ConfigError(f"ids[{i}] is empty; pass the external ids to remove")
         wanted.append(ext)
     started = time.perf_counter()
+    published = False
     with new_generation(path, change=True, lock_timeout=lock_timeout) as gen:
         live, manifest = _live(path)
+        count = read_config(live)["count"]
         editor = StoreEditor(live, gen)
         try:
             found = editor.lookup(wanted)
@@ -200,8 +237,12 @@ def remove(path: Path, ids: Iterable[ExternalId], *, missing_ok: bool, lock_time
         except BaseException:
             editor.abort()
             raise
+        if not len(dead):  # only ids that are not there (missing_ok): nothing to publish
+            editor.abort()
+            raise Unchanged
         count = editor.finish()
         _finish_change(live, gen, manifest, dead, np.empty((0, 0), np.float32), np.empty(0, np.int64), count)
+        published = True
     return ChangeReport(
         "remove",
         removed=len(dead),
@@ -209,6 +250,7 @@ def remove(path: Path, ids: Iterable[ExternalId], *, missing_ok: bool, lock_time
         count=count,
         generation=current_generation(path).name,
         seconds=time.perf_counter() - started,
+        published=published,
     )
 
 

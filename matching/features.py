@@ -91,10 +91,10 @@ def pair_features(
     if known is not None:
         out[:, LEXICAL_FEATURES] = known
     out[:, 0] = normalised(bm25, norm)
-    q_terms = set(analyze(query, lexical.analyzer))
+    q_terms = set(analyze(query, lexical.analyzer, lexical.fold))
     q_grams = _bigrams(query)
     for i, title in enumerate(titles):
-        t_terms = analyze(title, lexical.analyzer)
+        t_terms = analyze(title, lexical.analyzer, lexical.fold)
         t_set = set(t_terms)
         if q_terms:
             out[i, 1] = len(q_terms & t_set) / len(q_terms)

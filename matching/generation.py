@@ -144,6 +144,7 @@ def lexical_record(
         before = manifest.lexical or {}
     return {
         "analyzer": lexical.analyzer.value,
+        "fold": lexical.fold,
         "k1": lexical.params.k1,
         "b": lexical.params.b,
         "dense_weight": before.get("dense_weight", DEFAULT_DENSE_WEIGHT),

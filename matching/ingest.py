@@ -5,6 +5,7 @@ from __future__ import annotations
 import bz2
 import contextlib
 import csv
+import datetime
 import decimal
 import gzip
 import json
@@ -31,6 +32,7 @@ _PARQUET_SUFFIXES = {".parquet", ".pq"}
 _COMPRESSION_SUFFIXES = {".gz", ".bz2", ".zip", ".xz", ".zst"}
 DEFAULT_CHUNKSIZE = 20_000
 _EXACT = 2.0**53  # floats at or above this cannot tell neighbouring whole numbers apart
+_NOT_TEXT = (list, tuple, dict, set, np.ndarray, bytes, bytearray)  # a cell no id or title is made of
 
 
 @dataclass
@@ -338,14 +340,46 @@ def _is_missing(value: Any) -> bool:
         return False
 
 
-def _json_value(value: Any) -> Any:
-    if isinstance(value, np.generic):
+class UnstorableError(ValueError):
+    """A metadata value that JSON cannot hold exactly (the caller names its row and column)."""
+
+
+def json_value(value: Any) -> Any:
+    """A metadata cell as the JSON value stored for it, exactly, or :class:`UnstorableError` saying why not.
+
+    Missing (None, NaN, NA, NaT) is null; numbers, text and booleans are themselves; a list or array (a Parquet list
+    column) is a JSON array and a dict (a struct) an object, element by element; a date or time is its ISO 8601
+    text; a decimal is the float that gives it back as written. Infinities, bytes and other objects are refused.
+    """
+    if isinstance(value, np.ndarray | list | tuple):
+        return [json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): json_value(v) for k, v in value.items()}
+    if _is_missing(value):
+        return None
+    if isinstance(value, np.generic) and not isinstance(value, np.datetime64 | np.timedelta64):
         value = value.item()
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return None  # JSON has no NaN/inf: a missing or non-finite cell is null
-    if isinstance(value, int | float | str | bool | list | dict):
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UnstorableError(f"holds {value}, which JSON cannot store; write a number or leave the cell empty")
+    if isinstance(value, bool | int | float | str):
         return value
-    return str(value)
+    if isinstance(value, np.datetime64):
+        value = pd.Timestamp(value)
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal) and value.is_finite():
+        number = float(value)
+        if decimal.Decimal(repr(number)) == value:
+            return number
+    raise UnstorableError(
+        f"holds {type(value).__name__} {_short(value)}, which metadata cannot store exactly; "
+        "convert it to text, a number, a list or a dict"
+    )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:39] + "…"
 
 
 class CatalogueReader:
@@ -483,11 +517,18 @@ class CatalogueReader:
         duplicates: list[str] = []
         for offset, raw_id in enumerate(raw_ids):
             row = first_row + offset
-            ext_id = canonical_id(raw_id)
-            title = " ".join(str(p[offset]) for p in parts if not _is_missing(p[offset]) and p[offset] != "").strip()
+            ext_id = canonical_id(raw_id) if not isinstance(raw_id, _NOT_TEXT) else None
+            pieces = [p[offset] for p in parts]
+            bad_title = next(
+                ((c, v) for c, v in zip(self.title_columns, pieces, strict=True) if isinstance(v, _NOT_TEXT)), None
+            )
+            title = "" if bad_title else " ".join(str(v) for v in pieces if not _is_missing(v) and v != "").strip()
+            meta, bad_meta = _metadata(meta_records[offset])
             problem = None
-            if isinstance(raw_id, list | tuple | dict | set | np.ndarray):  # a JSON array/object, not an id
-                problem = f"row {row}: the id {raw_id!r} in column {self.id_column!r} is not a string or a number"
+            if isinstance(raw_id, (*_NOT_TEXT, bool, np.bool_)):  # a JSON array/object or true/false, not an id
+                problem = f"row {row}: the id {_short(raw_id)} in column {self.id_column!r} is not a string or a number"
+            elif bad_title is not None:
+                problem = f"row {row}: the title column {bad_title[0]!r} holds {_short(bad_title[1])}, not text"
             elif isinstance(raw_id, float | np.floating) and not (_is_missing(raw_id) or abs(float(raw_id)) < _EXACT):
                 problem = (
                     f"row {row}: the id {raw_id!r} in column {self.id_column!r} is a float too large to be an exact "
@@ -504,6 +545,8 @@ class CatalogueReader:
             elif not title:
                 cols = " + ".join(map(repr, self.title_columns))
                 problem = f"row {row} (id {ext_id!r}): the title {cols} is empty"
+            elif bad_meta is not None:
+                problem = f"row {row} (id {ext_id!r}): column {bad_meta}"
             if problem:
                 if not self.skip_bad_rows:
                     raise BadRowError(
@@ -523,7 +566,7 @@ class CatalogueReader:
                 self._all_int = False
             chunk.ids.append(ext_id)
             chunk.titles.append(title)
-            chunk.metadata.append({str(k): _json_value(v) for k, v in meta_records[offset].items()})
+            chunk.metadata.append(meta)
             chunk.rows.append(row)
         if duplicates:
             shown = ", ".join(duplicates[:5])
@@ -533,6 +576,17 @@ class CatalogueReader:
             )
         self.count += len(chunk)
         return chunk
+
+
+def _metadata(record: dict[Any, Any]) -> tuple[dict[str, Any], str | None]:
+    """A row's metadata as stored, or the first column whose value cannot be, with why."""
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        try:
+            out[str(key)] = json_value(value)
+        except UnstorableError as exc:
+            return out, f"{str(key)!r} {exc}"
+    return out, None
 
 
 def metadata_json(metadata: dict[str, Any]) -> str:

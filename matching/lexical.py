@@ -23,7 +23,7 @@ from typing import Self, cast
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from matching.analysis import Analyzer, analyze, resolve_analyzer
+from matching.analysis import FOLD, Analyzer, analyze, resolve_analyzer
 from matching.errors import BadRowError, BundleError, ConfigError
 from matching.layout import LEXICAL_ARRAYS, LEXICAL_CONFIG
 from matching.lexical_format import FORMAT, FORMAT_VERSION, BM25Params, DamagedError, checked
@@ -65,8 +65,10 @@ class LexicalIndex:
         post_tf: np.ndarray,
         doc_len: np.ndarray,
         live: np.ndarray,
+        fold: int = FOLD,
     ) -> None:
         self.analyzer = analyzer
+        self.fold = fold  # the case folding its terms were made with (matching.analysis.FOLD)
         self.params = params
         self._vocab = vocab
         self._ids = {term: i for i, term in enumerate(vocab)}
@@ -89,10 +91,12 @@ class LexicalIndex:
         params: BM25Params = DEFAULT_PARAMS,
         *,
         rows: int | None = None,
+        fold: int = FOLD,
     ) -> Self:
         """Index ``titles``: strings are rows 0..n-1 in order; ``(row_id, title)`` pairs need ascending row ids
         and rows left out are dead. ``rows`` (default: one past the last row) adds dead rows at the end.
-        ``Analyzer.AUTO`` is resolved from the titles."""
+        ``Analyzer.AUTO`` is resolved from the titles; ``fold`` is the case folding (the current one unless a
+        test recreates an older index)."""
         items = list(titles)
         if items and not isinstance(items[0], str):
             pairs = cast(list[tuple[int, str]], items)
@@ -113,6 +117,7 @@ class LexicalIndex:
             np.zeros(0, np.uint16),
             np.zeros(0, np.int32),
             np.zeros(0, np.bool_),
+            fold,
         )
         index.add(row_ids, texts)
         if rows is not None:
@@ -154,7 +159,7 @@ class LexicalIndex:
         i = 0
         try:
             for i, title in enumerate(titles):  # noqa: B007 - i names the bad row below
-                terms = analyze(title, analyzer)
+                terms = analyze(title, analyzer, self.fold)
                 flat += terms
                 lengths.append(len(terms))
         except (AttributeError, TypeError):
@@ -218,6 +223,7 @@ class LexicalIndex:
             tf,
             self._doc_len[self._live],
             np.ones(self.count, dtype=np.bool_),
+            self.fold,
         )
 
     def _pruned(self) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
@@ -291,7 +297,7 @@ class LexicalIndex:
     def query_terms(self, query: str) -> np.ndarray:
         """Term ids (ascending, unique, int64) of the query's terms known to the index."""
         ids = self._ids
-        known = {ids[term] for term in analyze(query, self.analyzer) if term in ids}
+        known = {ids[term] for term in analyze(query, self.analyzer, self.fold) if term in ids}
         return np.array(sorted(known), dtype=np.int64)
 
     def search(
@@ -426,7 +432,7 @@ class LexicalIndex:
         tf = np.zeros((len(titles), len(terms)), dtype=np.float32)
         dl = np.zeros(len(titles), dtype=np.float64)
         for i, title in enumerate(titles):
-            words = analyze(title, self.analyzer)
+            words = analyze(title, self.analyzer, self.fold)
             dl[i] = len(words)
             for word in words:
                 j = column.get(word)
@@ -451,7 +457,7 @@ class LexicalIndex:
 
     def distinct_count(self, text: str) -> int:
         """The number of distinct terms the analyser finds in ``text``."""
-        return len(set(analyze(text, self.analyzer)))
+        return len(set(analyze(text, self.analyzer, self.fold)))
 
     def max_score(self, query: str) -> float:
         """An upper bound of the query's BM25 over any title, for normalising into [0, 1]: the sum over its
@@ -466,7 +472,7 @@ class LexicalIndex:
     def _ordered_terms(self, query: str) -> list[str]:
         """The query's distinct terms in the order scores are summed: known terms by id, then unknown ones."""
         ids = self._ids
-        distinct = set(analyze(query, self.analyzer))
+        distinct = set(analyze(query, self.analyzer, self.fold))
         known = sorted((ids[term], term) for term in distinct if term in ids)
         return [term for _, term in known] + sorted(term for term in distinct if term not in ids)
 
@@ -487,6 +493,7 @@ class LexicalIndex:
             "format": FORMAT,
             "version": FORMAT_VERSION,
             "analyzer": str(self.analyzer),
+            "fold": self.fold,
             "params": {"k1": self.params.k1, "b": self.params.b},
             "rows": self.rows,
             "vocab": vocab,
@@ -515,7 +522,7 @@ class LexicalIndex:
 
     def equals(self, other: LexicalIndex) -> bool:
         """Same analyser, parameters, live rows, title lengths and postings (term ids compared by term)."""
-        if (self.analyzer, self.params) != (other.analyzer, other.params):
+        if (self.analyzer, self.fold, self.params) != (other.analyzer, other.fold, other.params):
             return False
         if not np.array_equal(np.flatnonzero(self._live), np.flatnonzero(other._live)):
             return False

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from matching.analysis import Analyzer
+from matching.analysis import FOLDS, Analyzer
 from matching.errors import ConfigError
 from matching.layout import LEXICAL_CONFIG
 
@@ -36,7 +36,7 @@ class DamagedError(Exception):
 
 def checked(
     meta: Any, arrays: dict[str, np.ndarray]
-) -> tuple[Analyzer, BM25Params, list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[Analyzer, BM25Params, list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
     """The constructor arguments of a saved index, after checking everything a search relies on."""
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise DamagedError(f"{LEXICAL_CONFIG} is not a lexical index (format {FORMAT!r})")
@@ -49,6 +49,9 @@ def checked(
         raise DamagedError(f"bad analyzer or params: {exc}") from None
     if analyzer == Analyzer.AUTO:
         raise DamagedError("analyzer 'auto' was never resolved")
+    fold = meta.get("fold", 1)  # saved before the folding was recorded: the first one
+    if fold not in FOLDS or isinstance(fold, bool):
+        raise DamagedError(f"case folding {fold!r} is not one this version knows ({FOLDS}); upgrade matching")
     vocab, rows = meta.get("vocab"), meta.get("rows")
     if not isinstance(vocab, list) or not all(isinstance(term, str) for term in vocab) or len(set(vocab)) < len(vocab):
         raise DamagedError("vocab is not a list of distinct strings")
@@ -72,4 +75,4 @@ def checked(
     ascending[starts[(starts > 0) & (starts < len(post_rows))] - 1] = True
     if not np.all(ascending) or (len(doc_len) and doc_len.min() < 0):
         raise DamagedError("postings are not ascending by row within a term, or a title length is negative")
-    return analyzer, params, vocab, ptr, post_rows, post_tf, doc_len, live
+    return analyzer, params, vocab, ptr, post_rows, post_tf, doc_len, live, fold

@@ -200,7 +200,7 @@ class Matcher(ServedBundle):
         BM25 each, fused), the scorer reranks them.
 
         ``where`` filters on metadata inside retrieval, e.g. ``{"brand": "acme", "price": ("<", 50)}``
-        (see :func:`matching.store.where_clauses`), so ``k`` hits come back whenever ``k`` titles match.
+        (see :func:`matching.filters.where_clauses`), so ``k`` hits come back whenever ``k`` titles match.
         ``retrieval`` is ``hybrid``, ``dense`` or ``lexical`` (default: this matcher's :attr:`retrieval`).
         """
         return self.search_batch([query], k, candidates=candidates, rerank=rerank, where=where, retrieval=retrieval)[0]

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import mmap
 import os
-import re
 import shutil
 import sqlite3
 import urllib.parse
@@ -24,7 +22,6 @@ from typing import Any, BinaryIO, Self
 import numpy as np
 import pandas as pd
 from sqlalchemy import (
-    ColumnElement,
     Engine,
     Integer,
     String,
@@ -41,16 +38,13 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import QueuePool
 
-from matching.errors import BundleError, ConfigError
+from matching.errors import BundleError
+from matching.filters import Where as Where
+from matching.filters import parse_where as parse_where
+from matching.filters import where_clauses
 from matching.ingest import metadata_json
 from matching.layout import STORE_CONFIG, STORE_DB, VECTORS_FILE
 from matching.types import IdType
-
-# a value, or an (operator, value) pair, or a list of allowed values
-WhereValue = str | int | float | bool | None
-Where = Mapping[str, Any]
-_COMPARE = ("==", "!=", "<", "<=", ">", ">=")
-_MEMBER = ("in", "not in")
 
 _SQL_BATCH = 900  # stays under SQLite's default limit of bound variables per statement
 
@@ -201,7 +195,7 @@ class Store:
 
     def filter_ids(self, where: Where) -> np.ndarray:
         """Row ids whose metadata satisfy every condition of ``where`` (values are bound parameters)."""
-        stmt = select(TitleRow.row_id).where(*where_clauses(where)).order_by(TitleRow.row_id)
+        stmt = select(TitleRow.row_id).where(*where_clauses(TitleRow.metadata_json, where)).order_by(TitleRow.row_id)
         with Session(self.engine) as session:
             ids = session.scalars(stmt).all()
         return np.asarray(ids, dtype=np.int64)
@@ -286,125 +280,6 @@ def read_config(directory: Path) -> dict[str, Any]:
 def _write_config(directory: Path, *, count: int, rows: int, dim: int, id_type: IdType) -> None:
     config = {"count": count, "rows": rows, "dim": dim, "id_type": id_type.value}
     (directory / STORE_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-
-
-def where_clauses(where: Where) -> list[ColumnElement[bool]]:
-    """SQL conditions for a metadata filter such as ``{"brand": "acme", "price": ("<", 50)}``.
-
-    A value means equality (``None`` matches a missing or null field), a list means "one of", an
-    ``(op, value)`` pair compares, with op one of ``== != < <= > >= in``, ``not in``, and a dict of
-    ``{op: value}`` applies several to one field (a range: ``{"price": {">=": 10, "<": 20}}``; the form JSON
-    requests use). Booleans compare as 1 and 0, as SQLite stores them. Keys and values are always bound parameters.
-    """
-    if not isinstance(where, Mapping):
-        raise ConfigError(f"where must be a dict of metadata field -> condition, got {type(where).__name__}")
-    clauses: list[ColumnElement[bool]] = []
-    for key, spec in where.items():
-        if not isinstance(key, str) or not key or '"' in key or any(ord(c) < 32 for c in key):
-            raise ConfigError(f"where: {key!r} is not a usable metadata field name")
-        field = func.json_extract(TitleRow.metadata_json, f'$."{key}"')
-        for op, value in _conditions(key, spec):
-            clauses.append(_clause(field, key, op, value))
-    return clauses
-
-
-def _conditions(key: str, spec: Any) -> list[tuple[str, Any]]:
-    """The (operator, value) pairs of one field's condition."""
-    if isinstance(spec, Mapping):
-        if not spec:
-            raise ConfigError(f'where[{key!r}]: an empty condition; give {{operator: value}}, e.g. {{">=": 10}}')
-        bad = [op for op in spec if op not in _COMPARE + _MEMBER]
-        if bad:
-            raise ConfigError(
-                f"where[{key!r}]: unknown operator {bad[0]!r}; operators are {', '.join(_COMPARE + _MEMBER)}"
-            )
-        return list(spec.items())
-    if isinstance(spec, tuple):
-        if len(spec) != 2 or spec[0] not in _COMPARE + _MEMBER:
-            raise ConfigError(
-                f"where[{key!r}]: {spec!r} is not an (operator, value) pair; "
-                f"operators are {', '.join(_COMPARE + _MEMBER)}"
-            )
-        return [(spec[0], spec[1])]
-    if isinstance(spec, list | set | frozenset):
-        return [("in", spec)]
-    return [("==", spec)]
-
-
-def _clause(field: ColumnElement[Any], key: str, op: str, value: Any) -> ColumnElement[bool]:
-    if op in _MEMBER:
-        if not isinstance(value, list | tuple | set | frozenset):
-            raise ConfigError(f"where[{key!r}]: {op!r} needs a list of values, got {value!r}")
-        values = [_check_value(key, v) for v in value]
-        return field.in_(values) if op == "in" else field.not_in(values)
-    value = _check_value(key, value)
-    if value is None:
-        if op not in ("==", "!="):
-            raise ConfigError(f"where[{key!r}]: None can only be compared with == or !=")
-        return field.is_(None) if op == "==" else field.is_not(None)
-    clause: ColumnElement[bool] = {
-        "==": lambda: field == value,
-        "!=": lambda: field != value,
-        "<": lambda: field < value,
-        "<=": lambda: field <= value,
-        ">": lambda: field > value,
-        ">=": lambda: field >= value,
-    }[op]()
-    return clause
-
-
-_WHERE = re.compile(r"\s*(?P<key>.+?)\s*(?P<op>==|!=|<=|>=|=|<|>|\s+not\s+in\s+|\s+in\s+)\s*(?P<value>.*?)\s*\Z")
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a value to filter on")  # NaN/Infinity: read as plain text instead
-
-
-def parse_where(expressions: Sequence[str]) -> dict[str, Any]:
-    """``["brand=acme", "price<50", 'color in ["red", "blue"]']`` -> a ``where`` dict for search.
-
-    A value is read as JSON where it parses (numbers, true/false/null, quoted strings, lists),
-    else taken as a plain string.
-    """
-    where: dict[str, dict[str, Any]] = {}
-    for text in expressions:
-        m = _WHERE.match(text)
-        if not m or not m["key"]:
-            raise ConfigError(
-                f"--where {text!r}: expected FIELD OP VALUE with OP one of = != < <= > >= in, not in "
-                "(e.g. --where brand=acme --where 'price<50')"
-            )
-        op = " ".join(m["op"].split())
-        op = "==" if op == "=" else op
-        try:
-            value = json.loads(m["value"], parse_constant=_no_constant)
-        except (json.JSONDecodeError, ValueError):
-            value = m["value"]
-        if op in ("in", "not in") and not isinstance(value, list):
-            raise ConfigError(f'--where {text!r}: {op!r} needs a JSON list, e.g. \'color in ["red", "blue"]\'')
-        conditions = where.setdefault(m["key"], {})
-        if op in conditions:
-            raise ConfigError(f"--where: {m['key']} {op} is given twice")
-        conditions[op] = value
-    # one condition stays in the plain form (a value, or an (op, value) pair); a range on one field is a dict
-    return {
-        key: (ops["=="] if list(ops) == ["=="] else next(iter(ops.items()))) if len(ops) == 1 else ops
-        for key, ops in where.items()
-    }
-
-
-def _check_value(key: str, value: Any) -> WhereValue:
-    if isinstance(value, np.generic):
-        value = value.item()
-    if value is not None and not isinstance(value, str | int | float | bool):
-        raise ConfigError(f"where[{key!r}]: {value!r} is not a string, number, bool or None")
-    if isinstance(value, bool):
-        return int(value)  # json_extract reads true/false as 1/0, and SQLAlchemy refuses `< True`
-    if isinstance(value, int) and not -(2**63) <= value < 2**63:
-        raise ConfigError(f"where[{key!r}]: {value} is outside SQLite's 64-bit integers; compare with a float instead")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"where[{key!r}]: {value} is not a finite number")
-    return value
 
 
 def _linked_elsewhere(file: Path, root: Path) -> bool:

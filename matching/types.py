@@ -99,7 +99,8 @@ class Match:
 
 @dataclass(frozen=True, slots=True)
 class ChangeReport:
-    """What one catalogue change did. ``encoded`` counts titles that went through the encoder."""
+    """What one catalogue change did. ``encoded`` counts titles that went through the encoder; ``published`` is
+    false when nothing changed, and ``generation`` then names the one still live."""
 
     operation: str
     added: int = 0
@@ -112,3 +113,4 @@ class ChangeReport:
     count: int = 0
     generation: str = ""
     seconds: float = 0.0
+    published: bool = True

@@ -251,7 +251,8 @@ def main() -> None:
         print("diagnosis (in-process single searches):", flush=True)
         report["diagnosis"] = diagnose(template, args.searches)
     token = work / "token"
-    token.write_text("load-test-token\n", encoding="utf-8")
+    token.write_text("load-test-token-0123456789\n", encoding="utf-8")  # 16 or more characters
+    token.chmod(0o600)
     runs = []
     for busy in (False, True):
         bundle = work / f"served-{'busy' if busy else 'quiet'}"  # a fresh copy: the publisher changes it

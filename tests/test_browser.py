@@ -45,6 +45,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_encoder: Any) -> Itera
     root = tmp_path_factory.mktemp("serve")
     Matcher.build(make_catalogue(), root / "products", encoder=tiny_encoder, show_progress=False).close()
     (root / "token").write_text("browser-test-token\n", encoding="utf-8")
+    (root / "token").chmod(0o600)
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "matching", "serve", str(root / "products"), "--port", str(port),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,33 @@ def test_upsert_reencodes_changed_titles_only(own_bundle: Matcher, tiny_encoder:
     assert own_bundle.index.ntotal == len(own_bundle) == 41
 
 
+def test_a_change_that_changes_nothing_publishes_nothing(
+    own_bundle: Matcher, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = own_bundle.path
+    assert path is not None
+    live = current_generation(path).name
+    entries = sorted(p.name for p in path.iterdir())
+    report = own_bundle.upsert(make_catalogue(), show_progress=False)  # a client's retry: every row as stored
+    assert (report.unchanged, report.added, report.updated, report.metadata_updated) == (40, 0, 0, 0)
+    assert (report.published, report.generation, report.count, report.encoded) == (False, live, 40, 0)
+    report = own_bundle.remove([42, "nope"], missing_ok=True)
+    assert (report.published, report.generation, report.missing, report.count) == (False, live, 2, 40)
+    csv = tmp_path / "same.csv"
+    make_catalogue().to_csv(csv, index=False)
+    capsys.readouterr()
+    assert main(["upsert", str(path), str(csv), "-q"]) == 0
+    assert capsys.readouterr().out == f"upsert {path}: unchanged 40; nothing to publish, {live} stays live\n"
+    assert sorted(p.name for p in path.iterdir()) == entries  # no generation, no staging left behind
+    changed = make_catalogue()
+    changed.loc[39, "price"] = 0.5  # in the last chunk: the store is copied only when a row changes
+    report = own_bundle.upsert(changed, chunksize=16, show_progress=False)
+    assert (report.published, report.metadata_updated, report.unchanged) == (True, 1, 39)
+    assert report.generation == "gen-000002" != live == "gen-000001"
+    assert catalogue_of(own_bundle)[int(changed.loc[39, "id"])][1]["price"] == 0.5
+    assert len(own_bundle) == 40
+
+
 # -- remove and compact -------------------------------------------------------------------------------
 
 
@@ -266,12 +294,29 @@ def test_filters_bind_values_and_reject_bad_conditions(built_bundle: Matcher) ->
     for bad, message in [
         ({"price": ("~", 3)}, "not an .operator, value. pair"),
         ({"price": ("<", [1])}, "is not a string, number, bool or None"),
-        ({'a"b': 1}, "not a usable metadata field name"),
+        ({1: 1}, "1 is not a metadata field name"),
         ({"brand": ("in", "Acme")}, "needs a list"),
         ({"price": ("<", None)}, "None can only be compared"),
     ]:
         with pytest.raises(ConfigError, match=message):
             built_bundle.search(QUERY, where=bad)
+
+
+def test_a_where_too_deep_or_too_big_for_sqlite_is_refused_by_name(built_bundle: Matcher) -> None:
+    deep: list[Any] = []
+    for _ in range(100_000):  # deeper than repr can print
+        deep = [deep]
+    for bad, message in [
+        ({"price": ("<", deep)}, "a list of 1 is not a string, number, bool or None"),
+        ({"price": {"in": [deep]}}, "a list of 1 is not a string, number, bool or None"),
+        ({f"f{i}": i for i in range(257)}, "more than 256 conditions"),  # SQLite nests ANDs at most 1,000 deep
+        ({"price": {"in": list(range(10_001))}}, "more than 10000 values"),
+        ({"brand": "\ud800"}, "not valid Unicode"),
+        ({"price": 10**5000}, "an integer of 16610 bits is outside SQLite's 64-bit integers"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            built_bundle.search(QUERY, where=bad)
+    assert len(built_bundle.search(QUERY, k=50, where={f"f{i}": None for i in range(256)})) == 40  # the bound
 
 
 def test_parse_where() -> None:

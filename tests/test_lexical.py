@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from matching.analysis import Analyzer, analyze, jieba_available, resolve_analyzer
+from matching.analysis import FOLD, Analyzer, analyze, fold_case, jieba_available, matched_spans, resolve_analyzer
 from matching.errors import BundleError, ConfigError
 from matching.layout import LEXICAL_ARRAYS, LEXICAL_CONFIG
 from matching.lexical import BM25Params, LexicalIndex
@@ -218,6 +218,58 @@ def test_pruned_search_equals_exhaustive_ranking() -> None:
             np.testing.assert_array_equal(scores[i, : len(want_rows)], want_scores.astype(np.float32))
 
 
+ANALYZERS = [Analyzer.STANDARD, Analyzer.ENGLISH, Analyzer.CJK, *([Analyzer.CHINESE] if jieba_available() else [])]
+FOLDED = [
+    ("İstanbul", "istanbul", ["istanbul"]),  # Turkish capital dotted I: no U+0307 left behind
+    ("İSTANBUL", "istanbul", ["istanbul"]),
+    ("KIRMIZI", "kırmızı", ["kirmizi"]),  # Turkish dotless ı and its capital I
+    ("Straße", "STRASSE", ["strasse"]),  # German sharp s folds to ss
+    ("ẞ", "ss", ["ss"]),  # capital sharp s
+    ("ＡＢＣ", "abc", ["abc"]),  # full-width Latin
+    ("ﬁle", "FILE", ["file"]),  # a ligature
+    ("Cafe\u0301", "café", ["café"]),  # a combining acute composes with its letter
+]
+
+
+@pytest.mark.parametrize(("text", "same", "terms"), FOLDED, ids=[t for t, _, _ in FOLDED])
+@pytest.mark.parametrize("analyzer", ANALYZERS, ids=str)
+def test_case_folding_follows_unicode_in_every_analyzer(
+    analyzer: Analyzer, text: str, same: str, terms: list[str]
+) -> None:
+    assert fold_case(text) == fold_case(same)
+    assert analyze(text, Analyzer.STANDARD) == terms
+    assert analyze(text, analyzer) == analyze(same, analyzer) != []
+    assert matched_spans(same, f"{text} x", analyzer) == [(0, len(text))]
+    assert matched_spans(text, f"x {same}", analyzer) == [(2, 2 + len(same))]
+    index = LexicalIndex.build(["blue lamp", f"{text} lamp", "red lamp"], analyzer)
+    assert index.search([same], 3)[1][0].tolist() == [1, -1, -1]
+
+
+def test_an_index_keeps_the_case_folding_it_was_built_with(tmp_path: Path) -> None:
+    """A saved index from before the folding was recorded keeps NFKC + casefold (its stored terms hold the
+    U+0307 of a lowered İ), so every query that found a title still finds it, and titles added later fold alike."""
+    old = LexicalIndex.build(["İstanbul halı", "Ankara halı"], Analyzer.ENGLISH, fold=1)
+    assert old.fold == 1
+    old.save(tmp_path)
+    meta = json.loads((tmp_path / LEXICAL_CONFIG).read_text(encoding="utf-8"))
+    assert meta["fold"] == 1
+    del meta["fold"]  # as an index saved before the folding was recorded
+    (tmp_path / LEXICAL_CONFIG).write_text(json.dumps(meta), encoding="utf-8")
+    loaded = LexicalIndex.load(tmp_path)
+    assert loaded.fold == 1
+    assert loaded.search(["İstanbul"], 1)[1].tolist() == [[0]]  # as before
+    assert loaded.search(["istanbul"], 1)[1].tolist() == [[-1]]  # as before: only a rebuild folds it
+    loaded.add(np.array([2]), ["İzmir halı"])
+    assert loaded.search(["İzmir"], 1)[1].tolist() == [[2]]
+    assert loaded.compacted().fold == 1
+    new = LexicalIndex.build(["İstanbul halı", "Ankara halı"], Analyzer.ENGLISH)
+    assert new.fold == FOLD == 2
+    assert new.search(["istanbul", "İSTANBUL"], 1)[1].tolist() == [[0], [0]]
+    assert not new.equals(LexicalIndex.build(["İstanbul halı", "Ankara halı"], Analyzer.ENGLISH, fold=1))
+    for text in [*TITLES, "Straße ＡＢＣ café", "Cafe\u0301 ﬁle", "हिन्दी किताब", "iPhone 手机壳"]:  # no ı, İ or i̇
+        assert analyze(text, Analyzer.STANDARD, 1) == analyze(text, Analyzer.STANDARD), text
+
+
 def test_save_load_round_trip(tmp_path: Path) -> None:
     index = LexicalIndex.build(TITLES, Analyzer.CJK, BM25Params(k1=1.5, b=0.5))
     index.remove(np.array([2, 28]))
@@ -250,6 +302,7 @@ def _damage_arrays(directory: Path, name: str, cut: int) -> None:
         (lambda d: _damage_json(d, analyzer="klingon"), "analyzer"),
         (lambda d: _damage_json(d, format="faiss"), "not a lexical index"),
         (lambda d: _damage_json(d, version=99), "version"),
+        (lambda d: _damage_json(d, fold=7), "case folding 7"),
         (lambda d: _damage_json(d, rows=5), "lengths"),
         (lambda d: _damage_arrays(d, "post_tf", -1), "lengths"),
         (lambda d: _damage_arrays(d, "ptr", -1), "pointers"),

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from fastapi.testclient import TestClient
 from matching import Matcher
 from matching.analysis import Analyzer, matched_spans
 from matching.config import ServiceConfig
+from matching.errors import ConfigError
 from matching.service import create_app, limit_body, read_token
 from matching.store import parse_where
 
@@ -141,7 +143,7 @@ def test_score_equals_the_library(client: TestClient, library: Matcher) -> None:
 def test_health_ready_info(client: TestClient, library: Matcher) -> None:
     assert client.get("/health").json() == {"status": "ok"}
     assert client.get("/ready").json() == {"status": "ready", "generation": library.generation, "count": 40}
-    info = client.get("/info").json()
+    info = client.get("/info", headers={"Authorization": f"Bearer {TOKEN}"}).json()  # everything, paths too
     assert info["count"] == 40
     assert info["metadata_keys"] == ["brand", "price"]
     assert info["limits"]["max_k"] == 50
@@ -149,6 +151,37 @@ def test_health_ready_info(client: TestClient, library: Matcher) -> None:
     assert info["encoder"] == library.info()["encoder"]
     assert client.get("/docs").status_code == 200
     assert "/search" in client.get("/openapi.json").json()["paths"]
+
+
+def test_info_shows_paths_and_the_source_file_only_with_the_token(client: TestClient, bundle: Path) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    full = client.get("/info", headers=auth).json()
+    assert full["path"] == str(bundle)
+    assert full["source"]["name"] == "DataFrame"
+    model = Path(full["encoder"]["source"])
+    assert model.is_absolute()
+    for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789"}):
+        r = client.get("/info", headers=headers)
+        public = r.json()
+        assert "path" not in public
+        assert "name" not in public["source"]
+        assert public["source"]["id_column"] == "id"
+        assert public["encoder"]["source"] == model.name
+        assert str(bundle.parent) not in r.text
+        assert str(model.parent) not in r.text
+        assert public["metadata_keys"] == ["brand", "price"]  # what the page needs stays
+    row = make_catalogue().iloc[0].to_dict()
+    r = client.post("/upsert", json={"rows": [row]}, headers=auth)  # a retry of a row as stored
+    assert r.status_code == 200
+    assert r.json() | {"seconds": 0} == {
+        **dict.fromkeys(("added", "updated", "metadata_updated", "removed", "missing", "encoded"), 0),
+        "operation": "upsert",
+        "unchanged": 1,
+        "count": 40,
+        "generation": full["generation"],
+        "seconds": 0,
+        "published": False,
+    }
 
 
 def test_metrics_count_requests_errors_and_latency(bundle: Path) -> None:
@@ -184,6 +217,23 @@ def test_highlights_are_the_matched_words(client: TestClient) -> None:
     assert marked == ["desk", "lamp"]  # "LAMPS" stems to "lamp" and the case of the query does not matter
 
 
+def test_a_turkish_title_is_found_and_highlighted_in_either_case(tmp_path: Path, tiny_encoder: Any) -> None:
+    titles = pd.DataFrame({"id": [1, 2, 3], "title": ["İSTANBUL halı", "Ankara kırmızı kilim", "Straße Karte"]})
+    Matcher.build(titles, tmp_path / "tr", encoder=tiny_encoder, show_progress=False).close()
+    with TestClient(create_app(tmp_path / "tr", config=CONFIG)) as c:
+        wait_ready(c)
+        assert c.get("/info").json()["lexical"]["fold"] == 2
+        for q, title, marked in [
+            ("istanbul", "İSTANBUL halı", ["İSTANBUL"]),
+            ("KIRMIZI", "Ankara kırmızı kilim", ["kırmızı"]),
+            ("strasse", "Straße Karte", ["Straße"]),
+        ]:
+            params = {"q": q, "k": 1, "highlight": "true", "retrieval": "lexical"}
+            hit = c.get("/search", params=params).json()["hits"][0]
+            assert hit["title"] == title
+            assert [hit["title"][a:b] for a, b in hit["highlights"]] == marked
+
+
 def test_matched_spans_follow_the_analyser() -> None:
     title = "Running Shoes, for the Marathon"
     assert [title[a:b] for a, b in matched_spans("run shoe the", title, Analyzer.ENGLISH)] == ["Running", "Shoes"]
@@ -217,6 +267,123 @@ def test_bad_search_gets_400_with_the_fix(client: TestClient, params: dict[str, 
     assert needle in r.json()["detail"]
 
 
+def _deep(depth: int) -> str:
+    return '{"price": ' + "[" * depth + "]" * depth + "}"
+
+
+MALFORMED_WHERES: list[tuple[str, str, str]] = [
+    ("nested-1000", _deep(1000), "nests deeper than the JSON parser goes"),
+    ("nested-5", '{"price": {"in": [[[1]]]}}', "a list of 1 is not a string, number, bool or None"),
+    ("a-list", "[1, 2]", "where must be a JSON object"),
+    ("a-number", "3", "got a int"),
+    ("300-fields", json.dumps({f"f{i}": i for i in range(300)}), "more than 256 conditions"),
+    ("10001-values", json.dumps({"price": [0] * 10_001}, separators=(",", ":")), "more than 10000 values"),
+    ("lone-surrogate-value", '{"brand": "\\ud800"}', "not valid Unicode"),
+    ("lone-surrogate-field", '{"\\ud800": 1}', "not a metadata field name"),
+    ("5000-digits", '{"price": ' + "9" * 5000 + "}", "Exceeds the limit (4300 digits)"),
+    ("empty-condition", '{"price": {}}', "an empty condition"),
+    ("null-range", '{"price": {"<": null}}', "None can only be compared with == or !="),
+]
+
+
+@pytest.mark.parametrize(("where", "needle"), [c[1:] for c in MALFORMED_WHERES], ids=[c[0] for c in MALFORMED_WHERES])
+def test_malformed_where_is_400_naming_it_through_get_and_post(client: TestClient, where: str, needle: str) -> None:
+    got = client.get("/search", params={"q": "lamp", "where": where})
+    posted = client.post(
+        "/search", content='{"queries": ["lamp"], "where": ' + where + "}", headers={"content-type": "application/json"}
+    )
+    for r in (got, posted):
+        assert r.status_code == 400, r.text
+        assert needle in r.json()["detail"]
+
+
+def test_random_json_as_where_answers_200_or_400_never_500(bundle: Path) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    text = st.text(st.characters(codec=None, categories=None), max_size=8) | st.sampled_from(["brand", "price"])
+    scalar = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | text
+    ops = st.sampled_from(["==", "!=", "<", "<=", ">", ">=", "in", "not in", "~"])
+    value = st.recursive(
+        scalar, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text | ops, inner, max_size=4)
+    )
+    where = st.dictionaries(text, value | st.dictionaries(ops, value, max_size=3), max_size=4) | value
+    wrapped = st.tuples(where, st.integers(0, 1200)).map(lambda w: "[" * w[1] + json.dumps(w[0]) + "]" * w[1])
+    raw = st.one_of(where.map(json.dumps), wrapped)
+    with TestClient(create_app(bundle, config=CONFIG), raise_server_exceptions=False) as c:
+        wait_ready(c)
+
+        @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+        @given(raw)
+        def answers(where: str) -> None:
+            got = c.get("/search", params={"q": "lamp", "where": where})
+            body = '{"queries": ["lamp"], "where": ' + where + "}"
+            posted = c.post("/search", content=body, headers={"content-type": "application/json"})
+            for r in (got, posted):
+                assert r.status_code in (200, 400), (where[:200], r.status_code, r.text[:300])
+                if r.status_code == 400:
+                    assert isinstance(r.json()["detail"], str)
+
+        answers()
+
+
+ODD_KEYS = ["a\\b", 'q"k', "tab\tkey", "line\nbreak", "é", "a.b", "x[0]", "$", "", " sp ", '\\"', "ключ"]
+
+
+def test_every_metadata_key_that_is_stored_can_be_filtered(tmp_path: Path, tiny_encoder: Any) -> None:
+    """Keys a JSON path built from the key would miss (backslash, quote, control characters) match like any."""
+    frame = pd.DataFrame({"id": range(len(ODD_KEYS)), "title": [f"red lamp {i}" for i in range(len(ODD_KEYS))]})
+    for i, key in enumerate(ODD_KEYS):
+        frame[key] = pd.Series([100 + i if j == i else "other" for j in range(len(ODD_KEYS))], dtype=object)
+    with Matcher.build(frame, tmp_path / "odd", encoder=tiny_encoder, show_progress=False) as m:
+        for i, key in enumerate(ODD_KEYS):
+            assert [h.id for h in m.search("lamp", k=20, where={key: 100 + i})] == [i], key
+            assert len(m.search("lamp", k=20, where={key: {"!=": 100 + i}})) == len(ODD_KEYS) - 1
+    with TestClient(create_app(tmp_path / "odd", token=TOKEN, config=CONFIG)) as c:
+        wait_ready(c)
+        assert c.get("/info").json()["metadata_keys"] == sorted(ODD_KEYS)  # each one filterable, so each listed
+        for i, key in enumerate(ODD_KEYS):
+            r = c.get("/search", params={"q": "lamp", "k": 20, "where": json.dumps({key: {"in": [100 + i]}})})
+            assert [h["id"] for h in r.json()["hits"]] == [i], key
+        r = c.post(
+            "/upsert",
+            content='{"rows": [{"id": 99, "title": "lamp", "\\ud800": 1}]}',
+            headers={"content-type": "application/json", "authorization": f"Bearer {TOKEN}"},
+        )
+        assert r.status_code == 400
+        assert (
+            r.json()["detail"]
+            == "row 0: field name '\\ud800' holds a lone surrogate (half of a UTF-16 pair); fix the name"
+        )
+
+
+def test_values_sent_over_http_round_trip_or_are_refused_naming_row_and_column(
+    tmp_path: Path, tiny_encoder: Any
+) -> None:
+    frame = pd.DataFrame({"id": [1, 2], "title": ["red lamp", "blue lamp"]})
+    Matcher.build(frame, tmp_path / "v", encoder=tiny_encoder, show_progress=False).close()
+    headers = {"content-type": "application/json", "authorization": f"Bearer {TOKEN}"}
+    with TestClient(create_app(tmp_path / "v", token=TOKEN, config=CONFIG)) as c:
+        wait_ready(c)
+        row = '{"id": 3, "title": "green lamp", "tags": [1, [2, "x"]], "o": {"k": null}, "gap": NaN, '
+        row += '"n": 12345678901234567890}'
+        r = c.post("/upsert", content='{"rows": [' + row + "]}", headers=headers)
+        assert r.status_code == 200, r.text
+        hit = c.get("/search", params={"q": "green lamp", "k": 1, "where": '{"gap": null}'}).json()["hits"][0]
+        assert hit["id"] == 3
+        assert hit["metadata"] == {"tags": [1, [2, "x"]], "o": {"k": None}, "gap": None, "n": 12345678901234567890}
+        for bad, message in [
+            ('{"id": 4, "title": ["a", "b"]}', "row 1: the title column 'title' holds ['a', 'b'], not text"),
+            ('{"id": true, "title": "x"}', "row 1: the id True in column 'id' is not a string or a number"),
+            ('{"id": 4, "title": "x", "v": Infinity}', "row 1 (id '4'): column 'v' holds inf"),
+            ('{"id": 4, "title": "x", "v": [-Infinity]}', "row 1 (id '4'): column 'v' holds -inf"),
+        ]:
+            r = c.post("/upsert", content='{"rows": [' + bad + "]}", headers=headers)
+            assert r.status_code == 400
+            assert message in r.json()["detail"]
+        assert c.get("/ready").json()["count"] == 3
+
+
 def test_bad_bodies(client: TestClient) -> None:
     r = client.post("/search", json={"queries": ["a"] * 9})
     assert r.status_code == 400
@@ -236,12 +403,12 @@ def test_bad_bodies(client: TestClient) -> None:
     assert "body over" in r.json()["detail"]
 
 
-def test_streamed_body_over_the_limit_is_413() -> None:
+def test_streamed_body_over_the_limit_is_413_before_the_app_reads_it() -> None:
     seen: list[Any] = []
+    called: list[bool] = []
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
-        while (await receive()).get("more_body"):
-            pass
+        called.append(True)
 
     async def run() -> None:
         chunks = [{"type": "http.request", "body": b"x" * 60, "more_body": True}] * 3
@@ -252,15 +419,48 @@ def test_streamed_body_over_the_limit_is_413() -> None:
         async def send(message: Any) -> None:
             seen.append(message)
 
-        from fastapi import HTTPException
-
-        with pytest.raises(HTTPException) as err:  # FastAPI turns it into the 413 response
-            await limit_body(app, 100)({"type": "http", "headers": []}, receive, send)
-        assert err.value.status_code == 413
+        await limit_body(app, 100)({"type": "http", "headers": []}, receive, send)
 
     import asyncio
 
     asyncio.run(run())
+    assert seen[0]["status"] == 413
+    assert json.loads(seen[1]["body"]) == {"detail": "request body over 100 bytes; send fewer queries, pairs or rows"}
+    assert not called
+
+
+def _chunks(n: int) -> Iterator[bytes]:
+    """A JSON search body sent chunked (no Content-Length): ``n`` pieces of 100 bytes in its one query."""
+    yield b'{"queries": ["'
+    for _ in range(n):
+        yield b"x" * 100
+    yield b'"]}'
+
+
+def test_a_chunked_body_answers_as_a_declared_one(bundle: Path) -> None:
+    config = ServiceConfig(max_body_bytes=1000, max_query_chars=2000)
+    with TestClient(create_app(bundle, config=config)) as c:
+        wait_ready(c)
+        json_type = {"content-type": "application/json"}
+        over = c.post("/search", content=_chunks(20), headers=json_type)
+        assert over.request.headers["transfer-encoding"] == "chunked"
+        declared = c.post("/search", content=b"".join(_chunks(20)), headers=json_type)
+        for r in (over, declared):
+            assert r.status_code == 413
+            assert r.json() == {"detail": "request body over 1000 bytes; send fewer queries, pairs or rows"}
+        under = c.post("/search", content=_chunks(5), headers=json_type)  # replayed to the app whole
+        assert under.status_code == 200
+        assert under.json()["results"][0]["query"] == "x" * 500
+
+
+def test_no_redirect_follows_a_forged_host(client: TestClient) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}", "Host": "evil.example"}
+    for method, url, body in [("POST", "/add/", {"rows": []}), ("POST", "/search/", {"queries": ["a"]})]:
+        r = client.request(method, url, json=body, headers=auth, follow_redirects=False)
+        assert (r.status_code, r.headers.get("location")) == (404, None)
+    r = client.get("/search/", params={"q": "lamp"}, headers={"Host": "evil.example"}, follow_redirects=False)
+    assert (r.status_code, r.headers.get("location")) == (404, None)
+    assert client.get("/search", params={"q": "lamp"}, headers={"Host": "evil.example"}).status_code == 200
 
 
 # -- writes and the token ----------------------------------------------------------------------------
@@ -306,14 +506,66 @@ def test_token_rule(tmp_path: Path, tiny_encoder: Any) -> None:
     assert len(Matcher.load(path, encoder=tiny_encoder)) == 39
 
 
-def test_read_token(tmp_path: Path) -> None:
-    (tmp_path / "t").write_text(" abc \n", encoding="utf-8")
-    assert read_token(tmp_path / "t") == "abc"
-    (tmp_path / "e").write_text("\n", encoding="utf-8")
-    with pytest.raises(Exception, match="empty"):
-        read_token(tmp_path / "e")
-    with pytest.raises(Exception, match="cannot read the token file"):
+GOOD_TOKEN = "0123456789abcdef-_.~!"
+
+
+@pytest.mark.parametrize(
+    ("text", "token"),
+    [
+        (f" {GOOD_TOKEN} \n", GOOD_TOKEN),
+        (f"{GOOD_TOKEN}\r\n", GOOD_TOKEN),
+        (f"\ufeff{GOOD_TOKEN}", GOOD_TOKEN),  # an editor's byte-order mark
+        ("x" * 16, "x" * 16),
+    ],
+    ids=["spaces-around", "crlf", "bom", "16-chars"],
+)
+def test_read_token_takes_the_stripped_first_line(tmp_path: Path, text: str, token: str) -> None:
+    path = tmp_path / "t"
+    path.write_text(text, encoding="utf-8")
+    path.chmod(0o600)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_token(path) == token
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("\n", "has nothing on its first line"),
+        (f"\n{GOOD_TOKEN}", "has nothing on its first line"),
+        ("x" * 15, "has 15 characters"),
+        (f"{GOOD_TOKEN[:8]} {GOOD_TOKEN[8:]}", "holds ' ', which a header cannot carry"),
+        (f"{GOOD_TOKEN}é", "holds 'é', which a header cannot carry"),
+        (f"{GOOD_TOKEN}\t", None),  # stripped: fine
+    ],
+    ids=["empty", "blank-first-line", "15-chars", "a-space", "non-ascii", "tab-after"],
+)
+def test_read_token_refuses_what_no_header_carries(tmp_path: Path, text: str, message: str | None) -> None:
+    path = tmp_path / "t"
+    path.write_text(text, encoding="utf-8")
+    path.chmod(0o600)
+    if message is None:
+        assert read_token(path) == GOOD_TOKEN
+        return
+    with pytest.raises(ConfigError) as caught:
+        read_token(path)
+    assert message in str(caught.value)
+    assert str(path) in str(caught.value)
+    assert "16 or more printable ASCII characters, no spaces, on the first line" in str(caught.value)
+    with pytest.raises(ConfigError, match="cannot read the token file"):
         read_token(tmp_path / "missing")
+
+
+def test_read_token_warns_of_other_readers_and_other_lines(tmp_path: Path) -> None:
+    path = tmp_path / "t"
+    path.write_text(f"{GOOD_TOKEN}\nsecond line\n", encoding="utf-8")
+    path.chmod(0o600)
+    with pytest.warns(UserWarning, match="more than one line; only the first is the token"):
+        assert read_token(path) == GOOD_TOKEN
+    path.write_text(GOOD_TOKEN, encoding="utf-8")
+    path.chmod(0o644)
+    with pytest.warns(UserWarning, match=r"readable by other users \(mode 644\); chmod 600 it"):
+        assert read_token(path) == GOOD_TOKEN
 
 
 def test_a_title_added_by_another_process_is_found_within_5_s(tmp_path: Path, tiny_encoder: Any) -> None:

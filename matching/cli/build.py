@@ -195,6 +195,9 @@ def _print_change(bundle: str, report: Any) -> None:
         if getattr(report, name)
     ]
     done = ", ".join(parts) or "no changes"
+    if not report.published:
+        print(f"{report.operation} {bundle}: {done}; nothing to publish, {report.generation} stays live")
+        return
     print(
         f"{report.operation} {bundle}: {done}; {report.encoded} titles encoded; "
         f"{report.count} titles now ({report.generation}, {report.seconds:.1f} s)"

@@ -6,8 +6,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi import FastAPI, Request, Response
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from matching.config import ServiceConfig
 from matching.errors import BundleLockedError, MatchingError
@@ -27,9 +29,16 @@ def create_app(bundle: str | Path, *, token: str | None = None, config: ServiceC
         yield
         service.stop()
 
-    app = FastAPI(title="matching", summary="Two-tower semantic matching over one bundle", lifespan=lifespan)
+    # no slash redirects: Starlette builds their Location from the request's Host header, which a client forges
+    app = FastAPI(
+        title="matching",
+        summary="Two-tower semantic matching over one bundle",
+        lifespan=lifespan,
+        redirect_slashes=False,
+    )
     app.state.service = service
     app.exception_handler(MatchingError)(_matching_error)
+    app.exception_handler(StarletteHTTPException)(_http_error)
     app.middleware("http")(_measure)
     for module in (ops, search, score, writes):
         app.include_router(module.router)
@@ -39,6 +48,17 @@ def create_app(bundle: str | Path, *, token: str | None = None, config: ServiceC
 
 async def _matching_error(_: Request, exc: MatchingError) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=409 if isinstance(exc, BundleLockedError) else 400)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """FastAPI's answer, with a body the JSON parser gave up on named (FastAPI says only that parsing failed)."""
+    cause = exc.__cause__
+    if exc.status_code == 400 and isinstance(cause, RecursionError | ValueError):
+        why = (
+            "nests deeper than the JSON parser goes" if isinstance(cause, RecursionError) else f"is unreadable: {cause}"
+        )
+        return JSONResponse({"detail": f"the request body {why}; no request needs more than 4 levels"}, 400)
+    return await http_exception_handler(request, exc)
 
 
 async def _measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -57,27 +77,36 @@ async def _measure(request: Request, call_next: Callable[[Request], Awaitable[Re
 
 
 def limit_body(app: ASGIApp, limit: int) -> ASGIApp:
-    """ASGI middleware: 413 for a request body over ``limit`` bytes, declared or streamed."""
+    """ASGI middleware: 413 for a request body over ``limit`` bytes, declared or streamed (chunked).
+
+    The body is read here, before the app sees it: an error raised while the app reads it would cross
+    FastAPI's body parsing and the task groups of its middleware, and come out as a 400."""
 
     async def middleware(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await app(scope, receive, send)
+        too_large = JSONResponse({"detail": _too_large(limit)}, status_code=413)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            response = JSONResponse({"detail": _too_large(limit)}, status_code=413)
-            return await response(scope, receive, send)
+            return await too_large(scope, receive, send)
+        chunks: list[bytes] = []
         seen = 0
-
-        async def limited() -> Any:
-            nonlocal seen
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:  # FastAPI passes an HTTPException raised while reading the body through
-                    raise HTTPException(413, _too_large(limit))
-            return message
+            if message["type"] != "http.request":  # the client left
+                return None
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > limit:
+                return await too_large(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
-        await app(scope, limited, send)
+        async def replayed() -> Any:
+            return replay.pop() if replay else await receive()  # then a disconnect, as the server says
+
+        await app(scope, replayed, send)
 
     return middleware
 

@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from matching.types import Retrieval
 
@@ -11,7 +11,8 @@ class SearchBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     queries: list[str]
     k: int = 10
-    where: dict[str, Any] | None = None
+    # any JSON: the filter grammar checks it (matching.filters), so GET and POST answer one message per problem
+    where: Any = Field(None, json_schema_extra={"type": "object"})
     retrieval: Retrieval | None = None
     candidates: int = 100
     rerank: bool = True

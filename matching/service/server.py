@@ -3,6 +3,8 @@ worker process of ``--workers N`` builds its app."""
 
 import json
 import os
+import stat
+import warnings
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -13,16 +15,36 @@ from matching.service.app import create_app
 
 # environment of `matching serve --workers N`: each uvicorn worker process builds its app from it
 ENV_BUNDLE, ENV_TOKEN, ENV_CONFIG = "MATCHING_SERVE_BUNDLE", "MATCHING_SERVE_TOKEN_FILE", "MATCHING_SERVE_CONFIG"
+_MIN_TOKEN = 16  # a guessable token is no token
 
 
 def read_token(path: str | Path) -> str:
-    """The write token in ``path`` (its first line), refused when empty or unreadable."""
+    """The write token: the first line of ``path``, stripped; at least 16 characters of printable ASCII without
+    spaces (what an ``Authorization`` header carries), else a ConfigError naming the file and the rule. Warns
+    when the file is readable by group or others, or holds more than one line (the others are ignored)."""
+    name = str(path)
     try:
-        token = Path(path).read_text(encoding="utf-8").strip()
+        text = Path(path).read_text(encoding="utf-8-sig")  # an editor's byte-order mark is no part of it
+        mode = Path(path).stat().st_mode
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read the token file {str(path)!r}: {exc}") from None
+        raise ConfigError(f"cannot read the token file {name!r}: {exc}") from None
+    first, _, rest = text.partition("\n")
+    token = first.strip()
+    rule = f"{_MIN_TOKEN} or more printable ASCII characters, no spaces, on the first line"
     if not token:
-        raise ConfigError(f"the token file {str(path)!r} is empty; put a long random string in it")
+        raise ConfigError(f"the token file {name!r} has nothing on its first line; a token is {rule}")
+    bad = next((c for c in token if not "!" <= c <= "~"), None)
+    if bad is not None:
+        raise ConfigError(f"the token in {name!r} holds {bad!r}, which a header cannot carry; a token is {rule}")
+    if len(token) < _MIN_TOKEN:
+        raise ConfigError(f"the token in {name!r} has {len(token)} characters; a token is {rule}")
+    if rest.strip():
+        warnings.warn(f"the token file {name!r} has more than one line; only the first is the token", stacklevel=2)
+    if os.name == "posix" and mode & 0o044:
+        warnings.warn(
+            f"the token file {name!r} is readable by other users (mode {stat.S_IMODE(mode):o}); chmod 600 it",
+            stacklevel=2,
+        )
     return token
 
 

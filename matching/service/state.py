@@ -115,6 +115,13 @@ class Service:
         report = await asyncio.get_running_loop().run_in_executor(self._writer, run)
         return dataclasses.asdict(report)
 
+    def authenticated(self, request: Request) -> bool:
+        """Whether ``request`` carries the write token (never while writes are off)."""
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if self.token is None or scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(given.strip().encode(), self.token.encode())
+
     def authorize(self, request: Request) -> None:
         if self.token is None:
             raise HTTPException(403, "writes are off: start the server with --token-file to allow them")

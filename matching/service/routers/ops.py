@@ -1,9 +1,10 @@
 """The search page and the operator's routes: ``/health``, ``/ready``, ``/info``, ``/metrics``."""
 
 from importlib import resources
+from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse
 
 from matching.service.state import ServiceDep
@@ -30,10 +31,11 @@ def ready(service: ServiceDep) -> dict[str, Any]:
 
 
 @router.get("/info")
-def info(service: ServiceDep) -> dict[str, Any]:
-    """The bundle's manifest, its metadata fields and this service's bounds."""
+def info(request: Request, service: ServiceDep) -> dict[str, Any]:
+    """The bundle's manifest, its metadata fields and this service's bounds; where it lies on disk, its source
+    file and any other local path only for a request with the write token."""
     matcher = service.pinned()
-    return {
+    out = {
         **matcher.info(),
         "path": str(service.path),
         "generation": matcher.generation,
@@ -42,6 +44,23 @@ def info(service: ServiceDep) -> dict[str, Any]:
         "limits": service.config.to_dict(),
         "writes": service.token is not None,
     }
+    if service.authenticated(request):
+        return out
+    out.pop("path")
+    if isinstance(out.get("source"), dict):
+        out["source"] = {k: v for k, v in out["source"].items() if k != "name"}
+    return {key: _no_paths(value) for key, value in out.items()}
+
+
+def _no_paths(value: Any) -> Any:
+    """``value`` with every absolute path (a model directory, a pairs file) cut to its last part."""
+    if isinstance(value, dict):
+        return {k: _no_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_paths(v) for v in value]
+    if isinstance(value, str) and (PurePosixPath(value).is_absolute() or PureWindowsPath(value).is_absolute()):
+        return PureWindowsPath(value).name  # splits at both separators
+    return value
 
 
 @router.get("/metrics", response_class=PlainTextResponse)

@@ -1,13 +1,13 @@
 """``GET /search`` (one query) and ``POST /search`` (many, encoded in one pass)."""
 
 import dataclasses
-import json
 import time
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, Query
 
-from matching.analysis import Analyzer, matched_spans
+from matching.analysis import FOLD, Analyzer, matched_spans
+from matching.filters import conditions, where_from_json
 from matching.service.bodies import SearchBody
 from matching.service.state import Service, ServiceDep
 from matching.types import Match, Retrieval
@@ -30,7 +30,7 @@ def search_one(
     body = SearchBody(
         queries=[q],
         k=k,
-        where=_parse_where(where),
+        where=where_from_json(where),
         retrieval=retrieval,
         candidates=candidates,
         rerank=rerank,
@@ -50,6 +50,8 @@ def search_many(body: SearchBody, service: ServiceDep) -> dict[str, Any]:
 def search(service: Service, body: SearchBody) -> dict[str, Any]:
     """``body``'s queries searched in one generation, within the service's bounds."""
     service.check(body.queries, body.k, body.candidates)
+    if body.where is not None:
+        conditions(body.where)  # a malformed where is a 400 before any query is encoded
     start = time.perf_counter()
     matcher = service.pinned()
     results = matcher.search_batch(
@@ -60,31 +62,21 @@ def search(service: Service, body: SearchBody) -> dict[str, Any]:
         where=body.where,
         retrieval=body.retrieval,
     )
-    analyzer = Analyzer((matcher.manifest.lexical or {}).get("analyzer", Analyzer.ENGLISH))
+    lexical = matcher.manifest.lexical or {}
+    analyzer = Analyzer(lexical.get("analyzer", Analyzer.ENGLISH))
+    fold = int(lexical.get("fold", 1)) if lexical else FOLD  # as the bundle's index folds, which may predate FOLD
     return {
         "generation": matcher.generation,
         "took_ms": round((time.perf_counter() - start) * 1000, 3),
         "results": [
-            {"query": q, "hits": [_hit(m, q if body.highlight else None, analyzer) for m in hits]}
+            {"query": q, "hits": [_hit(m, q if body.highlight else None, analyzer, fold) for m in hits]}
             for q, hits in zip(body.queries, results, strict=True)
         ],
     }
 
 
-def _hit(match: Match, query: str | None, analyzer: Analyzer) -> dict[str, Any]:
+def _hit(match: Match, query: str | None, analyzer: Analyzer, fold: int) -> dict[str, Any]:
     out = dataclasses.asdict(match)
     if query is not None:
-        out["highlights"] = matched_spans(query, match.title, analyzer)
+        out["highlights"] = matched_spans(query, match.title, analyzer, fold)
     return out
-
-
-def _parse_where(text: str | None) -> dict[str, Any] | None:
-    if text is None or not text.strip():
-        return None
-    try:
-        where = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise HTTPException(400, f'where is not JSON ({exc.msg}); e.g. where={{"price": {{"<": 50}}}}') from None
-    if not isinstance(where, dict):
-        raise HTTPException(400, 'where must be a JSON object, e.g. {"brand": "acme", "price": {">=": 10}}')
-    return where

@@ -5,6 +5,7 @@ from typing import Any
 import pandas as pd
 from fastapi import APIRouter, HTTPException, Request
 
+from matching.ingest import has_surrogate
 from matching.service.bodies import RemoveBody, RowsBody
 from matching.service.state import Service, ServiceDep
 
@@ -16,6 +17,12 @@ def _rows_frame(service: Service, body: RowsBody) -> pd.DataFrame:
         raise HTTPException(400, "no rows: give at least one")
     if len(body.rows) > service.config.max_batch:
         raise HTTPException(400, f"{len(body.rows)} rows in one request; at most {service.config.max_batch}")
+    for i, row in enumerate(body.rows):
+        bad = next((key for key in row if has_surrogate(key)), None)
+        if bad is not None:  # pandas cannot even name such a column
+            raise HTTPException(
+                400, f"row {i}: field name {bad!r} holds a lone surrogate (half of a UTF-16 pair); fix the name"
+            )
     return pd.DataFrame(body.rows, dtype=object)  # ints stay ints beside rows that lack the field
 
 
