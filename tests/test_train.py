@@ -658,6 +658,10 @@ def test_a_trainer_that_cannot_beat_the_default_publishes_nothing(
     assert "nothing is published" in report.table().splitlines()[-1]
     assert current_generation(matcher.path).name == before
     assert not matcher.scorer.trained
+    forced = matcher.train_scorer(train, valid, epochs=3, require_win=False, show_progress=False)
+    assert forced.chosen in ("linear", "mlp")
+    assert forced.best_metric == max(forced.compared["linear"], forced.compared["mlp"])
+    assert current_generation(matcher.path).name != before
     matcher.close()
 
 

@@ -83,6 +83,7 @@ class TrainConfig(JsonConfig):
     false_negative_margin: float = MARGIN  # mined titles within this share of the weakest positive are skipped
     loss: LossKind = LossKind.AUTO
     form: ScorerForm | None = None  # None: train linear and MLP, keep what wins over the default beyond chance
+    require_win: bool = True  # False: keep the best learned form even when it does not beat the default
     temperature: float = 0.05
     valid_fraction: float = 0.1  # of the training queries, when no validation pairs are given
     seed: int = 0
@@ -393,6 +394,9 @@ def train_scorer(
     for form, (scorer, report) in fitted.items():
         if report.best_metric > best_value and significantly_better(prep.validate, best_scorer, scorer):
             chosen, best_scorer, best_report, best_value = form.value, scorer, report, report.best_metric
+    if chosen == "default" and not cfg.require_win:
+        form, (best_scorer, best_report) = max(fitted.items(), key=lambda item: item[1][1].best_metric)
+        chosen = form.value
     best_report.chosen = chosen
     best_report.compared = {"default": default, **{f.value: r.best_metric for f, (_, r) in fitted.items()}}
     best_report.seconds = time.perf_counter() - started
