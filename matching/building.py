@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
@@ -22,7 +23,7 @@ from matching.ingest import CatalogueReader, Encoded, metadata_json
 from matching.layout import ENCODER_WEIGHTS
 from matching.scorer import Scorer
 from matching.store import Store
-from matching.types import Engine, IdType, Retrieval
+from matching.types import Engine, Fusion, IdType, Retrieval
 
 if TYPE_CHECKING:
     from matching.search import Snapshot
@@ -174,18 +175,22 @@ def write_bundle(
     lock_timeout: float,
     started: float,
     base: Path | None = None,
+    fusion: dict[str, Any] | None = None,
 ) -> RowSource:
     """Write ``rows`` (encoded as they are read) into a new generation: the store, vectors, FAISS index, BM25 and
     an untrained reranker; with ``base``, the change is refused if another writer published since. A tuned
-    encoder's weights (``Encoder.tuned``: they exist in no checkpoint directory) are saved too."""
+    encoder's weights (``Encoder.tuned``: they exist in no checkpoint directory) are saved too. ``fusion``: the
+    manifest's fusion entries (default: the adaptive rule, centred on these vectors)."""
     with new_generation(path, overwrite=overwrite, base=base, lock_timeout=lock_timeout) as gen:
         writer = Store.create(gen, encoder.dim)
         unknown = UnknownTokens(encoder)
+        vector_sum = np.zeros(encoder.dim, dtype=np.float64)
         try:
             with tqdm(total=total, desc="encoding titles", unit="title", disable=not show_progress) as bar:
                 for part in rows:
                     unknown.count(part.titles)
                     writer.append(part.ids, part.titles, part.metadata, part.vectors)
+                    vector_sum += np.asarray(part.vectors, dtype=np.float64).sum(axis=0)
                     bar.update(len(part.ids))
         except BaseException:
             writer.abort()
@@ -203,6 +208,7 @@ def write_bundle(
         lexical = generation.lexical_from_store(gen, analyzer)
         done = time.perf_counter()
         timings = {"read_and_encode": encoded - started, "index": indexed - encoded, "lexical": done - indexed}
+        entries = fusion or generation.adaptive_fusion(vector_sum)
         encoder_entry = generation.encoder_record(encoder)
         if encoder.tuned:
             encoder.save_weights(gen / ENCODER_WEIGHTS)
@@ -221,7 +227,7 @@ def write_bundle(
                 "unknown_token_share": unknown.share,
                 "build": {**rows.record(), "seconds": {k: round(v, 3) for k, v in timings.items()}},
             },
-            lexical=generation.lexical_record(lexical, retrieval=(retrieval or Retrieval.HYBRID).value),
+            lexical=generation.lexical_record(lexical, retrieval=(retrieval or Retrieval.HYBRID).value, fusion=entries),
         )
         generation.finish(gen, manifest, index=built, lexical=lexical, scorer=Scorer(scorer_config))
     unknown.warn()
@@ -279,4 +285,10 @@ def reencode_bundle(
         lock_timeout=lock_timeout,
         started=started,
         base=path / str(snap.generation),
+        fusion=None if old.fusion is Fusion.ADAPTIVE else {**generation.fixed_fusion(), **_fixed_entries(lexical)},
     )
+
+
+def _fixed_entries(lexical: dict[str, Any]) -> dict[str, Any]:
+    """A bundle from before the adaptive rule keeps its fixed dense weight through a re-encode."""
+    return {"dense_weight": lexical.get("dense_weight", DEFAULT_DENSE_WEIGHT)}

@@ -4,6 +4,7 @@ live generation under the writer lock, writes a staging generation, and publishe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -296,6 +297,9 @@ def _finish_change(
     else:
         index.add(vectors, ids)
     lexical = generation.lexical_for_change(live, gen, manifest, dead, ids)
+    moved = generation.moved_sum(manifest, live, dead, vectors)
+    if moved is not None:  # the catalogue's mean cosine follows the live vectors
+        manifest = dataclasses.replace(manifest, lexical=moved)
     generation.finish(
         gen,
         generation.changed(manifest, count, lexical=generation.lexical_record(lexical, manifest)),
@@ -339,11 +343,16 @@ def copy_bundle(
         built = generation.index_from_store(gen, index_config)
         analyzer = (snap.manifest.lexical or {}).get("analyzer", Analyzer.AUTO)
         lexical = generation.lexical_from_store(gen, analyzer)
+        before, fusion = snap.manifest.lexical or {}, None
+        if "dense_sum" in before:  # the copied rows' own sum
+            fusion = {k: before[k] for k in ("dense_weight", "fusion")} | {
+                "dense_sum": generation.stored_sum(gen).tolist()
+            }
         manifest = generation.changed(
             snap.manifest,
             count,
             index=generation.index_record(built, index_config),
-            lexical=generation.lexical_record(lexical, snap.manifest),
+            lexical=generation.lexical_record(lexical, snap.manifest, fusion=fusion),
             source={**snap.manifest.source, "name": f"{count} titles of {source}"},
         )
         generation.finish(

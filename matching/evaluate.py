@@ -186,7 +186,9 @@ def evaluate_pairs(
     if snap.scorer.config.lexical and snap.lexical is not None:
         lex = snap.lexical_features(queries, titles)
         signals["lexical"] = metric(lex[:, 0])
-        signals["fused"] = metric(Scorer(dc.replace(snap.scorer.config)).score(q, t, lex))
+        untrained = Scorer(dc.replace(snap.scorer.config))
+        untrained.centre = snap.scorer.centre
+        signals["fused"] = metric(untrained.score(q, t, lex))
         signals["reranker"] = metric(snap.scorer.score(q, t, lex))
     else:
         signals["reranker"] = metric(snap.scorer.score(q, t))

@@ -133,24 +133,75 @@ def lexical_for_change(live: Path, gen: Path, manifest: Manifest, dead: np.ndarr
 
 
 def lexical_record(
-    lexical: LexicalIndex, manifest: Manifest | None = None, retrieval: str = "hybrid"
+    lexical: LexicalIndex,
+    manifest: Manifest | None = None,
+    retrieval: str = "hybrid",
+    fusion: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The manifest's lexical entry: analyser and BM25 parameters, the fusion (rule and dense weight) and the
-    default retrieval, kept from ``manifest`` when there is one (a bundle from before the adaptive rule keeps its
-    fixed weight); a new bundle gets the adaptive rule."""
-    if manifest is None:
-        before: dict[str, Any] = {"dense_weight": DENSE_CEILING, "fusion": Fusion.ADAPTIVE.value}
-    else:
-        before = manifest.lexical or {}
+    """The manifest's lexical entry: analyser and BM25 parameters, the fusion (rule, dense weight, the centre of the
+    catalogue's cosines) and the default retrieval. ``fusion`` sets the fusion entries of a new set of vectors;
+    otherwise they are kept from ``manifest`` (a bundle from before the adaptive rule keeps its fixed weight)."""
+    before = (manifest.lexical if manifest is not None else None) or {}
+    kept = {k: before.get(k, v) for k, v in fixed_fusion().items()}
+    if "dense_sum" in before:
+        kept["dense_sum"] = before["dense_sum"]
     return {
         "analyzer": lexical.analyzer.value,
         "fold": lexical.fold,
         "k1": lexical.params.k1,
         "b": lexical.params.b,
-        "dense_weight": before.get("dense_weight", DEFAULT_DENSE_WEIGHT),
-        "fusion": before.get("fusion", Fusion.FIXED.value),
+        **(fusion if fusion is not None else kept),
         "retrieval": before.get("retrieval", retrieval),
     }
+
+
+def fixed_fusion() -> dict[str, Any]:
+    """The fusion entries of a bundle from before the adaptive rule: one dense weight, raw cosines."""
+    return {"dense_weight": DEFAULT_DENSE_WEIGHT, "fusion": Fusion.FIXED.value}
+
+
+def adaptive_fusion(vector_sum: np.ndarray) -> dict[str, Any]:
+    """The fusion entries of new vectors: the adaptive rule, and the sum of the live vectors, from which a snapshot
+    takes the centre of the catalogue's cosines (:func:`dense_centre`)."""
+    return {"dense_weight": DENSE_CEILING, "fusion": Fusion.ADAPTIVE.value, "dense_sum": vector_sum.tolist()}
+
+
+def dense_centre(lexical: dict[str, Any] | None, count: int) -> float:
+    """The mean cosine of two live titles drawn at random, the squared norm of their mean vector (0.0 for a bundle
+    without the adaptive rule's ``dense_sum``)."""
+    total = (lexical or {}).get("dense_sum")
+    if not total or count < 1:
+        return 0.0
+    mean = np.asarray(total, dtype=np.float64) / count
+    return float(mean @ mean)
+
+
+def stored_sum(gen: Path) -> np.ndarray:
+    """The sum of the vectors stored in generation ``gen`` (float64)."""
+    store = Store.open(gen)
+    try:
+        total: np.ndarray = np.asarray(store.vectors, dtype=np.float64).sum(axis=0)
+    finally:
+        store.close()
+    return total
+
+
+def moved_sum(manifest: Manifest, live: Path, dead: np.ndarray, vectors: np.ndarray) -> dict[str, Any] | None:
+    """The lexical entry's ``dense_sum`` after a change removes rows ``dead`` (read from the live store) and adds
+    ``vectors``; None where the bundle keeps none."""
+    lexical = manifest.lexical or {}
+    if "dense_sum" not in lexical:
+        return None
+    total = np.asarray(lexical["dense_sum"], dtype=np.float64)
+    if len(vectors):
+        total = total + np.asarray(vectors, dtype=np.float64).sum(axis=0)
+    if len(dead):
+        store = Store.open(live)
+        try:
+            total = total - np.asarray(store.vectors[np.sort(dead)], dtype=np.float64).sum(axis=0)
+        finally:
+            store.close()
+    return {**lexical, "dense_sum": total.tolist()}
 
 
 def changed(manifest: Manifest, count: int, **fields: Any) -> Manifest:

@@ -53,6 +53,9 @@ class Scorer(nn.Module):
         assert isinstance(out, nn.Linear)
         nn.init.zeros_(out.weight)
         nn.init.zeros_(out.bias)
+        # the catalogue's mean cosine (features.centred), set from the generation's manifest by whoever loads the
+        # scorer beside a catalogue: it follows the catalogue, not the weights
+        self.centre = 0.0
         self.weighted: nn.Linear | None = None
         if config.lexical and config.form is ScorerForm.MLP:
             self.weighted = nn.Linear(d, 1, bias=False)  # v . (q*t): a learned weighting of the cosine's terms
@@ -71,8 +74,10 @@ class Scorer(nn.Module):
         w: float | torch.Tensor = self.config.dense_weight
         if self.config.fusion is Fusion.ADAPTIVE:  # features.adaptive_weights: known share, then term-count ratio
             w = w * lex[:, LEXICAL_FEATURES : LEXICAL_FEATURES + 1] * (0.5 + 0.5 * lex[:, 3:4])
-        base = w * cos + (1.0 - w) * lex[:, :1]
-        residual = self.mlp(torch.cat([cos, lex], dim=-1))
+        c = self.centre  # features.centred: the catalogue's mean cosine reads 0
+        dense = (cos - c) / (1.0 - c) if c else cos
+        base = w * dense + (1.0 - w) * lex[:, :1]
+        residual = self.mlp(torch.cat([dense, lex], dim=-1))
         if self.weighted is not None:
             residual = residual + self.weighted(q * t)
         out: torch.Tensor = (base + residual).squeeze(-1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Protocol
 
@@ -18,13 +19,14 @@ from matching.exact import exact_subset
 from matching.features import (
     DEFAULT_DENSE_WEIGHT,
     adaptive_weights,
+    centred,
     fuse,
     length_ratio,
     normalised,
     pair_features,
     query_norms,
 )
-from matching.generation import load_encoder
+from matching.generation import dense_centre, load_encoder
 from matching.index import VectorIndex
 from matching.ingest import has_surrogate
 from matching.layout import ENCODER_WEIGHTS, LEXICAL_CONFIG, QUERY_ENCODER
@@ -74,6 +76,11 @@ class Snapshot:
         """The dense share of the untrained fusion, or its ceiling under the adaptive rule (see
         :mod:`matching.features`)."""
         return float((self.manifest.lexical or {}).get("dense_weight", DEFAULT_DENSE_WEIGHT))
+
+    @cached_property
+    def dense_centre(self) -> float:
+        """The catalogue's mean cosine, which the adaptive fusion reads as 0 (0.0: raw cosines)."""
+        return dense_centre(self.manifest.lexical, self.manifest.count)
 
     @property
     def fusion(self) -> Fusion:
@@ -193,6 +200,8 @@ def open_snapshot(
             raise BundleError(f"the query tower in {str(gen)!r} does not match its manifest fingerprint")
     index = VectorIndex.load(gen)
     scorer = Scorer.load(gen).to(encoder.device)
+    if scorer.config.fusion is Fusion.ADAPTIVE:
+        scorer.centre = dense_centre(manifest.lexical, manifest.count)
     store = Store.open(gen)
     if index.ntotal != store.count:
         store.close()
@@ -305,7 +314,7 @@ class HybridRetriever:
         mask = _mask(lexical, allowed)
         _, lex_ids = lexical.search(list(texts), depth, mask)
         norms = query_norms(lexical, texts)
-        fusion = snap.fusion
+        fusion, centre = snap.fusion, snap.dense_centre
         width = 2 * depth
         ids = np.full((len(texts), width), -1, dtype=np.int64)
         for qi in range(len(texts)):
@@ -317,7 +326,7 @@ class HybridRetriever:
         for qi, text in enumerate(texts):
             bm25[qi] = lexical.score_rows(text, ids[qi])
             weight = snap.fusion_weights(text, ids[qi], fusion, snap.dense_weight)
-            fused[qi] = fuse(dense[qi], normalised(bm25[qi], float(norms[qi])), weight)
+            fused[qi] = fuse(centred(dense[qi], centre), normalised(bm25[qi], float(norms[qi])), weight)
         fused[ids < 0] = -np.inf
         order = np.argsort(-fused, axis=1, kind="stable")
         take = np.take_along_axis
@@ -378,7 +387,7 @@ class ScorerReranker:
         if not scorer.trained:  # the MLP adds exactly 0: skip the features it would not use
             dense = hit.dense if hit.dense is not None else _cosines(snap, vector[None, :], row_ids[None, :])[0]
             weight = snap.fusion_weights(text, row_ids, config.fusion, config.dense_weight)
-            return fuse(dense, normalised(bm25, norm), weight)
+            return fuse(centred(dense, scorer.centre), normalised(bm25, norm), weight)
         texts = [r.title for r in snap.store.get(row_ids.tolist())]
         known = float(snap.query_encoder.known_shares([text])[0]) if config.fusion is Fusion.ADAPTIVE else None
         features = pair_features(lexical, text, texts, bm25, norm, known)

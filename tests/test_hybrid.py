@@ -24,7 +24,8 @@ def hybrid(tmp_path: Path, tiny_encoder: Any) -> Matcher:
 
 
 def fused_by_hand(m: Matcher, query: str) -> dict[Any, float]:
-    """The fusion formula over every live title: w * cosine + (1 - w) * min(1, bm25 / bm25 of the query as a title),
+    """The fusion formula over every live title: w * centred cosine + (1 - w) * min(1, bm25 / bm25 of the query as a
+    title), the cosine centred on the catalogue's mean cosine c as (cos - c) / (1 - c),
     with the adaptive w = 0.85 * (share of the query's tokens that are not [UNK]) * (0.5 + 0.5 * shorter / longer
     distinct-term count), each part counted here from the texts themselves."""
     snap = m.snapshot
@@ -41,7 +42,9 @@ def fused_by_hand(m: Matcher, query: str) -> dict[Any, float]:
     n_titles = np.array([len(set(analyze(r.title, snap.lexical.analyzer))) for r in snap.store.get(rows.tolist())])
     ratio = np.minimum(n_query, n_titles) / np.maximum(n_query, n_titles)
     w = DENSE_CEILING * known * (0.5 + 0.5 * ratio)
-    fused = w * cos + (1 - w) * np.clip(bm25 / own, 0, 1)
+    vectors = np.asarray(snap.store.vectors[rows], dtype=np.float64)
+    centre = float(vectors.mean(axis=0) @ vectors.mean(axis=0))  # the mean cosine of two titles drawn at random
+    fused = w * (cos - centre) / (1 - centre) + (1 - w) * np.clip(bm25 / own, 0, 1)
     ids = [snap.store.external_id(r.external_id) for r in snap.store.get(rows.tolist())]
     return dict(zip(ids, fused.tolist(), strict=True))
 

@@ -320,6 +320,7 @@ def _fit(snap: Snapshot, prep: _Prepared, cfg: TrainConfig, form: ScorerForm) ->
             form=form,
         )
     )
+    scorer.centre = snap.scorer.centre if lexical else 0.0
     # every kind's loss is built, BCE's affine map included, so that the seeded random stream training draws from
     # is the same whichever loss trains
     bce = AffineBCELoss(cfg.temperature)
@@ -390,6 +391,7 @@ def train_scorer(
     chosen: str = "default"
     # the zero residual scores as the untrained default
     best_scorer, best_report = Scorer(dataclasses.replace(first_scorer.config)).eval(), first_report
+    best_scorer.centre = first_scorer.centre
     best_value = default
     for form, (scorer, report) in fitted.items():
         if report.best_metric > best_value and significantly_better(prep.validate, best_scorer, scorer):
