@@ -193,6 +193,37 @@ def test_a_title_prompt_overrides_the_passage_prompt_for_titles(tmp_path: Path) 
     assert read_prompts(tmp_path) == Prompts(query="q: ", title="t: ")
 
 
+def _prompted_tiny(tiny_model_dir: Path, target: Path) -> Encoder:
+    shutil.copytree(tiny_model_dir, target)
+    (target / "config_sentence_transformers.json").write_text(
+        json.dumps({"prompts": {"query": "q: ", "title": "t: "}}), encoding="utf-8"
+    )
+    return Encoder.from_pretrained(EncoderConfig(model=str(target), preset="exact"))
+
+
+def test_fine_tuning_reads_texts_as_the_towers_do(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The fine-tune's loss embeds queries and titles after their prompts, as encode_queries/encode_titles do."""
+    import torch
+
+    from matching.training.finetune import _embed_pairs
+
+    encoder = _prompted_tiny(tiny_model_dir, tmp_path / "prompted")
+    with torch.no_grad():
+        qv, tv = _embed_pairs(encoder, ["red shoes"], ["Acme red running shoes"])
+    np.testing.assert_allclose(qv.numpy(), encoder.encode_queries(["red shoes"]), atol=1e-5)
+    np.testing.assert_allclose(tv.numpy(), encoder.encode_titles(["Acme red running shoes"]), atol=1e-5)
+
+
+def test_a_distilled_student_keeps_the_teachers_prompts(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from matching.training.distill import distill
+
+    teacher = _prompted_tiny(tiny_model_dir, tmp_path / "prompted")
+    titles = [f"Acme {c} running shoes size {n}" for c in ("red", "blue", "black") for n in range(8)]
+    distill(teacher, titles, tmp_path / "student", layers=1, epochs=1, show_progress=False)
+    student = Encoder.from_pretrained(EncoderConfig(model=str(tmp_path / "student")))
+    assert student.prompts == teacher.prompts == Prompts(query="q: ", title="t: ")
+
+
 def test_malformed_prompts_name_the_file(tmp_path: Path) -> None:
     (tmp_path / "config_sentence_transformers.json").write_text('{"prompts": {"query": 3}}', encoding="utf-8")
     with pytest.raises(ModelError, match=r"config_sentence_transformers\.json"):

@@ -169,6 +169,9 @@ def _write_side_files(out: Path, teacher: Encoder, dim: int) -> None:
     ]
     (out / "modules.json").write_text(json.dumps(modules, indent=2) + "\n", encoding="utf-8")
     (out / "2_Normalize").mkdir(exist_ok=True)
+    if teacher.prompts:  # the student reads texts as the teacher does (encoder.read_prompts)
+        prompts = {"prompts": {"query": teacher.prompts.query, "title": teacher.prompts.title}}
+        (out / "config_sentence_transformers.json").write_text(json.dumps(prompts, indent=2) + "\n", encoding="utf-8")
 
 
 def distill(
@@ -217,10 +220,10 @@ def distill(
     targets_train, targets_held = _targets(teacher, split, show_progress)
     model = truncate(teacher.model, layers)
     student = teacher.variant(model, source=str(out), preset=Preset.EXACT)
-    cosine_before = _mean_cosine(student.encode(split.held), targets_held)
+    cosine_before = _mean_cosine(student.encode_titles(split.held), targets_held)
     autocast = mixed_precision and bf16_training(student.device)
     epoch_losses = _train_student(student, model, split.train, targets_train, rng, settings, autocast, show_progress)
-    cosine_after = _mean_cosine(student.encode(split.held), targets_held)
+    cosine_after = _mean_cosine(student.encode_titles(split.held), targets_held)
     report = DistillReport(
         out_dir=str(out),
         teacher=teacher.source,
@@ -318,7 +321,7 @@ def _targets(teacher: Encoder, split: _Split, show_progress: bool) -> tuple[np.n
     preset, or ``default`` where it runs ``fast`` (int8 is too noisy to copy)."""
     target_preset = Preset.DEFAULT if teacher.preset is Preset.FAST else teacher.preset
     view = teacher.variant(preset=target_preset)
-    return view.encode(split.train, show_progress=show_progress), view.encode(split.held)
+    return view.encode_titles(split.train, show_progress=show_progress), view.encode_titles(split.held)
 
 
 def _train_student(
@@ -356,7 +359,7 @@ def _train_student(
     for _ in range(epochs):
         total = 0.0
         for idx in _batches(lengths, batch_size, rng):
-            batch = student.tokenize([train[i] for i in idx])
+            batch = student.tokenize(student.prompted([train[i] for i in idx], student.prompts.title))
             with optimisation.autocast():
                 pred = student.embed(batch).float()
             total += optimisation.update(objective(pred, target_t[idx].to(device))) * len(idx)

@@ -124,7 +124,7 @@ def _pairs_metric(valid: pd.DataFrame) -> Callable[[Encoder], float]:
     queries, titles = valid["query"].tolist(), valid["title"].tolist()
 
     def cosines(encoder: Encoder) -> np.ndarray:
-        values: np.ndarray = np.einsum("ij,ij->i", encoder.encode(queries), encoder.encode(titles))
+        values: np.ndarray = np.einsum("ij,ij->i", encoder.encode_queries(queries), encoder.encode_titles(titles))
         return values
 
     return pair_validator(valid["label"].to_numpy(), cosines, PairMetric.SPEARMAN)
@@ -145,8 +145,8 @@ def _retrieval_metric(snap: Snapshot | None, valid: pd.DataFrame, pool: int, see
     queries = list(rel)
 
     def rank(encoder: Encoder) -> list[list[str]]:
-        t = encoder.encode(texts)
-        q = encoder.encode(queries)
+        t = encoder.encode_titles(texts)
+        q = encoder.encode_queries(queries)
         top = np.argsort(-(q @ t.T), axis=1)[:, :10]
         return [[texts[j] for j in row] for row in top]
 
@@ -183,13 +183,21 @@ def _mine(
     }
 
 
+def _embed_pairs(encoder: Encoder, queries: list[str], titles: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable query and title vectors, each after its prompt as inference puts it (a checkpoint's
+    "query: " / title prompt), so training sees the texts the towers will see."""
+    prompts = encoder.prompts
+    qv = encoder.embed(encoder.tokenize(encoder.prompted(queries, prompts.query))).float()
+    tv = encoder.embed(encoder.tokenize(encoder.prompted(titles, prompts.title))).float()
+    return qv, tv
+
+
 def _mnrl_loss(
     encoder: Encoder, queries: list[str], titles: list[str], positives: dict[str, set[str]], loss: MNRLLoss
 ) -> torch.Tensor:
     """Each query over the batch's titles (its own positive first among them, and hard negatives after the
     positives); titles that are another positive of the query are masked out."""
-    qv = encoder.embed(encoder.tokenize(queries)).float()
-    tv = encoder.embed(encoder.tokenize(titles)).float()
+    qv, tv = _embed_pairs(encoder, queries, titles)
     other = torch.tensor(
         [[j != i and titles[j] in positives[q] for j in range(len(titles))] for i, q in enumerate(queries)],
         device=qv.device,
@@ -200,8 +208,7 @@ def _mnrl_loss(
 def _cosent(
     encoder: Encoder, queries: list[str], titles: list[str], labels: torch.Tensor, loss: CoSENTLoss
 ) -> torch.Tensor:
-    qv = encoder.embed(encoder.tokenize(queries)).float()
-    tv = encoder.embed(encoder.tokenize(titles)).float()
+    qv, tv = _embed_pairs(encoder, queries, titles)
     return loss((qv * tv).sum(dim=-1), labels.to(qv.device))
 
 

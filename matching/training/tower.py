@@ -148,7 +148,7 @@ def train_query_tower(
             positives = [train_pos[queries[i]] for i in batch]
             pool_rows, target = _pool([positives[b] + negatives[i] for b, i in enumerate(batch)], positives, device)
             pool = torch.from_numpy(np.asarray(vectors[pool_rows])).to(device)
-            qv = tower.embed(tower.tokenize([queries[i] for i in batch]))
+            qv = tower.embed(tower.tokenize(tower.prompted([queries[i] for i in batch], tower.prompts.query)))
             loss = infonce(qv @ pool.T, target)
             if cfg.anchor:
                 loss = loss + cfg.anchor * to_original(qv, original[batch].to(device))
