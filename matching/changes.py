@@ -23,11 +23,11 @@ from matching.bundle import Manifest, Unchanged, current_generation, new_generat
 from matching.config import IndexConfig
 from matching.encoder import Encoder
 from matching.errors import BadRowError, BundleError, ConfigError, DuplicateIdError, SchemaError
-from matching.index import VectorIndex
 from matching.ingest import CatalogueReader, Chunk, canonical_id, metadata_json
 from matching.lexical import LexicalIndex
 from matching.store import Store, StoredTitle, StoreEditor, read_config
 from matching.types import ChangeReport, ExternalId, IdType
+from matching.vectors import VectorIndex
 
 if TYPE_CHECKING:
     from matching.search import Snapshot

@@ -90,7 +90,9 @@ class EncoderConfig(JsonConfig):
 
 @dataclass(frozen=True)
 class IndexConfig(JsonConfig):
-    """The FAISS index. ``factory`` is a ``faiss.index_factory`` string, or ``"auto"``; inner product always.
+    """The vector index. ``backend`` names a registered backend (:mod:`matching.vectors`: ``faiss``, the default,
+    or ``exact``); the rest is read by the FAISS backend. ``factory`` is a ``faiss.index_factory`` string, or
+    ``"auto"``; inner product always.
 
     ``auto`` picks the index from the catalogue size and ``memory_budget`` (bytes; default: the larger of
     512 MiB and a third of the float32 vectors): exact ``Flat`` while small, ``IVF<n>,SQ8`` (or smaller codes
@@ -106,6 +108,7 @@ class IndexConfig(JsonConfig):
     refine_factor: int | None = None
     memory_budget: int | None = None
     target_recall: float | None = 0.95
+    backend: str = "faiss"  # an index record without it is a FAISS one
 
     def __post_init__(self) -> None:
         for name in ("nprobe", "ef_search", "refine_factor", "memory_budget"):

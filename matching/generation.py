@@ -22,12 +22,12 @@ from matching.config import EncoderConfig, IndexConfig
 from matching.encoder import Encoder
 from matching.errors import BundleError
 from matching.features import DEFAULT_DENSE_WEIGHT, DENSE_CEILING
-from matching.index import AUTO, VectorIndex
 from matching.layout import CATALOGUE_FILES, INDEX_CONFIG, LEXICAL_CONFIG, VECTORS_FILE
 from matching.lexical import LexicalIndex
 from matching.scorer import Scorer
 from matching.store import Store, read_config
 from matching.types import Fusion, Preset
+from matching.vectors import AUTO, VectorIndex, index_files
 
 
 def encoder_record(encoder: Encoder) -> dict[str, Any]:
@@ -67,9 +67,7 @@ def load_encoder(
 def index_record(index: VectorIndex, requested: IndexConfig | None = None) -> dict[str, Any]:
     """The manifest's index entry: the resolved config, what build-time tuning measured, and the factory
     asked for (``auto`` is re-resolved for the new size when the bundle is compacted)."""
-    record = index.config.to_dict()
-    if index.tuning:
-        record["tuning"] = index.tuning
+    record = index.record()
     if requested is not None:
         record["requested_factory"] = requested.factory
     return record
@@ -101,7 +99,7 @@ def index_from_store(gen: Path, config: IndexConfig, *, tune: bool = True) -> Ve
 
 def non_catalogue(manifest: Manifest) -> list[str]:
     """The files of a generation that a catalogue change carries across unchanged (reranker, query encoder...)."""
-    return [n for n in manifest.files if n not in CATALOGUE_FILES]
+    return [n for n in manifest.files if n not in CATALOGUE_FILES | index_files()]
 
 
 def lexical_from_store(gen: Path, analyzer: Analyzer | str) -> LexicalIndex:

@@ -11,7 +11,8 @@ MANIFEST_FILE = "manifest.json"
 STORE_DB = "store.sqlite"
 VECTORS_FILE = "vectors.f32"  # append-only, hard-linked from one generation to the next
 STORE_CONFIG = "store.json"
-INDEX_FILE = "index.faiss"
+INDEX_FILE = "index.faiss"  # the FAISS vector backend's index
+EXACT_INDEX_FILE = "index.exact.npz"  # the exact vector backend's ids and vectors
 INDEX_CONFIG = "index.json"
 LEXICAL_CONFIG = "lexical.json"
 LEXICAL_ARRAYS = "lexical.safetensors"
@@ -21,7 +22,8 @@ QUERY_ENCODER = "query_encoder.safetensors"
 ENCODER_WEIGHTS = "encoder.safetensors"  # a fine-tuned title/query encoder: the base checkpoint's weights replaced
 TRAIN_REPORT = "train_report.json"
 
-# what a catalogue change (add, upsert, remove, compact) rewrites; every other file is carried across
+# what a catalogue change (add, upsert, remove, compact) rewrites, with every vector backend's files
+# (matching.vectors.index_files); every other file is carried across
 CATALOGUE_FILES = frozenset(
     {STORE_DB, VECTORS_FILE, STORE_CONFIG, INDEX_FILE, INDEX_CONFIG, LEXICAL_CONFIG, LEXICAL_ARRAYS}
 )

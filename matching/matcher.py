@@ -22,7 +22,6 @@ from matching.config import EncoderConfig, IndexConfig, ScorerConfig
 from matching.encoder import Encoder
 from matching.errors import ConfigError
 from matching.features import DENSE_CEILING
-from matching.index import VectorIndex
 from matching.ingest import DEFAULT_CHUNKSIZE, has_surrogate
 from matching.layout import QUERY_ENCODER, SCORER_CONFIG, SCORER_WEIGHTS, TRAIN_REPORT
 from matching.scorer import Scorer
@@ -30,6 +29,7 @@ from matching.search import RETRIEVERS, NoReranker, Queries, ScorerReranker, Sna
 from matching.served import ServedBundle, open_live
 from matching.store import Where
 from matching.types import ChangeReport, Engine, ExternalId, Fusion, Match, Preset, Retrieval
+from matching.vectors import VectorIndex
 
 if TYPE_CHECKING:
     from matching.training.distill import DistillReport

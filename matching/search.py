@@ -27,13 +27,13 @@ from matching.features import (
     query_norms,
 )
 from matching.generation import dense_centre, load_encoder
-from matching.index import VectorIndex
 from matching.ingest import has_surrogate
 from matching.layout import ENCODER_WEIGHTS, LEXICAL_CONFIG, QUERY_ENCODER
 from matching.lexical import LexicalIndex
 from matching.scorer import Scorer, feature_count
 from matching.store import Store, Where
 from matching.types import Fusion, Match, Preset, Retrieval
+from matching.vectors import VectorIndex
 
 # a filter that leaves at most this many titles is searched exactly over their stored vectors
 EXACT_FILTER_LIMIT = 20_000

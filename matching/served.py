@@ -20,11 +20,11 @@ from matching.bundle import (
 )
 from matching.encoder import Encoder
 from matching.errors import BundleError
-from matching.index import VectorIndex
 from matching.scorer import Scorer
 from matching.search import Snapshot, open_snapshot
 from matching.store import Store
 from matching.types import ChangeReport, Preset, Retrieval
+from matching.vectors import VectorIndex
 
 
 def open_live(

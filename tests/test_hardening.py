@@ -445,7 +445,7 @@ def test_crafted_store_sizes_are_refused(own_bundle: Any, config: dict[str, Any]
 
 
 def test_a_faiss_index_with_a_crafted_size_is_a_message(own_bundle: Any) -> None:
-    from matching.index import VectorIndex
+    from matching.vectors import VectorIndex
 
     gen = current_generation(own_bundle.path)
     raw = bytearray((gen / "index.faiss").read_bytes())

@@ -10,9 +10,9 @@ from conftest import assert_same_ranking
 
 from matching.config import IndexConfig
 from matching.errors import BundleError, ConfigError
-from matching.index import VectorIndex
 from matching.layout import INDEX_CONFIG as CONFIG_FILE
 from matching.layout import INDEX_FILE
+from matching.vectors import VectorIndex
 
 N, DIM = 300, 16
 

@@ -170,6 +170,7 @@ def test_info_and_repr(built_bundle: Matcher) -> None:
     assert info["id_type"] == "int"
     # "auto" resolved for 40 titles: exact Flat, nothing to tune or refine
     assert info["index"] == {
+        "backend": "faiss",
         "factory": "Flat",
         "nprobe": None,
         "ef_search": None,

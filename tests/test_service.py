@@ -643,7 +643,7 @@ def test_cli_where_takes_a_range_on_one_field_and_booleans() -> None:
 def test_faiss_thread_setting_is_per_thread() -> None:
     """index._threads_for sets OpenMP's thread count for the calling thread only (OpenMP's nthreads-var is a
     per-thread setting): a search holding one thread does not change what a concurrent thread sees."""
-    from matching.index import _threads_for
+    from matching.vectors.faiss import _threads_for
 
     outside = faiss.omp_get_max_threads()
     inside = threading.Event()

@@ -1,4 +1,4 @@
-"""FAISS wrapper: inner product over unit vectors, explicit int64 ids shared with the store.
+"""The FAISS vector backend: inner product over unit vectors, explicit int64 ids shared with the store.
 
 IVF indexes keep the ids themselves (so titles can be removed); every other kind is wrapped in an
 ``IndexIDMap``.
@@ -10,7 +10,7 @@ import contextlib
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 import faiss
 import numpy as np
@@ -27,7 +27,8 @@ from matching.autoindex import (
 from matching.config import IndexConfig
 from matching.errors import BundleError, ConfigError
 from matching.exact import drop_pages
-from matching.layout import INDEX_CONFIG, INDEX_FILE
+from matching.layout import INDEX_FILE
+from matching.vectors.base import VectorIndex
 
 _ADD_BATCH = 65_536
 _TRAIN_SAMPLE = 100_000
@@ -35,25 +36,23 @@ AUTO = "auto"
 _SMALL_BATCH = 16
 
 
-class VectorIndex:
-    """A FAISS index plus the config it was made with. Build with :meth:`build`, load with :meth:`load`."""
+class FaissIndex(VectorIndex):
+    """A FAISS index plus the config it was made with (``factory`` a ``faiss.index_factory`` string or ``auto``)."""
+
+    files: ClassVar[tuple[str, ...]] = (INDEX_FILE,)
 
     def __init__(self, index: Any, config: IndexConfig, tuning: dict[str, Any] | None = None) -> None:
+        super().__init__(config, tuning)
         self.index = index
-        self.config = config
-        self.tuning = tuning  # what build-time tuning measured (recorded in the manifest)
         self._apply_search_params()
 
     @classmethod
-    def build(
-        cls, vectors: np.ndarray, ids: np.ndarray, config: IndexConfig | None = None, *, tune: bool = True
-    ) -> Self:
+    def create(cls, vectors: np.ndarray, ids: np.ndarray, config: IndexConfig, *, tune: bool = True) -> Self:
         """Index ``vectors`` (n, d) under ``ids`` (n,), training the index first when it needs it.
 
         ``"auto"`` is resolved for n (see :class:`IndexConfig`); with ``tune`` and ``ids`` equal to the row
         numbers of ``vectors``, nprobe / efSearch are tuned to the config's ``target_recall``.
         """
-        config = config or IndexConfig()
         n, dim = vectors.shape
         choice = resolve(config, n, dim)
         config = dataclasses.replace(
@@ -105,7 +104,7 @@ class VectorIndex:
         return built
 
     @classmethod
-    def empty(cls, dim: int, config: IndexConfig) -> Self:
+    def create_empty(cls, dim: int, config: IndexConfig) -> Self:
         """An empty index for ``config``: checks the factory string and search parameters cheaply."""
         if config.factory == AUTO:
             config = dataclasses.replace(config, factory="Flat")
@@ -190,12 +189,11 @@ class VectorIndex:
             return False
         return True
 
-    def save(self, directory: Path) -> None:
+    def write(self, directory: Path) -> None:
         faiss.write_index(self.index, str(directory / INDEX_FILE))
-        self.config.save(directory / INDEX_CONFIG)
 
     @classmethod
-    def load(cls, directory: Path) -> Self:
+    def read(cls, directory: Path, config: IndexConfig) -> Self:
         path = directory / INDEX_FILE
         if not path.is_file():
             raise BundleError(f"bundle index file {str(path)!r} is missing")
@@ -203,7 +201,7 @@ class VectorIndex:
             index = faiss.read_index(str(path))
         except (RuntimeError, MemoryError) as exc:  # a crafted size: FAISS's bad_alloc arrives as MemoryError
             raise BundleError(f"cannot read FAISS index {str(path)!r}: {exc!r}") from None
-        return cls(index, IndexConfig.load(directory / INDEX_CONFIG))
+        return cls(index, config)
 
 
 @contextlib.contextmanager
