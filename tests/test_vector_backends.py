@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import ClassVar, Self
+from typing import Any, ClassVar, Self
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from matching.config import IndexConfig
@@ -136,6 +137,8 @@ def test_add_and_remove(name: str) -> None:
     assert not np.isin(ids, gone).any()
     assert neighbour_recall(ids, _brute(QUERIES, live)[1], K) == 1.0
     assert index.remove(np.zeros(0, dtype=np.int64)) is True
+    index.add(np.empty((0, 0), np.float32), np.empty(0, np.int64))  # what a change that only removes adds
+    assert index.ntotal == len(live)
 
 
 @pytest.mark.parametrize("name", BACKENDS)
@@ -213,3 +216,42 @@ def test_a_damaged_exact_index_is_a_bundle_error(tmp_path: Path) -> None:
     (tmp_path / type(index).files[0]).write_bytes(b"not a zip")
     with pytest.raises(BundleError, match=r"cannot read the exact index .*rebuild the bundle"):
         VectorIndex.load(tmp_path)
+
+
+# -- in a bundle ----------------------------------------------------------------------------------------------
+
+
+def test_a_bundle_on_the_exact_backend_answers_as_the_faiss_one(tmp_path: Path, tiny_encoder: Any) -> None:
+    """The backend is recorded, kept by add/remove/compact, and its file rewritten (never carried) by each."""
+    from matching import Matcher
+    from matching.bundle import current_generation, read_manifest
+    from tests.conftest import make_catalogue
+
+    def hits(m: Matcher) -> list[tuple[Any, float]]:
+        return [(h.id, round(h.score, 4)) for h in m.search("red yoga mat", k=len(m), rerank=False)]
+
+    new = pd.DataFrame({"id": [5001, 5002], "title": ["Hooli black yoga mat", "Vandelay red camping tent"]})
+    built = {}
+    for name in ("faiss", "exact"):
+        m = Matcher.build(
+            make_catalogue(),
+            tmp_path / name,
+            encoder=tiny_encoder,
+            show_progress=False,
+            retrieval="dense",
+            index_config=IndexConfig(backend=name),
+        )
+        m.add(new, show_progress=False)
+        m.remove([5001], missing_ok=False)
+        m.compact(show_progress=False)
+        built[name] = m
+    exact = built["exact"]
+    assert exact.path is not None
+    gen = current_generation(exact.path)
+    assert read_manifest(gen).index["backend"] == "exact"
+    assert {"index.exact.npz", INDEX_CONFIG} <= {p.name for p in gen.iterdir()}
+    assert not (gen / "index.faiss").exists()
+    assert Matcher.load(exact.path).index.name == "exact"
+    assert hits(exact) == hits(built["faiss"])
+    for m in built.values():
+        m.close()

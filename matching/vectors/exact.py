@@ -65,7 +65,9 @@ class ExactIndex(VectorIndex):
         return scores, ids
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
-        self.vectors = np.concatenate([self.vectors, np.asarray(vectors, dtype=np.float32).reshape(len(ids), -1)])
+        if not len(ids):  # a change that only removes adds a (0, 0) block
+            return
+        self.vectors = np.concatenate([self.vectors, np.asarray(vectors, dtype=np.float32)])
         self.ids = np.concatenate([self.ids, np.asarray(ids, dtype=np.int64)])
 
     def remove(self, ids: np.ndarray) -> bool:
