@@ -23,7 +23,7 @@ from matching.encoder import Encoder
 from matching.errors import BundleError
 from matching.features import DEFAULT_DENSE_WEIGHT, DENSE_CEILING
 from matching.layout import CATALOGUE_FILES, INDEX_CONFIG, LEXICAL_CONFIG, VECTORS_FILE
-from matching.lexical import LexicalIndex
+from matching.lexical import LexicalIndex, lexical_files
 from matching.scorer import Scorer
 from matching.store import Store, read_config
 from matching.types import Fusion, Preset
@@ -99,7 +99,7 @@ def index_from_store(gen: Path, config: IndexConfig, *, tune: bool = True) -> Ve
 
 def non_catalogue(manifest: Manifest) -> list[str]:
     """The files of a generation that a catalogue change carries across unchanged (reranker, query encoder...)."""
-    return [n for n in manifest.files if n not in CATALOGUE_FILES | index_files()]
+    return [n for n in manifest.files if n not in CATALOGUE_FILES | index_files() | lexical_files()]
 
 
 def lexical_from_store(gen: Path, analyzer: Analyzer | str) -> LexicalIndex:
@@ -144,10 +144,7 @@ def lexical_record(
     if "dense_sum" in before:
         kept["dense_sum"] = before["dense_sum"]
     return {
-        "analyzer": lexical.analyzer.value,
-        "fold": lexical.fold,
-        "k1": lexical.params.k1,
-        "b": lexical.params.b,
+        **lexical.record(),
         **(fusion if fusion is not None else kept),
         "retrieval": before.get("retrieval", retrieval),
     }

@@ -1,9 +1,7 @@
-"""The saved form of a lexical index: its format tag, BM25 parameters, and the checks a loaded one must pass."""
+"""The saved form of the BM25 lexical index: its format tag, BM25 parameters, and the checks a loaded one must pass."""
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -11,23 +9,10 @@ import numpy as np
 from matching.analysis import FOLDS, Analyzer
 from matching.errors import ConfigError
 from matching.layout import LEXICAL_CONFIG
+from matching.lexical.base import BM25Params
 
 FORMAT = "matching.lexical"
 FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class BM25Params:
-    """BM25's term-frequency saturation ``k1`` and length normalisation ``b``."""
-
-    k1: float = 1.2
-    b: float = 0.75
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.k1, int | float) and math.isfinite(self.k1) and self.k1 >= 0):
-            raise ConfigError(f"BM25 k1 must be a finite number >= 0 (usually 0.9-2.0), got {self.k1!r}")
-        if not (isinstance(self.b, int | float) and 0 <= self.b <= 1):
-            raise ConfigError(f"BM25 b must be a number in [0, 1] (usually 0.75), got {self.b!r}")
 
 
 class DamagedError(Exception):

@@ -1,4 +1,4 @@
-"""Lexical retrieval: a BM25 inverted index that lives inside a bundle generation (terms from matching.analysis).
+"""The BM25 lexical backend: an inverted index that lives inside a bundle generation (terms from matching.analysis).
 
 BM25 is the Lucene / BEIR-Elasticsearch form. For each distinct term t of the query (a repeated query term
 counts once)::
@@ -12,23 +12,22 @@ number of terms and avgdl the mean dl over live rows.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Self, cast
+from typing import Any, ClassVar, Self
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from matching.analysis import FOLD, Analyzer, analyze, resolve_analyzer
+from matching.analysis import FOLD, Analyzer, analyze
 from matching.errors import BadRowError, BundleError, ConfigError
-from matching.layout import LEXICAL_ARRAYS, LEXICAL_CONFIG
-from matching.lexical_format import FORMAT, FORMAT_VERSION, BM25Params, DamagedError, checked
+from matching.layout import LEXICAL_ARRAYS
+from matching.lexical.base import BM25Params, LexicalIndex, TermStats
+from matching.lexical.bm25_format import FORMAT, FORMAT_VERSION, DamagedError, checked
 
-DEFAULT_PARAMS = BM25Params()
 _TF_MAX = np.iinfo(np.uint16).max
 _BOUND_SLACK = 1e-5  # float32 rounding of the scores a bound is compared with
 # MaxScore's first step (one binary search per row and term) is tried only while it costs at most this share
@@ -39,6 +38,7 @@ _FIRST_STEP_COST = 0.5
 @dataclass(frozen=True)
 class _Stats:
     live: int
+    length: int  # terms over the live rows
     avgdl: float
     df: np.ndarray  # int64 (terms,), live rows only
     weight: np.ndarray  # float32 (terms,): idf * (k1 + 1)
@@ -47,7 +47,7 @@ class _Stats:
     distinct: np.ndarray  # int64 (rows,): each row's distinct terms (its postings)
 
 
-class LexicalIndex:
+class BM25Index(LexicalIndex):
     """BM25 over the titles of one generation; row ids are the store's row ids (0..rows-1, never reused;
     removed rows are dead).
 
@@ -67,9 +67,7 @@ class LexicalIndex:
         live: np.ndarray,
         fold: int = FOLD,
     ) -> None:
-        self.analyzer = analyzer
-        self.fold = fold  # the case folding its terms were made with (matching.analysis.FOLD)
-        self.params = params
+        super().__init__(analyzer, params, fold)
         self._vocab = vocab
         self._ids = {term: i for i, term in enumerate(vocab)}
         self._ptr = ptr
@@ -83,32 +81,11 @@ class LexicalIndex:
 
     # -- building and changing -------------------------------------------------------------------------------
 
+    files: ClassVar[tuple[str, ...]] = (LEXICAL_ARRAYS,)
+
     @classmethod
-    def build(
-        cls,
-        titles: Iterable[tuple[int, str]] | Sequence[str],
-        analyzer: Analyzer,
-        params: BM25Params = DEFAULT_PARAMS,
-        *,
-        rows: int | None = None,
-        fold: int = FOLD,
-    ) -> Self:
-        """Index ``titles``: strings are rows 0..n-1 in order; ``(row_id, title)`` pairs need ascending row ids
-        and rows left out are dead. ``rows`` (default: one past the last row) adds dead rows at the end.
-        ``Analyzer.AUTO`` is resolved from the titles; ``fold`` is the case folding (the current one unless a
-        test recreates an older index)."""
-        items = list(titles)
-        if items and not isinstance(items[0], str):
-            pairs = cast(list[tuple[int, str]], items)
-            row_ids = np.fromiter((row for row, _ in pairs), dtype=np.int64, count=len(pairs))
-            texts = [title for _, title in pairs]
-        else:
-            row_ids = np.arange(len(items), dtype=np.int64)
-            texts = cast(list[str], items)
-        analyzer = _analyzer(analyzer)
-        if analyzer == Analyzer.AUTO:
-            analyzer = resolve_analyzer(texts)
-        index = cls(
+    def create_empty(cls, analyzer: Analyzer, params: BM25Params, fold: int = FOLD) -> Self:
+        return cls(
             analyzer,
             params,
             [],
@@ -119,12 +96,6 @@ class LexicalIndex:
             np.zeros(0, np.bool_),
             fold,
         )
-        index.add(row_ids, texts)
-        if rows is not None:
-            if rows < index.rows:
-                raise ValueError(f"rows={rows} is below the last row id {index.rows - 1}")
-            index._grow(rows)
-        return index
 
     def add(self, row_ids: np.ndarray, titles: Sequence[str]) -> None:
         """Append titles under ``row_ids``: ascending and past every existing row (rows skipped are dead)."""
@@ -138,7 +109,7 @@ class LexicalIndex:
         if row_ids[-1] >= np.iinfo(np.int32).max:
             raise ValueError(f"row id {row_ids[-1]} does not fit the index's int32 postings")
         terms, lengths = self._analyze_many(row_ids, titles)
-        self._grow(int(row_ids[-1]) + 1)
+        self.grow(int(row_ids[-1]) + 1)
         self._doc_len[row_ids] = lengths
         self._live[row_ids] = True
         new_rows = np.repeat(row_ids, lengths)
@@ -171,7 +142,7 @@ class LexicalIndex:
             vocab.extend(islice(ids, len(vocab), None))  # dicts keep insertion order
         return codes, np.asarray(lengths, dtype=np.int64)
 
-    def _grow(self, rows: int) -> None:
+    def grow(self, rows: int) -> None:
         if rows > self.rows:
             self._doc_len = np.concatenate([self._doc_len, np.zeros(rows - self.rows, np.int32)])
             self._live = np.concatenate([self._live, np.zeros(rows - self.rows, np.bool_)])
@@ -210,11 +181,10 @@ class LexicalIndex:
         self._stats = None
         self._scratch = threading.local()
 
-    def compacted(self) -> LexicalIndex:
-        """A new index of the live rows only, renumbered 0..count-1 in row order (as the store compacts)."""
+    def compacted(self) -> BM25Index:
         renumber = np.cumsum(self._live, dtype=np.int64) - 1
         vocab, ptr, rows, tf = self._pruned()
-        return LexicalIndex(
+        return BM25Index(
             self.analyzer,
             self.params,
             vocab,
@@ -280,7 +250,7 @@ class LexicalIndex:
         if len(ratio):
             largest[counts > 0] = np.maximum.reduceat(ratio, self._ptr[:-1][counts > 0])
         distinct = np.bincount(self._rows, minlength=self.rows).astype(np.int64)
-        return _Stats(live, avgdl, df, weight, ratio, weight * largest, distinct)
+        return _Stats(live, total, avgdl, df, weight, ratio, weight * largest, distinct)
 
     def _norm(self, doc_len: np.ndarray, avgdl: float) -> np.ndarray:
         """k1 * (1 - b + b * dl / avgdl), float32."""
@@ -423,10 +393,14 @@ class LexicalIndex:
         out.reshape(-1)[valid] = self._score(flat[valid], self.query_terms(query), self._statistics())
         return out
 
-    def score_texts(self, query: str, titles: Sequence[str]) -> np.ndarray:
-        """BM25 of ``query`` against any titles, float32, with this index's N, df and avgdl (a term the index
-        does not know has df 0). A stored row's title scores as in :meth:`search`."""
-        stats = self._statistics()
+    def statistics(self, terms: Iterable[str]) -> TermStats:
+        stats, ids = self._statistics(), self._ids
+        df = {term: int(stats.df[ids[term]]) if term in ids else 0 for term in set(terms)}
+        return TermStats(stats.live, stats.length, df)
+
+    def score_texts(self, query: str, titles: Sequence[str], stats: TermStats | None = None) -> np.ndarray:
+        """BM25 of ``query`` against any titles, float32, with ``stats`` or this index's N, df and avgdl (a term
+        they do not know has df 0). A stored row's title scores as in :meth:`search`."""
         terms = self._ordered_terms(query)
         column = {term: j for j, term in enumerate(terms)}
         tf = np.zeros((len(titles), len(terms)), dtype=np.float32)
@@ -438,8 +412,8 @@ class LexicalIndex:
                 j = column.get(word)
                 if j is not None:
                     tf[i, j] += 1
-        norm = self._norm(dl, stats.avgdl)
-        weights = self._term_weights(terms, stats)
+        weights, avgdl = self._term_weights(terms, stats)
+        norm = self._norm(dl, avgdl)
         acc = np.zeros(len(titles), dtype=np.float32)
         for j in range(len(terms)):
             hit = tf[:, j] > 0
@@ -455,15 +429,11 @@ class LexicalIndex:
         out[valid] = self._statistics().distinct[row_ids[valid]]
         return out
 
-    def distinct_count(self, text: str) -> int:
-        """The number of distinct terms the analyser finds in ``text``."""
-        return len(set(analyze(text, self.analyzer, self.fold)))
-
-    def max_score(self, query: str) -> float:
+    def max_score(self, query: str, stats: TermStats | None = None) -> float:
         """An upper bound of the query's BM25 over any title, for normalising into [0, 1]: the sum over its
         distinct terms of idf(t) * (k1 + 1), summed in float32 in scoring order so it bounds the float32
         scores too."""
-        weights = self._term_weights(self._ordered_terms(query), self._statistics())
+        weights, _ = self._term_weights(self._ordered_terms(query), stats)
         total = np.float32(0)
         for weight in weights:
             total = np.float32(total + weight)
@@ -476,20 +446,25 @@ class LexicalIndex:
         known = sorted((ids[term], term) for term in distinct if term in ids)
         return [term for _, term in known] + sorted(term for term in distinct if term not in ids)
 
-    def _term_weights(self, terms: list[str], stats: _Stats) -> np.ndarray:
+    def _term_weights(self, terms: list[str], given: TermStats | None) -> tuple[np.ndarray, float]:
+        """idf * (k1 + 1) of ``terms`` and the mean title length, from ``given`` statistics or this index's own."""
+        if given is not None:
+            df = np.array([given.df.get(term, 0) for term in terms], dtype=np.int64)
+            return self._weights(df, given.live), given.avgdl
+        stats = self._statistics()
         df = np.array([stats.df[self._ids[term]] if term in self._ids else 0 for term in terms], dtype=np.int64)
-        return self._weights(df, stats.live)
+        return self._weights(df, stats.live), stats.avgdl
 
     # -- files -----------------------------------------------------------------------------------------------
 
-    def save(self, directory: Path) -> None:
-        """Write ``lexical.json`` and ``lexical.safetensors`` into ``directory`` (dead rows' postings dropped)."""
+    def write(self, directory: Path) -> dict[str, Any]:
+        """Write ``lexical.safetensors`` into ``directory`` (dead rows' postings dropped); the record holds the
+        vocabulary."""
         vocab, ptr, rows, tf = self._pruned()
         doc_len = np.where(self._live, self._doc_len, 0).astype(np.int32)
-        directory.mkdir(parents=True, exist_ok=True)
         arrays = {"ptr": ptr, "post_rows": rows, "post_tf": tf, "doc_len": doc_len, "live": self._live}
         save_file({name: np.ascontiguousarray(a) for name, a in arrays.items()}, str(directory / LEXICAL_ARRAYS))
-        meta = {
+        return {
             "format": FORMAT,
             "version": FORMAT_VERSION,
             "analyzer": str(self.analyzer),
@@ -498,19 +473,12 @@ class LexicalIndex:
             "rows": self.rows,
             "vocab": vocab,
         }
-        (directory / LEXICAL_CONFIG).write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
 
     @classmethod
-    def load(cls, directory: Path) -> Self:
-        """Read an index written by :meth:`save`; a missing, damaged or foreign one raises BundleError."""
-        meta_path, arrays_path = directory / LEXICAL_CONFIG, directory / LEXICAL_ARRAYS
-        for path in (meta_path, arrays_path):
-            if not path.is_file():
-                raise BundleError(f"lexical index file {str(path)!r} is missing; rebuild the bundle's lexical index")
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BundleError(f"cannot read lexical index {str(meta_path)!r}: {exc}") from None
+    def read(cls, directory: Path, meta: Any) -> Self:
+        arrays_path = directory / LEXICAL_ARRAYS
+        if not arrays_path.is_file():
+            raise BundleError(f"lexical index file {str(arrays_path)!r} is missing; rebuild the bundle's lexical index")
         try:
             arrays = load_file(str(arrays_path))
         except Exception as exc:  # safetensors raises its own error types for damaged files
@@ -520,7 +488,7 @@ class LexicalIndex:
         except DamagedError as exc:
             raise BundleError(f"lexical index in {str(directory)!r} is damaged or foreign: {exc}") from None
 
-    def equals(self, other: LexicalIndex) -> bool:
+    def equals(self, other: BM25Index) -> bool:
         """Same analyser, parameters, live rows, title lengths and postings (term ids compared by term)."""
         if (self.analyzer, self.fold, self.params) != (other.analyzer, other.fold, other.params):
             return False
@@ -547,10 +515,3 @@ def _ratio(tf: np.ndarray, norm: np.ndarray) -> np.ndarray:
     tf = tf.astype(np.float32)
     out: np.ndarray = tf / (tf + norm)
     return out
-
-
-def _analyzer(value: Analyzer | str) -> Analyzer:
-    try:
-        return Analyzer(value)
-    except ValueError:
-        raise ConfigError(f"unknown analyzer {value!r}; use one of {', '.join(a.value for a in Analyzer)}") from None
