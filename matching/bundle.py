@@ -72,7 +72,9 @@ class Manifest:
 
     @property
     def factory(self) -> str:
-        return str(self.index.get("factory", ""))
+        """The index in a word: the FAISS factory string, or the name of another vector backend."""
+        backend = str(self.index.get("backend", "faiss"))
+        return str(self.index.get("factory", "")) if backend == "faiss" else backend
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -110,6 +110,25 @@ def test_build_prints_a_summary(
     assert hidden_entries(tmp_path) == []
 
 
+def test_build_and_compact_with_an_index_backend(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, catalogue_csv: Path, tiny_model_dir: Path
+) -> None:
+    out = tmp_path / "bundle"
+    argv = ["build", catalogue_csv, "--out", out, "--model", tiny_model_dir, "-q", "--index-backend", "exact"]
+    code, stdout, _ = run(capsys, *argv)
+    assert code == 0
+    assert stdout.strip() == f"built {out}: 40 titles, dim 32, index exact"
+    code, stdout, _ = run(capsys, "compact", out, "--target-recall", "0.9", "-q")
+    assert code == 0
+    assert "index exact" in stdout
+    code, stdout, _ = run(capsys, "compact", out, "--index-backend", "faiss", "-q")
+    assert code == 0
+    assert "index Flat" in stdout
+    code, _, err = run(capsys, "compact", out, "--index-backend", "nope", "-q")
+    assert code != 0
+    assert_one_line_error(err, "unknown vector backend 'nope'")
+
+
 def test_build_with_options(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_model_dir: Path, tiny_encoder: Any
 ) -> None:

@@ -131,6 +131,11 @@ def _add_index_options(p: argparse.ArgumentParser, *, default: str | None) -> No
     p.add_argument(
         "--target-recall", type=float, default=0.95, help="Recall@10 vs exact that nprobe/efSearch are tuned to"
     )
+    p.add_argument(
+        "--index-backend",
+        help="vector index backend: faiss, or exact (NumPy brute force; small catalogues)"
+        + (" (default: faiss)" if default else " (default: keep the current one)"),
+    )
     p.add_argument("--nprobe", type=int, help="fix IVF nprobe instead of tuning it")
     p.add_argument("--ef-search", type=int, help="fix HNSW efSearch instead of tuning it")
 
@@ -185,6 +190,7 @@ def _index_config(args: argparse.Namespace) -> Any:
         ef_search=args.ef_search,
         memory_budget=budget,
         target_recall=args.target_recall,
+        **({"backend": args.index_backend} if args.index_backend else {}),
     )
 
 
@@ -246,11 +252,13 @@ def _cmd_remove(args: argparse.Namespace) -> int:
 
 
 def _cmd_compact(args: argparse.Namespace) -> int:
-    options = (args.factory, args.nprobe, args.ef_search, args.memory_budget_mb)
+    options = (args.factory, args.nprobe, args.ef_search, args.memory_budget_mb, args.index_backend)
     config = _index_config(args) if any(o is not None for o in options) else None
     with _writer(args) as matcher:
         if config is not None and args.factory is None:  # a new setting for the current kind of index
             config = dataclasses.replace(config, factory=matcher.index.config.factory)
+        if config is not None and args.index_backend is None:
+            config = dataclasses.replace(config, backend=matcher.index.config.backend)
         report = matcher.compact(index_config=config, show_progress=not args.quiet)
         factory = matcher.manifest.factory
     done = f"{report.count} titles, index {factory}"
