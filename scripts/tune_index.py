@@ -24,7 +24,9 @@ from typing import Any
 import faiss
 import numpy as np
 
-from matching.autoindex import (
+from matching.exact import exact_refine, exact_top_k
+from matching.metrics import neighbour_recall as recall_at_k
+from matching.vectors.autoindex import (
     IndexChoice,
     auto_tune,
     choice_for_factory,
@@ -32,8 +34,6 @@ from matching.autoindex import (
     retrieve,
     sample_queries,
 )
-from matching.exact import exact_refine, exact_top_k
-from matching.metrics import neighbour_recall as recall_at_k
 
 
 def clustered_vectors(path: Path, n: int, dim: int, centres: int, seed: int) -> np.ndarray:

@@ -9,7 +9,9 @@ import faiss
 import numpy as np
 import pytest
 
-from matching.autoindex import (
+from matching.exact import exact_refine, exact_top_k
+from matching.metrics import neighbour_recall as recall_at_k
+from matching.vectors.autoindex import (
     FLAT_MAX_FLOATS,
     IndexChoice,
     auto_tune,
@@ -23,8 +25,6 @@ from matching.autoindex import (
     set_search_param,
     tune_search_params,
 )
-from matching.exact import exact_refine, exact_top_k
-from matching.metrics import neighbour_recall as recall_at_k
 
 MiB = 2**20
 
@@ -290,7 +290,7 @@ def test_auto_tune_samples_queries_and_tunes_for_the_search_path(data: tuple[np.
 
 
 def test_file_rows_reads_like_the_memmap(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from matching.autoindex import FileRows, file_rows
+    from matching.vectors.autoindex import FileRows, file_rows
 
     data = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32)
     path = tmp_path / "v.f32"

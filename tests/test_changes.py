@@ -433,8 +433,8 @@ def test_build_products_helper_still_builds(tmp_path: Path, tiny_encoder: Any) -
 
 def test_auto_index_tunes_ivf_and_refines_exactly(tmp_path: Path, tiny_encoder: Any, monkeypatch: pytest.MonkeyPatch):
     # pretend 40 titles are "large" so that auto picks IVF with lossy SQ8 codes and an exact refine
-    monkeypatch.setattr("matching.autoindex.FLAT_MAX_FLOATS", 0)
-    monkeypatch.setattr("matching.autoindex.MIN_POINTS_PER_LIST", 4)
+    monkeypatch.setattr("matching.vectors.autoindex.FLAT_MAX_FLOATS", 0)
+    monkeypatch.setattr("matching.vectors.autoindex.MIN_POINTS_PER_LIST", 4)
     with fresh_build(make_catalogue(), tmp_path / "b", tiny_encoder) as m:
         record = m.manifest.index
         assert record["factory"].startswith("IVF")

@@ -15,7 +15,11 @@ from typing import Any, ClassVar, Self
 import faiss
 import numpy as np
 
-from matching.autoindex import (
+from matching.config import IndexConfig
+from matching.errors import BundleError, ConfigError
+from matching.exact import drop_pages
+from matching.layout import INDEX_FILE
+from matching.vectors.autoindex import (
     IndexChoice,
     auto_tune,
     choice_for_factory,
@@ -24,10 +28,6 @@ from matching.autoindex import (
     retrieve,
     set_search_param,
 )
-from matching.config import IndexConfig
-from matching.errors import BundleError, ConfigError
-from matching.exact import drop_pages
-from matching.layout import INDEX_FILE
 from matching.vectors.base import VectorIndex
 
 _ADD_BATCH = 65_536

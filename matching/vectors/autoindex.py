@@ -1,4 +1,5 @@
-"""Index for the size: pick a FAISS factory from the catalogue size and a memory budget, tune it, refine exactly.
+"""The FAISS backend's index for the size: pick a factory from the catalogue size and a memory budget, tune it,
+refine exactly.
 
 Small catalogues get an exact ``Flat`` index. Larger ones get an IVF index over compressed codes (SQ8, then SQ6,
 SQ4, then PQ as the budget tightens) whose candidates are re-scored exactly against the full-precision title
