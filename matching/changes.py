@@ -290,7 +290,7 @@ def compact(
 def _finish_change(
     live: Path, gen: Path, manifest: Manifest, dead: np.ndarray, vectors: np.ndarray, ids: np.ndarray, count: int
 ) -> None:
-    """Apply removals and additions to the live index (rebuilding it where FAISS cannot remove), and finish."""
+    """Apply removals and additions to the live index (rebuilding it where the backend cannot remove), and finish."""
     index = VectorIndex.load(live)
     if not index.remove(dead):
         index = generation.index_from_store(gen, index.config, tune=False)

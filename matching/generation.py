@@ -85,8 +85,8 @@ def compact_config(live: Path, manifest: Manifest) -> IndexConfig:
 
 
 def index_from_store(gen: Path, config: IndexConfig, *, tune: bool = True) -> VectorIndex:
-    """Build the FAISS index over the live rows of the store written in ``gen`` (no re-encoding); tuned only when
-    every stored row is live (row ids = positions)."""
+    """Build the vector index (of the backend ``config`` names) over the live rows of the store written in ``gen``
+    (no re-encoding); tuned only when every stored row is live (row ids = positions)."""
     store = Store.open(gen)
     try:
         if store.count == len(store.vectors):
