@@ -137,6 +137,7 @@ def test_index_defaults_choose_automatically() -> None:
         "refine_factor": None,
         "memory_budget": None,
         "target_recall": 0.95,
+        "backend": "faiss",
     }
 
 
