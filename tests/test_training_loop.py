@@ -139,3 +139,13 @@ def test_a_query_without_a_positive_in_the_bundle_mines_nothing(mining_bundle: M
     assert mined[0] == []
     assert len(mined[1]) == 3
     assert mine_negatives(snap, vectors[:2], positives[:2], count=0, depth=40) == [[], []]
+
+
+def test_no_margin_leaves_out_the_positives_only(mining_bundle: Matcher) -> None:
+    snap = mining_bundle.snapshot
+    _, vectors, positives = _queries(mining_bundle)
+    mined = mine_negatives(snap, vectors, positives, count=5, depth=40, margin=None)
+    stored = np.asarray(snap.store.vectors)
+    for qv, rows, pos in zip(vectors, mined, positives, strict=True):
+        nearest = [int(r) for r in np.argsort(-(stored @ qv), kind="stable") if int(r) not in pos]
+        assert rows == nearest[:5]

@@ -8,6 +8,7 @@ vectors, never a lossy index's distances), leaving out its positives and every t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING
 
@@ -39,11 +40,12 @@ def mine_negatives(
     *,
     count: int,
     depth: int,
-    margin: float = MARGIN,
+    margin: float | None = MARGIN,
 ) -> list[list[int]]:
     """Per query (a row of ``vectors``, its positive row ids in ``positives``), up to ``count`` negative row ids,
     the highest exact cosine first, from the ``depth`` nearest titles. A query without a positive in the bundle
-    gets none: nothing tells its hard negatives from its unlabelled positives."""
+    gets none: nothing tells its hard negatives from its unlabelled positives. ``margin=None`` leaves out the
+    positives only."""
     if count <= 0 or not len(vectors):
         return [[] for _ in positives]
     stored = snap.store.vectors
@@ -55,7 +57,7 @@ def mine_negatives(
             out.append([])
             continue
         weakest = float(np.min(np.asarray(stored[sorted(pos)]) @ qv))
-        limit = weakest - margin * abs(weakest)
+        limit = math.inf if margin is None else weakest - margin * abs(weakest)
         candidates = found[found >= 0]
         exact = np.asarray(stored[candidates]) @ qv
         order = np.argsort(-exact, kind="stable")
