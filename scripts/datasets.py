@@ -5,7 +5,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -73,3 +76,16 @@ def mrpc(split: str) -> pd.DataFrame:
         for fields in reader:
             rows.append((fields[3], fields[4], int(fields[0])))
     return pd.DataFrame(rows, columns=["query", "title", "label"])
+
+
+def run_sets(runs: dict[str, Callable[[], dict[str, Any]]], only: list[str], json_path: str) -> dict[str, Any]:
+    """Run the sets named in ``only``, printing each one's figures as it finishes, and write them all as JSON."""
+    results: dict[str, Any] = {}
+    for name in only:
+        start = time.perf_counter()
+        results[name] = runs[name]()
+        print(f"{name} ({time.perf_counter() - start:.0f} s): {json.dumps(results[name])}", flush=True)
+    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(json_path).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {json_path}")
+    return results

@@ -16,7 +16,6 @@ Bundles are rebuilt in indexes/bench-* each run. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -148,14 +147,7 @@ def main() -> None:
     parser.add_argument("--json", default="results/eval_hybrid.json")
     args = parser.parse_args()
     runs = {"scifact": scifact, "lcqmc": lcqmc, "sts": sts, "mrpc": mrpc}
-    results: dict[str, Any] = {}
-    for name in args.only:
-        start = time.perf_counter()
-        results[name] = runs[name]()
-        print(f"{name} ({time.perf_counter() - start:.0f} s): {json.dumps(results[name])}", flush=True)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    ds.run_sets(runs, args.only, args.json)
 
 
 if __name__ == "__main__":

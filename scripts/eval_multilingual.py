@@ -16,7 +16,6 @@ Bundles are rebuilt in indexes/bench-ml-* each run. Prints a table and writes JS
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -118,14 +117,7 @@ def main() -> None:
     parser.add_argument("--json", default="results/eval_multilingual.json")
     args = parser.parse_args()
     runs = {"zero": zero, "finetune": finetune, "distill": lambda: distill(args.layers)}
-    results: dict[str, Any] = {}
-    for name in args.only:
-        start = time.perf_counter()
-        results[name] = runs[name]()
-        print(f"{name} ({time.perf_counter() - start:.0f} s): {json.dumps(results[name])}", flush=True)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    ds.run_sets(runs, args.only, args.json)
 
 
 if __name__ == "__main__":
