@@ -1,4 +1,4 @@
-"""Match-quality figures of hybrid retrieval and the lexical reranker on the public sets in ../shared/data (issue #10).
+"""Match-quality figures of hybrid retrieval and the reranker on the public sets in ../shared/data (issues #10, #20).
 
     .venv/bin/python scripts/eval_hybrid.py [--only scifact lcqmc sts mrpc] [--json results/eval_hybrid.json]
 
@@ -10,7 +10,10 @@
   (early-stopped on sts-dev); and the held-out genre check: trained on the news and forum pairs of train/dev,
   scored on the captions of test, against the untrained score there.
 - mrpc: test ROC-AUC of cosine, the untrained score and the scorer trained on train (early-stopped on val).
-Bundles are rebuilt in indexes/bench-* each run. Prints a table and writes JSON.
+Every pair set also reports the lexical share alone and the untrained score's gap to the better of its two signals;
+every training, which form won on the validation pairs (``chosen``: "default" when nothing was published) and each
+form's validation figure. Bundles are rebuilt in indexes/bench-* each run. Prints one JSON line per set and writes
+the JSON file.
 """
 
 from __future__ import annotations
