@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -20,13 +23,18 @@ from matching.encoder import Encoder, UnknownTokens
 from matching.errors import BadRowError
 from matching.features import DEFAULT_DENSE_WEIGHT
 from matching.ingest import CatalogueReader, Encoded, metadata_json
-from matching.layout import ENCODER_WEIGHTS
+from matching.layout import ENCODER_WEIGHTS, TRAIN_REPORT
 from matching.scorer import Scorer
+from matching.search import open_staged
 from matching.store import Store
 from matching.types import Engine, Fusion, IdType, Retrieval
 
 if TYPE_CHECKING:
     from matching.search import Snapshot
+    from matching.training.loop import TrainReport
+
+# trains a reranker on a snapshot of the generation it is given (``matching.training.scorer.train_scorer``)
+Retrain = Callable[["Snapshot"], tuple[Scorer, "TrainReport"]]
 
 
 class RowSource(Protocol):
@@ -176,11 +184,14 @@ def write_bundle(
     started: float,
     base: Path | None = None,
     fusion: dict[str, Any] | None = None,
+    before_publish: Callable[[Path, Manifest], Manifest] | None = None,
 ) -> RowSource:
     """Write ``rows`` (encoded as they are read) into a new generation: the store, vectors, FAISS index, BM25 and
     an untrained reranker; with ``base``, the change is refused if another writer published since. A tuned
     encoder's weights (``Encoder.tuned``: they exist in no checkpoint directory) are saved too. ``fusion``: the
-    manifest's fusion entries (default: the adaptive rule, centred on these vectors)."""
+    manifest's fusion entries (default: the adaptive rule, centred on these vectors). ``before_publish`` is given
+    the complete generation and its manifest, may add or replace files in it and returns the manifest to publish
+    (checksummed again, over the final files)."""
     with new_generation(path, overwrite=overwrite, base=base, lock_timeout=lock_timeout) as gen:
         writer = Store.create(gen, encoder.dim)
         unknown = UnknownTokens(encoder)
@@ -230,6 +241,8 @@ def write_bundle(
             lexical=generation.lexical_record(lexical, retrieval=(retrieval or Retrieval.HYBRID).value, fusion=entries),
         )
         generation.finish(gen, manifest, index=built, lexical=lexical, scorer=Scorer(scorer_config))
+        if before_publish is not None:
+            generation.finish(gen, before_publish(gen, manifest))  # the manifest again, last
     unknown.warn()
     return rows
 
@@ -243,11 +256,14 @@ def reencode_bundle(
     show_progress: bool,
     lock_timeout: float,
     finetuned: dict[str, Any] | None = None,
+    retrain: Retrain | None = None,
 ) -> RowSource:
     """Encode the live titles of ``snap`` with ``encoder`` into one new generation of the bundle at ``path``:
     ids, titles, metadata and the BM25 settings stay; the reranker is reset and a query tower dropped (both were
     fitted to the old vectors), and the manifest says so. Refused if another writer published since ``snap``.
-    ``finetuned`` (the fine-tune's report) is recorded in the manifest."""
+    ``finetuned`` (the fine-tune's report) is recorded in the manifest. With ``retrain``, the reranker is trained
+    again on the new generation before it is published (:func:`retrained`): one generation, never a reset
+    reranker in between."""
     started = time.perf_counter()
     manifest = snap.manifest
     old = snap.scorer.config
@@ -286,7 +302,30 @@ def reencode_bundle(
         started=started,
         base=path / str(snap.generation),
         fusion=None if old.fusion is Fusion.ADAPTIVE else {**generation.fixed_fusion(), **_fixed_entries(lexical)},
+        before_publish=None if retrain is None else functools.partial(retrained, encoder=encoder, fit=retrain),
     )
+
+
+def retrained(gen: Path, manifest: Manifest, *, encoder: Encoder, fit: Retrain) -> Manifest:
+    """Train the reset reranker of the complete, unpublished generation ``gen`` (encoded by ``encoder``) on a
+    snapshot of it with ``fit``; a learned form that wins replaces the reset one in ``gen`` (weights, config,
+    training report). Returns ``manifest`` saying which was kept, with the reranker's report under ``finetuned``."""
+    snap = open_staged(gen, encoder)
+    try:
+        scorer, report = fit(snap)
+    finally:
+        snap.handle.close()
+    figures = f"held-out {report.metric}: " + ", ".join(f"{k} {v:.4f}" for k, v in report.compared.items())
+    if report.chosen == "default":
+        note = f"reset: retrained, but no learned form beat the untrained default, which stays ({figures})"
+    else:
+        scorer.save(gen)
+        (gen / TRAIN_REPORT).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+        note = f"retrained: {report.chosen} ({figures})"
+    record = {**manifest.source["reencoded"], "scorer": note}
+    if "finetuned" in record:
+        record["finetuned"] = {**record["finetuned"], "scorer_report": report.to_dict()}
+    return dataclasses.replace(manifest, source={**manifest.source, "reencoded": record})
 
 
 def _fixed_entries(lexical: dict[str, Any]) -> dict[str, Any]:

@@ -5,6 +5,7 @@ trainers (:mod:`matching.training`) take a :class:`~matching.search.Snapshot`.""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from collections.abc import Iterable, Sequence
@@ -455,12 +456,14 @@ class Matcher(ServedBundle):
         show_progress: bool = True,
         **settings: Any,
     ) -> TrainReport:
-        """Fine-tune the encoder (both towers) on labelled pairs, then encode every stored title again and publish
-        encoder, vectors and index as one new generation (readers move on at :meth:`refresh`); with
-        ``retrain_scorer`` the reranker, reset by the new vectors, is then trained on the same pairs (one more
-        generation). Settings: :class:`matching.training.finetune.FinetuneConfig`; ``search`` > 0 runs that many
-        random-search trials. Nothing is published when no validation beat the starting encoder."""
+        """Fine-tune the encoder (both towers) on labelled pairs, encode every stored title again and, with
+        ``retrain_scorer``, train the reranker (reset by the new vectors) on the same pairs over them; encoder,
+        vectors, index and reranker are published as one new generation (readers move on at :meth:`refresh`),
+        whose manifest says what was done (``source.reencoded``). Settings:
+        :class:`matching.training.finetune.FinetuneConfig`; ``search`` > 0 runs that many random-search trials.
+        Nothing is published when no validation beat the starting encoder."""
         from matching.training.finetune import finetune_encoder, search_finetune
+        from matching.training.scorer import train_scorer
 
         args = (self._snap, self.encoder, train_pairs, valid_pairs)
         if search > 0:
@@ -468,7 +471,10 @@ class Matcher(ServedBundle):
         else:
             (tuned, report), found = finetune_encoder(*args, show_progress=show_progress, **settings), None
         if report.best_epoch > 0:
-            record = {**report.to_dict(), **({"search": found.to_dict()} if found else {})}
+            columns = {k: v for k, v in settings.items() if k.endswith("_column") or k == "seed"}
+            retrain = functools.partial(
+                train_scorer, train_pairs=train_pairs, valid_pairs=valid_pairs, show_progress=show_progress, **columns
+            )
             reencode_bundle(
                 self._snap,
                 self._require_path(),
@@ -476,14 +482,13 @@ class Matcher(ServedBundle):
                 index_config=index_config,
                 show_progress=show_progress,
                 lock_timeout=self.lock_timeout,
-                finetuned=record,
+                finetuned={**report.to_dict(), **({"search": found.to_dict()} if found else {})},
+                retrain=retrain if retrain_scorer else None,
             )
             self.encoder = tuned
             self._reopen()
             if retrain_scorer:
-                columns = {k: v for k, v in settings.items() if k.endswith("_column") or k == "seed"}
-                scorer = self.train_scorer(train_pairs, valid_pairs, show_progress=show_progress, **columns)
-                report.scorer_report = scorer.to_dict()
+                report.scorer_report = self.manifest.source["reencoded"]["finetuned"]["scorer_report"]
         return report
 
     # -- a smaller encoder -------------------------------------------------------------------------

@@ -3,6 +3,7 @@ reranking behind :class:`Reranker`, and the :class:`~matching.types.Match` list 
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from matching.features import (
 )
 from matching.generation import dense_centre, load_encoder
 from matching.ingest import has_surrogate
-from matching.layout import ENCODER_WEIGHTS, LEXICAL_CONFIG, QUERY_ENCODER
+from matching.layout import ENCODER_WEIGHTS, LEXICAL_CONFIG, MANIFEST_FILE, QUERY_ENCODER
 from matching.lexical import LexicalIndex
 from matching.scorer import Scorer, feature_count
 from matching.store import Store, Where
@@ -220,6 +221,18 @@ def open_snapshot(
     return Snapshot(
         encoder, query_encoder, index, store, scorer, manifest, Handle(store, lease), gen.name, lexical, directory=gen
     )
+
+
+def open_staged(gen: Path, encoder: Encoder) -> Snapshot:
+    """A complete generation not yet published (a writer's staging directory, its manifest written), opened by that
+    writer to train on before it publishes: with ``encoder`` (checked against the manifest), checksums not read.
+    Nobody else knows the directory, so the lease only holds the manifest open; close the snapshot to release it."""
+    lease = Lease(gen, os.open(gen / MANIFEST_FILE, os.O_RDONLY))
+    try:
+        return open_snapshot(gen, lease, encoder=encoder, verify=False)
+    except BaseException:
+        lease.release()
+        raise
 
 
 # -- retrieval ---------------------------------------------------------------------------------------------------
