@@ -60,7 +60,7 @@ def _add_finetune(sub: Any) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--loss", choices=["auto", "mnrl", "cosent"])
     _add_search_trials(p)
-    p.add_argument("--keep-scorer-reset", action="store_true", help="do not retrain the reranker afterwards")
+    p.add_argument("--keep-scorer-reset", action="store_true", help="leave the reranker reset (not retrained)")
     p.add_argument("--seed", type=int)
     for column in ("query", "title", "label"):
         p.add_argument(f"--{column}-column")
@@ -136,13 +136,22 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         if report.best_epoch == 0:
             print(f"no validation beat the starting encoder: {args.bundle} is unchanged")
         else:
-            scorer = "retrained on the same pairs" if report.scorer_report else "reset (train it again)"
+            scorer = _scorer_outcome(report.scorer_report)
             after = m.manifest.encoder.get("fingerprint")
             print(
                 f"re-encoded {args.bundle}: {len(m)} titles, encoder {before} -> {after}, {m.generation}; "
                 f"the reranker was {scorer}"
             )
     return 0
+
+
+def _scorer_outcome(report: dict[str, Any] | None) -> str:
+    """What became of the reranker in a fine-tune's generation, in words."""
+    if report is None:
+        return "reset (train it again)"
+    if report["chosen"] == "default":
+        return "retrained on the same pairs, but no learned form beat the untrained default: it stays"
+    return f"retrained on the same pairs ({report['chosen']})"
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
