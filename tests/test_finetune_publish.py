@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -202,44 +205,89 @@ pause("end")
 """
 
 
-@pytest.mark.parametrize("phase", ["index", "scorer", "swap", "after"])
-def test_a_finetune_killed_leaves_exactly_before_or_after(
-    tmp_path: Path, tiny_encoder: Encoder, positives: Any, phase: str
-) -> None:
-    bundle = tmp_path / "b"
-    m = build_products(bundle, tiny_encoder)
-    manifest, found = m.manifest.to_dict(), hits(m)
-    m.close()
+def killer(tmp_path: Path, positives: Any, phase: str) -> subprocess.Popen[str]:
+    """Start the fine-tuning writer on tmp_path / "b"; it stops (and waits to be killed) at ``phase``."""
     positives[0].to_csv(tmp_path / "train.csv", index=False)
     positives[1].to_csv(tmp_path / "valid.csv", index=False)
     (tmp_path / "killer.py").write_text(KILLER, encoding="utf-8")
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": os.pathsep.join([str(root), *sys.path])}
-    args = [str(bundle), str(tmp_path / "train.csv"), str(tmp_path / "valid.csv"), phase]
+    args = [str(tmp_path / "b"), str(tmp_path / "train.csv"), str(tmp_path / "valid.csv"), phase]
     proc = subprocess.Popen(
         [sys.executable, str(tmp_path / "killer.py"), *args], stdout=subprocess.PIPE, text=True, cwd=root, env=env
     )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "begin"
+    return proc
+
+
+def before_or_after(bundle: Path, manifest: dict[str, Any], found: Any, encoder: Encoder) -> str:
+    """Load the bundle (every checksum checked): "before" if it is exactly as it was (the same generation, manifest
+    and results), "after" if it is the fine-tuned one (the tuned encoder, its vectors and the retrained reranker,
+    in one new generation); anything else fails. The next write clears what a killed writer left."""
+    with Matcher.load(bundle, verify=True) as again:
+        if again.generation == "gen-000001":
+            assert again.manifest.to_dict() == manifest
+            assert hits(again) == found
+            state = "before"
+        else:
+            assert again.generation == "gen-000002"
+            assert again.manifest.encoder["fingerprint"] != encoder.fingerprint
+            assert again.manifest.source["reencoded"]["scorer"].startswith("retrained: ")
+            assert again.scorer.trained
+            assert TRAIN_REPORT in again.manifest.files
+            live = again.store.live_ids()
+            titles = again.catalogue()["title"].tolist()
+            np.testing.assert_allclose(again.store.vectors[live], again.encoder.encode_titles(titles), atol=1e-5)
+            state = "after"
+        again.add(pd.DataFrame({"id": [7], "title": ["acme teal kettle"]}), show_progress=False)
+    assert hidden_entries(bundle) == []
+    return state
+
+
+@pytest.mark.parametrize("phase", ["index", "scorer", "swap", "after"])
+def test_a_finetune_killed_leaves_exactly_before_or_after(
+    tmp_path: Path, tiny_encoder: Encoder, positives: Any, phase: str
+) -> None:
+    m = build_products(tmp_path / "b", tiny_encoder)
+    manifest, found = m.manifest.to_dict(), hits(m)
+    m.close()
+    proc = killer(tmp_path, positives, phase)
     try:
         assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "begin"
         assert proc.stdout.readline().strip() == ("end" if phase == "after" else "paused")
     finally:
         proc.kill()
         proc.wait(timeout=60)
-    with Matcher.load(bundle, verify=True) as again:  # every checksum checked
-        if phase != "after":  # exactly before: the same generation, manifest and results
-            assert again.generation == "gen-000001"
-            assert again.manifest.to_dict() == manifest
-            assert hits(again) == found
-        else:  # exactly after: the tuned encoder, its vectors and the retrained reranker, in one generation
-            assert generations(bundle) == ["gen-000001", "gen-000002"]
-            assert again.generation == "gen-000002"
-            assert again.manifest.encoder["fingerprint"] != tiny_encoder.fingerprint
-            assert again.manifest.source["reencoded"]["scorer"].startswith("retrained: ")
-            assert again.scorer.trained
-            live = again.store.live_ids()
-            titles = again.catalogue()["title"].tolist()
-            np.testing.assert_allclose(again.store.vectors[live], again.encoder.encode_titles(titles), atol=1e-5)
-        # the next write clears what the killed writer left
-        again.add(pd.DataFrame({"id": [7], "title": ["acme teal kettle"]}), show_progress=False)
-    assert hidden_entries(bundle) == []
+    expected = "after" if phase == "after" else "before"
+    assert before_or_after(tmp_path / "b", manifest, found, tiny_encoder) == expected
+    if phase == "after":
+        assert len(generations(tmp_path / "b")) <= 3  # gen-000002 and the add's; no reset-reranker generation
+
+
+def test_a_finetune_killed_at_random_moments_leaves_exactly_before_or_after(
+    tmp_path: Path, tiny_encoder: Encoder, positives: Any
+) -> None:
+    rng = random.Random(22)
+    duration, outcomes = 0.0, []
+    for attempt in range(5):
+        shutil.rmtree(tmp_path / "b", ignore_errors=True)
+        m = build_products(tmp_path / "b", tiny_encoder)
+        manifest, found = m.manifest.to_dict(), hits(m)
+        m.close()
+        proc = killer(tmp_path, positives, "none")
+        started = time.perf_counter()
+        try:
+            assert proc.stdout is not None
+            if attempt == 0:  # the first runs to the end: how long a fine-tune takes here
+                assert proc.stdout.readline().strip() == "end"
+                duration = time.perf_counter() - started
+            else:
+                time.sleep(rng.uniform(0, duration))
+        finally:
+            proc.kill()
+            proc.wait(timeout=60)
+        outcomes.append(before_or_after(tmp_path / "b", manifest, found, tiny_encoder))
+    assert outcomes[0] == "after"
+    assert "before" in outcomes[1:], outcomes  # kills landed mid-fine-tune (the publish is its last instant)
+    print(f"\nfine-tune kills: {outcomes[1:]} (a fine-tune takes {duration:.1f} s here)")
