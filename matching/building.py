@@ -318,7 +318,7 @@ def retrained(gen: Path, manifest: Manifest, *, encoder: Encoder, fit: Retrain) 
     figures = f"held-out {report.metric}: " + ", ".join(f"{k} {v:.4f}" for k, v in report.compared.items())
     if report.chosen == "default":
         note = f"reset: retrained, but no learned form beat the untrained default, which stays ({figures})"
-    else:
+    else:  # the reset files were written for this generation alone (no hard links): overwritten in place
         scorer.save(gen)
         (gen / TRAIN_REPORT).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
         note = f"retrained: {report.chosen} ({figures})"
