@@ -380,7 +380,14 @@ class Matcher(ServedBundle):
             if report is not None:
                 (gen / TRAIN_REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
-        self._publish((SCORER_WEIGHTS, SCORER_CONFIG, TRAIN_REPORT), write, self.manifest, scorer=scorer)
+        manifest = self.manifest
+        if reencoded := manifest.source.get("reencoded"):  # its note says the reranker was reset: no longer so
+            chosen = (report or {}).get("chosen")
+            note = "retrained after the re-encode" + (f": {chosen}" if chosen else "")
+            manifest = dataclasses.replace(
+                manifest, source={**manifest.source, "reencoded": {**reencoded, "scorer": note}}
+            )
+        self._publish((SCORER_WEIGHTS, SCORER_CONFIG, TRAIN_REPORT), write, manifest, scorer=scorer)
 
     def replace_query_encoder(self, tower: Encoder, report: dict[str, Any] | None = None) -> None:
         """Publish a fine-tuned query tower (same architecture as the title encoder) into the bundle.

@@ -291,3 +291,18 @@ def test_a_finetune_killed_at_random_moments_leaves_exactly_before_or_after(
     assert outcomes[0] == "after"
     assert "before" in outcomes[1:], outcomes  # kills landed mid-fine-tune (the publish is its last instant)
     print(f"\nfine-tune kills: {outcomes[1:]} (a fine-tune takes {duration:.1f} s here)")
+
+
+def test_a_reranker_trained_after_a_reset_finetune_is_what_the_manifest_says(
+    tmp_path: Path, tiny_encoder: Encoder, positives: Any
+) -> None:
+    m = build_products(tmp_path / "b", tiny_encoder)
+    m.finetune(*positives, show_progress=False, retrain_scorer=False, **FAST)
+    assert m.manifest.source["reencoded"]["scorer"].startswith("reset: ")
+    fingerprint = m.manifest.source["reencoded"]["from_fingerprint"]
+    report = m.train_scorer(*positives, show_progress=False, epochs=1, batch_size=8, require_win=False)
+    record = m.manifest.source["reencoded"]
+    assert record["scorer"] == f"retrained after the re-encode: {report.chosen}"
+    assert record["from_fingerprint"] == fingerprint  # the rest of the record stays
+    assert m.scorer.trained
+    m.close()
