@@ -36,6 +36,16 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1, help="server processes, each with its own copy of the model")
     p.add_argument("--token-file", help="file holding the bearer token that POST /add, /upsert, /remove need")
+    p.add_argument(
+        "--read-token-file",
+        help="file holding a bearer token that every read but /health and /ready then needs (or the write token)",
+    )
+    p.add_argument(
+        "--max-request-tokens", type=int, default=8192, help="tokens one read may encode (default 8192); over: 413"
+    )
+    p.add_argument(
+        "--request-seconds", type=float, default=10.0, help="a read's deadline (default 10): 503 queued, 504 running"
+    )
     p.add_argument("--torch-threads", type=int, default=1, help="torch threads per process (default 1)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=_cmd_serve)
@@ -82,7 +92,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         workers=args.workers,
         token_file=args.token_file,
-        config=ServiceConfig(torch_threads=args.torch_threads),
+        read_token_file=args.read_token_file,
+        config=ServiceConfig(
+            torch_threads=args.torch_threads,
+            max_request_tokens=args.max_request_tokens,
+            request_seconds=args.request_seconds,
+        ),
         log_level=args.log_level,
     )
     return 0
