@@ -180,18 +180,24 @@ class Snapshot:
         return q_vecs[[q_pos[q] for q in queries]], t_vecs[[t_pos[t] for t in titles]]
 
 
-# texts tokenised per slice when counting: 64 texts of 2,000 characters tokenise in ~50 ms here (256 in 0.19 s), so a
-# refused request costs about that much
-_COUNT_SLICE = 64
+# texts tokenised at most per call when counting (one tokenizer call per slice)
+_COUNT_SLICE = 256
 
 
 def _count(encoder: Encoder, texts: list[str], prompt: str, total: int, stop_above: int | None) -> int:
-    """``total`` plus the tokens ``encoder`` reads of ``texts`` (after ``prompt``); stops once past ``stop_above``."""
-    for start in range(0, len(texts), _COUNT_SLICE):
+    """``total`` plus the tokens ``encoder`` reads of ``texts`` (after ``prompt``); stops once past ``stop_above``.
+
+    With ``stop_above``, each slice holds just enough texts to pass it were each at the encoder's token limit: a
+    refused request of long texts is counted in one short call (33 texts of 2,000 characters, ~20 ms here, where
+    slices of 64 took 41 ms), while short texts go many to a call."""
+    start = 0
+    while start < len(texts):
         if stop_above is not None and total > stop_above:
             break
-        part = [_counted(t) for t in texts[start : start + _COUNT_SLICE]]
+        size = _COUNT_SLICE if stop_above is None else -(-(stop_above + 1 - total) // encoder.token_limit)
+        part = [_counted(t) for t in texts[start : start + min(max(size, 16), _COUNT_SLICE)]]
         total += int(encoder.token_counts(encoder.prompted(part, prompt)).sum())
+        start += len(part)
     return total
 
 

@@ -100,7 +100,8 @@ def test_tokens_to_encode_counts_distinct_queries_and_titles_not_in_the_catalogu
     assert library.tokens_to_encode(["red", "red"], stored[:2] + unseen) == 3 + 8
     many = [long_text(i) for i in range(200)]  # 128 tokens each
     assert library.tokens_to_encode(many) == 200 * 128
-    assert library.tokens_to_encode(many, stop_above=1000) == 64 * 128  # stopped after the first slice
+    assert library.tokens_to_encode(many, stop_above=1000) == 16 * 128  # one slice: ceil(1001 / 128) = 8, at least 16
+    assert library.tokens_to_encode(many, stop_above=5000) == 40 * 128  # ceil(5001 / 128) texts
     assert library.tokens_to_encode(["half \ud800 a pair"]) == 12  # counted; refused later with its place named
 
 
