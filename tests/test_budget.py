@@ -176,12 +176,12 @@ class SlowBatches:
 def test_the_encoder_stops_between_batches_past_the_deadline(
     tiny_encoder: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    slow = SlowBatches(tiny_encoder, monkeypatch, 0.05)
+    slow = SlowBatches(tiny_encoder, monkeypatch, 0.2)
     tiny_encoder.encode([long_text(99)])  # the first call at this batch size builds its runner: not timed
     slow.batches.clear()
-    with within(0.5), pytest.raises(DeadlineError):
+    with within(1.0), pytest.raises(DeadlineError):
         tiny_encoder.encode([long_text(i) for i in range(40)])
-    assert 3 <= len(slow.batches) <= 12  # of 40 (2 s): it stopped ~0.5 s in
+    assert 2 <= len(slow.batches) <= 6  # of 40 (8 s): it stopped ~1 s in (fewer where the forward pass is slow)
     assert set(slow.batches) == {1}
 
 
@@ -189,19 +189,19 @@ def test_the_encoder_stops_between_batches_past_the_deadline(
 def test_a_read_past_its_deadline_is_504_and_its_thread_stops(
     bundle: Path, monkeypatch: pytest.MonkeyPatch, route: str
 ) -> None:
-    with serve(bundle, request_seconds=0.5) as client:
+    with serve(bundle, request_seconds=1.0) as client:
         wait_ready(client)
         matcher = client.app.state.service.matcher  # type: ignore[attr-defined]
-        slow = SlowBatches(matcher.query_encoder, monkeypatch, 0.1)
-        texts = [long_text(i) for i in range(40)]  # 40 batches of 0.1 s: 4 s without a deadline
+        slow = SlowBatches(matcher.query_encoder, monkeypatch, 0.2)
+        texts = [long_text(i) for i in range(40)]  # 40 batches of 0.2 s: 8 s without a deadline
         if route == "search":
             r = client.post("/search", json={"queries": texts})
         else:
             r = client.post("/score", json={"pairs": [{"query": t, "title": "red mug"} for t in texts]})
         assert r.status_code == 504
-        assert "past its deadline of 0.5 s" in r.json()["detail"]
+        assert "past its deadline of 1 s" in r.json()["detail"]
         seen = len(slow.batches)
-        assert 2 <= seen <= 8
+        assert 2 <= seen <= 6
         time.sleep(0.3)
         assert len(slow.batches) == seen  # the worker thread stopped: no batch after the answer
         assert client.get("/search", params={"q": "red mug"}).status_code == 200  # and serves the next one
@@ -219,7 +219,7 @@ def test_a_read_that_waited_past_its_deadline_for_a_thread_is_503_without_encodi
 
         client.portal.call(one_thread)  # type: ignore[union-attr]
         matcher = client.app.state.service.matcher  # type: ignore[attr-defined]
-        slow = SlowBatches(matcher.query_encoder, monkeypatch, 0.7)
+        slow = SlowBatches(matcher.query_encoder, monkeypatch, 1.5)
         first: dict[str, Any] = {}
         busy = threading.Thread(
             target=lambda: first.update(r=client.post("/search", json={"queries": [long_text(i) for i in range(9)]}))
@@ -228,7 +228,7 @@ def test_a_read_that_waited_past_its_deadline_for_a_thread_is_503_without_encodi
         end = time.monotonic() + 10
         while not slow.batches and time.monotonic() < end:  # the first holds the only thread
             time.sleep(0.01)
-        # its batches start at 0 and 0.7 s; the check at 1.4 s stops it and frees the thread: the second waited ~1.4 s
+        # its first batch takes 1.5 s; the check after it stops it and frees the thread: the second waited ~1.5 s
         r = client.get("/search", params={"q": "red mug"})
         busy.join()
         assert first["r"].status_code == 504
@@ -236,7 +236,7 @@ def test_a_read_that_waited_past_its_deadline_for_a_thread_is_503_without_encodi
         assert r.headers["retry-after"] == "1"
         assert "waited" in r.json()["detail"]
         assert "past its 1 s deadline" in r.json()["detail"]
-        assert slow.batches == [1, 1]  # the first's two; none for the second
+        assert slow.batches == [1]  # the first's; none for the second
 
 
 def test_writes_are_not_cut_by_the_read_deadline(bundle: Path, tmp_path: Path, tiny_encoder: Any) -> None:
