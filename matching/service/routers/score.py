@@ -4,10 +4,10 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
 
-from matching.service.bodies import ScoreBody
+from matching.service.bodies import JsonRoute, ScoreBody
 from matching.service.state import ReadDep
 
-router = APIRouter()
+router = APIRouter(route_class=JsonRoute)
 
 
 @router.post("/score")

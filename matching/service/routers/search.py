@@ -8,11 +8,11 @@ from fastapi import APIRouter, Query, Request
 
 from matching.analysis import FOLD, Analyzer, matched_spans
 from matching.filters import conditions, where_from_json
-from matching.service.bodies import SearchBody
+from matching.service.bodies import JsonRoute, SearchBody
 from matching.service.state import ReadDep, Service
 from matching.types import Match, Retrieval
 
-router = APIRouter()
+router = APIRouter(route_class=JsonRoute)
 
 
 @router.get("/search")
