@@ -3,6 +3,7 @@ reranking behind :class:`Reranker`, and the :class:`~matching.types.Match` list 
 
 from __future__ import annotations
 
+import re
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -187,9 +188,13 @@ _COUNT_SLICE = 256
 def _count(encoder: Encoder, texts: list[str], prompt: str, total: int, stop_above: int | None) -> int:
     """``total`` plus the tokens ``encoder`` reads of ``texts`` (after ``prompt``); stops once past ``stop_above``.
 
-    With ``stop_above``, each slice holds just enough texts to pass it were each at the encoder's token limit: a
-    refused request of long texts is counted in one short call (33 texts of 2,000 characters, ~20 ms here, where
-    slices of 64 took 41 ms), while short texts go many to a call."""
+    With ``stop_above``, a floor found without the tokenizer (:func:`_floor`) past it is returned as it is; else
+    each slice holds just enough texts to pass it were each at the encoder's token limit (33 texts of 2,000
+    characters, ~20 ms here, where slices of 64 took 41 ms), while short texts go many to a call."""
+    if stop_above is not None:
+        floor = _floor(texts, encoder.token_limit, stop_above - total)
+        if total + floor > stop_above:
+            return total + floor
     start = 0
     while start < len(texts):
         if stop_above is not None and total > stop_above:
@@ -199,6 +204,22 @@ def _count(encoder: Encoder, texts: list[str], prompt: str, total: int, stop_abo
         total += int(encoder.token_counts(encoder.prompted(part, prompt)).sum())
         start += len(part)
     return total
+
+
+# a whitespace-separated word with a letter or a digit: a tokenizer keeps it as one token or more (an unknown one
+# at worst), where it may drop a word of control characters, accents or zero-width marks alone
+_WORD = re.compile(r"\S*?[^\W_]\S*")
+
+
+def _floor(texts: list[str], limit: int, need: int) -> int:
+    """A floor of the tokens in ``texts`` found without the tokenizer (their words, at most ``limit`` a text),
+    summed until past ``need``: 33 texts of 2,000 characters take ~1 ms, where the tokenizer takes 20 ms."""
+    floor = 0
+    for text in texts:
+        if floor > need:
+            break
+        floor += min(limit, len(_WORD.findall(text)))
+    return floor
 
 
 def _counted(text: str) -> str:

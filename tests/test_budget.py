@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from tests.conftest import make_catalogue
@@ -21,6 +22,7 @@ from matching import DeadlineError, Matcher
 from matching.config import ServiceConfig
 from matching.deadline import check, remaining, within
 from matching.errors import ConfigError
+from matching.search import _floor
 from matching.service import app_from_env, create_app
 from matching.service.server import ENV_BUNDLE, ENV_READ_TOKEN, ENV_TOKEN
 
@@ -100,9 +102,27 @@ def test_tokens_to_encode_counts_distinct_queries_and_titles_not_in_the_catalogu
     assert library.tokens_to_encode(["red", "red"], stored[:2] + unseen) == 3 + 8
     many = [long_text(i) for i in range(200)]  # 128 tokens each
     assert library.tokens_to_encode(many) == 200 * 128
-    assert library.tokens_to_encode(many, stop_above=1000) == 16 * 128  # one slice: ceil(1001 / 128) = 8, at least 16
-    assert library.tokens_to_encode(many, stop_above=5000) == 40 * 128  # ceil(5001 / 128) texts
+    # past the budget on the floor (151 words a text, at most 128): the 8 or 40 texts that pass it, never tokenised
+    assert library.tokens_to_encode(many, stop_above=1000) == 8 * 128
+    assert library.tokens_to_encode(many, stop_above=5000) == 40 * 128
+    short = [f"{i} red mug" for i in range(200)]  # floor 3 a text, 5 to 7 tokens: counted in slices past 900
+    counts = np.cumsum(tiny_encoder.token_counts(short))
+    partial = library.tokens_to_encode(short, stop_above=900)
+    assert partial > 900
+    assert partial in counts[:-1].tolist()  # the sum of the texts counted so far, before the last
     assert library.tokens_to_encode(["half \ud800 a pair"]) == 12  # counted; refused later with its place named
+
+
+def test_the_floor_never_passes_the_tokenizers_count(tiny_encoder: Any) -> None:
+    texts = [
+        "red running shoes",
+        "\u0301 \u200b \x07 ___ -- !!",  # an accent, a zero-width space, a bell, underscores, punctuation alone
+        "北京 usb-c a\u0301b x_y",
+        "wirelessheadphones " * 40,
+    ]
+    floors = [_floor([t], 128, 10**9) for t in texts]
+    assert floors == [3, 0, 4, 40]
+    assert all(f <= n - 2 for f, n in zip(floors, tiny_encoder.token_counts(texts).tolist(), strict=True))
 
 
 # -- the budget over HTTP -------------------------------------------------------------------------
@@ -134,7 +154,8 @@ def test_score_counts_queries_and_unseen_titles_against_the_budget(bundle: Path,
         )
         r = client.post("/score", json={"pairs": [*pairs, {"query": "red running shoes", "title": "blue mug"}]})
         assert r.status_code == 413
-        assert "at least 9 tokens (distinct queries and titles not in the catalogue); at most 5" in r.json()["detail"]
+        # 5 for the query, then "blue mug" passes the budget on its floor of 2 words
+        assert "at least 7 tokens (distinct queries and titles not in the catalogue); at most 5" in r.json()["detail"]
 
 
 # -- the deadline -----------------------------------------------------------------------------------
