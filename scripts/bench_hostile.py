@@ -75,17 +75,19 @@ def long_text(rng: random.Random, chars: int = 2000) -> str:
 
 
 def hostile_bodies(kind: str, seed: int) -> list[tuple[str, bytes]]:
-    """The (path, body) a hostile client sends in turn (GET when the body is empty)."""
+    """The (path, body) a hostile client sends in turn (GET when the body is empty); ``refused-search``: only the
+    256 long queries, ``refused-score``: only the biggest /score."""
     rng = random.Random(seed)
     if kind == "normal":  # the control: as many more clients, sending normal searches
         return [("/search?" + urllib.parse.urlencode({"q": q, "k": 10}), b"") for q in generate_queries(500, seed)]
-    if kind == "refused":
+    if kind.startswith("refused"):
         pairs = [{"query": long_text(rng), "title": long_text(rng)} for _ in range(1900)]
         queries = [long_text(rng) for _ in range(256)]
-        return [
+        both = [
             ("/score", json.dumps({"pairs": pairs}).encode()),
             ("/search", json.dumps({"queries": queries}).encode()),
         ]
+        return both if kind == "refused" else [b for b in both if b[0] == "/" + kind.split("-")[1]]
     return [("/search", json.dumps({"queries": [long_text(rng) for _ in range(32)]}).encode())]
 
 
@@ -178,6 +180,7 @@ def phase(port: int, name: str, args: argparse.Namespace, server: int) -> dict[s
     children = []
     if name != "quiet":
         kind = {"busy": "normal", "hostile": "refused"}.get(name, name)
+        kind = {"hostile_search": "refused-search", "hostile_score": "refused-score"}.get(kind, kind)
         for i in range(args.hostile):
             cmd = [sys.executable, __file__, "--hostile-child", str(port), kind, str(args.seconds + 1), str(i)]
             children.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
@@ -223,6 +226,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4, help="normal clients (closed loop)")
     parser.add_argument("--hostile", type=int, default=2, help="hostile client processes")
     parser.add_argument("--seconds", type=float, default=25)
+    parser.add_argument(
+        "--phases",
+        default="quiet,busy,hostile,at_budget",
+        help="comma-separated, quiet first; also hostile_search, hostile_score (one kind of refused request alone)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench_hostile.json")
     args = parser.parse_args()
 
@@ -237,7 +245,7 @@ def main() -> None:
     server = start_server(bundle, port)
     try:
         runs = []
-        for name in ("quiet", "busy", "hostile", "at_budget"):
+        for name in args.phases.split(","):
             print(f"{name}: {args.clients} clients x {args.seconds:.0f} s ...", flush=True)
             runs.append(phase(port, name, args, server.pid))
     finally:
