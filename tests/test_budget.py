@@ -19,6 +19,7 @@ import anyio.to_thread
 from fastapi.testclient import TestClient
 
 from matching import DeadlineError, Matcher
+from matching.cli.main import main
 from matching.config import ServiceConfig
 from matching.deadline import check, remaining, within
 from matching.errors import ConfigError
@@ -328,6 +329,22 @@ def test_workers_read_both_token_files_from_the_environment(
     assert (service.token, service.read_token) == (TOKEN, READ)
     monkeypatch.delenv(ENV_READ_TOKEN)
     assert app_from_env().state.service.read_token is None
+
+
+def test_serve_passes_the_read_token_file_and_the_bounds(
+    bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import matching.service
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(matching.service, "serve", lambda bundle, **kwargs: seen.update(kwargs))
+    args = ["serve", str(bundle), "--read-token-file", str(tmp_path / "read"), "--max-request-tokens", "100"]
+    assert main(args) == 0
+    assert seen["read_token_file"] == str(tmp_path / "read")
+    assert seen["config"] == ServiceConfig(max_request_tokens=100)  # the rest: ServiceConfig's defaults
+    assert main(["serve", str(bundle), "--request-seconds", "2.5"]) == 0
+    assert seen["read_token_file"] is None
+    assert seen["config"] == ServiceConfig(request_seconds=2.5)
 
 
 # -- the configuration ------------------------------------------------------------------------------
