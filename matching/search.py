@@ -3,7 +3,6 @@ reranking behind :class:`Reranker`, and the :class:`~matching.types.Match` list 
 
 from __future__ import annotations
 
-import re
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from typing import Protocol
 import numpy as np
 
 from matching import deadline
+from matching.budget import count_tokens
 from matching.bundle import Lease, Manifest, read_manifest
 from matching.encoder import Encoder
 from matching.errors import BundleError, ConfigError
@@ -138,14 +138,14 @@ class Snapshot:
         query prompt) and each distinct title not in the catalogue, at most the encoder's
         :attr:`~matching.encoder.Encoder.token_limit` each. Counted in slices; with ``stop_above``, the count stops
         (and is returned, partial) once it passes that, so a refused request costs little to count."""
-        total = _count(
+        total = count_tokens(
             self.query_encoder, list(dict.fromkeys(queries)), self.query_encoder.prompts.query, 0, stop_above
         )
         distinct = list(dict.fromkeys(titles))
         if not distinct or (stop_above is not None and total > stop_above):
             return total
         unseen = [t for t, row in zip(distinct, self.store.find_titles(distinct), strict=True) if row is None]
-        return _count(self.encoder, unseen, self.encoder.prompts.title, total, stop_above)
+        return count_tokens(self.encoder, unseen, self.encoder.prompts.title, total, stop_above)
 
     def encode_pairs(
         self, queries: Sequence[str], titles: Sequence[str], *, show_progress: bool = False
@@ -179,52 +179,6 @@ class Snapshot:
             t_vecs[missing] = self.encoder.encode_titles([ut[i] for i in missing], show_progress=show_progress)
         t_pos = {t: i for i, t in enumerate(ut)}
         return q_vecs[[q_pos[q] for q in queries]], t_vecs[[t_pos[t] for t in titles]]
-
-
-# texts tokenised at most per call when counting (one tokenizer call per slice)
-_COUNT_SLICE = 256
-
-
-def _count(encoder: Encoder, texts: list[str], prompt: str, total: int, stop_above: int | None) -> int:
-    """``total`` plus the tokens ``encoder`` reads of ``texts`` (after ``prompt``); stops once past ``stop_above``.
-
-    With ``stop_above``, a floor found without the tokenizer (:func:`_floor`) past it is returned as it is; else
-    each slice holds just enough texts to pass it were each at the encoder's token limit (33 texts of 2,000
-    characters, ~20 ms here, where slices of 64 took 41 ms), while short texts go many to a call."""
-    if stop_above is not None:
-        floor = _floor(texts, encoder.token_limit, stop_above - total)
-        if total + floor > stop_above:
-            return total + floor
-    start = 0
-    while start < len(texts):
-        if stop_above is not None and total > stop_above:
-            break
-        size = _COUNT_SLICE if stop_above is None else -(-(stop_above + 1 - total) // encoder.token_limit)
-        part = [_counted(t) for t in texts[start : start + min(max(size, 16), _COUNT_SLICE)]]
-        total += int(encoder.token_counts(encoder.prompted(part, prompt)).sum())
-        start += len(part)
-    return total
-
-
-# a whitespace-separated word with a letter or a digit: a tokenizer keeps it as one token or more (an unknown one
-# at worst), where it may drop a word of control characters, accents or zero-width marks alone
-_WORD = re.compile(r"\S*?[^\W_]\S*")
-
-
-def _floor(texts: list[str], limit: int, need: int) -> int:
-    """A floor of the tokens in ``texts`` found without the tokenizer (their words, at most ``limit`` a text),
-    summed until past ``need``: 33 texts of 2,000 characters take ~1 ms, where the tokenizer takes 20 ms."""
-    floor = 0
-    for text in texts:
-        if floor > need:
-            break
-        floor += min(limit, len(_WORD.findall(text)))
-    return floor
-
-
-def _counted(text: str) -> str:
-    """``text`` as the tokenizer can take it: a lone surrogate (refused later, with its place named) as ``?``."""
-    return text.encode("utf-8", "replace").decode("utf-8") if has_surrogate(text) else text
 
 
 def open_snapshot(

@@ -19,11 +19,11 @@ import anyio.to_thread
 from fastapi.testclient import TestClient
 
 from matching import DeadlineError, Matcher
+from matching.budget import token_floor
 from matching.cli.main import main
 from matching.config import ServiceConfig
 from matching.deadline import check, remaining, within
 from matching.errors import ConfigError
-from matching.search import _floor
 from matching.service import app_from_env, create_app
 from matching.service.server import ENV_BUNDLE, ENV_READ_TOKEN, ENV_TOKEN
 
@@ -121,7 +121,7 @@ def test_the_floor_never_passes_the_tokenizers_count(tiny_encoder: Any) -> None:
         "北京 usb-c a\u0301b x_y",
         "wirelessheadphones " * 40,
     ]
-    floors = [_floor([t], 128, 10**9) for t in texts]
+    floors = [token_floor([t], 128, 10**9) for t in texts]
     assert floors == [3, 0, 4, 40]
     assert all(f <= n - 2 for f, n in zip(floors, tiny_encoder.token_counts(texts).tolist(), strict=True))
 
