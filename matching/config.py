@@ -158,6 +158,14 @@ class ServiceConfig(JsonConfig):
     max_pairs: int = 10_000  # pairs in one POST /score
     max_body_bytes: int = 8 * 1024 * 1024
     refresh_seconds: float = 1.0  # how often the live generation is checked
+    # tokens one read may encode: distinct queries plus, for /score, distinct titles not in the catalogue, each at
+    # most the encoder's max_length. All-MiniLM-L6-v2, torch on 1 thread, this 2-core machine beside another
+    # benchmark: 5,000 tokens/s for 2,000-character texts (64 x 256 tokens in 3.3 s), 3,600/s for 256 short queries
+    # (2,195 tokens in 0.6 s). 8,192 keeps one request to ~1.6 s of CPU here; 256 queries of 32 tokens pass.
+    max_request_tokens: int = 8192
+    # seconds from a read's arrival: one that waited longer for a thread answers 503 without working, one that runs
+    # past it stops at the next step (matching.deadline) and answers 504
+    request_seconds: float = 10.0
     # torch intra-op threads per process. 1: a single query's encode is too small to split, and split work
     # waits on the slowest thread whenever another process holds a core (see BENCHMARKS.md, service)
     torch_threads: int = 1

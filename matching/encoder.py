@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from matching import deadline
 from matching.accel import Plan, Runner, build_runner, plan_for, pool
 from matching.config import EncoderConfig
 from matching.errors import ModelError
@@ -300,8 +301,7 @@ class Encoder:
             return out
         bs = batch_size or self.batch_size
         plan = self.plan
-        limit = min(self.max_length, plan.max_tokens) if plan.max_tokens else self.max_length
-        ids = self.tokenizer(list(texts), truncation=True, max_length=limit)["input_ids"]
+        ids = self.tokenizer(list(texts), truncation=True, max_length=self.token_limit)["input_ids"]
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=n)
         order = np.argsort(-lengths, kind="stable")
         runner = None if plan.uses_base_model else self._inference_runner()
@@ -309,6 +309,7 @@ class Encoder:
         with torch.inference_mode(), tqdm(total=n, desc="encoding", disable=not show_progress, leave=False) as bar:
             start = 0
             while start < n:
+                deadline.check()  # between batches: past a caller's deadline, stop and free the thread
                 rows = min(max(bs, bs * TOKENS_PER_ROW // max(1, int(lengths[order[start]]))), bs * MAX_ROWS_FACTOR)
                 idx = order[start : start + rows]
                 batch = self._padded([ids[i] for i in idx], device)
@@ -320,6 +321,21 @@ class Encoder:
                 start += len(idx)
                 bar.update(len(idx))
         return out
+
+    @property
+    def token_limit(self) -> int:
+        """The most tokens :meth:`encode` reads of one text (special tokens included): ``max_length``, or less
+        where the preset's plan cuts texts shorter."""
+        cap = self.plan.max_tokens
+        return min(self.max_length, cap) if cap else self.max_length
+
+    def token_counts(self, texts: Sequence[str]) -> np.ndarray:
+        """Per text, the tokens :meth:`encode` reads of it: special tokens included, at most
+        :attr:`token_limit` (the work of encoding a text grows with this). No prompt is put before the texts."""
+        if not len(texts):
+            return np.zeros(0, dtype=np.int64)
+        ids = self.tokenizer(list(texts), truncation=True, max_length=self.token_limit)["input_ids"]
+        return np.fromiter(map(len, ids), dtype=np.int64, count=len(texts))
 
     def _padded(self, rows: list[list[int]], device: torch.device) -> dict[str, torch.Tensor]:
         """Token id lists as one padded batch (on the tokenizer's padding side) with its attention mask."""

@@ -37,3 +37,7 @@ class ConfigError(MatchingError):
 
 class BundleLockedError(BundleError):
     """Another writer is changing the bundle; wait for it to finish, or raise ``lock_timeout``."""
+
+
+class DeadlineError(MatchingError):
+    """Work ran past the deadline set around it (:func:`matching.deadline.within`) and stopped part-way."""

@@ -363,6 +363,13 @@ class Matcher(ServedBundle):
         are reused, each distinct query is encoded once."""
         return self._snap.encode_pairs(queries, titles, show_progress=show_progress)
 
+    def tokens_to_encode(
+        self, queries: Sequence[str], titles: Sequence[str] = (), *, stop_above: int | None = None
+    ) -> int:
+        """The tokens :meth:`search_batch` of ``queries`` or :meth:`score_pairs` would encode (the bulk of their
+        work; see :meth:`Snapshot.tokens_to_encode`), counted without encoding; stops once past ``stop_above``."""
+        return self._snap.tokens_to_encode(queries, titles, stop_above=stop_above)
+
     def score_pairs(self, queries: Sequence[str], titles: Sequence[str]) -> np.ndarray:
         """The reranker's score for each (query, title) pair, as a float32 array in input order."""
         snap = self._snap

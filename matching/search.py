@@ -13,6 +13,8 @@ from typing import Protocol
 
 import numpy as np
 
+from matching import deadline
+from matching.budget import count_tokens
 from matching.bundle import Lease, Manifest, read_manifest
 from matching.encoder import Encoder
 from matching.errors import BundleError, ConfigError
@@ -116,6 +118,7 @@ class Snapshot:
         known = dict(zip(groups, self.query_encoder.known_shares(list(groups)), strict=True)) if adaptive else {}
         out = np.zeros((len(queries), feature_count(adaptive)), dtype=np.float32)
         for q, rows in groups.items():
+            deadline.check()
             group_titles = [titles[i] for i in rows]
             bm25 = lexical.score_texts(q, group_titles)
             out[rows] = pair_features(lexical, q, group_titles, bm25, float(norms[q]), known.get(q))
@@ -128,6 +131,22 @@ class Snapshot:
                 "run Matcher.compact() / matching compact to add one, or search with retrieval='dense'"
             )
         return self.lexical
+
+    def tokens_to_encode(
+        self, queries: Sequence[str], titles: Sequence[str] = (), *, stop_above: int | None = None
+    ) -> int:
+        """The tokens a search of ``queries`` or a scoring of pairs would encode: each distinct query (after the
+        query prompt) and each distinct title not in the catalogue, at most the encoder's
+        :attr:`~matching.encoder.Encoder.token_limit` each. Counted in slices; with ``stop_above``, the count stops
+        (and is returned, partial) once it passes that, so a refused request costs little to count."""
+        total = count_tokens(
+            self.query_encoder, list(dict.fromkeys(queries)), self.query_encoder.prompts.query, 0, stop_above
+        )
+        distinct = list(dict.fromkeys(titles))
+        if not distinct or (stop_above is not None and total > stop_above):
+            return total
+        unseen = [t for t, row in zip(distinct, self.store.find_titles(distinct), strict=True) if row is None]
+        return count_tokens(self.encoder, unseen, self.encoder.prompts.title, total, stop_above)
 
     def encode_pairs(
         self, queries: Sequence[str], titles: Sequence[str], *, show_progress: bool = False
@@ -149,6 +168,7 @@ class Snapshot:
         uq = list(dict.fromkeys(queries))
         q_vecs = self.query_encoder.encode_queries(uq, show_progress=show_progress)
         q_pos = {q: i for i, q in enumerate(uq)}
+        deadline.check()
         ut = list(dict.fromkeys(titles))
         rows = self.store.find_titles(ut)
         t_vecs = np.empty((len(ut), self.encoder.dim), dtype=np.float32)
@@ -337,6 +357,7 @@ class HybridRetriever:
         bm25 = np.zeros(ids.shape, dtype=np.float32)
         fused = np.zeros(ids.shape, dtype=np.float32)
         for qi, text in enumerate(texts):
+            deadline.check()
             bm25[qi] = lexical.score_rows(text, ids[qi])
             weight = snap.fusion_weights(text, ids[qi], fusion, snap.dense_weight)
             fused[qi] = fuse(centred(dense[qi], centre), normalised(bm25[qi], float(norms[qi])), weight)
@@ -436,10 +457,12 @@ def search(
     vectors = np.atleast_2d(np.asarray(queries.vectors, dtype=np.float32))
     queries = Queries(vectors, queries.texts)
     allowed = snap.store.filter_ids(where) if where is not None else None
+    deadline.check()
     found = retriever.retrieve(snap, queries, max(k, candidates), allowed)
     store = snap.store
     ranked: list[list[tuple[int, float, float, float | None, float | None]]] = []
     for qi in range(len(vectors)):
+        deadline.check()  # between queries: past a caller's deadline, stop (see matching.deadline)
         keep = found.ids[qi] >= 0
         cand_ids = found.ids[qi][keep]
         hit = Hit(

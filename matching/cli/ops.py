@@ -36,6 +36,14 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1, help="server processes, each with its own copy of the model")
     p.add_argument("--token-file", help="file holding the bearer token that POST /add, /upsert, /remove need")
+    p.add_argument(
+        "--read-token-file",
+        help="file holding a bearer token that every read but /health and /ready then needs (or the write token)",
+    )
+    p.add_argument("--max-request-tokens", type=int, help="tokens one read may encode (default 8192); past it, a 413")
+    p.add_argument(
+        "--request-seconds", type=float, help="a read's deadline (default 10): 503 if queued past it, 504 if cut"
+    )
     p.add_argument("--torch-threads", type=int, default=1, help="torch threads per process (default 1)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=_cmd_serve)
@@ -75,6 +83,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from matching import service
     except ImportError:
         raise ConfigError("matching serve needs FastAPI and uvicorn: pip install 'matching[serve]'") from None
+    names = ("torch_threads", "max_request_tokens", "request_seconds")
+    given = {name: getattr(args, name) for name in names}  # unset: ServiceConfig's default
     print(f"serving {args.bundle} on http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr)
     service.serve(
         args.bundle,
@@ -82,7 +92,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         workers=args.workers,
         token_file=args.token_file,
-        config=ServiceConfig(torch_threads=args.torch_threads),
+        read_token_file=args.read_token_file,
+        config=ServiceConfig.from_dict({k: v for k, v in given.items() if v is not None}),
         log_level=args.log_level,
     )
     return 0

@@ -12,16 +12,23 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from matching.config import ServiceConfig
-from matching.errors import BundleLockedError, MatchingError
+from matching.errors import BundleLockedError, DeadlineError, MatchingError
 from matching.service.routers import ops, score, search, writes
 from matching.service.state import Service
 
 ASGIApp = Callable[[MutableMapping[str, Any], Any, Any], Awaitable[None]]
 
 
-def create_app(bundle: str | Path, *, token: str | None = None, config: ServiceConfig | None = None) -> FastAPI:
-    """The FastAPI app serving ``bundle``; writes need ``token`` (off when ``None``)."""
-    service = Service(bundle, token=token, config=config)
+def create_app(
+    bundle: str | Path,
+    *,
+    token: str | None = None,
+    read_token: str | None = None,
+    config: ServiceConfig | None = None,
+) -> FastAPI:
+    """The FastAPI app serving ``bundle``; writes need ``token`` (off when ``None``); reads other than ``/health``
+    and ``/ready`` need ``read_token`` or ``token`` when ``read_token`` is set (open when ``None``)."""
+    service = Service(bundle, token=token, read_token=read_token, config=config)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -47,7 +54,10 @@ def create_app(bundle: str | Path, *, token: str | None = None, config: ServiceC
 
 
 async def _matching_error(_: Request, exc: MatchingError) -> JSONResponse:
-    return JSONResponse({"detail": str(exc)}, status_code=409 if isinstance(exc, BundleLockedError) else 400)
+    """400 for the library's refusals of the request; 409 while another writer holds the bundle; 504 for a read
+    stopped at its deadline."""
+    status = 409 if isinstance(exc, BundleLockedError) else 504 if isinstance(exc, DeadlineError) else 400
+    return JSONResponse({"detail": str(exc)}, status_code=status)
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -62,8 +72,10 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
 
 
 async def _measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-    """Count each request and its latency under its route's path (``other`` when no route matched)."""
+    """Count each request and its latency under its route's path (``other`` when no route matched); record when
+    it arrived, from which its deadline runs (:meth:`Service.deadline`)."""
     metrics = request.app.state.service.metrics
+    request.state.arrived = time.monotonic()
     start = time.perf_counter()
     try:
         response = await call_next(request)

@@ -1,4 +1,4 @@
-"""Running the service under uvicorn (``matching serve``): the token file, and the environment from which each
+"""Running the service under uvicorn (``matching serve``): the token files, and the environment from which each
 worker process of ``--workers N`` builds its app."""
 
 import json
@@ -15,11 +15,12 @@ from matching.service.app import create_app
 
 # environment of `matching serve --workers N`: each uvicorn worker process builds its app from it
 ENV_BUNDLE, ENV_TOKEN, ENV_CONFIG = "MATCHING_SERVE_BUNDLE", "MATCHING_SERVE_TOKEN_FILE", "MATCHING_SERVE_CONFIG"
+ENV_READ_TOKEN = "MATCHING_SERVE_READ_TOKEN_FILE"
 _MIN_TOKEN = 16  # a guessable token is no token
 
 
 def read_token(path: str | Path) -> str:
-    """The write token: the first line of ``path``, stripped; at least 16 characters of printable ASCII without
+    """The write or read token: the first line of ``path``, stripped; at least 16 characters of printable ASCII without
     spaces (what an ``Authorization`` header carries), else a ConfigError naming the file and the rule. Warns
     when the file is readable by group or others, or holds more than one line (the others are ignored)."""
     name = str(path)
@@ -50,9 +51,14 @@ def read_token(path: str | Path) -> str:
 
 def app_from_env() -> FastAPI:
     """The app for one worker of ``matching serve --workers N`` (uvicorn's factory)."""
-    token_file = os.environ.get(ENV_TOKEN)
+    token_file, read_file = os.environ.get(ENV_TOKEN), os.environ.get(ENV_READ_TOKEN)
     config = ServiceConfig.from_dict(json.loads(os.environ.get(ENV_CONFIG) or "{}"))
-    return create_app(os.environ[ENV_BUNDLE], token=read_token(token_file) if token_file else None, config=config)
+    return create_app(
+        os.environ[ENV_BUNDLE],
+        token=read_token(token_file) if token_file else None,
+        read_token=read_token(read_file) if read_file else None,
+        config=config,
+    )
 
 
 def serve(
@@ -62,11 +68,13 @@ def serve(
     port: int,
     workers: int = 1,
     token_file: str | Path | None = None,
+    read_token_file: str | Path | None = None,
     config: ServiceConfig | None = None,
     log_level: str = "info",
 ) -> None:
     """Run the service under uvicorn until interrupted (``matching serve``); ``workers`` > 1 starts that many
-    processes, each building its app from the environment (:func:`app_from_env`)."""
+    processes, each building its app from the environment (:func:`app_from_env`). ``token_file`` holds the write
+    token, ``read_token_file`` the token reads then need (both read by :func:`read_token`)."""
     import uvicorn
 
     from matching.bundle import current_generation
@@ -74,13 +82,17 @@ def serve(
     current_generation(Path(bundle))  # a missing or broken bundle fails here, not in every worker
     config = config or ServiceConfig()
     token = read_token(token_file) if token_file else None
+    reads = read_token(read_token_file) if read_token_file else None  # a bad file stops here, not in each worker
     if workers == 1:
-        uvicorn.run(create_app(bundle, token=token, config=config), host=host, port=port, log_level=log_level)
+        app = create_app(bundle, token=token, read_token=reads, config=config)
+        uvicorn.run(app, host=host, port=port, log_level=log_level)
         return
     os.environ[ENV_BUNDLE] = str(Path(bundle).resolve())
     os.environ[ENV_CONFIG] = json.dumps(config.to_dict())
     if token_file:
         os.environ[ENV_TOKEN] = str(Path(token_file).resolve())
+    if read_token_file:
+        os.environ[ENV_READ_TOKEN] = str(Path(read_token_file).resolve())
     uvicorn.run(
         "matching.service.server:app_from_env", factory=True, host=host, port=port, workers=workers, log_level=log_level
     )

@@ -1,5 +1,5 @@
-"""The state of one served bundle: the matcher, its refresh thread, the write token, the request bounds, and
-the dependency through which the routers reach it."""
+"""The state of one served bundle: the matcher, its refresh thread, the tokens, the request bounds (sizes, the token
+budget, the deadline), and the dependencies through which the routers reach it."""
 
 import asyncio
 import concurrent.futures
@@ -7,12 +7,15 @@ import dataclasses
 import hmac
 import logging
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
 
+from matching import deadline
 from matching.bundle import live_name
 from matching.config import ServiceConfig
 from matching.errors import MatchingError
@@ -24,11 +27,21 @@ log = logging.getLogger("matching.service")
 
 
 class Service:
-    """One bundle served: the matcher, its refresh thread, the write token and the request bounds."""
+    """One bundle served: the matcher, its refresh thread, the tokens and the request bounds. ``token`` allows
+    writes (off when ``None``); ``read_token``, when set, is needed (or the write token) for every read but
+    ``/health`` and ``/ready``."""
 
-    def __init__(self, bundle: str | Path, *, token: str | None = None, config: ServiceConfig | None = None) -> None:
+    def __init__(
+        self,
+        bundle: str | Path,
+        *,
+        token: str | None = None,
+        read_token: str | None = None,
+        config: ServiceConfig | None = None,
+    ) -> None:
         self.path = Path(bundle)
         self.token = token
+        self.read_token = read_token
         self.config = config or ServiceConfig()
         self.metrics = Metrics()
         self.matcher: Matcher | None = None
@@ -117,19 +130,60 @@ class Service:
 
     def authenticated(self, request: Request) -> bool:
         """Whether ``request`` carries the write token (never while writes are off)."""
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if self.token is None or scheme.lower() != "bearer":
-            return False
-        return hmac.compare_digest(given.strip().encode(), self.token.encode())
+        given = _bearer(request)
+        return self.token is not None and given is not None and _same(given, self.token)
 
     def authorize(self, request: Request) -> None:
         if self.token is None:
             raise HTTPException(403, "writes are off: start the server with --token-file to allow them")
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not given:
+        given = _bearer(request)
+        if given is None:
             raise HTTPException(401, "writes need 'Authorization: Bearer <token>'", {"WWW-Authenticate": "Bearer"})
-        if not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+        if not _same(given, self.token):
             raise HTTPException(403, "wrong token")
+
+    def authorize_read(self, request: Request) -> None:
+        """Nothing while reads are open; with a read token, 401 without a bearer token, 403 for one that is neither
+        the read nor the write token."""
+        if self.read_token is None:
+            return
+        given = _bearer(request)
+        if given is None:
+            raise HTTPException(
+                401, "reads need 'Authorization: Bearer <read token>' on this server", {"WWW-Authenticate": "Bearer"}
+            )
+        # both compared, always: the time taken says nothing of which one nearly matched
+        read, write = _same(given, self.read_token), self.token is not None and _same(given, self.token)
+        if not (read or write):
+            raise HTTPException(403, "wrong token")
+
+    @contextmanager
+    def deadline(self, request: Request) -> Iterator[None]:
+        """The read's deadline, ``request_seconds`` from its arrival (recorded by the app's middleware): 503 now if
+        it waited that long for a thread; inside, the work stops at the next check past it (a 504)."""
+        seconds = self.config.request_seconds
+        arrived = getattr(request.state, "arrived", None) or time.monotonic()
+        waited = time.monotonic() - arrived
+        if waited > seconds:
+            raise HTTPException(
+                503,
+                f"overloaded: the request waited {waited:.1f} s for a worker, past its {seconds:g} s deadline; retry",
+                {"Retry-After": "1"},
+            )
+        with deadline.within(seconds, start=arrived):
+            yield
+
+    def budget(self, matcher: Matcher, queries: list[str], titles: list[str] | None = None) -> None:
+        """413 when the request would encode more than ``max_request_tokens`` tokens (counting stops past it)."""
+        limit = self.config.max_request_tokens
+        count = matcher.tokens_to_encode(queries, titles or [], stop_above=limit)
+        if count > limit:
+            what = "distinct queries and titles not in the catalogue" if titles else "distinct queries"
+            raise HTTPException(
+                413,
+                f"the request would encode at least {count} tokens ({what}); at most {limit} a request "
+                "(max_request_tokens): send fewer or shorter texts, over several requests",
+            )
 
     # -- bounds --------------------------------------------------------------------------------------
 
@@ -155,3 +209,24 @@ async def current_service(request: Request) -> Service:
 
 
 ServiceDep = Annotated[Service, Depends(current_service)]
+
+
+async def read_service(request: Request) -> Service:
+    """The app's :class:`Service`, once the request passed the read token (async: refused before any thread)."""
+    service: Service = request.app.state.service
+    service.authorize_read(request)
+    return service
+
+
+ReadDep = Annotated[Service, Depends(read_service)]
+
+
+def _bearer(request: Request) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or ``None``."""
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    given = given.strip()
+    return given if scheme.lower() == "bearer" and given else None
+
+
+def _same(given: str, token: str) -> bool:
+    return hmac.compare_digest(given.encode(), token.encode())

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse
 
-from matching.service.state import ServiceDep
+from matching.service.state import ReadDep, ServiceDep
 
 router = APIRouter()
 
@@ -31,7 +31,7 @@ def ready(service: ServiceDep) -> dict[str, Any]:
 
 
 @router.get("/info")
-def info(request: Request, service: ServiceDep) -> dict[str, Any]:
+def info(request: Request, service: ReadDep) -> dict[str, Any]:
     """The bundle's manifest, its metadata fields and this service's bounds; where it lies on disk, its source
     file and any other local path only for a request with the write token."""
     matcher = service.pinned()
@@ -43,6 +43,7 @@ def info(request: Request, service: ServiceDep) -> dict[str, Any]:
         "metadata_keys": matcher.store.metadata_keys(),
         "limits": service.config.to_dict(),
         "writes": service.token is not None,
+        "reads_need_token": service.read_token is not None,
     }
     if service.authenticated(request):
         return out
@@ -64,6 +65,6 @@ def _no_paths(value: Any) -> Any:
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
-def metrics(service: ServiceDep) -> str:
+def metrics(service: ReadDep) -> str:
     """Prometheus text: requests, errors, latency histogram, generation."""
     return service.metrics.render(service.matcher)

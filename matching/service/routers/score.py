@@ -2,16 +2,16 @@
 
 from typing import Any
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Request
 
-from matching.service.bodies import ScoreBody
-from matching.service.state import ServiceDep
+from matching.service.bodies import JsonRoute, ScoreBody
+from matching.service.state import ReadDep
 
-router = APIRouter()
+router = APIRouter(route_class=JsonRoute)
 
 
 @router.post("/score")
-def score(body: ScoreBody, service: ServiceDep) -> dict[str, Any]:
+def score(body: ScoreBody, request: Request, service: ReadDep) -> dict[str, Any]:
     """The reranker's score of each (query, title) pair; titles in the catalogue reuse their stored vectors."""
     if not body.pairs:
         raise HTTPException(400, "no pairs: give at least one")
@@ -20,6 +20,9 @@ def score(body: ScoreBody, service: ServiceDep) -> dict[str, Any]:
     longest = max(max(len(p.query), len(p.title)) for p in body.pairs)
     if longest > service.config.max_query_chars:
         raise HTTPException(400, f"a pair has a text of {longest} characters; at most {service.config.max_query_chars}")
-    matcher = service.pinned()
-    scores = matcher.score_pairs([p.query for p in body.pairs], [p.title for p in body.pairs])
+    queries, titles = [p.query for p in body.pairs], [p.title for p in body.pairs]
+    with service.deadline(request):
+        matcher = service.pinned()
+        service.budget(matcher, queries, titles)
+        scores = matcher.score_pairs(queries, titles)
     return {"generation": matcher.generation, "scores": [float(s) for s in scores]}

@@ -4,20 +4,21 @@ import dataclasses
 import time
 from typing import Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 
 from matching.analysis import FOLD, Analyzer, matched_spans
 from matching.filters import conditions, where_from_json
-from matching.service.bodies import SearchBody
-from matching.service.state import Service, ServiceDep
+from matching.service.bodies import JsonRoute, SearchBody
+from matching.service.state import ReadDep, Service
 from matching.types import Match, Retrieval
 
-router = APIRouter()
+router = APIRouter(route_class=JsonRoute)
 
 
 @router.get("/search")
 def search_one(
-    service: ServiceDep,
+    request: Request,
+    service: ReadDep,
     q: str,
     k: int = 10,
     where: str | None = Query(None, description='JSON object, e.g. {"brand": "acme", "price": {"<": 50}}'),
@@ -36,24 +37,27 @@ def search_one(
         rerank=rerank,
         highlight=highlight,
     )
-    out = search(service, body)
+    with service.deadline(request):
+        out = search(service, body)
     first = out.pop("results")[0]
     return {**out, **first}
 
 
 @router.post("/search")
-def search_many(body: SearchBody, service: ServiceDep) -> dict[str, Any]:
+def search_many(body: SearchBody, request: Request, service: ReadDep) -> dict[str, Any]:
     """The best titles for each of many queries, encoded in one pass."""
-    return search(service, body)
+    with service.deadline(request):
+        return search(service, body)
 
 
 def search(service: Service, body: SearchBody) -> dict[str, Any]:
-    """``body``'s queries searched in one generation, within the service's bounds."""
+    """``body``'s queries searched in one generation, within the service's bounds and token budget."""
     service.check(body.queries, body.k, body.candidates)
     if body.where is not None:
         conditions(body.where)  # a malformed where is a 400 before any query is encoded
     start = time.perf_counter()
     matcher = service.pinned()
+    service.budget(matcher, body.queries)
     results = matcher.search_batch(
         body.queries,
         body.k,

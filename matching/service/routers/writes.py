@@ -6,10 +6,10 @@ import pandas as pd
 from fastapi import APIRouter, HTTPException, Request
 
 from matching.ingest import has_surrogate
-from matching.service.bodies import RemoveBody, RowsBody
+from matching.service.bodies import JsonRoute, RemoveBody, RowsBody
 from matching.service.state import Service, ServiceDep
 
-router = APIRouter()
+router = APIRouter(route_class=JsonRoute)
 
 
 def _rows_frame(service: Service, body: RowsBody) -> pd.DataFrame:
