@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from sqlalchemy import ColumnElement, SQLColumnExpression, func, select
+from sqlalchemy import ColumnElement, SQLColumnExpression, func, literal, select
 
 from matching.errors import ConfigError
 
@@ -132,7 +132,10 @@ def _values(key: str, op: str, value: Any) -> WhereValue | list[WhereValue]:
 
 def _clause(field: ColumnElement[Any], op: str, value: WhereValue | list[WhereValue]) -> ColumnElement[bool]:
     if isinstance(value, list):
-        return field.in_(value) if op == "in" else field.not_in(value)
+        # each value bound with its own type: a plain list is bound with the first one's, and [0.0, ""] then failed
+        # converting "" to a float (a 500)
+        members = [literal(v) for v in value]
+        return field.in_(members) if op == "in" else field.not_in(members)
     if value is None:
         return field.is_(None) if op == "==" else field.is_not(None)
     clause: ColumnElement[bool] = {

@@ -302,6 +302,17 @@ def test_filters_bind_values_and_reject_bad_conditions(built_bundle: Matcher) ->
             built_bundle.search(QUERY, where=bad)
 
 
+def test_a_list_of_mixed_types_matches_each_value_as_itself(built_bundle: Matcher) -> None:
+    # [4.99, ""] was bound as floats and the empty string failed to convert: a 500 through the service
+    first = built_bundle.search(QUERY, k=50, where={"price": [4.99, ""]})
+    assert [m.metadata["price"] for m in first] == [4.99]
+    both = built_bundle.search(QUERY, k=50, where={"price": ("in", ["", 4.99, "Acme", 8.24, None])})
+    assert sorted(m.metadata["price"] for m in both) == [4.99, 8.24]
+    others = built_bundle.search(QUERY, k=50, where={"brand": ("not in", [0.0, "Acme"])})
+    assert len(others) == 40 - 8
+    assert all(m.metadata["brand"] != "Acme" for m in others)
+
+
 def test_a_where_too_deep_or_too_big_for_sqlite_is_refused_by_name(built_bundle: Matcher) -> None:
     deep: list[Any] = []
     for _ in range(100_000):  # deeper than repr can print
