@@ -75,17 +75,25 @@ def main() -> None:
     rows = []
     print(f"{len(titles)} short titles, best of {args.rounds}; torch threads {torch.get_num_threads()}")
     print(f"{'system':<22}{'encode s':>9}{'titles/s':>10}{'x ST':>7}{'build s':>9}{'x ST':>7}{'cos to ST':>11}")
-    print(f"{'sentence-transformers':<22}{pure['st']:>9.3f}{len(titles) / pure['st']:>10.0f}{'1.00':>7}"
-          f"{e2e['st']:>9.3f}{'1.00':>7}")  # fmt: skip
+    print(
+        f"{'sentence-transformers':<22}{pure['st']:>9.3f}{len(titles) / pure['st']:>10.0f}{'1.00':>7}"
+        f"{e2e['st']:>9.3f}{'1.00':>7}"
+    )
     for p in args.presets:
         row = {
-            "preset": p, "encode_s": pure[p], "titles_per_s": args.titles / pure[p],
-            "encode_x_st": pure["st"] / pure[p], "build_s": e2e[p], "build_x_st": e2e["st"] / e2e[p],
+            "preset": p,
+            "encode_s": pure[p],
+            "titles_per_s": args.titles / pure[p],
+            "encode_x_st": pure["st"] / pure[p],
+            "build_s": e2e[p],
+            "build_x_st": e2e["st"] / e2e[p],
             "cos_to_st": cos[p],
-        }  # fmt: skip
+        }
         rows.append(row)
-        print(f"{'matching ' + p:<22}{pure[p]:>9.3f}{row['titles_per_s']:>10.0f}{row['encode_x_st']:>7.2f}"
-              f"{e2e[p]:>9.3f}{row['build_x_st']:>7.2f}{cos[p]:>11.4f}")  # fmt: skip
+        print(
+            f"{'matching ' + p:<22}{pure[p]:>9.3f}{row['titles_per_s']:>10.0f}{row['encode_x_st']:>7.2f}"
+            f"{e2e[p]:>9.3f}{row['build_x_st']:>7.2f}{cos[p]:>11.4f}"
+        )
     result = {"titles": len(titles), "rounds": args.rounds, "st": {"encode_s": pure["st"], "e2e_s": e2e["st"]}}
     result["presets"] = rows
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

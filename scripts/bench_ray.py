@@ -80,8 +80,9 @@ def main() -> None:
             generate_large_catalogue(args.size).to_csv(csv, index=False)
     runs: dict[str, dict[str, Any]] = {}
     base = [sys.executable, "-m", "matching", "build", str(csv), "--overwrite", "-q"]
-    runs["ray"] = timed_build([*base, "--out", str(work / "bundle-ray"), "--engine", "ray",
-                               "--encoders", str(args.encoders)])  # fmt: skip
+    runs["ray"] = timed_build(
+        [*base, "--out", str(work / "bundle-ray"), "--engine", "ray", "--encoders", str(args.encoders)]
+    )
     runs["local"] = timed_build([*base, "--out", str(work / "bundle-local")])
     with Matcher.load(work / "bundle-local", verify=False) as a, Matcher.load(work / "bundle-ray", verify=False) as b:
         for name, m in (("local", a), ("ray", b)):
@@ -90,20 +91,27 @@ def main() -> None:
         diff = float(np.abs(a.store.vectors - b.store.vectors).max())
     ray_record = runs["ray"]["build_record"] or {}
     report = {
-        "titles": args.size, "runs": runs, "same_ids_titles_metadata": same_rows, "max_vector_difference": diff,
+        "titles": args.size,
+        "runs": runs,
+        "same_ids_titles_metadata": same_rows,
+        "max_vector_difference": diff,
         "ray_overhead": runs["ray"]["wall_seconds"] / runs["local"]["wall_seconds"] - 1,
         "ray_rss_ratio": runs["ray"]["peak_rss_mb"] / runs["local"]["peak_rss_mb"],
         "per_actor_titles_per_second": ray_record.get("titles_per_second"),
-    }  # fmt: skip
+    }
     print(f"\n{args.size} titles, CSV -> bundle, this machine")
     print(f"{'engine':<8} {'wall s':>8} {'peak RSS MB':>12} {'read+encode s':>14} {'index s':>8} {'BM25 s':>7}")
     for name, r in runs.items():
         sec = (r["build_record"] or {}).get("seconds", {})
-        print(f"{name:<8} {r['wall_seconds']:>8.1f} {r['peak_rss_mb']:>12.0f} {sec.get('read_and_encode', 0):>14.1f} "
-              f"{sec.get('index', 0):>8.1f} {sec.get('lexical', 0):>7.1f}")  # fmt: skip
-    print(f"ray overhead {report['ray_overhead']:+.1%}, RSS x{report['ray_rss_ratio']:.2f}; "
-          f"per-actor titles/s {report['per_actor_titles_per_second']}; same rows {same_rows}, "
-          f"max vector difference {diff:.2e}")  # fmt: skip
+        print(
+            f"{name:<8} {r['wall_seconds']:>8.1f} {r['peak_rss_mb']:>12.0f} {sec.get('read_and_encode', 0):>14.1f} "
+            f"{sec.get('index', 0):>8.1f} {sec.get('lexical', 0):>7.1f}"
+        )
+    print(
+        f"ray overhead {report['ray_overhead']:+.1%}, RSS x{report['ray_rss_ratio']:.2f}; "
+        f"per-actor titles/s {report['per_actor_titles_per_second']}; same rows {same_rows}, "
+        f"max vector difference {diff:.2e}"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")

@@ -70,10 +70,18 @@ def main() -> None:
     time.sleep(2.0)  # the reader moves to the new generation at its next refresh
     flag.touch()
     seen = json.loads(reader.communicate(timeout=120)[0].strip().splitlines()[-1])
-    report = {"bundle": str(args.bundle), "titles": count, "preset": args.preset, "reencode_seconds": wall,
-              "fingerprint": [before, after], "reader": seen}  # fmt: skip
-    print(f"re-encoded {count} titles ({args.preset}) in {wall:.1f} s while a reader searched: "
-          f"{seen['searches']} searches, {seen['errors']} errors, generations {seen['generations']}")  # fmt: skip
+    report = {
+        "bundle": str(args.bundle),
+        "titles": count,
+        "preset": args.preset,
+        "reencode_seconds": wall,
+        "fingerprint": [before, after],
+        "reader": seen,
+    }
+    print(
+        f"re-encoded {count} titles ({args.preset}) in {wall:.1f} s while a reader searched: "
+        f"{seen['searches']} searches, {seen['errors']} errors, generations {seen['generations']}"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 

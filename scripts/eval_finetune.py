@@ -61,9 +61,11 @@ def sts(settings: dict[str, Any]) -> dict[str, Any]:
     train, dev, test, mrpc = ds.sts("train"), ds.sts("dev"), ds.sts("test"), ds.mrpc("test")
     titles = pd.concat([train, dev, test])["title"].drop_duplicates().tolist()
     m = Matcher.build(
-        pd.DataFrame({"id": range(len(titles)), "title": titles}), OUT / "bench-ft-sts", overwrite=True,
+        pd.DataFrame({"id": range(len(titles)), "title": titles}),
+        OUT / "bench-ft-sts",
+        overwrite=True,
         show_progress=False,
-    )  # fmt: skip
+    )
     labels, mrpc_labels = test["label"].to_numpy(), mrpc["label"].to_numpy()
 
     def measure() -> dict[str, float]:
@@ -86,9 +88,13 @@ def scifact(settings: dict[str, Any]) -> dict[str, Any]:
     train_docs = {d for rel in train_qrels.values() for d in rel}
     unseen = {q: rel for q, rel in test_qrels.items() if not set(rel) & train_docs}
     m = Matcher.build(
-        ds.scifact_corpus(), OUT / "bench-ft-scifact", id_column="_id", title_column=["title", "text"],
-        overwrite=True, show_progress=False,
-    )  # fmt: skip
+        ds.scifact_corpus(),
+        OUT / "bench-ft-scifact",
+        id_column="_id",
+        title_column=["title", "text"],
+        overwrite=True,
+        show_progress=False,
+    )
 
     def measure() -> dict[str, Any]:
         result: dict[str, Any] = {}

@@ -43,9 +43,11 @@ def sentence_bundle(name: str, frames: list[pd.DataFrame]) -> Matcher:
     both = pd.concat([f["query"] for f in frames] + [f["title"] for f in frames])
     titles = both.drop_duplicates().tolist()
     return Matcher.build(
-        pd.DataFrame({"id": range(len(titles)), "title": titles}), OUT / f"bench-{name}", overwrite=True,
+        pd.DataFrame({"id": range(len(titles)), "title": titles}),
+        OUT / f"bench-{name}",
+        overwrite=True,
         show_progress=False,
-    )  # fmt: skip
+    )
 
 
 def pair_scores(m: Matcher, frame: pd.DataFrame) -> dict[str, np.ndarray]:
@@ -82,8 +84,14 @@ def scifact() -> dict[str, Any]:
     queries, qrels = load_queries(base / "queries.jsonl"), load_qrels(base / "qrels" / "test.tsv")
     corpus = ds.scifact_corpus()
     start = time.perf_counter()
-    m = Matcher.build(corpus, OUT / "bench-scifact", id_column="_id", title_column=["title", "text"],
-                      overwrite=True, show_progress=False)  # fmt: skip
+    m = Matcher.build(
+        corpus,
+        OUT / "bench-scifact",
+        id_column="_id",
+        title_column=["title", "text"],
+        overwrite=True,
+        show_progress=False,
+    )
     out: dict[str, Any] = {"build_seconds": time.perf_counter() - start}
     out["untrained"] = {k: v["ndcg@10"] for k, v in evaluate(m, queries, qrels).columns.items()}
     best_signal = max(out["untrained"]["dense"], out["untrained"]["lexical"])

@@ -94,8 +94,11 @@ def diagnose(bundle: Path, n: int) -> list[dict[str, Any]]:
             cmd = [sys.executable, __file__, "--diagnose-child", str(bundle), str(threads), str(int(busy)), str(n)]
             done = subprocess.run(cmd, capture_output=True, text=True, check=True)
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(f"  in-process search, torch threads {threads}, {'busy' if busy else 'quiet'}: "
-                  f"p50 {rows[-1]['p50']:.1f} ms, p99 {rows[-1]['p99']:.1f} ms", flush=True)  # fmt: skip
+            print(
+                f"  in-process search, torch threads {threads}, {'busy' if busy else 'quiet'}: "
+                f"p50 {rows[-1]['p50']:.1f} ms, p99 {rows[-1]['p99']:.1f} ms",
+                flush=True,
+            )
     return rows
 
 
@@ -109,8 +112,21 @@ def free_port() -> int:
 
 
 def start_server(bundle: Path, port: int, workers: int, torch_threads: int, token: Path) -> subprocess.Popen[str]:
-    cmd = [sys.executable, "-m", "matching", "serve", str(bundle), "--port", str(port), "--workers", str(workers),
-           "--torch-threads", str(torch_threads), "--token-file", str(token)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "matching",
+        "serve",
+        str(bundle),
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--torch-threads",
+        str(torch_threads),
+        "--token-file",
+        str(token),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -197,10 +213,17 @@ def load(port: int, bundle: Path, clients: int, seconds: float, busy: bool) -> d
     errors = [x for r in results for x in r["errors"]]
     generations = set().union(*(r["generations"] for r in results))
     return {
-        "busy": busy, "clients": clients, "seconds": round(wall, 1), "requests": len(lat) + len(errors),
-        "errors": len(errors), "error_examples": errors[:5], "rps": len(lat) / wall, **pct(lat),
-        "generations_seen": len(generations), "published": json.loads(out.strip().splitlines()[-1])["published"],
-    }  # fmt: skip
+        "busy": busy,
+        "clients": clients,
+        "seconds": round(wall, 1),
+        "requests": len(lat) + len(errors),
+        "errors": len(errors),
+        "error_examples": errors[:5],
+        "rps": len(lat) / wall,
+        **pct(lat),
+        "generations_seen": len(generations),
+        "published": json.loads(out.strip().splitlines()[-1])["published"],
+    }
 
 
 def visibility(port: int, bundle: Path, tmp: Path) -> dict[str, float]:
@@ -274,16 +297,22 @@ def main() -> None:
     report["service"] = runs
 
     print(f"\n{args.size} titles, {args.workers} worker(s), torch threads {args.torch_threads}, loopback")
-    print(f"{'run':<8} {'clients':>7} {'requests':>9} {'errors':>6} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'max ms':>8} {'gens':>5}")  # fmt: skip
+    print(
+        f"{'run':<8} {'clients':>7} {'requests':>9} {'errors':>6} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'max ms':>8} {'gens':>5}"
+    )
     for r in runs:
         run = "busy" if r["busy"] else "quiet"
-        print(f"{run:<8} {r['clients']:>7} {r['requests']:>9} {r['errors']:>6} {r['rps']:>7.1f} "
-              f"{r['p50']:>8.1f} {r['p99']:>8.1f} {r['max']:>8.1f} {r['generations_seen']:>5}")  # fmt: skip
+        print(
+            f"{run:<8} {r['clients']:>7} {r['requests']:>9} {r['errors']:>6} {r['rps']:>7.1f} "
+            f"{r['p50']:>8.1f} {r['p99']:>8.1f} {r['max']:>8.1f} {r['generations_seen']:>5}"
+        )
     if "visibility" in report:
         v = report["visibility"]
-        print(f"visibility: `matching add` took {v['add_seconds']:.2f} s; "
-              f"findable {v['visible_after_add_seconds']:.2f} s after it returned")  # fmt: skip
+        print(
+            f"visibility: `matching add` took {v['add_seconds']:.2f} s; "
+            f"findable {v['visible_after_add_seconds']:.2f} s after it returned"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")

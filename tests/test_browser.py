@@ -48,10 +48,21 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_encoder: Any) -> Itera
     (root / "token").chmod(0o600)
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "matching", "serve", str(root / "products"), "--port", str(port),
-         "--token-file", str(root / "token")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "matching",
+            "serve",
+            str(root / "products"),
+            "--port",
+            str(port),
+            "--token-file",
+            str(root / "token"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -127,12 +138,14 @@ def test_search_page_in_a_real_browser(server: str, tmp_path: Path) -> None:
 
         def shown(d: Any) -> list[dict[str, Any]]:
             # read the results in one script call: the page replaces the list nodes on every search
-            return list(d.execute_script(
-                "return [...document.querySelectorAll('#results li')].map(li => ({"
-                "title: li.querySelector('.title').textContent,"
-                "marks: [...li.querySelectorAll('mark')].map(m => m.textContent),"
-                "meta: li.querySelector('.meta') ? li.querySelector('.meta').textContent : ''}))"
-            ))  # fmt: skip
+            return list(
+                d.execute_script(
+                    "return [...document.querySelectorAll('#results li')].map(li => ({"
+                    "title: li.querySelector('.title').textContent,"
+                    "marks: [...li.querySelectorAll('mark')].map(m => m.textContent),"
+                    "meta: li.querySelector('.meta') ? li.querySelector('.meta').textContent : ''}))"
+                )
+            )
 
         driver.find_element(By.ID, "q").send_keys("acme green coffee maker", Keys.ENTER)
         results = wait.until(shown)

@@ -80,8 +80,9 @@ def test_add_encodes_only_new_titles_and_equals_a_full_rebuild(own_bundle: Match
 
 def test_add_uses_the_columns_the_bundle_was_built_with(tmp_path: Path, tiny_encoder: Any) -> None:
     df = make_catalogue().rename(columns={"id": "sku", "title": "name"})
-    with Matcher.build(df, tmp_path / "b", encoder=tiny_encoder, id_column="sku", title_column="name",
-                       show_progress=False) as m:  # fmt: skip
+    with Matcher.build(
+        df, tmp_path / "b", encoder=tiny_encoder, id_column="sku", title_column="name", show_progress=False
+    ) as m:
         m.add(NEW.rename(columns={"id": "sku", "title": "name"}), show_progress=False)
         assert m.search(QUERY, k=1)[0].id == 5002
 
@@ -257,7 +258,7 @@ def brute_force(m: Matcher, query: str, allowed: set[Any], k: int) -> list[Any]:
         ({"brand": ("not in", ["Acme", "Globex"])}, lambda r: r.brand not in ("Acme", "Globex")),
         ({"brand": ("!=", "Acme"), "price": ("<=", 40.74)}, lambda r: r.brand != "Acme" and r.price <= 40.74),
     ],
-)  # fmt: skip
+)
 @pytest.mark.parametrize("exact_limit", [20_000, 0])
 def test_filtered_search_returns_k_matching_hits(
     built_bundle: Matcher, where: dict[str, Any], keep: Any, exact_limit: int, monkeypatch: pytest.MonkeyPatch

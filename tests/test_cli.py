@@ -138,9 +138,23 @@ def test_build_with_options(
     )
     out = tmp_path / "bundle"
     code, stdout, _ = run(
-        capsys, "build", source, "--out", out, "--model", tiny_model_dir, "-q",
-        "--id-column", "sku", "--title-column", "brand", "name", "--skip-bad-rows", "--factory", "HNSW8",
-    )  # fmt: skip
+        capsys,
+        "build",
+        source,
+        "--out",
+        out,
+        "--model",
+        tiny_model_dir,
+        "-q",
+        "--id-column",
+        "sku",
+        "--title-column",
+        "brand",
+        "name",
+        "--skip-bad-rows",
+        "--factory",
+        "HNSW8",
+    )
     assert code == 0
     assert stdout.strip() == f"built {out}: 3 titles, dim 32, index HNSW8, 1 bad rows skipped"
     with Matcher.load(out, encoder=tiny_encoder) as matcher:
@@ -178,9 +192,18 @@ def test_search_json_with_several_queries_is_a_list(
 ) -> None:
     titles = make_catalogue().set_index("id")["title"]
     code, stdout, _ = run(
-        capsys, "search", cli_bundle, titles[1000], titles[1007], "-k", "1", "--json", "--no-rerank",
-        "--model", tiny_model_dir,
-    )  # fmt: skip
+        capsys,
+        "search",
+        cli_bundle,
+        titles[1000],
+        titles[1007],
+        "-k",
+        "1",
+        "--json",
+        "--no-rerank",
+        "--model",
+        tiny_model_dir,
+    )
     assert code == 0
     payload = json.loads(stdout)
     assert [p["query"] for p in payload] == [titles[1000], titles[1007]]
@@ -235,9 +258,20 @@ def test_evaluate_json(
         "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\t{i}\t1\n" for i in catalogue["id"]), encoding="utf-8"
     )
     code, stdout, _ = run(
-        capsys, "evaluate", cli_bundle, "--queries", queries, "--qrels", qrels, "-k", "1", "10", "--json",
-        "--model", tiny_model_dir,
-    )  # fmt: skip
+        capsys,
+        "evaluate",
+        cli_bundle,
+        "--queries",
+        queries,
+        "--qrels",
+        qrels,
+        "-k",
+        "1",
+        "10",
+        "--json",
+        "--model",
+        tiny_model_dir,
+    )
     assert code == 0
     report = json.loads(stdout)
     assert report["queries"] == 40

@@ -120,10 +120,16 @@ def test_boundary_values_are_accepted(cls: Any, kwargs: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"nprobe": 0}, {"ef_search": 0}, {"refine_factor": 0}, {"memory_budget": 0}, {"target_recall": 0.0},
-     {"target_recall": 1.5}],
+    [
+        {"nprobe": 0},
+        {"ef_search": 0},
+        {"refine_factor": 0},
+        {"memory_budget": 0},
+        {"target_recall": 0.0},
+        {"target_recall": 1.5},
+    ],
     ids=["nprobe-0", "ef-search-0", "refine-0", "budget-0", "recall-0", "recall-1.5"],
-)  # fmt: skip
+)
 def test_index_settings_must_be_in_range(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
         IndexConfig(factory="IVF4,Flat", **kwargs)

@@ -149,9 +149,10 @@ def test_sentences_are_cut_from_long_texts() -> None:
 
 
 def test_sentence_chunks_and_extra_texts_join_the_training_set(teacher: Encoder, tmp_path: Path) -> None:
-    long_texts = [f"{a} is a {b} product. It ships in a {c} box. Returns are free." for a, b, c in zip(
-        TITLES[:20], ["red", "blue", "green", "black"] * 5, ["small", "large"] * 10, strict=True
-    )]  # fmt: skip
+    long_texts = [
+        f"{a} is a {b} product. It ships in a {c} box. Returns are free."
+        for a, b, c in zip(TITLES[:20], ["red", "blue", "green", "black"] * 5, ["small", "large"] * 10, strict=True)
+    ]
     queries = ["a red product", "free returns", "a small box", long_texts[0]]  # the last one is a text already
     report = distill(
         teacher, long_texts, tmp_path / "s", extra_texts=queries, **{**SETTINGS, "epochs": 1, "held_out": 0.1}

@@ -346,8 +346,10 @@ def test_a_write_that_runs_out_of_space_is_a_message_and_keeps_the_bundle(
     )
     done = subprocess.run(
         [sys.executable, "-c", script, str(own_bundle.path), str(own_bundle.path.parent / "more.csv")],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr
     assert "Nothing was published; the bundle is as it was" in done.stderr

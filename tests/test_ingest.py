@@ -504,8 +504,13 @@ def _rows(reader: CatalogueReader) -> list[tuple[str, str, dict[str, Any]]]:
 
 def test_a_directory_or_glob_of_files_reads_as_their_concatenation(tmp_path: Path) -> None:
     pytest.importorskip("pyarrow")
-    df = pd.DataFrame({"id": ["a1", "a2", "b1", "c1", "c2"], "title": ["t a1", "t a2", "t b1", "t c1", "t c2"],
-                       "price": [1.5, 2.0, 3.25, 4.0, 5.5]})  # fmt: skip
+    df = pd.DataFrame(
+        {
+            "id": ["a1", "a2", "b1", "c1", "c2"],
+            "title": ["t a1", "t a2", "t b1", "t c1", "t c2"],
+            "price": [1.5, 2.0, 3.25, 4.0, 5.5],
+        }
+    )
     src = tmp_path / "src"
     src.mkdir()
     df.iloc[:2].to_csv(src / "a.csv", index=False)

@@ -145,9 +145,7 @@ def test_a_writer_killed_during_reencode_leaves_the_old_or_the_new_encoding(
     df["title"] = [f"{t} {i}" for i, t in enumerate(df["title"])]
     Matcher.build(df, tmp_path / "b", encoder=tiny_encoder, show_progress=False, preset="exact").close()
     titles = df["title"].tolist()
-    expected = {
-        e.fingerprint: e.encode_titles(titles) for e in (tiny_encoder, other_encoder)
-    }  # fmt: skip
+    expected = {e.fingerprint: e.encode_titles(titles) for e in (tiny_encoder, other_encoder)}
     model_of = {tiny_encoder.fingerprint: other_model_dir, other_encoder.fingerprint: tiny_model_dir}
     script = tmp_path / "killer.py"
     script.write_text(KILLER, encoding="utf-8")
@@ -166,8 +164,10 @@ def test_a_writer_killed_during_reencode_leaves_the_old_or_the_new_encoding(
             assert found[:, 0].tolist() == live[:50].tolist()  # the index holds the same vectors
         proc = subprocess.Popen(
             [sys.executable, str(script), str(tmp_path / "b"), str(model_of[fingerprint])],
-            stdout=subprocess.PIPE, text=True, cwd=root,
-        )  # fmt: skip
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=root,
+        )
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "begin"
         started = time.perf_counter()
