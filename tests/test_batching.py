@@ -105,6 +105,9 @@ def test_concurrent_reads_are_batched_and_answer_as_searched_alone(bundle: Path,
                 assert same(hits(r.json()), direct(library, q, k=5))
         assert batcher.items == 36
         assert batcher.batches < 36  # some searched together (36 alone only if no two ever met)
+        text = client.get("/metrics").text
+        assert "matching_batched_queries_total 36\n" in text
+        assert f"matching_batches_total {batcher.batches}\n" in text
 
 
 def test_single_query_posts_batch_with_gets_and_many_query_posts_do_not(bundle: Path, library: Matcher) -> None:

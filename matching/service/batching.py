@@ -84,6 +84,17 @@ class Batcher:
         if thread is not None:
             thread.join(timeout=30)
 
+    def render(self) -> str:
+        """Prometheus text: batches run and queries in them (their ratio: the mean batch)."""
+        return (
+            "# HELP matching_batches_total Micro-batches searched (one per group of settings).\n"
+            "# TYPE matching_batches_total counter\n"
+            f"matching_batches_total {self.batches}\n"
+            "# HELP matching_batched_queries_total Queries searched in micro-batches.\n"
+            "# TYPE matching_batched_queries_total counter\n"
+            f"matching_batched_queries_total {self.items}\n"
+        )
+
     def _work(self) -> None:
         while True:
             batch, more = self._take()
