@@ -174,6 +174,7 @@ class ServiceConfig(JsonConfig):
     # request searches alone, as before. BENCHMARKS.md (issue #23) has the measurement behind the default.
     batch_wait_ms: float = 2.0
     batch_queries: int = 32  # at most this many queries in one micro-batch
+    batch_threads: int = 1  # threads searching micro-batches
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

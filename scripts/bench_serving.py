@@ -41,9 +41,9 @@ from matching.demo import generate_queries  # noqa: E402
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-def start_server(bundle: Path, port: int, wait_ms: float) -> subprocess.Popen[str]:
+def start_server(bundle: Path, port: int, wait_ms: float, threads: int) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "matching", "serve", str(bundle), "--port", str(port), "--torch-threads", "1",
-           "--batch-wait-ms", str(wait_ms)]  # fmt: skip
+           "--batch-wait-ms", str(wait_ms), "--batch-threads", str(threads)]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
     end = time.monotonic() + 180
     while time.monotonic() < end:
@@ -125,13 +125,15 @@ def compare(off: dict[str, Any], on: dict[str, Any]) -> dict[str, Any]:
     return {"queries": len(common), "same_ids_in_order": len(same), "max_score_diff": diff}
 
 
-def mode(template: Path, work: Path, wait_ms: float, counts: list[int], seconds: float) -> tuple[list[Any], Any]:
+def mode(
+    template: Path, work: Path, wait_ms: float, threads: int, counts: list[int], seconds: float
+) -> tuple[list[Any], Any]:
     bundle = work / "served-batching"  # a fresh copy: the publisher changes it
     subprocess.run(["rm", "-rf", str(bundle)], check=True)
     subprocess.run(["cp", "-r", str(template), str(bundle)], check=True)
     queries = generate_queries(5000, seed=7)
     port = free_port()
-    server = start_server(bundle, port, wait_ms)
+    server = start_server(bundle, port, wait_ms, threads)
     total = len(counts) * (seconds + 2) + 5
     publisher = subprocess.Popen(
         [sys.executable, str(ROOT / "scripts" / "load_test.py"), "--publish-child", str(bundle), str(total), "5"],
@@ -191,6 +193,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 32])
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--batch-wait-ms", type=float, default=2.0)
+    parser.add_argument("--batch-threads", type=int, default=1)
+    parser.add_argument("--only-on", action="store_true", help="skip the runs with batching off (trying settings)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench_serving.json")
     args = parser.parse_args()
 
@@ -199,14 +203,15 @@ def main() -> None:
     template = work / f"bundle-{args.size}"
     make_bundle(template, args.size)
     load = os.getloadavg()[0]
-    off, off_answers = mode(template, work, 0.0, args.clients, args.seconds)
-    on, on_answers = mode(template, work, args.batch_wait_ms, args.clients, args.seconds)
+    on, on_answers = mode(template, work, args.batch_wait_ms, args.batch_threads, args.clients, args.seconds)
+    off, off_answers = ([], {}) if args.only_on else mode(template, work, 0.0, 1, args.clients, args.seconds)
     rows = off + on
     report: dict[str, Any] = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "titles": args.size,
         "seconds": args.seconds,
         "load_average_before": load,
+        "batch_threads": args.batch_threads,
         "rows": rows,
         "answers": compare(off_answers, on_answers),
     }
@@ -214,7 +219,7 @@ def main() -> None:
     print(f"{'batching':<9} {'clients':>7} {'requests':>9} {'errors':>6} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} "
           f"{'x off':>6} {'batch':>6}")  # fmt: skip
     for r in rows:
-        base = next(o for o in off if o["clients"] == r["clients"])
+        base = next((o for o in off if o["clients"] == r["clients"]), r)
         label = "off" if r["batch_wait_ms"] == 0 else f"{r['batch_wait_ms']:g} ms"
         print(f"{label:<9} {r['clients']:>7} {r['requests']:>9} {r['errors']:>6} {r['rps']:>7.1f} {r['p50']:>8.1f} "
               f"{r['p99']:>8.1f} {r['rps'] / base['rps']:>6.2f} {r['mean_batch'] or 0:>6.1f}")  # fmt: skip

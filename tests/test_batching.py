@@ -214,17 +214,21 @@ def test_batching_off_searches_each_read_alone(bundle: Path, library: Matcher) -
         one = client.post("/search", json={"queries": ["yoga mat"]})
         assert same(hits(one.json()["results"][0]), direct(library, "yoga mat"))
         batcher = client.app.state.service.batcher  # type: ignore[attr-defined]
-        assert (batcher.items, batcher._thread) == (0, None)  # never started
+        assert (batcher.items, batcher._workers) == (0, [])  # never started
+
+
+class Echo:
+    """A group that answers ten times each item and records its batches' sizes."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def run(self, items: list[Any]) -> list[Any]:
+        self.sizes.append(len(items))
+        return [i * 10 for i in items]
 
 
 def test_batches_hold_at_most_batch_queries() -> None:
-    sizes: list[int] = []
-
-    class Echo:
-        def run(self, items: list[Any]) -> list[Any]:
-            sizes.append(len(items))
-            return [i * 10 for i in items]
-
     batcher = Batcher(wait_s=0.2, most=4, seconds=10.0)
     group = Echo()
     try:
@@ -232,17 +236,31 @@ def test_batches_hold_at_most_batch_queries() -> None:
         assert [f.result(timeout=10) for f in futures] == [i * 10 for i in range(10)]
     finally:
         batcher.close()
-    assert sizes == [4, 4, 2]
+    assert group.sizes == [4, 4, 2]
     with pytest.raises(Exception, match="stopping"):
         batcher.submit(group, 1, time.monotonic())
 
 
+def test_several_batch_threads_answer_every_item_once() -> None:
+    batcher = Batcher(wait_s=0.001, most=3, seconds=10.0, threads=3)
+    group = Echo()
+    try:
+        futures = concurrently([lambda i=i: batcher.submit(group, i, time.monotonic()) for i in range(30)])
+        assert [f.result(timeout=10) for f in futures] == [i * 10 for i in range(30)]
+        assert len(batcher._workers) == 3
+    finally:
+        batcher.close()
+    assert sum(group.sizes) == 30
+    assert max(group.sizes) <= 3
+    assert not any(w.is_alive() for w in batcher._workers)  # each worker took its own stop
+
+
 def test_service_config_round_trips_the_batching(tmp_path: Path) -> None:
-    config = ServiceConfig(batch_wait_ms=0.0, batch_queries=8)
+    config = ServiceConfig(batch_wait_ms=0.0, batch_queries=8, batch_threads=2)
     config.save(tmp_path / "service.json")
     assert ServiceConfig.load(tmp_path / "service.json") == config
     assert ServiceConfig.from_dict({"batch_wait_ms": 3}).batch_wait_ms == 3.0
-    assert (ServiceConfig().batch_wait_ms, ServiceConfig().batch_queries) == (2.0, 32)
+    assert (ServiceConfig().batch_wait_ms, ServiceConfig().batch_queries, ServiceConfig().batch_threads) == (2.0, 32, 1)
     with pytest.raises(ConfigError, match="batch_wait_ms must be >= 0"):
         ServiceConfig(batch_wait_ms=-1.0)
     with pytest.raises(ConfigError, match="batch_queries must be > 0"):
@@ -254,5 +272,6 @@ def test_serve_passes_the_batching(bundle: Path, monkeypatch: pytest.MonkeyPatch
 
     seen: dict[str, Any] = {}
     monkeypatch.setattr(matching.service, "serve", lambda bundle, **kwargs: seen.update(kwargs))
-    assert main(["serve", str(bundle), "--batch-wait-ms", "0", "--batch-queries", "8"]) == 0
-    assert seen["config"] == ServiceConfig(batch_wait_ms=0.0, batch_queries=8)
+    args = ["serve", str(bundle), "--batch-wait-ms", "0", "--batch-queries", "8", "--batch-threads", "2"]
+    assert main(args) == 0
+    assert seen["config"] == ServiceConfig(batch_wait_ms=0.0, batch_queries=8, batch_threads=2)

@@ -52,15 +52,16 @@ class Batcher:
     """Gathers items for up to ``wait_s`` and runs them in groups, on one worker thread started on first use;
     every request's deadline is ``seconds`` from its arrival."""
 
-    def __init__(self, *, wait_s: float, most: int, seconds: float) -> None:
+    def __init__(self, *, wait_s: float, most: int, seconds: float, threads: int = 1) -> None:
         self.wait_s = wait_s
+        self.threads = threads
         self.most = most
         self.seconds = seconds
         self.batches = 0  # batches run and items in them (a batch of one group counts once)
         self.items = 0
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._workers: list[threading.Thread] = []
         self._closed = False
 
     def submit(self, group: Group, item: Any, arrived: float) -> concurrent.futures.Future[Any]:
@@ -69,9 +70,11 @@ class Batcher:
         with self._lock:
             if self._closed:
                 raise HTTPException(503, "the service is stopping; retry", {"Retry-After": "1"})
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._work, name="matching-batcher", daemon=True)
-                self._thread.start()
+            if not self._workers:
+                for i in range(self.threads):
+                    worker = threading.Thread(target=self._work, name=f"matching-batcher-{i}", daemon=True)
+                    worker.start()
+                    self._workers.append(worker)
             self._queue.put(pending)
         return pending.future
 
@@ -79,10 +82,11 @@ class Batcher:
         """Stop the worker after the batches queued before this; later submits are refused."""
         with self._lock:
             self._closed = True
-            thread = self._thread
-            self._queue.put(None)
-        if thread is not None:
-            thread.join(timeout=30)
+            workers = list(self._workers)
+            for _ in range(max(1, len(workers))):
+                self._queue.put(None)
+        for worker in workers:
+            worker.join(timeout=30)
 
     def render(self) -> str:
         """Prometheus text: batches run and queries in them (their ratio: the mean batch)."""

@@ -53,7 +53,9 @@ class Service:
         self._torch_threads = 0
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="matching-writer")
         c = self.config
-        self.batcher = Batcher(wait_s=c.batch_wait_ms / 1000, most=c.batch_queries, seconds=c.request_seconds)
+        self.batcher = Batcher(
+            wait_s=c.batch_wait_ms / 1000, most=c.batch_queries, seconds=c.request_seconds, threads=c.batch_threads
+        )
 
     def start(self) -> None:
         """Load the bundle and keep it fresh, in a background thread (``/ready`` says when it is loaded)."""
