@@ -233,7 +233,8 @@ def test_a_read_past_its_deadline_is_504_and_its_thread_stops(
 def test_a_read_that_waited_past_its_deadline_for_a_thread_is_503_without_encoding(
     bundle: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with serve(bundle, request_seconds=1.0) as client:
+    # the direct path (batching off): a batched GET waits in the batch queue instead (tests/test_batching.py)
+    with serve(bundle, request_seconds=1.0, batch_wait_ms=0.0) as client:
         wait_ready(client)
 
         def one_thread() -> None:

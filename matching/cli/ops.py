@@ -45,6 +45,13 @@ def _add_serve(sub: Any) -> None:
         "--request-seconds", type=float, help="a read's deadline (default 10): 503 if queued past it, 504 if cut"
     )
     p.add_argument("--torch-threads", type=int, default=1, help="torch threads per process (default 1)")
+    p.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        help="wait up to this long to search concurrent single-query reads as one batch (default 2; 0: off)",
+    )
+    p.add_argument("--batch-queries", type=int, help="at most this many queries in one such batch (default 32)")
+    p.add_argument("--batch-threads", type=int, help="threads searching such batches (default 1)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=_cmd_serve)
 
@@ -83,7 +90,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from matching import service
     except ImportError:
         raise ConfigError("matching serve needs FastAPI and uvicorn: pip install 'matching[serve]'") from None
-    names = ("torch_threads", "max_request_tokens", "request_seconds")
+    names = (
+        "torch_threads",
+        "max_request_tokens",
+        "request_seconds",
+        "batch_wait_ms",
+        "batch_queries",
+        "batch_threads",
+    )
     given = {name: getattr(args, name) for name in names}  # unset: ServiceConfig's default
     print(f"serving {args.bundle} on http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr)
     service.serve(

@@ -20,6 +20,7 @@ from matching.bundle import live_name
 from matching.config import ServiceConfig
 from matching.errors import MatchingError
 from matching.matcher import Matcher
+from matching.service.batching import Batcher
 from matching.service.metrics import Metrics
 from matching.types import ChangeReport
 
@@ -51,6 +52,10 @@ class Service:
         self._thread: threading.Thread | None = None
         self._torch_threads = 0
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="matching-writer")
+        c = self.config
+        self.batcher = Batcher(
+            wait_s=c.batch_wait_ms / 1000, most=c.batch_queries, seconds=c.request_seconds, threads=c.batch_threads
+        )
 
     def start(self) -> None:
         """Load the bundle and keep it fresh, in a background thread (``/ready`` says when it is loaded)."""
@@ -59,6 +64,7 @@ class Service:
 
     def stop(self) -> None:
         self._stop.set()
+        self.batcher.close()
         self._writer.shutdown(wait=True)
         if self._thread is not None:
             self._thread.join(timeout=10)

@@ -66,5 +66,5 @@ def _no_paths(value: Any) -> Any:
 
 @router.get("/metrics", response_class=PlainTextResponse)
 def metrics(service: ReadDep) -> str:
-    """Prometheus text: requests, errors, latency histogram, generation."""
-    return service.metrics.render(service.matcher)
+    """Prometheus text: requests, errors, latency histogram, generation, micro-batches."""
+    return service.metrics.render(service.matcher) + service.batcher.render()
