@@ -10,7 +10,7 @@ change every 5 s, as scripts/load_test.py does (the issue's 94 req/s, p99 353 ms
 scripts/load_test.py's (results/load/bundle-100000, built once and reused). The first answer each mode gave for
 each query is kept, and the two modes' answers compared: same ids in the same order, and the largest score
 difference. Prints a table, writes results/bench_serving.json and, with matplotlib, results/bench_serving.png
-(req/s and p99 against clients).
+(req/s and p99 against clients; BENCHMARKS.md shows the copy in scripts/plots/).
 """
 
 from __future__ import annotations
