@@ -42,8 +42,21 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
 def start_server(bundle: Path, port: int, wait_ms: float, threads: int) -> subprocess.Popen[str]:
-    cmd = [sys.executable, "-m", "matching", "serve", str(bundle), "--port", str(port), "--torch-threads", "1",
-           "--batch-wait-ms", str(wait_ms), "--batch-threads", str(threads)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "matching",
+        "serve",
+        str(bundle),
+        "--port",
+        str(port),
+        "--torch-threads",
+        "1",
+        "--batch-wait-ms",
+        str(wait_ms),
+        "--batch-threads",
+        str(threads),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
     end = time.monotonic() + 180
     while time.monotonic() < end:
@@ -216,16 +229,22 @@ def main() -> None:
         "answers": compare(off_answers, on_answers),
     }
     print(f"\n{args.size} titles, 1 worker, torch threads 1, loopback, {args.seconds:g} s a phase")
-    print(f"{'batching':<9} {'clients':>7} {'requests':>9} {'errors':>6} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'x off':>6} {'batch':>6}")  # fmt: skip
+    print(
+        f"{'batching':<9} {'clients':>7} {'requests':>9} {'errors':>6} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'x off':>6} {'batch':>6}"
+    )
     for r in rows:
         base = next((o for o in off if o["clients"] == r["clients"]), r)
         label = "off" if r["batch_wait_ms"] == 0 else f"{r['batch_wait_ms']:g} ms"
-        print(f"{label:<9} {r['clients']:>7} {r['requests']:>9} {r['errors']:>6} {r['rps']:>7.1f} {r['p50']:>8.1f} "
-              f"{r['p99']:>8.1f} {r['rps'] / base['rps']:>6.2f} {r['mean_batch'] or 0:>6.1f}")  # fmt: skip
+        print(
+            f"{label:<9} {r['clients']:>7} {r['requests']:>9} {r['errors']:>6} {r['rps']:>7.1f} {r['p50']:>8.1f} "
+            f"{r['p99']:>8.1f} {r['rps'] / base['rps']:>6.2f} {r['mean_batch'] or 0:>6.1f}"
+        )
     a = report["answers"]
-    print(f"answers: {a['same_ids_in_order']} of {a['queries']} queries seen in both modes: same ids in the same "
-          f"order; largest score difference among those {a['max_score_diff']:.2g}")  # fmt: skip
+    print(
+        f"answers: {a['same_ids_in_order']} of {a['queries']} queries seen in both modes: same ids in the same "
+        f"order; largest score difference among those {a['max_score_diff']:.2g}"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")
