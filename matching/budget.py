@@ -37,7 +37,9 @@ def count_tokens(encoder: Encoder, texts: list[str], prompt: str, total: int, st
 
 # a whitespace-separated word with a letter or a digit: a tokenizer keeps it as one token or more (an unknown one
 # at worst), where it may drop a word of control characters, accents or zero-width marks alone
-_WORD = re.compile(r"\S*?[^\W_]\S*")
+# (tried only where a word starts: from every position, a long run of punctuation cost its length squared, 40 ms
+# for 2,000 underscores against 0.07 ms)
+_WORD = re.compile(r"(?<!\S)\S*?[^\W_]\S*")
 
 
 def token_floor(texts: list[str], limit: int, need: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -180,6 +181,6 @@ class ServiceConfig(JsonConfig):
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if value < 0 or (value == 0 and f.name != "batch_wait_ms"):
+            if not math.isfinite(value) or value < 0 or (value == 0 and f.name != "batch_wait_ms"):
                 bound = ">= 0" if f.name == "batch_wait_ms" else "> 0"
                 raise ConfigError(f"ServiceConfig.{f.name} must be {bound}, got {value}")

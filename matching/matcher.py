@@ -5,7 +5,6 @@ trainers (:mod:`matching.training`) take a :class:`~matching.search.Snapshot`.""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 from collections.abc import Iterable, Sequence
@@ -227,7 +226,11 @@ class Matcher(ServedBundle):
         if bad:
             raise ConfigError(f"query {bad[0]} holds a lone surrogate (half of a UTF-16 pair); fix its decoding")
         snap = self._snap
-        vectors = snap.query_encoder.encode_queries(list(queries), show_progress=show_progress)
+        # each distinct query encoded once (the service's token budget counts them so)
+        distinct = list(dict.fromkeys(queries))
+        encoded = snap.query_encoder.encode_queries(distinct, show_progress=show_progress)
+        place = {q: i for i, q in enumerate(distinct)}
+        vectors = encoded if len(distinct) == len(queries) else encoded[[place[q] for q in queries]]
         return self._search(snap, Queries(vectors, list(queries)), k, candidates, rerank, where, retrieval)
 
     def search_vectors(
@@ -486,9 +489,14 @@ class Matcher(ServedBundle):
             (tuned, report), found = finetune_encoder(*args, show_progress=show_progress, **settings), None
         if report.best_epoch > 0:
             columns = {k: v for k, v in settings.items() if k.endswith("_column") or k == "seed"}
-            retrain = functools.partial(
-                train_scorer, train_pairs=train_pairs, valid_pairs=valid_pairs, show_progress=show_progress, **columns
-            )
+            fitted: list[TrainReport] = []  # the retrained reranker's report, as trained (the live manifest may
+            # already be another writer's by the time this returns)
+
+            def retrain(snap: Snapshot) -> tuple[Scorer, TrainReport]:
+                out = train_scorer(snap, train_pairs, valid_pairs, show_progress=show_progress, **columns)
+                fitted.append(out[1])
+                return out
+
             reencode_bundle(
                 self._snap,
                 self._require_path(),
@@ -501,8 +509,8 @@ class Matcher(ServedBundle):
             )
             self.encoder = tuned
             self._reopen()
-            if retrain_scorer:
-                report.scorer_report = self.manifest.source["reencoded"]["finetuned"]["scorer_report"]
+            if fitted:
+                report.scorer_report = fitted[-1].to_dict()
         return report
 
     # -- a smaller encoder -------------------------------------------------------------------------

@@ -361,3 +361,35 @@ def test_service_config_round_trips_the_budget_and_the_deadline(tmp_path: Path) 
     for bad in ({"max_request_tokens": 0}, {"request_seconds": -1.0}):
         with pytest.raises(ConfigError, match="must be > 0"):
             ServiceConfig.from_dict(bad)
+
+
+def test_service_config_refuses_infinities_and_nan() -> None:
+    # batch_wait_ms=inf made the batch worker's queue wait raise and the worker die: every later read hung
+    for bad in ({"batch_wait_ms": float("inf")}, {"request_seconds": float("nan")}):
+        with pytest.raises(ConfigError, match="must be"):
+            ServiceConfig.from_dict(bad)
+
+
+def test_the_floor_counts_words_and_reads_long_punctuation_in_one_pass() -> None:
+    assert token_floor(["red shoes", "!!! a_b ___", "___ ..."], 256, 10**9) == 2 + 1 + 0
+    assert token_floor(["x" * 10 + " y"], 1, 10**9) == 1  # at most the limit a text
+    # tried from every position, 20,000 underscores took seconds (quadratic); from word starts, milliseconds
+    assert token_floor(["_" * 20_000, "!" * 20_000 + "a"], 256, 10**9) == 1
+
+
+def test_a_batch_encodes_each_distinct_query_once(library: Matcher, monkeypatch: pytest.MonkeyPatch) -> None:
+    distinct = list(dict.fromkeys(QUERIES))
+    expected = dict(zip(distinct, library.search_batch(distinct, k=5), strict=True))
+    encoder = library.snapshot.query_encoder
+    seen: list[list[str]] = []
+    encode = encoder.encode_queries
+
+    def recorded(texts: list[str], **kwargs: Any) -> np.ndarray:
+        seen.append(list(texts))
+        return encode(texts, **kwargs)
+
+    monkeypatch.setattr(encoder, "encode_queries", recorded)
+    results = library.search_batch(QUERIES * 3, k=5)
+    assert seen == [distinct]  # what the budget counts is what is encoded
+    for query, hits in zip(QUERIES * 3, results, strict=True):
+        assert [(h.id, h.score) for h in hits] == [(h.id, h.score) for h in expected[query]]

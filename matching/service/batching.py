@@ -110,7 +110,13 @@ class Batcher:
                 with self._lock:  # several workers count
                     self.batches += 1
                     self.items += len(members)
-                self._run(group, members)
+                try:
+                    self._run(group, members)
+                except Exception as exc:  # a worker that died would leave every later read waiting forever
+                    log.exception("a batch of %d searches failed outside the search", len(members))
+                    for pending in members:
+                        if not pending.future.done():
+                            pending.future.set_exception(exc)
             if not more:
                 return
 
