@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import random
-import socket
 import subprocess
 import sys
 import threading
@@ -39,6 +38,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from load_test import free_port, pct, wait_ready  # noqa: E402
 
 from matching.demo import generate_large_catalogue, generate_queries  # noqa: E402
 
@@ -57,13 +58,6 @@ WORDS = [
     "machine",
     "lamp",
 ]
-
-
-def pct(values: list[float]) -> dict[str, float]:
-    s = sorted(values)
-    if not s:
-        return {"p50": float("nan"), "p99": float("nan"), "max": float("nan")}
-    return {"p50": s[len(s) // 2], "p99": s[min(len(s) - 1, int(len(s) * 0.99))], "max": s[-1]}
 
 
 def long_text(rng: random.Random, chars: int = 2000) -> str:
@@ -122,29 +116,10 @@ def hostile_child(port: int, kind: str, seconds: float, seed: int) -> None:
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_server(bundle: Path, port: int) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "matching", "serve", str(bundle), "--port", str(port), "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited: {proc.stderr.read() if proc.stderr else ''}")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("GET", "/ready")
-            if conn.getresponse().status == 200:
-                return proc
-        except OSError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server not ready in 180 s")
+    return wait_ready(proc, port)
 
 
 def normal_client(port: int, queries: list[str], end: float, out: dict[str, Any], seed: int) -> None:

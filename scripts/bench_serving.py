@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from load_test import free_port, make_bundle, pct  # noqa: E402
+from load_test import free_port, make_bundle, pct, wait_ready  # noqa: E402
 
 from matching.demo import generate_queries  # noqa: E402
 
@@ -58,20 +58,7 @@ def start_server(bundle: Path, port: int, wait_ms: float, threads: int) -> subpr
         str(threads),
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
-    end = time.monotonic() + 180
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited: {proc.stderr.read() if proc.stderr else ''}")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("GET", "/ready")
-            if conn.getresponse().status == 200:
-                return proc
-        except OSError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server not ready in 180 s")
+    return wait_ready(proc, port)
 
 
 def client(port: int, queries: list[str], start: float, end: float, out: dict[str, Any], seed: int) -> None:

@@ -111,6 +111,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_ready(proc: subprocess.Popen[str], port: int) -> subprocess.Popen[str]:
+    """``proc`` (a `matching serve` on ``port``) once its /ready answers 200; exits when it dies or takes 180 s."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited: {proc.stderr.read() if proc.stderr else ''}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/ready")
+            if conn.getresponse().status == 200:
+                return proc
+        except OSError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("server not ready in 180 s")
+
+
 def start_server(bundle: Path, port: int, workers: int, torch_threads: int, token: Path) -> subprocess.Popen[str]:
     cmd = [
         sys.executable,
@@ -128,20 +146,7 @@ def start_server(bundle: Path, port: int, workers: int, torch_threads: int, toke
         str(token),
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited: {proc.stderr.read() if proc.stderr else ''}")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("GET", "/ready")
-            if conn.getresponse().status == 200:
-                return proc
-        except OSError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server not ready in 180 s")
+    return wait_ready(proc, port)
 
 
 def publish_child(bundle: Path, seconds: float, every: float) -> None:
