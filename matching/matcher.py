@@ -226,11 +226,7 @@ class Matcher(ServedBundle):
         if bad:
             raise ConfigError(f"query {bad[0]} holds a lone surrogate (half of a UTF-16 pair); fix its decoding")
         snap = self._snap
-        # each distinct query encoded once (the service's token budget counts them so)
-        distinct = list(dict.fromkeys(queries))
-        encoded = snap.query_encoder.encode_queries(distinct, show_progress=show_progress)
-        place = {q: i for i, q in enumerate(distinct)}
-        vectors = encoded if len(distinct) == len(queries) else encoded[[place[q] for q in queries]]
+        vectors = snap.encode_queries(queries, show_progress=show_progress)
         return self._search(snap, Queries(vectors, list(queries)), k, candidates, rerank, where, retrieval)
 
     def search_vectors(

@@ -148,6 +148,16 @@ class Snapshot:
         unseen = [t for t, row in zip(distinct, self.store.find_titles(distinct), strict=True) if row is None]
         return count_tokens(self.encoder, unseen, self.encoder.prompts.title, total, stop_above)
 
+    def encode_queries(self, queries: Sequence[str], *, show_progress: bool = False) -> np.ndarray:
+        """One query vector per item of ``queries``, each distinct query encoded once (the service's token budget
+        counts them so)."""
+        distinct = list(dict.fromkeys(queries))
+        encoded = self.query_encoder.encode_queries(distinct, show_progress=show_progress)
+        if len(distinct) == len(queries):
+            return encoded
+        place = {q: i for i, q in enumerate(distinct)}
+        return encoded[[place[q] for q in queries]]
+
     def encode_pairs(
         self, queries: Sequence[str], titles: Sequence[str], *, show_progress: bool = False
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -165,9 +175,7 @@ class Snapshot:
             bad = next((i for i, x in enumerate(seq) if has_surrogate(x)), None)
             if bad is not None:
                 raise ConfigError(f"{name}[{bad}] holds a lone surrogate (half of a UTF-16 pair); fix its decoding")
-        uq = list(dict.fromkeys(queries))
-        q_vecs = self.query_encoder.encode_queries(uq, show_progress=show_progress)
-        q_pos = {q: i for i, q in enumerate(uq)}
+        q_vecs = self.encode_queries(queries, show_progress=show_progress)
         deadline.check()
         ut = list(dict.fromkeys(titles))
         rows = self.store.find_titles(ut)
@@ -179,7 +187,7 @@ class Snapshot:
         if missing:
             t_vecs[missing] = self.encoder.encode_titles([ut[i] for i in missing], show_progress=show_progress)
         t_pos = {t: i for i, t in enumerate(ut)}
-        return q_vecs[[q_pos[q] for q in queries]], t_vecs[[t_pos[t] for t in titles]]
+        return q_vecs, t_vecs[[t_pos[t] for t in titles]]
 
 
 def open_snapshot(
