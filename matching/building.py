@@ -22,6 +22,7 @@ from matching.config import IndexConfig, ScorerConfig
 from matching.encoder import Encoder, UnknownTokens
 from matching.errors import BadRowError
 from matching.features import DEFAULT_DENSE_WEIGHT
+from matching.fields import FieldSpec
 from matching.ingest import CatalogueReader, Encoded, metadata_json
 from matching.layout import ENCODER_WEIGHTS, TRAIN_REPORT
 from matching.scorer import Scorer
@@ -121,6 +122,7 @@ def build_bundle(
     analyzer: Analyzer,
     retrieval: Retrieval | None,
     skip_bad_rows: bool,
+    fields: FieldSpec | None = None,
     encoding: str,
     chunksize: int,
     overwrite: bool,
@@ -164,6 +166,7 @@ def build_bundle(
         show_progress=show_progress,
         lock_timeout=lock_timeout,
         started=started,
+        fields=fields,
     )
 
 
@@ -185,6 +188,7 @@ def write_bundle(
     base: Path | None = None,
     fusion: dict[str, Any] | None = None,
     before_publish: Callable[[Path, Manifest], Manifest] | None = None,
+    fields: FieldSpec | None = None,
 ) -> RowSource:
     """Write ``rows`` (encoded as they are read) into a new generation: the store, vectors, FAISS index, BM25 and
     an untrained reranker; with ``base``, the change is refused if another writer published since. A tuned
@@ -193,7 +197,7 @@ def write_bundle(
     the complete generation and its manifest, may add or replace files in it and returns the manifest to publish
     (checksummed again, over the final files)."""
     with new_generation(path, overwrite=overwrite, base=base, lock_timeout=lock_timeout) as gen:
-        writer = Store.create(gen, encoder.dim)
+        writer = Store.create(gen, encoder.dim, fields)
         unknown = UnknownTokens(encoder)
         vector_sum = np.zeros(encoder.dim, dtype=np.float64)
         try:
@@ -303,6 +307,7 @@ def reencode_bundle(
         base=path / str(snap.generation),
         fusion=None if old.fusion is Fusion.ADAPTIVE else {**generation.fixed_fusion(), **_fixed_entries(lexical)},
         before_publish=None if retrain is None else functools.partial(retrained, encoder=encoder, fit=retrain),
+        fields=snap.store.fields.spec if snap.store.fields is not None else None,
     )
 
 

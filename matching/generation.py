@@ -275,7 +275,7 @@ def copy_rows(source: Store, gen: Path, *, limit: int | None = None, show_progre
     vectors included: no re-encoding. Returns the number of rows written."""
     from tqdm.auto import tqdm
 
-    writer = Store.create(gen, source.dim)
+    writer = Store.create(gen, source.dim, source.fields.spec if source.fields is not None else None)
     total = source.count if limit is None else min(limit, source.count)
     try:
         with tqdm(total=total, desc="copying", unit="title", disable=not show_progress) as bar:

@@ -11,6 +11,8 @@ MANIFEST_FILE = "manifest.json"
 STORE_DB = "store.sqlite"
 VECTORS_FILE = "vectors.f32"  # append-only, hard-linked from one generation to the next
 STORE_CONFIG = "store.json"
+FIELDS_CONFIG = "fields.json"  # the indexed metadata fields' names, kinds and text values
+FIELDS_ARRAYS = "fields.safetensors"  # their columns over row ids, and the live rows
 INDEX_FILE = "index.faiss"  # the FAISS vector backend's index
 EXACT_INDEX_FILE = "index.exact.npz"  # the exact vector backend's ids and vectors
 INDEX_CONFIG = "index.json"
@@ -25,5 +27,15 @@ TRAIN_REPORT = "train_report.json"
 # what a catalogue change (add, upsert, remove, compact) rewrites, with every vector backend's files
 # (matching.vectors.index_files); every other file is carried across
 CATALOGUE_FILES = frozenset(
-    {STORE_DB, VECTORS_FILE, STORE_CONFIG, INDEX_FILE, INDEX_CONFIG, LEXICAL_CONFIG, LEXICAL_ARRAYS}
+    {
+        STORE_DB,
+        VECTORS_FILE,
+        STORE_CONFIG,
+        FIELDS_CONFIG,
+        FIELDS_ARRAYS,
+        INDEX_FILE,
+        INDEX_CONFIG,
+        LEXICAL_CONFIG,
+        LEXICAL_ARRAYS,
+    }
 )

@@ -22,6 +22,7 @@ from matching.config import EncoderConfig, IndexConfig, ScorerConfig
 from matching.encoder import Encoder
 from matching.errors import ConfigError
 from matching.features import DENSE_CEILING
+from matching.fields import FieldSpec
 from matching.ingest import DEFAULT_CHUNKSIZE, has_surrogate
 from matching.layout import QUERY_ENCODER, SCORER_CONFIG, SCORER_WEIGHTS, TRAIN_REPORT
 from matching.scorer import Scorer
@@ -60,6 +61,7 @@ class Matcher(ServedBundle):
         encoder_config: EncoderConfig | None = None,
         preset: Preset | str | None = None,
         index_config: IndexConfig | None = None,
+        index_fields: Sequence[str] | str | None = None,
         scorer_hidden: int = 256,
         analyzer: Analyzer | str = Analyzer.AUTO,
         retrieval: Retrieval | str | None = None,
@@ -80,7 +82,8 @@ class Matcher(ServedBundle):
         Every other column is kept as metadata. ``engine="ray"`` reads and encodes on a Ray cluster
         (``ray_address``; default: a local one) with ``encoders`` encoder actors (:mod:`matching.distributed`).
         ``preset`` picks the encoder's speed/precision (:class:`~matching.types.Preset`; default ``default``).
-        ``index_config`` defaults to the automatic index for the catalogue's size.
+        ``index_config`` defaults to the automatic index for the size. ``index_fields``: metadata fields given a
+        column for fast ``where`` filters (:mod:`matching.fields`): ``"auto"``, ``"none"`` or a list of names.
         Nothing is published unless the whole build succeeds.
         """
         path = Path(path)
@@ -95,6 +98,7 @@ class Matcher(ServedBundle):
         elif preset is not None:
             encoder.set_preset(preset)
         index_config = index_config or IndexConfig()
+        fields = FieldSpec.of(index_fields)
         # fail on a bad index or scorer setting now, not after encoding the whole catalogue
         VectorIndex.empty(encoder.dim, index_config)
         analyzer = Analyzer(analyzer)
@@ -108,6 +112,7 @@ class Matcher(ServedBundle):
             id_column=id_column,
             title_column=title_column,
             index_config=index_config,
+            fields=fields,
             scorer_config=scorer_config,
             analyzer=analyzer,
             retrieval=retrieval,

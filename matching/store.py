@@ -39,9 +39,11 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import QueuePool
 
 from matching.errors import BundleError
+from matching.field_query import evaluate
+from matching.fields import FieldBuilder, FieldIndex, FieldSpec
+from matching.filters import Condition, conditions, where_clauses
 from matching.filters import Where as Where
 from matching.filters import parse_where as parse_where
-from matching.filters import where_clauses
 from matching.ingest import metadata_json
 from matching.layout import STORE_CONFIG, STORE_DB, VECTORS_FILE
 from matching.types import IdType
@@ -106,19 +108,29 @@ def _engine(path: Path) -> Engine:
 class Store:
     """Rows and vectors of one bundle generation. Open with :meth:`open`, create with :meth:`create`."""
 
-    def __init__(self, directory: Path, engine: Engine, vectors: np.ndarray, id_type: IdType, count: int) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        engine: Engine,
+        vectors: np.ndarray,
+        id_type: IdType,
+        count: int,
+        fields: FieldIndex | None = None,
+    ) -> None:
         self.directory = directory
         self.engine = engine
         self.vectors = vectors  # every row ever added, dead ones included; index it with row ids
         self.id_type = id_type
         self._count = count
+        self.fields = fields  # None: a store written before metadata fields were indexed (SQL answers every where)
 
     # -- creation ----------------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, directory: Path, dim: int) -> StoreWriter:
-        """Start a new store in ``directory`` (which must not hold one yet)."""
-        return StoreWriter(directory, dim)
+    def create(cls, directory: Path, dim: int, fields: FieldSpec | None = None) -> StoreWriter:
+        """Start a new store in ``directory`` (which must not hold one yet), indexing the metadata fields ``fields``
+        chooses (default: automatically)."""
+        return StoreWriter(directory, dim, fields or FieldSpec())
 
     @classmethod
     def open(cls, directory: Path) -> Self:
@@ -147,7 +159,10 @@ class Store:
                 mapping.madvise(mmap.MADV_RANDOM)
         else:
             vectors = np.empty((0, dim), dtype=np.float32)
-        return cls(directory, _read_only_engine(db_path), vectors, IdType(config["id_type"]), count)
+        fields = FieldIndex.load(directory)
+        if fields is not None and fields.rows != rows:
+            raise BundleError(f"the field index in {str(directory)!r} covers {fields.rows} rows, the store {rows}")
+        return cls(directory, _read_only_engine(db_path), vectors, IdType(config["id_type"]), count, fields)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -194,7 +209,29 @@ class Store:
             last = part[-1][0]
 
     def filter_ids(self, where: Where) -> np.ndarray:
-        """Row ids whose metadata satisfy every condition of ``where`` (values are bound parameters)."""
+        """Row ids (ascending) whose metadata satisfy every condition of ``where``: conditions on indexed fields
+        from their columns, the others by SQL over the JSON metadata (values are bound parameters)."""
+        return np.flatnonzero(self.filter_mask(where))
+
+    def filter_mask(self, where: Where) -> np.ndarray:
+        """:meth:`filter_ids` as a boolean mask over row ids."""
+        checked = conditions(where)
+        mask, rest = evaluate(self.fields, checked) if self.fields is not None else (None, checked)
+        if mask is not None and not rest:
+            return mask
+        ids = self.sql_filter_ids(rest)
+        if mask is None:
+            mask = np.zeros(len(self.vectors), np.bool_)
+            mask[ids] = True
+            return mask
+        keep = np.zeros(len(mask), np.bool_)
+        keep[ids] = True
+        return mask & keep
+
+    def sql_filter_ids(self, where: Where | list[Condition]) -> np.ndarray:
+        """Row ids (ascending) whose JSON metadata satisfy ``where`` (a dict, or checked conditions), by SQL alone."""
+        if isinstance(where, list):
+            where = _as_where(where)
         stmt = select(TitleRow.row_id).where(*where_clauses(TitleRow.metadata_json, where)).order_by(TitleRow.row_id)
         with Session(self.engine) as session:
             ids = session.scalars(stmt).all()
@@ -257,6 +294,14 @@ class Store:
     def external_id(self, raw: str) -> str | int:
         """The id as the user gave it: ``int`` when every id in the catalogue was an integer."""
         return int(raw) if self.id_type is IdType.INT else raw
+
+
+def _as_where(checked: list[Condition]) -> dict[str, dict[str, Any]]:
+    """Checked (field, operator, value) conditions as a ``where`` again: ``{field: {operator: value}}``."""
+    where: dict[str, dict[str, Any]] = {}
+    for key, op, value in checked:
+        where.setdefault(key, {})[op] = value
+    return where
 
 
 def _stored(row: TitleRow) -> StoredTitle:
@@ -333,6 +378,7 @@ class StoreEditor:
         self._vectors.truncate(self.rows * self.dim * 4)  # drop what a crashed writer appended
         self._vectors.seek(0, os.SEEK_END)
         self.engine = _engine(staging / STORE_DB)
+        self.fields = FieldIndex.load(base)
 
     def lookup(self, external_ids: Sequence[str]) -> dict[str, StoredTitle]:
         return _lookup(self.engine, external_ids)
@@ -342,18 +388,25 @@ class StoreEditor:
         with Session(self.engine) as session, session.begin():
             for start in range(0, len(ids), _SQL_BATCH):
                 session.execute(delete(TitleRow).where(TitleRow.row_id.in_(ids[start : start + _SQL_BATCH])))
+        if self.fields is not None:
+            self.fields.remove(np.asarray(ids, dtype=np.int64))
 
     def update_metadata(self, changes: Mapping[int, str]) -> None:
         with Session(self.engine) as session, session.begin():
             for row_id, meta in changes.items():
                 session.execute(update(TitleRow).where(TitleRow.row_id == row_id).values(metadata_json=meta))
+        if self.fields is not None and changes:
+            self.fields.update(np.fromiter(changes, dtype=np.int64), [json.loads(m) for m in changes.values()])
 
     def append(
         self, external_ids: Sequence[str], titles: Sequence[str], metadata: Iterable[str], vectors: np.ndarray
     ) -> np.ndarray:
         """Add rows (metadata as JSON text) and their vectors under fresh row ids, which are returned."""
+        metadata = list(metadata)
         row_ids = _append(self.engine, self._vectors, self.rows, self.dim, external_ids, titles, metadata, vectors)
         self.rows += len(row_ids)
+        if self.fields is not None:
+            self.fields.add(row_ids, [json.loads(m) for m in metadata])
         return row_ids
 
     def finish(self, id_type: IdType | None = None) -> int:
@@ -365,6 +418,8 @@ class StoreEditor:
             count = int(session.scalar(select(func.count()).select_from(TitleRow)) or 0)
         self.engine.dispose()
         self.id_type = id_type or self.id_type
+        if self.fields is not None:
+            self.fields.save(self.directory)
         _write_config(self.directory, count=count, rows=self.rows, dim=self.dim, id_type=self.id_type)
         return count
 
@@ -418,10 +473,11 @@ def _insert(
 class StoreWriter:
     """Appends rows and vectors while a bundle is built; :meth:`finish` writes the config."""
 
-    def __init__(self, directory: Path, dim: int) -> None:
+    def __init__(self, directory: Path, dim: int, fields: FieldSpec) -> None:
         self.directory = directory
         self.dim = dim
         self.count = 0
+        self.fields = FieldBuilder(fields)
         db_path = directory / STORE_DB
         if db_path.exists():
             raise BundleError(f"{str(db_path)!r} already exists")
@@ -437,8 +493,10 @@ class StoreWriter:
         vectors: np.ndarray,
     ) -> np.ndarray:
         """Add rows (metadata as JSON text) and their vectors; returns the row ids given to them."""
+        metadata = list(metadata)
         row_ids = _append(self.engine, self._vectors, self.count, self.dim, external_ids, titles, metadata, vectors)
         self.count += len(row_ids)
+        self.fields.add(row_ids, [json.loads(m) for m in metadata])
         return row_ids
 
     def copy_rows(self, source: Store, rows: Sequence[StoredTitle]) -> np.ndarray:
@@ -455,6 +513,7 @@ class StoreWriter:
         os.fsync(self._vectors.fileno())
         self._vectors.close()
         self.engine.dispose()
+        FieldIndex.from_builder(self.fields, self.count).save(self.directory)
         _write_config(self.directory, count=self.count, rows=self.count, dim=self.dim, id_type=id_type)
 
     def abort(self) -> None:

@@ -72,6 +72,13 @@ class Engine(StrEnum):
     RAY = "ray"
 
 
+class FieldKind(StrEnum):
+    """What an indexed metadata field's column holds (:mod:`matching.fields`)."""
+
+    NUMBER = "number"
+    TEXT = "text"
+
+
 class IdType(StrEnum):
     """The Python type external ids are handed back as."""
 

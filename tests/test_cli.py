@@ -129,6 +129,38 @@ def test_build_and_compact_with_an_index_backend(
     assert_one_line_error(err, "unknown vector backend 'nope'")
 
 
+def test_build_with_index_fields(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, catalogue_csv: Path, tiny_model_dir: Path
+) -> None:
+    from matching.bundle import current_generation
+    from matching.store import Store
+
+    columns = {}
+    for name, flags in {"auto": [], "brand": ["--index-field", "brand"], "none": ["--index-field", "none"]}.items():
+        out = tmp_path / name
+        code, _, _ = run(capsys, "build", catalogue_csv, "--out", out, "--model", tiny_model_dir, "-q", *flags)
+        assert code == 0
+        store = Store.open(current_generation(out))
+        assert store.fields is not None
+        columns[name] = sorted(store.fields.columns)
+        store.close()
+    assert columns == {"auto": ["brand", "price"], "brand": ["brand"], "none": []}
+    code, _, err = run(
+        capsys,
+        "build",
+        catalogue_csv,
+        "--out",
+        tmp_path / "x",
+        "--model",
+        tiny_model_dir,
+        "-q",
+        "--index-field",
+        "colour",
+    )
+    assert code != 0
+    assert_one_line_error(err, "index field 'colour' holds no value in any row")
+
+
 def test_build_with_options(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_model_dir: Path, tiny_encoder: Any
 ) -> None:

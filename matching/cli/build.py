@@ -49,6 +49,13 @@ def _add_build(sub: Any) -> None:
         choices=RETRIEVALS,
         help="the bundle's default retrieval (default: hybrid, dense and BM25 candidates fused)",
     )
+    p.add_argument(
+        "--index-field",
+        action="append",
+        metavar="FIELD",
+        help="a metadata field to index for fast --where filters (repeat; then only these are indexed); "
+        "'none' for none (default: numbers and texts of at most 65,536 distinct values)",
+    )
     p.add_argument("--id-column", default="id")
     p.add_argument(
         "--title-column",
@@ -162,6 +169,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         title_column=args.title_column,
         encoder_config=encoder_config,
         index_config=_index_config(args),
+        index_fields="none" if args.index_field == ["none"] else args.index_field,
         skip_bad_rows=args.skip_bad_rows,
         encoding=args.encoding,
         overwrite=args.overwrite,
