@@ -68,6 +68,17 @@ class FieldSpec:
         return cls(auto=False, names=names)
 
 
+def parse_metadata(text: str) -> dict[str, Any]:
+    """A row's metadata JSON as a dict; a key given twice keeps its first value, as SQLite's ``json_each`` (and so
+    the SQL filter) reads it first."""
+    parsed: dict[str, Any] = json.loads(text, object_pairs_hook=_first_wins)
+    return parsed
+
+
+def _first_wins(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    return dict(reversed(pairs))
+
+
 def value_kind(value: Any) -> str:
     """``number``, ``text``, ``null``, or ``no`` (a value no column holds) for one JSON metadata value."""
     if value is None:
@@ -160,6 +171,8 @@ class FieldIndex:
         spec, kinds = builder.spec, builder.kinds
         for name in spec.names:
             kind = kinds.get(name, set())
+            if "\x00" in name:
+                raise ConfigError(f"index field {name!r} cannot be indexed: SQLite cuts its name at the NUL; rename it")
             if _NO in kind or len(kind - {"null"}) > 1:
                 raise ConfigError(
                     f"index field {name!r} cannot be indexed: its values {_mix(kind)}; a column holds numbers, or "
@@ -246,7 +259,7 @@ class FieldIndex:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
             arrays = load_file(str(arrays_path))
             return cls._checked(meta, arrays)
-        except (OSError, ValueError, KeyError, TypeError) as exc:  # safetensors and json raise ValueError kinds
+        except Exception as exc:  # safetensors, json and the checks below raise their own kinds
             raise BundleError(f"field index in {str(directory)!r} is damaged or missing a file: {exc}") from None
 
     @classmethod
@@ -260,10 +273,19 @@ class FieldIndex:
         for i, entry in enumerate(meta["columns"]):
             kind = FieldKind(entry["kind"])
             present, values = arrays[f"c{i}.present"], arrays[f"c{i}.values"]
-            dictionary = [str(t) for t in entry["dictionary"]]
+            dictionary = entry["dictionary"]
             dtype = np.float64 if kind is FieldKind.NUMBER else np.int32
-            if present.dtype != np.bool_ or present.shape != (rows,) or values.dtype != dtype or len(values) != rows:
-                raise ValueError(f"column {entry['name']!r} has the wrong type or length")
+            if (
+                present.dtype != np.bool_
+                or present.shape != (rows,)
+                or values.dtype != dtype
+                or values.shape != (rows,)
+            ):
+                raise ValueError(f"column {entry['name']!r} has the wrong type or shape")
+            if not isinstance(dictionary, list) or not all(isinstance(t, str) for t in dictionary):
+                raise ValueError(f"column {entry['name']!r}: its dictionary is not a list of texts")
+            if kind is FieldKind.NUMBER and not np.isfinite(values[present]).all():
+                raise ValueError(f"column {entry['name']!r} holds a number that is not finite")
             if kind is FieldKind.TEXT:
                 codes = values[present]
                 if dictionary != sorted(set(dictionary)) or (
@@ -271,7 +293,10 @@ class FieldIndex:
                 ):
                     raise ValueError(f"column {entry['name']!r} has codes outside its sorted dictionary")
             columns[str(entry["name"])] = Column(kind, present, values, dictionary)
-        return cls(FieldSpec.from_dict(meta["spec"]), live, columns, seen=meta.get("seen", ()))
+        seen = meta.get("seen", [])
+        if not isinstance(meta["spec"], dict) or not isinstance(seen, list):
+            raise ValueError("spec or seen is not of its type")
+        return cls(FieldSpec.from_dict(meta["spec"]), live, columns, seen=[str(n) for n in seen])
 
 
 class FieldBuilder:
@@ -295,6 +320,9 @@ class FieldBuilder:
         for row, meta in zip(row_ids.tolist(), metadata, strict=True):
             for name, value in meta.items():
                 kind = value_kind(value)
+                if "\x00" in name:  # SQLite's json_each cuts a key at a NUL: the SQL filter reads it as its prefix
+                    self.kinds.setdefault(name.split("\x00")[0], set()).add(_NO)
+                    kind = _NO
                 self.kinds.setdefault(name, set()).add(kind)
                 if kind != "null":
                     ids, vals = part.setdefault(name, ([], []))

@@ -40,7 +40,7 @@ from sqlalchemy.pool import QueuePool
 
 from matching.errors import BundleError
 from matching.field_query import evaluate
-from matching.fields import FieldBuilder, FieldIndex, FieldSpec
+from matching.fields import FieldBuilder, FieldIndex, FieldSpec, parse_metadata
 from matching.filters import Condition, conditions, where_clauses
 from matching.filters import Where as Where
 from matching.filters import parse_where as parse_where
@@ -396,7 +396,7 @@ class StoreEditor:
             for row_id, meta in changes.items():
                 session.execute(update(TitleRow).where(TitleRow.row_id == row_id).values(metadata_json=meta))
         if self.fields is not None and changes:
-            self.fields.update(np.fromiter(changes, dtype=np.int64), [json.loads(m) for m in changes.values()])
+            self.fields.update(np.fromiter(changes, dtype=np.int64), [parse_metadata(m) for m in changes.values()])
 
     def append(
         self, external_ids: Sequence[str], titles: Sequence[str], metadata: Iterable[str], vectors: np.ndarray
@@ -406,7 +406,7 @@ class StoreEditor:
         row_ids = _append(self.engine, self._vectors, self.rows, self.dim, external_ids, titles, metadata, vectors)
         self.rows += len(row_ids)
         if self.fields is not None:
-            self.fields.add(row_ids, [json.loads(m) for m in metadata])
+            self.fields.add(row_ids, [parse_metadata(m) for m in metadata])
         return row_ids
 
     def finish(self, id_type: IdType | None = None) -> int:
@@ -496,7 +496,7 @@ class StoreWriter:
         metadata = list(metadata)
         row_ids = _append(self.engine, self._vectors, self.count, self.dim, external_ids, titles, metadata, vectors)
         self.count += len(row_ids)
-        self.fields.add(row_ids, [json.loads(m) for m in metadata])
+        self.fields.add(row_ids, [parse_metadata(m) for m in metadata])
         return row_ids
 
     def copy_rows(self, source: Store, rows: Sequence[StoredTitle]) -> np.ndarray:

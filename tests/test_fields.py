@@ -208,3 +208,64 @@ def test_bundle_changes_reload_and_old_layout(tmp_path: Path, tiny_encoder: Any)
     old.compact(show_progress=False)  # compaction writes them
     assert (current_generation(path) / FIELDS_CONFIG).exists()
     assert {m.id for m in old.search("red shoe", k=60, where=where)} == after - {6}
+
+
+def test_names_with_nul_and_repeated_keys_answer_as_sql(tmp_path: Path) -> None:
+    rows = [{"a\x00b": 1}, {"a\x00b": 2}, {"a": 5}, {}]
+    store = _write_store(tmp_path / "nul", rows)
+    try:
+        assert store.fields is not None
+        assert "a\x00b" not in store.fields.columns  # SQLite reads that key as "a"
+        for where in ({"a\x00b": 1}, {"a\x00b": None}, {"a": {"!=": None}}, {"a": 5}):
+            assert np.array_equal(store.filter_ids(where), store.sql_filter_ids(where)), where
+    finally:
+        store.close()
+    directory = tmp_path / "dup"
+    directory.mkdir()
+    writer = Store.create(directory, 4)
+    texts = ['{"p": 1, "p": 2}', '{"p": 2}', '{"p": 3, "p": 1}']  # only hand-written JSON repeats a key
+    writer.append(["0", "1", "2"], ["a", "b", "c"], texts, np.eye(3, 4, dtype=np.float32))
+    writer.finish(IdType.INT)
+    store = Store.open(directory)
+    try:
+        for where in ({"p": 1}, {"p": 2}, {"p": {">": 1}}):
+            assert np.array_equal(store.filter_ids(where), store.sql_filter_ids(where)), where
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["truncate", "garbage", "spec", "deep", "shape", "dictionary", "nan", "missing"],
+)
+def test_a_damaged_field_index_is_a_bundle_error(tmp_path: Path, damage: str) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    from matching.errors import BundleError
+
+    _write_store(tmp_path / "s", [{"p": 1.5, "c": "x"}, {"p": 2.0, "c": "y"}]).close()
+    arrays_path, meta_path = tmp_path / "s" / FIELDS_ARRAYS, tmp_path / "s" / FIELDS_CONFIG
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    number = next(i for i, c in enumerate(meta["columns"]) if c["kind"] == "number")
+    arrays = load_file(str(arrays_path))
+    if damage == "truncate":
+        arrays_path.write_bytes(arrays_path.read_bytes()[:20])
+    elif damage == "garbage":
+        arrays_path.write_bytes(b"\xff" * 64)
+    elif damage == "spec":
+        meta_path.write_text(json.dumps({**meta, "spec": None}), encoding="utf-8")
+    elif damage == "deep":
+        meta_path.write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
+    elif damage == "shape":
+        arrays[f"c{number}.values"] = np.zeros((2, 2))
+        save_file(arrays, str(arrays_path))
+    elif damage == "dictionary":
+        meta["columns"][1 - number]["dictionary"] = [1, 2]
+        meta_path.write_text(json.dumps(meta), encoding="utf-8")
+    elif damage == "nan":
+        arrays[f"c{number}.values"] = np.array([np.nan, 1.0])
+        save_file(arrays, str(arrays_path))
+    else:
+        meta_path.unlink()
+    with pytest.raises(BundleError, match="field index"):
+        Store.open(tmp_path / "s")
