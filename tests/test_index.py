@@ -150,3 +150,26 @@ def test_search_parameter_that_does_not_fit_the_factory_is_a_config_error(
     vectors, ids, _ = data
     with pytest.raises(ConfigError, match="nprobe"):
         VectorIndex.build(vectors, ids, IndexConfig(factory="Flat", nprobe=4))
+
+
+def test_a_filter_widens_the_probes_by_its_share(data: tuple[np.ndarray, ...], monkeypatch: pytest.MonkeyPatch) -> None:
+    from matching.vectors import faiss as backend
+
+    assert [backend.filter_widening(s) for s in (1.0, 0.5, 0.1, 0.01, 0.0)] == [2, 4, 8, 20, 1]
+    vectors, _, queries = data
+    ids = np.arange(N, dtype=np.int64)
+    index = VectorIndex.build(vectors, ids, IndexConfig(factory="IVF16,Flat", nprobe=1))
+    allowed = np.zeros(N, dtype=bool)
+    allowed[::4] = True  # a quarter: 4 lists probed instead of 1
+    widened = index.search(queries, 10, allowed=allowed)
+    core = backend.core_index(index.index)
+    core.nprobe = 4
+    monkeypatch.setattr(backend, "filter_widening", lambda share: 1)
+    scores, found = index.search(queries, 10, allowed=allowed)
+    np.testing.assert_array_equal(widened[1], found)
+    np.testing.assert_array_equal(widened[0], scores)
+    assert set(found[found >= 0].tolist()) <= set(np.flatnonzero(allowed).tolist())
+    core.nprobe = 16  # every list, widened past nlist: capped, still every list (exact over the allowed ids)
+    monkeypatch.setattr(backend, "filter_widening", lambda share: 64)
+    _, exact_ids = brute_force(vectors[allowed], ids[allowed], queries, 10)
+    np.testing.assert_array_equal(index.search(queries, 10, allowed=allowed)[1], exact_ids)

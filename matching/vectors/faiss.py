@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Self
@@ -31,6 +32,20 @@ from matching.vectors.autoindex import (
 from matching.vectors.base import VectorIndex
 
 _ADD_BATCH = 65_536
+_MAX_FILTERED_EF = 2048
+
+
+def filter_widening(share: float) -> int:
+    """How many times the tuned nprobe / efSearch a filtered search scans, for a filter passing ``share`` of the
+    ids: 2 x ceil(sqrt(1 / share)). A filter drops most of the codes a search scans, and with them the recall.
+    Measured on 1M product titles (IVF4096,SQ8 tuned to nprobe 7; recall@10 of the filtered search against exact
+    search over the passing rows, one query at a time): share 50% 0.963 -> 0.990 (x4, 0.88 ms), 10% 0.948 -> 0.995
+    (x8, 0.86 ms), 3% 0.912 -> 0.997 (x12), 1% 0.890 -> 1.000 (x20, 0.74 ms); unwidened 0.3-0.5 ms."""
+    if share <= 0:
+        return 1
+    return 2 * math.ceil(math.sqrt(1 / min(1.0, share)))
+
+
 _TRAIN_SAMPLE = 100_000
 AUTO = "auto"
 _SMALL_BATCH = 16
@@ -148,7 +163,8 @@ class FaissIndex(VectorIndex):
         if allowed is not None:
             bitmap = np.packbits(allowed, bitorder="little")
             selector = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
-            params = self._params(selector)
+            share = np.count_nonzero(allowed) / max(1, self.ntotal)
+            params = self._params(selector, filter_widening(share))
             if params is None:
                 raise NotImplementedError(f"index {self.config.factory!r} cannot search with a filter")
         with _threads_for(len(q)):
@@ -156,16 +172,17 @@ class FaissIndex(VectorIndex):
                 return retrieve(self.index, q, k, stored_vectors=stored, candidates=k * refine, params=params)
             return retrieve(self.index, q, k, params=params)
 
-    def _params(self, selector: Any) -> Any:
-        # the per-call parameters replace the index's own, so copy nprobe / efSearch across
+    def _params(self, selector: Any, widen: int) -> Any:
+        # the per-call parameters replace the index's own, so copy nprobe / efSearch across (widened: a filter
+        # leaves fewer of the codes scanned; see filter_widening)
         core = core_index(self.index)
         params: Any
         if isinstance(core, faiss.IndexIVF):
             params = faiss.SearchParametersIVF()
-            params.nprobe = int(core.nprobe)
+            params.nprobe = min(int(core.nlist), int(core.nprobe) * widen)
         elif isinstance(core, faiss.IndexHNSW):
             params = getattr(faiss, "SearchParametersHNSW")()  # noqa: B009  (missing from faiss's stubs)
-            params.efSearch = int(core.hnsw.efSearch)
+            params.efSearch = min(_MAX_FILTERED_EF, int(core.hnsw.efSearch) * widen)
         elif isinstance(core, faiss.IndexFlat):
             params = faiss.SearchParameters()
         else:
