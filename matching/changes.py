@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from matching import generation
 from matching.analysis import Analyzer
-from matching.bundle import Manifest, Unchanged, current_generation, new_generation, read_manifest
+from matching.bundle import Manifest, Unchanged, current_generation, new_generation, read_manifest, verify_files
 from matching.config import IndexConfig
 from matching.encoder import Encoder
 from matching.errors import BadRowError, BundleError, ConfigError, DuplicateIdError, SchemaError
@@ -35,10 +35,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _live(path: Path) -> tuple[Path, Manifest]:
-    """The live generation and its manifest (call with the writer lock held)."""
+def _live(path: Path, *, whole: bool = False) -> tuple[Path, Manifest]:
+    """The live generation and its manifest (call with the writer lock held), its catalogue files checked: the ones
+    a change reads and rewrites (a damaged one would be blessed by the new manifest). Of the append-only vector
+    file only the last block is checked, unless ``whole`` (compaction copies every row); the other files are
+    carried with their digests, so damage there is still seen by a verified load."""
     live = current_generation(path)
-    return live, read_manifest(live, verify=False)
+    manifest = read_manifest(live, verify=False)
+    read = [name for name in manifest.files if name not in generation.non_catalogue(manifest)]
+    verify_files(live, manifest, read, last_block_only=not whole)
+    return live, manifest
 
 
 def apply_rows(
@@ -56,7 +62,7 @@ def apply_rows(
     started = time.perf_counter()
     tally = dict.fromkeys(("added", "updated", "metadata_updated", "unchanged", "encoded"), 0)
     published = False
-    with new_generation(path, change=True, lock_timeout=lock_timeout) as gen:
+    with new_generation(path, change=True, lock_timeout=lock_timeout, verify_live=False) as gen:
         live, manifest = _live(path)
         if manifest.encoder["fingerprint"] != encoder.fingerprint and not allow_encoder_mismatch:
             raise BundleError(
@@ -221,7 +227,7 @@ def remove(path: Path, ids: Iterable[ExternalId], *, missing_ok: bool, lock_time
         wanted.append(ext)
     started = time.perf_counter()
     published = False
-    with new_generation(path, change=True, lock_timeout=lock_timeout) as gen:
+    with new_generation(path, change=True, lock_timeout=lock_timeout, verify_live=False) as gen:
         live, manifest = _live(path)
         count = read_config(live)["count"]
         editor = StoreEditor(live, gen)
@@ -261,8 +267,8 @@ def compact(
     """Rewrite the bundle without the rows removed titles left behind, and rebuild the index from the stored
     vectors (no re-encoding), with ``index_config`` if given."""
     started = time.perf_counter()
-    with new_generation(path, change=True, lock_timeout=lock_timeout) as gen:
-        live, manifest = _live(path)
+    with new_generation(path, change=True, lock_timeout=lock_timeout, verify_live=False) as gen:
+        live, manifest = _live(path, whole=True)
         config = index_config or generation.compact_config(live, manifest)
         old = Store.open(live)
         try:

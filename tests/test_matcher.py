@@ -361,7 +361,7 @@ def test_a_truncated_vector_file_is_caught_even_without_checksums(bundle_copy: P
 
 def test_a_manifest_from_a_newer_library_is_refused(bundle_copy: Path, tiny_encoder: Encoder) -> None:
     manifest = current_generation(bundle_copy) / MANIFEST_FILE
-    text = manifest.read_text(encoding="utf-8").replace('"format_version": 1', '"format_version": 99')
+    text = manifest.read_text(encoding="utf-8").replace('"format_version": 2', '"format_version": 99')
     manifest.write_text(text, encoding="utf-8")
     with pytest.raises(BundleError, match="newer"):
         Matcher.load(bundle_copy, encoder=tiny_encoder)

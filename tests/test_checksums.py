@@ -1,0 +1,102 @@
+"""A change checks and checksums what it reads and writes, not the whole bundle: the append-only vector file is
+checksummed in blocks, a change hashes only its last block and the new ones, and damage anywhere is still seen."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+from conftest import make_catalogue
+
+from matching import Matcher
+from matching import bundle as bundle_module
+from matching.bundle import block_digests, blocks_digest, current_generation, read_manifest
+from matching.errors import BundleError
+from matching.layout import STORE_DB, VECTORS_FILE
+
+BLOCK = 1024  # bytes: the tiny bundle's vector file (40 x 32 floats, 5 KiB) spans several blocks
+
+
+@pytest.fixture
+def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bundle_module, "BLOCK_BYTES", BLOCK)
+
+
+def _build(path: Path, encoder: Any) -> Matcher:
+    return Matcher.build(make_catalogue(), path, encoder=encoder, show_progress=False)
+
+
+def test_block_digests_reuse_equals_a_full_hash(tmp_path: Path, small_blocks: None) -> None:
+    file = tmp_path / "f"
+    file.write_bytes(bytes(range(256)) * 20)  # 5,120 bytes
+    full = block_digests(file, 5000)
+    assert len(full) == 5  # four whole blocks and 904 bytes
+    assert block_digests(file, 5000, ["x"] * 4) == ["x"] * 4 + full[4:]  # given digests are taken as they are
+    assert block_digests(file, 5000, full[:2]) == full
+    assert block_digests(file, 5000, ["x"] * 9)[4] == full[4]  # the partial block is always hashed
+    assert blocks_digest(full) != blocks_digest(full[:4])
+
+
+def test_a_change_reuses_the_full_blocks_and_hashes_the_rest(
+    tmp_path: Path, tiny_encoder: Any, small_blocks: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "b"
+    m = _build(path, tiny_encoder)
+    before = read_manifest(current_generation(path), verify=True)
+    size = before.sizes[VECTORS_FILE]
+    assert before.blocks[VECTORS_FILE] == block_digests(current_generation(path) / VECTORS_FILE, size)
+    hashed: list[int] = []
+    real = bundle_module.block_digests
+
+    def counting(file: Path, size: int, reuse: Any = ()) -> list[str]:
+        out = real(file, size, reuse)
+        hashed.append(len(out) - min(len(reuse), size // BLOCK))
+        return out
+
+    monkeypatch.setattr(bundle_module, "block_digests", counting)
+    m.add(pd.DataFrame({"id": [1], "title": ["acme teal kettle"]}), show_progress=False)
+    by_change = list(hashed)
+    live = current_generation(path)
+    after = read_manifest(live, verify=True)  # every block checked again from the bytes
+    new_size = after.sizes[VECTORS_FILE]
+    assert new_size == size + 32 * 4
+    assert after.blocks[VECTORS_FILE][: size // BLOCK] == before.blocks[VECTORS_FILE][: size // BLOCK]
+    assert after.blocks[VECTORS_FILE] == real(live / VECTORS_FILE, new_size)
+    # the change checked the live file's last block and wrote the new manifest: never the whole file
+    assert by_change == [1, new_size // BLOCK - size // BLOCK + 1]
+
+
+def test_damage_is_refused_or_still_seen_after_a_change(tmp_path: Path, tiny_encoder: Any, small_blocks: None) -> None:
+    path = tmp_path / "b"
+    m = _build(path, tiny_encoder)
+    live = current_generation(path)
+    vectors = live / VECTORS_FILE
+    data = bytearray(vectors.read_bytes())
+    data[10] ^= 0xFF  # a whole, early block: carried with its digest by the change, so the damage stays seen
+    vectors.write_bytes(bytes(data))
+    m.add(pd.DataFrame({"id": [1], "title": ["acme teal kettle"]}), show_progress=False)
+    with pytest.raises(BundleError, match=r"vectors\.f32.*damaged"):
+        read_manifest(current_generation(path), verify=True)
+    with pytest.raises(BundleError, match=r"vectors\.f32.*damaged"):
+        m.compact(show_progress=False)  # copies every row: checks the whole file first
+    # the last block is hashed again by a change: damage there is refused before anything is written
+    live = current_generation(path)
+    data = bytearray((live / VECTORS_FILE).read_bytes())
+    data[10] ^= 0xFF
+    size = read_manifest(live, verify=False).sizes[VECTORS_FILE]
+    data[size - 1] ^= 0xFF
+    (live / VECTORS_FILE).write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"vectors\.f32.*damaged"):
+        m.add(pd.DataFrame({"id": [2], "title": ["acme red kettle"]}), show_progress=False)
+    assert current_generation(path) == live
+    data[size - 1] ^= 0xFF
+    (live / VECTORS_FILE).write_bytes(bytes(data))
+    store = live / STORE_DB  # a file the change rewrites is checked whole
+    raw = bytearray(store.read_bytes())
+    raw[-1] ^= 0xFF
+    store.write_bytes(bytes(raw))
+    with pytest.raises(BundleError, match=r"store\.sqlite.*damaged"):
+        m.remove([1])
+    assert current_generation(path) == live
