@@ -13,7 +13,8 @@ n titles (stored vectors, no re-encoding). For each size:
 - the filters: `tier == X` (equality, indexed text) and `score in [a, a + s)` (range, indexed number) for each
   selectivity s, answered by the columns and by the SQL scan alone (the code before the columns); search latency
   (the default hybrid retrieval, reranked, k=10, the query encoded) with the filter and without, over `--queries`
-  generated queries; and dense recall@10 of the filtered search against exact search over the rows that pass;
+  generated queries; and dense recall@10 of the filtered search against exact search over the rows that pass
+  (also with ties counted: titles repeat, and a hit as close as the 10th exact one is as good as it);
 - at the largest size: a 10,000-title add against encoding those titles alone, then `compact`.
 
 Prints a table, writes results/bench_changes.json and, with matplotlib, results/bench_changes.png (change cost
@@ -119,12 +120,15 @@ def filters(m: Matcher, queries: list[str], sql_repeats: int) -> list[dict[str, 
             assert np.array_equal(allowed, by_sql), where
             latencies = _latencies(m, queries, where)
             hits = m.search_vectors(vectors, k=10, where=where, rerank=False)
-            _, exact = exact_subset(vectors, store.vectors, allowed, 10)
-            recall = []
-            for found, e in zip(hits, exact, strict=True):
+            exact_scores, exact = exact_subset(vectors, store.vectors, allowed, 10)
+            recall, tied = [], []
+            for found, e, es in zip(hits, exact, exact_scores, strict=True):
                 truth = {r.external_id for r in store.get(e[e >= 0].tolist())}
                 got = {str(h.id) for h in found}
                 recall.append(len(got & truth) / len(truth) if truth else float(not got))
+                # titles repeat in this catalogue: a hit as close as the 10th exact one is as good as it (a tie)
+                good = sum(h.dense_score is not None and h.dense_score >= es[len(truth) - 1] - 1e-6 for h in found)
+                tied.append(min(good, len(truth)) / len(truth) if truth else float(not got))
             rows.append(
                 {
                     "kind": kind,
@@ -136,12 +140,14 @@ def filters(m: Matcher, queries: list[str], sql_repeats: int) -> list[dict[str, 
                     "unfiltered": unfiltered,
                     "ratio_p50": latencies["p50"] / unfiltered["p50"],
                     "dense_recall_at_10": float(np.mean(recall)),
+                    "dense_recall_at_10_ties": float(np.mean(tied)),
                 }
             )
             print(
                 f"  {kind:8s} {s:>7g}: {len(allowed):>7d} rows, columns {columns_ms:6.2f} ms, SQL "
                 f"{np.median(sql):7.1f} ms, search p50 {latencies['p50']:6.2f} ms "
-                f"(x{rows[-1]['ratio_p50']:.2f}), recall {rows[-1]['dense_recall_at_10']:.4f}",
+                f"(x{rows[-1]['ratio_p50']:.2f}), recall {rows[-1]['dense_recall_at_10']:.4f} "
+                f"(ties counted {rows[-1]['dense_recall_at_10_ties']:.4f})",
                 flush=True,
             )
     return rows
@@ -180,7 +186,7 @@ def plot(result: dict[str, Any], out: Path) -> bool:
         print("no matplotlib: no plot (pip install matplotlib)")
         return False
     sizes = result["sizes"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4))
     xs = [r["size"] for r in sizes]
     for name in ("add", "upsert", "remove"):
         left.plot(xs, [1000 * r["changes"][name]["p50"] for r in sizes], marker="o", label=f"one-title {name}")
@@ -196,8 +202,9 @@ def plot(result: dict[str, Any], out: Path) -> bool:
     right.axhline(largest["filters"][0]["unfiltered"]["p50"], color="grey", linestyle=":", label="unfiltered search")
     right.set(xlabel="titles passing, %", ylabel="ms (p50)", xscale="log", yscale="log")
     right.set_title(f"{largest['size']:,} titles", fontsize=10)
+    left.legend(fontsize=7)
+    right.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     for ax in (left, right):
-        ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
