@@ -32,7 +32,7 @@ import sqlite3
 import stat
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,15 +40,13 @@ from typing import Any
 
 from sqlalchemy.exc import OperationalError
 
+from matching import checksums
+from matching.checksums import blocks_digest, sha256_file, verify_files
 from matching.errors import BundleError, BundleLockedError
 from matching.layout import MANIFEST_FILE, POINTER_FILE
 
 # 2: growable files are checksummed in blocks (``blocks``); a version-1 bundle (one digest over the prefix) still loads
 FORMAT_VERSION = 2
-# the append-only vector file is checksummed in blocks of this many bytes: a change hashes only the last, partial
-# block and the appended ones, and takes its base's digests for the others (1M titles: hashing the whole 1.5 GB
-# prefix on every change, and verifying it first, took ~2 s of a one-title add's 3.9 s)
-BLOCK_BYTES = 64 << 20
 DEFAULT_LOCK_TIMEOUT = 30.0
 # six digits or more: the name after gen-999999 is gen-1000000 (numbers, not names, are compared)
 _GEN = re.compile(r"gen-(\d{6,})\Z")
@@ -74,7 +72,7 @@ class Manifest:
     # byte length covered by each checksum; a file listed in ``growable`` may be longer (append-only)
     sizes: dict[str, int] = field(default_factory=dict)
     growable: list[str] = field(default_factory=list)
-    # per growable file, the SHA-256 of each BLOCK_BYTES block of its prefix (``files`` then holds blocks_digest)
+    # per growable file, the SHA-256 of each 64 MiB block of its prefix (``files`` then holds blocks_digest)
     blocks: dict[str, list[str]] = field(default_factory=dict)
 
     @property
@@ -140,49 +138,6 @@ def _is(value: Any, kinds: tuple[type, ...]) -> bool:
 def _own_checksum(data: dict[str, Any]) -> str:
     body = {k: v for k, v in data.items() if k != _CHECKSUM}
     return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
-
-
-def sha256_file(path: Path, size: int | None = None) -> str:
-    """SHA-256 of the file, or of its first ``size`` bytes."""
-    h = hashlib.sha256()
-    left = size if size is not None else -1
-    with path.open("rb") as fh:
-        while left != 0:
-            block = fh.read(1 << 20 if left < 0 else min(1 << 20, left))
-            if not block:
-                break
-            h.update(block)
-            left = left - len(block) if left > 0 else left
-    return h.hexdigest()
-
-
-def block_digests(path: Path, size: int, reuse: list[str] | tuple[str, ...] = ()) -> list[str]:
-    """SHA-256 of each :data:`BLOCK_BYTES` block of the first ``size`` bytes of ``path`` (the last one shorter); the
-    first ``len(reuse)`` digests are taken as given (full blocks of an append-only file, checked before)."""
-    out = list(reuse[: size // BLOCK_BYTES])
-    with path.open("rb") as fh:
-        fh.seek(len(out) * BLOCK_BYTES)
-        for start in range(len(out) * BLOCK_BYTES, size, BLOCK_BYTES):
-            h = hashlib.sha256()
-            left = min(BLOCK_BYTES, size - start)
-            while left > 0:
-                chunk = fh.read(min(1 << 20, left))
-                if not chunk:
-                    break
-                h.update(chunk)
-                left -= len(chunk)
-            out.append(h.hexdigest())
-    return out
-
-
-def full_blocks(size: int) -> int:
-    """How many whole :data:`BLOCK_BYTES` blocks the first ``size`` bytes of a file hold."""
-    return size // BLOCK_BYTES
-
-
-def blocks_digest(blocks: list[str]) -> str:
-    """The ``files`` entry of a file checksummed in blocks: one digest over its block digests."""
-    return "blocks:" + hashlib.sha256("\n".join(blocks).encode()).hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -252,36 +207,6 @@ def read_manifest(generation: Path, *, verify: bool = True) -> Manifest:
     return manifest
 
 
-def verify_files(
-    generation: Path, manifest: Manifest, names: Iterable[str] | None = None, *, last_block_only: bool = False
-) -> None:
-    """Check ``names`` (default: every file the manifest lists) against their checksums; BundleError naming the
-    first that fails. ``last_block_only``: of a file checksummed in blocks, only its last block, the one a change
-    that appends hashes again (the others keep their digests in the next manifest, so damage there stays seen)."""
-    for name in manifest.files if names is None else names:
-        if name not in manifest.files:
-            continue
-        digest = manifest.files[name]
-        file = generation / name
-        if file.is_symlink():
-            raise BundleError(f"bundle file {str(file)!r} is a symbolic link; a bundle holds regular files only")
-        if not file.is_file():
-            raise BundleError(f"bundle file {str(file)!r} is missing")
-        size = manifest.sizes.get(name)
-        actual = file.stat().st_size
-        if size is not None and (actual < size or (actual > size and name not in manifest.growable)):
-            raise BundleError(f"bundle file {str(file)!r} is damaged: it holds {actual} bytes, expected {size}")
-        blocks = manifest.blocks.get(name)
-        if blocks is not None and size is not None:
-            skip = max(0, len(blocks) - 1) if last_block_only else 0
-            found = block_digests(file, size, blocks[:skip])
-            good = found == blocks and blocks_digest(blocks) == digest
-        else:
-            good = sha256_file(file, size if name in manifest.growable else None) == digest
-        if not good:
-            raise BundleError(f"bundle file {str(file)!r} is damaged: its checksum does not match the manifest")
-
-
 def write_manifest(
     generation: Path,
     manifest: Manifest,
@@ -302,7 +227,7 @@ def write_manifest(
         if p.is_file() and p.name != MANIFEST_FILE:
             size = prefixes.get(p.name, p.stat().st_size)
             if p.name in prefixes:
-                blocks = block_digests(p, size, known_blocks.get(p.name, []))
+                blocks = checksums.block_digests(p, size, known_blocks.get(p.name, []))
                 manifest.blocks[p.name] = blocks
                 manifest.files[p.name] = blocks_digest(blocks)
             elif p.name in known and known[p.name][1] == size:

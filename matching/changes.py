@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from matching import generation
 from matching.analysis import Analyzer
-from matching.bundle import Manifest, Unchanged, current_generation, new_generation, read_manifest, verify_files
+from matching.bundle import Manifest, Unchanged, current_generation, new_generation, read_manifest
+from matching.checksums import verify_files
 from matching.config import IndexConfig
 from matching.encoder import Encoder
 from matching.errors import BadRowError, BundleError, ConfigError, DuplicateIdError, SchemaError

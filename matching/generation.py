@@ -17,7 +17,8 @@ import numpy as np
 
 from matching import __version__
 from matching.analysis import Analyzer
-from matching.bundle import Manifest, full_blocks, link_or_copy, new_generation, read_manifest, write_manifest
+from matching.bundle import Manifest, link_or_copy, new_generation, read_manifest, write_manifest
+from matching.checksums import full_blocks
 from matching.config import EncoderConfig, IndexConfig
 from matching.encoder import Encoder
 from matching.errors import BundleError

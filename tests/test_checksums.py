@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from conftest import make_catalogue
 
-from matching import Matcher
-from matching import bundle as bundle_module
-from matching.bundle import block_digests, blocks_digest, current_generation, read_manifest
+from matching import Matcher, checksums
+from matching.bundle import current_generation, read_manifest
+from matching.checksums import block_digests, blocks_digest
 from matching.errors import BundleError
 from matching.layout import STORE_DB, VECTORS_FILE
 
@@ -21,7 +21,7 @@ BLOCK = 1024  # bytes: the tiny bundle's vector file (40 x 32 floats, 5 KiB) spa
 
 @pytest.fixture
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bundle_module, "BLOCK_BYTES", BLOCK)
+    monkeypatch.setattr(checksums, "BLOCK_BYTES", BLOCK)
 
 
 def _build(path: Path, encoder: Any) -> Matcher:
@@ -48,14 +48,14 @@ def test_a_change_reuses_the_full_blocks_and_hashes_the_rest(
     size = before.sizes[VECTORS_FILE]
     assert before.blocks[VECTORS_FILE] == block_digests(current_generation(path) / VECTORS_FILE, size)
     hashed: list[int] = []
-    real = bundle_module.block_digests
+    real = checksums.block_digests
 
     def counting(file: Path, size: int, reuse: Any = ()) -> list[str]:
         out = real(file, size, reuse)
         hashed.append(len(out) - min(len(reuse), size // BLOCK))
         return out
 
-    monkeypatch.setattr(bundle_module, "block_digests", counting)
+    monkeypatch.setattr(checksums, "block_digests", counting)
     m.add(pd.DataFrame({"id": [1], "title": ["acme teal kettle"]}), show_progress=False)
     by_change = list(hashed)
     live = current_generation(path)

@@ -270,7 +270,9 @@ def test_info_with_files_and_verify(capsys: pytest.CaptureFixture[str], cli_bund
     assert code == 0
     files = json.loads(stdout)["files"]
     assert {"store.sqlite", "vectors.f32", "index.faiss"} <= set(files)
-    assert all(len(digest) == 64 for digest in files.values())
+    # the append-only vector file is checksummed in blocks: one digest over the blocks' digests
+    assert all(len(digest.removeprefix("blocks:")) == 64 for digest in files.values())
+    assert files["vectors.f32"].startswith("blocks:")
 
 
 def test_evaluate_json(
