@@ -4,9 +4,9 @@ change hashes only its last block and the new ones)."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from matching.errors import BundleError
 
@@ -26,17 +26,23 @@ class Checksummed(Protocol):
 BLOCK_BYTES = 64 << 20
 
 
+def read_span(fh: BinaryIO, size: int | None, step: int = 1 << 20) -> Iterator[bytes]:
+    """The next ``size`` bytes of ``fh`` (to its end where None or shorter), ``step`` bytes at a time."""
+    left = -1 if size is None else size
+    while left != 0:
+        chunk = fh.read(step if left < 0 else min(step, left))
+        if not chunk:
+            return
+        yield chunk
+        left = left - len(chunk) if left > 0 else left
+
+
 def sha256_file(path: Path, size: int | None = None) -> str:
     """SHA-256 of the file, or of its first ``size`` bytes."""
     h = hashlib.sha256()
-    left = size if size is not None else -1
     with path.open("rb") as fh:
-        while left != 0:
-            block = fh.read(1 << 20 if left < 0 else min(1 << 20, left))
-            if not block:
-                break
-            h.update(block)
-            left = left - len(block) if left > 0 else left
+        for chunk in read_span(fh, size):
+            h.update(chunk)
     return h.hexdigest()
 
 
@@ -48,13 +54,8 @@ def block_digests(path: Path, size: int, reuse: list[str] | tuple[str, ...] = ()
         fh.seek(len(out) * BLOCK_BYTES)
         for start in range(len(out) * BLOCK_BYTES, size, BLOCK_BYTES):
             h = hashlib.sha256()
-            left = min(BLOCK_BYTES, size - start)
-            while left > 0:
-                chunk = fh.read(min(1 << 20, left))
-                if not chunk:
-                    break
+            for chunk in read_span(fh, min(BLOCK_BYTES, size - start)):
                 h.update(chunk)
-                left -= len(chunk)
             out.append(h.hexdigest())
     return out
 

@@ -38,6 +38,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import QueuePool
 
+from matching.checksums import read_span
 from matching.errors import BundleError
 from matching.field_query import evaluate
 from matching.fields import FieldBuilder, FieldIndex, FieldSpec, parse_metadata
@@ -342,13 +343,8 @@ def _linked_elsewhere(file: Path, root: Path) -> bool:
 
 def _copy_prefix(source: Path, target: Path, size: int) -> None:
     with source.open("rb") as src, target.open("wb") as dst:
-        left = size
-        while left > 0:
-            block = src.read(min(1 << 24, left))
-            if not block:
-                break
+        for block in read_span(src, size, 1 << 24):
             dst.write(block)
-            left -= len(block)
 
 
 class StoreEditor:
