@@ -68,6 +68,19 @@ class FieldSpec:
         return cls(auto=False, names=names)
 
 
+def indexed_fields(directory: Path) -> dict[str, str] | None:
+    """The indexed fields of the store in ``directory`` and their kinds (None: a store from before field indexes),
+    from ``fields.json`` alone."""
+    path = directory / FIELDS_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        return {str(c["name"]): str(c["kind"]) for c in meta["columns"]}
+    except Exception as exc:  # damaged: say so, as loading the store would
+        raise BundleError(f"field index in {str(directory)!r} is damaged: {exc}") from None
+
+
 def parse_metadata(text: str) -> dict[str, Any]:
     """A row's metadata JSON as a dict; a key given twice keeps its first value, as SQLite's ``json_each`` (and so
     the SQL filter) reads it first."""

@@ -574,8 +574,10 @@ class Matcher(ServedBundle):
     # -- description -----------------------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
-        """The manifest, plus the bundle path, as a JSON-able dict."""
-        return {"path": str(self.path) if self.path else None, **self.manifest.to_dict()}
+        """The manifest, plus the bundle path and the indexed metadata fields (name -> kind), as a JSON-able dict."""
+        fields = self._snap.store.fields
+        indexed = None if fields is None else {name: c.kind.value for name, c in sorted(fields.columns.items())}
+        return {"path": str(self.path) if self.path else None, **self.manifest.to_dict(), "indexed_fields": indexed}
 
 
 def _untrained_scorer(dim: int, hidden: int, retrieval: Retrieval | None) -> ScorerConfig:

@@ -262,7 +262,9 @@ def test_info(capsys: pytest.CaptureFixture[str], cli_bundle: Path, tiny_model_d
     assert info["dim"] == 32
     assert info["id_type"] == "int"
     assert info["encoder"]["source"] == str(tiny_model_dir.resolve())
+    assert info["indexed_fields"] == {"brand": "text", "price": "number"}
     assert "files" not in info
+    assert "blocks" not in info
 
 
 def test_info_with_files_and_verify(capsys: pytest.CaptureFixture[str], cli_bundle: Path) -> None:

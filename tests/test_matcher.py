@@ -166,6 +166,7 @@ def test_info_and_repr(built_bundle: Matcher) -> None:
     info = built_bundle.info()
     assert info["path"] == str(built_bundle.path)
     assert info["count"] == 40
+    assert info["indexed_fields"] == {"brand": "text", "price": "number"}
     assert info["dim"] == 32
     assert info["id_type"] == "int"
     # "auto" resolved for 40 titles: exact Flat, nothing to tune or refine

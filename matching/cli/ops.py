@@ -69,15 +69,18 @@ def _add_demo(sub: Any) -> None:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from matching.bundle import current_generation, read_manifest
+    from matching.fields import indexed_fields
 
     gen = current_generation(Path(args.bundle))
     info = {
         "path": str(args.bundle),
         "generation": gen.name,
         **read_manifest(gen, verify=args.verify).to_dict(),
+        "indexed_fields": indexed_fields(gen),
     }
     if not args.files:
         info.pop("files")
+        info.pop("blocks")
     print(json.dumps(info, indent=2, ensure_ascii=False))
     return 0
 
