@@ -345,6 +345,8 @@ def copy_bundle(
 ) -> None:
     """A new bundle at ``out`` from ``snap``'s live titles (the first ``limit``), their stored vectors and (from the
     generation directory ``source``, or ``snap``) the reranker and query encoder."""
+    if source is not None:  # every row and file of it is copied, hashed anew: check them all first
+        read_manifest(source, verify=True)
     with new_generation(out, overwrite=overwrite, lock_timeout=lock_timeout) as gen:
         count = generation.copy_rows(snap.store, gen, limit=limit, show_progress=show_progress)
         built = generation.index_from_store(gen, index_config)

@@ -18,7 +18,7 @@ import numpy as np
 from matching import __version__
 from matching.analysis import Analyzer
 from matching.bundle import Manifest, link_or_copy, new_generation, read_manifest, write_manifest
-from matching.checksums import full_blocks
+from matching.checksums import full_blocks, verify_files
 from matching.config import EncoderConfig, IndexConfig
 from matching.encoder import Encoder
 from matching.errors import BundleError
@@ -243,14 +243,40 @@ def finish(
     if carry_from is not None:
         carry(carry_from[0], gen, carry_from[1])
         known, blocks = _linked_digests(carry_from[0], gen)
+        # a carried file whose digest is not reused (a copy, another size, a link) is hashed anew: check it first
+        carried = [name for name in carry_from[1] if name not in known]
+        if carried:
+            verify_files(carry_from[0], read_manifest(carry_from[0], verify=False), carried)
     config = read_config(gen)
+    written = dataclasses.replace(manifest, files={})
     write_manifest(
         gen,
-        dataclasses.replace(manifest, files={}),
+        written,
         prefixes={VECTORS_FILE: config["rows"] * config["dim"] * 4},
         known=known,
         known_blocks=blocks,
     )
+    if carry_from is not None:
+        _check_copied_blocks(carry_from[0], gen, written, blocks)
+
+
+def _check_copied_blocks(live: Path, gen: Path, written: Manifest, reused: dict[str, list[str]]) -> None:
+    """An append-only file this generation holds as a copy of the live one's (a hard-linked copy of the bundle, or
+    no hard links on this file system) was hashed anew: its blocks that were whole in the live generation must
+    equal the live manifest's, or damage there would be blessed."""
+    try:
+        base = read_manifest(live, verify=False)
+    except BundleError:
+        return
+    for name, expected in base.blocks.items():
+        whole = full_blocks(base.sizes.get(name, 0))
+        if name in reused or name not in written.blocks or not whole:
+            continue
+        if written.blocks[name][:whole] != expected[:whole]:
+            raise BundleError(
+                f"bundle file {str(live / name)!r} is damaged: its checksum does not match the manifest "
+                "(found copying it into a new generation; nothing was published)"
+            )
 
 
 def _linked_digests(live: Path, gen: Path) -> tuple[dict[str, tuple[str, int]], dict[str, list[str]]]:

@@ -3,6 +3,9 @@ checksummed in blocks, a change hashes only its last block and the new ones, and
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +17,7 @@ from matching import Matcher, checksums
 from matching.bundle import current_generation, read_manifest
 from matching.checksums import block_digests, blocks_digest
 from matching.errors import BundleError
-from matching.layout import STORE_DB, VECTORS_FILE
+from matching.layout import SCORER_CONFIG, SCORER_WEIGHTS, STORE_DB, VECTORS_FILE
 
 BLOCK = 1024  # bytes: the tiny bundle's vector file (40 x 32 floats, 5 KiB) spans several blocks
 
@@ -100,3 +103,59 @@ def test_damage_is_refused_or_still_seen_after_a_change(tmp_path: Path, tiny_enc
     with pytest.raises(BundleError, match=r"store\.sqlite.*damaged"):
         m.remove([1])
     assert current_generation(path) == live
+
+
+def _flip(file: Path, at: int = 10) -> None:
+    data = bytearray(file.read_bytes())
+    data[at] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+def _add(m: Matcher) -> None:
+    m.add(pd.DataFrame({"id": [900], "title": ["acme teal kettle"]}), show_progress=False)
+
+
+@pytest.mark.parametrize("how", ["hard-linked copy of the bundle", "no hard links"])
+def test_a_vector_file_copied_into_the_change_is_checked_whole(
+    tmp_path: Path, tiny_encoder: Any, small_blocks: None, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    path = tmp_path / "a"
+    _build(path, tiny_encoder).close()
+    if how == "no hard links":
+        monkeypatch.setattr(os, "link", _no_link)
+    else:  # `cp -al`: the change takes its own copy of the shared vector file
+        path = tmp_path / "b"
+        shutil.copytree(tmp_path / "a", path, copy_function=os.link)
+    live = current_generation(path)
+    _flip(live / VECTORS_FILE)  # an early, whole block: hashed anew in the copy
+    m = Matcher.load(path, encoder=tiny_encoder, verify=False)
+    with pytest.raises(BundleError, match=r"vectors\.f32.*damaged"):
+        _add(m)
+    assert current_generation(path) == live
+
+
+def _no_link(*args: Any, **kwargs: Any) -> None:
+    raise OSError(1, "no hard links here")
+
+
+@pytest.mark.parametrize("name", [SCORER_WEIGHTS, SCORER_CONFIG])
+def test_a_carried_file_that_is_hashed_anew_is_checked_first(tmp_path: Path, tiny_encoder: Any, name: str) -> None:
+    path = tmp_path / "a"
+    m = _build(path, tiny_encoder)
+    live = current_generation(path)
+    with (live / name).open("ab") as fh:  # another size: its digest cannot be carried
+        fh.write(b"\0garbage")
+    for change in (_add, lambda m: m.compact(show_progress=False)):
+        with pytest.raises(BundleError, match=rf"{re.escape(name)}.*damaged"):
+            change(m)
+        assert current_generation(path) == live
+
+
+def test_a_copy_checks_its_source_whole(tmp_path: Path, tiny_encoder: Any, small_blocks: None) -> None:
+    path = tmp_path / "a"
+    m = _build(path, tiny_encoder)
+    _flip(current_generation(path) / VECTORS_FILE)
+    _add(m)  # carries the damaged block with its digest; the matcher now serves that generation unverified
+    with pytest.raises(BundleError, match=r"vectors\.f32.*damaged"):
+        m.copy(tmp_path / "c", show_progress=False)
+    assert not (tmp_path / "c").exists()
