@@ -238,8 +238,9 @@ class FieldIndex:
                 for r, v in zip(ids.tolist(), vals, strict=True):
                     values[position[r]] = v
             column.put(row_ids, values)
-        for name in gathered.chosen():  # fields no row held before
-            self.columns[name] = gathered.column(name, self.rows)
+        for name in gathered.chosen():  # fields no row held before (automatic ones while there is room)
+            if name in self.spec.names or len(self.columns) < AUTO_MAX_FIELDS:
+                self.columns[name] = gathered.column(name, self.rows)
         self.seen.update(gathered.kinds)
 
     # -- files -----------------------------------------------------------------------------------------------

@@ -269,3 +269,13 @@ def test_a_damaged_field_index_is_a_bundle_error(tmp_path: Path, damage: str) ->
         meta_path.unlink()
     with pytest.raises(BundleError, match="field index"):
         Store.open(tmp_path / "s")
+
+
+def test_new_fields_in_changes_stay_under_the_automatic_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    from matching import fields as module
+
+    monkeypatch.setattr(module, "AUTO_MAX_FIELDS", 3)
+    index = FieldIndex.build(FieldSpec(), np.arange(2), [{"a": 1, "b": "x"}, {"a": 2}], 2)
+    index.add(np.array([2]), [{"c": 1, "d": 2, "e": "y"}])
+    assert len(index.columns) == 3
+    assert {"a", "b"} <= set(index.columns)
