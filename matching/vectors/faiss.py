@@ -32,7 +32,10 @@ from matching.vectors.autoindex import (
 from matching.vectors.base import VectorIndex
 
 _ADD_BATCH = 65_536
-_MAX_FILTERED_EF = 2048
+_MAX_FILTERED_EF = 2048  # a widened filtered HNSW search scans at most this many candidates
+_TRAIN_SAMPLE = 100_000
+AUTO = "auto"
+_SMALL_BATCH = 16
 
 
 def filter_widening(share: float) -> int:
@@ -44,11 +47,6 @@ def filter_widening(share: float) -> int:
     if share <= 0:
         return 1
     return 2 * math.ceil(math.sqrt(1 / min(1.0, share)))
-
-
-_TRAIN_SAMPLE = 100_000
-AUTO = "auto"
-_SMALL_BATCH = 16
 
 
 class FaissIndex(VectorIndex):
@@ -182,7 +180,8 @@ class FaissIndex(VectorIndex):
             params.nprobe = min(int(core.nlist), int(core.nprobe) * widen)
         elif isinstance(core, faiss.IndexHNSW):
             params = getattr(faiss, "SearchParametersHNSW")()  # noqa: B009  (missing from faiss's stubs)
-            params.efSearch = min(_MAX_FILTERED_EF, int(core.hnsw.efSearch) * widen)
+            tuned = int(core.hnsw.efSearch)
+            params.efSearch = max(tuned, min(_MAX_FILTERED_EF, tuned * widen))
         elif isinstance(core, faiss.IndexFlat):
             params = faiss.SearchParameters()
         else:
