@@ -223,6 +223,7 @@ def write_manifest(
     """
     prefixes, known, known_blocks = prefixes or {}, known or {}, known_blocks or {}
     manifest.files, manifest.sizes, manifest.blocks = {}, {}, {}
+    manifest.format_version = FORMAT_VERSION  # written now, so in this format (blocks), whatever it was read from
     for p in sorted(generation.iterdir()):
         if p.is_file() and p.name != MANIFEST_FILE:
             size = prefixes.get(p.name, p.stat().st_size)

@@ -221,6 +221,7 @@ class FieldIndex:
         self.live[row_ids] = False
         for column in self.columns.values():
             column.present[row_ids] = False
+            column.values[row_ids] = 0.0 if column.kind is FieldKind.NUMBER else -1
 
     def _put(self, row_ids: np.ndarray, metadata: Sequence[Mapping[str, Any]]) -> None:
         gathered = FieldBuilder(self.spec, known=self.seen)

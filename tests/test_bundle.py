@@ -12,6 +12,8 @@ import pandas as pd
 import pytest
 
 from matching import Matcher
+from matching.bundle import FORMAT_VERSION, current_generation, read_manifest
+from matching.layout import VECTORS_FILE
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -44,3 +46,6 @@ def test_an_old_bundle_takes_changes(old_bundle: Path, tiny_encoder: Any) -> Non
         assert m.search("Acme purple yoga mat", k=1)[0].id == 1
     with Matcher.load(old_bundle, encoder=tiny_encoder) as again:
         assert len(again) == before + 1
+    manifest = read_manifest(current_generation(old_bundle))  # written now: in this version's format, with blocks
+    assert manifest.format_version == FORMAT_VERSION
+    assert list(manifest.blocks) == [VECTORS_FILE]

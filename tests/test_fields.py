@@ -167,6 +167,8 @@ def test_changes_keep_columns_equal_to_a_fresh_index(tmp_path: Path) -> None:
             got = np.array(column.dictionary, dtype=object)[got]
             want = np.array(other.dictionary, dtype=object)[want]
         assert list(got) == list(want), name
+    assert index.columns["brand"].values[3] == -1  # a removed row holds nothing
+    assert index.columns["price"].values[3] == 0.0
     index.update(np.array([10]), [{"price": "cheap"}])  # the number column breaks: dropped, SQL answers
     assert "price" not in index.columns
 

@@ -54,7 +54,7 @@ def _add_build(sub: Any) -> None:
         action="append",
         metavar="FIELD",
         help="a metadata field to index for fast --where filters (repeat; then only these are indexed); "
-        "'none' for none (default: numbers and texts of at most 65,536 distinct values)",
+        "'none' for none (default: numbers and texts of at most 65,536 distinct values, at most 32 fields)",
     )
     p.add_argument("--id-column", default="id")
     p.add_argument(
