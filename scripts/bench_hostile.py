@@ -39,7 +39,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from load_test import free_port, pct, wait_ready  # noqa: E402
+from load_test import free_port, pct, serve  # noqa: E402
 
 from matching.demo import generate_large_catalogue, generate_queries  # noqa: E402
 
@@ -114,12 +114,6 @@ def hostile_child(port: int, kind: str, seconds: float, seed: int) -> None:
     print(
         json.dumps({"statuses": {str(k): v for k, v in statuses.items()}, "cpu_s": cpu.user + cpu.system, **pct(lat)})
     )
-
-
-def start_server(bundle: Path, port: int) -> subprocess.Popen[str]:
-    cmd = [sys.executable, "-m", "matching", "serve", str(bundle), "--port", str(port), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    return wait_ready(proc, port)
 
 
 def normal_client(port: int, queries: list[str], end: float, out: dict[str, Any], seed: int) -> None:
@@ -217,7 +211,7 @@ def main() -> None:
         Matcher.build(generate_large_catalogue(args.size), bundle, overwrite=True, show_progress=False).close()
     load = os.getloadavg()
     port = free_port()
-    server = start_server(bundle, port)
+    server = serve(bundle, port, "--log-level", "warning")
     try:
         runs = []
         for name in args.phases.split(","):

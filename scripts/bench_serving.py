@@ -33,32 +33,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from load_test import free_port, make_bundle, pct, wait_ready  # noqa: E402
+from load_test import free_port, make_bundle, pct, serve  # noqa: E402
 
 from matching.demo import generate_queries  # noqa: E402
 
 # the children run this checkout's matching, and nothing else put on this script's path (a matplotlib elsewhere)
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
-
-
-def start_server(bundle: Path, port: int, wait_ms: float, threads: int) -> subprocess.Popen[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "matching",
-        "serve",
-        str(bundle),
-        "--port",
-        str(port),
-        "--torch-threads",
-        "1",
-        "--batch-wait-ms",
-        str(wait_ms),
-        "--batch-threads",
-        str(threads),
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
-    return wait_ready(proc, port)
 
 
 def client(port: int, queries: list[str], start: float, end: float, out: dict[str, Any], seed: int) -> None:
@@ -133,7 +113,8 @@ def mode(
     subprocess.run(["cp", "-r", str(template), str(bundle)], check=True)
     queries = generate_queries(5000, seed=7)
     port = free_port()
-    server = start_server(bundle, port, wait_ms, threads)
+    options = ["--torch-threads", "1", "--batch-wait-ms", str(wait_ms), "--batch-threads", str(threads)]
+    server = serve(bundle, port, *options, cwd=ROOT, env=ENV)
     total = len(counts) * (seconds + 2) + 5
     publisher = subprocess.Popen(
         [sys.executable, str(ROOT / "scripts" / "load_test.py"), "--publish-child", str(bundle), str(total), "5"],

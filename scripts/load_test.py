@@ -129,23 +129,10 @@ def wait_ready(proc: subprocess.Popen[str], port: int) -> subprocess.Popen[str]:
     raise SystemExit("server not ready in 180 s")
 
 
-def start_server(bundle: Path, port: int, workers: int, torch_threads: int, token: Path) -> subprocess.Popen[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "matching",
-        "serve",
-        str(bundle),
-        "--port",
-        str(port),
-        "--workers",
-        str(workers),
-        "--torch-threads",
-        str(torch_threads),
-        "--token-file",
-        str(token),
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def serve(bundle: Path, port: int, *options: str, **popen: Any) -> subprocess.Popen[str]:
+    """`matching serve BUNDLE --port PORT OPTIONS...` in a child process, once it answers /ready."""
+    cmd = [sys.executable, "-m", "matching", "serve", str(bundle), "--port", str(port), *options]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
     return wait_ready(proc, port)
 
 
@@ -287,7 +274,8 @@ def main() -> None:
         subprocess.run(["rm", "-rf", str(bundle)], check=True)
         subprocess.run(["cp", "-r", str(template), str(bundle)], check=True)
         port = free_port()
-        server = start_server(bundle, port, args.workers, args.torch_threads, token)
+        options = ["--workers", str(args.workers), "--torch-threads", str(args.torch_threads)]
+        server = serve(bundle, port, *options, "--token-file", str(token))
         try:
             print(
                 f"service, {'busy' if busy else 'quiet'}: {args.clients} clients x {args.seconds:.0f} s ...", flush=True
