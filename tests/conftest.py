@@ -227,6 +227,26 @@ def build_products(path: Path, encoder: Any) -> Any:
     return Matcher.build(make_catalogue(), path, encoder=encoder, show_progress=False, retrieval="dense")
 
 
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory, tiny_encoder: Any) -> Path:
+    """The path of a product bundle with the default (hybrid) retrieval, one per test module: its tests may write to
+    it (the service suites publish changes through it)."""
+    from matching import Matcher
+
+    path = tmp_path_factory.mktemp("module") / "products"
+    Matcher.build(make_catalogue(), path, encoder=tiny_encoder, show_progress=False).close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def library(bundle: Path, tiny_encoder: Any) -> Any:
+    """:func:`bundle` loaded, for the module's tests to compare a service's answers with the library's."""
+    from matching import Matcher
+
+    with Matcher.load(bundle, encoder=tiny_encoder) as m:
+        yield m
+
+
 @pytest.fixture
 def own_bundle(tmp_path: Path, tiny_encoder: Any) -> Any:
     """A fresh, writable product bundle for one test."""

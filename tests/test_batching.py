@@ -6,13 +6,10 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-from tests.conftest import make_catalogue
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
@@ -39,19 +36,6 @@ QUERIES = [
     "contoso shoes",
     "globex kettle",
 ]
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory, tiny_encoder: Any) -> Path:
-    path = tmp_path_factory.mktemp("batching") / "products"
-    Matcher.build(make_catalogue(), path, encoder=tiny_encoder, show_progress=False).close()
-    return path
-
-
-@pytest.fixture(scope="module")
-def library(bundle: Path, tiny_encoder: Any) -> Iterator[Matcher]:
-    with Matcher.load(bundle, encoder=tiny_encoder) as m:
-        yield m
 
 
 def serve(bundle: Path, **config: Any) -> TestClient:

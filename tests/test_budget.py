@@ -39,19 +39,6 @@ def wait_ready(client: TestClient) -> None:
         time.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory, tiny_encoder: Any) -> Path:
-    path = tmp_path_factory.mktemp("budget") / "products"
-    Matcher.build(make_catalogue(), path, encoder=tiny_encoder, show_progress=False).close()
-    return path
-
-
-@pytest.fixture(scope="module")
-def library(bundle: Path, tiny_encoder: Any) -> Iterator[Matcher]:
-    with Matcher.load(bundle, encoder=tiny_encoder) as m:
-        yield m
-
-
 def serve(bundle: Path, **config: Any) -> TestClient:
     return TestClient(create_app(bundle, token=TOKEN, config=ServiceConfig(refresh_seconds=0.1, **config)))
 

@@ -45,20 +45,6 @@ def wait_ready(client: TestClient, timeout: float = 30.0) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory, tiny_encoder: Any) -> Iterator[Path]:
-    path = tmp_path_factory.mktemp("service") / "products"
-    Matcher.build(make_catalogue(), path, encoder=tiny_encoder, show_progress=False).close()  # hybrid
-    return path
-
-
-@pytest.fixture(scope="module")
-def library(bundle: Path, tiny_encoder: Any) -> Iterator[Matcher]:
-    m = Matcher.load(bundle, encoder=tiny_encoder)
-    yield m
-    m.close()
-
-
-@pytest.fixture(scope="module")
 def client(bundle: Path) -> Iterator[TestClient]:
     with TestClient(create_app(bundle, token=TOKEN, config=CONFIG)) as c:
         wait_ready(c)
