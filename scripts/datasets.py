@@ -32,6 +32,16 @@ def scifact_corpus() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def build_scifact(out: Path) -> Any:
+    """A default build of the SciFact corpus at ``out`` (title and text indexed together), overwriting it."""
+    from matching import Matcher
+
+    corpus = scifact_corpus()
+    return Matcher.build(
+        corpus, out, id_column="_id", title_column=["title", "text"], overwrite=True, show_progress=False
+    )
+
+
 def scifact_pairs(split: str) -> pd.DataFrame:
     """(query, title, label) positive pairs of a SciFact qrels split; title = title + " " + text."""
     from matching.evaluate import load_qrels, load_queries

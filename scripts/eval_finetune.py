@@ -87,14 +87,7 @@ def scifact(settings: dict[str, Any]) -> dict[str, Any]:
     train_qrels = load_qrels(base / "qrels" / "train.tsv")
     train_docs = {d for rel in train_qrels.values() for d in rel}
     unseen = {q: rel for q, rel in test_qrels.items() if not set(rel) & train_docs}
-    m = Matcher.build(
-        ds.scifact_corpus(),
-        OUT / "bench-ft-scifact",
-        id_column="_id",
-        title_column=["title", "text"],
-        overwrite=True,
-        show_progress=False,
-    )
+    m = ds.build_scifact(OUT / "bench-ft-scifact")
 
     def measure() -> dict[str, Any]:
         result: dict[str, Any] = {}
