@@ -22,7 +22,7 @@ from matching.config import EncoderConfig, IndexConfig, ScorerConfig
 from matching.encoder import Encoder
 from matching.errors import ConfigError
 from matching.features import DENSE_CEILING
-from matching.fields import FieldSpec
+from matching.fields import FieldSpec, indexed_fields
 from matching.ingest import DEFAULT_CHUNKSIZE, has_surrogate
 from matching.layout import QUERY_ENCODER, SCORER_CONFIG, SCORER_WEIGHTS, TRAIN_REPORT
 from matching.scorer import Scorer
@@ -575,8 +575,7 @@ class Matcher(ServedBundle):
 
     def info(self) -> dict[str, Any]:
         """The manifest, plus the bundle path and the indexed metadata fields (name -> kind), as a JSON-able dict."""
-        fields = self._snap.store.fields
-        indexed = None if fields is None else {name: c.kind.value for name, c in sorted(fields.columns.items())}
+        indexed = indexed_fields(self._snap.store.directory)
         return {"path": str(self.path) if self.path else None, **self.manifest.to_dict(), "indexed_fields": indexed}
 
 

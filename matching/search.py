@@ -239,6 +239,11 @@ def open_snapshot(
     if index.ntotal != store.count:
         store.close()
         raise BundleError(f"index holds {index.ntotal} vectors but the store {store.count} rows")
+    try:
+        _ = store.fields  # read now (a reader's refresh), not in the first filtered search
+    except BundleError:
+        store.close()
+        raise
     if store.vectors.shape[1] != encoder.dim or scorer.config.dim != encoder.dim:
         store.close()
         raise BundleError(
