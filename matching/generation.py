@@ -7,6 +7,7 @@ File names: :mod:`matching.layout`. Directory mechanics (locks, the ``CURRENT`` 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -240,13 +241,17 @@ def finish(
         scorer.save(gen)
     known: dict[str, tuple[str, int]] = {}
     blocks: dict[str, list[str]] = {}
+    base: Manifest | None = None
     if carry_from is not None:
         carry(carry_from[0], gen, carry_from[1])
-        known, blocks = _linked_digests(carry_from[0], gen)
+        with contextlib.suppress(BundleError):  # unreadable: nothing is reused, and checking carried files says why
+            base = read_manifest(carry_from[0], verify=False)
+        if base is not None:
+            known, blocks = _linked_digests(base, carry_from[0], gen)
         # a carried file whose digest is not reused (a copy, another size, a link) is hashed anew: check it first
         carried = [name for name in carry_from[1] if name not in known]
         if carried:
-            verify_files(carry_from[0], read_manifest(carry_from[0], verify=False), carried)
+            verify_files(carry_from[0], base or read_manifest(carry_from[0], verify=False), carried)
     config = read_config(gen)
     written = dataclasses.replace(manifest, files={})
     write_manifest(
@@ -256,18 +261,14 @@ def finish(
         known=known,
         known_blocks=blocks,
     )
-    if carry_from is not None:
-        _check_copied_blocks(carry_from[0], gen, written, blocks)
+    if carry_from is not None and base is not None:
+        _check_copied_blocks(base, carry_from[0], written, blocks)
 
 
-def _check_copied_blocks(live: Path, gen: Path, written: Manifest, reused: dict[str, list[str]]) -> None:
-    """An append-only file this generation holds as a copy of the live one's (a hard-linked copy of the bundle, or
-    no hard links on this file system) was hashed anew: its blocks that were whole in the live generation must
-    equal the live manifest's, or damage there would be blessed."""
-    try:
-        base = read_manifest(live, verify=False)
-    except BundleError:
-        return
+def _check_copied_blocks(base: Manifest, live: Path, written: Manifest, reused: dict[str, list[str]]) -> None:
+    """An append-only file this generation holds as a copy of the live one's (manifest ``base``: a hard-linked copy
+    of the bundle, or no hard links on this file system) was hashed anew: its blocks that were whole in the live
+    generation must equal the live manifest's, or damage there would be blessed."""
     for name, expected in base.blocks.items():
         whole = full_blocks(base.sizes.get(name, 0))
         if name in reused or name not in written.blocks or not whole:
@@ -279,14 +280,10 @@ def _check_copied_blocks(live: Path, gen: Path, written: Manifest, reused: dict[
             )
 
 
-def _linked_digests(live: Path, gen: Path) -> tuple[dict[str, tuple[str, int]], dict[str, list[str]]]:
-    """The live manifest's (digest, size) of each whole file ``gen`` shares with ``live`` by a hard link, and the
-    digests of the full blocks of each append-only file it shares: the same bytes, so not hashed again (a
+def _linked_digests(base: Manifest, live: Path, gen: Path) -> tuple[dict[str, tuple[str, int]], dict[str, list[str]]]:
+    """The live manifest's (``base``) (digest, size) of each whole file ``gen`` shares with ``live`` by a hard link,
+    and the digests of the full blocks of each append-only file it shares: the same bytes, so not hashed again (a
     fine-tuned encoder's weights are ~90 MB to ~440 MB, the vectors of 1M titles 1.5 GB, carried by every change)."""
-    try:
-        base = read_manifest(live, verify=False)
-    except BundleError:
-        return {}, {}
     whole: dict[str, tuple[str, int]] = {}
     blocks: dict[str, list[str]] = {}
     for name, digest in base.files.items():
