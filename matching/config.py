@@ -134,6 +134,7 @@ class ScorerConfig(JsonConfig):
     dropout: float = 0.1
     lexical: bool = False
     dense_weight: float = 1.0  # FIXED: the dense weight; ADAPTIVE: its ceiling
+    dense_floor: float = 0.5  # ADAPTIVE: the share of the ceiling at length ratio 0 (0.5: the first rule's)
     fusion: Fusion = Fusion.FIXED
     form: ScorerForm = ScorerForm.MLP
 
@@ -144,6 +145,8 @@ class ScorerConfig(JsonConfig):
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.dense_weight <= 1.0 or (not self.lexical and self.dense_weight != 1.0):
             raise ConfigError(f"dense_weight must be in [0, 1] (1 without lexical features), got {self.dense_weight}")
+        if not 0.0 <= self.dense_floor <= 1.0:
+            raise ConfigError(f"dense_floor must be in [0, 1], got {self.dense_floor}")
         if self.fusion is Fusion.ADAPTIVE and not self.lexical:
             raise ConfigError("the adaptive fusion needs lexical features (lexical=True)")
 

@@ -23,7 +23,7 @@ from matching.checksums import full_blocks, verify_files
 from matching.config import EncoderConfig, IndexConfig
 from matching.encoder import Encoder
 from matching.errors import BundleError
-from matching.features import DEFAULT_DENSE_WEIGHT, DENSE_CEILING
+from matching.features import DEFAULT_DENSE_WEIGHT, DENSE_CEILING, DENSE_FLOOR
 from matching.layout import CATALOGUE_FILES, INDEX_CONFIG, LEXICAL_CONFIG, VECTORS_FILE
 from matching.lexical import LexicalIndex, lexical_files
 from matching.scorer import Scorer
@@ -143,8 +143,7 @@ def lexical_record(
     otherwise they are kept from ``manifest`` (a bundle from before the adaptive rule keeps its fixed weight)."""
     before = (manifest.lexical if manifest is not None else None) or {}
     kept = {k: before.get(k, v) for k, v in fixed_fusion().items()}
-    if "dense_sum" in before:
-        kept["dense_sum"] = before["dense_sum"]
+    kept |= {k: before[k] for k in ("dense_floor", "dense_sum") if k in before}
     return {
         **lexical.record(),
         **(fusion if fusion is not None else kept),
@@ -160,7 +159,12 @@ def fixed_fusion() -> dict[str, Any]:
 def adaptive_fusion(vector_sum: np.ndarray) -> dict[str, Any]:
     """The fusion entries of new vectors: the adaptive rule, and the sum of the live vectors, from which a snapshot
     takes the centre of the catalogue's cosines (:func:`dense_centre`)."""
-    return {"dense_weight": DENSE_CEILING, "fusion": Fusion.ADAPTIVE.value, "dense_sum": vector_sum.tolist()}
+    return {
+        "dense_weight": DENSE_CEILING,
+        "dense_floor": DENSE_FLOOR,
+        "fusion": Fusion.ADAPTIVE.value,
+        "dense_sum": vector_sum.tolist(),
+    }
 
 
 def dense_centre(lexical: dict[str, Any] | None, count: int) -> float:

@@ -21,7 +21,7 @@ from matching.bundle import DEFAULT_LOCK_TIMEOUT, check_target
 from matching.config import EncoderConfig, IndexConfig, ScorerConfig
 from matching.encoder import Encoder
 from matching.errors import ConfigError
-from matching.features import DENSE_CEILING
+from matching.features import DENSE_CEILING, DENSE_FLOOR
 from matching.fields import FieldSpec, indexed_fields
 from matching.ingest import DEFAULT_CHUNKSIZE, has_surrogate
 from matching.layout import QUERY_ENCODER, SCORER_CONFIG, SCORER_WEIGHTS, TRAIN_REPORT
@@ -584,5 +584,12 @@ def _untrained_scorer(dim: int, hidden: int, retrieval: Retrieval | None) -> Sco
     the default retrieval."""
     fixed = {Retrieval.DENSE: 1.0, Retrieval.LEXICAL: 0.0}.get(retrieval or Retrieval.HYBRID)
     if fixed is None:
-        return ScorerConfig(dim=dim, hidden=hidden, lexical=True, dense_weight=DENSE_CEILING, fusion=Fusion.ADAPTIVE)
+        return ScorerConfig(
+            dim=dim,
+            hidden=hidden,
+            lexical=True,
+            dense_weight=DENSE_CEILING,
+            dense_floor=DENSE_FLOOR,
+            fusion=Fusion.ADAPTIVE,
+        )
     return ScorerConfig(dim=dim, hidden=hidden, lexical=True, dense_weight=fixed)

@@ -73,7 +73,8 @@ class Scorer(nn.Module):
             raise ValueError("this scorer takes lexical features: pass lex")
         w: float | torch.Tensor = self.config.dense_weight
         if self.config.fusion is Fusion.ADAPTIVE:  # features.adaptive_weights: known share, then term-count ratio
-            w = w * lex[:, LEXICAL_FEATURES : LEXICAL_FEATURES + 1] * (0.5 + 0.5 * lex[:, 3:4])
+            floor = self.config.dense_floor
+            w = w * lex[:, LEXICAL_FEATURES : LEXICAL_FEATURES + 1] * (floor + (1.0 - floor) * lex[:, 3:4])
         c = self.centre  # features.centred: the catalogue's mean cosine reads 0
         dense = (cos - c) / (1.0 - c) if c else cos
         base = w * dense + (1.0 - w) * lex[:, :1]

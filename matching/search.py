@@ -21,6 +21,7 @@ from matching.errors import BundleError, ConfigError
 from matching.exact import exact_subset
 from matching.features import (
     DEFAULT_DENSE_WEIGHT,
+    FIRST_DENSE_FLOOR,
     adaptive_weights,
     centred,
     fuse,
@@ -84,6 +85,11 @@ class Snapshot:
         :mod:`matching.features`)."""
         return float((self.manifest.lexical or {}).get("dense_weight", DEFAULT_DENSE_WEIGHT))
 
+    @property
+    def dense_floor(self) -> float:
+        """The adaptive rule's floor (bundles of the first rule recorded none: its 0.5)."""
+        return float((self.manifest.lexical or {}).get("dense_floor", FIRST_DENSE_FLOOR))
+
     @cached_property
     def dense_centre(self) -> float:
         """The catalogue's mean cosine, which the adaptive fusion reads as 0 (0.0: raw cosines)."""
@@ -94,14 +100,16 @@ class Snapshot:
         """How retrieval fuses the cosine and the lexical share (bundles built before the adaptive rule: fixed)."""
         return Fusion((self.manifest.lexical or {}).get("fusion", Fusion.FIXED))
 
-    def fusion_weights(self, text: str, row_ids: np.ndarray, fusion: Fusion, weight: float) -> float | np.ndarray:
+    def fusion_weights(
+        self, text: str, row_ids: np.ndarray, fusion: Fusion, weight: float, floor: float
+    ) -> float | np.ndarray:
         """The dense weight of the untrained fusion for one query's candidates (one number when fixed)."""
         if fusion is Fusion.FIXED:
             return weight
         lexical = self.require_lexical()
         known = float(self.query_encoder.known_shares([text])[0])
         ratio = length_ratio(np.full(len(row_ids), lexical.distinct_count(text)), lexical.distinct_terms(row_ids))
-        return adaptive_weights(known, ratio, weight)
+        return adaptive_weights(known, ratio, weight, floor)
 
     def pair_scores(self, queries: Sequence[str], titles: Sequence[str], q: np.ndarray, t: np.ndarray) -> np.ndarray:
         """The reranker's score of aligned pairs, given their vectors (lexical features computed here)."""
@@ -376,7 +384,7 @@ class HybridRetriever:
         for qi, text in enumerate(texts):
             deadline.check()
             bm25[qi] = lexical.score_rows(text, ids[qi])
-            weight = snap.fusion_weights(text, ids[qi], fusion, snap.dense_weight)
+            weight = snap.fusion_weights(text, ids[qi], fusion, snap.dense_weight, snap.dense_floor)
             fused[qi] = fuse(centred(dense[qi], centre), normalised(bm25[qi], float(norms[qi])), weight)
         fused[ids < 0] = -np.inf
         order = np.argsort(-fused, axis=1, kind="stable")
@@ -437,7 +445,7 @@ class ScorerReranker:
         config = scorer.config
         if not scorer.trained:  # the MLP adds exactly 0: skip the features it would not use
             dense = hit.dense if hit.dense is not None else _cosines(snap, vector[None, :], row_ids[None, :])[0]
-            weight = snap.fusion_weights(text, row_ids, config.fusion, config.dense_weight)
+            weight = snap.fusion_weights(text, row_ids, config.fusion, config.dense_weight, config.dense_floor)
             return fuse(centred(dense, scorer.centre), normalised(bm25, norm), weight)
         texts = [r.title for r in snap.store.get(row_ids.tolist())]
         known = float(snap.query_encoder.known_shares([text])[0]) if config.fusion is Fusion.ADAPTIVE else None

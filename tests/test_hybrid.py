@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,9 @@ from conftest import make_catalogue
 
 from matching import Matcher
 from matching.analysis import Analyzer, analyze, jieba_available, resolve_analyzer
-from matching.features import DENSE_CEILING, adaptive_weights, length_ratio
+from matching.bundle import read_manifest, write_manifest
+from matching.features import DENSE_CEILING, DENSE_FLOOR, adaptive_weights, length_ratio
+from matching.layout import SCORER_CONFIG
 
 QUERIES = ["acme black running shoes", "wireless headphones", "desk lamp white", "coffee"]
 
@@ -23,11 +27,11 @@ def hybrid(tmp_path: Path, tiny_encoder: Any) -> Matcher:
     return Matcher.build(make_catalogue(), tmp_path / "h", encoder=tiny_encoder, show_progress=False)
 
 
-def fused_by_hand(m: Matcher, query: str) -> dict[Any, float]:
+def fused_by_hand(m: Matcher, query: str, ceiling: float = 1.0, floor: float = 0.4) -> dict[Any, float]:
     """The fusion formula over every live title: w * centred cosine + (1 - w) * min(1, bm25 / bm25 of the query as a
     title), the cosine centred on the catalogue's mean cosine c as (cos - c) / (1 - c),
-    with the adaptive w = 0.85 * (share of the query's tokens that are not [UNK]) * (0.5 + 0.5 * shorter / longer
-    distinct-term count), each part counted here from the texts themselves."""
+    with the adaptive w = ceiling * (share of the query's tokens that are not [UNK]) * (floor + (1 - floor) *
+    shorter / longer distinct-term count), each part counted here from the texts themselves (today's rule: 1.0, 0.4)."""
     snap = m.snapshot
     assert snap.lexical is not None
     rows = snap.store.live_ids()
@@ -41,12 +45,50 @@ def fused_by_hand(m: Matcher, query: str) -> dict[Any, float]:
     n_query = len(set(analyze(query, snap.lexical.analyzer)))
     n_titles = np.array([len(set(analyze(r.title, snap.lexical.analyzer))) for r in snap.store.get(rows.tolist())])
     ratio = np.minimum(n_query, n_titles) / np.maximum(n_query, n_titles)
-    w = DENSE_CEILING * known * (0.5 + 0.5 * ratio)
+    w = ceiling * known * (floor + (1 - floor) * ratio)
     vectors = np.asarray(snap.store.vectors[rows], dtype=np.float64)
     centre = float(vectors.mean(axis=0) @ vectors.mean(axis=0))  # the mean cosine of two titles drawn at random
     fused = w * (cos - centre) / (1 - centre) + (1 - w) * np.clip(bm25 / own, 0, 1)
     ids = [snap.store.external_id(r.external_id) for r in snap.store.get(rows.tolist())]
     return dict(zip(ids, fused.tolist(), strict=True))
+
+
+def test_todays_rule() -> None:
+    assert (DENSE_CEILING, DENSE_FLOOR) == (1.0, 0.4)
+
+
+def first_rule(m: Matcher) -> Matcher:
+    """``m``'s bundle as the first adaptive rule wrote it: ceiling 0.85 in the manifest and the scorer's config, and
+    no floor recorded in either; reloaded."""
+    gen = m.path / str(m.snapshot.generation)
+    config = json.loads((gen / SCORER_CONFIG).read_text(encoding="utf-8"))
+    del config["dense_floor"]
+    (gen / SCORER_CONFIG).write_text(json.dumps({**config, "dense_weight": 0.85}), encoding="utf-8")
+    manifest = read_manifest(gen, verify=False)
+    assert manifest.lexical is not None
+    lexical = {k: v for k, v in manifest.lexical.items() if k != "dense_floor"} | {"dense_weight": 0.85}
+    m.close()
+    write_manifest(gen, dataclasses.replace(manifest, lexical=lexical))
+    return Matcher.load(m.path)
+
+
+@pytest.mark.parametrize("query", QUERIES[:2])
+def test_a_bundle_of_the_first_rule_keeps_it(hybrid: Matcher, query: str) -> None:
+    """Ceiling 0.85 and floor 0.5 where the bundle recorded no floor: retrieval, reranking and pair scoring."""
+    old = first_rule(hybrid)
+    assert (old.snapshot.dense_weight, old.snapshot.dense_floor) == (0.85, 0.5)
+    assert old.snapshot.scorer.config.dense_floor == 0.5
+    expected = fused_by_hand(old, query, 0.85, 0.5)
+    hits = old.search(query, k=10, candidates=40)
+    assert [h.score for h in hits] == pytest.approx(sorted(expected.values(), reverse=True)[:10], abs=1e-5)
+    for h in hits:
+        assert h.retrieval_score == pytest.approx(expected[h.id], abs=1e-5)
+    titles = [h.title for h in hits]
+    assert old.score_pairs([query] * len(titles), titles).tolist() == pytest.approx(
+        [expected[h.id] for h in hits], abs=1e-5
+    )
+    assert expected != fused_by_hand(old, query)
+    old.close()
 
 
 @pytest.mark.parametrize("query", QUERIES)
@@ -62,11 +104,15 @@ def test_untrained_hybrid_ranks_by_the_fusion_formula(hybrid: Matcher, query: st
 
 
 def test_adaptive_weights_by_hand() -> None:
-    """w = ceiling * known * (0.5 + 0.5 * ratio); ratio = shorter / longer distinct-term count, 1 when both are 0."""
+    """w = ceiling * known * (floor + (1 - floor) * ratio); ratio = shorter / longer distinct-term count, 1 when both
+    are 0. Today's rule (1.0, 0.4) and the first one (0.85, 0.5), which bundles built under it keep."""
     ratio = length_ratio(np.array([3, 0, 2, 8]), np.array([6, 0, 2, 2]))
     assert ratio.tolist() == pytest.approx([0.5, 1.0, 1.0, 0.25])
-    assert adaptive_weights(0.5, ratio, 0.85).tolist() == pytest.approx([0.31875, 0.425, 0.425, 0.265625])
-    assert adaptive_weights(np.array([1.0, 0.0]), np.array([1.0, 1.0]), 0.85).tolist() == pytest.approx([0.85, 0.0])
+    assert adaptive_weights(0.5, ratio, 1.0, 0.4).tolist() == pytest.approx([0.35, 0.5, 0.5, 0.275])
+    assert adaptive_weights(0.5, ratio, 0.85, 0.5).tolist() == pytest.approx([0.31875, 0.425, 0.425, 0.265625])
+    weights = adaptive_weights(np.array([1.0, 0.0]), np.array([1.0, 1.0]), 0.85, 0.5)
+    assert weights.tolist() == pytest.approx([0.85, 0.0])
+    assert adaptive_weights(1.0, np.array([0.0]), 1.0, 0.4).tolist() == pytest.approx([0.4])
 
 
 def test_a_query_the_encoder_cannot_read_leans_on_words(hybrid: Matcher) -> None:

@@ -316,6 +316,7 @@ def _fit(snap: Snapshot, prep: _Prepared, cfg: TrainConfig, form: ScorerForm) ->
             dropout=cfg.dropout,
             lexical=lexical,
             dense_weight=base.dense_weight if lexical else 1.0,
+            dense_floor=base.dense_floor,
             fusion=base.fusion if lexical else Fusion.FIXED,
             form=form,
         )
