@@ -292,6 +292,17 @@ class Queries:
 
 
 @dataclass(frozen=True)
+class Fused:
+    """The untrained fusion a score was computed with (:func:`matching.features.fuse`): an untrained reranker of the
+    same fusion would compute the same numbers again."""
+
+    fusion: Fusion
+    weight: float
+    floor: float
+    centre: float
+
+
+@dataclass(frozen=True)
 class Candidates:
     """Per query, candidate row ids (-1 pads) with the score each was retrieved with, and its parts where computed:
     ``dense`` (cosine) and ``lexical`` (BM25)."""
@@ -300,6 +311,7 @@ class Candidates:
     ids: np.ndarray  # (nq, width) int64, -1 where padded
     dense: np.ndarray | None = None
     lexical: np.ndarray | None = None
+    fused: Fused | None = None  # the fusion ``scores`` are, where they are one
 
 
 class Retriever(Protocol):
@@ -389,7 +401,8 @@ class HybridRetriever:
         fused[ids < 0] = -np.inf
         order = np.argsort(-fused, axis=1, kind="stable")
         take = np.take_along_axis
-        return Candidates(take(fused, order, 1), take(ids, order, 1), take(dense, order, 1), take(bm25, order, 1))
+        how = Fused(fusion, snap.dense_weight, snap.dense_floor, centre)
+        return Candidates(take(fused, order, 1), take(ids, order, 1), take(dense, order, 1), take(bm25, order, 1), how)
 
 
 def _cosines(snap: Snapshot, vectors: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -422,6 +435,7 @@ class Hit:
     scores: np.ndarray
     dense: np.ndarray | None
     lexical: np.ndarray | None
+    fused: Fused | None = None
 
 
 class Reranker(Protocol):
@@ -444,6 +458,8 @@ class ScorerReranker:
         bm25 = hit.lexical if hit.lexical is not None else lexical.score_rows(text, row_ids)
         config = scorer.config
         if not scorer.trained:  # the MLP adds exactly 0: skip the features it would not use
+            if hit.fused == Fused(config.fusion, config.dense_weight, config.dense_floor, scorer.centre):
+                return hit.scores  # retrieval fused them so already: the same numbers
             dense = hit.dense if hit.dense is not None else _cosines(snap, vector[None, :], row_ids[None, :])[0]
             weight = snap.fusion_weights(text, row_ids, config.fusion, config.dense_weight, config.dense_floor)
             return fuse(centred(dense, scorer.centre), normalised(bm25, norm), weight)
@@ -497,6 +513,7 @@ def search(
             found.scores[qi][keep],
             found.dense[qi][keep] if found.dense is not None else None,
             found.lexical[qi][keep] if found.lexical is not None else None,
+            found.fused,
         )
         scores = reranker.rerank(snap, hit) if len(cand_ids) else hit.scores
         order = np.argsort(-scores, kind="stable")[:k]

@@ -18,6 +18,8 @@ from matching.analysis import Analyzer, analyze, jieba_available, resolve_analyz
 from matching.bundle import read_manifest, write_manifest
 from matching.features import DENSE_CEILING, DENSE_FLOOR, adaptive_weights, length_ratio
 from matching.layout import SCORER_CONFIG
+from matching.search import Fused, Hit, HybridRetriever, Queries, ScorerReranker
+from matching.types import Fusion
 
 QUERIES = ["acme black running shoes", "wireless headphones", "desk lamp white", "coffee"]
 
@@ -234,3 +236,20 @@ def test_store_titles_are_the_live_rows_in_order(hybrid: Matcher) -> None:
     expected = [(r.row_id, r.title) for rows in store.rows() for r in rows]
     assert [pair for part in store.titles(batch=7) for pair in part] == expected
     assert len(expected) == 39
+
+
+@pytest.mark.parametrize("query", QUERIES)
+def test_the_untrained_reranker_takes_the_fused_scores_it_would_compute(hybrid: Matcher, query: str) -> None:
+    """Hybrid retrieval hands its fused scores on with how they were fused; the untrained reranker returns them as
+    they are where its fusion is the same, and they equal, bit for bit, what it computes from the parts."""
+    snap = hybrid.snapshot
+    vectors = snap.encode_queries([query])
+    found = HybridRetriever().retrieve(snap, Queries(vectors, [query]), 40, None)
+    assert found.fused == Fused(Fusion.ADAPTIVE, 1.0, 0.4, snap.scorer.centre)
+    assert found.dense is not None and found.lexical is not None
+    keep = found.ids[0] >= 0
+    parts = (found.ids[0][keep], found.scores[0][keep], found.dense[0][keep], found.lexical[0][keep])
+    taken = ScorerReranker().rerank(snap, Hit(query, vectors[0], *parts, found.fused))
+    computed = ScorerReranker().rerank(snap, Hit(query, vectors[0], *parts, None))
+    assert taken is parts[1]
+    assert np.array_equal(taken, computed)
