@@ -29,11 +29,12 @@ def hybrid(tmp_path: Path, tiny_encoder: Any) -> Matcher:
     return Matcher.build(make_catalogue(), tmp_path / "h", encoder=tiny_encoder, show_progress=False)
 
 
-def fused_by_hand(m: Matcher, query: str, ceiling: float = 1.0, floor: float = 0.4) -> dict[Any, float]:
+def fused_by_hand(m: Matcher, query: str, ceiling: float = 1.0, floor: float = 0.35) -> dict[Any, float]:
     """The fusion formula over every live title: w * centred cosine + (1 - w) * min(1, bm25 / bm25 of the query as a
     title), the cosine centred on the catalogue's mean cosine c as (cos - c) / (1 - c),
     with the adaptive w = ceiling * (share of the query's tokens that are not [UNK]) * (floor + (1 - floor) *
-    shorter / longer distinct-term count), each part counted here from the texts themselves (today's rule: 1.0, 0.4)."""
+    shorter / longer distinct-term count), each part counted here from the texts themselves (today's rule: 1.0,
+    0.35)."""
     snap = m.snapshot
     assert snap.lexical is not None
     rows = snap.store.live_ids()
@@ -56,7 +57,7 @@ def fused_by_hand(m: Matcher, query: str, ceiling: float = 1.0, floor: float = 0
 
 
 def test_todays_rule() -> None:
-    assert (DENSE_CEILING, DENSE_FLOOR) == (1.0, 0.4)
+    assert (DENSE_CEILING, DENSE_FLOOR) == (1.0, 0.35)
 
 
 def first_rule(m: Matcher) -> Matcher:
@@ -107,14 +108,14 @@ def test_untrained_hybrid_ranks_by_the_fusion_formula(hybrid: Matcher, query: st
 
 def test_adaptive_weights_by_hand() -> None:
     """w = ceiling * known * (floor + (1 - floor) * ratio); ratio = shorter / longer distinct-term count, 1 when both
-    are 0. Today's rule (1.0, 0.4) and the first one (0.85, 0.5), which bundles built under it keep."""
+    are 0. Today's rule (1.0, 0.35) and the first one (0.85, 0.5), which bundles built under it keep."""
     ratio = length_ratio(np.array([3, 0, 2, 8]), np.array([6, 0, 2, 2]))
     assert ratio.tolist() == pytest.approx([0.5, 1.0, 1.0, 0.25])
-    assert adaptive_weights(0.5, ratio, 1.0, 0.4).tolist() == pytest.approx([0.35, 0.5, 0.5, 0.275])
+    assert adaptive_weights(0.5, ratio, 1.0, 0.35).tolist() == pytest.approx([0.3375, 0.5, 0.5, 0.25625])
     assert adaptive_weights(0.5, ratio, 0.85, 0.5).tolist() == pytest.approx([0.31875, 0.425, 0.425, 0.265625])
     weights = adaptive_weights(np.array([1.0, 0.0]), np.array([1.0, 1.0]), 0.85, 0.5)
     assert weights.tolist() == pytest.approx([0.85, 0.0])
-    assert adaptive_weights(1.0, np.array([0.0]), 1.0, 0.4).tolist() == pytest.approx([0.4])
+    assert adaptive_weights(1.0, np.array([0.0]), 1.0, 0.35).tolist() == pytest.approx([0.35])
 
 
 def test_a_query_the_encoder_cannot_read_leans_on_words(hybrid: Matcher) -> None:
@@ -245,8 +246,9 @@ def test_the_untrained_reranker_takes_the_fused_scores_it_would_compute(hybrid: 
     snap = hybrid.snapshot
     vectors = snap.encode_queries([query])
     found = HybridRetriever().retrieve(snap, Queries(vectors, [query]), 40, None)
-    assert found.fused == Fused(Fusion.ADAPTIVE, 1.0, 0.4, snap.scorer.centre)
-    assert found.dense is not None and found.lexical is not None
+    assert found.fused == Fused(Fusion.ADAPTIVE, 1.0, 0.35, snap.scorer.centre)
+    assert found.dense is not None
+    assert found.lexical is not None
     keep = found.ids[0] >= 0
     parts = (found.ids[0][keep], found.scores[0][keep], found.dense[0][keep], found.lexical[0][keep])
     taken = ScorerReranker().rerank(snap, Hit(query, vectors[0], *parts, found.fused))
