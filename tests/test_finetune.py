@@ -84,7 +84,16 @@ def test_the_loss_follows_the_labels() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", [{"epochs": -1}, {"batch_size": 1}, {"lr": 0.0}, {"evals_per_epoch": 0}, {"valid_fraction": 1.0}]
+    "bad",
+    [
+        {"epochs": -1},
+        {"batch_size": 1},
+        {"lr": 0.0},
+        {"evals_per_epoch": 0},
+        {"valid_fraction": 1.0},
+        {"mix": 0.0},
+        {"mix": 1.5},
+    ],
 )
 def test_bad_settings_are_config_errors(bad: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
@@ -136,6 +145,25 @@ def test_graded_labels_move_spearman(bundle: Matcher, tiny_encoder: Encoder, gra
     valid = graded[1]
     q, t = tuned.encode(valid["query"].tolist()), tuned.encode(valid["title"].tolist())
     assert spearman(np.einsum("ij,ij->i", q, t), valid["label"].to_numpy()) == pytest.approx(report.best_metric)
+
+
+def test_a_mix_interpolates_the_weights_and_is_validated(tiny_encoder: Encoder, graded: Any) -> None:
+    """mix=0.5 publishes 0.5 * start + 0.5 * the weights mix=1 publishes (same seed), validated as it is."""
+    tuned, full = finetune_encoder(None, tiny_encoder, *graded, show_progress=False, **FAST)
+    mixed, report = finetune_encoder(None, tiny_encoder, *graded, show_progress=False, **FAST, mix=0.5)
+    start, end = weights(tiny_encoder), weights(tuned)
+    for name, tensor in weights(mixed).items():
+        if tensor.is_floating_point():
+            assert torch.equal(tensor, 0.5 * start[name] + 0.5 * end[name]), name
+        else:
+            assert torch.equal(tensor, start[name])
+    assert report.compared == {"start": full.baseline, "tuned": full.best_metric, "mix 0.5": report.best_metric}
+    valid = graded[1]
+    q, t = mixed.encode(valid["query"].tolist()), mixed.encode(valid["title"].tolist())
+    assert spearman(np.einsum("ij,ij->i", q, t), valid["label"].to_numpy()) == pytest.approx(report.best_metric)
+    assert report.best_metric > report.baseline
+    assert report.best_epoch == full.best_epoch
+    assert mixed.tuned
 
 
 def easy_valid() -> pd.DataFrame:

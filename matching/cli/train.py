@@ -59,6 +59,9 @@ def _add_finetune(sub: Any) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--loss", choices=["auto", "mnrl", "cosent"])
+    p.add_argument(
+        "--mix", type=float, help="the fine-tuned weights' share, the rest the starting ones' (default 1; WiSE-FT)"
+    )
     _add_search_trials(p)
     p.add_argument("--keep-scorer-reset", action="store_true", help="leave the reranker reset (not retrained)")
     p.add_argument("--seed", type=int)
@@ -120,7 +123,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from matching import Matcher
 
-    names = ("epochs", "lr", "batch_size", "loss", "seed", "query_column", "title_column", "label_column")
+    names = ("epochs", "lr", "batch_size", "loss", "mix", "seed", "query_column", "title_column", "label_column")
     settings = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     with Matcher.load(args.bundle, verify=False) as m:
         before = m.manifest.encoder.get("fingerprint")
