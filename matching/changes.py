@@ -288,6 +288,7 @@ def compact(
             index=built,
             lexical=lexical,
             carry_from=(live, generation.non_catalogue(manifest)),
+            rewritten=True,
         )
     return ChangeReport(
         "compact", count=count, generation=current_generation(path).name, seconds=time.perf_counter() - started
@@ -371,4 +372,5 @@ def copy_bundle(
             lexical=lexical,
             scorer=None if source else snap.scorer,
             carry_from=(source, generation.non_catalogue(snap.manifest)) if source else None,
+            rewritten=True,
         )

@@ -232,11 +232,13 @@ def finish(
     lexical: LexicalIndex | None = None,
     scorer: Scorer | None = None,
     carry_from: tuple[Path, Iterable[str]] | None = None,
+    rewritten: bool = False,
 ) -> None:
     """Save the given parts into the staging generation ``gen`` (whose store is already written, if it changed),
     carry the named files of the live generation across (``carry_from=(live, names)``; those just written are
     skipped), and write the manifest last. The shared, append-only vector file is checksummed over this
-    generation's rows only."""
+    generation's rows only; unless ``rewritten`` (compaction, a copy: the rows were written anew), its whole blocks
+    must be the live file's."""
     if index is not None:
         index.save(gen)
     if lexical is not None:
@@ -265,7 +267,7 @@ def finish(
         known=known,
         known_blocks=blocks,
     )
-    if carry_from is not None and base is not None:
+    if carry_from is not None and base is not None and not rewritten:
         _check_copied_blocks(base, carry_from[0], written, blocks)
 
 

@@ -159,3 +159,25 @@ def test_a_copy_checks_its_source_whole(tmp_path: Path, tiny_encoder: Any, small
     with pytest.raises(BundleError, match=r"vectors\.f32.*damaged"):
         m.copy(tmp_path / "c", show_progress=False)
     assert not (tmp_path / "c").exists()
+
+
+def test_compaction_and_a_partial_copy_write_their_vectors_anew(
+    tmp_path: Path, tiny_encoder: Any, small_blocks: None
+) -> None:
+    """Compaction after an early row is removed, and a copy of the first rows, write a vector file whose blocks
+    differ from the live one's from the first block on: that is no damage (both were refused as such before)."""
+    path = tmp_path / "b"
+    m = _build(path, tiny_encoder)
+    assert read_manifest(current_generation(path)).sizes[VECTORS_FILE] > 3 * BLOCK
+    first = m.snapshot.store.get([0])[0].external_id
+    m.remove([m.snapshot.store.external_id(first)])
+    m.compact(show_progress=False)
+    live = current_generation(path)
+    compacted = read_manifest(live, verify=True)
+    assert compacted.blocks[VECTORS_FILE] == block_digests(live / VECTORS_FILE, compacted.sizes[VECTORS_FILE])
+    assert len(m) == len(make_catalogue()) - 1
+    copy = m.copy(tmp_path / "c", limit=20, show_progress=False)
+    assert len(copy) == 20
+    copied = read_manifest(current_generation(tmp_path / "c"), verify=True)
+    assert copied.sizes[VECTORS_FILE] == 20 * 32 * 4
+    assert first not in {r.external_id for r in copy.snapshot.store.get(copy.snapshot.store.live_ids().tolist())}
