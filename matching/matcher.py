@@ -374,6 +374,11 @@ class Matcher(ServedBundle):
         work; see :meth:`Snapshot.tokens_to_encode`), counted without encoding; stops once past ``stop_above``."""
         return self._snap.tokens_to_encode(queries, titles, stop_above=stop_above)
 
+    def token_ceiling(self, queries: Sequence[str], titles: Sequence[str] = ()) -> int:
+        """A ceiling on :meth:`tokens_to_encode` found without the tokenizer (each distinct text at the token
+        limit)."""
+        return self._snap.token_ceiling(queries, titles)
+
     def score_pairs(self, queries: Sequence[str], titles: Sequence[str]) -> np.ndarray:
         """The reranker's score for each (query, title) pair, as a float32 array in input order."""
         snap = self._snap

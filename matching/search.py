@@ -160,6 +160,11 @@ class Snapshot:
         unseen = [t for t, row in zip(distinct, self.store.find_titles(distinct), strict=True) if row is None]
         return count_tokens(self.encoder, unseen, self.encoder.prompts.title, total, stop_above)
 
+    def token_ceiling(self, queries: Sequence[str], titles: Sequence[str] = ()) -> int:
+        """A ceiling on :meth:`tokens_to_encode`, found without the tokenizer: each distinct text at its encoder's
+        :attr:`~matching.encoder.Encoder.token_limit`."""
+        return len(set(queries)) * self.query_encoder.token_limit + len(set(titles)) * self.encoder.token_limit
+
     def encode_queries(self, queries: Sequence[str], *, show_progress: bool = False) -> np.ndarray:
         """One query vector per item of ``queries``, each distinct query encoded once (the service's token budget
         counts them so)."""

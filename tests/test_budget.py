@@ -146,6 +146,27 @@ def test_score_counts_queries_and_unseen_titles_against_the_budget(bundle: Path,
         assert "at least 7 tokens (distinct queries and titles not in the catalogue); at most 5" in r.json()["detail"]
 
 
+def test_a_request_of_few_texts_is_not_counted(bundle: Path, library: Matcher, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each distinct text is read up to the token limit (128 here): a request whose texts could not pass the budget
+    at the limit each is let through without the tokenizer; one that could is counted, and refused on the count."""
+    assert library.token_ceiling(["a", "a", "b"], ["x", "y", "y"]) == 2 * 128 + 2 * 128
+    counted: list[int] = []
+    real = Matcher.tokens_to_encode
+
+    def counting(self: Matcher, *args: Any, **kwargs: Any) -> int:
+        counted.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Matcher, "tokens_to_encode", counting)
+    with serve(bundle, max_request_tokens=3 * 128) as client:
+        wait_ready(client)
+        assert client.post("/search", json={"queries": QUERIES, "k": 3}).status_code == 200
+        assert counted == []
+        many = [long_text(i) for i in range(4)]
+        assert client.post("/search", json={"queries": many, "k": 3}).status_code == 413
+        assert counted == [1]
+
+
 # -- the deadline -----------------------------------------------------------------------------------
 
 

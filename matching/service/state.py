@@ -182,6 +182,8 @@ class Service:
     def budget(self, matcher: Matcher, queries: list[str], titles: list[str] | None = None) -> None:
         """413 when the request would encode more than ``max_request_tokens`` tokens (counting stops past it)."""
         limit = self.config.max_request_tokens
+        if matcher.token_ceiling(queries, titles or []) <= limit:
+            return  # too few texts to pass it at the token limit each: the tokenizer (on the event loop) is spared
         count = matcher.tokens_to_encode(queries, titles or [], stop_above=limit)
         if count > limit:
             what = "distinct queries and titles not in the catalogue" if titles else "distinct queries"
