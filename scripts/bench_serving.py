@@ -3,14 +3,16 @@
     nice -n 5 .venv/bin/python scripts/bench_serving.py                       # 100k titles, 1/4/16/32 clients x 20 s
     nice -n 5 .venv/bin/python scripts/bench_serving.py --clients 16 --seconds 60
 
-One `matching serve` (1 worker, torch on 1 thread, the default encoder) on the loopback per mode: batching off
-(`--batch-wait-ms 0`) then on (`--batch-wait-ms`, default 2). For each client count, closed-loop clients send
+One `matching serve` (1 worker, torch on 1 thread, the default encoder) on the loopback per mode: batching on
+(`--batch-wait-ms`, default 2) with each of `--batch-threads` (default 1 and 2), then off (`--batch-wait-ms 0`).
+For each client count, closed-loop clients send
 GET /search (a generated query, k=10) for `--seconds` (after 2 s of warm-up), while another process publishes a
 change every 5 s, as scripts/load_test.py does (the issue's 94 req/s, p99 353 ms). The 100k-title bundle is
 scripts/load_test.py's (results/load/bundle-100000, built once and reused). The first answer each mode gave for
-each query is kept, and the two modes' answers compared: same ids in the same order, and the largest score
-difference. Prints a table, writes results/bench_serving.json and, with matplotlib, results/bench_serving.png
-(req/s and p99 against clients; BENCHMARKS.md shows the copy in scripts/plots/).
+each query is kept, and each batching mode's answers compared with those searched alone: same ids in the same
+order, and the largest score difference. Prints a table, writes results/bench_serving.json and, with
+matplotlib, results/bench_serving.png (req/s and p99 against clients; BENCHMARKS.md shows the copy in
+scripts/plots/).
 """
 
 from __future__ import annotations
@@ -129,7 +131,8 @@ def mode(
             before = batch_counts(port)
             row, seen = phase(port, n, seconds, queries)
             batches, items = (a - b for a, b in zip(batch_counts(port), before, strict=True))
-            rows.append({"batch_wait_ms": wait_ms, **row, "mean_batch": items / batches if batches else None})
+            mean = items / batches if batches else None
+            rows.append({"batch_wait_ms": wait_ms, "batch_threads": threads, **row, "mean_batch": mean})
             answers.update({q: a for q, a in seen.items() if q not in answers})
     finally:
         publisher.kill()
@@ -149,8 +152,10 @@ def plot(rows: list[dict[str, Any]], out: Path) -> bool:
         print("no matplotlib: no plot (pip install matplotlib)")
         return False
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for wait, label in ((0.0, "each read alone"), (None, "micro-batched")):
-        mine = [r for r in rows if (r["batch_wait_ms"] == 0) == (wait == 0.0)]
+    modes = sorted({(r["batch_wait_ms"] > 0, r["batch_threads"]) for r in rows})
+    for batched, threads in modes:
+        mine = [r for r in rows if (r["batch_wait_ms"] > 0, r["batch_threads"]) == (batched, threads)]
+        label = f"micro-batched, {threads} batch thread{'s' if threads > 1 else ''}" if batched else "each read alone"
         xs = [r["clients"] for r in mine]
         left.plot(xs, [r["rps"] for r in mine], marker="o", label=label)
         right.plot(xs, [r["p99"] for r in mine], marker="o", label=label)
@@ -174,7 +179,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 32])
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--batch-wait-ms", type=float, default=2.0)
-    parser.add_argument("--batch-threads", type=int, default=1)
+    parser.add_argument("--batch-threads", type=int, nargs="+", default=[1, 2], help="one batching run for each")
     parser.add_argument("--only-on", action="store_true", help="skip the runs with batching off (trying settings)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench_serving.json")
     args = parser.parse_args()
@@ -184,7 +189,11 @@ def main() -> None:
     template = work / f"bundle-{args.size}"
     make_bundle(template, args.size)
     load = os.getloadavg()[0]
-    on, on_answers = mode(template, work, args.batch_wait_ms, args.batch_threads, args.clients, args.seconds)
+    on, answers = [], []
+    for threads in args.batch_threads:
+        rows_on, seen = mode(template, work, args.batch_wait_ms, threads, args.clients, args.seconds)
+        on += rows_on
+        answers.append(seen)
     off, off_answers = ([], {}) if args.only_on else mode(template, work, 0.0, 1, args.clients, args.seconds)
     rows = off + on
     report: dict[str, Any] = {
@@ -192,9 +201,8 @@ def main() -> None:
         "titles": args.size,
         "seconds": args.seconds,
         "load_average_before": load,
-        "batch_threads": args.batch_threads,
         "rows": rows,
-        "answers": compare(off_answers, on_answers),
+        "answers": {t: compare(off_answers, seen) for t, seen in zip(args.batch_threads, answers, strict=True)},
     }
     print(f"\n{args.size} titles, 1 worker, torch threads 1, loopback, {args.seconds:g} s a phase")
     print(
@@ -203,16 +211,17 @@ def main() -> None:
     )
     for r in rows:
         base = next((o for o in off if o["clients"] == r["clients"]), r)
-        label = "off" if r["batch_wait_ms"] == 0 else f"{r['batch_wait_ms']:g} ms"
+        label = "off" if r["batch_wait_ms"] == 0 else f"{r['batch_wait_ms']:g} ms x{r['batch_threads']}"
         print(
             f"{label:<9} {r['clients']:>7} {r['requests']:>9} {r['errors']:>6} {r['rps']:>7.1f} {r['p50']:>8.1f} "
             f"{r['p99']:>8.1f} {r['rps'] / base['rps']:>6.2f} {r['mean_batch'] or 0:>6.1f}"
         )
-    a = report["answers"]
-    print(
-        f"answers: {a['same_ids_in_order']} of {a['queries']} queries seen in both modes: same ids in the same "
-        f"order; largest score difference among those {a['max_score_diff']:.2g}"
-    )
+    for threads, a in report["answers"].items():
+        print(
+            f"answers, {threads} batch thread(s): {a['same_ids_in_order']} of {a['queries']} queries seen with and "
+            f"without batching: same ids in the same order; largest score difference among those "
+            f"{a['max_score_diff']:.2g}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")

@@ -166,7 +166,8 @@ def test_a_refused_query_fails_alone_in_its_batch(bundle: Path, library: Matcher
 def test_a_read_that_waited_in_the_queue_past_its_deadline_is_503_without_encoding(
     bundle: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with serve(bundle, request_seconds=1.0, batch_wait_ms=2.0) as client:
+    # one batch thread, so the second read queues behind the first's batch
+    with serve(bundle, request_seconds=1.0, batch_wait_ms=2.0, batch_threads=1) as client:
         wait_ready(client)
         matcher = client.app.state.service.matcher  # type: ignore[attr-defined]
         slow = SlowBatches(matcher.query_encoder, monkeypatch, 1.5)
@@ -244,7 +245,7 @@ def test_service_config_round_trips_the_batching(tmp_path: Path) -> None:
     config.save(tmp_path / "service.json")
     assert ServiceConfig.load(tmp_path / "service.json") == config
     assert ServiceConfig.from_dict({"batch_wait_ms": 3}).batch_wait_ms == 3.0
-    assert (ServiceConfig().batch_wait_ms, ServiceConfig().batch_queries, ServiceConfig().batch_threads) == (2.0, 32, 1)
+    assert (ServiceConfig().batch_wait_ms, ServiceConfig().batch_queries, ServiceConfig().batch_threads) == (2.0, 32, 2)
     with pytest.raises(ConfigError, match="batch_wait_ms must be >= 0"):
         ServiceConfig(batch_wait_ms=-1.0)
     with pytest.raises(ConfigError, match="batch_queries must be > 0"):

@@ -51,7 +51,7 @@ def _add_serve(sub: Any) -> None:
         help="wait up to this long to search concurrent single-query reads as one batch (default 2; 0: off)",
     )
     p.add_argument("--batch-queries", type=int, help="at most this many queries in one such batch (default 32)")
-    p.add_argument("--batch-threads", type=int, help="threads searching such batches (default 1)")
+    p.add_argument("--batch-threads", type=int, help="threads searching such batches (default 2)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=_cmd_serve)
 
