@@ -309,7 +309,11 @@ def reencode_bundle(
         lock_timeout=lock_timeout,
         started=started,
         base=path / str(snap.generation),
-        fusion=None if old.fusion is Fusion.ADAPTIVE else {**generation.fixed_fusion(), **_fixed_entries(lexical)},
+        # the manifest's rule, not the reranker's (a bundle whose default retrieval is dense or lexical has an adaptive
+        # retrieval fusion beside a fixed-weight reranker)
+        fusion=None
+        if lexical.get("fusion") == Fusion.ADAPTIVE
+        else {**generation.fixed_fusion(), **_fixed_entries(lexical)},
         before_publish=None if retrain is None else functools.partial(retrained, encoder=encoder, fit=retrain),
         fields=snap.store.fields.spec if snap.store.fields is not None else None,
     )

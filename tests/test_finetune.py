@@ -158,12 +158,26 @@ def test_a_mix_interpolates_the_weights_and_is_validated(tiny_encoder: Encoder, 
         else:
             assert torch.equal(tensor, start[name])
     assert report.compared == {"start": full.baseline, "tuned": full.best_metric, "mix 0.5": report.best_metric}
+    assert report.chosen == "mix 0.5"
     valid = graded[1]
     q, t = mixed.encode(valid["query"].tolist()), mixed.encode(valid["title"].tolist())
     assert spearman(np.einsum("ij,ij->i", q, t), valid["label"].to_numpy()) == pytest.approx(report.best_metric)
     assert report.best_metric > report.baseline
     assert report.best_epoch == full.best_epoch
     assert mixed.tuned
+
+
+def test_a_mix_no_better_than_the_start_keeps_the_start(tiny_encoder: Encoder, graded: Any) -> None:
+    """Where the mixture does not beat the starting weights on validation, those are kept and the report says so:
+    epoch 0, the baseline as the best figure (a search over trials compares those), ``chosen`` "start"."""
+    from matching.training.finetune import _mix
+
+    tuned, report = finetune_encoder(None, tiny_encoder, *graded, show_progress=False, **FAST)
+    assert report.best_epoch > 0
+    _mix(tuned, tiny_encoder, 0.5, lambda _: report.baseline, report)
+    assert same(weights(tuned), weights(tiny_encoder))
+    assert (report.best_epoch, report.best_metric, report.chosen) == (0, report.baseline, "start")
+    assert "chosen: start" in report.table()
 
 
 def easy_valid() -> pd.DataFrame:

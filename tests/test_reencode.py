@@ -21,8 +21,9 @@ def other_encoder(other_model_dir: Path) -> Encoder:
     return Encoder.from_pretrained(EncoderConfig(model=str(other_model_dir), preset="exact"))
 
 
-def answers(m: Matcher) -> list[Any]:
-    return [[(h.id, h.title, round(h.score, 6)) for h in m.search(q, 5)] for q in ("acme red", "blue desk lamp")]
+def answers(m: Matcher, **search: Any) -> list[Any]:
+    queries = ("acme red", "blue desk lamp")
+    return [[(h.id, h.title, round(h.score, 6)) for h in m.search(q, 5, **search)] for q in queries]
 
 
 def test_reencode_keeps_the_rows_and_moves_to_the_new_vectors(
@@ -183,3 +184,23 @@ def test_a_writer_killed_during_reencode_leaves_the_old_or_the_new_encoding(
         with Matcher.load(tmp_path / "b", verify=True) as m:
             outcomes.append("after" if m.manifest.encoder["fingerprint"] != fingerprint else "before")
     assert landed >= 3, outcomes  # most kills hit a writer mid-re-encode (each draws a moment within its run)
+
+
+@pytest.mark.parametrize("retrieval", ["dense", "lexical"])
+def test_reencode_keeps_the_retrieval_fusion_of_a_dense_or_lexical_bundle(
+    tmp_path: Path, tiny_encoder: Encoder, other_encoder: Encoder, retrieval: str
+) -> None:
+    """Such a bundle's reranker has a fixed weight (1 or 0) beside the adaptive fusion of its hybrid retrieval: a
+    re-encode keeps both, as a fresh build with the new encoder has them."""
+    path = tmp_path / "b"
+    build = {"encoder": tiny_encoder, "retrieval": retrieval, "show_progress": False}
+    with Matcher.build(make_catalogue(), path, **build) as m:
+        m.reencode(encoder=other_encoder, show_progress=False)
+        fresh = Matcher.build(make_catalogue(), tmp_path / "fresh", **{**build, "encoder": other_encoder})
+        assert m.scorer.config == fresh.scorer.config
+        ours, theirs = dict(m.manifest.lexical or {}), dict(fresh.manifest.lexical or {})
+        assert ours.pop("dense_sum") == pytest.approx(theirs.pop("dense_sum"))
+        assert ours == theirs
+        assert ours["fusion"] == "adaptive"
+        assert answers(m, retrieval="hybrid") == answers(fresh, retrieval="hybrid")
+        fresh.close()

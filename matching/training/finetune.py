@@ -368,17 +368,19 @@ def _mix(tower: Encoder, start: Encoder, mix: float, validate: Callable[[Encoder
     """Interpolate ``tower``'s weights towards ``start``'s (``FinetuneConfig.mix``); the mixture is validated, and
     where it does not beat the starting weights they are kept (``report.best_epoch`` 0)."""
     before = start.model.state_dict()
+    done: set[int] = set()  # a weight two modules share is listed under each name: mixed once
     with torch.no_grad():
         for name, tensor in tower.model.state_dict().items():
-            if tensor.is_floating_point():
+            if tensor.is_floating_point() and tensor.data_ptr() not in done:
+                done.add(tensor.data_ptr())
                 tensor.copy_((1.0 - mix) * before[name] + mix * tensor)
     mixed = validate(tower)
     report.compared = {"start": report.baseline, "tuned": report.best_metric, f"mix {mix:g}": mixed}
     if mixed <= report.baseline:
         tower.model.load_state_dict(before)
-        report.best_epoch = 0
+        report.best_epoch, report.best_metric, report.chosen = 0, report.baseline, "start"
         return
-    report.best_metric = mixed
+    report.best_metric, report.chosen = mixed, f"mix {mix:g}"
 
 
 def search_finetune(
