@@ -56,6 +56,18 @@ def fused_by_hand(m: Matcher, query: str, ceiling: float = 1.0, floor: float = 0
     return dict(zip(ids, fused.tolist(), strict=True))
 
 
+def assert_all_follow(m: Matcher, query: str, expected: dict[Any, float]) -> None:
+    """Retrieval, reranking and pair scoring of ``query`` all give ``expected`` (id -> fused score)."""
+    hits = m.search(query, k=10, candidates=40)
+    assert [h.score for h in hits] == pytest.approx(sorted(expected.values(), reverse=True)[:10], abs=1e-5)
+    for h in hits:
+        assert h.retrieval_score == pytest.approx(expected[h.id], abs=1e-5)
+    titles = [h.title for h in hits]
+    assert m.score_pairs([query] * len(titles), titles).tolist() == pytest.approx(
+        [expected[h.id] for h in hits], abs=1e-5
+    )
+
+
 def test_todays_rule() -> None:
     assert (DENSE_CEILING, DENSE_FLOOR) == (1.0, 0.35)
 
@@ -82,14 +94,7 @@ def test_a_bundle_of_the_first_rule_keeps_it(hybrid: Matcher, query: str) -> Non
     assert (old.snapshot.dense_weight, old.snapshot.dense_floor) == (0.85, 0.5)
     assert old.snapshot.scorer.config.dense_floor == 0.5
     expected = fused_by_hand(old, query, 0.85, 0.5)
-    hits = old.search(query, k=10, candidates=40)
-    assert [h.score for h in hits] == pytest.approx(sorted(expected.values(), reverse=True)[:10], abs=1e-5)
-    for h in hits:
-        assert h.retrieval_score == pytest.approx(expected[h.id], abs=1e-5)
-    titles = [h.title for h in hits]
-    assert old.score_pairs([query] * len(titles), titles).tolist() == pytest.approx(
-        [expected[h.id] for h in hits], abs=1e-5
-    )
+    assert_all_follow(old, query, expected)
     assert expected != fused_by_hand(old, query)
     old.close()
 
@@ -125,15 +130,7 @@ def test_a_query_the_encoder_cannot_read_leans_on_words(hybrid: Matcher) -> None
     tokenizer = hybrid.snapshot.query_encoder.tokenizer
     tokens = tokenizer(query, add_special_tokens=False)["input_ids"]
     assert 0 < tokens.count(tokenizer.unk_token_id) < len(tokens)
-    expected = fused_by_hand(hybrid, query)
-    hits = hybrid.search(query, k=10, candidates=40)
-    assert [h.score for h in hits] == pytest.approx(sorted(expected.values(), reverse=True)[:10], abs=1e-5)
-    for h in hits:
-        assert h.retrieval_score == pytest.approx(expected[h.id], abs=1e-5)
-    titles = [h.title for h in hits]
-    assert hybrid.score_pairs([query] * len(titles), titles).tolist() == pytest.approx(
-        [expected[h.id] for h in hits], abs=1e-5
-    )
+    assert_all_follow(hybrid, query, fused_by_hand(hybrid, query))
 
 
 @pytest.mark.parametrize("query", QUERIES)
