@@ -194,10 +194,10 @@ class SlowBatches:
         self.batches: list[int] = []
         original = encoder._padded
 
-        def padded(rows: list[list[int]], device: Any) -> Any:
+        def padded(rows: list[list[int]], device: Any, multiple: int = 1) -> Any:
             self.batches.append(len(rows))
             time.sleep(pause)
-            return original(rows, device)
+            return original(rows, device, multiple)
 
         monkeypatch.setattr(encoder, "_padded", padded)
         monkeypatch.setattr(encoder, "batch_size", 1)  # texts of 64+ tokens then go one a batch
