@@ -175,12 +175,12 @@ class ServiceConfig(JsonConfig):
     torch_threads: int = 1
     # micro-batching of single-query reads (GET /search, a POST /search of one query): once one is queued, wait up to
     # this long for others with the same settings and search them as one batch (matching.service.batching); 0: each
-    # request searches alone, as before. 2 ms, 100k titles, 16 clients on a 2-core machine: 286.1 req/s against
-    # 119.5 alone, p99 126 ms against 292; 1 client: p50 11.5 ms against 8.9 (BENCHMARKS.md, issue #23)
+    # request searches alone, as before. 2 ms, 100k titles, 16 clients on a 2-core machine: 270.0 req/s against
+    # 106.8 alone, p99 149 ms against 316; 1 client: p50 13.1 ms against 11.4 (BENCHMARKS.md, issue #23)
     batch_wait_ms: float = 2.0
     batch_queries: int = 32  # at most this many queries in one micro-batch
     # threads searching micro-batches: two overlap one batch's encoding (torch, FAISS and numpy let go of the GIL) with
-    # another's retrieval. 100k titles, 16 clients, 2 cores: 286.1 req/s, p99 126 ms against 242.9, 97 ms with one
+    # another's retrieval. 100k titles, 16 clients, 2 cores: 270.0 req/s, p99 149 ms against 225.6, 107 ms with one
     # (batches half as large; p99 the price)
     batch_threads: int = 2
 
