@@ -37,26 +37,27 @@ def read_span(fh: BinaryIO, size: int | None, step: int = 1 << 20) -> Iterator[b
         left = left - len(chunk) if left > 0 else left
 
 
+def _sha256_span(fh: BinaryIO, size: int | None) -> str:
+    h = hashlib.sha256()
+    for chunk in read_span(fh, size):
+        h.update(chunk)
+    return h.hexdigest()
+
+
 def sha256_file(path: Path, size: int | None = None) -> str:
     """SHA-256 of the file, or of its first ``size`` bytes."""
-    h = hashlib.sha256()
     with path.open("rb") as fh:
-        for chunk in read_span(fh, size):
-            h.update(chunk)
-    return h.hexdigest()
+        return _sha256_span(fh, size)
 
 
 def block_digests(path: Path, size: int, reuse: list[str] | tuple[str, ...] = ()) -> list[str]:
     """SHA-256 of each :data:`BLOCK_BYTES` block of the first ``size`` bytes of ``path`` (the last one shorter); the
     first ``len(reuse)`` digests are taken as given (full blocks of an append-only file, checked before)."""
-    out = list(reuse[: size // BLOCK_BYTES])
+    out = list(reuse[: full_blocks(size)])
     with path.open("rb") as fh:
         fh.seek(len(out) * BLOCK_BYTES)
         for start in range(len(out) * BLOCK_BYTES, size, BLOCK_BYTES):
-            h = hashlib.sha256()
-            for chunk in read_span(fh, min(BLOCK_BYTES, size - start)):
-                h.update(chunk)
-            out.append(h.hexdigest())
+            out.append(_sha256_span(fh, min(BLOCK_BYTES, size - start)))
     return out
 
 
