@@ -391,7 +391,7 @@ class HybridRetriever:
         mask = _mask(lexical, allowed)
         _, lex_ids = lexical.search(list(texts), depth, mask)
         norms = query_norms(lexical, texts)
-        fusion, centre = snap.fusion, snap.dense_centre
+        fusion, centre, weight, floor = snap.fusion, snap.dense_centre, snap.dense_weight, snap.dense_floor
         # one tokenizer call for the batch (16 queries here: 0.30 ms, against 0.55 ms in a call each)
         known = snap.query_encoder.known_shares(texts) if fusion is Fusion.ADAPTIVE else np.ones(len(texts))
         width = 2 * depth
@@ -405,12 +405,12 @@ class HybridRetriever:
         for qi, text in enumerate(texts):
             deadline.check()
             bm25[qi] = lexical.score_rows(text, ids[qi])
-            weight = snap.fusion_weights(text, ids[qi], fusion, snap.dense_weight, snap.dense_floor, float(known[qi]))
-            fused[qi] = fuse(centred(dense[qi], centre), normalised(bm25[qi], float(norms[qi])), weight)
+            weights = snap.fusion_weights(text, ids[qi], fusion, weight, floor, float(known[qi]))
+            fused[qi] = fuse(centred(dense[qi], centre), normalised(bm25[qi], float(norms[qi])), weights)
         fused[ids < 0] = -np.inf
         order = np.argsort(-fused, axis=1, kind="stable")
         take = np.take_along_axis
-        how = Fused(fusion, snap.dense_weight, snap.dense_floor, centre)
+        how = Fused(fusion, weight, floor, centre)
         return Candidates(take(fused, order, 1), take(ids, order, 1), take(dense, order, 1), take(bm25, order, 1), how)
 
 
