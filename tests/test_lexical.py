@@ -201,21 +201,30 @@ def test_add_remove_compact_equal_fresh_builds() -> None:
         index.add(np.array([10]), ["again"])
 
 
-def test_pruned_search_equals_exhaustive_ranking() -> None:
+@pytest.mark.parametrize("filtered", [False, True])
+def test_pruned_search_equals_exhaustive_ranking(filtered: bool) -> None:
     rng = np.random.default_rng(7)
     words = [f"w{i}" for i in range(60)]
     weights = 1 / np.arange(1, 61) ** 1.1  # a few very common words, many rare ones
     titles = [" ".join(rng.choice(words, rng.integers(2, 9), p=weights / weights.sum())) for _ in range(3000)]
+    titles += titles[:400]  # ties: the same title under two rows
     index = LexicalIndex.build(titles, Analyzer.STANDARD)
     index.remove(rng.choice(len(titles), 300, replace=False))
-    queries = [" ".join(rng.choice(words, rng.integers(1, 5))) for _ in range(60)]
-    for k in (1, 10, 50):
-        scores, ids = index.search(queries, k)
+    allowed = rng.random(len(titles)) < 0.3 if filtered else None
+    queries = [" ".join(rng.choice(words, rng.integers(1, 7))) for _ in range(80)]
+    for k in (1, 10, 50, 400):
+        scores, ids = index.search(queries, k, allowed)
         for i, query in enumerate(queries):
             every = index.score_rows(query, np.arange(len(titles)))
+            if allowed is not None:
+                every[~allowed] = 0
             want_scores, want_rows = expected_top(every.astype(np.float64), k)
             assert ids[i, : len(want_rows)].tolist() == want_rows.tolist(), (query, k)
             np.testing.assert_array_equal(scores[i, : len(want_rows)], want_scores.astype(np.float32))
+            assert (ids[i, len(want_rows) :] == -1).all()
+        index.pruning = False
+        np.testing.assert_array_equal(index.search(queries, k, allowed)[1], ids)
+        index.pruning = True
 
 
 ANALYZERS = [Analyzer.STANDARD, Analyzer.ENGLISH, Analyzer.CJK, *([Analyzer.CHINESE] if jieba_available() else [])]
