@@ -256,14 +256,21 @@ class Store:
 
     def get(self, row_ids: Sequence[int]) -> list[StoredTitle]:
         """Rows for ``row_ids``, in the same order (KeyError if one is absent)."""
-        found: dict[int, TitleRow] = {}
+        found: dict[int, tuple[str, str, str]] = {}
         wanted = list(dict.fromkeys(int(i) for i in row_ids))
-        with Session(self.engine) as session:
+        columns = (TitleRow.row_id, TitleRow.external_id, TitleRow.title, TitleRow.metadata_json)
+        # plain rows, not ORM objects: every search reads its hits here (10 rows: 0.26 ms against 0.33 ms, and
+        # 0.7 ms of a 1M hybrid search's 11 ms in the ORM's session before)
+        with self.engine.connect() as conn:
             for start in range(0, len(wanted), _SQL_BATCH):
                 part = wanted[start : start + _SQL_BATCH]
-                for row in session.scalars(select(TitleRow).where(TitleRow.row_id.in_(part))):
-                    found[row.row_id] = row
-        return [_stored(found[int(i)]) for i in row_ids]
+                for row_id, external_id, title, meta in conn.execute(select(*columns).where(TitleRow.row_id.in_(part))):
+                    found[row_id] = (external_id, title, meta)
+        out = []
+        for i in row_ids:  # a StoredTitle (and metadata dict) of its own for each id asked for, repeats included
+            external_id, title, meta = found[int(i)]
+            out.append(StoredTitle(int(i), external_id, title, json.loads(meta)))
+        return out
 
     def lookup(self, external_ids: Sequence[str]) -> dict[str, StoredTitle]:
         """The stored rows of those external ids that exist."""

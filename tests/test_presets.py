@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,10 @@ def test_the_inference_copy_follows_weight_changes(
     np.testing.assert_allclose(after, other.encode(TEXTS), atol=1e-6, rtol=0)
     assert not np.allclose(after, before, atol=1e-3)
     assert encoder.fingerprint == other.fingerprint
+    encoder.model.encoder.layer[-1] = copy.deepcopy(tiny_encoder.model.encoder.layer[-1])  # a swapped submodule
+    swapped = encoder.encode(TEXTS)
+    assert not np.allclose(swapped, after, atol=1e-3)
+    np.testing.assert_array_equal(encoder.encode(TEXTS), swapped)
 
 
 def test_set_preset_switches_the_inference_copy(tiny_encoder: Encoder, encoders: dict[Preset, Encoder]) -> None:
