@@ -25,8 +25,9 @@ from matching.features import DENSE_CEILING, DENSE_FLOOR
 from matching.fields import FieldSpec, indexed_fields
 from matching.ingest import DEFAULT_CHUNKSIZE, has_surrogate
 from matching.layout import QUERY_ENCODER, SCORER_CONFIG, SCORER_WEIGHTS, TRAIN_REPORT
+from matching.overlap import start_encoding
 from matching.scorer import Scorer
-from matching.search import RETRIEVERS, NoReranker, Queries, ScorerReranker, Snapshot, search
+from matching.search import NoReranker, Queries, ScorerReranker, Snapshot, retriever_for, search
 from matching.served import ServedBundle, open_live
 from matching.store import Where
 from matching.types import ChangeReport, Engine, ExternalId, Fusion, Match, Preset, Retrieval
@@ -231,7 +232,7 @@ class Matcher(ServedBundle):
         if bad:
             raise ConfigError(f"query {bad[0]} holds a lone surrogate (half of a UTF-16 pair); fix its decoding")
         snap = self._snap
-        vectors = snap.encode_queries(queries, show_progress=show_progress)
+        vectors = start_encoding(snap, queries, retrieval or self.retrieval, show_progress=show_progress)
         return self._search(snap, Queries(vectors, list(queries)), k, candidates, rerank, where, retrieval)
 
     def search_vectors(
@@ -265,10 +266,7 @@ class Matcher(ServedBundle):
         where: Where | None,
         retrieval: Retrieval | str | None,
     ) -> list[list[Match]]:
-        try:
-            retriever = RETRIEVERS[Retrieval(retrieval or self.retrieval)]
-        except ValueError:
-            raise ConfigError(f"retrieval must be one of {[r.value for r in Retrieval]}, got {retrieval!r}") from None
+        retriever = retriever_for(retrieval or self.retrieval)
         reranker = ScorerReranker() if rerank else NoReranker()
         return search(snap, queries, k, candidates=candidates, retriever=retriever, reranker=reranker, where=where)
 

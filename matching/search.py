@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import weakref
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -292,10 +293,18 @@ def open_staged(gen: Path, encoder: Encoder) -> Snapshot:
 
 @dataclass(frozen=True)
 class Queries:
-    """A batch of queries: their vectors, and their texts where known (lexical retrieval needs them)."""
+    """A batch of queries: their vectors (or the future of them, while :func:`matching.overlap.encode_aside`
+    encodes them), and
+    their texts where known (lexical retrieval needs them)."""
 
-    vectors: np.ndarray
+    encoded: np.ndarray | Future[np.ndarray]
     texts: Sequence[str] | None = None
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """The query vectors, ``(n, dim)`` float32; waits for them while they are encoded aside."""
+        encoded = self.encoded.result() if isinstance(self.encoded, Future) else self.encoded
+        return np.atleast_2d(np.asarray(encoded, dtype=np.float32))
 
 
 @dataclass(frozen=True)
@@ -387,13 +396,14 @@ class HybridRetriever:
         if snap.lexical is None:
             return DenseRetriever().retrieve(snap, queries, depth, allowed)
         lexical, texts = snap.lexical, _texts(queries, "hybrid")
-        _, dense_ids = _dense(snap, queries.vectors, depth, allowed)
+        # the words first: the vectors may still be being encoded (matching.overlap)
         mask = _mask(lexical, allowed)
         _, lex_ids = lexical.search(list(texts), depth, mask)
         norms = query_norms(lexical, texts)
         fusion, centre, weight, floor = snap.fusion, snap.dense_centre, snap.dense_weight, snap.dense_floor
         # one tokenizer call for the batch (16 queries here: 0.30 ms, against 0.55 ms in a call each)
         known = snap.query_encoder.known_shares(texts) if fusion is Fusion.ADAPTIVE else np.ones(len(texts))
+        _, dense_ids = _dense(snap, queries.vectors, depth, allowed)
         width = 2 * depth
         ids = np.full((len(texts), width), -1, dtype=np.int64)
         for qi in range(len(texts)):
@@ -429,6 +439,18 @@ RETRIEVERS: dict[Retrieval, Retriever] = {
     Retrieval.LEXICAL: LexicalRetriever(),
     Retrieval.HYBRID: HybridRetriever(),
 }
+
+
+def retriever_for(retrieval: Retrieval | str) -> Retriever:
+    """The retriever of ``retrieval`` (ConfigError naming the choices where it is none)."""
+    return RETRIEVERS[parse_retrieval(retrieval)]
+
+
+def parse_retrieval(value: Retrieval | str) -> Retrieval:
+    try:
+        return Retrieval(value)
+    except ValueError:
+        raise ConfigError(f"retrieval must be one of {[r.value for r in Retrieval]}, got {value!r}") from None
 
 
 # -- reranking ---------------------------------------------------------------------------------------------------
@@ -504,11 +526,10 @@ def search(
     # no more can come back than the catalogue holds: a huge k or candidates must not size the work
     live = max(1, snap.store.count)
     k, candidates = min(int(k), live), min(int(candidates), live)
-    vectors = np.atleast_2d(np.asarray(queries.vectors, dtype=np.float32))
-    queries = Queries(vectors, queries.texts)
     allowed = snap.store.filter_ids(where) if where is not None else None
     deadline.check()
     found = retriever.retrieve(snap, queries, max(k, candidates), allowed)
+    vectors = queries.vectors
     store = snap.store
     ranked: list[list[tuple[int, float, float, float | None, float | None]]] = []
     for qi in range(len(vectors)):

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import logging
+import os
+import select
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import make_catalogue
 
-from matching import Matcher
+from matching import DeadlineError, Matcher, deadline, overlap
 from matching.analysis import Analyzer, analyze, jieba_available, resolve_analyzer
 from matching.bundle import read_manifest, write_manifest
 from matching.features import DENSE_CEILING, DENSE_FLOOR, adaptive_weights, length_ratio
@@ -252,3 +259,81 @@ def test_the_untrained_reranker_takes_the_fused_scores_it_would_compute(hybrid: 
     computed = ScorerReranker().rerank(snap, Hit(query, vectors[0], *parts, None))
     assert taken is parts[1]
     assert np.array_equal(taken, computed)
+
+
+def test_queries_encoded_aside_search_as_encoded_first(
+    hybrid: Matcher, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    """With torch on more than one thread, a hybrid search encodes its queries on a one-thread worker while BM25
+    runs: the same vectors and answers as encoding first, the caller's thread count left alone, and the
+    caller's deadline followed on the worker."""
+    request.addfinalizer(functools.partial(torch.set_num_threads, torch.get_num_threads()))
+    torch.set_num_threads(2)  # as on any machine of 2 cores or more
+    seen: list[str] = []
+    encoder = hybrid.snapshot.query_encoder
+    original = encoder.encode_queries
+
+    def encode(queries: Any, **kwargs: Any) -> np.ndarray:
+        seen.append(threading.current_thread().name)
+        return original(queries, **kwargs)
+
+    monkeypatch.setattr(encoder, "encode_queries", encode)
+    aside = hybrid.search_batch(QUERIES, 5)
+    assert len(seen) == 1
+    assert seen[0].startswith("matching-encode")
+    monkeypatch.setattr(overlap, "ENCODE_ASIDE", False)
+    seen.clear()
+    first = hybrid.search_batch(QUERIES, 5)
+    assert seen == [threading.current_thread().name]
+    assert [[(m.id, m.score) for m in hits] for hits in aside] == [[(m.id, m.score) for m in hits] for hits in first]
+    monkeypatch.setattr(overlap, "ENCODE_ASIDE", True)
+    seen.clear()
+    hybrid.search_batch(QUERIES, 5, retrieval="dense")  # no words to search meanwhile: encoded here
+    assert seen == [threading.current_thread().name]
+
+    def slow(queries: Any, **kwargs: Any) -> np.ndarray:
+        deadline.check()  # runs on the worker: it must see the caller's deadline
+        time.sleep(0.05)
+        deadline.check()
+        return original(queries, **kwargs)
+
+    monkeypatch.setattr(encoder, "encode_queries", slow)
+    with deadline.within(0.02), pytest.raises(DeadlineError):
+        hybrid.search("coffee")
+    assert torch.get_num_threads() == 2  # the workers' one thread is theirs only
+    assert overlap._ASIDE is not None
+    assert overlap._ASIDE.submit(torch.get_num_threads).result() == 1
+    started: list[int] = []
+    later = threading.Thread(target=lambda: started.append(torch.get_num_threads()))
+    later.start()
+    later.join()
+    assert started == [2]  # a thread started after the workers still takes the process's default
+
+
+def test_a_forked_child_encodes_aside_with_workers_of_its_own(hybrid: Matcher, request: pytest.FixtureRequest) -> None:
+    """A process that forks after a search (multiprocessing, a preloading server) inherits the workers' pool but
+    none of its threads: the child must start its own, not wait for ever."""
+    request.addfinalizer(functools.partial(torch.set_num_threads, torch.get_num_threads()))
+    torch.set_num_threads(2)
+    want = [m.id for m in hybrid.search("coffee")]
+    assert overlap._ASIDE is not None
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            torch.set_num_threads(2)
+            vectors = overlap.encode_aside(hybrid.snapshot, ["coffee"]).result(timeout=60)
+            os.write(write, json.dumps([overlap._ASIDE is not None, vectors.shape[0]]).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        ready, _, _ = select.select([read], [], [], 90)
+        assert ready, "the forked child did not answer in 90 s"
+        assert json.loads(os.read(read, 1000)) == [True, 1]
+    finally:
+        os.close(read)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    assert [m.id for m in hybrid.search("coffee")] == want
