@@ -302,9 +302,23 @@ class Queries:
 
     @property
     def vectors(self) -> np.ndarray:
-        """The query vectors, ``(n, dim)`` float32; waits for them while they are encoded aside."""
-        encoded = self.encoded.result() if isinstance(self.encoded, Future) else self.encoded
+        """The query vectors, ``(n, dim)`` float32; waits for them while they are encoded aside, until the
+        caller's deadline (:mod:`matching.deadline`) at most."""
+        encoded = self.encoded
+        if isinstance(encoded, Future):
+            left = deadline.remaining()
+            try:
+                encoded = encoded.result(timeout=None if left is None else max(left, 0.0))
+            except TimeoutError:
+                self.abandon()
+                deadline.check()
+                raise
         return np.atleast_2d(np.asarray(encoded, dtype=np.float32))
+
+    def abandon(self) -> None:
+        """Cancel the encoding where it runs aside and has not started (a search that failed before it)."""
+        if isinstance(self.encoded, Future):
+            self.encoded.cancel()
 
 
 @dataclass(frozen=True)
@@ -507,6 +521,16 @@ class NoReranker:
         return hit.scores
 
 
+def _sizes(snap: Snapshot, k: int, candidates: int) -> tuple[int, int]:
+    """``k`` and ``candidates`` checked, and cut to the live titles: a huge one must not size the work."""
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise ConfigError(f"k must be a whole number >= 1, got {k!r}")
+    if isinstance(candidates, bool) or not isinstance(candidates, int | np.integer) or candidates < 0:
+        raise ConfigError(f"candidates must be a whole number >= 0, got {candidates!r}")
+    live = max(1, snap.store.count)
+    return min(int(k), live), min(int(candidates), live)
+
+
 def search(
     snap: Snapshot,
     queries: Queries,
@@ -519,17 +543,15 @@ def search(
 ) -> list[list[Match]]:
     """The ``k`` best titles for each query: ``retriever`` finds ``max(k, candidates)`` (hybrid: from each side),
     ``reranker`` orders them, and the rows are read from the store."""
-    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
-        raise ConfigError(f"k must be a whole number >= 1, got {k!r}")
-    if isinstance(candidates, bool) or not isinstance(candidates, int | np.integer) or candidates < 0:
-        raise ConfigError(f"candidates must be a whole number >= 0, got {candidates!r}")
-    # no more can come back than the catalogue holds: a huge k or candidates must not size the work
-    live = max(1, snap.store.count)
-    k, candidates = min(int(k), live), min(int(candidates), live)
-    allowed = snap.store.filter_ids(where) if where is not None else None
-    deadline.check()
-    found = retriever.retrieve(snap, queries, max(k, candidates), allowed)
-    vectors = queries.vectors
+    try:
+        k, candidates = _sizes(snap, k, candidates)
+        allowed = snap.store.filter_ids(where) if where is not None else None
+        deadline.check()
+        found = retriever.retrieve(snap, queries, max(k, candidates), allowed)
+        vectors = queries.vectors
+    except BaseException:
+        queries.abandon()  # the vectors will not be read: do not encode them where that has not started
+        raise
     store = snap.store
     ranked: list[list[tuple[int, float, float, float | None, float | None]]] = []
     for qi in range(len(vectors)):

@@ -76,10 +76,24 @@ class WriterServer:
         try:
             line = self.lines.get(timeout=timeout)
         except queue.Empty:
-            raise AssertionError(f"the writer said nothing for {timeout:g} s; stderr: {self.stderr_tail()}") from None
+            raise AssertionError(
+                f"the writer said nothing for {timeout:g} s; {self.hung_writer()}stderr: {self.stderr_tail()}"
+            ) from None
         if line is None:
             raise AssertionError(f"the writer server exited ({self.proc.poll()}); stderr: {self.stderr_tail()}")
         return line
+
+    def hung_writer(self) -> str:
+        """Where a silent writer waits: its kernel wait channel, and its threads' stacks into the log."""
+        if self.writer is None:
+            return ""
+        try:
+            wchan = Path(f"/proc/{self.writer}/wchan").read_text(errors="replace")
+            os.kill(self.writer, signal.SIGUSR1)  # writer_process dumps every thread's stack to stderr
+            time.sleep(2)
+        except OSError as exc:
+            return f"writer {self.writer}: {exc}; "
+        return f"writer {self.writer} waits in {wchan!r}; "
 
     def stderr_tail(self) -> str:
         self._stderr.flush()

@@ -23,6 +23,7 @@ from conftest import make_catalogue
 from matching import DeadlineError, Matcher, deadline, overlap
 from matching.analysis import Analyzer, analyze, jieba_available, resolve_analyzer
 from matching.bundle import read_manifest, write_manifest
+from matching.errors import ConfigError
 from matching.features import DENSE_CEILING, DENSE_FLOOR, adaptive_weights, length_ratio
 from matching.layout import SCORER_CONFIG
 from matching.search import Fused, Hit, HybridRetriever, Queries, ScorerReranker
@@ -337,3 +338,30 @@ def test_a_forked_child_encodes_aside_with_workers_of_its_own(hybrid: Matcher, r
             os.kill(pid, 9)
         os.waitpid(pid, 0)
     assert [m.id for m in hybrid.search("coffee")] == want
+
+
+def test_waiting_for_vectors_encoded_aside_keeps_the_deadline_and_a_failed_search_drops_them(
+    hybrid: Matcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from concurrent.futures import Future
+
+    from matching.search import NoReranker, search
+
+    pending: Future[np.ndarray] = Future()  # never done: a pool busy with other work
+    with deadline.within(0.05), pytest.raises(DeadlineError):
+        _ = Queries(pending, ["coffee"]).vectors
+    assert pending.cancelled()
+
+    pending = Future()
+    snap, retriever = hybrid.snapshot, HybridRetriever()
+    with pytest.raises(ConfigError, match="k must be"):
+        search(snap, Queries(pending, ["coffee"]), 0, candidates=10, retriever=retriever, reranker=NoReranker())
+    assert pending.cancelled()  # not encoded for nothing
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    want = [(m.id, m.score) for m in hybrid.search("coffee")]
+    monkeypatch.setattr(overlap, "encode_aside", refused)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert [(m.id, m.score) for m in hybrid.search("coffee")] == want  # encoded here instead

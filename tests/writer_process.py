@@ -22,8 +22,10 @@ random moments; a fork is a real, separate process, and forking skips the ~3 s i
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -202,6 +204,8 @@ def serve(model_dir: str, bundle: str) -> None:
 
     encoder = load_encoder(model_dir)
     encoder.encode_titles(["warm up"])
+    # a writer that hangs is asked for its threads' stacks (to stderr, the test's log) before the test fails
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     say(f"serving {encoder.fingerprint}")
     for line in sys.stdin:
         parts = line.split()

@@ -32,6 +32,12 @@ _TF_MAX = np.iinfo(np.uint16).max
 _BOUND_SLACK = 1e-5  # float32 rounding of the scores a bound is compared with
 
 
+def _slack(terms: int) -> float:
+    """A relative margin over the float32 rounding of a sum of ``terms`` parts, whatever their order: two orders
+    differ by less than 2 * (terms - 1) units of 2**-24 each (so 1e-5 alone would cover 84 terms)."""
+    return max(_BOUND_SLACK, 4 * terms * 2.0**-24)
+
+
 @dataclass(frozen=True)
 class _Stats:
     live: int
@@ -315,12 +321,13 @@ class BM25Index(LexicalIndex):
             return self._kept(self._rows[start:end], stats.weight[terms[0]] * stats.ratio[start:end], stats, allowed)
         rows, approx, floor = self._maxscore(terms, k, stats, allowed)
         rows, approx = self._kept(rows, approx, stats, allowed)
+        slack = _slack(len(terms))
         if len(rows) > k:  # the summing order moves a score by a few ulps: keep all that could be in the top k
             if floor > 0:  # the k-th best is at least the floor: look for it among the rows above it only
-                above = approx >= floor * (1 - _BOUND_SLACK)
+                above = approx >= floor * (1 - slack)
                 rows, approx = rows[above], approx[above]
             kth = np.partition(approx, len(approx) - k)[len(approx) - k]
-            rows = rows[approx >= kth * (1 - _BOUND_SLACK)]
+            rows = rows[approx >= kth * (1 - slack)]
         rows = np.sort(rows)
         return rows, self._score(rows, terms, stats)
 
@@ -342,6 +349,7 @@ class BM25Index(LexicalIndex):
         then read back and cleared list by list).
         """
         bounds = stats.bound[terms]
+        slack = _slack(len(terms))
         order = np.argsort(-bounds, kind="stable")
         left = np.cumsum(bounds[order][::-1])[::-1] - bounds[order]  # what the terms after each can add
         acc = self._buffer()
@@ -362,15 +370,13 @@ class BM25Index(LexicalIndex):
                 new = old + add
                 acc[part] = new
                 read += float(stats.bound[t])
-                if (
-                    self.pruning and rest and rest * (1 + _BOUND_SLACK) < read
-                ):  # else no score so far can beat what is left
-                    # the k-th best of this list's rows is a floor under the k-th best of all: the rows met in
-                    # the last list hold the highest sums, and these are at hand (a floor, not the k-th of all)
+                if self.pruning and rest and rest * (1 + slack) < read:  # else no sum so far can beat what is left
+                    # the k-th best of any k rows is a floor under the k-th best of all; this list's rows, with
+                    # their sums at hand, are the ones most likely to hold high sums (the term that can add most)
                     _, new = self._kept(part, new, stats, allowed)
                     if len(new) >= k:
                         kth = float(np.partition(new, len(new) - k)[len(new) - k])
-                        floor = kth if rest * (1 + _BOUND_SLACK) < kth else 0.0
+                        floor = kth if rest * (1 + slack) < kth else 0.0
             rows = np.concatenate(met)
             values = acc[rows]
             acc[rows] = 0
