@@ -294,8 +294,7 @@ def open_staged(gen: Path, encoder: Encoder) -> Snapshot:
 @dataclass(frozen=True)
 class Queries:
     """A batch of queries: their vectors (or the future of them, while :func:`matching.overlap.encode_aside`
-    encodes them), and
-    their texts where known (lexical retrieval needs them)."""
+    encodes them), and their texts where known (lexical retrieval needs them)."""
 
     encoded: np.ndarray | Future[np.ndarray]
     texts: Sequence[str] | None = None
