@@ -71,10 +71,10 @@ def encode_aside(snap: Snapshot, queries: Sequence[str], *, show_progress: bool 
     default count, searches encoded first slowed by a third in the same process, the workers' own thread teams in
     the way).
 
-    1M generated titles, 2 cores (so one torch thread aside; scripts/bench_hybrid.py, three runs): one query at a
-    time, back to back, hybrid search median 8.5 / 9.5 / 9.1 ms against 9.7 / 11.2 / 10.1 ms encoding first; a
-    search_batch of 300 queries 1.47x / 1.02x faster; but with a 10 ms pause after each search 12.3 ms against
-    10.8 ms (both threads start cold).
+    1M generated titles, 2 cores (so one torch thread aside; scripts/bench_hybrid.py, four runs): one query at a
+    time, back to back, hybrid search median 8.5 / 9.5 / 9.1 / 10.2 ms against 9.7 / 11.2 / 10.1 / 11.7 ms
+    encoding first; a search_batch of 300 queries 0.95x to 1.47x (no clear gain); with a 10 ms pause after each
+    search, slower: 12.3 ms against 10.8 ms (both threads start cold).
     """
     global _ASIDE
     with _ASIDE_LOCK:
