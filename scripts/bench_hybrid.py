@@ -1,5 +1,5 @@
 """One hybrid search at a time on a 1M bundle (issue #23): latency end to end and by part, side by side in one
-run: as searches run now (the query encoded on a worker thread while BM25 runs: matching.search.encode_aside;
+run: as searches run now (the query encoded on a worker thread while BM25 runs: matching.overlap.encode_aside;
 BM25's top-k pruned by MaxScore), encoding first, and encoding first with every posting list added up in full.
 
     .venv/bin/python scripts/bench_hybrid.py                       # results/changes/bundle-1000000
@@ -8,8 +8,7 @@ BM25's top-k pruned by MaxScore), encoding first, and encoding first with every 
 The bundle is scripts/bench_changes.py's (1M generated product titles). End to end, each setting searches every
 query in a block, back to back (``--gap-ms``: with a pause after each), the blocks in turn for ``--rounds``;
 the parts are timed query by query. Every query's BM25 top ``candidates`` must be the same rows with the same
-scores pruned and in full. Prints a table and writes JSON (default
-results/bench_hybrid.json).
+scores pruned and in full. Prints a table and writes JSON (default results/bench_hybrid.json).
 """
 
 from __future__ import annotations

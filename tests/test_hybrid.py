@@ -11,6 +11,7 @@ import os
 import select
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from matching.bundle import read_manifest, write_manifest
 from matching.errors import ConfigError
 from matching.features import DENSE_CEILING, DENSE_FLOOR, adaptive_weights, length_ratio
 from matching.layout import SCORER_CONFIG
-from matching.search import Fused, Hit, HybridRetriever, Queries, ScorerReranker
+from matching.search import Fused, Hit, HybridRetriever, NoReranker, Queries, ScorerReranker, search
 from matching.types import Fusion
 
 QUERIES = ["acme black running shoes", "wireless headphones", "desk lamp white", "coffee"]
@@ -270,6 +271,7 @@ def test_queries_encoded_aside_search_as_encoded_first(
     caller's deadline followed on the worker."""
     request.addfinalizer(functools.partial(torch.set_num_threads, torch.get_num_threads()))
     torch.set_num_threads(2)  # as on any machine of 2 cores or more
+    monkeypatch.setattr(overlap, "_ASIDE", None)  # workers made from this count, whatever ran before
     seen: list[str] = []
     encoder = hybrid.snapshot.query_encoder
     original = encoder.encode_queries
@@ -343,10 +345,6 @@ def test_a_forked_child_encodes_aside_with_workers_of_its_own(hybrid: Matcher, r
 def test_waiting_for_vectors_encoded_aside_keeps_the_deadline_and_a_failed_search_drops_them(
     hybrid: Matcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from concurrent.futures import Future
-
-    from matching.search import NoReranker, search
-
     pending: Future[np.ndarray] = Future()  # never done: a pool busy with other work
     with deadline.within(0.05), pytest.raises(DeadlineError):
         _ = Queries(pending, ["coffee"]).vectors
