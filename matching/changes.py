@@ -4,17 +4,20 @@ live generation under the writer lock, writes a staging generation, and publishe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+import sqlalchemy.exc
 from tqdm.auto import tqdm
 
 from matching import generation
@@ -22,13 +25,16 @@ from matching.analysis import Analyzer
 from matching.bundle import Manifest, Unchanged, current_generation, new_generation, read_manifest
 from matching.checksums import verify_files
 from matching.config import IndexConfig
+from matching.delta import fold_limit, load_index, load_lexical
+from matching.delta_editor import DeltaEditor, delta_size
 from matching.encoder import Encoder
 from matching.errors import BadRowError, BundleError, ConfigError, DuplicateIdError, SchemaError
 from matching.ingest import CatalogueReader, Chunk, canonical_id, metadata_json
-from matching.lexical import LexicalIndex
+from matching.layout import CATALOGUE_FILES, LEXICAL_CONFIG, STORE_CONFIG, STORE_DB, STORE_DELTA, VECTORS_FILE
+from matching.lexical import lexical_files
 from matching.store import Store, StoredTitle, StoreEditor, read_config
 from matching.types import ChangeReport, ExternalId, IdType
-from matching.vectors import VectorIndex
+from matching.vectors import index_files
 
 if TYPE_CHECKING:
     from matching.search import Snapshot
@@ -36,16 +42,50 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _live(path: Path, *, whole: bool = False) -> tuple[Path, Manifest]:
-    """The live generation and its manifest (call with the writer lock held), its catalogue files checked: the ones
-    a change reads and rewrites (a damaged one would be blessed by the new manifest). Of the append-only vector
-    file only the last block is checked, unless ``whole`` (compaction copies every row); the other files are
-    carried with their digests, so damage there is still seen by a verified load."""
+def _live(path: Path, *, whole: bool = False) -> tuple[Path, Manifest, bool]:
+    """The live generation, its manifest, and whether the change is kept as a delta (call with the writer lock
+    held), its catalogue files checked: the ones the change rewrites (a damaged one would be blessed by the new
+    manifest). Of the append-only vector file only the last block is checked, unless ``whole`` (compaction copies
+    every row); the other files are carried with their digests, so damage there is still seen by a verified load."""
     live = current_generation(path)
     manifest = read_manifest(live, verify=False)
-    read = [name for name in manifest.files if name not in generation.non_catalogue(manifest)]
-    verify_files(live, manifest, read, last_block_only=not whole)
-    return live, manifest
+    delta = not whole and _keeps_delta(live, manifest)
+    rewritten = _DELTA_WRITES if delta else CATALOGUE_FILES | index_files() | lexical_files()
+    verify_files(live, manifest, [n for n in manifest.files if n in rewritten], last_block_only=not whole)
+    return live, manifest, delta
+
+
+# what a change kept as a delta writes; it carries every other file
+_DELTA_WRITES = frozenset({STORE_DELTA, STORE_CONFIG, VECTORS_FILE})
+
+
+def _keeps_delta(live: Path, manifest: Manifest) -> bool:
+    """Whether a change to ``live`` goes into its delta: the bundle has BM25 postings and an index that can remove
+    rows (an HNSW graph cannot: the change rebuilds it), and the delta is below its fold limit."""
+    if not (live / LEXICAL_CONFIG).is_file() or "HNSW" in str(manifest.index.get("factory", "")):
+        return False
+    config = read_config(live)
+    return delta_size(live) < fold_limit(config.get("base_count", config["count"]))
+
+
+@contextlib.contextmanager
+def _named_damage(live: Path) -> Iterator[None]:
+    """SQLite's word that a store it reads is damaged ("malformed", "not a database") as a BundleError naming the
+    file: a change kept as a delta reads the base store's pages it looks up, without hashing the whole file."""
+    try:
+        yield
+    except sqlalchemy.exc.DatabaseError as exc:
+        orig = exc.orig
+        if isinstance(orig, sqlite3.OperationalError) or not isinstance(orig, sqlite3.DatabaseError):
+            raise  # a full disk, a lock: not damage (new_generation says what failed)
+        raise BundleError(
+            f"bundle file {str(live / STORE_DB)!r} is damaged: SQLite reads it as {orig}; nothing was published. "
+            "Restore the bundle from a copy, or rebuild it"
+        ) from None
+
+
+def _editor(live: Path, gen: Path, delta: bool) -> StoreEditor | DeltaEditor:
+    return DeltaEditor(live, gen) if delta else StoreEditor(live, gen)
 
 
 def apply_rows(
@@ -64,7 +104,7 @@ def apply_rows(
     tally = dict.fromkeys(("added", "updated", "metadata_updated", "unchanged", "encoded"), 0)
     published = False
     with new_generation(path, change=True, lock_timeout=lock_timeout, verify_live=False) as gen:
-        live, manifest = _live(path)
+        live, manifest, delta = _live(path)
         if manifest.encoder["fingerprint"] != encoder.fingerprint and not allow_encoder_mismatch:
             raise BundleError(
                 f"bundle {str(path)!r} was built with another encoder (fingerprint "
@@ -73,10 +113,13 @@ def apply_rows(
                 "allow_encoder_mismatch=True"
             )
         reader = reader_for(manifest)
-        edits = _Edits(live, gen)
+        edits = _Edits(live, gen, delta)
         count = edits.store.count
         try:
-            with tqdm(desc=f"{operation}: encoding titles", unit="title", disable=not show_progress) as bar:
+            with (
+                _named_damage(live),
+                tqdm(desc=f"{operation}: encoding titles", unit="title", disable=not show_progress) as bar,
+            ):
                 for chunk in reader:
                     edits.apply(chunk, encoder, operation, reader.name, tally)
                     bar.update(len(chunk))
@@ -89,7 +132,7 @@ def apply_rows(
         if edits.editor is None:  # every row as stored: a generation would only churn the disk (client retries)
             raise Unchanged
         count = edits.editor.finish()
-        _finish_change(live, gen, manifest, edits.dead(), edits.vectors(encoder.dim), edits.row_ids(), count)
+        _finish_change(live, gen, manifest, edits.dead(), edits.vectors(encoder.dim), edits.row_ids(), count, delta)
         published = True
     if reader.skipped:
         log.warning("skipped %d bad row(s), e.g. %s", reader.skipped, "; ".join(reader.skipped_examples))
@@ -107,10 +150,10 @@ class _Edits:
     """The store edits of one add or upsert. The staging copy of the store is made at the first row that changes
     something: until then lookups read the live store, so rows that change nothing copy nothing."""
 
-    def __init__(self, live: Path, gen: Path) -> None:
-        self.live, self.gen = live, gen
+    def __init__(self, live: Path, gen: Path, delta: bool) -> None:
+        self.live, self.gen, self.delta = live, gen, delta
         self.store = Store.open(live)
-        self.editor: StoreEditor | None = None
+        self.editor: StoreEditor | DeltaEditor | None = None
         self._dead: list[int] = []
         self._ids: list[np.ndarray] = []
         self._vectors: list[np.ndarray] = []
@@ -123,7 +166,7 @@ class _Edits:
         if not (fresh or replaced or meta_changes):
             return
         if self.editor is None:
-            self.editor = StoreEditor(self.live, self.gen)
+            self.editor = _editor(self.live, self.gen, self.delta)
         self.editor.update_metadata(meta_changes)
         self.editor.delete(replaced)  # before their new versions take the same external ids
         self._dead += replaced
@@ -179,7 +222,7 @@ def _sort_rows(
 
 
 def _append_titles(
-    editor: StoreEditor, encoder: Encoder, chunk: Chunk, fresh: list[int]
+    editor: StoreEditor | DeltaEditor, encoder: Encoder, chunk: Chunk, fresh: list[int]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Encode the ``fresh`` rows of ``chunk`` and append them to the store: their row ids and vectors."""
     titles = [chunk.titles[j] for j in fresh]
@@ -229,11 +272,12 @@ def remove(path: Path, ids: Iterable[ExternalId], *, missing_ok: bool, lock_time
     started = time.perf_counter()
     published = False
     with new_generation(path, change=True, lock_timeout=lock_timeout, verify_live=False) as gen:
-        live, manifest = _live(path)
+        live, manifest, delta = _live(path)
         count = read_config(live)["count"]
-        editor = StoreEditor(live, gen)
+        editor = _editor(live, gen, delta)
         try:
-            found = editor.lookup(wanted)
+            with _named_damage(live):
+                found = editor.lookup(wanted)
             missing = [e for e in dict.fromkeys(wanted) if e not in found]
             if missing and not missing_ok:
                 raise BadRowError(
@@ -249,7 +293,7 @@ def remove(path: Path, ids: Iterable[ExternalId], *, missing_ok: bool, lock_time
             editor.abort()
             raise Unchanged
         count = editor.finish()
-        _finish_change(live, gen, manifest, dead, np.empty((0, 0), np.float32), np.empty(0, np.int64), count)
+        _finish_change(live, gen, manifest, dead, np.empty((0, 0), np.float32), np.empty(0, np.int64), count, delta)
         published = True
     return ChangeReport(
         "remove",
@@ -269,16 +313,18 @@ def compact(
     vectors (no re-encoding), with ``index_config`` if given."""
     started = time.perf_counter()
     with new_generation(path, change=True, lock_timeout=lock_timeout, verify_live=False) as gen:
-        live, manifest = _live(path, whole=True)
+        live, manifest, _ = _live(path, whole=True)
         config = index_config or generation.compact_config(live, manifest)
         old = Store.open(live)
         try:
             count = generation.copy_rows(old, gen, show_progress=show_progress)
+            # the live rows, renumbered as the store's copy renumbers them
+            live_lexical = load_lexical(live, old.delta, len(old.vectors)) if manifest.lexical is not None else None
         finally:
             old.close()
         built = generation.index_from_store(gen, config)
-        if manifest.lexical is not None:  # the live rows, renumbered as the store's copy renumbers them
-            lexical = LexicalIndex.load(live).compacted()
+        if live_lexical is not None:
+            lexical = live_lexical.compacted()
         else:
             lexical = generation.lexical_from_store(gen, Analyzer.AUTO)
         record = generation.lexical_record(lexical, manifest)
@@ -296,18 +342,34 @@ def compact(
 
 
 def _finish_change(
-    live: Path, gen: Path, manifest: Manifest, dead: np.ndarray, vectors: np.ndarray, ids: np.ndarray, count: int
+    live: Path,
+    gen: Path,
+    manifest: Manifest,
+    dead: np.ndarray,
+    vectors: np.ndarray,
+    ids: np.ndarray,
+    count: int,
+    delta: bool,
 ) -> None:
-    """Apply removals and additions to the live index (rebuilding it where the backend cannot remove), and finish."""
-    index = VectorIndex.load(live)
+    """Finish a change kept as a delta (the store's files are written; the base files are carried), or apply
+    removals and additions to the live index (rebuilding it where the backend cannot remove) and BM25 postings."""
+    moved = generation.moved_sum(manifest, live, dead, vectors)
+    if moved is not None:  # the catalogue's mean cosine follows the live vectors
+        manifest = dataclasses.replace(manifest, lexical=moved)
+    if delta:
+        carried = [name for name in manifest.files if name not in _DELTA_WRITES]
+        generation.finish(gen, generation.changed(manifest, count), carry_from=(live, carried))
+        return
+    store = Store.open(live)
+    try:
+        index = load_index(live, store.delta, store.vectors)
+    finally:
+        store.close()
     if not index.remove(dead):
         index = generation.index_from_store(gen, index.config, tune=False)
     else:
         index.add(vectors, ids)
     lexical = generation.lexical_for_change(live, gen, manifest, dead, ids)
-    moved = generation.moved_sum(manifest, live, dead, vectors)
-    if moved is not None:  # the catalogue's mean cosine follows the live vectors
-        manifest = dataclasses.replace(manifest, lexical=moved)
     generation.finish(
         gen,
         generation.changed(manifest, count, lexical=generation.lexical_record(lexical, manifest)),

@@ -212,6 +212,13 @@ class FieldIndex:
         self.live[row_ids] = True
         self._put(row_ids, metadata)
 
+    def grow(self, rows: int) -> None:
+        """Cover ``rows`` row ids (the rows past the present ones dead)."""
+        if rows > self.rows:
+            self.live = np.concatenate([self.live, np.zeros(rows - self.rows, np.bool_)])
+            for column in self.columns.values():
+                column.grow(rows)
+
     def update(self, row_ids: np.ndarray, metadata: Sequence[Mapping[str, Any]]) -> None:
         """Live rows whose metadata was replaced."""
         self._put(np.asarray(row_ids, dtype=np.int64), metadata)

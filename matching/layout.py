@@ -9,6 +9,7 @@ from __future__ import annotations
 POINTER_FILE = "CURRENT"
 MANIFEST_FILE = "manifest.json"
 STORE_DB = "store.sqlite"
+STORE_DELTA = "delta.sqlite"  # the changes since the base files were written (matching.delta)
 VECTORS_FILE = "vectors.f32"  # append-only, hard-linked from one generation to the next
 STORE_CONFIG = "store.json"
 FIELDS_CONFIG = "fields.json"  # the indexed metadata fields' names, kinds and text values
@@ -29,6 +30,7 @@ TRAIN_REPORT = "train_report.json"
 CATALOGUE_FILES = frozenset(
     {
         STORE_DB,
+        STORE_DELTA,
         VECTORS_FILE,
         STORE_CONFIG,
         FIELDS_CONFIG,

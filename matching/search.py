@@ -17,6 +17,7 @@ import numpy as np
 from matching import deadline
 from matching.budget import count_tokens
 from matching.bundle import Lease, Manifest, read_manifest
+from matching.delta import load_index, load_lexical
 from matching.encoder import Encoder
 from matching.errors import BundleError, ConfigError
 from matching.exact import exact_subset
@@ -33,7 +34,7 @@ from matching.features import (
 )
 from matching.generation import dense_centre, load_encoder
 from matching.ingest import has_surrogate
-from matching.layout import ENCODER_WEIGHTS, LEXICAL_CONFIG, MANIFEST_FILE, QUERY_ENCODER
+from matching.layout import ENCODER_WEIGHTS, MANIFEST_FILE, QUERY_ENCODER
 from matching.lexical import LexicalIndex
 from matching.scorer import Scorer, feature_count
 from matching.store import Store, Where
@@ -247,30 +248,27 @@ def open_snapshot(
         query_encoder.load_weights(gen / QUERY_ENCODER)
         if query_encoder.fingerprint != manifest.query_encoder["fingerprint"]:
             raise BundleError(f"the query tower in {str(gen)!r} does not match its manifest fingerprint")
-    index = VectorIndex.load(gen)
     scorer = Scorer.load(gen).to(encoder.device)
     if scorer.config.fusion is Fusion.ADAPTIVE:
         scorer.centre = dense_centre(manifest.lexical, manifest.count)
     store = Store.open(gen)
-    if index.ntotal != store.count:
-        store.close()
-        raise BundleError(f"index holds {index.ntotal} vectors but the store {store.count} rows")
-    try:
+    try:  # the store is closed on any failure below
+        index = load_index(gen, store.delta, store.vectors)
+        if index.ntotal != store.count:
+            raise BundleError(f"index holds {index.ntotal} vectors but the store {store.count} rows")
         _ = store.fields  # read now (a reader's refresh), not in the first filtered search
-    except BundleError:
+        if store.vectors.shape[1] != encoder.dim or scorer.config.dim != encoder.dim:
+            raise BundleError(
+                f"dimension mismatch: encoder {encoder.dim}, store {store.vectors.shape[1]}, scorer {scorer.config.dim}"
+            )
+        lexical = load_lexical(gen, store.delta, len(store.vectors))
+        if lexical is not None and lexical.rows != len(store.vectors):
+            raise BundleError(
+                f"the lexical index of {str(gen)!r} holds {lexical.rows} rows but the store {len(store.vectors)}"
+            )
+    except BaseException:
         store.close()
         raise
-    if store.vectors.shape[1] != encoder.dim or scorer.config.dim != encoder.dim:
-        store.close()
-        raise BundleError(
-            f"dimension mismatch: encoder {encoder.dim}, store {store.vectors.shape[1]}, scorer {scorer.config.dim}"
-        )
-    lexical = LexicalIndex.load(gen) if (gen / LEXICAL_CONFIG).is_file() else None
-    if lexical is not None and lexical.rows != len(store.vectors):
-        store.close()
-        raise BundleError(
-            f"the lexical index of {str(gen)!r} holds {lexical.rows} rows but the store {len(store.vectors)}"
-        )
     return Snapshot(
         encoder, query_encoder, index, store, scorer, manifest, Handle(store, lease), gen.name, lexical, directory=gen
     )

@@ -14,7 +14,6 @@ import mmap
 import os
 import shutil
 import sqlite3
-import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from sqlalchemy import (
     Engine,
     Integer,
     String,
+    Table,
     Text,
     create_engine,
     delete,
@@ -40,6 +40,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import QueuePool
 
 from matching.checksums import read_span
+from matching.delta import Delta, connect_read_only, read_delta, read_uri
 from matching.errors import BundleError
 from matching.field_query import evaluate
 from matching.fields import FieldBuilder, FieldIndex, FieldSpec, parse_metadata
@@ -47,7 +48,7 @@ from matching.filters import Condition, conditions, where_clauses
 from matching.filters import Where as Where
 from matching.filters import parse_where as parse_where
 from matching.ingest import metadata_json
-from matching.layout import STORE_CONFIG, STORE_DB, VECTORS_FILE
+from matching.layout import STORE_CONFIG, STORE_DB, STORE_DELTA, VECTORS_FILE
 from matching.types import IdType
 
 _SQL_BATCH = 900  # stays under SQLite's default limit of bound variables per statement
@@ -68,6 +69,9 @@ class TitleRow(Base):
     metadata_json: Mapped[str] = mapped_column("metadata", Text, default="{}")
 
 
+TITLES: Table = TitleRow.__table__  # type: ignore[assignment]
+
+
 @dataclass(frozen=True, slots=True)
 class StoredTitle:
     row_id: int
@@ -81,14 +85,14 @@ def title_hash(title: str) -> int:
     return int.from_bytes(digest, "little", signed=True)
 
 
-def _read_only_engine(path: Path) -> Engine:
-    # immutable=1: the file never changes while published, so SQLite skips locking and change checks
-    uri = f"file:{urllib.parse.quote(str(path.resolve()))}?mode=ro&immutable=1"
+def _read_only_engine(path: Path, delta: Path | None = None) -> Engine:
+    """The published store ``path`` (with the ``delta`` file over it, if given), read-only. The file never
+    changes while published, so SQLite skips locking and change checks."""
     # a QueuePool: the "sqlite://" URL alone would pick SingletonThreadPool, which closes connections in use
     # once more than five threads share one store
     return create_engine(
         "sqlite://",
-        creator=lambda: sqlite3.connect(uri, uri=True, check_same_thread=False),
+        creator=lambda: connect_read_only(path, delta),
         poolclass=QueuePool,
         pool_size=4,
         max_overflow=-1,
@@ -159,17 +163,24 @@ class Store:
                 mapping.madvise(mmap.MADV_RANDOM)
         else:
             vectors = np.empty((0, dim), dtype=np.float32)
-        return cls(directory, _read_only_engine(db_path), vectors, IdType(config["id_type"]), count)
+        engine = _read_only_engine(db_path, directory / STORE_DELTA if "base_rows" in config else None)
+        return cls(directory, engine, vectors, IdType(config["id_type"]), count)
 
     def close(self) -> None:
         self.engine.dispose()
+
+    @functools.cached_property
+    def delta(self) -> Delta | None:
+        """The changes laid over the base files (:mod:`matching.delta`; None where there are none), read on first
+        use: a change reads the store's rows through the view alone."""
+        return read_delta(self.directory, read_config(self.directory))
 
     @functools.cached_property
     def fields(self) -> FieldIndex | None:
         """The indexed metadata fields, read on first use (the changes and build steps that open a store without
         filtering do not read them: 31 ms at 1M titles); None for a store written before fields were indexed (SQL
         answers every where there)."""
-        fields = FieldIndex.load(self.directory)
+        fields = load_fields(self.directory, self.delta, len(self.vectors))
         if fields is not None and fields.rows != len(self.vectors):
             raise BundleError(
                 f"the field index in {str(self.directory)!r} covers {fields.rows} rows, the store {len(self.vectors)}"
@@ -274,7 +285,7 @@ class Store:
 
     def lookup(self, external_ids: Sequence[str]) -> dict[str, StoredTitle]:
         """The stored rows of those external ids that exist."""
-        return _lookup(self.engine, external_ids)
+        return lookup_rows(self.engine, external_ids)
 
     def find_titles(self, titles: Sequence[str]) -> list[int | None]:
         """The row id of each exact title text, or ``None`` where the store has no such title."""
@@ -333,14 +344,34 @@ def read_config(directory: Path) -> dict[str, Any]:
         rows, id_type = int(config.get("rows", count)), IdType(config["id_type"])
         if not (0 <= count <= rows and 1 <= dim <= 65_536):
             raise ValueError(f"count {count}, rows {rows}, dim {dim} do not describe a store")
-        return {"count": count, "rows": rows, "dim": dim, "id_type": id_type.value}
+        out: dict[str, Any] = {"count": count, "rows": rows, "dim": dim, "id_type": id_type.value}
+        if "base_rows" in config:  # a delta lies over base files of this many rows and live titles
+            base_rows, base_count = int(config["base_rows"]), int(config["base_count"])
+            if not (0 <= base_count <= base_rows <= rows):
+                raise ValueError(f"base rows {base_rows}, base count {base_count} do not describe a store's base")
+            out |= {"base_rows": base_rows, "base_count": base_count}
+        return out
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise BundleError(f"cannot read store config {str(path)!r}: {exc}") from None
 
 
-def _write_config(directory: Path, *, count: int, rows: int, dim: int, id_type: IdType) -> None:
-    config = {"count": count, "rows": rows, "dim": dim, "id_type": id_type.value}
+def write_config(directory: Path, *, count: int, rows: int, dim: int, id_type: IdType, **base: int) -> None:
+    """Write ``store.json`` (``base``: ``base_rows`` and ``base_count`` of the base files a delta lies over)."""
+    config = {"count": count, "rows": rows, "dim": dim, "id_type": id_type.value, **base}
     (directory / STORE_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def load_fields(directory: Path, delta: Delta | None, rows: int) -> FieldIndex | None:
+    """The field columns of the store in ``directory`` with its ``delta`` replayed, over ``rows`` row ids."""
+    fields = FieldIndex.load(directory)
+    if fields is None or delta is None:
+        return fields
+    fields.remove(delta.removed)
+    updated = delta.updated
+    fields.update(updated, [parse_metadata(delta.metadata[int(r)]) for r in updated])
+    fields.add(delta.added, [parse_metadata(delta.metadata[int(r)]) for r in delta.added])
+    fields.grow(rows)
+    return fields
 
 
 def _linked_elsewhere(file: Path, root: Path) -> bool:
@@ -362,6 +393,39 @@ def _copy_prefix(source: Path, target: Path, size: int) -> None:
             dst.write(block)
 
 
+def open_vectors(base: Path, staging: Path, size: int) -> BinaryIO:
+    """The vector file of the live generation ``base`` in ``staging``, open to append after its first ``size``
+    bytes: hard-linked (earlier generations read only the prefix they were published with) where nothing outside
+    the bundle shares it."""
+    if _linked_elsewhere(base / VECTORS_FILE, base.parent):
+        # a hard-linked copy of the bundle (cp -al, rsync --link-dest) shares this file: appending to it, or
+        # truncating it, would change the other copy; this bundle takes a copy of its own
+        _copy_prefix(base / VECTORS_FILE, staging / VECTORS_FILE, size)
+    else:
+        try:
+            os.link(base / VECTORS_FILE, staging / VECTORS_FILE)
+        except OSError:
+            shutil.copyfile(base / VECTORS_FILE, staging / VECTORS_FILE)
+    file = (staging / VECTORS_FILE).open("r+b")
+    file.truncate(size)  # drop what a crashed writer appended
+    file.seek(0, os.SEEK_END)
+    return file
+
+
+def _fold(db: Path, delta: Path) -> None:
+    """Apply the changes ``delta`` holds to the store database ``db`` (a writable copy of its base)."""
+    conn = sqlite3.connect(db)
+    try:
+        conn.execute("ATTACH DATABASE ? AS delta", (read_uri(delta),))
+        with conn:
+            conn.execute("DELETE FROM titles WHERE row_id IN (SELECT row_id FROM delta.shadowed)")
+            conn.execute("DELETE FROM titles WHERE row_id IN (SELECT row_id FROM delta.titles)")
+            conn.execute("INSERT INTO titles SELECT row_id, external_id, title, title_hash, metadata FROM delta.titles")
+        conn.execute("DETACH DATABASE delta")
+    finally:
+        conn.close()
+
+
 class StoreEditor:
     """A writable copy of a published store, made inside a staging generation.
 
@@ -376,23 +440,15 @@ class StoreEditor:
         self.rows = config["rows"]
         self.id_type = IdType(config["id_type"])
         shutil.copyfile(base / STORE_DB, staging / STORE_DB)
-        if _linked_elsewhere(base / VECTORS_FILE, base.parent):
-            # a hard-linked copy of the bundle (cp -al, rsync --link-dest) shares this file: appending to it, or
-            # truncating it, would change the other copy; this bundle takes a copy of its own
-            _copy_prefix(base / VECTORS_FILE, staging / VECTORS_FILE, self.rows * self.dim * 4)
-        else:
-            try:
-                os.link(base / VECTORS_FILE, staging / VECTORS_FILE)
-            except OSError:
-                shutil.copyfile(base / VECTORS_FILE, staging / VECTORS_FILE)
-        self._vectors = (staging / VECTORS_FILE).open("r+b")
-        self._vectors.truncate(self.rows * self.dim * 4)  # drop what a crashed writer appended
-        self._vectors.seek(0, os.SEEK_END)
+        delta = read_delta(base, config)
+        if delta is not None:  # fold the live delta into the copy: it becomes the new base
+            _fold(staging / STORE_DB, base / STORE_DELTA)
+        self._vectors = open_vectors(base, staging, self.rows * self.dim * 4)
         self.engine = _engine(staging / STORE_DB)
-        self.fields = FieldIndex.load(base)
+        self.fields = load_fields(base, delta, self.rows)
 
     def lookup(self, external_ids: Sequence[str]) -> dict[str, StoredTitle]:
-        return _lookup(self.engine, external_ids)
+        return lookup_rows(self.engine, external_ids)
 
     def delete(self, row_ids: Sequence[int]) -> None:
         ids = [int(i) for i in row_ids]
@@ -414,7 +470,7 @@ class StoreEditor:
     ) -> np.ndarray:
         """Add rows (metadata as JSON text) and their vectors under fresh row ids, which are returned."""
         metadata = list(metadata)
-        row_ids = _append(self.engine, self._vectors, self.rows, self.dim, external_ids, titles, metadata, vectors)
+        row_ids = append_rows(self.engine, self._vectors, self.rows, self.dim, external_ids, titles, metadata, vectors)
         self.rows += len(row_ids)
         if self.fields is not None:
             self.fields.add(row_ids, [parse_metadata(m) for m in metadata])
@@ -431,7 +487,7 @@ class StoreEditor:
         self.id_type = id_type or self.id_type
         if self.fields is not None:
             self.fields.save(self.directory)
-        _write_config(self.directory, count=count, rows=self.rows, dim=self.dim, id_type=self.id_type)
+        write_config(self.directory, count=count, rows=self.rows, dim=self.dim, id_type=self.id_type)
         return count
 
     def abort(self) -> None:
@@ -439,7 +495,7 @@ class StoreEditor:
         self.engine.dispose()
 
 
-def _lookup(engine: Engine, external_ids: Sequence[str]) -> dict[str, StoredTitle]:
+def lookup_rows(engine: Engine, external_ids: Sequence[str]) -> dict[str, StoredTitle]:
     out: dict[str, StoredTitle] = {}
     wanted = list(dict.fromkeys(external_ids))
     with Session(engine) as session:
@@ -450,7 +506,7 @@ def _lookup(engine: Engine, external_ids: Sequence[str]) -> dict[str, StoredTitl
     return out
 
 
-def _append(
+def append_rows(
     engine: Engine,
     vector_file: BinaryIO,
     first_row: int,
@@ -459,26 +515,33 @@ def _append(
     titles: Sequence[str],
     metadata: Iterable[str],
     vectors: np.ndarray,
+    table: Table = TITLES,
 ) -> np.ndarray:
-    """Insert rows under row ids from ``first_row`` on and append their vectors to ``vector_file``."""
+    """Insert rows under row ids from ``first_row`` on (into ``table``) and append their vectors to
+    ``vector_file``."""
     n = len(external_ids)
     if vectors.shape != (n, dim):
         raise ValueError(f"expected vectors of shape {(n, dim)}, got {vectors.shape}")
     row_ids = np.arange(first_row, first_row + n, dtype=np.int64)
-    _insert(engine, row_ids, external_ids, titles, metadata)
+    _insert(engine, row_ids, external_ids, titles, metadata, table)
     vector_file.write(np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
     return row_ids
 
 
 def _insert(
-    engine: Engine, row_ids: np.ndarray, external_ids: Sequence[str], titles: Sequence[str], metadata: Iterable[str]
+    engine: Engine,
+    row_ids: np.ndarray,
+    external_ids: Sequence[str],
+    titles: Sequence[str],
+    metadata: Iterable[str],
+    table: Table = TITLES,
 ) -> None:
     records = [
-        {"row_id": int(r), "external_id": e, "title": t, "title_hash": title_hash(t), "metadata_json": m}
+        {"row_id": int(r), "external_id": e, "title": t, "title_hash": title_hash(t), "metadata": m}
         for r, e, t, m in zip(row_ids, external_ids, titles, metadata, strict=True)
     ]
     with Session(engine) as session, session.begin():
-        session.execute(insert(TitleRow), records)
+        session.execute(insert(table), records)
 
 
 class StoreWriter:
@@ -505,7 +568,7 @@ class StoreWriter:
     ) -> np.ndarray:
         """Add rows (metadata as JSON text) and their vectors; returns the row ids given to them."""
         metadata = list(metadata)
-        row_ids = _append(self.engine, self._vectors, self.count, self.dim, external_ids, titles, metadata, vectors)
+        row_ids = append_rows(self.engine, self._vectors, self.count, self.dim, external_ids, titles, metadata, vectors)
         self.count += len(row_ids)
         self.fields.add(row_ids, [parse_metadata(m) for m in metadata])
         return row_ids
@@ -525,7 +588,7 @@ class StoreWriter:
         self._vectors.close()
         self.engine.dispose()
         FieldIndex.from_builder(self.fields, self.count).save(self.directory)
-        _write_config(self.directory, count=self.count, rows=self.count, dim=self.dim, id_type=id_type)
+        write_config(self.directory, count=self.count, rows=self.count, dim=self.dim, id_type=id_type)
 
     def abort(self) -> None:
         self._vectors.close()

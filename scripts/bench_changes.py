@@ -15,7 +15,9 @@ n titles (stored vectors, no re-encoding). For each size:
   (the default hybrid retrieval, reranked, k=10, the query encoded) with the filter and without, over `--queries`
   generated queries; and dense recall@10 of the filtered search against exact search over the rows that pass
   (also with ties counted: titles repeat, and a hit as close as the 10th exact one is as good as it);
-- at the largest size: a 10,000-title add against encoding those titles alone, then `compact`.
+- at the largest size: hybrid search latency after `--segments` one-title adds (kept as a delta over the base files,
+  matching.delta) against the same search once they are compacted; a 10,000-title add against encoding those titles
+  alone, then `compact`.
 
 Prints a table, writes results/bench_changes.json and, with matplotlib, results/bench_changes.png (change cost
 against size; filter cost against selectivity; BENCHMARKS.md shows the copy in scripts/plots/).
@@ -89,16 +91,40 @@ def pct(values: list[float]) -> dict[str, float]:
 
 
 def one_title_changes(m: Matcher, repeats: int) -> dict[str, Any]:
+    """Seconds per change as the change reports them (written and published), and the wall time of the call,
+    which adds the matcher's refresh onto the new generation (what a served reader pays to see it)."""
     seconds: dict[str, list[float]] = {"add": [], "upsert": [], "remove": []}
+    wall: dict[str, list[float]] = {"add": [], "upsert": [], "remove": []}
+
+    def timed(name: str, change: Any, *args: Any, **kwargs: Any) -> None:
+        start = time.perf_counter()
+        seconds[name].append(change(*args, **kwargs).seconds)
+        wall[name].append(time.perf_counter() - start)
+
     for i in range(repeats):
         new_id = f"BENCH{i:05d}"
         row = {"id": [new_id], "title": ["acme teal kettle B123"], "brand": ["Acme"], "category": ["kitchen"]}
         row |= {"price": [12.5], "tier": ["rest"], "score": [0.5]}
-        seconds["add"].append(m.add(pd.DataFrame(row), show_progress=False).seconds)
+        timed("add", m.add, pd.DataFrame(row), show_progress=False)
         row["title"] = ["acme teal kettle B124"]
-        seconds["upsert"].append(m.upsert(pd.DataFrame(row), show_progress=False).seconds)
-        seconds["remove"].append(m.remove([new_id]).seconds)
-    return {name: pct(values) for name, values in seconds.items()}
+        timed("upsert", m.upsert, pd.DataFrame(row), show_progress=False)
+        timed("remove", m.remove, [new_id])
+    return {name: pct(values) for name, values in seconds.items()} | {
+        f"{name}_with_refresh": pct(values) for name, values in wall.items()
+    }
+
+
+def search_with_changes(m: Matcher, queries: list[str], changes: int) -> dict[str, Any]:
+    """Hybrid search latency after ``changes`` one-title adds (kept as a delta over the base files), then after
+    compacting them into new base files; the adds are removed again before compacting."""
+    for i in range(changes):
+        row = {"id": [f"SEG{i:05d}"], "title": [f"acme teal kettle S{i}"], "brand": ["Acme"], "category": ["x"]}
+        m.add(pd.DataFrame(row | {"price": [1.0], "tier": ["rest"], "score": [0.5]}), show_progress=False)
+    with_delta = _latencies(m, queries, None)
+    m.remove([f"SEG{i:05d}" for i in range(changes)])
+    compact = m.compact(show_progress=False).seconds
+    compacted = _latencies(m, queries, None)
+    return {"changes": changes, "with_delta": with_delta, "compacted": compacted, "compact_s": compact}
 
 
 def filters(m: Matcher, queries: list[str], sql_repeats: int) -> list[dict[str, Any]]:
@@ -217,6 +243,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sql-repeats", type=int, default=3)
+    parser.add_argument("--segments", type=int, default=100, help="one-title changes before the search comparison")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "changes")
     parser.add_argument("--json", type=Path, default=ROOT / "results" / "bench_changes.json")
     args = parser.parse_args()
@@ -232,6 +259,9 @@ def main() -> None:
             entry = {"size": size, "filters": filters(m, queries, args.sql_repeats)}
             entry["changes"] = one_title_changes(m, args.repeats)
             print("  changes: " + ", ".join(f"{k} p50 {1000 * v['p50']:.0f} ms" for k, v in entry["changes"].items()))
+            if size == largest and args.segments:
+                entry["segments"] = search_with_changes(m, queries, args.segments)
+                print(f"  search after {args.segments} changes: {entry['segments']}", flush=True)
             if size == largest:
                 entry["bulk"] = bulk_add_and_compact(m)
                 print("  " + ", ".join(f"{k} {v:.1f}" for k, v in entry["bulk"].items()), flush=True)

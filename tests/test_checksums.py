@@ -17,7 +17,7 @@ from matching import Matcher, checksums
 from matching.bundle import current_generation, read_manifest
 from matching.checksums import block_digests, blocks_digest
 from matching.errors import BundleError
-from matching.layout import SCORER_CONFIG, SCORER_WEIGHTS, STORE_DB, VECTORS_FILE
+from matching.layout import SCORER_CONFIG, SCORER_WEIGHTS, STORE_DB, STORE_DELTA, VECTORS_FILE
 
 BLOCK = 1024  # bytes: the tiny bundle's vector file (40 x 32 floats, 5 KiB) spans several blocks
 
@@ -96,13 +96,16 @@ def test_damage_is_refused_or_still_seen_after_a_change(tmp_path: Path, tiny_enc
     assert current_generation(path) == live
     data[size - 1] ^= 0xFF
     (live / VECTORS_FILE).write_bytes(bytes(data))
-    store = live / STORE_DB  # a file the change rewrites is checked whole
-    raw = bytearray(store.read_bytes())
-    raw[-1] ^= 0xFF
-    store.write_bytes(bytes(raw))
-    with pytest.raises(BundleError, match=r"store\.sqlite.*damaged"):
+    delta = live / STORE_DELTA  # a file the change rewrites (the delta it copies) is checked whole
+    _flip(delta, at=len(delta.read_bytes()) - 1)
+    with pytest.raises(BundleError, match=r"delta\.sqlite.*damaged"):
         m.remove([1])
     assert current_generation(path) == live
+    _flip(delta, at=len(delta.read_bytes()) - 1)
+    _flip(live / STORE_DB, at=len((live / STORE_DB).read_bytes()) - 1)  # a base file: carried with its digest
+    m.remove([1])
+    with pytest.raises(BundleError, match=r"store\.sqlite.*damaged"):
+        read_manifest(current_generation(path), verify=True)
 
 
 def _flip(file: Path, at: int = 10) -> None:

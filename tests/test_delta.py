@@ -1,0 +1,171 @@
+"""Changes kept as a delta (matching.delta): what a change writes, and answers equal to a bundle written whole."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from matching import Matcher, delta
+from matching.bundle import current_generation, read_manifest
+from matching.layout import (
+    FIELDS_ARRAYS,
+    INDEX_FILE,
+    LEXICAL_ARRAYS,
+    STORE_CONFIG,
+    STORE_DB,
+    STORE_DELTA,
+    VECTORS_FILE,
+)
+from tests.conftest import assert_same_ranking, make_catalogue
+
+NEW = pd.DataFrame(
+    {
+        "id": [5001, 5002, 5003],
+        "title": ["Hooli silver espresso machine", "Hooli black yoga mat", "Vandelay red camping tent"],
+        "brand": ["Hooli", "Hooli", "Vandelay"],
+        "price": [199.0, 25.5, 89.99],
+    }
+)
+QUERIES = ["black yoga mat", "red tent", "Hooli espresso", "silver kettle", "acme"]
+WHERES: list[dict[str, Any] | None] = [None, {"brand": "Hooli"}, {"price": ("<", 60)}, {"brand": {"in": ["Acme"]}}]
+
+
+@pytest.fixture
+def hybrid(tmp_path: Path, tiny_encoder: Any) -> Any:
+    """A fresh, writable product bundle with BM25 (hybrid retrieval)."""
+    with Matcher.build(make_catalogue(), tmp_path / "products", encoder=tiny_encoder, show_progress=False) as m:
+        yield m
+
+
+def _inode(path: Path) -> int:
+    return os.stat(path).st_ino
+
+
+def _answers(m: Matcher, retrieval: str, where: dict[str, Any] | None) -> list[tuple[list[Any], list[float]]]:
+    hits = m.search_batch(QUERIES, k=len(m), rerank=False, retrieval=retrieval, where=where)
+    return [([h.id for h in q], [h.score for h in q]) for q in hits]
+
+
+def assert_as_written_whole(m: Matcher, tmp_path: Path, name: str = "whole") -> None:
+    """``m`` answers every query, retrieval and filter as a bundle written whole from its live rows does (a copy:
+    same stored vectors, new store, index and BM25 postings), scores to 1e-5."""
+    with m.copy(tmp_path / name, show_progress=False) as whole:
+        assert not (current_generation(tmp_path / name) / STORE_DELTA).exists()
+        assert sorted(map(str, m.store.frame()["id"])) == sorted(map(str, whole.store.frame()["id"]))
+        for retrieval in ("dense", "lexical", "hybrid"):
+            for where in WHERES:
+                for (ids_a, sa), (ids_b, sb) in zip(
+                    _answers(m, retrieval, where), _answers(whole, retrieval, where), strict=True
+                ):
+                    assert_same_ranking(ids_a, sa, ids_b, sb, atol=1e-5)
+
+
+def test_a_one_title_change_writes_the_delta_and_carries_every_base_file(hybrid: Matcher) -> None:
+    path = hybrid.path
+    assert path is not None
+    base = current_generation(path)
+    carried = (STORE_DB, INDEX_FILE, LEXICAL_ARRAYS, FIELDS_ARRAYS, VECTORS_FILE)
+    inodes = {name: _inode(base / name) for name in carried}
+    hybrid.add(NEW.iloc[:1], show_progress=False)
+    gen = current_generation(path)
+    assert gen != base
+    assert {name: _inode(gen / name) for name in carried} == inodes  # hard links: not rewritten
+    assert (gen / STORE_DELTA).is_file()
+    manifest = read_manifest(gen, verify=True)
+    assert STORE_DELTA in manifest.files
+    config = (gen / STORE_CONFIG).read_text()
+    assert '"base_rows": 40' in config
+    assert '"base_count": 40' in config
+    assert len(hybrid) == 41
+    assert hybrid.search("silver espresso machine", k=1, rerank=False)[0].id == 5001
+
+
+def test_every_kind_of_change_answers_as_a_bundle_written_whole(
+    hybrid: Matcher, tiny_encoder: Any, tmp_path: Path
+) -> None:
+    catalogue = make_catalogue()
+    hybrid.add(NEW, show_progress=False)
+    hybrid.remove([5001, catalogue["id"][0]])  # a row of the delta, and one of the base
+    meta = catalogue.iloc[[3]].assign(price=1.5)  # the base row's metadata alone
+    hybrid.upsert(meta, show_progress=False)
+    hybrid.upsert(meta.assign(price=2.5), show_progress=False)  # again: the delta's copy is updated
+    hybrid.upsert(catalogue.iloc[[4]].assign(title="Acme folding camping chair"), show_progress=False)
+    hybrid.upsert(NEW.iloc[[1]].assign(brand="Initech"), show_progress=False)  # a delta row's metadata
+    hybrid.remove([catalogue["id"][5]])
+    gen = current_generation(hybrid.path)  # type: ignore[arg-type]
+    assert (gen / STORE_DELTA).is_file()
+    assert len(hybrid) == 40 + 3 - 2 - 1
+    rows = {r["id"]: r for r in hybrid.store.frame().to_dict("records")}
+    assert rows[catalogue["id"][3]]["price"] == 2.5
+    assert rows[5002]["brand"] == "Initech"
+    assert rows[catalogue["id"][4]]["title"] == "Acme folding camping chair"
+    assert catalogue["id"][0] not in rows
+    assert 5001 not in rows
+    assert_as_written_whole(hybrid, tmp_path)
+    # loaded again from disk alone (checksums verified): the same answers
+    with Matcher.load(hybrid.path, encoder=tiny_encoder) as again:  # type: ignore[arg-type]
+        for retrieval in ("dense", "lexical", "hybrid"):
+            for where in WHERES:
+                assert _answers(again, retrieval, where) == _answers(hybrid, retrieval, where)
+        assert (
+            again.store.filter_ids({"price": ("<", 3)}).tolist()
+            == hybrid.store.filter_ids({"price": ("<", 3)}).tolist()
+        )
+
+
+def test_filters_over_a_delta_equal_sql_over_its_rows(hybrid: Matcher) -> None:
+    hybrid.add(NEW, show_progress=False)
+    hybrid.upsert(make_catalogue().iloc[[2]].assign(brand="Hooli"), show_progress=False)
+    store = hybrid.store
+    assert store.fields is not None
+    assert store.fields.rows == len(store.vectors)
+    for where in ({"brand": "Hooli"}, {"price": (">", 50)}, {"brand": {"in": ["Hooli", "Vandelay"]}}):
+        np.testing.assert_array_equal(store.filter_ids(where), store.sql_filter_ids(where))
+    assert len(store.filter_ids({"brand": "Hooli"})) == 3
+
+
+def test_a_delta_past_its_limit_is_folded_into_new_base_files(
+    hybrid: Matcher, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(delta, "FOLD_ROWS", 3)
+    monkeypatch.setattr(delta, "FOLD_SHARE", 0.0)
+    path = hybrid.path
+    assert path is not None
+    hybrid.add(NEW.iloc[:2], show_progress=False)
+    hybrid.remove([make_catalogue()["id"][7]])  # 3 rows: the next change folds
+    assert (current_generation(path) / STORE_DELTA).is_file()
+    before = _inode(current_generation(path) / STORE_DB)
+    hybrid.add(NEW.iloc[2:], show_progress=False)
+    gen = current_generation(path)
+    assert not (gen / STORE_DELTA).exists()
+    assert '"base_rows"' not in (gen / STORE_CONFIG).read_text()
+    assert _inode(gen / STORE_DB) != before
+    assert len(hybrid) == 42
+    assert_as_written_whole(hybrid, tmp_path)
+    hybrid.remove([5003])  # a new delta over the folded files
+    assert (current_generation(path) / STORE_DELTA).is_file()
+    assert_as_written_whole(hybrid, tmp_path, "again")
+
+
+def test_compaction_writes_the_delta_into_new_base_files(hybrid: Matcher, tmp_path: Path) -> None:
+    hybrid.add(NEW, show_progress=False)
+    hybrid.remove([5002, make_catalogue()["id"][1]])
+    hybrid.compact(show_progress=False)
+    gen = current_generation(hybrid.path)  # type: ignore[arg-type]
+    assert not (gen / STORE_DELTA).exists()
+    assert len(hybrid) == 41
+    assert_as_written_whole(hybrid, tmp_path)
+
+
+def test_a_reader_pinned_before_a_change_keeps_its_answers(hybrid: Matcher, tiny_encoder: Any) -> None:
+    with Matcher.load(hybrid.path, encoder=tiny_encoder) as reader:  # type: ignore[arg-type]
+        before = _answers(reader, "hybrid", None)
+        hybrid.add(NEW, show_progress=False)
+        hybrid.remove([make_catalogue()["id"][2]])
+        assert _answers(reader, "hybrid", None) == before
+        assert len(reader) == 40
