@@ -214,8 +214,13 @@ def plot(result: dict[str, Any], out: Path) -> bool:
     sizes = result["sizes"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4))
     xs = [r["size"] for r in sizes]
-    for name in ("add", "upsert", "remove"):
-        left.plot(xs, [1000 * r["changes"][name]["p50"] for r in sizes], marker="o", label=f"one-title {name}")
+    for name, colour in (("add", "C0"), ("upsert", "C1"), ("remove", "C2")):
+        left.plot(
+            xs, [1000 * r["changes"][name]["p50"] for r in sizes], color=colour, marker="o", label=f"one-title {name}"
+        )
+        if all(f"{name}_with_refresh" in r["changes"] for r in sizes):
+            refresh = [1000 * r["changes"][f"{name}_with_refresh"]["p50"] for r in sizes]
+            left.plot(xs, refresh, color=colour, linestyle="--", marker=".", label=f"{name} + the reader's refresh")
     left.axhline(150, color="grey", linestyle=":", label="issue #21: 150 ms")
     left.set(xlabel="titles", ylabel="p50 ms per change", xscale="log", yscale="log")
     largest = sizes[-1]

@@ -4,9 +4,9 @@ Step ``k`` of the writer is a pure function of ``k``, so the test can compute th
 every step. Steps cycle through every kind of change (``k % 6``)::
 
     0  Matcher.build(..., overwrite=True)  a new 12-title catalogue (step 0 builds the bundle from nothing)
-    1  add        4 new titles
-    2  upsert     2 changed titles, 2 changed metadata, 1 new title
-    3  remove     3 titles
+    1  add        4 new titles                               (kept as a delta: matching.delta)
+    2  upsert     2 changed titles, 2 changed metadata, 1 new title    (delta)
+    3  remove     3 titles                                   (folds the delta into new base files)
     4  train_scorer (1 epoch)              the catalogue is unchanged; the generation gains train_report.json
     5  compact                             the catalogue is unchanged; the dead rows are gone
 
@@ -176,8 +176,11 @@ def load_encoder(model_dir: str) -> Any:
 
 def run_writer(encoder: Any, bundle: Path, start: int, stop: int) -> None:
     """Perform steps ``start .. stop-1`` on the bundle (loading it unless step ``start`` builds it)."""
-    from matching import Matcher
+    from matching import Matcher, delta
 
+    # a small fold limit: each cycle's add and upsert go into the delta, and its remove folds the delta into new
+    # base files, so the kills land in both kinds of write
+    delta.FOLD_ROWS, delta.FOLD_SHARE = 5, 0.0
     matcher = None if start % CYCLE == 0 else Matcher.load(bundle, encoder=encoder, verify=False)
     say(f"ready {os.getpid()}")
     for k in range(start, stop):
