@@ -26,13 +26,13 @@ from matching.bundle import Manifest, Unchanged, current_generation, new_generat
 from matching.checksums import verify_files
 from matching.config import IndexConfig
 from matching.delta import fold_limit, load_index, load_lexical
-from matching.delta_editor import DeltaEditor, delta_size
+from matching.editors import DeltaEditor, StoreEditor, delta_size
 from matching.encoder import Encoder
 from matching.errors import BadRowError, BundleError, ConfigError, DuplicateIdError, SchemaError
 from matching.ingest import CatalogueReader, Chunk, canonical_id, metadata_json
 from matching.layout import CATALOGUE_FILES, LEXICAL_CONFIG, STORE_CONFIG, STORE_DB, STORE_DELTA, VECTORS_FILE
 from matching.lexical import lexical_files
-from matching.store import Store, StoredTitle, StoreEditor, read_config
+from matching.store import Store, StoredTitle, read_config
 from matching.types import ChangeReport, ExternalId, IdType
 from matching.vectors import index_files
 

@@ -6,7 +6,7 @@ copies this small file, appends to the shared vector file and carries every base
 over the base store (a SQLite view) and replay it onto the base index, postings and columns as they load them, so
 they answer as a generation written whole would. A change that would let it grow past :func:`fold_limit` rows
 writes new base files instead (the delta folded in). Store side: :mod:`matching.store`,
-:mod:`matching.delta_editor`.
+:mod:`matching.editors`.
 """
 
 from __future__ import annotations

@@ -12,9 +12,7 @@ import hashlib
 import json
 import mmap
 import os
-import shutil
-import sqlite3
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Self
@@ -28,19 +26,16 @@ from sqlalchemy import (
     Table,
     Text,
     create_engine,
-    delete,
     event,
     func,
     insert,
     select,
     true,
-    update,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import QueuePool
 
-from matching.checksums import read_span
-from matching.delta import Delta, connect_read_only, read_delta, read_uri
+from matching.delta import Delta, connect_read_only, read_delta
 from matching.errors import BundleError
 from matching.field_query import evaluate
 from matching.fields import FieldBuilder, FieldIndex, FieldSpec, parse_metadata
@@ -51,7 +46,7 @@ from matching.ingest import metadata_json
 from matching.layout import STORE_CONFIG, STORE_DB, STORE_DELTA, VECTORS_FILE
 from matching.types import IdType
 
-_SQL_BATCH = 900  # stays under SQLite's default limit of bound variables per statement
+SQL_BATCH = 900  # stays under SQLite's default limit of bound variables per statement
 
 
 class Base(DeclarativeBase):
@@ -99,7 +94,7 @@ def _read_only_engine(path: Path, delta: Path | None = None) -> Engine:
     )
 
 
-def _engine(path: Path) -> Engine:
+def writable_engine(path: Path) -> Engine:
     engine = create_engine(f"sqlite:///{path}")
 
     @event.listens_for(engine, "connect")
@@ -273,8 +268,8 @@ class Store:
         # plain rows, not ORM objects: every search reads its hits here (10 rows: 0.26 ms against 0.33 ms, and
         # 0.7 ms of a 1M hybrid search's 11 ms in the ORM's session before)
         with self.engine.connect() as conn:
-            for start in range(0, len(wanted), _SQL_BATCH):
-                part = wanted[start : start + _SQL_BATCH]
+            for start in range(0, len(wanted), SQL_BATCH):
+                part = wanted[start : start + SQL_BATCH]
                 for row_id, external_id, title, meta in conn.execute(select(*columns).where(TitleRow.row_id.in_(part))):
                     found[row_id] = (external_id, title, meta)
         out = []
@@ -293,8 +288,8 @@ class Store:
         by_text: dict[str, int] = {}
         keys = list(hashes)
         with Session(self.engine) as session:
-            for start in range(0, len(keys), _SQL_BATCH):
-                part = keys[start : start + _SQL_BATCH]
+            for start in range(0, len(keys), SQL_BATCH):
+                part = keys[start : start + SQL_BATCH]
                 stmt = select(TitleRow.row_id, TitleRow.title).where(TitleRow.title_hash.in_(part))
                 for row_id, text in session.execute(stmt):
                     by_text.setdefault(text, row_id)
@@ -374,133 +369,12 @@ def load_fields(directory: Path, delta: Delta | None, rows: int) -> FieldIndex |
     return fields
 
 
-def _linked_elsewhere(file: Path, root: Path) -> bool:
-    """Whether ``file`` has hard links outside the bundle directory ``root`` (its generations share it)."""
-    st = file.stat()
-    inside = 0
-    for child in root.iterdir():
-        try:
-            other = (child / VECTORS_FILE).stat()
-        except OSError:
-            continue
-        inside += (other.st_ino, other.st_dev) == (st.st_ino, st.st_dev)
-    return st.st_nlink > inside
-
-
-def _copy_prefix(source: Path, target: Path, size: int) -> None:
-    with source.open("rb") as src, target.open("wb") as dst:
-        for block in read_span(src, size, 1 << 24):
-            dst.write(block)
-
-
-def open_vectors(base: Path, staging: Path, size: int) -> BinaryIO:
-    """The vector file of the live generation ``base`` in ``staging``, open to append after its first ``size``
-    bytes: hard-linked (earlier generations read only the prefix they were published with) where nothing outside
-    the bundle shares it."""
-    if _linked_elsewhere(base / VECTORS_FILE, base.parent):
-        # a hard-linked copy of the bundle (cp -al, rsync --link-dest) shares this file: appending to it, or
-        # truncating it, would change the other copy; this bundle takes a copy of its own
-        _copy_prefix(base / VECTORS_FILE, staging / VECTORS_FILE, size)
-    else:
-        try:
-            os.link(base / VECTORS_FILE, staging / VECTORS_FILE)
-        except OSError:
-            shutil.copyfile(base / VECTORS_FILE, staging / VECTORS_FILE)
-    file = (staging / VECTORS_FILE).open("r+b")
-    file.truncate(size)  # drop what a crashed writer appended
-    file.seek(0, os.SEEK_END)
-    return file
-
-
-def _fold(db: Path, delta: Path) -> None:
-    """Apply the changes ``delta`` holds to the store database ``db`` (a writable copy of its base)."""
-    conn = sqlite3.connect(db)
-    try:
-        conn.execute("ATTACH DATABASE ? AS delta", (read_uri(delta),))
-        with conn:
-            conn.execute("DELETE FROM titles WHERE row_id IN (SELECT row_id FROM delta.shadowed)")
-            conn.execute("DELETE FROM titles WHERE row_id IN (SELECT row_id FROM delta.titles)")
-            conn.execute("INSERT INTO titles SELECT row_id, external_id, title, title_hash, metadata FROM delta.titles")
-        conn.execute("DETACH DATABASE delta")
-    finally:
-        conn.close()
-
-
-class StoreEditor:
-    """A writable copy of a published store, made inside a staging generation.
-
-    The database is copied; the vector file is hard-linked and appended to (earlier generations only
-    read the prefix they were published with).
-    """
-
-    def __init__(self, base: Path, staging: Path) -> None:
-        config = read_config(base)
-        self.directory = staging
-        self.dim = config["dim"]
-        self.rows = config["rows"]
-        self.id_type = IdType(config["id_type"])
-        shutil.copyfile(base / STORE_DB, staging / STORE_DB)
-        delta = read_delta(base, config)
-        if delta is not None:  # fold the live delta into the copy: it becomes the new base
-            _fold(staging / STORE_DB, base / STORE_DELTA)
-        self._vectors = open_vectors(base, staging, self.rows * self.dim * 4)
-        self.engine = _engine(staging / STORE_DB)
-        self.fields = load_fields(base, delta, self.rows)
-
-    def lookup(self, external_ids: Sequence[str]) -> dict[str, StoredTitle]:
-        return lookup_rows(self.engine, external_ids)
-
-    def delete(self, row_ids: Sequence[int]) -> None:
-        ids = [int(i) for i in row_ids]
-        with Session(self.engine) as session, session.begin():
-            for start in range(0, len(ids), _SQL_BATCH):
-                session.execute(delete(TitleRow).where(TitleRow.row_id.in_(ids[start : start + _SQL_BATCH])))
-        if self.fields is not None:
-            self.fields.remove(np.asarray(ids, dtype=np.int64))
-
-    def update_metadata(self, changes: Mapping[int, str]) -> None:
-        with Session(self.engine) as session, session.begin():
-            for row_id, meta in changes.items():
-                session.execute(update(TitleRow).where(TitleRow.row_id == row_id).values(metadata_json=meta))
-        if self.fields is not None and changes:
-            self.fields.update(np.fromiter(changes, dtype=np.int64), [parse_metadata(m) for m in changes.values()])
-
-    def append(
-        self, external_ids: Sequence[str], titles: Sequence[str], metadata: Iterable[str], vectors: np.ndarray
-    ) -> np.ndarray:
-        """Add rows (metadata as JSON text) and their vectors under fresh row ids, which are returned."""
-        metadata = list(metadata)
-        row_ids = append_rows(self.engine, self._vectors, self.rows, self.dim, external_ids, titles, metadata, vectors)
-        self.rows += len(row_ids)
-        if self.fields is not None:
-            self.fields.add(row_ids, [parse_metadata(m) for m in metadata])
-        return row_ids
-
-    def finish(self, id_type: IdType | None = None) -> int:
-        """Write the store's config; returns the number of live rows."""
-        self._vectors.flush()
-        os.fsync(self._vectors.fileno())
-        self._vectors.close()
-        with Session(self.engine) as session:
-            count = int(session.scalar(select(func.count()).select_from(TitleRow)) or 0)
-        self.engine.dispose()
-        self.id_type = id_type or self.id_type
-        if self.fields is not None:
-            self.fields.save(self.directory)
-        write_config(self.directory, count=count, rows=self.rows, dim=self.dim, id_type=self.id_type)
-        return count
-
-    def abort(self) -> None:
-        self._vectors.close()
-        self.engine.dispose()
-
-
 def lookup_rows(engine: Engine, external_ids: Sequence[str]) -> dict[str, StoredTitle]:
     out: dict[str, StoredTitle] = {}
     wanted = list(dict.fromkeys(external_ids))
     with Session(engine) as session:
-        for start in range(0, len(wanted), _SQL_BATCH):
-            part = wanted[start : start + _SQL_BATCH]
+        for start in range(0, len(wanted), SQL_BATCH):
+            part = wanted[start : start + SQL_BATCH]
             for row in session.scalars(select(TitleRow).where(TitleRow.external_id.in_(part))):
                 out[row.external_id] = _stored(row)
     return out
@@ -555,7 +429,7 @@ class StoreWriter:
         db_path = directory / STORE_DB
         if db_path.exists():
             raise BundleError(f"{str(db_path)!r} already exists")
-        self.engine = _engine(db_path)
+        self.engine = writable_engine(db_path)
         Base.metadata.create_all(self.engine)
         self._vectors = (directory / VECTORS_FILE).open("wb")
 

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from matching import Matcher, delta
@@ -22,15 +21,8 @@ from matching.layout import (
     VECTORS_FILE,
 )
 from tests.conftest import assert_same_ranking, make_catalogue
+from tests.test_changes import NEW
 
-NEW = pd.DataFrame(
-    {
-        "id": [5001, 5002, 5003],
-        "title": ["Hooli silver espresso machine", "Hooli black yoga mat", "Vandelay red camping tent"],
-        "brand": ["Hooli", "Hooli", "Vandelay"],
-        "price": [199.0, 25.5, 89.99],
-    }
-)
 QUERIES = ["black yoga mat", "red tent", "Hooli espresso", "silver kettle", "acme"]
 WHERES: list[dict[str, Any] | None] = [None, {"brand": "Hooli"}, {"price": ("<", 60)}, {"brand": {"in": ["Acme"]}}]
 
