@@ -43,10 +43,13 @@ from sqlalchemy.exc import OperationalError
 from matching import checksums
 from matching.checksums import blocks_digest, sha256_file, verify_files
 from matching.errors import BundleError, BundleLockedError
-from matching.layout import MANIFEST_FILE, POINTER_FILE
+from matching.layout import MANIFEST_FILE, POINTER_FILE, STORE_DELTA
 
 # 2: growable files are checksummed in blocks (``blocks``); a version-1 bundle (one digest over the prefix) still loads
-FORMAT_VERSION = 2
+# 3: the generation holds a delta over its base files (``delta.sqlite``, matching.delta), which a reader of format 2
+# would ignore (answering from the base files alone); only such generations are written as 3
+FORMAT_VERSION = 3
+_BLOCKS_FORMAT = 2
 DEFAULT_LOCK_TIMEOUT = 30.0
 # six digits or more: the name after gen-999999 is gen-1000000 (numbers, not names, are compared)
 _GEN = re.compile(r"gen-(\d{6,})\Z")
@@ -223,7 +226,8 @@ def write_manifest(
     """
     prefixes, known, known_blocks = prefixes or {}, known or {}, known_blocks or {}
     manifest.files, manifest.sizes, manifest.blocks = {}, {}, {}
-    manifest.format_version = FORMAT_VERSION  # written now, so in this format (blocks), whatever it was read from
+    # written now, so in this format (blocks), whatever it was read from
+    manifest.format_version = FORMAT_VERSION if (generation / STORE_DELTA).is_file() else _BLOCKS_FORMAT
     for p in sorted(generation.iterdir()):
         if p.is_file() and p.name != MANIFEST_FILE:
             size = prefixes.get(p.name, p.stat().st_size)

@@ -30,11 +30,19 @@ from matching.editors import DeltaEditor, StoreEditor, delta_size
 from matching.encoder import Encoder
 from matching.errors import BadRowError, BundleError, ConfigError, DuplicateIdError, SchemaError
 from matching.ingest import CatalogueReader, Chunk, canonical_id, metadata_json
-from matching.layout import CATALOGUE_FILES, LEXICAL_CONFIG, STORE_CONFIG, STORE_DB, STORE_DELTA, VECTORS_FILE
+from matching.layout import (
+    CATALOGUE_FILES,
+    INDEX_CONFIG,
+    LEXICAL_CONFIG,
+    STORE_CONFIG,
+    STORE_DB,
+    STORE_DELTA,
+    VECTORS_FILE,
+)
 from matching.lexical import lexical_files
 from matching.store import Store, StoredTitle, read_config
 from matching.types import ChangeReport, ExternalId, IdType
-from matching.vectors import index_files
+from matching.vectors import VectorIndex, index_files
 
 if TYPE_CHECKING:
     from matching.search import Snapshot
@@ -42,30 +50,56 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _live(path: Path, *, whole: bool = False) -> tuple[Path, Manifest, bool]:
+def _live(path: Path, *, whole: bool = False, fold: bool = False) -> tuple[Path, Manifest, bool]:
     """The live generation, its manifest, and whether the change is kept as a delta (call with the writer lock
-    held), its catalogue files checked: the ones the change rewrites (a damaged one would be blessed by the new
-    manifest). Of the append-only vector file only the last block is checked, unless ``whole`` (compaction copies
-    every row); the other files are carried with their digests, so damage there is still seen by a verified load."""
+    held; ``whole`` (compaction) and ``fold`` write whole files), its catalogue files checked: the ones the change
+    rewrites (a damaged one would be blessed by the new manifest). Of the append-only vector file only the last
+    block is checked, unless ``whole`` (compaction copies every row); the other files are carried with their
+    digests, so damage there is still seen by a verified load."""
     live = current_generation(path)
     manifest = read_manifest(live, verify=False)
-    delta = not whole and _keeps_delta(live, manifest)
+    first = [n for n in manifest.files if n in _DECIDING]  # what the choice reads: checked before it
+    verify_files(live, manifest, first)
+    delta = not (whole or fold) and _keeps_delta(live)
     rewritten = _DELTA_WRITES if delta else CATALOGUE_FILES | index_files() | lexical_files()
-    verify_files(live, manifest, [n for n in manifest.files if n in rewritten], last_block_only=not whole)
+    rest = [n for n in manifest.files if n in rewritten and n not in first]
+    verify_files(live, manifest, rest, last_block_only=not whole)
     return live, manifest, delta
 
 
 # what a change kept as a delta writes; it carries every other file
 _DELTA_WRITES = frozenset({STORE_DELTA, STORE_CONFIG, VECTORS_FILE})
+_DECIDING = frozenset({STORE_DELTA, STORE_CONFIG, INDEX_CONFIG})
 
 
-def _keeps_delta(live: Path, manifest: Manifest) -> bool:
+def _keeps_delta(live: Path) -> bool:
     """Whether a change to ``live`` goes into its delta: the bundle has BM25 postings and an index that can remove
-    rows (an HNSW graph cannot: the change rebuilds it), and the delta is below its fold limit."""
-    if not (live / LEXICAL_CONFIG).is_file() or "HNSW" in str(manifest.index.get("factory", "")):
+    rows (not an HNSW graph, a refined PQ...: the change rebuilds those), and the delta is within its fold limit."""
+    if not (live / LEXICAL_CONFIG).is_file():
         return False
     config = read_config(live)
-    return delta_size(live) < fold_limit(config.get("base_count", config["count"]))
+    if not VectorIndex.removes(config["dim"], IndexConfig.load(live / INDEX_CONFIG)):
+        return False
+    return delta_size(live) <= fold_limit(config.get("base_count", config["count"]))
+
+
+def _fold_if_past_limit(path: Path, lock_timeout: float) -> None:
+    """Fold the live delta into new base files if the change just published left it past its limit (a bulk
+    change: readers would replay it on every load)."""
+    config = read_config(current_generation(path))
+    if "base_rows" not in config or delta_size(current_generation(path)) <= fold_limit(config["base_count"]):
+        return
+    with new_generation(path, change=True, lock_timeout=lock_timeout, verify_live=False) as gen:
+        live, manifest, _ = _live(path, fold=True)
+        if not (live / STORE_DELTA).is_file():  # another writer folded it first
+            raise Unchanged
+        editor = StoreEditor(live, gen)  # folds the delta into its copy of the base store
+        count = editor.finish()
+        empty = np.empty(0, np.int64)
+        _finish_change(live, gen, manifest, empty, np.empty((0, 0), np.float32), empty, count, False)
+
+
+_DAMAGE_WORDS = ("malformed", "not a database")
 
 
 @contextlib.contextmanager
@@ -76,7 +110,7 @@ def _named_damage(live: Path) -> Iterator[None]:
         yield
     except sqlalchemy.exc.DatabaseError as exc:
         orig = exc.orig
-        if isinstance(orig, sqlite3.OperationalError) or not isinstance(orig, sqlite3.DatabaseError):
+        if not isinstance(orig, sqlite3.DatabaseError) or not any(w in str(orig) for w in _DAMAGE_WORDS):
             raise  # a full disk, a lock: not damage (new_generation says what failed)
         raise BundleError(
             f"bundle file {str(live / STORE_DB)!r} is damaged: SQLite reads it as {orig}; nothing was published. "
@@ -134,6 +168,8 @@ def apply_rows(
         count = edits.editor.finish()
         _finish_change(live, gen, manifest, edits.dead(), edits.vectors(encoder.dim), edits.row_ids(), count, delta)
         published = True
+    if published and delta:
+        _fold_if_past_limit(path, lock_timeout)
     if reader.skipped:
         log.warning("skipped %d bad row(s), e.g. %s", reader.skipped, "; ".join(reader.skipped_examples))
     return ChangeReport(
@@ -295,6 +331,8 @@ def remove(path: Path, ids: Iterable[ExternalId], *, missing_ok: bool, lock_time
         count = editor.finish()
         _finish_change(live, gen, manifest, dead, np.empty((0, 0), np.float32), np.empty(0, np.int64), count, delta)
         published = True
+    if published and delta:
+        _fold_if_past_limit(path, lock_timeout)
     return ChangeReport(
         "remove",
         removed=len(dead),

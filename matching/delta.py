@@ -4,8 +4,8 @@
 postings, field columns) were written, and the base rows it hides (removed, or replaced by its own row). A change
 copies this small file, appends to the shared vector file and carries every base file by hard link; readers lay it
 over the base store (a SQLite view) and replay it onto the base index, postings and columns as they load them, so
-they answer as a generation written whole would. A change that would let it grow past :func:`fold_limit` rows
-writes new base files instead (the delta folded in). Store side: :mod:`matching.store`,
+they answer as a generation written whole would. A change that leaves it past :func:`fold_limit` rows
+publishes new base files at once (the delta folded in). Store side: :mod:`matching.store`,
 :mod:`matching.editors`.
 """
 
@@ -24,21 +24,27 @@ from matching.layout import LEXICAL_CONFIG, STORE_DELTA
 from matching.lexical import LexicalIndex
 from matching.vectors import VectorIndex
 
-# a delta of this many rows (or this share of the base's live rows, if more) is folded into new base files by the
-# next change: readers replay it on every load (1M titles: a load took 0.45 s with a delta of 1,000 rows, 0.76 s
-# with 10,000), and a fold rewrites the base files (~2 s at 1M)
+# a change that leaves the delta holding or hiding more rows than this (or this share of the base's live titles, if
+# more) folds it into new base files at once: readers replay it on every load (1M titles: a load took 0.45 s with a
+# delta of 1,000 rows, 0.76 s with 10,000), and a fold rewrites the base files (~2-3 s at 1M)
 FOLD_ROWS = 10_000
-FOLD_SHARE = 0.01
+FOLD_SHARE = 0.02
 
 
 def fold_limit(base_count: int) -> int:
-    """The delta size (rows it holds or hides) from which a change writes new base files instead."""
+    """The delta size (rows it holds or hides) past which it is folded into new base files."""
     return max(FOLD_ROWS, int(FOLD_SHARE * base_count))
 
 
 def read_uri(path: Path) -> str:
     """A read-only SQLite URI for a published file (immutable: SQLite skips locking and change checks)."""
-    return f"file:{urllib.parse.quote(str(path.resolve()))}?mode=ro&immutable=1"
+    return f"{write_uri(path)}?mode=ro&immutable=1"
+
+
+def write_uri(path: Path) -> str:
+    """The SQLite URI of a file a writer opens (a connection opened by URI reads the URIs it attaches as URIs, on
+    any SQLite build)."""
+    return f"file:{urllib.parse.quote(str(path.resolve()))}"
 
 
 def view_sql(base: str, delta: str) -> str:

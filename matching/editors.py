@@ -19,7 +19,8 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
 from matching.checksums import read_span
-from matching.delta import read_delta, read_uri, view_sql
+from matching.delta import read_delta, read_uri, view_sql, write_uri
+from matching.errors import BundleError
 from matching.fields import parse_metadata
 from matching.layout import STORE_DB, STORE_DELTA, VECTORS_FILE
 from matching.store import (
@@ -31,6 +32,7 @@ from matching.store import (
     load_fields,
     lookup_rows,
     read_config,
+    title_hash,
     writable_engine,
     write_config,
 )
@@ -95,7 +97,7 @@ def open_vectors(base: Path, staging: Path, size: int) -> BinaryIO:
 
 def _fold(db: Path, delta: Path) -> None:
     """Apply the changes ``delta`` holds to the store database ``db`` (a writable copy of its base)."""
-    conn = sqlite3.connect(db)
+    conn = sqlite3.connect(write_uri(db), uri=True)
     try:
         conn.execute("ATTACH DATABASE ? AS delta", (read_uri(delta),))
         with conn:
@@ -190,7 +192,7 @@ def _delta_engine(delta: Path, base_db: Path) -> Engine:
     """The writable delta ``delta`` with the base database ``base_db`` attached read-only, and the view."""
 
     def connect() -> sqlite3.Connection:
-        conn = sqlite3.connect(delta, check_same_thread=False)
+        conn = sqlite3.connect(write_uri(delta), uri=True, check_same_thread=False)
         conn.execute("ATTACH DATABASE ? AS base", (read_uri(base_db),))
         conn.execute(view_sql("base", "main"))
         return conn
@@ -208,7 +210,8 @@ class DeltaEditor(_Editor):
         self.base_count = int(config.get("base_count", config["count"]))
         if "base_rows" in config:
             shutil.copyfile(base / STORE_DELTA, staging / STORE_DELTA)
-        self.engine = _delta_engine(staging / STORE_DELTA, base / STORE_DB)
+        self.base_db = base / STORE_DB
+        self.engine = _delta_engine(staging / STORE_DELTA, self.base_db)
         if "base_rows" not in config:
             with self.engine.begin() as conn:
                 _DELTA.create_all(conn)
@@ -227,18 +230,26 @@ class DeltaEditor(_Editor):
                 conn.execute(SHADOWED.insert().prefix_with("OR IGNORE"), hidden)
 
     def update_metadata(self, changes: Mapping[int, str]) -> None:
-        copy = text(
-            "INSERT INTO main.titles SELECT row_id, external_id, title, title_hash, :meta FROM base.titles "
-            "WHERE row_id = :row_id"
-        )
+        read = text("SELECT external_id, title, title_hash FROM base.titles WHERE row_id = :row_id")
         with self.engine.begin() as conn:
             for row_id, meta in changes.items():
                 done = conn.execute(
                     DELTA_TITLES.update().where(DELTA_TITLES.c.row_id == row_id).values(metadata=meta)
                 ).rowcount
-                if not done:  # a base row: the delta takes a copy with the new metadata, and hides the base's
-                    conn.execute(copy, {"meta": meta, "row_id": row_id})
-                    conn.execute(SHADOWED.insert().prefix_with("OR IGNORE"), [{"row_id": row_id}])
+                if done:
+                    continue
+                # a base row: the delta takes a copy with the new metadata, and hides the base's. The copy is hashed
+                # into the new manifest while the base store is not read whole: its title must still be the one its
+                # hash was taken of, or damage would be blessed
+                external_id, title, stored_hash = conn.execute(read, {"row_id": row_id}).one()
+                if title_hash(title) != stored_hash:
+                    raise BundleError(
+                        f"bundle file {str(self.base_db)!r} is damaged: row {row_id}'s title does not match its "
+                        "hash; nothing was published. Restore the bundle from a copy, or rebuild it"
+                    )
+                record = {"row_id": row_id, "external_id": external_id, "title": title, "title_hash": stored_hash}
+                conn.execute(DELTA_TITLES.insert(), [record | {"metadata": meta}])
+                conn.execute(SHADOWED.insert().prefix_with("OR IGNORE"), [{"row_id": row_id}])
 
     def append(
         self, external_ids: Sequence[str], titles: Sequence[str], metadata: Iterable[str], vectors: np.ndarray

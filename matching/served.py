@@ -135,7 +135,14 @@ class ServedBundle:
     def _write(self, change: Callable[[Path], ChangeReport]) -> ChangeReport:
         """Run a catalogue change against the bundle, then serve the generation it published."""
         report = change(self._require_path())
-        self._reopen()
+        try:
+            self._reopen()
+        except BundleError as exc:  # a file the change carried without reading it is damaged
+            raise BundleError(
+                f"{report.operation} was published (generation {report.generation}), but this matcher cannot open "
+                f"it: {exc}. The change is in the bundle, so do not repeat it; restore the damaged file from a copy "
+                "(a verified load names every one), or rebuild the bundle"
+            ) from None
         return dataclasses.replace(report, generation=self.generation or report.generation)
 
     def _publish(

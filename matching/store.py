@@ -275,7 +275,7 @@ class Store:
         out = []
         for i in row_ids:  # a StoredTitle (and metadata dict) of its own for each id asked for, repeats included
             external_id, title, meta = found[int(i)]
-            out.append(StoredTitle(int(i), external_id, title, json.loads(meta)))
+            out.append(StoredTitle(int(i), external_id, title, _metadata(meta, int(i))))
         return out
 
     def lookup(self, external_ids: Sequence[str]) -> dict[str, StoredTitle]:
@@ -292,7 +292,8 @@ class Store:
                 part = keys[start : start + SQL_BATCH]
                 stmt = select(TitleRow.row_id, TitleRow.title).where(TitleRow.title_hash.in_(part))
                 for row_id, text in session.execute(stmt):
-                    by_text.setdefault(text, row_id)
+                    if by_text.get(text, row_id) >= row_id:  # a title stored twice: its first row, as ever
+                        by_text[text] = row_id
         return [by_text.get(t) for t in titles]
 
     def frame(self) -> pd.DataFrame:
@@ -327,7 +328,21 @@ def _as_where(checked: list[Condition]) -> dict[str, dict[str, Any]]:
 
 
 def _stored(row: TitleRow) -> StoredTitle:
-    return StoredTitle(row.row_id, row.external_id, row.title, json.loads(row.metadata_json))
+    return StoredTitle(row.row_id, row.external_id, row.title, _metadata(row.metadata_json, row.row_id))
+
+
+def _metadata(text: str, row_id: int) -> dict[str, Any]:
+    """A stored row's metadata; text that is not the JSON object it was written as is a damaged store."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise BundleError(
+            f"the store's row {row_id} holds metadata that is not a JSON object ({text[:40]!r}): the bundle is "
+            "damaged; restore it from a copy, or rebuild it"
+        )
+    return value
 
 
 def read_config(directory: Path) -> dict[str, Any]:

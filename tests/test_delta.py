@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 
 from matching import Matcher, delta
 from matching.bundle import current_generation, read_manifest
+from matching.errors import BundleError
 from matching.layout import (
     FIELDS_ARRAYS,
     INDEX_FILE,
@@ -161,3 +163,72 @@ def test_a_reader_pinned_before_a_change_keeps_its_answers(hybrid: Matcher, tiny
         hybrid.remove([make_catalogue()["id"][2]])
         assert _answers(reader, "hybrid", None) == before
         assert len(reader) == 40
+
+
+def test_a_bulk_change_past_the_limit_is_folded_in_the_same_call(
+    hybrid: Matcher, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(delta, "FOLD_ROWS", 3)
+    monkeypatch.setattr(delta, "FOLD_SHARE", 0.0)
+    path = hybrid.path
+    assert path is not None
+    bulk = make_catalogue().assign(id=lambda f: f["id"] + 9000, title=lambda f: f["title"] + " refill")
+    report = hybrid.add(bulk.iloc[:30], show_progress=False)
+    gen = current_generation(path)
+    assert report.generation == gen.name
+    assert not (gen / STORE_DELTA).exists()  # readers do not replay 30 rows past a limit of 3
+    assert len(hybrid) == 70
+    assert_as_written_whole(hybrid, tmp_path)
+
+
+def test_an_index_that_cannot_remove_rows_takes_whole_file_changes(tmp_path: Path, tiny_encoder: Any) -> None:
+    from matching import IndexConfig
+
+    catalogue = make_catalogue()
+    config = IndexConfig(factory="HNSW8")
+    with Matcher.build(catalogue, tmp_path / "b", encoder=tiny_encoder, index_config=config, show_progress=False) as m:
+        m.add(NEW, show_progress=False)
+        m.remove([5001, catalogue["id"][0]])
+        assert not (current_generation(tmp_path / "b") / STORE_DELTA).exists()
+        assert len(m) == 41
+    with Matcher.load(tmp_path / "b", encoder=tiny_encoder) as again:
+        assert again.search("Hooli black yoga mat", k=1, rerank=False)[0].id == 5002
+
+
+def test_a_generation_with_a_delta_is_refused_by_a_reader_of_format_2(
+    hybrid: Matcher, tiny_encoder: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = hybrid.path
+    assert path is not None
+    assert read_manifest(current_generation(path)).format_version == 2  # no delta: older readers still read it
+    hybrid.add(NEW.iloc[:1], show_progress=False)
+    assert read_manifest(current_generation(path)).format_version == 3
+    monkeypatch.setattr("matching.bundle.FORMAT_VERSION", 2)  # what the library before the delta reads
+    with pytest.raises(BundleError, match="newer than this library reads"):
+        Matcher.load(path, encoder=tiny_encoder)
+
+
+def test_a_damaged_delta_is_refused_before_it_is_read(hybrid: Matcher) -> None:
+    path = hybrid.path
+    assert path is not None
+    hybrid.add(NEW.iloc[:1], show_progress=False)
+    live = current_generation(path)
+    (live / STORE_DELTA).write_bytes(b"not a database" + (live / STORE_DELTA).read_bytes()[14:])
+    with pytest.raises(BundleError, match=r"delta\.sqlite.*damaged"):
+        hybrid.remove([5001])
+    assert current_generation(path) == live
+
+
+def test_a_base_title_that_no_longer_matches_its_hash_is_not_copied_into_the_delta(hybrid: Matcher) -> None:
+    path = hybrid.path
+    assert path is not None
+    live = current_generation(path)
+    catalogue = make_catalogue()
+    conn = sqlite3.connect(live / STORE_DB)  # damage SQLite cannot see: a title's text, its hash kept
+    with conn:
+        conn.execute("UPDATE titles SET title = 'tampered' WHERE external_id = ?", (str(catalogue["id"][3]),))
+    conn.close()
+    # the same title with new metadata: the delta would take a copy of the stored row (a new title replaces it)
+    with pytest.raises(BundleError, match=r"store\.sqlite.*title does not match its hash"):
+        hybrid.upsert(catalogue.iloc[[3]].assign(title="tampered", price=1.5), show_progress=False)
+    assert current_generation(path) == live

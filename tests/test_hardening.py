@@ -274,8 +274,7 @@ def test_a_damaged_file_is_not_blessed_by_the_next_write(
     store's pages it looks up and the vectors' last block, and carries the other files with their digests: the
     damage is still refused by the next verified load, never blessed."""
     if not delta:
-        monkeypatch.setattr("matching.delta.FOLD_ROWS", 0)
-        monkeypatch.setattr("matching.delta.FOLD_SHARE", 0.0)
+        monkeypatch.setattr("matching.changes._keeps_delta", lambda live: False)
     gen = current_generation(own_bundle.path)
     data = bytearray((gen / name).read_bytes())
     data[len(data) // 2] ^= 0x40

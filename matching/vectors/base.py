@@ -55,6 +55,12 @@ class VectorIndex(abc.ABC):
         return target.create_empty(dim, config)
 
     @classmethod
+    def removes(cls, dim: int, config: IndexConfig) -> bool:
+        """Whether an index of ``config`` can remove rows, asked of an empty one (a change kept as a delta needs it:
+        readers replay its removals onto the index)."""
+        return cls.empty(dim, config).remove(np.zeros(1, dtype=np.int64))
+
+    @classmethod
     def load(cls, directory: Path) -> VectorIndex:
         """The index saved in ``directory``, by the backend its ``index.json`` names (FAISS where none)."""
         path = directory / INDEX_CONFIG
