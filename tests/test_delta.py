@@ -232,3 +232,20 @@ def test_a_base_title_that_no_longer_matches_its_hash_is_not_copied_into_the_del
     with pytest.raises(BundleError, match=r"store\.sqlite.*title does not match its hash"):
         hybrid.upsert(catalogue.iloc[[3]].assign(title="tampered", price=1.5), show_progress=False)
     assert current_generation(path) == live
+
+
+def test_a_bundle_with_a_delta_is_reencoded_from_its_live_rows(
+    hybrid: Matcher, tiny_encoder: Any, tmp_path: Path
+) -> None:
+    catalogue = make_catalogue()
+    hybrid.add(NEW, show_progress=False)
+    hybrid.remove([catalogue["id"][0]])
+    hybrid.upsert(catalogue.iloc[[3]].assign(price=2.5), show_progress=False)
+    before = {h: _answers(hybrid, "hybrid", w) for h, w in enumerate(WHERES)}
+    hybrid.reencode(encoder=tiny_encoder, show_progress=False)  # the same encoder: the same vectors again
+    assert not (current_generation(hybrid.path) / STORE_DELTA).exists()  # type: ignore[arg-type]
+    assert len(hybrid) == 42
+    for h, where in enumerate(WHERES):
+        for (ids_a, sa), (ids_b, sb) in zip(before[h], _answers(hybrid, "hybrid", where), strict=True):
+            assert_same_ranking(ids_a, sa, ids_b, sb, atol=1e-5)
+    assert_as_written_whole(hybrid, tmp_path)
