@@ -83,23 +83,34 @@ def _keeps_delta(live: Path) -> bool:
     return delta_size(live) <= fold_limit(config.get("base_count", config["count"]))
 
 
-def _fold_if_past_limit(path: Path, lock_timeout: float) -> None:
+def _past_limit(live: Path) -> bool:
+    config = read_config(live)
+    return "base_rows" in config and delta_size(live) > fold_limit(config["base_count"])
+
+
+def _fold_if_past_limit(path: Path, lock_timeout: float) -> bool:
     """Fold the live delta into new base files if the change just published left it past its limit (a bulk
-    change: readers would replay it on every load)."""
-    config = read_config(current_generation(path))
-    if "base_rows" not in config or delta_size(current_generation(path)) <= fold_limit(config["base_count"]):
-        return
-    with new_generation(path, change=True, lock_timeout=lock_timeout, verify_live=False) as gen:
-        live, manifest, _ = _live(path, fold=True)
-        if not (live / STORE_DELTA).is_file():  # another writer folded it first
-            raise Unchanged
-        editor = StoreEditor(live, gen)  # folds the delta into its copy of the base store
-        count = editor.finish()
-        empty = np.empty(0, np.int64)
-        _finish_change(live, gen, manifest, empty, np.empty((0, 0), np.float32), empty, count, False)
+    change: readers would replay it on every load); whether it did. Best effort: the change is published already,
+    and where the fold fails (another writer holds the lock, a full disk, a damaged base file) the next change
+    writes whole files, as a delta past its limit asks."""
+    try:
+        if not _past_limit(current_generation(path)):  # read without the lock: most changes stop here
+            return False
+        with new_generation(path, change=True, lock_timeout=lock_timeout, verify_live=False) as gen:
+            if not _past_limit(current_generation(path)):  # another writer folded it first, or left it small
+                raise Unchanged
+            live, manifest, _ = _live(path, fold=True)
+            editor = StoreEditor(live, gen)  # folds the delta into its copy of the base store
+            count = editor.finish()
+            empty = np.empty(0, np.int64)
+            _finish_change(live, gen, manifest, empty, np.empty((0, 0), np.float32), empty, count, False)
+            return True
+    except Exception as exc:
+        log.warning("the change was published; folding its delta into new base files failed (%s)", exc)
+    return False
 
 
-_DAMAGE_WORDS = ("malformed", "not a database")
+_DAMAGE_WORDS = ("malformed", "not a database", "Could not decode")
 
 
 @contextlib.contextmanager
@@ -168,8 +179,7 @@ def apply_rows(
         count = edits.editor.finish()
         _finish_change(live, gen, manifest, edits.dead(), edits.vectors(encoder.dim), edits.row_ids(), count, delta)
         published = True
-    if published and delta:
-        _fold_if_past_limit(path, lock_timeout)
+    folded = published and delta and _fold_if_past_limit(path, lock_timeout)
     if reader.skipped:
         log.warning("skipped %d bad row(s), e.g. %s", reader.skipped, "; ".join(reader.skipped_examples))
     return ChangeReport(
@@ -179,6 +189,7 @@ def apply_rows(
         generation=current_generation(path).name,
         seconds=time.perf_counter() - started,
         published=published,
+        folded=folded,
     )
 
 
@@ -331,8 +342,7 @@ def remove(path: Path, ids: Iterable[ExternalId], *, missing_ok: bool, lock_time
         count = editor.finish()
         _finish_change(live, gen, manifest, dead, np.empty((0, 0), np.float32), np.empty(0, np.int64), count, delta)
         published = True
-    if published and delta:
-        _fold_if_past_limit(path, lock_timeout)
+    folded = published and delta and _fold_if_past_limit(path, lock_timeout)
     return ChangeReport(
         "remove",
         removed=len(dead),
@@ -341,6 +351,7 @@ def remove(path: Path, ids: Iterable[ExternalId], *, missing_ok: bool, lock_time
         generation=current_generation(path).name,
         seconds=time.perf_counter() - started,
         published=published,
+        folded=folded,
     )
 
 

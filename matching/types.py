@@ -107,7 +107,8 @@ class Match:
 @dataclass(frozen=True, slots=True)
 class ChangeReport:
     """What one catalogue change did. ``encoded`` counts titles that went through the encoder; ``published`` is
-    false when nothing changed, and ``generation`` then names the one still live."""
+    false when nothing changed, and ``generation`` then names the one still live; ``folded``: the change took the
+    bundle's delta past its limit and a second generation folded it into new base files (:mod:`matching.delta`)."""
 
     operation: str
     added: int = 0
@@ -121,3 +122,4 @@ class ChangeReport:
     generation: str = ""
     seconds: float = 0.0
     published: bool = True
+    folded: bool = False

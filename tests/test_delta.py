@@ -176,6 +176,7 @@ def test_a_bulk_change_past_the_limit_is_folded_in_the_same_call(
     report = hybrid.add(bulk.iloc[:30], show_progress=False)
     gen = current_generation(path)
     assert report.generation == gen.name
+    assert report.folded
     assert not (gen / STORE_DELTA).exists()  # readers do not replay 30 rows past a limit of 3
     assert len(hybrid) == 70
     assert_as_written_whole(hybrid, tmp_path)
@@ -248,4 +249,33 @@ def test_a_bundle_with_a_delta_is_reencoded_from_its_live_rows(
     for h, where in enumerate(WHERES):
         for (ids_a, sa), (ids_b, sb) in zip(before[h], _answers(hybrid, "hybrid", where), strict=True):
             assert_same_ranking(ids_a, sa, ids_b, sb, atol=1e-5)
+    assert_as_written_whole(hybrid, tmp_path)
+
+
+def test_a_fold_that_fails_leaves_the_change_published_and_the_next_change_writes_whole_files(
+    hybrid: Matcher, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from matching import changes
+
+    monkeypatch.setattr(delta, "FOLD_ROWS", 3)
+    monkeypatch.setattr(delta, "FOLD_SHARE", 0.0)
+    path = hybrid.path
+    assert path is not None
+
+    def full_disk(live: Path, staging: Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(changes, "StoreEditor", full_disk)
+        report = hybrid.add(NEW, show_progress=False)  # 3 rows: within the limit
+        assert not report.folded
+        report = hybrid.remove([make_catalogue()["id"][0]])  # 4: past it, and the fold fails
+    assert report.published
+    assert not report.folded
+    assert report.generation == current_generation(path).name == hybrid.generation
+    assert (current_generation(path) / STORE_DELTA).is_file()
+    assert len(hybrid) == 42
+    report = hybrid.remove([5001])  # the delta is past its limit: this change writes whole files
+    assert not (current_generation(path) / STORE_DELTA).exists()
+    assert len(hybrid) == 41
     assert_as_written_whole(hybrid, tmp_path)

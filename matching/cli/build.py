@@ -215,6 +215,7 @@ def _print_change(bundle: str, report: Any) -> None:
     print(
         f"{report.operation} {bundle}: {done}; {report.encoded} titles encoded; "
         f"{report.count} titles now ({report.generation}, {report.seconds:.1f} s)"
+        + ("; the changes since the last full write were folded into new base files" if report.folded else "")
     )
 
 

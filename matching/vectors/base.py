@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -56,9 +57,9 @@ class VectorIndex(abc.ABC):
 
     @classmethod
     def removes(cls, dim: int, config: IndexConfig) -> bool:
-        """Whether an index of ``config`` can remove rows, asked of an empty one (a change kept as a delta needs it:
-        readers replay its removals onto the index)."""
-        return cls.empty(dim, config).remove(np.zeros(1, dtype=np.int64))
+        """Whether an index of ``config`` can remove rows, asked of an empty one once per config (a change kept as a
+        delta needs it: readers replay its removals onto the index); False where no such index can be made here."""
+        return _removes(cls, dim, config)
 
     @classmethod
     def load(cls, directory: Path) -> VectorIndex:
@@ -142,6 +143,15 @@ class VectorIndex(abc.ABC):
         if self.tuning:
             record["tuning"] = self.tuning
         return record
+
+
+@functools.lru_cache(maxsize=64)
+def _removes(cls: type[VectorIndex], dim: int, config: IndexConfig) -> bool:
+    # an empty IVF4096,SQ8 of dimension 384 takes ~8 ms to make and ask; IVF1048576 0.6 s
+    try:
+        return cls.empty(dim, config).remove(np.zeros(1, dtype=np.int64))
+    except (ConfigError, BundleError):
+        return False
 
 
 def register(name: str, cls: type[VectorIndex]) -> None:
