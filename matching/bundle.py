@@ -41,13 +41,14 @@ from typing import Any
 from sqlalchemy.exc import OperationalError
 
 from matching import checksums
-from matching.checksums import blocks_digest, sha256_file, verify_files
+from matching.checksums import LEGACY_BLOCK_BYTES, blocks_digest, sha256_file, verify_files
 from matching.errors import BundleError, BundleLockedError
 from matching.layout import MANIFEST_FILE, POINTER_FILE, STORE_DELTA
 
 # 2: growable files are checksummed in blocks (``blocks``); a version-1 bundle (one digest over the prefix) still loads
 # 3: the generation holds a delta over its base files (``delta.sqlite``, matching.delta), which a reader of format 2
-# would ignore (answering from the base files alone); only such generations are written as 3
+# would ignore (answering from the base files alone), or blocks of another size than 64 MiB (``block_bytes``);
+# other generations are still written as 2
 FORMAT_VERSION = 3
 _BLOCKS_FORMAT = 2
 DEFAULT_LOCK_TIMEOUT = 30.0
@@ -75,8 +76,10 @@ class Manifest:
     # byte length covered by each checksum; a file listed in ``growable`` may be longer (append-only)
     sizes: dict[str, int] = field(default_factory=dict)
     growable: list[str] = field(default_factory=list)
-    # per growable file, the SHA-256 of each 64 MiB block of its prefix (``files`` then holds blocks_digest)
+    # per growable file, the SHA-256 of each block of its prefix (``files`` then holds blocks_digest)
     blocks: dict[str, list[str]] = field(default_factory=dict)
+    # the block's bytes: kept by the changes of a file (their digests are reused), chosen anew where it is written
+    block_bytes: int = LEGACY_BLOCK_BYTES
 
     @property
     def factory(self) -> str:
@@ -109,6 +112,8 @@ class Manifest:
             raise TypeError("its file checksums must be text and its sizes whole numbers >= 0")
         if any(_is(fields.get(k, 1), (int,)) and fields.get(k, 1) < 0 for k in ("dim", "count")):
             raise TypeError("dim and count must be >= 0")
+        if fields.get("block_bytes", LEGACY_BLOCK_BYTES) < 1:
+            raise TypeError("block_bytes must be >= 1")
         return cls(**fields)
 
 
@@ -129,6 +134,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "sizes": (dict,),
     "growable": (list,),
     "blocks": (dict,),
+    "block_bytes": (int,),
 }
 _DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO, errno.EACCES, errno.EPERM}
 _CHECKSUM = "checksum"  # the manifest's own SHA-256, over its JSON without this key
@@ -226,13 +232,14 @@ def write_manifest(
     """
     prefixes, known, known_blocks = prefixes or {}, known or {}, known_blocks or {}
     manifest.files, manifest.sizes, manifest.blocks = {}, {}, {}
-    # written now, so in this format (blocks), whatever it was read from
-    manifest.format_version = FORMAT_VERSION if (generation / STORE_DELTA).is_file() else _BLOCKS_FORMAT
+    # written now, so in this format (blocks), whatever it was read from; 3 only where a reader of 2 would misread it
+    legacy = manifest.block_bytes == LEGACY_BLOCK_BYTES and not (generation / STORE_DELTA).is_file()
+    manifest.format_version = _BLOCKS_FORMAT if legacy else FORMAT_VERSION
     for p in sorted(generation.iterdir()):
         if p.is_file() and p.name != MANIFEST_FILE:
             size = prefixes.get(p.name, p.stat().st_size)
             if p.name in prefixes:
-                blocks = checksums.block_digests(p, size, known_blocks.get(p.name, []))
+                blocks = checksums.block_digests(p, size, known_blocks.get(p.name, []), manifest.block_bytes)
                 manifest.blocks[p.name] = blocks
                 manifest.files[p.name] = blocks_digest(blocks)
             elif p.name in known and known[p.name][1] == size:

@@ -82,10 +82,6 @@ class Delta:
         """Base rows still live whose metadata the delta replaces."""
         return np.asarray(sorted(r for r in self.metadata if r < self.base_rows), dtype=np.int64)
 
-    @property
-    def size(self) -> int:
-        return len(self.metadata) + len(self.removed)
-
 
 def read_delta(directory: Path, config: dict[str, Any]) -> Delta | None:
     """The delta of the store in ``directory`` (``config``: its ``store.json``), or None where it has none."""

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from matching import __version__
+from matching import __version__, checksums
 from matching.analysis import Analyzer
 from matching.bundle import Manifest, link_or_copy, new_generation, read_manifest, write_manifest
 from matching.checksums import full_blocks, verify_files
@@ -264,7 +264,10 @@ def finish(
         if carried:
             verify_files(carry_from[0], base or read_manifest(carry_from[0], verify=False), carried)
     config = read_config(gen)
-    written = dataclasses.replace(manifest, files={})
+    # the vector file's blocks: a change keeps its base's (their digests are reused); a file written anew takes
+    # today's size
+    block = base.block_bytes if base is not None and not rewritten else checksums.BLOCK_BYTES
+    written = dataclasses.replace(manifest, files={}, block_bytes=block)
     write_manifest(
         gen,
         written,
@@ -281,7 +284,7 @@ def _check_copied_blocks(base: Manifest, live: Path, written: Manifest, reused: 
     of the bundle, or no hard links on this file system) was hashed anew: its blocks that were whole in the live
     generation must equal the live manifest's, or damage there would be blessed."""
     for name, expected in base.blocks.items():
-        whole = full_blocks(base.sizes.get(name, 0))
+        whole = full_blocks(base.sizes.get(name, 0), base.block_bytes)
         if name in reused or name not in written.blocks or not whole:
             continue
         if written.blocks[name][:whole] != expected[:whole]:
@@ -307,7 +310,7 @@ def _linked_digests(base: Manifest, live: Path, gen: Path) -> tuple[dict[str, tu
         if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
             continue
         if name in base.growable:  # appended to since: only the blocks that were full stay as they were
-            blocks[name] = base.blocks.get(name, [])[: full_blocks(base.sizes[name])]
+            blocks[name] = base.blocks.get(name, [])[: full_blocks(base.sizes[name], base.block_bytes)]
         elif b.st_size == base.sizes[name]:
             whole[name] = (digest, base.sizes[name])
     return whole, blocks

@@ -53,8 +53,9 @@ def test_a_change_reuses_the_full_blocks_and_hashes_the_rest(
     hashed: list[int] = []
     real = checksums.block_digests
 
-    def counting(file: Path, size: int, reuse: Any = ()) -> list[str]:
-        out = real(file, size, reuse)
+    def counting(file: Path, size: int, reuse: Any = (), block: int | None = None) -> list[str]:
+        assert block == BLOCK  # the bundle's own block size, kept by the change
+        out = real(file, size, reuse, block)
         hashed.append(len(out) - min(len(reuse), size // BLOCK))
         return out
 

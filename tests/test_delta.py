@@ -201,7 +201,8 @@ def test_a_generation_with_a_delta_is_refused_by_a_reader_of_format_2(
 ) -> None:
     path = hybrid.path
     assert path is not None
-    assert read_manifest(current_generation(path)).format_version == 2  # no delta: older readers still read it
+    built = read_manifest(current_generation(path))
+    assert (built.format_version, built.block_bytes) == (3, 4 << 20)  # a new file's blocks: 4 MiB (format 3)
     hybrid.add(NEW.iloc[:1], show_progress=False)
     assert read_manifest(current_generation(path)).format_version == 3
     monkeypatch.setattr("matching.bundle.FORMAT_VERSION", 2)  # what the library before the delta reads
