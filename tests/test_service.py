@@ -167,6 +167,7 @@ def test_info_shows_paths_and_the_source_file_only_with_the_token(client: TestCl
         "generation": full["generation"],
         "seconds": 0,
         "published": False,
+        "folded": False,
     }
 
 
