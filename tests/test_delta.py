@@ -36,6 +36,18 @@ def hybrid(tmp_path: Path, tiny_encoder: Any) -> Any:
         yield m
 
 
+@pytest.fixture
+def fold_at_3(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fold limit of 3 rows, whatever the catalogue's size."""
+    monkeypatch.setattr(delta, "FOLD_ROWS", 3)
+    monkeypatch.setattr(delta, "FOLD_SHARE", 0.0)
+
+
+def _path(m: Matcher) -> Path:
+    assert m.path is not None
+    return m.path
+
+
 def _inode(path: Path) -> int:
     return os.stat(path).st_ino
 
@@ -123,13 +135,8 @@ def test_filters_over_a_delta_equal_sql_over_its_rows(hybrid: Matcher) -> None:
     assert len(store.filter_ids({"brand": "Hooli"})) == 3
 
 
-def test_a_delta_past_its_limit_is_folded_into_new_base_files(
-    hybrid: Matcher, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(delta, "FOLD_ROWS", 3)
-    monkeypatch.setattr(delta, "FOLD_SHARE", 0.0)
-    path = hybrid.path
-    assert path is not None
+def test_a_delta_past_its_limit_is_folded_into_new_base_files(hybrid: Matcher, tmp_path: Path, fold_at_3: None) -> None:
+    path = _path(hybrid)
     hybrid.add(NEW.iloc[:2], show_progress=False)
     hybrid.remove([make_catalogue()["id"][7]])  # 3 rows: the next change folds
     assert (current_generation(path) / STORE_DELTA).is_file()
@@ -166,12 +173,9 @@ def test_a_reader_pinned_before_a_change_keeps_its_answers(hybrid: Matcher, tiny
 
 
 def test_a_bulk_change_past_the_limit_is_folded_in_the_same_call(
-    hybrid: Matcher, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    hybrid: Matcher, tmp_path: Path, fold_at_3: None
 ) -> None:
-    monkeypatch.setattr(delta, "FOLD_ROWS", 3)
-    monkeypatch.setattr(delta, "FOLD_SHARE", 0.0)
-    path = hybrid.path
-    assert path is not None
+    path = _path(hybrid)
     bulk = make_catalogue().assign(id=lambda f: f["id"] + 9000, title=lambda f: f["title"] + " refill")
     report = hybrid.add(bulk.iloc[:30], show_progress=False)
     gen = current_generation(path)
@@ -254,14 +258,11 @@ def test_a_bundle_with_a_delta_is_reencoded_from_its_live_rows(
 
 
 def test_a_fold_that_fails_leaves_the_change_published_and_the_next_change_writes_whole_files(
-    hybrid: Matcher, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    hybrid: Matcher, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fold_at_3: None
 ) -> None:
     from matching import changes
 
-    monkeypatch.setattr(delta, "FOLD_ROWS", 3)
-    monkeypatch.setattr(delta, "FOLD_SHARE", 0.0)
-    path = hybrid.path
-    assert path is not None
+    path = _path(hybrid)
 
     def full_disk(live: Path, staging: Path) -> None:
         raise OSError(28, "No space left on device")
