@@ -78,12 +78,11 @@ def _keeps_delta(live: Path) -> bool:
     if not (live / LEXICAL_CONFIG).is_file():
         return False
     config = read_config(live)
-    if not VectorIndex.removes(config["dim"], IndexConfig.load(live / INDEX_CONFIG)):
-        return False
-    return delta_size(live) <= fold_limit(config.get("base_count", config["count"]))
+    return VectorIndex.removes(config["dim"], IndexConfig.load(live / INDEX_CONFIG)) and not _past_limit(live)
 
 
 def _past_limit(live: Path) -> bool:
+    """Whether the delta of ``live`` holds or hides more rows than its fold limit (False: it has none)."""
     config = read_config(live)
     return "base_rows" in config and delta_size(live) > fold_limit(config["base_count"])
 
