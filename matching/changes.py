@@ -409,15 +409,16 @@ def _finish_change(
         generation.finish(gen, generation.changed(manifest, count), carry_from=(live, carried))
         return
     store = Store.open(live)
-    try:
+    try:  # the live index and postings, the delta read once and replayed onto both
         index = load_index(live, store.delta, store.vectors)
+        live_lexical = load_lexical(live, store.delta, len(store.vectors))
     finally:
         store.close()
     if not index.remove(dead):
         index = generation.index_from_store(gen, index.config, tune=False)
     else:
         index.add(vectors, ids)
-    lexical = generation.lexical_for_change(live, gen, manifest, dead, ids)
+    lexical = generation.lexical_for_change(live_lexical, gen, dead, ids)
     generation.finish(
         gen,
         generation.changed(manifest, count, lexical=generation.lexical_record(lexical, manifest)),

@@ -21,7 +21,6 @@ from matching.analysis import Analyzer
 from matching.bundle import Manifest, link_or_copy, new_generation, read_manifest, write_manifest
 from matching.checksums import full_blocks, verify_files
 from matching.config import EncoderConfig, IndexConfig
-from matching.delta import load_lexical
 from matching.encoder import Encoder
 from matching.errors import BundleError
 from matching.features import DEFAULT_DENSE_WEIGHT, DENSE_CEILING, DENSE_FLOOR
@@ -116,14 +115,10 @@ def lexical_from_store(gen: Path, analyzer: Analyzer | str) -> LexicalIndex:
         store.close()
 
 
-def lexical_for_change(live: Path, gen: Path, manifest: Manifest, dead: np.ndarray, new: np.ndarray) -> LexicalIndex:
-    """The live BM25 index with ``dead`` rows removed and the ``new`` rows of ``gen``'s store added; built from
-    ``gen``'s store where the live generation has none (a bundle from before hybrid retrieval)."""
-    store = Store.open(live)
-    try:
-        lexical = load_lexical(live, store.delta, len(store.vectors))
-    finally:
-        store.close()
+def lexical_for_change(lexical: LexicalIndex | None, gen: Path, dead: np.ndarray, new: np.ndarray) -> LexicalIndex:
+    """The live BM25 index (``lexical``, its delta replayed) with ``dead`` rows removed and the ``new`` rows of
+    ``gen``'s store added; built from ``gen``'s store where the live generation has none (a bundle from before
+    hybrid retrieval)."""
     if lexical is None:
         return lexical_from_store(gen, Analyzer.AUTO)
     lexical.remove(dead)
