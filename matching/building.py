@@ -21,7 +21,7 @@ from matching.bundle import Manifest, new_generation
 from matching.config import IndexConfig, ScorerConfig
 from matching.encoder import Encoder, UnknownTokens
 from matching.errors import BadRowError
-from matching.features import DEFAULT_DENSE_WEIGHT, DENSE_CEILING, DENSE_FLOOR
+from matching.features import DEFAULT_DENSE_WEIGHT, DENSE_CEILING, DENSE_FLOOR, DENSE_SPAN
 from matching.fields import FieldSpec
 from matching.ingest import CatalogueReader, Encoded, metadata_json
 from matching.layout import ENCODER_WEIGHTS, TRAIN_REPORT
@@ -281,6 +281,7 @@ def reencode_bundle(
         lexical=True,
         dense_weight=DENSE_CEILING if adaptive else old.dense_weight if old.lexical else DEFAULT_DENSE_WEIGHT,
         dense_floor=DENSE_FLOOR if adaptive else old.dense_floor,
+        dense_span=DENSE_SPAN if adaptive else old.dense_span,
         fusion=old.fusion,
     )
     kept = {k: v for k, v in manifest.source.items() if k in ("name", "id_column")}

@@ -135,6 +135,7 @@ class ScorerConfig(JsonConfig):
     lexical: bool = False
     dense_weight: float = 1.0  # FIXED: the dense weight; ADAPTIVE: its ceiling
     dense_floor: float = 0.5  # ADAPTIVE: the share of the ceiling at length ratio 0 (0.5: the first rule's)
+    dense_span: float = 0.0  # ADAPTIVE: the floor rises below this many distinct terms (0: no lift, as before)
     fusion: Fusion = Fusion.FIXED
     form: ScorerForm = ScorerForm.MLP
 
@@ -147,6 +148,10 @@ class ScorerConfig(JsonConfig):
             raise ConfigError(f"dense_weight must be in [0, 1] (1 without lexical features), got {self.dense_weight}")
         if not 0.0 <= self.dense_floor <= 1.0:
             raise ConfigError(f"dense_floor must be in [0, 1], got {self.dense_floor}")
+        if not 0.0 <= self.dense_span <= 1e6 or (self.dense_span and self.fusion is not Fusion.ADAPTIVE):
+            raise ConfigError(
+                f"dense_span must be in [0, 1e6] and 0 without the adaptive fusion, got {self.dense_span}"
+            )
         if self.fusion is Fusion.ADAPTIVE and not self.lexical:
             raise ConfigError("the adaptive fusion needs lexical features (lexical=True)")
 

@@ -23,7 +23,7 @@ from matching.checksums import full_blocks, verify_files
 from matching.config import EncoderConfig, IndexConfig
 from matching.encoder import Encoder
 from matching.errors import BundleError
-from matching.features import DEFAULT_DENSE_WEIGHT, DENSE_CEILING, DENSE_FLOOR
+from matching.features import DEFAULT_DENSE_WEIGHT, DENSE_CEILING, DENSE_FLOOR, DENSE_SPAN
 from matching.layout import CATALOGUE_FILES, INDEX_CONFIG, VECTORS_FILE
 from matching.lexical import LexicalIndex, lexical_files
 from matching.scorer import Scorer
@@ -143,7 +143,7 @@ def lexical_record(
     otherwise they are kept from ``manifest`` (a bundle from before the adaptive rule keeps its fixed weight)."""
     before = (manifest.lexical if manifest is not None else None) or {}
     kept = {k: before.get(k, v) for k, v in fixed_fusion().items()}
-    kept |= {k: before[k] for k in ("dense_floor", "dense_sum") if k in before}
+    kept |= {k: before[k] for k in ("dense_floor", "dense_span", "dense_sum") if k in before}
     return {
         **lexical.record(),
         **(fusion if fusion is not None else kept),
@@ -162,6 +162,7 @@ def adaptive_fusion(vector_sum: np.ndarray) -> dict[str, Any]:
     return {
         "dense_weight": DENSE_CEILING,
         "dense_floor": DENSE_FLOOR,
+        "dense_span": DENSE_SPAN,
         "fusion": Fusion.ADAPTIVE.value,
         "dense_sum": vector_sum.tolist(),
     }

@@ -21,7 +21,7 @@ from matching.bundle import DEFAULT_LOCK_TIMEOUT, check_target
 from matching.config import EncoderConfig, IndexConfig, ScorerConfig
 from matching.encoder import Encoder
 from matching.errors import ConfigError
-from matching.features import DENSE_CEILING, DENSE_FLOOR
+from matching.features import DENSE_CEILING, DENSE_FLOOR, DENSE_SPAN
 from matching.fields import FieldSpec, indexed_fields
 from matching.ingest import DEFAULT_CHUNKSIZE, has_surrogate
 from matching.layout import QUERY_ENCODER, SCORER_CONFIG, SCORER_WEIGHTS, TRAIN_REPORT
@@ -593,6 +593,7 @@ def _untrained_scorer(dim: int, hidden: int, retrieval: Retrieval | None) -> Sco
             lexical=True,
             dense_weight=DENSE_CEILING,
             dense_floor=DENSE_FLOOR,
+            dense_span=DENSE_SPAN,
             fusion=Fusion.ADAPTIVE,
         )
     return ScorerConfig(dim=dim, hidden=hidden, lexical=True, dense_weight=fixed)

@@ -1,13 +1,15 @@
-"""How the adaptive fusion's ceiling and floor were chosen (issue #20): every rule scored on every set at once.
+"""How the adaptive fusion's ceiling, floor and span were chosen (issue #20): every rule scored on every set at once.
 
     .venv/bin/python scripts/eval_fusion_rule.py [--json results/eval_fusion_rule.json]
 
 Reads the bundles that scripts/eval_hybrid.py and scripts/eval_multilingual.py --only zero build (indexes/bench-sts,
 bench-mrpc, bench-lcqmc, bench-ml-zero, bench-scifact; run those first). Per pair (and per SciFact candidate of the
 hybrid top 100 of each side) it takes the signals the rule reads once: the cosine, centred on the bundle's mean
-cosine, the lexical share, the term-count ratio and the query's known-token share; then scores
-``w = ceiling * known * (floor + (1 - floor) * ratio)`` for each ceiling and floor, the way the library does. Prints
-a table (each set's figure and its gap to its better single signal; SciFact nDCG@10) and writes JSON.
+cosine, the lexical share, the term-count ratio, the longer side's distinct terms and the query's known-token share;
+then scores ``w = ceiling * known * (f + (1 - f) * ratio)``, ``f = floor + (1 - floor) * max(0, 1 - longer / span)``
+(span 0: no lift) for each ceiling, floor and span, the way the library does. STS-B dev and MRPC val are two more
+sets. Prints a table (each set's figure and its gap to its better single signal; SciFact nDCG@10), best worst gap
+first, and writes JSON.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import datasets as ds
 
 from matching import Matcher
+from matching.analysis import analyze
 from matching.evaluate import load_qrels, load_queries
 from matching.features import centred
 from matching.metrics import ndcg_at_k, roc_auc, spearman
@@ -36,17 +39,25 @@ from matching.types import Retrieval
 OUT = Path("indexes")
 CEILINGS = (0.85, 0.9, 0.95, 1.0)
 FLOORS = (0.3, 0.35, 0.4, 0.45, 0.5)
+SPANS = (0.0, 10.0, 12.0, 15.0, 20.0, 30.0)
+
+
+def terms(m: Matcher, texts: list[str]) -> np.ndarray:
+    lexical = m.snapshot.require_lexical()
+    return np.array([len(set(analyze(t, lexical.analyzer, lexical.fold))) for t in texts], dtype=np.float64)
 
 
 def signals(m: Matcher, frame: pd.DataFrame) -> dict[str, np.ndarray]:
-    """The centred cosine, lexical share, term-count ratio and known-token share of each pair."""
+    """The centred cosine, lexical share, term-count ratio, longer side's terms and known-token share of each pair."""
     queries, titles = frame["query"].tolist(), frame["title"].tolist()
     q, t = m.encode_pairs(queries, titles)
     lex = m.snapshot.lexical_features(queries, titles)
-    if lex.shape[1] != 5:  # (BM25 share, coverage, bigram Jaccard, ratio, known share): the adaptive rule's bundle
+    if lex.shape[1] < 5:  # (BM25 share, coverage, bigram Jaccard, ratio, known share[, lift]): the adaptive rule's
         raise SystemExit(f"{m.path} predates the adaptive rule: rebuild it with scripts/eval_hybrid.py")
     cos = centred(np.einsum("ij,ij->i", q, t), m.snapshot.dense_centre)
-    return {"cos": cos, "lex": lex[:, 0], "ratio": lex[:, 3], "known": lex[:, -1], "y": frame["label"].to_numpy()}
+    longer = np.maximum(terms(m, queries), terms(m, titles))
+    y = frame["label"].to_numpy()
+    return {"cos": cos, "lex": lex[:, 0], "ratio": lex[:, 3], "known": lex[:, 4], "longer": longer, "y": y}
 
 
 def pair_sets() -> dict[str, dict[str, np.ndarray]]:
@@ -55,8 +66,9 @@ def pair_sets() -> dict[str, dict[str, np.ndarray]]:
         test = ds.sts("test", genre=True)
         sets["STS-B test"] = signals(m, test.drop(columns="genre"))
         sets["captions"] = signals(m, test[test["genre"] == "main-captions"].drop(columns="genre"))
+        sets["STS-B dev"] = signals(m, ds.sts("dev"))
     with Matcher.load(OUT / "bench-mrpc", verify=False) as m:
-        sets["MRPC test"] = signals(m, ds.mrpc("test"))
+        sets["MRPC test"], sets["MRPC val"] = signals(m, ds.mrpc("test")), signals(m, ds.mrpc("val"))
     with Matcher.load(OUT / "bench-lcqmc", verify=False) as m:
         sets["LCQMC test"], sets["LCQMC dev"] = signals(m, ds.lcqmc("test")), signals(m, ds.lcqmc("dev"))
     with Matcher.load(OUT / "bench-ml-zero", verify=False) as m:
@@ -81,13 +93,16 @@ def scifact() -> list[dict[str, Any]]:
             lex = snap.lexical_features([texts[i]] * len(rows), [r.title for r in stored])
             cos = centred(np.asarray(snap.store.vectors[rows]) @ vectors[i], snap.dense_centre)
             ids = [str(snap.store.external_id(r.external_id)) for r in stored]
-            out.append({"cos": cos, "lex": lex[:, 0], "ratio": lex[:, 3], "known": lex[:, -1], "ids": ids})
+            longer = np.maximum(terms(m, [texts[i]]), terms(m, [r.title for r in stored]))
+            out.append({"cos": cos, "lex": lex[:, 0], "ratio": lex[:, 3], "known": lex[:, 4], "ids": ids})
+            out[-1]["longer"] = longer
             out[-1]["relevant"] = qrels[qid]
     return out
 
 
-def fused(s: dict[str, Any], ceiling: float, floor: float) -> np.ndarray:
-    w = ceiling * s["known"] * (floor + (1 - floor) * s["ratio"])
+def fused(s: dict[str, Any], ceiling: float, floor: float, span: float) -> np.ndarray:
+    f = floor + (1 - floor) * (np.clip(1 - s["longer"] / span, 0, 1) if span else 0)
+    w = ceiling * s["known"] * (f + (1 - f) * s["ratio"])
     out: np.ndarray = w * s["cos"] + (1 - w) * s["lex"]
     return out
 
@@ -96,8 +111,8 @@ def metric(name: str, y: np.ndarray, scores: np.ndarray) -> float:
     return spearman(scores, y) if name.startswith(("STS", "captions")) else roc_auc(y, scores)
 
 
-def ndcg(queries: list[dict[str, Any]], ceiling: float, floor: float) -> float:
-    ranked = ([q["ids"][j] for j in np.argsort(-fused(q, ceiling, floor), kind="stable")] for q in queries)
+def ndcg(queries: list[dict[str, Any]], ceiling: float, floor: float, span: float) -> float:
+    ranked = ([q["ids"][j] for j in np.argsort(-fused(q, ceiling, floor, span), kind="stable")] for q in queries)
     return float(np.mean([ndcg_at_k(r, q["relevant"], 10) for r, q in zip(ranked, queries, strict=True)]))
 
 
@@ -107,21 +122,20 @@ def main() -> None:
     args = parser.parse_args()
     sets, sf = pair_sets(), scifact()
     best = {n: max(metric(n, s["y"], s["cos"]), metric(n, s["y"], s["lex"])) for n, s in sets.items()}
-    rows = []
-    for ceiling, floor in itertools.product(CEILINGS, FLOORS):
-        figures = {n: metric(n, s["y"], fused(s, ceiling, floor)) for n, s in sets.items()}
+    rows: list[dict[str, Any]] = []
+    for ceiling, floor, span in itertools.product(CEILINGS, FLOORS, SPANS):
+        figures = {n: metric(n, s["y"], fused(s, ceiling, floor, span)) for n, s in sets.items()}
         gaps = {n: figures[n] - best[n] for n in sets}
-        rows.append(
-            {"ceiling": ceiling, "floor": floor, "sets": figures, "gaps": gaps, "worst_gap": min(gaps.values())}
-        )
-        rows[-1]["scifact_ndcg@10"] = ndcg(sf, ceiling, floor)
+        rule: dict[str, Any] = {"ceiling": ceiling, "floor": floor, "span": span}
+        rows.append({**rule, "sets": figures, "gaps": gaps, "worst_gap": min(gaps.values())})
+        rows[-1]["scifact_ndcg@10"] = ndcg(sf, ceiling, floor, span)
     rows.sort(key=lambda r: -r["worst_gap"])
     names = list(sets)
-    print("| ceiling, floor | " + " | ".join(names) + " | SciFact | worst gap |")
+    print("| ceiling, floor, span | " + " | ".join(names) + " | SciFact | worst gap |")
     print("|---|" + "---|" * (len(names) + 2))
     for r in rows:
         cells = [f"{r['sets'][n]:.4f} ({100 * r['gaps'][n]:+.1f})" for n in names]
-        line = f"| {r['ceiling']:g}, {r['floor']:g} | " + " | ".join(cells)
+        line = f"| {r['ceiling']:g}, {r['floor']:g}, {r['span']:g} | " + " | ".join(cells)
         print(line + f" | {r['scifact_ndcg@10']:.4f} | {100 * r['worst_gap']:+.1f} |")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"better_single_signal": best, "rules": rows}, indent=2) + "\n")

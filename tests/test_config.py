@@ -10,7 +10,7 @@ import pytest
 
 from matching.config import EncoderConfig, IndexConfig, ScorerConfig
 from matching.errors import ConfigError
-from matching.types import Pooling
+from matching.types import Fusion, Pooling
 
 CONFIGS = [
     pytest.param(EncoderConfig(), id="encoder-defaults"),
@@ -23,6 +23,10 @@ CONFIGS = [
     pytest.param(IndexConfig(factory="HNSW32", ef_search=64), id="index-hnsw"),
     pytest.param(ScorerConfig(dim=384), id="scorer-defaults"),
     pytest.param(ScorerConfig(dim=8, hidden=16, dropout=0.0), id="scorer-custom"),
+    pytest.param(
+        ScorerConfig(dim=8, lexical=True, dense_floor=0.35, dense_span=15.0, fusion=Fusion.ADAPTIVE),
+        id="scorer-adaptive-span",
+    ),
 ]
 
 
@@ -96,6 +100,13 @@ def test_bad_pooling_value_is_a_config_error() -> None:
         pytest.param(ScorerConfig, {"dim": 8, "hidden": 0}, "hidden", id="scorer-hidden-0"),
         pytest.param(ScorerConfig, {"dim": 8, "dropout": 1.0}, "dropout", id="scorer-dropout-1"),
         pytest.param(ScorerConfig, {"dim": 8, "dropout": -0.1}, "dropout", id="scorer-dropout-negative"),
+        pytest.param(ScorerConfig, {"dim": 8, "dense_span": 15.0}, "dense_span", id="scorer-span-without-adaptive"),
+        pytest.param(
+            ScorerConfig,
+            {"dim": 8, "lexical": True, "fusion": Fusion.ADAPTIVE, "dense_span": -1.0},
+            "dense_span",
+            id="scorer-span-negative",
+        ),
     ],
 )
 def test_out_of_range_values_are_config_errors(cls: Any, kwargs: dict[str, Any], needle: str) -> None:

@@ -24,9 +24,19 @@ from conftest import make_catalogue
 from matching import DeadlineError, Matcher, deadline, overlap
 from matching.analysis import Analyzer, analyze, jieba_available, resolve_analyzer
 from matching.bundle import read_manifest, write_manifest
+from matching.config import ScorerConfig
 from matching.errors import ConfigError
-from matching.features import DENSE_CEILING, DENSE_FLOOR, adaptive_weights, length_ratio
+from matching.features import (
+    DENSE_CEILING,
+    DENSE_FLOOR,
+    DENSE_SPAN,
+    adaptive_weights,
+    length_lift,
+    length_ratio,
+    pair_features,
+)
 from matching.layout import SCORER_CONFIG
+from matching.scorer import Scorer
 from matching.search import Fused, Hit, HybridRetriever, NoReranker, Queries, ScorerReranker, search
 from matching.types import Fusion
 
@@ -38,12 +48,14 @@ def hybrid(tmp_path: Path, tiny_encoder: Any) -> Matcher:
     return Matcher.build(make_catalogue(), tmp_path / "h", encoder=tiny_encoder, show_progress=False)
 
 
-def fused_by_hand(m: Matcher, query: str, ceiling: float = 1.0, floor: float = 0.35) -> dict[Any, float]:
+def fused_by_hand(
+    m: Matcher, query: str, ceiling: float = 1.0, floor: float = 0.35, span: float = 15.0
+) -> dict[Any, float]:
     """The fusion formula over every live title: w * centred cosine + (1 - w) * min(1, bm25 / bm25 of the query as a
     title), the cosine centred on the catalogue's mean cosine c as (cos - c) / (1 - c),
-    with the adaptive w = ceiling * (share of the query's tokens that are not [UNK]) * (floor + (1 - floor) *
-    shorter / longer distinct-term count), each part counted here from the texts themselves (today's rule: 1.0,
-    0.35)."""
+    with the adaptive w = ceiling * (share of the query's tokens that are not [UNK]) * (f + (1 - f) * shorter /
+    longer distinct-term count), f = floor + (1 - floor) * max(0, 1 - longer / span) (no lift where span is 0),
+    each part counted here from the texts themselves (today's rule: 1.0, 0.35, 15)."""
     snap = m.snapshot
     assert snap.lexical is not None
     rows = snap.store.live_ids()
@@ -57,7 +69,8 @@ def fused_by_hand(m: Matcher, query: str, ceiling: float = 1.0, floor: float = 0
     n_query = len(set(analyze(query, snap.lexical.analyzer)))
     n_titles = np.array([len(set(analyze(r.title, snap.lexical.analyzer))) for r in snap.store.get(rows.tolist())])
     ratio = np.minimum(n_query, n_titles) / np.maximum(n_query, n_titles)
-    w = ceiling * known * (floor + (1 - floor) * ratio)
+    f = floor + (1 - floor) * (np.clip(1 - np.maximum(n_query, n_titles) / span, 0, 1) if span else 0)
+    w = ceiling * known * (f + (1 - f) * ratio)
     vectors = np.asarray(snap.store.vectors[rows], dtype=np.float64)
     centre = float(vectors.mean(axis=0) @ vectors.mean(axis=0))  # the mean cosine of two titles drawn at random
     fused = w * (cos - centre) / (1 - centre) + (1 - w) * np.clip(bm25 / own, 0, 1)
@@ -78,22 +91,27 @@ def assert_all_follow(m: Matcher, query: str, expected: dict[Any, float]) -> Non
 
 
 def test_todays_rule() -> None:
-    assert (DENSE_CEILING, DENSE_FLOOR) == (1.0, 0.35)
+    assert (DENSE_CEILING, DENSE_FLOOR, DENSE_SPAN) == (1.0, 0.35, 15.0)
 
 
-def first_rule(m: Matcher) -> Matcher:
-    """``m``'s bundle as the first adaptive rule wrote it: ceiling 0.85 in the manifest and the scorer's config, and
-    no floor recorded in either; reloaded."""
+def earlier_rule(m: Matcher, dropped: tuple[str, ...], ceiling: float = 1.0) -> Matcher:
+    """``m``'s bundle as an earlier adaptive rule wrote it: ``dropped`` entries missing from the manifest and the
+    scorer's config, and ``ceiling`` as the dense weight in both; reloaded."""
     gen = m.path / str(m.snapshot.generation)
     config = json.loads((gen / SCORER_CONFIG).read_text(encoding="utf-8"))
-    del config["dense_floor"]
-    (gen / SCORER_CONFIG).write_text(json.dumps({**config, "dense_weight": 0.85}), encoding="utf-8")
+    config = {k: v for k, v in config.items() if k not in dropped} | {"dense_weight": ceiling}
+    Scorer(ScorerConfig.from_dict(config)).save(gen)  # untrained, of the shape that rule gave it
     manifest = read_manifest(gen, verify=False)
     assert manifest.lexical is not None
-    lexical = {k: v for k, v in manifest.lexical.items() if k != "dense_floor"} | {"dense_weight": 0.85}
+    lexical = {k: v for k, v in manifest.lexical.items() if k not in dropped} | {"dense_weight": ceiling}
     m.close()
     write_manifest(gen, dataclasses.replace(manifest, lexical=lexical))
     return Matcher.load(m.path)
+
+
+def first_rule(m: Matcher) -> Matcher:
+    """``m``'s bundle as the first adaptive rule wrote it: ceiling 0.85, no floor and no span recorded."""
+    return earlier_rule(m, ("dense_floor", "dense_span"), 0.85)
 
 
 @pytest.mark.parametrize("query", QUERIES[:2])
@@ -102,7 +120,20 @@ def test_a_bundle_of_the_first_rule_keeps_it(hybrid: Matcher, query: str) -> Non
     old = first_rule(hybrid)
     assert (old.snapshot.dense_weight, old.snapshot.dense_floor) == (0.85, 0.5)
     assert old.snapshot.scorer.config.dense_floor == 0.5
-    expected = fused_by_hand(old, query, 0.85, 0.5)
+    expected = fused_by_hand(old, query, 0.85, 0.5, 0)
+    assert_all_follow(old, query, expected)
+    assert expected != fused_by_hand(old, query)
+    old.close()
+
+
+@pytest.mark.parametrize("query", QUERIES[1:3])  # 2 and 3 terms against titles of 4: the lift moves them
+def test_a_bundle_of_the_floor_rule_keeps_it(hybrid: Matcher, query: str) -> None:
+    """Ceiling 1.0 and floor 0.35 with no length lift where the bundle recorded no span: retrieval, reranking and
+    pair scoring; the lift is what moves today's rule from it."""
+    old = earlier_rule(hybrid, ("dense_span",))
+    assert old.snapshot.fused.span == 0.0
+    assert old.snapshot.scorer.config.dense_span == 0.0
+    expected = fused_by_hand(old, query, 1.0, 0.35, 0)
     assert_all_follow(old, query, expected)
     assert expected != fused_by_hand(old, query)
     old.close()
@@ -130,6 +161,31 @@ def test_adaptive_weights_by_hand() -> None:
     weights = adaptive_weights(np.array([1.0, 0.0]), np.array([1.0, 1.0]), 0.85, 0.5)
     assert weights.tolist() == pytest.approx([0.85, 0.0])
     assert adaptive_weights(1.0, np.array([0.0]), 1.0, 0.35).tolist() == pytest.approx([0.35])
+
+
+def test_the_length_lift_by_hand() -> None:
+    """lift = max(0, 1 - longer / span) of the two distinct-term counts (0 without a span); the floor rises to
+    floor + (1 - floor) * lift: 3 and 6 terms at span 15 lift 0.6, so w = 0.5 * (0.74 + 0.26 * 0.5) = 0.435."""
+    lift = length_lift(np.array([3, 0, 20, 15]), np.array([6, 0, 2, 1]), 15.0)
+    assert lift.tolist() == pytest.approx([0.6, 1.0, 0.0, 0.0])
+    assert length_lift(np.array([3]), np.array([6]), 0.0).tolist() == [0.0]
+    ratio = length_ratio(np.array([3, 0, 20, 15]), np.array([6, 0, 2, 1]))
+    weights = adaptive_weights(0.5, ratio, 1.0, 0.35, lift)
+    assert weights.tolist() == pytest.approx([0.435, 0.5, 0.5 * (0.35 + 0.65 * 0.1), 0.5 * (0.35 + 0.65 / 15)])
+
+
+def test_pair_features_hold_the_lift_after_the_known_share(hybrid: Matcher) -> None:
+    lexical = hybrid.snapshot.lexical
+    assert lexical is not None
+    query = "acme black running shoes"
+    titles = ["acme running shoes", " ".join(f"word{i}" for i in range(20))]
+    terms = [len(set(analyze(t, lexical.analyzer, lexical.fold))) for t in [query, *titles]]
+    assert terms == [4, 3, 20]
+    bm25 = lexical.score_texts(query, titles)
+    features = pair_features(lexical, query, titles, bm25, 1.0, 0.5, 15.0)
+    assert features[:, 4].tolist() == [0.5, 0.5]
+    assert features[:, 5].tolist() == pytest.approx([1 - 4 / 15, 0.0])
+    assert pair_features(lexical, query, titles, bm25, 1.0, 0.5).shape == (2, 5)
 
 
 def test_a_query_the_encoder_cannot_read_leans_on_words(hybrid: Matcher) -> None:
@@ -252,7 +308,7 @@ def test_the_untrained_reranker_takes_the_fused_scores_it_would_compute(hybrid: 
     snap = hybrid.snapshot
     vectors = snap.encode_queries([query])
     found = HybridRetriever().retrieve(snap, Queries(vectors, [query]), 40, None)
-    assert found.fused == Fused(Fusion.ADAPTIVE, 1.0, 0.35, snap.scorer.centre)
+    assert found.fused == Fused(Fusion.ADAPTIVE, 1.0, 0.35, snap.scorer.centre, 15.0)
     assert found.dense is not None
     assert found.lexical is not None
     keep = found.ids[0] >= 0

@@ -317,6 +317,7 @@ def _fit(snap: Snapshot, prep: _Prepared, cfg: TrainConfig, form: ScorerForm) ->
             lexical=lexical,
             dense_weight=base.dense_weight if lexical else 1.0,
             dense_floor=base.dense_floor,
+            dense_span=base.dense_span if lexical else 0.0,
             fusion=base.fusion if lexical else Fusion.FIXED,
             form=form,
         )
