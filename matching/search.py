@@ -133,7 +133,8 @@ class Snapshot:
 
     def lexical_features(self, queries: Sequence[str], titles: Sequence[str]) -> np.ndarray:
         """Lexical features of aligned (query, title) pairs against this generation's catalogue statistics, with
-        the query's known-token share as a last column when the reranker uses the adaptive fusion."""
+        the query's known-token share as one more column when the reranker uses the adaptive fusion, and the length
+        lift after it when its rule has a span."""
         lexical = self.require_lexical()
         adaptive, span = self.scorer.config.fusion is Fusion.ADAPTIVE, self.scorer.config.dense_span
         groups: dict[str, list[int]] = {}

@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_ray.py                 # 1M titles (about 25 minutes on 2 cores)
     .venv/bin/python scripts/bench_ray.py --size 20000    # a quick look
+    .venv/bin/python scripts/bench_ray.py --engines local # the local build alone (issue #23: wall / read+encode)
 
 Each build is `matching build CSV --out B [--engine ray --encoders 1]` in a fresh process. Peak memory is the
 largest sum of RSS over the build process and all its descendants (Ray's GCS, raylet and workers included),
@@ -69,7 +70,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=1_000_000)
     parser.add_argument("--encoders", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench_ray.json")
+    parser.add_argument("--engines", nargs="+", choices=["ray", "local"], default=["ray", "local"])
+    parser.add_argument("--out", type=Path, default=None, help="default results/bench_ray[_local].json")
     args = parser.parse_args()
     work = ROOT / "results" / "ray"
     work.mkdir(parents=True, exist_ok=True)
@@ -80,41 +82,54 @@ def main() -> None:
             generate_large_catalogue(args.size).to_csv(csv, index=False)
     runs: dict[str, dict[str, Any]] = {}
     base = [sys.executable, "-m", "matching", "build", str(csv), "--overwrite", "-q"]
-    runs["ray"] = timed_build(
-        [*base, "--out", str(work / "bundle-ray"), "--engine", "ray", "--encoders", str(args.encoders)]
-    )
-    runs["local"] = timed_build([*base, "--out", str(work / "bundle-local")])
-    with Matcher.load(work / "bundle-local", verify=False) as a, Matcher.load(work / "bundle-ray", verify=False) as b:
-        for name, m in (("local", a), ("ray", b)):
+    if "ray" in args.engines:
+        runs["ray"] = timed_build(
+            [*base, "--out", str(work / "bundle-ray"), "--engine", "ray", "--encoders", str(args.encoders)]
+        )
+    if "local" in args.engines:
+        runs["local"] = timed_build([*base, "--out", str(work / "bundle-local")])
+    for name in runs:
+        with Matcher.load(work / f"bundle-{name}", verify=False) as m:
             runs[name]["build_record"] = m.manifest.source.get("build")
-        same_rows = a.catalogue().equals(b.catalogue())
-        diff = float(np.abs(a.store.vectors - b.store.vectors).max())
-    ray_record = runs["ray"]["build_record"] or {}
-    report = {
-        "titles": args.size,
-        "runs": runs,
-        "same_ids_titles_metadata": same_rows,
-        "max_vector_difference": diff,
-        "ray_overhead": runs["ray"]["wall_seconds"] / runs["local"]["wall_seconds"] - 1,
-        "ray_rss_ratio": runs["ray"]["peak_rss_mb"] / runs["local"]["peak_rss_mb"],
-        "per_actor_titles_per_second": ray_record.get("titles_per_second"),
-    }
+            seconds = (runs[name]["build_record"] or {}).get("seconds", {})
+            runs[name]["wall_over_read_and_encode"] = runs[name]["wall_seconds"] / seconds["read_and_encode"]
+    report: dict[str, Any] = {"titles": args.size, "runs": runs}
+    if len(runs) == 2:
+        with (
+            Matcher.load(work / "bundle-local", verify=False) as a,
+            Matcher.load(work / "bundle-ray", verify=False) as b,
+        ):
+            same_rows = a.catalogue().equals(b.catalogue())
+            diff = float(np.abs(a.store.vectors - b.store.vectors).max())
+        report |= {
+            "same_ids_titles_metadata": same_rows,
+            "max_vector_difference": diff,
+            "ray_overhead": runs["ray"]["wall_seconds"] / runs["local"]["wall_seconds"] - 1,
+            "ray_rss_ratio": runs["ray"]["peak_rss_mb"] / runs["local"]["peak_rss_mb"],
+            "per_actor_titles_per_second": (runs["ray"]["build_record"] or {}).get("titles_per_second"),
+        }
     print(f"\n{args.size} titles, CSV -> bundle, this machine")
-    print(f"{'engine':<8} {'wall s':>8} {'peak RSS MB':>12} {'read+encode s':>14} {'index s':>8} {'BM25 s':>7}")
+    print(
+        f"{'engine':<8} {'wall s':>8} {'peak RSS MB':>12} {'read+encode s':>14} {'index s':>8} {'BM25 s':>7} "
+        f"{'wall / read+encode':>19}"
+    )
     for name, r in runs.items():
         sec = (r["build_record"] or {}).get("seconds", {})
         print(
             f"{name:<8} {r['wall_seconds']:>8.1f} {r['peak_rss_mb']:>12.0f} {sec.get('read_and_encode', 0):>14.1f} "
-            f"{sec.get('index', 0):>8.1f} {sec.get('lexical', 0):>7.1f}"
+            f"{sec.get('index', 0):>8.1f} {sec.get('lexical', 0):>7.1f} {r['wall_over_read_and_encode']:>19.3f}"
         )
-    print(
-        f"ray overhead {report['ray_overhead']:+.1%}, RSS x{report['ray_rss_ratio']:.2f}; "
-        f"per-actor titles/s {report['per_actor_titles_per_second']}; same rows {same_rows}, "
-        f"max vector difference {diff:.2e}"
-    )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}")
+    if len(runs) == 2:
+        print(
+            f"ray overhead {report['ray_overhead']:+.1%}, RSS x{report['ray_rss_ratio']:.2f}; "
+            f"per-actor titles/s {report['per_actor_titles_per_second']}; "
+            f"same rows {report['same_ids_titles_metadata']}, "
+            f"max vector difference {report['max_vector_difference']:.2e}"
+        )
+    out = args.out or ROOT / "results" / ("bench_ray.json" if len(runs) == 2 else f"bench_ray_{args.engines[0]}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

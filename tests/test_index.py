@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 from conftest import assert_same_ranking
@@ -13,6 +14,7 @@ from matching.errors import BundleError, ConfigError
 from matching.layout import INDEX_CONFIG as CONFIG_FILE
 from matching.layout import INDEX_FILE
 from matching.vectors import VectorIndex
+from matching.vectors.faiss import IVF_TRAIN_ITERATIONS
 
 N, DIM = 300, 16
 
@@ -113,6 +115,28 @@ def test_ivf_trains_and_with_every_list_probed_is_exact(data: tuple[np.ndarray, 
     loaded = VectorIndex.load(tmp_path)
     assert loaded.config.nprobe == 4
     np.testing.assert_array_equal(loaded.search(queries, 10)[1], found)
+
+
+def test_the_ivf_quantizer_takes_fifteen_k_means_iterations() -> None:
+    """Its centroids are FAISS's own training with 15 iterations over the same points (all of them, in row order,
+    below the training sample's size), and differ from FAISS's default 25."""
+    vectors = unit_rows(np.random.default_rng(5), 64 * 40)  # uniform points: k-means is still moving at 15
+    index = VectorIndex.build(vectors, np.arange(len(vectors)), IndexConfig(factory="IVF64,SQ8", nprobe=8))
+    assert IVF_TRAIN_ITERATIONS == 15
+
+    def centroids(found: object) -> np.ndarray:
+        ivf = faiss.extract_index_ivf(found)
+        return np.asarray(ivf.quantizer.reconstruct_n(0, ivf.nlist))
+
+    def trained(niter: int | None) -> np.ndarray:
+        own = faiss.index_factory(DIM, "IVF64,SQ8", faiss.METRIC_INNER_PRODUCT)
+        if niter is not None:
+            faiss.extract_index_ivf(own).cp.niter = niter
+        own.train(vectors)
+        return centroids(own)
+
+    np.testing.assert_array_equal(centroids(index.index), trained(15))
+    assert not np.array_equal(centroids(index.index), trained(None))
 
 
 def test_ivf_with_one_probe_returns_valid_hits(data: tuple[np.ndarray, ...]) -> None:
