@@ -419,3 +419,17 @@ def test_waiting_for_vectors_encoded_aside_keeps_the_deadline_and_a_failed_searc
     monkeypatch.setattr(overlap, "encode_aside", refused)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     assert [(m.id, m.score) for m in hybrid.search("coffee")] == want  # encoded here instead
+
+
+def test_a_scorer_refuses_features_short_of_its_columns() -> None:
+    """A scorer whose rule has a span takes six lexical columns (the lift last); five would read an empty lift."""
+    config = ScorerConfig(dim=4, lexical=True, dense_floor=0.35, dense_span=15.0, fusion=Fusion.ADAPTIVE)
+    scorer = Scorer(config)
+    q, t = torch.ones(2, 4) / 2, torch.ones(2, 4) / 2
+    lex = torch.zeros(2, 6)
+    lex[:, 0] = torch.tensor([0.25, 0.5])  # the lexical share; known share 0: the words alone decide
+    assert scorer(q, t, lex).tolist() == [0.25, 0.5]
+    with pytest.raises(ValueError, match="6 lexical feature columns"):
+        scorer(q, t, lex[:, :5])
+    with pytest.raises(ValueError, match="6 lexical feature columns"):
+        scorer(q, t)
