@@ -37,7 +37,7 @@ _TRAIN_SAMPLE = 100_000
 # k-means iterations of an IVF coarse quantizer (FAISS: 25). IVF4096,SQ8 on the 1M product titles' 262k training
 # points: 25 iterations 128.9 s, 15 78.4 s, 10 54.0 s; recall@10 after the exact refine at the tuned nprobe 7 0.9612,
 # 0.9604, 0.9606. On a harder synthetic set (scripts/tune_index.py's clusters of ~4 titles, 200k, IVF2048) 15
-# iterations are within 0.3 points of 25 at nprobe 4-128, while 10 lose 0.5-1 point.
+# iterations are within 0.4 points of 25 at nprobe 4-128 (either way), while 10 lose 0.5-1 point.
 IVF_TRAIN_ITERATIONS = 15
 AUTO = "auto"
 _SMALL_BATCH = 16
