@@ -151,16 +151,17 @@ def pair_features(
     out[:, 0] = normalised(bm25, norm)
     q_terms = set(analyze(query, lexical.analyzer, lexical.fold))
     q_grams = _bigrams(query)
+    t_counts = np.zeros(len(titles), dtype=np.int64)
     for i, title in enumerate(titles):
-        t_terms = analyze(title, lexical.analyzer, lexical.fold)
-        t_set = set(t_terms)
+        t_set = set(analyze(title, lexical.analyzer, lexical.fold))
+        t_counts[i] = len(t_set)
         if q_terms:
             out[i, 1] = len(q_terms & t_set) / len(q_terms)
         t_grams = _bigrams(title)
         union = len(q_grams | t_grams)
         out[i, 2] = len(q_grams & t_grams) / union if union else 0.0
-        longer = max(len(q_terms), len(t_set))
-        out[i, 3] = min(len(q_terms), len(t_set)) / longer if longer else 1.0
-        if spanned:
-            out[i, LEXICAL_FEATURES + 1] = max(0.0, 1.0 - longer / span)
+    q_counts = np.full(len(titles), len(q_terms))
+    out[:, 3] = length_ratio(q_counts, t_counts)
+    if spanned:
+        out[:, LEXICAL_FEATURES + 1] = length_lift(q_counts, t_counts, span)
     return out
