@@ -466,7 +466,7 @@ def copy_bundle(
         lexical = generation.lexical_from_store(gen, analyzer)
         before, fusion = snap.manifest.lexical or {}, None
         if "dense_sum" in before:  # the copied rows' own sum
-            fusion = {k: before[k] for k in ("dense_weight", "dense_floor", "dense_span", "fusion") if k in before} | {
+            fusion = {k: before[k] for k in generation.FUSION_ENTRIES if k in before} | {
                 "dense_sum": generation.stored_sum(gen).tolist()
             }
         manifest = generation.changed(

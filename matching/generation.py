@@ -142,13 +142,16 @@ def lexical_record(
     catalogue's cosines) and the default retrieval. ``fusion`` sets the fusion entries of a new set of vectors;
     otherwise they are kept from ``manifest`` (a bundle from before the adaptive rule keeps its fixed weight)."""
     before = (manifest.lexical if manifest is not None else None) or {}
-    kept = {k: before.get(k, v) for k, v in fixed_fusion().items()}
-    kept |= {k: before[k] for k in ("dense_floor", "dense_span", "dense_sum") if k in before}
+    kept = fixed_fusion() | {k: before[k] for k in (*FUSION_ENTRIES, "dense_sum") if k in before}
     return {
         **lexical.record(),
         **(fusion if fusion is not None else kept),
         "retrieval": before.get("retrieval", retrieval),
     }
+
+
+# the fusion's entries of the manifest's lexical record, besides the catalogue's vector sum (``dense_sum``)
+FUSION_ENTRIES = ("dense_weight", "dense_floor", "dense_span", "fusion")
 
 
 def fixed_fusion() -> dict[str, Any]:
