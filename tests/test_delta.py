@@ -72,8 +72,7 @@ def assert_as_written_whole(m: Matcher, tmp_path: Path, name: str = "whole") -> 
 
 
 def test_a_one_title_change_writes_the_delta_and_carries_every_base_file(hybrid: Matcher) -> None:
-    path = hybrid.path
-    assert path is not None
+    path = _path(hybrid)
     base = current_generation(path)
     carried = (STORE_DB, INDEX_FILE, LEXICAL_ARRAYS, FIELDS_ARRAYS, VECTORS_FILE)
     inodes = {name: _inode(base / name) for name in carried}
@@ -203,8 +202,7 @@ def test_an_index_that_cannot_remove_rows_takes_whole_file_changes(tmp_path: Pat
 def test_a_generation_with_a_delta_is_refused_by_a_reader_of_format_2(
     hybrid: Matcher, tiny_encoder: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = hybrid.path
-    assert path is not None
+    path = _path(hybrid)
     built = read_manifest(current_generation(path))
     assert (built.format_version, built.block_bytes) == (3, 4 << 20)  # a new file's blocks: 4 MiB (format 3)
     hybrid.add(NEW.iloc[:1], show_progress=False)
@@ -215,8 +213,7 @@ def test_a_generation_with_a_delta_is_refused_by_a_reader_of_format_2(
 
 
 def test_a_damaged_delta_is_refused_before_it_is_read(hybrid: Matcher) -> None:
-    path = hybrid.path
-    assert path is not None
+    path = _path(hybrid)
     hybrid.add(NEW.iloc[:1], show_progress=False)
     live = current_generation(path)
     (live / STORE_DELTA).write_bytes(b"not a database" + (live / STORE_DELTA).read_bytes()[14:])
@@ -226,8 +223,7 @@ def test_a_damaged_delta_is_refused_before_it_is_read(hybrid: Matcher) -> None:
 
 
 def test_a_base_title_that_no_longer_matches_its_hash_is_not_copied_into_the_delta(hybrid: Matcher) -> None:
-    path = hybrid.path
-    assert path is not None
+    path = _path(hybrid)
     live = current_generation(path)
     catalogue = make_catalogue()
     conn = sqlite3.connect(live / STORE_DB)  # damage SQLite cannot see: a title's text, its hash kept
