@@ -47,7 +47,8 @@ def task() -> tuple[pd.DataFrame, pd.DataFrame]:
 @pytest.fixture(scope="module")
 def bce_run(train_bundle: Matcher, task: tuple[pd.DataFrame, pd.DataFrame]) -> tuple[Scorer, TrainReport]:
     train, valid = task
-    return train_scorer(train_bundle.snapshot, train, valid, epochs=10, show_progress=False)
+    # the full residual: these tests check the training itself (the published share has its own test)
+    return train_scorer(train_bundle.snapshot, train, valid, epochs=10, residual_share=1.0, show_progress=False)
 
 
 def state_equal(a: Scorer, b: Scorer) -> bool:
@@ -377,7 +378,7 @@ def test_an_absurd_learning_rate_never_ends_worse_than_the_baseline(
 ) -> None:
     train, valid = task
     scorer, report = train_scorer(
-        train_bundle.snapshot, train, valid, lr=10.0, epochs=6, patience=2, show_progress=False
+        train_bundle.snapshot, train, valid, lr=10.0, epochs=6, patience=2, residual_share=1.0, show_progress=False
     )
     assert report.best_metric >= report.baseline
     assert report.best_metric == max([report.baseline] + [e["metric"] for e in report.epochs])
@@ -654,7 +655,7 @@ def test_a_trainer_that_cannot_beat_the_default_publishes_nothing(
     report = matcher.train_scorer(train, valid, epochs=3, show_progress=False)
     assert report.chosen == "default"
     assert report.compared["default"] == pytest.approx(1.0)
-    assert set(report.compared) == {"default", "linear", "mlp"}
+    assert set(report.compared) == {"default", "linear", "mlp", "linear (full residual)", "mlp (full residual)"}
     assert "nothing is published" in report.table().splitlines()[-1]
     assert current_generation(matcher.path).name == before
     assert not matcher.scorer.trained
@@ -673,13 +674,34 @@ def test_a_learned_form_is_chosen_only_when_it_wins_beyond_chance(
     train, valid = task
     scorer, report = train_scorer(train_bundle.snapshot, train, valid, epochs=10, show_progress=False)
     figures = report.compared
-    assert set(figures) == {"default", "linear", "mlp"}
+    assert set(figures) == {"default", "linear", "mlp", "linear (full residual)", "mlp (full residual)"}
     if report.chosen == "default":
         assert not scorer.trained
     else:
         assert figures[report.chosen] > figures["default"]
         assert scorer.config.form == report.chosen
         assert valid_auc(train_bundle, scorer, valid) == pytest.approx(figures[report.chosen], abs=1e-6)
+
+
+def test_the_published_residual_is_a_share_of_the_learned_one(
+    bce_run: tuple[Scorer, TrainReport], train_bundle: Matcher, task: tuple[pd.DataFrame, pd.DataFrame]
+) -> None:
+    """The same seeded training published at share 0.5 scores halfway between the untrained default and the full
+    residual, pair by pair; its report gives the held-out figure of what is published and the full one beside it."""
+    full, full_report = bce_run
+    train, valid = task
+    half, report = train_scorer(train_bundle.snapshot, train, valid, epochs=10, require_win=False, show_progress=False)
+    assert report.config["residual_share"] == 0.5
+    assert half.config.form == full.config.form == report.chosen
+    assert report.compared[f"{report.chosen} (full residual)"] == full_report.compared[report.chosen]
+    assert valid_auc(train_bundle, half, valid) == pytest.approx(report.compared[report.chosen], abs=1e-12)
+    assert report.best_metric == report.compared[report.chosen]
+    pairs = valid.head(60)
+    q, t = train_bundle.encode_pairs(pairs["query"].tolist(), pairs["title"].tolist())
+    lex = lex_of(train_bundle, pairs)
+    default = untrained_scores(train_bundle, q, t)
+    np.testing.assert_allclose(half.score(q, t, lex), (default + full.score(q, t, lex)) / 2, atol=1e-6)
+    assert "with the residual at share 0.5" in report.table()
 
 
 def test_the_paired_bootstrap_by_hand() -> None:

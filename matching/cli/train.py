@@ -40,6 +40,11 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--hidden", type=int)
     p.add_argument("--dropout", type=float)
     p.add_argument("--loss", choices=["auto", "listwise", "bce", "mse", "cosent"])
+    p.add_argument(
+        "--residual-share",
+        type=float,
+        help="the learned residual's share in the published score, the rest the untrained one's (default 0.5)",
+    )
     _add_search_trials(p)
     p.add_argument("--query-tower", action="store_true", help="first fine-tune a separate query encoder")
     p.add_argument("--seed", type=int, default=0)
@@ -104,7 +109,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             report = matcher.train_query_tower(args.pairs, args.valid, show_progress=show, seed=args.seed, **columns)
             print("query tower:\n" + report.table())
         settings: dict[str, Any] = {**columns, "seed": args.seed, "hard_negatives": args.hard_negatives}
-        for name in ("epochs", "lr", "hidden", "dropout", "loss"):
+        for name in ("epochs", "lr", "hidden", "dropout", "loss", "residual_share"):
             if getattr(args, name) is not None:
                 settings[name] = getattr(args, name)
         if args.search:

@@ -82,8 +82,10 @@ class TrainReport:
         lines = [f"{'epoch':>5}  {'loss':>8}  {self.metric:>10}", f"{0:>5}  {'-':>8}  {self.baseline:>10.4f}"]
         lines += [f"{e['epoch']:>5g}  {e['loss']:>8.4f}  {e['metric']:>10.4f}" for e in self.epochs]
         why = f" ({self.loss_reason})" if self.loss_reason else ""
+        share = self.config.get("residual_share", 1.0)
+        published = f" with the residual at share {share:g}" if share < 1 and self.best_epoch else ""
         lines.append(
-            f"best: epoch {self.best_epoch}, {self.metric} {self.best_metric:.4f} ({self.seconds:.1f}s); "
+            f"best: epoch {self.best_epoch}, {self.metric}{published} {self.best_metric:.4f} ({self.seconds:.1f}s); "
             f"loss {self.loss}{why}"
         )
         if self.compared:
