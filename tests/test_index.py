@@ -14,7 +14,9 @@ from matching.errors import BundleError, ConfigError
 from matching.layout import INDEX_CONFIG as CONFIG_FILE
 from matching.layout import INDEX_FILE
 from matching.vectors import VectorIndex
+from matching.vectors import faiss as faiss_index
 from matching.vectors.faiss import IVF_TRAIN_ITERATIONS
+from matching.vectors.kmeans import TWO_LEVEL_MIN_LISTS, two_level_centroids
 
 N, DIM = 300, 16
 
@@ -137,6 +139,42 @@ def test_the_ivf_quantizer_takes_fifteen_k_means_iterations() -> None:
 
     np.testing.assert_array_equal(centroids(index.index), trained(15))
     assert not np.array_equal(centroids(index.index), trained(None))
+
+
+def test_large_ivf_quantizers_train_by_two_level_k_means(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From TWO_LEVEL_MIN_LISTS lists up the quantizer holds two_level_centroids of the training points: nlist unit
+    centroids (skewed clusters included) whose k-means objective is within 1% of FAISS's flat training, and the
+    index with every list probed finds what brute force finds."""
+    assert TWO_LEVEL_MIN_LISTS == 2048
+    monkeypatch.setattr(faiss_index, "TWO_LEVEL_MIN_LISTS", 64)
+    rng = np.random.default_rng(8)
+    centres = unit_rows(rng, 12)
+    # twelve clusters of very different sizes, so the second level's lists are shared out unevenly
+    sizes = rng.integers(20, 600, size=12)
+    points = np.concatenate([c + 0.35 * rng.standard_normal((s, DIM)) for c, s in zip(centres, sizes, strict=True)])
+    vectors = (points / np.linalg.norm(points, axis=1, keepdims=True)).astype(np.float32)
+    ids = np.arange(len(vectors))
+    index = VectorIndex.build(vectors, ids, IndexConfig(factory="IVF64,Flat", nprobe=64))
+    ivf = faiss.extract_index_ivf(index.index)
+    got = np.asarray(ivf.quantizer.reconstruct_n(0, ivf.nlist))
+    np.testing.assert_array_equal(got, two_level_centroids(vectors, 64, IVF_TRAIN_ITERATIONS))
+    assert got.shape == (64, DIM)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+    flat = faiss.index_factory(DIM, "IVF64,Flat", faiss.METRIC_INNER_PRODUCT)
+    faiss.extract_index_ivf(flat).cp.niter = IVF_TRAIN_ITERATIONS
+    flat.train(vectors)
+    theirs = np.asarray(faiss.extract_index_ivf(flat).quantizer.reconstruct_n(0, 64))
+
+    def objective(centroids: np.ndarray) -> float:
+        return float((vectors @ centroids.T).max(axis=1).mean())
+
+    assert objective(got) >= 0.99 * objective(theirs)
+    queries = unit_rows(rng, 9)
+    scores, found = index.search(queries, 10)
+    want_scores, want = brute_force(vectors, ids, queries, 10)
+    np.testing.assert_array_equal(found, want)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5)
 
 
 def test_ivf_with_one_probe_returns_valid_hits(data: tuple[np.ndarray, ...]) -> None:

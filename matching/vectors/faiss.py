@@ -30,6 +30,7 @@ from matching.vectors.autoindex import (
     set_search_param,
 )
 from matching.vectors.base import VectorIndex
+from matching.vectors.kmeans import TWO_LEVEL_MIN_LISTS, two_level_centroids
 
 _ADD_BATCH = 65_536
 _MAX_FILTERED_EF = 2048  # a widened filtered HNSW search scans at most this many candidates
@@ -92,7 +93,14 @@ class FaissIndex(VectorIndex):
                     part = take[start : start + _ADD_BATCH // 4]
                     sample[start : start + len(part)] = vectors[part]
                     drop_pages(vectors)
-                base.train(sample)
+                inner = faiss.downcast_index(base)
+                if (
+                    isinstance(inner, faiss.IndexIVF)
+                    and inner.nlist >= TWO_LEVEL_MIN_LISTS
+                    and len(sample) >= inner.nlist
+                ):
+                    inner.quantizer.add(two_level_centroids(sample, int(inner.nlist), IVF_TRAIN_ITERATIONS))
+                base.train(sample)  # a filled quantizer is kept as it is: only the codes train
                 del sample
             index = _with_ids(base)
             for start in range(0, n, _ADD_BATCH):
