@@ -175,6 +175,9 @@ def test_large_ivf_quantizers_train_by_two_level_k_means(monkeypatch: pytest.Mon
     want_scores, want = brute_force(vectors, ids, queries, 10)
     np.testing.assert_array_equal(found, want)
     np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+    # a quantizer that must train itself (SQ8) is trained by FAISS as before
+    coded = VectorIndex.build(vectors, ids, IndexConfig(factory="IVF64(SQ8),Flat", nprobe=64))
+    assert faiss.extract_index_ivf(coded.index).quantizer.ntotal == 64
 
 
 def test_ivf_with_one_probe_returns_valid_hits(data: tuple[np.ndarray, ...]) -> None:

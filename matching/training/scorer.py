@@ -423,6 +423,8 @@ def train_scorer(
     if chosen == "default" and not cfg.require_win:
         form, (best_scorer, best_report) = max(fitted.items(), key=lambda item: item[1][1].best_metric)
         chosen = form.value
+    if chosen == "default":  # what is returned scores as the default: so does its report (a search ranks by it)
+        best_report = dataclasses.replace(best_report, best_metric=default, best_epoch=0)
     best_report.chosen = chosen
     best_report.compared = {"default": default, **{f.value: r.best_metric for f, (_, r) in fitted.items()}}
     if cfg.residual_share < 1:

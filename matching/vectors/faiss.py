@@ -38,7 +38,8 @@ _TRAIN_SAMPLE = 100_000
 # k-means iterations of an IVF coarse quantizer (FAISS: 25). IVF4096,SQ8 on the 1M product titles' 262k training
 # points: 25 iterations 128.9 s, 15 78.4 s, 10 54.0 s; recall@10 after the exact refine at the tuned nprobe 7 0.9612,
 # 0.9604, 0.9606. On a harder synthetic set (scripts/tune_index.py's clusters of ~4 titles, 200k, IVF2048) 15
-# iterations are within 0.4 points of 25 at nprobe 4-128 (either way), while 10 lose 0.5-1 point.
+# iterations are within 0.4 points of 25 at nprobe 4-128 (either way), while 10 lose 0.5-1 point. From
+# TWO_LEVEL_MIN_LISTS lists up both levels of the two-level k-means take as many (matching/vectors/kmeans.py).
 IVF_TRAIN_ITERATIONS = 15
 AUTO = "auto"
 _SMALL_BATCH = 16
@@ -93,13 +94,8 @@ class FaissIndex(VectorIndex):
                     part = take[start : start + _ADD_BATCH // 4]
                     sample[start : start + len(part)] = vectors[part]
                     drop_pages(vectors)
-                inner = faiss.downcast_index(base)
-                if (
-                    isinstance(inner, faiss.IndexIVF)
-                    and inner.nlist >= TWO_LEVEL_MIN_LISTS
-                    and len(sample) >= inner.nlist
-                ):
-                    inner.quantizer.add(two_level_centroids(sample, int(inner.nlist), IVF_TRAIN_ITERATIONS))
+                if (ivf := _two_level_ivf(base, len(sample))) is not None:
+                    ivf.quantizer.add(two_level_centroids(sample, int(ivf.nlist), IVF_TRAIN_ITERATIONS))
                 base.train(sample)  # a filled quantizer is kept as it is: only the codes train
                 del sample
             index = _with_ids(base)
@@ -266,6 +262,19 @@ def resolve(config: IndexConfig, n: int, dim: int) -> IndexChoice:
     if config.factory == AUTO:
         return choose_index(n, dim, memory_budget_bytes=config.memory_budget)
     return choice_for_factory(config.factory, n)
+
+
+def _two_level_ivf(base: Any, samples: int) -> Any:
+    """``base`` itself when it is an IVF index that two-level k-means trains (else None): TWO_LEVEL_MIN_LISTS lists
+    or more, at least as many sample points, no pre-transform or refine wrapper (the automatic choice has none) and
+    a flat or HNSW quantizer, one that takes centroids untrained (an SQ or PQ quantizer must train first)."""
+    inner = faiss.downcast_index(base)
+    if not isinstance(inner, faiss.IndexIVF) or inner.nlist < TWO_LEVEL_MIN_LISTS or samples < inner.nlist:
+        return None
+    quantizer = faiss.downcast_index(inner.quantizer)
+    if not isinstance(quantizer, faiss.IndexFlat | faiss.IndexHNSWFlat) or quantizer.ntotal:
+        return None
+    return inner
 
 
 def _new_base(dim: int, config: IndexConfig) -> Any:
