@@ -94,10 +94,14 @@ class Scorer(nn.Module):
     @property
     def trained(self) -> bool:
         """False while the residual's output layers are zero: the score is then exactly the base score."""
+        return any(bool(p.detach().abs().sum() > 0) for p in self.residual_outputs())
+
+    def residual_outputs(self) -> list[torch.Tensor]:
+        """The residual's output layers (the MLP's last Linear, and the weighting of q*t): the residual is linear in
+        them, so scaling them all scales it."""
         out = self.mlp[-1]
         assert isinstance(out, nn.Linear)
-        last = [out.weight, out.bias, *([self.weighted.weight] if self.weighted is not None else [])]
-        return any(bool(p.detach().abs().sum() > 0) for p in last)
+        return [out.weight, out.bias, *([self.weighted.weight] if self.weighted is not None else [])]
 
     @torch.inference_mode()
     def score(self, q: np.ndarray, t: np.ndarray, lex: np.ndarray | None = None) -> np.ndarray:

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from matching.config import JsonConfig, ScorerConfig
@@ -436,11 +435,8 @@ def train_scorer(
 def shared_residual(scorer: Scorer, share: float) -> Scorer:
     """Scale ``scorer``'s learned residual by ``share`` in place (its output layers: the score becomes base +
     share x residual); returns it."""
-    out = scorer.mlp[-1]
-    assert isinstance(out, nn.Linear)
-    layers = [out.weight, out.bias, *([scorer.weighted.weight] if scorer.weighted is not None else [])]
     with torch.no_grad():
-        for p in layers:
+        for p in scorer.residual_outputs():
             p.mul_(share)
     return scorer
 

@@ -31,7 +31,7 @@ def two_level_centroids(sample: np.ndarray, nlist: int, niter: int) -> np.ndarra
     lists in proportion to their number (the counts sum to ``nlist``; deterministic)."""
     n, dim = sample.shape
     top = max(1, round(math.sqrt(nlist)))
-    first = _kmeans(dim, top, niter, _SEED, _TOP_POINTS_PER_CENTROID)
+    first = _kmeans(dim, top, niter, _TOP_POINTS_PER_CENTROID)
     first.train(sample)
     _, assigned = first.index.search(sample, 1)
     assigned = assigned.ravel()
@@ -43,15 +43,15 @@ def two_level_centroids(sample: np.ndarray, nlist: int, niter: int) -> np.ndarra
     out: list[np.ndarray] = []
     for c in np.flatnonzero(lists):
         points = np.ascontiguousarray(sample[order[bounds[c] : bounds[c + 1]]])
-        second = _kmeans(dim, int(lists[c]), niter, _SEED, 256)
+        second = _kmeans(dim, int(lists[c]), niter, 256)
         second.train(points)
         assert second.centroids is not None  # set by train
         out.append(second.centroids)
     return np.ascontiguousarray(np.vstack(out), dtype=np.float32)
 
 
-def _kmeans(dim: int, k: int, niter: int, seed: int, max_points: int) -> faiss.Kmeans:
+def _kmeans(dim: int, k: int, niter: int, max_points: int) -> faiss.Kmeans:
     # min_points_per_centroid=1: a cluster of few points may still be split (FAISS would only warn, on stderr)
     return faiss.Kmeans(
-        dim, k, niter=niter, seed=seed, spherical=True, max_points_per_centroid=max_points, min_points_per_centroid=1
+        dim, k, niter=niter, seed=_SEED, spherical=True, max_points_per_centroid=max_points, min_points_per_centroid=1
     )
