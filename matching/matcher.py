@@ -473,6 +473,7 @@ class Matcher(ServedBundle):
         *,
         search: int = 0,
         retrain_scorer: bool = True,
+        residual_share: float | None = None,
         index_config: IndexConfig | None = None,
         show_progress: bool = True,
         **settings: Any,
@@ -481,8 +482,10 @@ class Matcher(ServedBundle):
         ``retrain_scorer``, train the reranker (reset by the new vectors) on the same pairs over them; encoder,
         vectors, index and reranker are published as one new generation (readers move on at :meth:`refresh`),
         whose manifest says what was done (``source.reencoded``). Settings:
-        :class:`matching.training.finetune.FinetuneConfig`; ``search`` > 0 runs that many random-search trials.
-        Nothing is published when no validation beat the starting encoder."""
+        :class:`matching.training.finetune.FinetuneConfig`; ``search`` > 0 runs that many random-search trials;
+        ``residual_share`` is the retrained reranker's (:class:`~matching.training.scorer.TrainConfig`; default
+        :data:`~matching.training.scorer.RESIDUAL_SHARE`). Nothing is published when no validation beat the
+        starting encoder."""
         from matching.training.finetune import finetune_encoder, search_finetune
         from matching.training.scorer import train_scorer
 
@@ -493,6 +496,8 @@ class Matcher(ServedBundle):
             (tuned, report), found = finetune_encoder(*args, show_progress=show_progress, **settings), None
         if report.best_epoch > 0:
             columns = {k: v for k, v in settings.items() if k.endswith("_column") or k == "seed"}
+            if residual_share is not None:
+                columns["residual_share"] = residual_share
             fitted: list[TrainReport] = []  # the retrained reranker's report, as trained (the live manifest may
             # already be another writer's by the time this returns)
 

@@ -289,7 +289,8 @@ def test_the_cli_finetunes_a_bundle(
     train.to_csv(tmp_path / "train.csv", index=False)
     valid.to_csv(tmp_path / "valid.csv", index=False)
     args = ["finetune", str(tmp_path / "b"), str(tmp_path / "train.csv"), "--valid", str(tmp_path / "valid.csv")]
-    assert main([*args, "--epochs", "3", "--lr", "3e-3", "--batch-size", "8", "--quiet"]) == 0
+    settings = ["--epochs", "3", "--lr", "3e-3", "--batch-size", "8", "--residual-share", "0.75", "--quiet"]
+    assert main([*args, *settings]) == 0
     out = capsys.readouterr().out
     assert "ndcg@10" in out
     assert "re-encoded" in out
@@ -297,6 +298,8 @@ def test_the_cli_finetunes_a_bundle(
         assert m.manifest.encoder["weights"] == ENCODER_WEIGHTS
         assert m.manifest.source["reencoded"]["finetuned"]["loss"] == "mnrl"
         assert m.scorer.trained  # retrained on the same pairs after the re-encode (it was reset by it)
+        retrained = m.manifest.source["reencoded"]["finetuned"]["scorer_report"]
+        assert retrained["config"]["residual_share"] == 0.75  # --residual-share reaches the reranker's training
     assert "the reranker was retrained on the same pairs" in out
 
 

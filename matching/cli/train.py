@@ -69,6 +69,7 @@ def _add_finetune(sub: Any) -> None:
     )
     _add_search_trials(p)
     p.add_argument("--keep-scorer-reset", action="store_true", help="leave the reranker reset (not retrained)")
+    p.add_argument("--residual-share", type=float, help="the retrained reranker's residual share (default 0.5)")
     p.add_argument("--seed", type=int)
     for column in ("query", "title", "label"):
         p.add_argument(f"--{column}-column")
@@ -137,6 +138,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             args.valid,
             search=args.search or 0,
             retrain_scorer=not args.keep_scorer_reset,
+            residual_share=args.residual_share,
             show_progress=not args.quiet,
             **settings,
         )
