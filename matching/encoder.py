@@ -137,10 +137,13 @@ def pick_device(device: str | None) -> torch.device:
 # 64 0.91 s, 128 0.99 s, 256 1.39 s (bigger batches fall out of cache).
 TOKENS_PER_ROW = 64
 MAX_ROWS_FACTOR = 16
-# query batches are padded to a multiple of this many tokens: a query's vector is then the same, bit for bit, alone
-# or in any batch (320 of 320 generated queries in batches of 16 here, against 289 unpadded: bfloat16 sums run in
-# other orders over other widths), so micro-batched and unbatched searches answer alike. It costs 5% for one query
-# (6.09 -> 6.37 ms) and 17% for a batch of 16 (31.1 -> 36.5 ms), torch on 1 thread; a multiple of 8 kept 153 of 320.
+# query batches are padded to a multiple of this many tokens, so a query's width does not depend on its batch (on
+# an AMD EPYC with AVX512-BF16: 320 of 320 generated queries bit-identical alone and in batches of 16, against 289
+# unpadded: bfloat16 sums run in other orders over other widths). It costs 5% for one query (6.09 -> 6.37 ms) and
+# 17% for a batch of 16 (31.1 -> 36.5 ms), torch on 1 thread; a multiple of 8 kept 153 of 320. It does not make
+# the vector independent of the batch's size everywhere: on a Xeon with AMX, oneDNN's bfloat16 GEMM over the FFN's
+# 1,536 inputs takes another kernel for 48-256 rows (3-16 queries) than for 16 or 512: 221 of 320 bit-identical in
+# batches of 16, 310 of 320 searches of a 20k bundle with the same ids in order, scores within 1.0e-3.
 QUERY_PAD_MULTIPLE = 16
 
 
