@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from matching import BadRowError, ConfigError, DuplicateIdError, Matcher
+from matching import BadRowError, ConfigError, DuplicateIdError, Matcher, distributed
 from tests.conftest import make_catalogue
 
 ray = pytest.importorskip("ray")
@@ -113,3 +113,24 @@ def test_ray_needs_files(tmp_path: Path, tiny_encoder: Any) -> None:
         build(make_catalogue(), tmp_path / "b", tiny_encoder, engine="ray")
     with pytest.raises(ConfigError, match="encoders must be >= 1"):
         build(split_files(tmp_path / "src", make_catalogue()), tmp_path / "b", tiny_encoder, engine="ray", encoders=0)
+
+
+def test_rows_reach_the_driver_batch_by_batch(
+    cluster: None, tmp_path: Path, tiny_encoder: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One file's rows come back in many small parts, in catalogue order (with Ray Data's default block size they
+    came back as one block once the last row was encoded), and the build leaves Ray Data's settings as they were."""
+    monkeypatch.setattr(distributed, "RAY_BATCH", 4)
+    monkeypatch.setattr(distributed, "RAY_BLOCK_BYTES", 1)
+    df = make_catalogue()
+    df.to_csv(tmp_path / "one.csv", index=False)
+    ctx = ray.data.DataContext.get_current()
+    before = (ctx.target_max_block_size, ctx.execution_options.preserve_order)
+    settings = {"id_column": "id", "title_column": "title", "skip_bad_rows": False, "chunksize": 8, "encoding": "utf-8"}
+    source = distributed.RaySource(tmp_path / "one.csv", settings, tiny_encoder, encoders=1)
+    parts = list(source)
+    assert len(parts) >= len(df) // 4
+    assert [i for part in parts for i in part.ids] == df["id"].astype(str).tolist()
+    vectors = np.concatenate([part.vectors for part in parts])
+    np.testing.assert_allclose(vectors, tiny_encoder.encode_titles(df["title"].tolist()), rtol=0, atol=1e-5)
+    assert (ctx.target_max_block_size, ctx.execution_options.preserve_order) == before
