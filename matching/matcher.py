@@ -481,11 +481,9 @@ class Matcher(ServedBundle):
         """Fine-tune the encoder (both towers) on labelled pairs, encode every stored title again and, with
         ``retrain_scorer``, train the reranker (reset by the new vectors) on the same pairs over them; encoder,
         vectors, index and reranker are published as one new generation (readers move on at :meth:`refresh`),
-        whose manifest says what was done (``source.reencoded``). Settings:
-        :class:`matching.training.finetune.FinetuneConfig`; ``search`` > 0 runs that many random-search trials;
-        ``residual_share`` is the retrained reranker's (:class:`~matching.training.scorer.TrainConfig`; default
-        :data:`~matching.training.scorer.RESIDUAL_SHARE`). Nothing is published when no validation beat the
-        starting encoder."""
+        whose manifest says what was done (``source.reencoded``). Settings: ``FinetuneConfig``; ``search`` > 0
+        runs that many random-search trials; ``residual_share``: the retrained reranker's (``TrainConfig``).
+        Nothing is published when no validation beat the starting encoder."""
         from matching.training.finetune import finetune_encoder, search_finetune
         from matching.training.scorer import train_scorer
 
@@ -496,10 +494,8 @@ class Matcher(ServedBundle):
             (tuned, report), found = finetune_encoder(*args, show_progress=show_progress, **settings), None
         if report.best_epoch > 0:
             columns = {k: v for k, v in settings.items() if k.endswith("_column") or k == "seed"}
-            if residual_share is not None:
-                columns["residual_share"] = residual_share
-            fitted: list[TrainReport] = []  # the retrained reranker's report, as trained (the live manifest may
-            # already be another writer's by the time this returns)
+            columns |= {} if residual_share is None else {"residual_share": residual_share}
+            fitted: list[TrainReport] = []  # the retrained reranker's report (the live manifest may be another's)
 
             def retrain(snap: Snapshot) -> tuple[Scorer, TrainReport]:
                 out = train_scorer(snap, train_pairs, valid_pairs, show_progress=show_progress, **columns)
