@@ -479,22 +479,22 @@ class Matcher(ServedBundle):
         **settings: Any,
     ) -> TrainReport:
         """Fine-tune the encoder (both towers) on labelled pairs, encode every stored title again and, with
-        ``retrain_scorer``, train the reranker (reset by the new vectors) on the same pairs over them; encoder,
-        vectors, index and reranker are published as one new generation (readers move on at :meth:`refresh`),
-        whose manifest says what was done (``source.reencoded``). Settings: ``FinetuneConfig``; ``search`` > 0
-        runs that many random-search trials; ``residual_share``: the retrained reranker's (``TrainConfig``).
-        Nothing is published when no validation beat the starting encoder."""
+        ``retrain_scorer``, train the reranker (reset by the new vectors) on the same pairs over them; all published
+        as one new generation (readers move on at :meth:`refresh`) whose manifest says what was done
+        (``source.reencoded``), or nothing when no validation beat the starting encoder. Settings: ``FinetuneConfig``;
+        ``search`` > 0: random-search trials; ``residual_share``: the reranker's (``TrainConfig``)."""
         from matching.training.finetune import finetune_encoder, search_finetune
-        from matching.training.scorer import train_scorer
+        from matching.training.scorer import TrainConfig, train_scorer
 
+        columns = {k: v for k, v in settings.items() if k.endswith("_column") or k == "seed"}
+        columns |= {} if residual_share is None else {"residual_share": residual_share}
+        TrainConfig(**columns)  # a bad reranker setting fails now, not after the fine-tune
         args = (self._snap, self.encoder, train_pairs, valid_pairs)
         if search > 0:
             tuned, report, found = search_finetune(*args, trials=search, show_progress=show_progress, **settings)
         else:
             (tuned, report), found = finetune_encoder(*args, show_progress=show_progress, **settings), None
         if report.best_epoch > 0:
-            columns = {k: v for k, v in settings.items() if k.endswith("_column") or k == "seed"}
-            columns |= {} if residual_share is None else {"residual_share": residual_share}
             fitted: list[TrainReport] = []  # the retrained reranker's report (the live manifest may be another's)
 
             def retrain(snap: Snapshot) -> tuple[Scorer, TrainReport]:

@@ -267,6 +267,18 @@ def test_finetune_that_does_not_improve_publishes_nothing(tmp_path: Path, tiny_e
     m.close()
 
 
+def test_a_bad_reranker_setting_fails_before_the_fine_tune(
+    tmp_path: Path, tiny_encoder: Encoder, positives: Any
+) -> None:
+    m = build_products(tmp_path / "b", tiny_encoder)
+    gen = current_generation(tmp_path / "b").name
+    with pytest.raises(ConfigError, match="residual_share"):
+        m.finetune(*positives, show_progress=False, residual_share=2.0, **FAST)
+    assert current_generation(tmp_path / "b").name == gen
+    assert m.encoder is tiny_encoder  # refused before any training
+    m.close()
+
+
 def test_search_runs_trials_and_keeps_the_best(tmp_path: Path, tiny_encoder: Encoder, positives: Any) -> None:
     m = build_products(tmp_path / "b", tiny_encoder)
     space = {"lr": [3e-3, 1e-7]}
