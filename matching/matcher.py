@@ -488,7 +488,7 @@ class Matcher(ServedBundle):
 
         columns = {k: v for k, v in settings.items() if k.endswith("_column") or k == "seed"}
         columns |= {} if residual_share is None else {"residual_share": residual_share}
-        TrainConfig(**columns)  # a bad reranker setting fails now, not after the fine-tune
+        TrainConfig.from_dict(columns)  # a bad reranker setting fails now, not after the fine-tune
         args = (self._snap, self.encoder, train_pairs, valid_pairs)
         if search > 0:
             tuned, report, found = search_finetune(*args, trials=search, show_progress=show_progress, **settings)

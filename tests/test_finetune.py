@@ -272,8 +272,9 @@ def test_a_bad_reranker_setting_fails_before_the_fine_tune(
 ) -> None:
     m = build_products(tmp_path / "b", tiny_encoder)
     gen = current_generation(tmp_path / "b").name
-    with pytest.raises(ConfigError, match="residual_share"):
-        m.finetune(*positives, show_progress=False, residual_share=2.0, **FAST)
+    for bad in (2.0, True, "0.5"):
+        with pytest.raises(ConfigError, match="residual_share"):
+            m.finetune(*positives, show_progress=False, residual_share=bad, **FAST)
     assert current_generation(tmp_path / "b").name == gen
     assert m.encoder is tiny_encoder  # refused before any training
     m.close()
