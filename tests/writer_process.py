@@ -203,8 +203,14 @@ def say(line: str) -> None:
 
 def serve(model_dir: str, bundle: str) -> None:
     """Fork one writer per ``run START STOP`` line on stdin; print ``exit PID STATUS`` when it is reaped."""
+    from tqdm import std
+
     import matching.training.scorer  # noqa: F401  (imported once here, so each fork starts warm)
 
+    # tqdm's monitor thread (started by the first bar, a disabled one too) takes tqdm's lock every 10 s: a fork
+    # taken while it holds the lock leaves the child waiting on it for ever at its first bar (seen: a writer stuck
+    # in tqdm's lock in write_bundle for 120 s). No monitor thread in the zygote, so none holds the lock at a fork.
+    std.tqdm.monitor_interval = 0  # the base class: tqdm.auto's and every other bar class inherit it
     encoder = load_encoder(model_dir)
     encoder.encode_titles(["warm up"])
     # a writer that hangs is asked for its threads' stacks (to stderr, the test's log) before the test fails
