@@ -31,14 +31,15 @@ from matching.types import Engine, IdType
 log = logging.getLogger(__name__)
 
 # titles per call of an encoder actor. Measured on 2 cores (200k generated titles, one actor of 2 threads; the
-# local build 86.6-87.6 s): 1,024 a call, the actor encoded 1,700-2,000 titles/s (build 126-144 s), 4,096 106-112 s,
+# local build 86.6-87.6 s): 1,024 a call, the actor encoded 1,700-2,200 titles/s (build 126-144 s), 4,096 106-112 s,
 # 16,384 2,650-2,670 titles/s, the local build's rate (100.5-101.4 s). Still ~6 s a call on one CPU actor, so the
-# rows keep streaming and a few actors share the work; a GPU actor wants big calls anyway.
+# rows keep streaming; a catalogue of fewer than 16,384 titles an actor keeps some actors idle (and the bar moves
+# in steps of 16,384); a GPU actor wants big calls anyway.
 RAY_BATCH = 16_384
 # Ray Data's target block size for the build's datasets (its default is 128 MiB): one file's rows read by one task
 # made one block, and every row reached this process only after the last was encoded (200k titles: the first at
 # 101 of 101 s), all vectors held in the object store meanwhile; at 1 MiB the first arrives after 6 s and the
-# store rows are written while the rest encode (peak memory of the build 3.8 GB -> 2.8-2.9 GB).
+# store rows are written while the rest encode (peak memory of the build 3.8 GB -> 2.9 GB).
 RAY_BLOCK_BYTES = 1 << 20
 # CPU threads for one encoder actor where the cluster does not say otherwise: torch gains little past 4
 _THREADS_PER_ENCODER = 4
@@ -200,11 +201,11 @@ class RaySource:
         saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.target_max_block_size)
         ray_log = logging.getLogger("ray.data")
         level = ray_log.level
-        ray_log.setLevel(max(level, logging.WARNING))  # its INFO lines announce every execution on stdout
-        ctx.execution_options.preserve_order = True  # rows arrive in catalogue order: the same row ids as locally
-        ctx.enable_progress_bars = False  # the build shows its own
-        ctx.target_max_block_size = RAY_BLOCK_BYTES  # rows stream to this process as they are encoded
         try:
+            ray_log.setLevel(max(level, logging.WARNING))  # its INFO lines announce every execution on stdout
+            ctx.execution_options.preserve_order = True  # rows arrive in catalogue order: the same row ids as locally
+            ctx.enable_progress_bars = False  # the build shows its own
+            ctx.target_max_block_size = RAY_BLOCK_BYTES  # rows stream to this process as they are encoded
             items = [{"index": i, "file": str(f)} for i, f in enumerate(self.files)]
             ds: Any = ray.data.from_items(items, override_num_blocks=len(items))
             ds = ds.map_batches(read_files, batch_size=1, fn_kwargs={"settings": self.settings})

@@ -125,7 +125,7 @@ def test_rows_reach_the_driver_batch_by_batch(
     df = make_catalogue()
     df.to_csv(tmp_path / "one.csv", index=False)
     ctx = ray.data.DataContext.get_current()
-    before = (ctx.target_max_block_size, ctx.execution_options.preserve_order)
+    before = (ctx.target_max_block_size, ctx.execution_options.preserve_order, ctx.enable_progress_bars)
     settings = {"id_column": "id", "title_column": "title", "skip_bad_rows": False, "chunksize": 8, "encoding": "utf-8"}
     source = distributed.RaySource(tmp_path / "one.csv", settings, tiny_encoder, encoders=1)
     parts = list(source)
@@ -133,4 +133,4 @@ def test_rows_reach_the_driver_batch_by_batch(
     assert [i for part in parts for i in part.ids] == df["id"].astype(str).tolist()
     vectors = np.concatenate([part.vectors for part in parts])
     np.testing.assert_allclose(vectors, tiny_encoder.encode_titles(df["title"].tolist()), rtol=0, atol=1e-5)
-    assert (ctx.target_max_block_size, ctx.execution_options.preserve_order) == before
+    assert (ctx.target_max_block_size, ctx.execution_options.preserve_order, ctx.enable_progress_bars) == before
