@@ -142,8 +142,9 @@ MAX_ROWS_FACTOR = 16
 # unpadded: bfloat16 sums run in other orders over other widths). It costs 5% for one query (6.09 -> 6.37 ms) and
 # 17% for a batch of 16 (31.1 -> 36.5 ms), torch on 1 thread; a multiple of 8 kept 153 of 320. It does not make
 # the vector independent of the batch's size everywhere: on a Xeon with AMX, oneDNN's bfloat16 GEMM over the FFN's
-# 1,536 inputs takes another kernel for 48-256 rows (3-16 queries) than for 16 or 512: 221 of 320 bit-identical in
-# batches of 16, 310 of 320 searches of a 20k bundle with the same ids in order, scores within 1.0e-3.
+# 1,536 inputs takes another kernel for 48-256 rows (3-16 queries of 16 tokens) than for 16-32 or 512 and more:
+# 221 of 320 bit-identical in batches of 16 (and of 4), 310 of 320 searches of a 20k bundle with the same ids in
+# order, scores within 1.02e-3.
 QUERY_PAD_MULTIPLE = 16
 
 
