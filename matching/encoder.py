@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -335,7 +336,11 @@ class Encoder:
         order = np.argsort(-lengths, kind="stable")
         runner = None if plan.uses_base_model else self._inference_runner()
         device = self.device
-        with torch.inference_mode(), tqdm(total=n, desc="encoding", disable=not show_progress, leave=False) as bar:
+        # no bar object at all unless shown: every tqdm bar, a disabled one too, starts tqdm's monitor thread, which
+        # takes tqdm's lock every 10 s, and a process forked while it holds it waits for ever at its first bar (seen
+        # in the crash-safety test's forked writers); a process that only searches then never starts that thread
+        bar = tqdm(total=n, desc="encoding", leave=False) if show_progress else None
+        with torch.inference_mode(), bar if bar is not None else contextlib.nullcontext():
             start = 0
             while start < n:
                 deadline.check()  # between batches: past a caller's deadline, stop and free the thread
@@ -348,7 +353,8 @@ class Encoder:
                     vectors = runner(batch["input_ids"], batch["attention_mask"])
                 out[idx] = vectors.float().cpu().numpy()
                 start += len(idx)
-                bar.update(len(idx))
+                if bar is not None:
+                    bar.update(len(idx))
         return out
 
     @property

@@ -68,6 +68,36 @@ def test_query_and_title_towers_share_the_encoder(tiny_encoder: Encoder) -> None
     np.testing.assert_allclose(tiny_encoder.encode_queries(TEXTS), tiny_encoder.encode_titles(TEXTS), atol=1e-6)
 
 
+def test_no_progress_bar_object_unless_shown(tiny_encoder: Encoder, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without progress, encoding makes no tqdm bar at all (a disabled one starts tqdm's monitor thread, which a
+    forked child can find holding tqdm's lock); with progress, one bar counts every text."""
+    import matching.encoder as encoder_module
+
+    made: list[Any] = []
+
+    class Bar:
+        def __init__(self, **kwargs: Any) -> None:
+            self.n = 0
+            made.append(self)
+
+        def __enter__(self) -> Bar:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+        def update(self, n: int) -> None:
+            self.n += n
+
+    monkeypatch.setattr(encoder_module, "tqdm", Bar)
+    quiet = tiny_encoder.encode(TEXTS, batch_size=2)
+    assert made == []
+    shown = tiny_encoder.encode(TEXTS, show_progress=True, batch_size=2)
+    assert len(made) == 1
+    assert made[0].n == len(TEXTS)
+    np.testing.assert_array_equal(shown, quiet)
+
+
 def test_a_query_encodes_alike_alone_and_in_any_batch(tiny_encoder: Encoder) -> None:
     """Padded to a multiple of 16 tokens, each query's vector alone equals its row in a batch of queries of other
     lengths (to 1e-7 in float32; in bfloat16 bit for bit only where the CPU's GEMM kernel does not change with the
