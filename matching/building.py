@@ -13,9 +13,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
-from matching import __version__, generation
+from matching import __version__, generation, progress
 from matching.analysis import Analyzer
 from matching.bundle import Manifest, new_generation
 from matching.config import IndexConfig, ScorerConfig
@@ -201,7 +200,7 @@ def write_bundle(
         unknown = UnknownTokens(encoder)
         vector_sum = np.zeros(encoder.dim, dtype=np.float64)
         try:
-            with tqdm(total=total, desc="encoding titles", unit="title", disable=not show_progress) as bar:
+            with progress.bar(show_progress, total=total, desc="encoding titles", unit="title") as bar:
                 for part in rows:
                     unknown.count(part.titles)
                     writer.append(part.ids, part.titles, part.metadata, part.vectors)

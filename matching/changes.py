@@ -18,9 +18,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 import sqlalchemy.exc
-from tqdm.auto import tqdm
 
-from matching import generation
+from matching import generation, progress
 from matching.analysis import Analyzer
 from matching.bundle import Manifest, Unchanged, current_generation, new_generation, read_manifest
 from matching.checksums import verify_files
@@ -162,7 +161,7 @@ def apply_rows(
         try:
             with (
                 _named_damage(live),
-                tqdm(desc=f"{operation}: encoding titles", unit="title", disable=not show_progress) as bar,
+                progress.bar(show_progress, desc=f"{operation}: encoding titles", unit="title") as bar,
             ):
                 for chunk in reader:
                     edits.apply(chunk, encoder, operation, reader.name, tally)

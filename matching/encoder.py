@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -15,9 +14,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from matching import deadline
+from matching import deadline, progress
 from matching.accel import Plan, Runner, build_runner, plan_for, pool
 from matching.config import EncoderConfig
 from matching.errors import ModelError
@@ -336,11 +334,7 @@ class Encoder:
         order = np.argsort(-lengths, kind="stable")
         runner = None if plan.uses_base_model else self._inference_runner()
         device = self.device
-        # no bar object at all unless shown: every tqdm bar, a disabled one too, starts tqdm's monitor thread, which
-        # takes tqdm's lock every 10 s, and a process forked while it holds it waits for ever at its first bar (seen
-        # in the crash-safety test's forked writers); a process that only searches then never starts that thread
-        bar = tqdm(total=n, desc="encoding", leave=False) if show_progress else None
-        with torch.inference_mode(), bar if bar is not None else contextlib.nullcontext():
+        with torch.inference_mode(), progress.bar(show_progress, total=n, desc="encoding", leave=False) as bar:
             start = 0
             while start < n:
                 deadline.check()  # between batches: past a caller's deadline, stop and free the thread
@@ -353,8 +347,7 @@ class Encoder:
                     vectors = runner(batch["input_ids"], batch["attention_mask"])
                 out[idx] = vectors.float().cpu().numpy()
                 start += len(idx)
-                if bar is not None:
-                    bar.update(len(idx))
+                bar.update(len(idx))
         return out
 
     @property

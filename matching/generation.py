@@ -318,12 +318,12 @@ def _linked_digests(base: Manifest, live: Path, gen: Path) -> tuple[dict[str, tu
 def copy_rows(source: Store, gen: Path, *, limit: int | None = None, show_progress: bool = False) -> int:
     """Write a new store in ``gen`` from ``source``'s live rows in row order (the first ``limit`` of them, if given),
     vectors included: no re-encoding. Returns the number of rows written."""
-    from tqdm.auto import tqdm
+    from matching import progress
 
     writer = Store.create(gen, source.dim, source.fields.spec if source.fields is not None else None)
     total = source.count if limit is None else min(limit, source.count)
     try:
-        with tqdm(total=total, desc="copying", unit="title", disable=not show_progress) as bar:
+        with progress.bar(show_progress, total=total, desc="copying", unit="title") as bar:
             for rows in source.rows(batch=min(50_000, max(1, total))):
                 rows = rows[: total - writer.count]
                 if not rows:

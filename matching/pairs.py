@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
+from matching import progress
 from matching.bundle import enclosing_bundle
 from matching.errors import InputFileError, SchemaError
 from matching.ingest import file_format, read_table, reading
@@ -67,7 +67,7 @@ def score_file(
     try:
         # every column as text, so what is not scored is written back exactly as read
         reader = read_table(source, chunksize=chunksize)  # every column as text, nothing missing
-        with reading(source), tqdm(desc="scoring pairs", unit="pair", disable=not show_progress) as bar:
+        with reading(source), progress.bar(show_progress, desc="scoring pairs", unit="pair") as bar:
             for frame in reader:
                 queries, titles = frame[query_column].tolist(), frame[title_column].tolist()
                 q, t = snap.encode_pairs(queries, titles)

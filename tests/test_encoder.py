@@ -70,8 +70,8 @@ def test_query_and_title_towers_share_the_encoder(tiny_encoder: Encoder) -> None
 
 def test_no_progress_bar_object_unless_shown(tiny_encoder: Encoder, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without progress, encoding makes no tqdm bar at all (a disabled one starts tqdm's monitor thread, which a
-    forked child can find holding tqdm's lock); with progress, one bar counts every text."""
-    import matching.encoder as encoder_module
+    forked child can find holding tqdm's lock: matching.progress); with progress, one bar counts every text."""
+    from matching import progress
 
     made: list[Any] = []
 
@@ -89,13 +89,16 @@ def test_no_progress_bar_object_unless_shown(tiny_encoder: Encoder, monkeypatch:
         def update(self, n: int) -> None:
             self.n += n
 
-    monkeypatch.setattr(encoder_module, "tqdm", Bar)
+    monkeypatch.setattr(progress, "tqdm", Bar)
     quiet = tiny_encoder.encode(TEXTS, batch_size=2)
     assert made == []
     shown = tiny_encoder.encode(TEXTS, show_progress=True, batch_size=2)
     assert len(made) == 1
     assert made[0].n == len(TEXTS)
     np.testing.assert_array_equal(shown, quiet)
+    items = [1, 2, 3]
+    assert progress.each(items, False) is items  # an iterable passes through bare
+    assert len(made) == 1
 
 
 def test_a_query_encodes_alike_alone_and_in_any_batch(tiny_encoder: Encoder) -> None:

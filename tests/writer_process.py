@@ -209,7 +209,8 @@ def serve(model_dir: str, bundle: str) -> None:
 
     # tqdm's monitor thread (started by the first bar, a disabled one too) takes tqdm's lock every 10 s: a fork
     # taken while it holds the lock leaves the child waiting on it for ever at its first bar (seen: a writer stuck
-    # in tqdm's lock in write_bundle for 120 s). No monitor thread in the zygote, so none holds the lock at a fork.
+    # in tqdm's lock in write_bundle for 120 s). The library makes no bar with progress off (matching.progress);
+    # this keeps any other library's bar in the zygote from starting the thread, so none holds the lock at a fork.
     std.tqdm.monitor_interval = 0  # the base class: tqdm.auto's and every other bar class inherit it
     encoder = load_encoder(model_dir)
     encoder.encode_titles(["warm up"])

@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from matching import progress
 from matching.accel import bf16_training
 from matching.analysis import CJK_CHAR
 from matching.encoder import Encoder
@@ -351,7 +351,7 @@ def _train_student(
     lengths = np.asarray([len(t) for t in train])
     target_t = torch.from_numpy(targets)
     epoch_losses: list[float] = []
-    bar = tqdm(total=steps, desc=f"distilling {settings.layers} layers", unit="batch", disable=not show_progress)
+    bar = progress.bar(show_progress, total=steps, desc=f"distilling {settings.layers} layers", unit="batch")
     model.train()
     for module in model.modules():  # regression onto fixed targets: no dropout
         if isinstance(module, nn.Dropout):

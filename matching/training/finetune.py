@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
+from matching import progress
 from matching.accel import bf16_training
 from matching.config import JsonConfig
 from matching.encoder import Encoder
@@ -333,7 +333,7 @@ def finetune_encoder(
     checks = {min(per_epoch, math.ceil(per_epoch * (k + 1) / cfg.evals_per_epoch)) for k in range(cfg.evals_per_epoch)}
     rng = np.random.default_rng(cfg.seed)
     batch_loss = _batch_losses(tower, train, positives, mined, cfg, rng)[loss_kind]
-    bar = tqdm(total=per_epoch * epochs, desc="fine-tuning encoder", unit="batch", disable=not show_progress)
+    bar = progress.bar(show_progress, total=per_epoch * epochs, desc="fine-tuning encoder", unit="batch")
     stop = False
     for epoch in range(1, epochs + 1):
         order = rng.permutation(len(train))

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
+from matching import progress
 from matching.config import JsonConfig, ScorerConfig
 from matching.errors import ConfigError, SchemaError
 from matching.scorer import Scorer, feature_count
@@ -402,7 +402,7 @@ def train_scorer(
     train, valid = train_valid_pairs(train_pairs, valid_pairs, cfg)
     prep = _prepare(snap, train, valid, cfg, show_progress)
     forms = [cfg.form] if cfg.form is not None else [ScorerForm.LINEAR, ScorerForm.MLP]
-    fitted = {f: _fit(snap, prep, cfg, f) for f in tqdm(forms, desc="training scorer", disable=not show_progress)}
+    fitted = {f: _fit(snap, prep, cfg, f) for f in progress.each(forms, show_progress, desc="training scorer")}
     first_scorer, first_report = next(iter(fitted.values()))
     default = first_report.baseline
     full = {f.value: r.best_metric for f, (_, r) in fitted.items()}

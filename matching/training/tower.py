@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from matching import progress
 from matching.config import JsonConfig
 from matching.encoder import Encoder
 from matching.errors import ConfigError, SchemaError
@@ -141,7 +141,7 @@ def train_query_tower(
     generator = torch.Generator().manual_seed(cfg.seed)
     device = tower.device
     infonce, to_original = InfoNCELoss(cfg.temperature), CosineDistanceLoss()
-    for epoch in tqdm(range(1, cfg.epochs + 1), desc="training query tower", disable=not show_progress):
+    for epoch in progress.each(range(1, cfg.epochs + 1), show_progress, desc="training query tower"):
         tower.model.train()
         perm = torch.randperm(len(queries), generator=generator).tolist()
         epoch_loss = 0.0
