@@ -488,7 +488,7 @@ class Matcher(ServedBundle):
 
         columns = {k: v for k, v in settings.items() if k.endswith("_column") or k == "seed"}
         columns |= {} if residual_share is None else {"residual_share": residual_share}
-        TrainConfig.from_dict(columns)  # a bad reranker setting fails now, not after the fine-tune
+        reranker = TrainConfig.from_dict(columns)  # a bad reranker setting fails now, not after the fine-tune
         args = (self._snap, self.encoder, train_pairs, valid_pairs)
         if search > 0:
             tuned, report, found = search_finetune(*args, trials=search, show_progress=show_progress, **settings)
@@ -498,7 +498,7 @@ class Matcher(ServedBundle):
             fitted: list[TrainReport] = []  # the retrained reranker's report (the live manifest may be another's)
 
             def retrain(snap: Snapshot) -> tuple[Scorer, TrainReport]:
-                out = train_scorer(snap, train_pairs, valid_pairs, show_progress=show_progress, **columns)
+                out = train_scorer(snap, train_pairs, valid_pairs, config=reranker, show_progress=show_progress)
                 fitted.append(out[1])
                 return out
 
