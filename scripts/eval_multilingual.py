@@ -74,13 +74,15 @@ def zero_bundle() -> Matcher:
     return Matcher.load(OUT / "bench-ml-zero") if (OUT / "bench-ml-zero").is_dir() else bundle("zero", MODEL)
 
 
-def finetune(mix: float) -> dict[str, Any]:
+def finetune(mix: float | None) -> dict[str, Any]:
     with zero_bundle() as zero:  # a copy: the same rows and vectors, no second encoding of the catalogue
         m = zero.copy(OUT / "bench-ml-finetune", overwrite=True, show_progress=False)
     start = time.perf_counter()
-    report = m.finetune(ds.lcqmc("dev"), show_progress=False, mix=mix)
+    settings: dict[str, Any] = {} if mix is None else {"mix": mix}
+    report = m.finetune(ds.lcqmc("dev"), show_progress=False, **settings)
     out: dict[str, Any] = {"seconds": time.perf_counter() - start, **signals(m, ds.lcqmc("test"))}
-    out["encoder"] = {"metric": report.metric, "baseline": report.baseline, "best": report.best_metric, "mix": mix}
+    out["encoder"] = {"metric": report.metric, "baseline": report.baseline, "best": report.best_metric}
+    out["encoder"]["mix"] = report.config["mix"]
     out["encoder"]["compared"] = report.compared
     scorer = report.scorer_report or {}
     out["reranker"] = {"chosen": scorer.get("chosen"), "held_out": scorer.get("compared")}
@@ -123,7 +125,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", default=["zero", "finetune", "distill"])
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--mix", type=float, default=1.0, help="finetune: the fine-tuned weights' share (WiSE-FT)")
+    parser.add_argument("--mix", type=float, help="finetune: the fine-tuned weights' share (default: the library's)")
     parser.add_argument("--json", default="results/eval_multilingual.json")
     args = parser.parse_args()
     runs = {"zero": zero, "finetune": lambda: finetune(args.mix), "distill": lambda: distill(args.layers)}

@@ -23,7 +23,7 @@ from matching.types import EncoderLoss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-FAST = {"lr": 3e-3, "epochs": 3, "batch_size": 8}
+FAST = {"lr": 3e-3, "epochs": 3, "batch_size": 8, "mix": 1.0}  # mix 1: the loop's own weights, unmixed
 
 
 @pytest.fixture(scope="module")
@@ -147,18 +147,24 @@ def test_graded_labels_move_spearman(bundle: Matcher, tiny_encoder: Encoder, gra
     assert spearman(np.einsum("ij,ij->i", q, t), valid["label"].to_numpy()) == pytest.approx(report.best_metric)
 
 
-def test_a_mix_interpolates_the_weights_and_is_validated(tiny_encoder: Encoder, graded: Any) -> None:
-    """mix=0.5 publishes 0.5 * start + 0.5 * the weights mix=1 publishes (same seed), validated as it is."""
+@pytest.mark.parametrize("mix", [0.5, None])
+def test_a_mix_interpolates_the_weights_and_is_validated(tiny_encoder: Encoder, graded: Any, mix: float | None) -> None:
+    """mix=0.5 (and the default, 0.7) publishes (1 - mix) * start + mix * the weights mix=1 publishes (same seed),
+    validated as it is."""
+    share = FinetuneConfig().mix if mix is None else mix
+    assert FinetuneConfig().mix == 0.7
     tuned, full = finetune_encoder(None, tiny_encoder, *graded, show_progress=False, **FAST)
-    mixed, report = finetune_encoder(None, tiny_encoder, *graded, show_progress=False, **FAST, mix=0.5)
+    asked = {k: v for k, v in FAST.items() if k != "mix"} | ({} if mix is None else {"mix": mix})
+    mixed, report = finetune_encoder(None, tiny_encoder, *graded, show_progress=False, **asked)
     start, end = weights(tiny_encoder), weights(tuned)
     for name, tensor in weights(mixed).items():
         if tensor.is_floating_point():
-            assert torch.equal(tensor, 0.5 * start[name] + 0.5 * end[name]), name
+            assert torch.equal(tensor, (1.0 - share) * start[name] + share * end[name]), name
         else:
             assert torch.equal(tensor, start[name])
-    assert report.compared == {"start": full.baseline, "tuned": full.best_metric, "mix 0.5": report.best_metric}
-    assert report.chosen == "mix 0.5"
+    assert report.compared == {"start": full.baseline, "tuned": full.best_metric, f"mix {share:g}": report.best_metric}
+    assert report.chosen == f"mix {share:g}"
+    assert (full.compared, full.chosen) == ({}, "")  # mix=1: the fine-tuned weights, nothing mixed
     valid = graded[1]
     q, t = mixed.encode(valid["query"].tolist()), mixed.encode(valid["title"].tolist())
     assert spearman(np.einsum("ij,ij->i", q, t), valid["label"].to_numpy()) == pytest.approx(report.best_metric)

@@ -65,7 +65,9 @@ def _add_finetune(sub: Any) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--loss", choices=["auto", "mnrl", "cosent"])
     p.add_argument(
-        "--mix", type=float, help="the fine-tuned weights' share, the rest the starting ones' (default 1; WiSE-FT)"
+        "--mix",
+        type=float,
+        help="the fine-tuned weights' share, the rest the starting ones' (default 0.7; 1: the whole fine-tune)",
     )
     _add_search_trials(p)
     p.add_argument("--keep-scorer-reset", action="store_true", help="leave the reranker reset (not retrained)")
