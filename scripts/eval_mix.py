@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -43,8 +42,9 @@ import datasets as ds
 from matching.config import EncoderConfig
 from matching.encoder import Encoder
 from matching.evaluate import load_qrels, load_queries
-from matching.metrics import ndcg_at_k, roc_auc, spearman
-from matching.training.finetune import FinetuneConfig, finetune_encoder
+from matching.exact import exact_top_k
+from matching.metrics import mean_metrics, roc_auc, spearman
+from matching.training.finetune import FinetuneConfig, finetune_encoder, mix_weights
 from matching.training.loop import train_valid_pairs
 
 MIXES = [0.0, 0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
@@ -99,10 +99,7 @@ def curve(
     tuned_state = {k: v.clone() for k, v in tuned.model.state_dict().items()}
     rows = []
     for mix in MIXES:
-        with torch.no_grad():
-            for name, tensor in tuned.model.state_dict().items():
-                if tensor.is_floating_point():
-                    tensor.copy_((1.0 - mix) * start_state[name] + mix * tuned_state[name])
+        mix_weights(tuned.model, start_state, tuned_state, mix)
         row: dict[str, float] = {"mix": mix}
         if graded:
             row["validation"] = spearman(cosines(tuned, valid), valid["label"].to_numpy())
@@ -126,11 +123,9 @@ def scifact() -> dict[str, Any]:
 
     def dense(qrels: dict[str, dict[str, int]]) -> Test:
         def measure(encoder: Encoder) -> float:
-            d = encoder.encode_titles(docs)
-            q = encoder.encode_queries([queries[k] for k in qrels])
-            top = np.argsort(-(q @ d.T), axis=1)[:, :10]
+            _, top = exact_top_k(encoder.encode_titles(docs), encoder.encode_queries([queries[k] for k in qrels]), 10)
             ranked = {k: [doc_ids[j] for j in row] for k, row in zip(qrels, top, strict=True)}
-            return float(np.mean([ndcg_at_k(ranked[k], qrels[k], 10) for k in qrels]))
+            return mean_metrics(ranked, qrels, k_values=(10,))["ndcg@10"]
 
         return measure
 

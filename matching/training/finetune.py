@@ -366,16 +366,24 @@ def finetune_encoder(
     return tower, report
 
 
+def mix_weights(
+    model: torch.nn.Module, start: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], mix: float
+) -> None:
+    """Set ``model``'s floating-point weights to ``(1 - mix) * start + mix * tuned`` (state dicts of its shape;
+    ``tuned`` may be ``model``'s own)."""
+    done: set[int] = set()  # a weight two modules share is listed under each name: mixed once
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if tensor.is_floating_point() and tensor.data_ptr() not in done:
+                done.add(tensor.data_ptr())
+                tensor.copy_((1.0 - mix) * start[name] + mix * tuned[name])
+
+
 def _mix(tower: Encoder, start: Encoder, mix: float, validate: Callable[[Encoder], float], report: TrainReport) -> None:
     """Interpolate ``tower``'s weights towards ``start``'s (``FinetuneConfig.mix``); the mixture is validated, and
     where it does not beat the starting weights they are kept (``report.best_epoch`` 0)."""
     before = start.model.state_dict()
-    done: set[int] = set()  # a weight two modules share is listed under each name: mixed once
-    with torch.no_grad():
-        for name, tensor in tower.model.state_dict().items():
-            if tensor.is_floating_point() and tensor.data_ptr() not in done:
-                done.add(tensor.data_ptr())
-                tensor.copy_((1.0 - mix) * before[name] + mix * tensor)
+    mix_weights(tower.model, before, tower.model.state_dict(), mix)
     mixed = validate(tower)
     report.compared = {"start": report.baseline, "tuned": report.best_metric, f"mix {mix:g}": mixed}
     if mixed <= report.baseline:
