@@ -51,25 +51,45 @@ def exact_refine(
 def exact_top_k(
     vectors: np.ndarray, queries: np.ndarray, k: int, *, block: int = 16_384
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Brute-force top ``k`` (scores, row ids) of ``queries`` over ``vectors`` (memmap-friendly, block by block)."""
+    """Brute-force top ``k`` (scores, row ids) of ``queries`` over ``vectors`` (memmap-friendly, block by block),
+    best first; equal scores in row order."""
     q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
     n = len(vectors)
     k = min(k, n)
-    best_s = np.full((len(q), 0), -np.inf, dtype=np.float32)
+    block = max(block, k)
+    best_s = np.zeros((len(q), 0), dtype=np.float32)
     best_i = np.zeros((len(q), 0), dtype=np.int64)
-    for start in range(0, n, block):
+    for start in range(0, n if k > 0 else 0, block):
         chunk = np.array(vectors[start : start + block], dtype=np.float32)
         drop_pages(vectors)
         s = q @ chunk.T
-        kk = min(k, s.shape[1])
-        part = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
-        best_s = np.concatenate([best_s, np.take_along_axis(s, part, axis=1)], axis=1)
-        best_i = np.concatenate([best_i, part + start], axis=1)
-        if best_s.shape[1] > k:
-            keep = np.argpartition(-best_s, k - 1, axis=1)[:, :k]
-            best_s, best_i = np.take_along_axis(best_s, keep, axis=1), np.take_along_axis(best_i, keep, axis=1)
-    order = np.argsort(-best_s, axis=1, kind="stable")
-    return np.take_along_axis(best_s, order, axis=1), np.take_along_axis(best_i, order, axis=1)
+        if best_s.shape[1] < k:  # the first block holds k (it has min(block, n) >= k rows): its k-th best and ties
+            kth = -np.partition(-s, k - 1, axis=1)[:, k - 1 : k]
+            rows, cols = np.nonzero(s >= kth)
+        else:
+            # a later row enters only above the k-th best so far (a tie keeps the earlier row); past the first few
+            # blocks few do, in few queries: no partition of every block (500 queries over 1M: 1.8 s of 4.1 s)
+            hot = np.flatnonzero(s.max(axis=1) > best_s[:, -1])
+            rows, cols = np.nonzero(s[hot] > best_s[hot, -1:])
+            rows = hot[rows]
+        if len(rows):
+            best_s, best_i = _merge(best_s, best_i, rows, s[rows, cols], cols + start, k)
+    return best_s, best_i
+
+
+def _merge(
+    best_s: np.ndarray, best_i: np.ndarray, rows: np.ndarray, scores: np.ndarray, ids: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The best ``k`` of each query's kept (score, id) pairs and new ones (query ``rows``), best first, equal
+    scores by id."""
+    nq, kept = best_s.shape
+    all_rows = np.concatenate([np.repeat(np.arange(nq), kept), rows])
+    all_s = np.concatenate([best_s.ravel(), scores.astype(np.float32, copy=False)])
+    all_i = np.concatenate([best_i.ravel(), ids.astype(np.int64, copy=False)])
+    order = np.lexsort((all_i, -all_s, all_rows))
+    starts = np.searchsorted(all_rows[order], np.arange(nq))
+    pick = order[starts[:, None] + np.arange(k)]
+    return all_s[pick], all_i[pick]
 
 
 class _Subset:

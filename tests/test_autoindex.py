@@ -11,6 +11,7 @@ import pytest
 
 from matching.exact import exact_refine, exact_top_k
 from matching.metrics import neighbour_recall as recall_at_k
+from matching.metrics import tied_neighbour_recall
 from matching.vectors.autoindex import (
     FLAT_MAX_FLOATS,
     IndexChoice,
@@ -207,6 +208,22 @@ def test_exact_top_k_in_blocks_equals_a_full_sort() -> None:
     np.testing.assert_allclose(scores, np.sort(full, axis=1)[:, ::-1][:, :7], rtol=1e-5)
 
 
+@pytest.mark.parametrize("block", [3, 16, 128, 16_384])
+def test_exact_top_k_breaks_ties_by_row_order(block: int) -> None:
+    """Rows repeated across blocks (equal scores) come in row order, as a stable full sort has them, whatever
+    the block size (smaller than k too)."""
+    rng = np.random.default_rng(6)
+    distinct = unit(rng.standard_normal((40, 8)))
+    vectors = distinct[rng.integers(0, 40, 600)]
+    queries = unit(rng.standard_normal((5, 8)))
+    full = queries @ vectors.T
+    for k in (1, 9, 30):
+        scores, ids = exact_top_k(vectors, queries, k, block=block)
+        np.testing.assert_array_equal(ids, np.argsort(-full, axis=1, kind="stable")[:, :k])
+        np.testing.assert_array_equal(scores, np.take_along_axis(full, ids, axis=1))
+    assert exact_top_k(vectors, queries, 0)[1].shape == (5, 0)
+
+
 def test_sample_queries_are_seeded_unit_vectors_near_their_source() -> None:
     vectors = clustered(2_000, 32, 10, seed=2)
     a, rows = sample_queries(vectors, 100, noise=0.75, seed=1)
@@ -240,6 +257,38 @@ def test_tuning_reaches_the_target_with_the_smallest_nprobe(
         _, found = retrieve(index, queries, 10, stored_vectors=stored, candidates=40)
         assert recall_at_k(found, exact, 10) < 0.95
         assert out["evaluated"][nprobe - 1] < 0.95
+
+
+def test_tied_recall_lets_equal_rows_stand_for_each_other() -> None:
+    """Hand-computed: query 0's exact top 2 is row 5 (0.9) and one of rows 6 and 7 (0.8 both); finding row 7 is a
+    hit, though the exact list kept row 6. Query 1 finds one of its two (0.55 is below its 2nd best, 0.6)."""
+    exact_ids = np.array([[5, 6], [1, 2]])
+    exact_scores = np.array([[0.9, 0.8], [0.7, 0.6]], dtype=np.float32)
+    found_ids = np.array([[5, 7], [1, 3]])
+    found_scores = np.array([[0.9, 0.8], [0.7, 0.55]], dtype=np.float32)
+    assert recall_at_k(found_ids, exact_ids, 2) == 0.5
+    assert tied_neighbour_recall(found_scores, exact_scores, 2) == 0.75
+    # nothing found (-inf) is no hit; an exact list shorter than k (-inf padding) counts what it has
+    assert tied_neighbour_recall(np.full((1, 2), -np.inf), exact_scores[:1], 2) == 0.0
+    padded = np.array([[0.9, -np.inf]], dtype=np.float32)
+    assert tied_neighbour_recall(np.array([[0.9, 0.1]]), padded, 2) == 1.0
+
+
+def test_tuning_with_refine_counts_an_equal_duplicate_as_found() -> None:
+    """Every row twice (rows 2i and 2i + 1 equal): which of a pair the exact top k kept does not move the tuned
+    recall, while recall by ids does."""
+    rng = np.random.default_rng(9)
+    vectors = np.repeat(unit(rng.standard_normal((500, 16))), 2, axis=0)
+    queries = unit(rng.standard_normal((20, 16)))
+    scores, exact = exact_top_k(vectors, queries, 5)
+    other = exact ^ 1  # the other row of each pair: the same scores
+    index = build(vectors, "Flat")
+    by_ids = [tune_search_params(index, queries, ids, k=5, refine=vectors, candidates=20) for ids in (exact, other)]
+    # the 5th is one row of a pair (top 5 of pairs), and each list keeps another: the found one matches one list
+    assert min(out["recall"] for out in by_ids) == 0.8
+    for ids in (exact, other):
+        tied = tune_search_params(index, queries, ids, k=5, refine=vectors, candidates=20, exact_top_scores=scores)
+        assert tied["recall"] == 1.0
 
 
 def test_tuning_works_on_an_unwrapped_ivf_index(data: tuple[np.ndarray, ...]) -> None:

@@ -7,13 +7,14 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
+import torch
 from conftest import assert_same_ranking
 
 from matching.config import IndexConfig
 from matching.errors import BundleError, ConfigError
 from matching.layout import INDEX_CONFIG as CONFIG_FILE
 from matching.layout import INDEX_FILE
-from matching.vectors import VectorIndex
+from matching.vectors import VectorIndex, assign
 from matching.vectors import faiss as faiss_index
 from matching.vectors.faiss import IVF_TRAIN_ITERATIONS
 from matching.vectors.kmeans import TWO_LEVEL_MIN_LISTS, two_level_centroids
@@ -238,3 +239,72 @@ def test_a_filter_widens_the_probes_by_its_share(data: tuple[np.ndarray, ...], m
     monkeypatch.setattr(backend, "filter_widening", lambda share: 64)
     _, exact_ids = brute_force(vectors[allowed], ids[allowed], queries, 10)
     np.testing.assert_array_equal(index.search(queries, 10, allowed=allowed)[1], exact_ids)
+
+
+def test_bf16_assignment_finds_the_float32_nearest_centroid() -> None:
+    """nearest_centroids equals the exact (float64) argmax, also where bfloat16 alone ranks wrongly: centroids
+    that differ by less than bfloat16 can see, each the clear float32 winner for some rows."""
+    rng = np.random.default_rng(11)
+    centres = unit_rows(rng, 40)
+    # pairs of centroids 0.002 apart in cosine, within one bfloat16 step (~0.004 near 1) of each other
+    close = unit_rows(rng, 40) * 0.045 + centres
+    centroids = np.concatenate([centres, close / np.linalg.norm(close, axis=1, keepdims=True)]).astype(np.float32)
+    points = centroids[rng.integers(0, 80, 3000)] + 0.01 * rng.standard_normal((3000, DIM)).astype(np.float32)
+    points = (points / np.linalg.norm(points, axis=1, keepdims=True)).astype(np.float32)
+    exact = points.astype(np.float64) @ centroids.astype(np.float64).T
+    top2 = np.sort(exact, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 1e-5  # rows whose winner float32 arithmetic cannot mistake
+    want = exact.argmax(axis=1)
+    got = assign.nearest_centroids(points, centroids)
+    np.testing.assert_array_equal(got[clear], want[clear])
+    assert clear.mean() > 0.99
+    rough = (torch.from_numpy(points).bfloat16() @ torch.from_numpy(centroids).bfloat16().T).float().numpy()
+    assert (rough.argmax(axis=1) != want)[clear].sum() > 50  # the case the float32 re-score is there for
+    quantizer = faiss.IndexFlatIP(DIM)
+    quantizer.add(centroids)
+    np.testing.assert_array_equal(got[clear], quantizer.search(points, 1)[1].ravel()[clear])
+
+    # 30 centroids within bfloat16's error of each other: its top CANDIDATES often miss the float32 winner, and the
+    # rows whose candidates are that close are scored against all of them in float32
+    crowd = centres[0] + 0.02 * unit_rows(rng, 30)
+    crowd = (crowd / np.linalg.norm(crowd, axis=1, keepdims=True)).astype(np.float32)
+    near = crowd[rng.integers(0, 30, 500)] + 0.005 * rng.standard_normal((500, DIM)).astype(np.float32)
+    near = (near / np.linalg.norm(near, axis=1, keepdims=True)).astype(np.float32)
+    exact = near.astype(np.float64) @ crowd.astype(np.float64).T
+    top2 = np.sort(exact, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 1e-5
+    want = exact.argmax(axis=1)
+    rough_top = (torch.from_numpy(near).bfloat16() @ torch.from_numpy(crowd).bfloat16().T).topk(assign.CANDIDATES)
+    missed = ~(rough_top.indices.numpy() == want[:, None]).any(axis=1)
+    assert missed[clear].sum() > 5
+    np.testing.assert_array_equal(assign.nearest_centroids(near, crowd)[clear], want[clear])
+
+
+@pytest.mark.parametrize("factory", ["IVF32,SQ8", "IVF32,Flat"])
+def test_an_index_added_with_bf16_assignment_is_the_one_faiss_adds(
+    factory: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the assignment done here (forced on, whatever this CPU runs natively), the built index serialises to
+    the same bytes as FAISS's own add_with_ids, through create and add alike; and it only applies to a bare IVF
+    over inner product with a flat quantizer."""
+    rng = np.random.default_rng(12)
+    centres = unit_rows(rng, 32)
+    points = centres[rng.integers(0, 32, 6000)] + 0.3 * rng.standard_normal((6000, DIM)).astype(np.float32)
+    vectors = (points / np.linalg.norm(points, axis=1, keepdims=True)).astype(np.float32)
+    ids = np.arange(len(vectors), dtype=np.int64)
+    config = IndexConfig(factory=factory, nprobe=4)
+    plain = VectorIndex.build(vectors, ids, config, tune=False)
+    plain.add(vectors[:1000], ids[:1000] + 10_000)
+    monkeypatch.setattr(assign, "MIN_ROWS", 100)
+    monkeypatch.setattr(faiss_index, "MIN_ROWS", 100)
+    monkeypatch.setattr(assign, "cpu_has_native_bf16", lambda: True)
+    calls: list[int] = []
+    real = assign.nearest_centroids
+    monkeypatch.setattr(assign, "nearest_centroids", lambda v, c: calls.append(len(v)) or real(v, c))
+    ours = VectorIndex.build(vectors, ids, config, tune=False)
+    ours.add(vectors[:1000], ids[:1000] + 10_000)
+    assert calls == [6000, 1000]
+    assert bytes(faiss.serialize_index(ours.index)) == bytes(faiss.serialize_index(plain.index))
+    assert assign.flat_ip_centroids(faiss.index_factory(DIM, "IVF8,Flat", faiss.METRIC_L2)) is None
+    assert assign.flat_ip_centroids(faiss.index_factory(DIM, "PCA8,IVF8,Flat", faiss.METRIC_INNER_PRODUCT)) is None
+    assert assign.flat_ip_centroids(faiss.index_factory(DIM, "HNSW8", faiss.METRIC_INNER_PRODUCT)) is None

@@ -23,7 +23,7 @@ import faiss
 import numpy as np
 
 from matching.exact import drop_pages, exact_refine, exact_top_k
-from matching.metrics import neighbour_recall
+from matching.metrics import neighbour_recall, tied_neighbour_recall
 
 # Exact Flat while n * dim <= this: a single-thread Flat query over 2**24 floats (~44k titles at dim 384) takes
 # ~2.5 ms on the 2-core reference machine; above it Flat's linear cost dominates the query budget.
@@ -314,13 +314,16 @@ def tune_search_params(
     refine: np.ndarray | None = None,
     candidates: int | None = None,
     max_value: int | None = None,
+    exact_top_scores: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """The smallest nprobe (IVF) or efSearch (HNSW) whose Recall@k against ``exact_top_ids`` reaches the target.
 
     ``index`` is a FAISS index (IndexIDMap-wrapped or not). With ``refine`` (the stored vectors, row = id), each
     query fetches ``candidates`` from the index and keeps the exact top ``k`` of them, as the search path will.
     Values are doubled from 1 until the target is reached, then bisected, so ``value - 1`` was measured to miss
-    it (unless ``value`` is 1). The index is left set to the returned value. Returns ``{"param", "value",
+    it (unless ``value`` is 1). With ``refine`` and ``exact_top_scores`` (the exact top ``k``'s scores), recall
+    lets equal rows stand for each other (:func:`tied_neighbour_recall`). The index is left set to the returned
+    value. Returns ``{"param", "value",
     "recall", "target_recall", "k", "candidates", "reached", "evaluated"}``; ``param`` is None for exact indexes.
     """
     if not 0.0 < target_recall <= 1.0:
@@ -333,10 +336,13 @@ def tune_search_params(
     def recall(value: int | None) -> float:
         if name is not None and value is not None:
             set_search_param(index, name, value)
-        _, found = retrieve(index, sample_queries, k, stored_vectors=refine, candidates=candidates)
+        scores, found = retrieve(index, sample_queries, k, stored_vectors=refine, candidates=candidates)
         if refine is not None:
             drop_pages(refine)  # the refine read rows all over the file: keep them out of resident memory
-        r = neighbour_recall(found, exact_top_ids, k)
+        if refine is not None and exact_top_scores is not None:  # the refine's scores are exact
+            r = tied_neighbour_recall(scores, exact_top_scores, k)
+        else:
+            r = neighbour_recall(found, exact_top_ids, k)
         if value is not None:
             evaluated[value] = r
         return r
@@ -393,7 +399,7 @@ def auto_tune(
     """
     stored_vectors = file_rows(stored_vectors)
     queries, _ = sample_queries(stored_vectors, n_queries, noise=noise, seed=seed)
-    _, exact = exact_top_k(stored_vectors, queries, k)
+    exact_scores, exact = exact_top_k(stored_vectors, queries, k)
     return tune_search_params(
         index,
         queries,
@@ -402,4 +408,5 @@ def auto_tune(
         target_recall=min(1.0, target_recall + margin),
         refine=stored_vectors if choice.refine else None,
         candidates=choice.refine_k(max(k, candidates)),
+        exact_top_scores=exact_scores,
     )
