@@ -139,11 +139,12 @@ MAX_ROWS_FACTOR = 16
 # query batches are padded to a multiple of this many tokens, so a query's width does not depend on its batch (on
 # an AMD EPYC with AVX512-BF16: 320 of 320 generated queries bit-identical alone and in batches of 16, against 289
 # unpadded: bfloat16 sums run in other orders over other widths). It costs 5% for one query (6.09 -> 6.37 ms) and
-# 17% for a batch of 16 (31.1 -> 36.5 ms), torch on 1 thread; a multiple of 8 kept 153 of 320. It does not make
-# the vector independent of the batch's size everywhere: on a Xeon with AMX, oneDNN's bfloat16 GEMM over the FFN's
-# 1,536 inputs takes another kernel for 48-256 rows (3-16 queries of 16 tokens) than for 16-32 or 512 and more:
-# 221 of 320 bit-identical in batches of 16 (and of 4), 310 of 320 searches of a 20k bundle with the same ids in
-# order, scores within 1.02e-3.
+# 17% for a batch of 16 (31.1 -> 36.5 ms), torch on 1 thread; a multiple of 8 kept 153 of 320. A query batch holds
+# only queries of one padded width (a query of 20 tokens is 32 wide alone, 48 beside one of 40; on a Xeon with AMX
+# queries of 69-109 tokens were not bit-identical in batches of 2-16 with others). What else moved a vector with
+# its batch there, oneDNN's bfloat16 kernel choice by rows, is accel.RowChunked's: with both, 384 of 384 generated
+# queries of 3-109 tokens bit-identical alone and in batches of 2, 4, 16 and 64, on 1 and on 2 threads (and in
+# float32, traced or eager). Not the 'fast' preset: int8 dynamic quantisation scales each batch by its own range.
 QUERY_PAD_MULTIPLE = 16
 
 
@@ -321,7 +322,8 @@ class Encoder:
         All texts are tokenised in one call, sorted by token count so each batch pads little, and batched by
         padded tokens (``batch_size`` x :data:`TOKENS_PER_ROW`, at least ``batch_size`` texts a batch): short
         titles go many to a batch. The original order is restored. ``pad_multiple``: each batch is padded to a
-        multiple of this many tokens (:data:`QUERY_PAD_MULTIPLE` for queries).
+        multiple of this many tokens (:data:`QUERY_PAD_MULTIPLE` for queries), and holds only texts padded to the
+        same width alone, so that a text's vector does not depend on the batch it is in.
         """
         n = len(texts)
         out = np.empty((n, self.dim), dtype=np.float32)
@@ -340,6 +342,9 @@ class Encoder:
                 deadline.check()  # between batches: past a caller's deadline, stop and free the thread
                 rows = min(max(bs, bs * TOKENS_PER_ROW // max(1, int(lengths[order[start]]))), bs * MAX_ROWS_FACTOR)
                 idx = order[start : start + rows]
+                if pad_multiple > 1:  # one padded width a batch: each text is as wide as it would be alone
+                    widths = -(-lengths[idx] // pad_multiple)
+                    idx = idx[widths == widths[0]]
                 batch = self._padded([ids[i] for i in idx], device, pad_multiple)
                 if runner is None:
                     vectors = self.embed(batch)

@@ -103,14 +103,37 @@ def test_no_progress_bar_object_unless_shown(tiny_encoder: Encoder, monkeypatch:
 
 def test_a_query_encodes_alike_alone_and_in_any_batch(tiny_encoder: Encoder) -> None:
     """Padded to a multiple of 16 tokens, each query's vector alone equals its row in a batch of queries of other
-    lengths (to 1e-7 in float32; in bfloat16 bit for bit only where the CPU's GEMM kernel does not change with the
-    batch's rows: see encoder.QUERY_PAD_MULTIPLE)."""
+    lengths (to 1e-7 in float32 here; bit for bit with the real model: tests/test_minilm.py)."""
     assert QUERY_PAD_MULTIPLE == 16
     texts = [*TEXTS, "a much longer query about red running shoes for the road " * 3]
     batch = tiny_encoder.encode_queries(texts)
     alone = np.stack([tiny_encoder.encode_queries([t])[0] for t in texts])
     np.testing.assert_allclose(batch, alone, atol=1e-7, rtol=0)
     assert len({len(ids) for ids in tiny_encoder.tokenizer(texts)["input_ids"]}) > 2  # lengths differ
+
+
+def test_a_query_batch_holds_queries_of_one_padded_width(
+    tiny_encoder: Encoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Queries of 3 to ~40 tokens in batches of 8: every batch the runner sees is as wide as each of its queries
+    would be alone (its length rounded up to 16); titles batch across widths."""
+    texts = [("word " * n).strip() for n in range(1, 40, 3)]
+    seen: list[list[int]] = []
+    padded = tiny_encoder._padded
+
+    def spy(rows: list[list[int]], device: torch.device, multiple: int = 1) -> dict[str, torch.Tensor]:
+        seen.append([len(r) for r in rows])
+        return padded(rows, device, multiple)
+
+    monkeypatch.setattr(tiny_encoder, "_padded", spy)
+    tiny_encoder.encode_queries(texts, batch_size=8)
+    assert sum(map(len, seen)) == len(texts)
+    assert len(seen) > 2
+    for lengths in seen:
+        assert len({-(-n // QUERY_PAD_MULTIPLE) for n in lengths}) == 1
+    seen.clear()
+    tiny_encoder.encode_titles(texts, batch_size=8)
+    assert any(len({-(-n // QUERY_PAD_MULTIPLE) for n in lengths}) > 1 for lengths in seen)
 
 
 def _raw_hidden(encoder: Encoder, text: str) -> torch.Tensor:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from matching.config import EncoderConfig
 from matching.encoder import Encoder
@@ -90,6 +91,23 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
 
     rx, ry = ranks(np.asarray(x, dtype=np.float64)), ranks(np.asarray(y, dtype=np.float64))
     return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def test_a_query_is_bit_identical_alone_and_in_any_batch() -> None:
+    """The default preset (bfloat16 where the CPU runs it natively, else float32), 1 and 2 threads: queries of 3 to
+    ~100 tokens encode to the same bits alone and in batches of 2, 5 and 32 (encoder.QUERY_PAD_MULTIPLE)."""
+    encoder = Encoder.from_pretrained()
+    queries = [*SENTENCES, *(f"running shoes size {i} for men" for i in range(24))]
+    queries += ["a much longer query about " + " ".join(f"word{j}" for j in range(n)) for n in range(0, 40, 4)]
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            alone = encoder.encode_queries(queries, batch_size=1)
+            for batch_size in (2, 5, 32):
+                np.testing.assert_array_equal(encoder.encode_queries(queries, batch_size=batch_size), alone)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_spearman_helper() -> None:

@@ -229,3 +229,44 @@ def test_fast_cuts_long_texts_at_its_token_limit(tiny_model_dir: Path) -> None:
     assert fast.max_length == 128 < accel.FAST_MAX_TOKENS
     np.testing.assert_allclose(fast.encode([long_text]), exact.encode([long_text]), atol=0.05)
     assert fast.fingerprint == exact.fingerprint
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_a_narrowing_layer_multiplies_its_rows_in_chunks_up_to_a_bound() -> None:
+    """RowChunked: above CHUNK_ROWS and up to CHUNKED_MAX_ROWS rows its output is, bit for bit, the layer's over
+    each chunk of CHUNK_ROWS rows; outside that, the layer's over all rows; leading dimensions kept. Only layers
+    with more inputs than outputs are replaced, and the scripted module traces with its loop (any row count)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(24, 8).bfloat16().eval()
+    chunked = torch.jit.script(accel.RowChunked(linear))
+    chunk, most = accel.CHUNK_ROWS, accel.CHUNKED_MAX_ROWS
+    with torch.inference_mode():
+        for rows in (1, chunk, chunk + 1, 5 * chunk + 3, most, most + 1, 3 * most):
+            x = torch.randn(rows, 24).bfloat16()
+            if chunk < rows <= most:
+                want = torch.cat([linear(part) for part in x.split(chunk)])
+            else:
+                want = linear(x)
+            assert torch.equal(chunked(x), want)
+        x3 = torch.randn(4, 20, 24).bfloat16()
+        want3 = torch.cat([linear(p) for p in x3.reshape(80, 24).split(chunk)]).reshape(4, 20, 8)
+        assert torch.equal(chunked(x3), want3)
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 24), torch.nn.GELU(), torch.nn.Linear(24, 8), torch.nn.Linear(8, 8))
+    accel._batch_invariant(model)
+    kinds = [type(m).__name__ for m in model]
+    assert kinds == ["Linear", "GELU", "RecursiveScriptModule", "Linear"]
+
+    class Wrap(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x)
+
+    with torch.inference_mode():
+        traced = torch.jit.trace(Wrap().eval(), torch.randn(2, 16, 8))  # type: ignore[no-untyped-call]
+        for shape in ((1, 16, 8), (5, 16, 8), (64, 16, 8), (3, 48, 8)):
+            x = torch.randn(*shape)
+            assert torch.equal(traced(x), model(x))
