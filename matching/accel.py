@@ -169,8 +169,10 @@ class Pooled(nn.Module):
 # 16-32 rows or from 384 up: a query's vector moved by up to 1.3e-3 with the batch it was encoded in (80 of 128
 # generated queries bit-identical alone and in batches of 16, Xeon with AMX; the other layers were identical at
 # every size). Such a layer multiplies CHUNK_ROWS rows at a time while its input has at most CHUNKED_MAX_ROWS rows
-# (query batches; a title batch has ~4,096 padded tokens): 128 of 128 identical, a batch of 16 queries 13.2 ->
-# 16.5 ms (torch on 1 thread), one query 3.8 -> 4.0 ms.
+# (query batches: 64 queries of 16 tokens; a title batch has ~4,096 padded tokens and keeps one GEMM): 128 of 128
+# identical, a batch of 16 queries 13.2 -> 16.5 ms (torch on 1 thread), one query 3.8 -> 4.0 ms. A bigger query
+# batch (a search_batch of hundreds, or 32 long queries) runs one GEMM too: its kernel matched the 32-row one here
+# from 384 rows up (512 on 2 threads), which nothing guarantees on other CPUs or thread counts.
 CHUNK_ROWS = 32
 CHUNKED_MAX_ROWS = 1024
 

@@ -52,10 +52,12 @@ def exact_top_k(
     vectors: np.ndarray, queries: np.ndarray, k: int, *, block: int = 16_384
 ) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force top ``k`` (scores, row ids) of ``queries`` over ``vectors`` (memmap-friendly, block by block),
-    best first; equal scores in row order."""
+    best first; equal scores in row order; a score that is not a number counts as -inf."""
     q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
     n = len(vectors)
-    k = min(k, n)
+    k = max(0, min(k, n))
+    if len(q) == 0:
+        return np.zeros((0, k), dtype=np.float32), np.zeros((0, k), dtype=np.int64)
     block = max(block, k)
     best_s = np.zeros((len(q), 0), dtype=np.float32)
     best_i = np.zeros((len(q), 0), dtype=np.int64)
@@ -63,6 +65,8 @@ def exact_top_k(
         chunk = np.array(vectors[start : start + block], dtype=np.float32)
         drop_pages(vectors)
         s = q @ chunk.T
+        if np.isnan(s.sum()):  # one pass finds it; a NaN would fail every comparison below
+            s = np.where(np.isnan(s), np.float32(-np.inf), s)
         if best_s.shape[1] < k:  # the first block holds k (it has min(block, n) >= k rows): its k-th best and ties
             kth = -np.partition(-s, k - 1, axis=1)[:, k - 1 : k]
             rows, cols = np.nonzero(s >= kth)

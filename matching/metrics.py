@@ -66,17 +66,22 @@ def neighbour_recall(found: np.ndarray, exact: np.ndarray, k: int) -> float:
     return hits / total if total else 1.0
 
 
-def tied_neighbour_recall(found_scores: np.ndarray, exact_scores: np.ndarray, k: int, tol: float = 1e-6) -> float:
-    """ANN quality that lets equal rows stand for each other: the mean share of each query's exact top ``k``
-    matched by its top ``k`` found, a found row counting when its exact score (``found_scores``, -inf where none)
-    reaches the query's k-th exact score less ``tol``. Without ties it is :func:`neighbour_recall`; with them
-    (duplicate titles, whose vectors are equal), which of the equal rows the exact top ``k`` kept does not matter."""
-    exact = np.asarray(exact_scores)[:, :k]
-    if exact.shape[1] == 0:
+def tied_neighbour_recall(
+    found: np.ndarray, found_scores: np.ndarray, exact: np.ndarray, exact_scores: np.ndarray, k: int, tol: float = 1e-6
+) -> float:
+    """ANN quality that lets equal rows stand for each other: :func:`neighbour_recall`, where a found row also
+    counts when its exact score (``found_scores``, -inf where none) reaches the query's k-th exact score less ``tol``
+    (capped at the exact list's length). With duplicate titles (equal vectors) which of the equal rows the exact top
+    ``k`` kept does not matter; without ties it is :func:`neighbour_recall`."""
+    exact_ids = np.asarray(exact)[:, :k]
+    top = np.asarray(exact_scores)[:, :k]
+    if top.shape[1] == 0:
         return 1.0
-    kth = exact[:, -1:]
-    total = np.isfinite(exact).sum(axis=1)
-    hits = np.minimum((np.asarray(found_scores)[:, :k] >= kth - tol).sum(axis=1), total)
+    got, got_scores = np.asarray(found)[:, :k], np.asarray(found_scores)[:, :k]
+    listed = (got[:, :, None] == exact_ids[:, None, :]).any(axis=2) & (got >= 0)
+    tied = got_scores >= top[:, -1:] - tol
+    total = (exact_ids >= 0).sum(axis=1)
+    hits = np.minimum((listed | tied).sum(axis=1), total)
     return float(hits.sum() / total.sum()) if total.sum() else 1.0
 
 

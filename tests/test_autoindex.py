@@ -224,6 +224,25 @@ def test_exact_top_k_breaks_ties_by_row_order(block: int) -> None:
     assert exact_top_k(vectors, queries, 0)[1].shape == (5, 0)
 
 
+def test_exact_top_k_ranks_a_score_that_is_not_a_number_last() -> None:
+    """A stored row of NaN, and a query of NaN: every query still gets k rows (NaN scores as -inf, after every
+    number, in row order), as a stable sort with NaN last has them; no queries give (0, k)."""
+    rng = np.random.default_rng(7)
+    vectors = unit(rng.standard_normal((300, 8)))
+    vectors[5] = np.nan
+    queries = unit(rng.standard_normal((3, 8)))
+    queries[1] = np.nan
+    full = queries @ vectors.T
+    want = np.argsort(-np.where(np.isnan(full), -np.inf, full), axis=1, kind="stable")
+    for k in (4, 300):
+        scores, ids = exact_top_k(vectors, queries, k, block=64)
+        np.testing.assert_array_equal(ids, want[:, :k])
+        assert np.isneginf(scores[1]).all()
+    assert np.isneginf(exact_top_k(vectors, queries, 300)[0][0, -1])
+    empty = exact_top_k(vectors, np.zeros((0, 8), dtype=np.float32), 4)
+    assert empty[0].shape == empty[1].shape == (0, 4)
+
+
 def test_sample_queries_are_seeded_unit_vectors_near_their_source() -> None:
     vectors = clustered(2_000, 32, 10, seed=2)
     a, rows = sample_queries(vectors, 100, noise=0.75, seed=1)
@@ -261,17 +280,20 @@ def test_tuning_reaches_the_target_with_the_smallest_nprobe(
 
 def test_tied_recall_lets_equal_rows_stand_for_each_other() -> None:
     """Hand-computed: query 0's exact top 2 is row 5 (0.9) and one of rows 6 and 7 (0.8 both); finding row 7 is a
-    hit, though the exact list kept row 6. Query 1 finds one of its two (0.55 is below its 2nd best, 0.6)."""
+    hit, though the exact list kept row 6. Query 1 finds one of its two (row 3's 0.55 is below its 2nd best)."""
     exact_ids = np.array([[5, 6], [1, 2]])
     exact_scores = np.array([[0.9, 0.8], [0.7, 0.6]], dtype=np.float32)
     found_ids = np.array([[5, 7], [1, 3]])
     found_scores = np.array([[0.9, 0.8], [0.7, 0.55]], dtype=np.float32)
     assert recall_at_k(found_ids, exact_ids, 2) == 0.5
-    assert tied_neighbour_recall(found_scores, exact_scores, 2) == 0.75
-    # nothing found (-inf) is no hit; an exact list shorter than k (-inf padding) counts what it has
-    assert tied_neighbour_recall(np.full((1, 2), -np.inf), exact_scores[:1], 2) == 0.0
-    padded = np.array([[0.9, -np.inf]], dtype=np.float32)
-    assert tied_neighbour_recall(np.array([[0.9, 0.1]]), padded, 2) == 1.0
+    assert tied_neighbour_recall(found_ids, found_scores, exact_ids, exact_scores, 2) == 0.75
+    # nothing found (-1, -inf) is no hit; an exact list shorter than k (-1, -inf padding) counts what it has
+    nothing = np.full((1, 2), -1)
+    assert tied_neighbour_recall(nothing, np.full((1, 2), -np.inf), exact_ids[:1], exact_scores[:1], 2) == 0.0
+    padded_ids, padded = np.array([[5, -1]]), np.array([[0.9, -np.inf]], dtype=np.float32)
+    assert tied_neighbour_recall(np.array([[5, 8]]), np.array([[0.9, 0.1]]), padded_ids, padded, 2) == 1.0
+    # a listed id counts whatever its score's last bits (another summation order than the exact list's)
+    assert tied_neighbour_recall(exact_ids, exact_scores - 1e-5, exact_ids, exact_scores, 2) == 1.0
 
 
 def test_tuning_with_refine_counts_an_equal_duplicate_as_found() -> None:

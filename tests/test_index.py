@@ -280,7 +280,7 @@ def test_bf16_assignment_finds_the_float32_nearest_centroid() -> None:
     np.testing.assert_array_equal(assign.nearest_centroids(near, crowd)[clear], want[clear])
 
 
-@pytest.mark.parametrize("factory", ["IVF32,SQ8", "IVF32,Flat"])
+@pytest.mark.parametrize("factory", ["IVF32,SQ8", "IVF32,Flat", "IVF32,PQ8x4"])
 def test_an_index_added_with_bf16_assignment_is_the_one_faiss_adds(
     factory: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -308,3 +308,14 @@ def test_an_index_added_with_bf16_assignment_is_the_one_faiss_adds(
     assert assign.flat_ip_centroids(faiss.index_factory(DIM, "IVF8,Flat", faiss.METRIC_L2)) is None
     assert assign.flat_ip_centroids(faiss.index_factory(DIM, "PCA8,IVF8,Flat", faiss.METRIC_INNER_PRODUCT)) is None
     assert assign.flat_ip_centroids(faiss.index_factory(DIM, "HNSW8", faiss.METRIC_INNER_PRODUCT)) is None
+    # fast-scan packs its codes in blocks in its own add_with_ids: FAISS adds them
+    fast_scan = faiss.index_factory(DIM, "IVF8,PQ8x4fs", faiss.METRIC_INNER_PRODUCT)
+    fast_scan.train(vectors)
+    assert assign.flat_ip_centroids(fast_scan) is None
+    # a row that is not finite: FAISS's own add, which leaves it out of every list
+    bad = vectors[:200].copy()
+    bad[7, 3] = np.nan
+    before = ours.index.ntotal
+    ours.add(bad, np.arange(200, dtype=np.int64) + 50_000)
+    assert calls == [6000, 1000]
+    assert ours.index.ntotal == before + 200

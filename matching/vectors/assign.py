@@ -6,10 +6,11 @@ every centroid, most of the add. Here the GEMM runs in bfloat16 through torch (o
 found (``IndexIVF.add_core``, what ``add_with_ids`` does after its own assignment). bfloat16 keeps 8
 significant bits: two scores may swap when they are closer than its error bound, so a row whose last candidate
 lies within that bound of its best (one beyond the candidates might win) is scored against every centroid in
-float32 instead. The result is float32's nearest centroid, whatever the data.
+float32 instead. The result is float32's nearest centroid, whatever the data (up to float32's own rounding, which
+differs with the order of the sums).
 
 Measured on 2 cores of a Xeon with AMX, the 1M generated product titles' stored vectors against the 4,096
-centroids of their IVF4096,SQ8 index: FAISS's assignment 10.3-10.7 s, this one 6.4 s. With 8 candidates 0.15% of
+centroids of their IVF4096,SQ8 index: FAISS's assignment 9.6-10.7 s, this one 6.2-7.0 s. With 8 candidates 0.15% of
 the rows are settled in full float32 (with 4, 8-9%: 7.2 s; 16 candidates cost more in the top-k than they save).
 One row of the million went to another list than FAISS's: two centroids 1.6e-8 apart, where float64 sides with
 this one.
@@ -17,7 +18,6 @@ this one.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import faiss
@@ -29,13 +29,17 @@ from matching.accel import cpu_has_native_bf16
 CANDIDATES = 8  # centroids re-scored in float32 per row
 MIN_ROWS = 4096  # fewer rows at once go through FAISS's own assignment (a GEMM too small to gain)
 _BLOCK = 1024  # rows a GEMM: 1,024 x 4,096 scores stay in cache for the top-k (16,384 a block: 1.9x slower)
+_ADD_CORE_TYPES = (faiss.IndexIVFFlat, faiss.IndexIVFScalarQuantizer, faiss.IndexIVFPQ)
 
 
 def flat_ip_centroids(index: Any) -> np.ndarray | None:
     """The centroids (nlist, d) of ``index``'s coarse quantizer when assignment here applies to it: an IVF index
-    itself (no wrapper or pre-transform) over inner product, with a flat inner-product quantizer. Else None."""
-    inner = faiss.downcast_index(index)
-    if not isinstance(inner, faiss.IndexIVF) or inner.metric_type != faiss.METRIC_INNER_PRODUCT:
+    itself (no wrapper or pre-transform) of flat, scalar-quantised or PQ codes over inner product, with a flat
+    inner-product quantizer. Else None."""
+    inner: Any = faiss.downcast_index(index)
+    # these types add through IndexIVF.add_core as add_with_ids would; others override add_with_ids (fast-scan
+    # packs its codes in blocks, IVFFlatDedup removes duplicates) or are untested here
+    if type(inner) not in _ADD_CORE_TYPES or inner.metric_type != faiss.METRIC_INNER_PRODUCT:
         return None
     quantizer = faiss.downcast_index(inner.quantizer)
     if not isinstance(quantizer, faiss.IndexFlat) or quantizer.metric_type != faiss.METRIC_INNER_PRODUCT:
@@ -57,14 +61,15 @@ def nearest_centroids(vectors: np.ndarray, centroids: np.ndarray, *, candidates:
     # ~2**-7 of it, so the sum by 2**-7 * |x| * |c| (Cauchy-Schwarz), and rounding the output by 2**-8 more: two
     # scores' difference moves by at most 6 * 2**-8 * |x| * |c|; 2**-5 rounds that up (float32 accumulation aside)
     slack = 2.0**-5 * float(exact.norm(dim=1).max()) if len(exact) else 0.0
-    with warnings.catch_warnings():  # a read-only memmap's rows: only read here
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        rows = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
-    out = np.empty(len(rows), dtype=np.int64)
+    n = len(vectors)
+    out = np.empty(n, dtype=np.int64)
     take = min(candidates, len(exact))
+    buffer = np.empty((min(n, _BLOCK), exact.shape[1]), dtype=np.float32)  # writable (a memmap may not be)
     with torch.inference_mode():
-        for start in range(0, len(rows), _BLOCK):
-            block = rows[start : start + _BLOCK]
+        for start in range(0, n, _BLOCK):
+            part = buffer[: min(_BLOCK, n - start)]
+            part[:] = vectors[start : start + len(part)]
+            block = torch.from_numpy(part)
             rough_top, top = (block.to(torch.bfloat16) @ rough).topk(take, dim=1)
             scores = torch.einsum("nd,nkd->nk", block, exact[top])
             best = top.gather(1, scores.argmax(dim=1, keepdim=True)).squeeze(1)
@@ -82,8 +87,8 @@ def add_assigned(index: Any, vectors: np.ndarray, ids: np.ndarray, centroids: np
     :func:`flat_ip_centroids`) is given, the block is big enough and this CPU runs bfloat16 natively."""
     block = np.ascontiguousarray(vectors, dtype=np.float32)
     labels = np.ascontiguousarray(ids, dtype=np.int64)
-    if centroids is None or len(block) < MIN_ROWS or not cpu_has_native_bf16():
-        index.add_with_ids(block, labels)
+    if centroids is None or len(block) < MIN_ROWS or not cpu_has_native_bf16() or not np.isfinite(block).all():
+        index.add_with_ids(block, labels)  # (FAISS leaves a row that is not finite out of every list)
         return
     lists = nearest_centroids(block, centroids)
     ivf: Any = faiss.downcast_index(index)  # an IndexIVF: flat_ip_centroids found its centroids

@@ -340,7 +340,7 @@ def tune_search_params(
         if refine is not None:
             drop_pages(refine)  # the refine read rows all over the file: keep them out of resident memory
         if refine is not None and exact_top_scores is not None:  # the refine's scores are exact
-            r = tied_neighbour_recall(scores, exact_top_scores, k)
+            r = tied_neighbour_recall(found, scores, exact_top_ids, exact_top_scores, k)
         else:
             r = neighbour_recall(found, exact_top_ids, k)
         if value is not None:
