@@ -323,8 +323,8 @@ def tune_search_params(
     Values are doubled from 1 until the target is reached, then bisected, so ``value - 1`` was measured to miss
     it (unless ``value`` is 1). With ``refine`` and ``exact_top_scores`` (the exact top ``k``'s scores), recall
     lets equal rows stand for each other (:func:`tied_neighbour_recall`). The index is left set to the returned
-    value. Returns ``{"param", "value",
-    "recall", "target_recall", "k", "candidates", "reached", "evaluated"}``; ``param`` is None for exact indexes.
+    value. Returns ``{"param", "value", "recall", "target_recall", "k", "candidates", "reached", "evaluated"}``;
+    ``param`` is None for exact indexes.
     """
     if not 0.0 < target_recall <= 1.0:
         raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
