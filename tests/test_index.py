@@ -296,7 +296,6 @@ def test_an_index_added_with_bf16_assignment_is_the_one_faiss_adds(
     plain = VectorIndex.build(vectors, ids, config, tune=False)
     plain.add(vectors[:1000], ids[:1000] + 10_000)
     monkeypatch.setattr(assign, "MIN_ROWS", 100)
-    monkeypatch.setattr(faiss_index, "MIN_ROWS", 100)
     monkeypatch.setattr(assign, "cpu_has_native_bf16", lambda: True)
     calls: list[int] = []
     real = assign.nearest_centroids

@@ -82,12 +82,14 @@ def nearest_centroids(vectors: np.ndarray, centroids: np.ndarray, *, candidates:
     return out
 
 
-def add_assigned(index: Any, vectors: np.ndarray, ids: np.ndarray, centroids: np.ndarray | None) -> None:
-    """``index.add_with_ids(vectors, ids)``, with the coarse assignment done here when ``centroids`` (from
-    :func:`flat_ip_centroids`) is given, the block is big enough and this CPU runs bfloat16 natively."""
+def add_assigned(index: Any, vectors: np.ndarray, ids: np.ndarray) -> None:
+    """``index.add_with_ids(vectors, ids)``, with the coarse assignment done here where it applies
+    (:func:`flat_ip_centroids`), the block is big enough, its rows are finite and this CPU runs bfloat16 natively."""
     block = np.ascontiguousarray(vectors, dtype=np.float32)
     labels = np.ascontiguousarray(ids, dtype=np.int64)
-    if centroids is None or len(block) < MIN_ROWS or not cpu_has_native_bf16() or not np.isfinite(block).all():
+    eligible = len(block) >= MIN_ROWS and cpu_has_native_bf16() and bool(np.isfinite(block).all())
+    centroids = flat_ip_centroids(index) if eligible else None
+    if centroids is None:
         index.add_with_ids(block, labels)  # (FAISS leaves a row that is not finite out of every list)
         return
     lists = nearest_centroids(block, centroids)

@@ -20,7 +20,7 @@ from matching.config import IndexConfig
 from matching.errors import BundleError, ConfigError
 from matching.exact import drop_pages
 from matching.layout import INDEX_FILE
-from matching.vectors.assign import MIN_ROWS, add_assigned, flat_ip_centroids
+from matching.vectors.assign import add_assigned
 from matching.vectors.autoindex import (
     IndexChoice,
     auto_tune,
@@ -100,9 +100,8 @@ class FaissIndex(VectorIndex):
                 base.train(sample)  # a filled quantizer is kept as it is: only the codes train
                 del sample
             index = _with_ids(base)
-            centroids = flat_ip_centroids(index)
             for start in range(0, n, _ADD_BATCH):
-                add_assigned(index, vectors[start : start + _ADD_BATCH], ids[start : start + _ADD_BATCH], centroids)
+                add_assigned(index, vectors[start : start + _ADD_BATCH], ids[start : start + _ADD_BATCH])
                 drop_pages(vectors)
         except RuntimeError as exc:
             raise ConfigError(
@@ -204,9 +203,8 @@ class FaissIndex(VectorIndex):
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         """Add ``vectors`` under ``ids`` (the index must already be trained)."""
-        centroids = flat_ip_centroids(self.index) if len(ids) >= MIN_ROWS else None
         for start in range(0, len(ids), _ADD_BATCH):
-            add_assigned(self.index, vectors[start : start + _ADD_BATCH], ids[start : start + _ADD_BATCH], centroids)
+            add_assigned(self.index, vectors[start : start + _ADD_BATCH], ids[start : start + _ADD_BATCH])
 
     def remove(self, ids: np.ndarray) -> bool:
         """Remove ``ids``; ``False`` where this index type cannot remove (rebuild it instead)."""
