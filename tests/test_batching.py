@@ -227,11 +227,18 @@ def test_batches_hold_at_most_batch_queries() -> None:
 
 
 def test_several_batch_threads_answer_every_item_once() -> None:
+    # many rounds: with queue.SimpleQueue, whose timed get could wait forever once a worker was woken past its
+    # deadline by an item another took, 1 round in 60-300 left a batch unanswered (this test failed 4 runs in 5)
+    for _ in range(500):
+        _answer_thirty_at_once()
+
+
+def _answer_thirty_at_once() -> None:
     batcher = Batcher(wait_s=0.001, most=3, seconds=10.0, threads=3)
     group = Echo()
     try:
         futures = concurrently([lambda i=i: batcher.submit(group, i, time.monotonic()) for i in range(30)])
-        assert [f.result(timeout=10) for f in futures] == [i * 10 for i in range(30)]
+        assert [f.result(timeout=5) for f in futures] == [i * 10 for i in range(30)]
         assert len(batcher._workers) == 3
     finally:
         batcher.close()
