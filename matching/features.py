@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from matching.analysis import analyze
+from matching.analysis import analyze, counted
 from matching.lexical import LexicalIndex
 from matching.types import Fusion
 
@@ -149,11 +149,11 @@ def pair_features(
     if known is not None:
         out[:, LEXICAL_FEATURES] = known
     out[:, 0] = normalised(bm25, norm)
-    q_terms = set(analyze(query, lexical.analyzer, lexical.fold))
+    q_terms = counted(analyze(query, lexical.analyzer, lexical.fold))
     q_grams = _bigrams(query)
     t_counts = np.zeros(len(titles), dtype=np.int64)
     for i, title in enumerate(titles):
-        t_set = set(analyze(title, lexical.analyzer, lexical.fold))
+        t_set = counted(analyze(title, lexical.analyzer, lexical.fold))
         t_counts[i] = len(t_set)
         if q_terms:
             out[i, 1] = len(q_terms & t_set) / len(q_terms)

@@ -53,8 +53,9 @@ query title text search find match matching product products catalogue item item
 COMMON_WORDS = _COMMON_WORDS_TEXT.split()
 
 
-def tiny_vocab() -> list[str]:
-    """Special tokens, punctuation, words, and single characters (plain and ``##``) so any text tokenizes."""
+def tiny_vocab(extra: Sequence[str] = ()) -> list[str]:
+    """Special tokens, punctuation, words, and single characters (plain and ``##``) so any text tokenizes, then
+    ``extra`` (e.g. CJK characters, each a token of its own to BERT's tokenizer)."""
     chars = list(string.ascii_lowercase) + list(string.digits)
     words = list(dict.fromkeys(w for w in COMMON_WORDS if w not in chars))
     vocab = [
@@ -64,18 +65,19 @@ def tiny_vocab() -> list[str]:
         *(f"##{c}" for c in chars),
         *(f"##{p}" for p in string.punctuation),
         *words,
+        *extra,
     ]
     assert len(vocab) == len(set(vocab))
     return vocab
 
 
-def make_tiny_bert(directory: Path, *, seed: int = 0) -> Path:
-    """Write a 2-layer, 32-dim random BERT and a WordPiece tokenizer into ``directory``."""
+def make_tiny_bert(directory: Path, *, seed: int = 0, extra: Sequence[str] = ()) -> Path:
+    """Write a 2-layer, 32-dim random BERT and a WordPiece tokenizer into ``directory`` (``extra``: more tokens)."""
     import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     directory.mkdir(parents=True, exist_ok=True)
-    vocab = tiny_vocab()
+    vocab = tiny_vocab(extra)
     vocab_file = directory / "vocab.txt"
     vocab_file.write_text("\n".join(vocab) + "\n", encoding="utf-8")
     config = BertConfig(

@@ -19,12 +19,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import make_catalogue
+from conftest import make_catalogue, make_tiny_bert
 
 from matching import DeadlineError, Matcher, deadline, overlap
 from matching.analysis import Analyzer, analyze, jieba_available, resolve_analyzer
 from matching.bundle import read_manifest, write_manifest
-from matching.config import ScorerConfig
+from matching.config import EncoderConfig, ScorerConfig
+from matching.encoder import Encoder
 from matching.errors import ConfigError
 from matching.features import (
     DENSE_CEILING,
@@ -66,8 +67,14 @@ def fused_by_hand(
     tokenizer = snap.query_encoder.tokenizer
     tokens = tokenizer(query, add_special_tokens=False)["input_ids"]
     known = 1 - tokens.count(tokenizer.unk_token_id) / len(tokens)
-    n_query = len(set(analyze(query, snap.lexical.analyzer)))
-    n_titles = np.array([len(set(analyze(r.title, snap.lexical.analyzer))) for r in snap.store.get(rows.tolist())])
+    # distinct terms, a Chinese text's character terms ("_" + the character) aside
+    n_query = len({t for t in analyze(query, snap.lexical.analyzer) if not t.startswith("_")})
+    n_titles = np.array(
+        [
+            len({t for t in analyze(r.title, snap.lexical.analyzer) if not t.startswith("_")})
+            for r in snap.store.get(rows.tolist())
+        ]
+    )
     ratio = np.minimum(n_query, n_titles) / np.maximum(n_query, n_titles)
     f = floor + (1 - floor) * (np.clip(1 - np.maximum(n_query, n_titles) / span, 0, 1) if span else 0)
     w = ceiling * known * (f + (1 - f) * ratio)
@@ -270,9 +277,23 @@ def test_a_chinese_catalogue_warns_about_unknown_tokens_and_matches_by_words(
     assert "unknown to the encoder" in caplog.text
     assert "--model" in caplog.text
     assert m.manifest.source["unknown_token_share"] > 0.5
-    assert (m.manifest.lexical or {})["analyzer"] == ("chinese" if jieba_available() else "cjk")
+    assert (m.manifest.lexical or {})["analyzer"] == ("chinese-mixed" if jieba_available() else "cjk")
     assert m.search("保温杯", k=1)[0].title == "不锈钢保温杯"
     assert m.search("跑步鞋", k=1, retrieval="lexical")[0].title == "男士跑步鞋"
+
+
+@pytest.mark.skipif(not jieba_available(), reason="jieba (matching[cjk]) is not installed")
+@pytest.mark.parametrize("query", ["保温杯", "男士跑步鞋 黑色", "蓝牙耳机无线"])
+def test_a_chinese_catalogue_follows_the_fusion_by_hand(tmp_path: Path, query: str) -> None:
+    # an encoder that reads these characters (no [UNK]): the dense weight, which counts words, is not 0
+    model = make_tiny_bert(tmp_path / "zh-bert", extra=sorted(set("".join(CHINESE) + query) - {" "}))
+    encoder = Encoder.from_pretrained(EncoderConfig(model=str(model), preset="exact"))
+    frame = pd.DataFrame({"id": range(len(CHINESE)), "title": CHINESE})
+    m = Matcher.build(frame, tmp_path / "zh", encoder=encoder, show_progress=False)
+    assert m.snapshot.lexical is not None
+    assert m.snapshot.lexical.analyzer == Analyzer.CHINESE_MIXED
+    assert encoder.known_shares([query])[0] == 1.0
+    assert_all_follow(m, query, fused_by_hand(m, query))
 
 
 def test_an_english_catalogue_does_not_warn(
@@ -286,9 +307,14 @@ def test_an_english_catalogue_does_not_warn(
 
 
 @pytest.mark.skipif(not jieba_available(), reason="jieba (matching[cjk]) is not installed")
-def test_the_chinese_analyser_cuts_words_and_is_chosen_for_han_text_only() -> None:
+def test_the_chinese_analysers_cut_words_and_are_chosen_for_han_text_only() -> None:
     assert analyze("无线蓝牙耳机 iPhone 手机壳", Analyzer.CHINESE) == ["无线", "蓝牙", "耳机", "iphon", "手机", "壳"]
-    assert resolve_analyzer(CHINESE) == Analyzer.CHINESE
+    assert analyze("无线蓝牙耳机 iPhone 手机壳", Analyzer.CHINESE_MIXED) == [
+        *("无线", "蓝牙", "耳机", "_无", "_线", "_蓝", "_牙", "_耳", "_机"),
+        "iphon",
+        *("手机", "壳", "_手", "_机", "_壳"),
+    ]
+    assert resolve_analyzer(CHINESE) == Analyzer.CHINESE_MIXED
     assert resolve_analyzer(["ワイヤレスイヤホン", "ランニングシューズ"]) == Analyzer.CJK  # kana: not for jieba
     assert resolve_analyzer(["wireless headphones"]) == Analyzer.ENGLISH
 

@@ -15,7 +15,7 @@ from matching.errors import BundleError, ConfigError
 from matching.layout import LEXICAL_ARRAYS, LEXICAL_CONFIG
 from matching.lexical import BM25Params, LexicalIndex
 
-HAN = Analyzer.CHINESE if jieba_available() else Analyzer.CJK  # what 'auto' picks for Chinese titles
+HAN = Analyzer.CHINESE_MIXED if jieba_available() else Analyzer.CJK  # what 'auto' picks for Chinese titles
 
 TITLES = [
     "Red running shoes for men",
@@ -106,6 +106,25 @@ def check_search(index: LexicalIndex, corpus: list[str], live: list[bool] | None
         assert (ids[i, len(top_rows) :] == -1).all()
         assert np.isneginf(scores[i, len(top_rows) :]).all()
         np.testing.assert_allclose(index.score_rows(query, np.arange(len(corpus))), want, rtol=1e-5)
+
+
+@pytest.mark.skipif(not jieba_available(), reason="jieba (matching[cjk]) is not installed")
+def test_the_mixed_analyser_matches_characters_where_jieba_cuts_words_apart() -> None:
+    corpus = ["信用卡年费", "招商银行信用卡", "储蓄卡挂失", "花呗怎么还款", "狂三高清图", "信用记录查询"]
+    rows = np.arange(len(corpus))
+    words = LexicalIndex.build(corpus, Analyzer.CHINESE)
+    mixed = LexicalIndex.build(corpus, Analyzer.CHINESE_MIXED)
+    # jieba keeps 信用卡 one word: by words only the rows holding it match; by characters 储蓄卡 and 信用记录 too
+    assert np.flatnonzero(words.score_rows("信用卡", rows)).tolist() == [0, 1]
+    got = mixed.score_rows("信用卡", rows)
+    assert np.flatnonzero(got).tolist() == [0, 1, 2, 5]
+    np.testing.assert_allclose(got, brute("信用卡", corpus, Analyzer.CHINESE_MIXED, BM25Params()), rtol=1e-5)
+    # a one-character word and that character are two terms
+    assert analyze("花呗", Analyzer.CHINESE_MIXED) == ["花", "呗", "_花", "_呗"]
+    # the fusion's length features count words only: 信用卡 年 费 (not its five characters as well)
+    assert mixed.distinct_count("信用卡年费") == 3
+    want = [len({t for t in analyze(title, Analyzer.CHINESE_MIXED) if not t.startswith("_")}) for title in corpus]
+    assert mixed.distinct_terms(rows).tolist() == [mixed.distinct_count(title) for title in corpus] == want
 
 
 def test_analyzers() -> None:
@@ -227,7 +246,12 @@ def test_pruned_search_equals_exhaustive_ranking(filtered: bool) -> None:
         index.pruning = True
 
 
-ANALYZERS = [Analyzer.STANDARD, Analyzer.ENGLISH, Analyzer.CJK, *([Analyzer.CHINESE] if jieba_available() else [])]
+ANALYZERS = [
+    Analyzer.STANDARD,
+    Analyzer.ENGLISH,
+    Analyzer.CJK,
+    *([Analyzer.CHINESE, Analyzer.CHINESE_MIXED] if jieba_available() else []),
+]
 FOLDED = [
     ("İstanbul", "istanbul", ["istanbul"]),  # Turkish capital dotted I: no U+0307 left behind
     ("İSTANBUL", "istanbul", ["istanbul"]),

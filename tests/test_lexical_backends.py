@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Self
 import numpy as np
 import pytest
 
-from matching.analysis import Analyzer, analyze
+from matching.analysis import Analyzer, analyze, counted
 from matching.errors import BundleError, ConfigError
 from matching.layout import LEXICAL_CONFIG
 from matching.lexical import BM25Params, LexicalIndex, TermStats, lexical_backends, register
@@ -114,7 +114,7 @@ class DictLexical(LexicalIndex):
 
     def distinct_terms(self, row_ids: np.ndarray) -> np.ndarray:
         docs = [self.docs[r] if 0 <= r < self.rows else None for r in row_ids.tolist()]
-        return np.array([len(set(d)) if d else 0 for d in docs], dtype=np.int64)
+        return np.array([len(counted(d)) if d else 0 for d in docs], dtype=np.int64)
 
 
 register("dict", DictLexical)  # the one registry line a new backend needs

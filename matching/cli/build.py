@@ -40,7 +40,7 @@ def _add_build(sub: Any) -> None:
     p.add_argument("--out", help="bundle directory (default: indexes/<file stem>)")
     p.add_argument(
         "--analyzer",
-        choices=["auto", "english", "chinese", "cjk", "standard"],
+        choices=["auto", "english", "chinese-mixed", "chinese", "cjk", "standard"],
         default="auto",
         help="how titles are cut into words for BM25 (default: from the titles' script)",
     )

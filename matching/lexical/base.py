@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Self, cast
 
 import numpy as np
 
-from matching.analysis import FOLD, Analyzer, analyze, resolve_analyzer
+from matching.analysis import FOLD, Analyzer, analyze, counted, resolve_analyzer
 from matching.errors import BundleError, ConfigError
 from matching.layout import LEXICAL_CONFIG
 
@@ -153,8 +153,9 @@ class LexicalIndex(abc.ABC):
         return analyze(text, self.analyzer, self.fold)
 
     def distinct_count(self, text: str) -> int:
-        """The number of distinct terms the analyser finds in ``text``."""
-        return len(set(self.terms(text)))
+        """The number of distinct terms the analyser finds in ``text``, character terms aside
+        (:func:`matching.analysis.counted`)."""
+        return len(counted(self.terms(text)))
 
     # -- what a backend implements ---------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Self
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from matching.analysis import FOLD, Analyzer, analyze
+from matching.analysis import CHAR_TERM, FOLD, Analyzer, analyze
 from matching.errors import BadRowError, BundleError, ConfigError
 from matching.layout import LEXICAL_ARRAYS
 from matching.lexical.base import BM25Params, LexicalIndex, TermStats
@@ -255,8 +255,15 @@ class BM25Index(LexicalIndex):
         largest = np.zeros(len(counts), dtype=np.float64)
         if len(ratio):
             largest[counts > 0] = np.maximum.reduceat(ratio, self._ptr[:-1][counts > 0])
-        distinct = np.bincount(self._rows, minlength=self.rows).astype(np.int64)
-        return _Stats(live, total, avgdl, df, weight, ratio, weight * largest, distinct)
+        return _Stats(live, total, avgdl, df, weight, ratio, weight * largest, self._distinct(counts))
+
+    def _distinct(self, counts: np.ndarray) -> np.ndarray:
+        """Each row's distinct terms as :func:`counted` counts them (``counts``: each term's postings)."""
+        rows = self._rows
+        if self.analyzer == Analyzer.CHINESE_MIXED:
+            words = np.fromiter((not t.startswith(CHAR_TERM) for t in self._vocab), bool, count=len(self._vocab))
+            rows = rows[np.repeat(words, counts)]
+        return np.bincount(rows, minlength=self.rows).astype(np.int64)
 
     def _norm(self, doc_len: np.ndarray, avgdl: float) -> np.ndarray:
         """k1 * (1 - b + b * dl / avgdl), float32."""
