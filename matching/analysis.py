@@ -34,7 +34,8 @@ class Analyzer(StrEnum):
     ENGLISH = "english"  # STANDARD + English stopwords removed + Snowball English stemming
     CJK = "cjk"  # CJK runs as character uni- and bigrams, other runs as ENGLISH
     # CJK runs cut into words by jieba (the optional extra matching[cjk]), other runs as ENGLISH. On LCQMC test the
-    # untrained score reaches ROC-AUC 0.829 with it against 0.802 with character n-grams (0.803 with words + chars).
+    # untrained score reaches ROC-AUC 0.829 with it against 0.802 with character n-grams (0.803 with an early words +
+    # characters cut, under the fusion of then: not CHINESE_MIXED's, whose characters are terms of their own).
     # What 'auto' chose for Chinese before CHINESE_MIXED; bundles built with it keep it.
     CHINESE = "chinese"
     # CJK runs as jieba's dictionary words (no HMM guesses at unknown words) and, as terms of their own, their single
@@ -186,9 +187,10 @@ def _folded(text: str, fold: int) -> str:
 
 
 def counted(terms: Iterable[str]) -> set[str]:
-    """The distinct terms the fusion's length features count: the words, not CHINESE_MIXED's character terms (they
-    would triple a Chinese text's count and move its length lift; LCQMC dev with multilingual-e5-small fell from
-    0.8901 to 0.8874 when they counted)."""
+    """The distinct terms the term-count features count (the query's coverage, the length ratio and lift): the
+    words, not CHINESE_MIXED's character terms, the only terms any analyser starts with ``_`` (counted, they would
+    triple a Chinese text's count and move its length lift; LCQMC dev with multilingual-e5-small fell from 0.8901
+    to 0.8874)."""
     return {term for term in terms if not term.startswith(CHAR_TERM)}
 
 

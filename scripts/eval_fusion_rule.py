@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import datasets as ds
 
 from matching import Matcher
-from matching.analysis import analyze
 from matching.evaluate import load_qrels, load_queries
 from matching.features import centred
 from matching.metrics import ndcg_at_k, roc_auc, spearman
@@ -44,7 +43,7 @@ SPANS = (0.0, 10.0, 12.0, 15.0, 20.0, 30.0)
 
 def terms(m: Matcher, texts: list[str]) -> np.ndarray:
     lexical = m.snapshot.require_lexical()
-    return np.array([len(set(analyze(t, lexical.analyzer, lexical.fold))) for t in texts], dtype=np.float64)
+    return np.array([lexical.distinct_count(t) for t in texts], dtype=np.float64)
 
 
 def signals(m: Matcher, frame: pd.DataFrame) -> dict[str, np.ndarray]:

@@ -10,7 +10,16 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from matching.analysis import FOLD, Analyzer, analyze, fold_case, jieba_available, matched_spans, resolve_analyzer
+from matching.analysis import (
+    FOLD,
+    Analyzer,
+    analyze,
+    counted,
+    fold_case,
+    jieba_available,
+    matched_spans,
+    resolve_analyzer,
+)
 from matching.errors import BundleError, ConfigError
 from matching.layout import LEXICAL_ARRAYS, LEXICAL_CONFIG
 from matching.lexical import BM25Params, LexicalIndex
@@ -109,7 +118,7 @@ def check_search(index: LexicalIndex, corpus: list[str], live: list[bool] | None
 
 
 @pytest.mark.skipif(not jieba_available(), reason="jieba (matching[cjk]) is not installed")
-def test_the_mixed_analyser_matches_characters_where_jieba_cuts_words_apart() -> None:
+def test_the_mixed_analyser_matches_characters_where_jieba_cuts_words_apart(tmp_path: Path) -> None:
     corpus = ["信用卡年费", "招商银行信用卡", "储蓄卡挂失", "花呗怎么还款", "狂三高清图", "信用记录查询"]
     rows = np.arange(len(corpus))
     words = LexicalIndex.build(corpus, Analyzer.CHINESE)
@@ -125,6 +134,16 @@ def test_the_mixed_analyser_matches_characters_where_jieba_cuts_words_apart() ->
     assert mixed.distinct_count("信用卡年费") == 3
     want = [len({t for t in analyze(title, Analyzer.CHINESE_MIXED) if not t.startswith("_")}) for title in corpus]
     assert mixed.distinct_terms(rows).tolist() == [mixed.distinct_count(title) for title in corpus] == want
+    # and so through a change, compaction and a reload
+    mixed.remove(np.array([1, 4]))
+    mixed.add(np.array([7, 8]), ["信用卡积分兑换", "花呗"])
+    live = {0: corpus[0], 2: corpus[2], 3: corpus[3], 5: corpus[5], 7: "信用卡积分兑换", 8: "花呗"}
+    counts = [mixed.distinct_count(title) for title in live.values()]
+    assert counts[-2:] == [len(counted(analyze("信用卡积分兑换", Analyzer.CHINESE_MIXED))), 2]
+    assert mixed.distinct_terms(np.array(list(live))).tolist() == counts
+    mixed.save(tmp_path)
+    assert LexicalIndex.load(tmp_path).distinct_terms(np.array(list(live))).tolist() == counts
+    assert mixed.compacted().distinct_terms(np.arange(len(live))).tolist() == counts
 
 
 def test_analyzers() -> None:

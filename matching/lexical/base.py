@@ -228,7 +228,8 @@ class LexicalIndex(abc.ABC):
 
     @abc.abstractmethod
     def distinct_terms(self, row_ids: np.ndarray) -> np.ndarray:
-        """Each stored row's number of distinct terms (0 for ids outside 0..rows-1)."""
+        """Each stored row's number of distinct terms as :meth:`distinct_count` counts its title, character terms
+        aside (:func:`matching.analysis.counted`); 0 for ids outside 0..rows-1."""
 
 
 def register(name: str, cls: type[LexicalIndex]) -> None:

@@ -47,7 +47,7 @@ class _Stats:
     weight: np.ndarray  # float32 (terms,): idf * (k1 + 1)
     ratio: np.ndarray  # float32 (postings,): tf / (tf + k1 * (1 - b + b * dl / avgdl))
     bound: np.ndarray  # float64 (terms,): weight * the term's largest ratio, the most it adds to any score
-    distinct: np.ndarray  # int64 (rows,): each row's distinct terms (its postings)
+    distinct: np.ndarray  # int64 (rows,): each row's distinct terms, character terms aside (analysis.counted)
 
 
 class BM25Index(LexicalIndex):
