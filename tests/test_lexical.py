@@ -265,6 +265,47 @@ def test_pruned_search_equals_exhaustive_ranking(filtered: bool) -> None:
         index.pruning = True
 
 
+@pytest.mark.skipif(not jieba_available(), reason="jieba (matching[cjk]) is not installed")
+def test_pruned_search_equals_exhaustive_ranking_over_chinese_words_and_characters() -> None:
+    # long character lists against few rows that can reach the top k: the rows met are sifted and the lists left
+    # searched row by row (BM25Index._add_to)
+    rng = np.random.default_rng(3)
+    words = [
+        "信用卡",
+        "花呗",
+        "还款",
+        "怎么",
+        "可以",
+        "银行",
+        "借呗",
+        "额度",
+        "提前",
+        "逾期",
+        "利息",
+        "账单",
+        "分期",
+        "开通",
+        "为什么",
+        "不能",
+        "用",
+        "的",
+        "了",
+        "吗",
+    ]
+    weights = 1 / np.arange(1, len(words) + 1) ** 0.8
+    titles = ["".join(rng.choice(words, rng.integers(2, 8), p=weights / weights.sum())) for _ in range(4000)]
+    index = LexicalIndex.build(titles, Analyzer.CHINESE_MIXED)
+    index.remove(rng.choice(len(titles), 200, replace=False))
+    queries = ["".join(rng.choice(words, rng.integers(1, 6))) for _ in range(60)]
+    every = np.stack([index.score_rows(query, np.arange(len(titles))) for query in queries]).astype(np.float64)
+    for k in (1, 10, 100):
+        scores, ids = index.search(queries, k)
+        for i, query in enumerate(queries):
+            want_scores, want_rows = expected_top(every[i], k)
+            assert ids[i, : len(want_rows)].tolist() == want_rows.tolist(), (query, k)
+            np.testing.assert_array_equal(scores[i, : len(want_rows)], want_scores.astype(np.float32))
+
+
 ANALYZERS = [
     Analyzer.STANDARD,
     Analyzer.ENGLISH,
