@@ -149,14 +149,15 @@ def jieba_available() -> bool:
     return True
 
 
+_NEEDS_JIEBA = "this analyser ('chinese' or 'chinese-mixed') needs jieba: pip install 'matching[cjk]' (or jieba)"
+
+
 @functools.cache
 def _jieba() -> Any:
     try:
         import jieba
     except ImportError:
-        raise ConfigError(
-            "this analyser ('chinese' or 'chinese-mixed') needs jieba: pip install 'matching[cjk]' (or jieba)"
-        ) from None
+        raise ConfigError(_NEEDS_JIEBA) from None
     jieba.setLogLevel(logging.WARNING)  # it announces its dictionary loading on stderr
     return jieba
 
@@ -195,6 +196,14 @@ def counted(terms: Iterable[str]) -> set[str]:
 
 
 _CUTS = {Analyzer.CHINESE: _segment, Analyzer.CHINESE_MIXED: _words_and_chars}
+
+
+def check_analyzer(analyzer: Analyzer) -> Analyzer:
+    """``analyzer``, or :class:`ConfigError` now where it cuts words with jieba and jieba is not installed (a build
+    would otherwise find out after encoding the whole catalogue)."""
+    if analyzer in _CUTS and not jieba_available():
+        raise ConfigError(_NEEDS_JIEBA)
+    return analyzer
 
 
 def analyze(text: str, analyzer: Analyzer, fold: int = FOLD) -> list[str]:

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from matching import changes
-from matching.analysis import Analyzer
+from matching.analysis import Analyzer, check_analyzer
 from matching.building import build_bundle, reencode_bundle
 from matching.bundle import DEFAULT_LOCK_TIMEOUT, check_target
 from matching.config import EncoderConfig, IndexConfig, ScorerConfig
@@ -102,7 +102,7 @@ class Matcher(ServedBundle):
         fields = FieldSpec.of(index_fields)
         # fail on a bad index or scorer setting now, not after encoding the whole catalogue
         VectorIndex.empty(encoder.dim, index_config)
-        analyzer = Analyzer(analyzer)
+        analyzer = check_analyzer(Analyzer(analyzer))
         retrieval = Retrieval(retrieval) if retrieval is not None else None
         # the untrained reranker scores as the default retrieval ranks: cosine, BM25, or their fusion
         scorer_config = _untrained_scorer(encoder.dim, scorer_hidden, retrieval)

@@ -296,6 +296,20 @@ def test_a_chinese_catalogue_follows_the_fusion_by_hand(tmp_path: Path, query: s
     assert_all_follow(m, query, fused_by_hand(m, query))
 
 
+@pytest.mark.parametrize("analyzer", ["chinese", "chinese-mixed"])
+def test_a_jieba_analyser_without_jieba_is_refused_before_encoding(
+    tmp_path: Path, tiny_encoder: Any, monkeypatch: pytest.MonkeyPatch, analyzer: str
+) -> None:
+    import matching.analysis
+    import matching.matcher
+
+    monkeypatch.setattr(matching.analysis, "jieba_available", lambda: False)
+    monkeypatch.setattr(matching.matcher, "build_bundle", lambda *a, **k: pytest.fail("built"))
+    frame = pd.DataFrame({"id": range(len(CHINESE)), "title": CHINESE})
+    with pytest.raises(ConfigError, match=r"needs jieba: pip install 'matching\[cjk\]'"):
+        Matcher.build(frame, tmp_path / "zh", encoder=tiny_encoder, analyzer=analyzer, show_progress=False)
+
+
 def test_an_english_catalogue_does_not_warn(
     tmp_path: Path, tiny_encoder: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
