@@ -29,8 +29,7 @@ ANALYSERS = [Analyzer.CHINESE, Analyzer.CHINESE_MIXED, Analyzer.CJK]
 
 def catalogue(size: int, queries: int) -> tuple[list[str], list[str]]:
     """``size`` generated titles and ``queries`` LCQMC sentences (seeded)."""
-    frames = [ds.lcqmc(split) for split in ("dev", "test")]
-    sentences = sorted({s for f in frames for s in (*f["query"], *f["title"])})
+    sentences = ds.lcqmc_sentences()
     rng = np.random.default_rng(0)
     first, second = rng.integers(0, len(sentences), size), rng.integers(0, len(sentences), size)
     titles = [

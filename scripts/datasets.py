@@ -76,6 +76,12 @@ def lcqmc(split: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["query", "title", "label"])
 
 
+def lcqmc_sentences() -> list[str]:
+    """Every distinct sentence of LCQMC dev and test (both sides), sorted."""
+    frames = [lcqmc(split) for split in ("dev", "test")]
+    return sorted({s for f in frames for s in (*f["query"], *f["title"])})
+
+
 def mrpc(split: str) -> pd.DataFrame:
     """MRPC split (train, val, test) as query, title, label (1 = paraphrase)."""
     path = require("mrpc") / f"msr-para-{split}.tsv"

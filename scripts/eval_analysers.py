@@ -19,7 +19,7 @@ import datasets as ds
 import numpy as np
 
 from matching.analysis import Analyzer
-from matching.features import normalised
+from matching.features import normalised, query_norms
 from matching.lexical import LexicalIndex
 from matching.metrics import roc_auc
 
@@ -35,11 +35,11 @@ def bigram_jaccard(a: str, b: str) -> float:
 
 def lexical_shares(index: LexicalIndex, queries: list[str], titles: list[str]) -> np.ndarray:
     """Each pair's BM25 over the query's own BM25, clipped to [0, 1]."""
-    out = np.zeros(len(queries), dtype=np.float32)
-    for i, (q, t) in enumerate(zip(queries, titles, strict=True)):
-        own = float(index.score_texts(q, [q])[0])
-        out[i] = normalised(index.score_texts(q, [t]), own if own > 0 else 1.0)[0]
-    return out
+    norms = query_norms(index, queries)
+    return np.array(
+        [normalised(index.score_texts(q, [t]), n)[0] for q, t, n in zip(queries, titles, norms, strict=True)],
+        dtype=np.float32,
+    )
 
 
 def main() -> None:
@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--json", default="results/eval_analysers.json")
     args = parser.parse_args()
     splits = {name: ds.lcqmc(name) for name in ("dev", "test")}
-    sentences = sorted({s for f in splits.values() for s in (*f["query"], *f["title"])})
+    sentences = ds.lcqmc_sentences()
     queries = sentences[:2000]
     results: dict[str, Any] = {"bigram jaccard": {}}
     for name, f in splits.items():
