@@ -20,7 +20,7 @@ from matching.bundle import Manifest, new_generation
 from matching.config import IndexConfig, ScorerConfig
 from matching.encoder import Encoder, UnknownTokens
 from matching.errors import BadRowError
-from matching.features import DEFAULT_DENSE_WEIGHT, DENSE_CEILING, DENSE_FLOOR, DENSE_SPAN
+from matching.features import DEFAULT_DENSE_WEIGHT, DENSE_CEILING, DENSE_FLOOR, DENSE_SPAN, KNOWN_POWER
 from matching.fields import FieldSpec
 from matching.ingest import CatalogueReader, Encoded, metadata_json
 from matching.layout import ENCODER_WEIGHTS, TRAIN_REPORT
@@ -281,6 +281,7 @@ def reencode_bundle(
         dense_weight=DENSE_CEILING if adaptive else old.dense_weight if old.lexical else DEFAULT_DENSE_WEIGHT,
         dense_floor=DENSE_FLOOR if adaptive else old.dense_floor,
         dense_span=DENSE_SPAN if adaptive else old.dense_span,
+        known_power=KNOWN_POWER if adaptive else old.known_power,
         fusion=old.fusion,
     )
     kept = {k: v for k, v in manifest.source.items() if k in ("name", "id_column")}

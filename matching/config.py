@@ -136,6 +136,7 @@ class ScorerConfig(JsonConfig):
     dense_weight: float = 1.0  # FIXED: the dense weight; ADAPTIVE: its ceiling
     dense_floor: float = 0.5  # ADAPTIVE: the share of the ceiling at length ratio 0 (0.5: the first rule's)
     dense_span: float = 0.0  # ADAPTIVE: the floor rises below this many distinct terms (0: no lift, as before)
+    known_power: float = 1.0  # ADAPTIVE: the power of the query's known-token share in the dense weight
     fusion: Fusion = Fusion.FIXED
     form: ScorerForm = ScorerForm.MLP
 
@@ -151,6 +152,10 @@ class ScorerConfig(JsonConfig):
         if not 0.0 <= self.dense_span <= 1e6 or (self.dense_span and self.fusion is not Fusion.ADAPTIVE):
             raise ConfigError(
                 f"dense_span must be in [0, 1e6] and 0 without the adaptive fusion, got {self.dense_span}"
+            )
+        if not 1.0 <= self.known_power <= 10.0 or (self.known_power != 1.0 and self.fusion is not Fusion.ADAPTIVE):
+            raise ConfigError(
+                f"known_power must be in [1, 10] and 1 without the adaptive fusion, got {self.known_power}"
             )
         if self.fusion is Fusion.ADAPTIVE and not self.lexical:
             raise ConfigError("the adaptive fusion needs lexical features (lexical=True)")

@@ -20,15 +20,15 @@ from matching import __version__, checksums
 from matching.analysis import Analyzer
 from matching.bundle import Manifest, link_or_copy, new_generation, read_manifest, write_manifest
 from matching.checksums import full_blocks, verify_files
-from matching.config import EncoderConfig, IndexConfig
+from matching.config import EncoderConfig, IndexConfig, ScorerConfig
 from matching.encoder import Encoder
 from matching.errors import BundleError
-from matching.features import DEFAULT_DENSE_WEIGHT, DENSE_CEILING, DENSE_FLOOR, DENSE_SPAN
+from matching.features import DEFAULT_DENSE_WEIGHT, DENSE_CEILING, DENSE_FLOOR, DENSE_SPAN, KNOWN_POWER
 from matching.layout import CATALOGUE_FILES, INDEX_CONFIG, VECTORS_FILE
 from matching.lexical import LexicalIndex, lexical_files
 from matching.scorer import Scorer
 from matching.store import Store, read_config
-from matching.types import Fusion, Preset
+from matching.types import Fusion, Preset, Retrieval
 from matching.vectors import AUTO, VectorIndex, index_files
 
 
@@ -151,7 +151,7 @@ def lexical_record(
 
 
 # the fusion's entries of the manifest's lexical record, besides the catalogue's vector sum (``dense_sum``)
-FUSION_ENTRIES = ("dense_weight", "dense_floor", "dense_span", "fusion")
+FUSION_ENTRIES = ("dense_weight", "dense_floor", "dense_span", "known_power", "fusion")
 
 
 def fixed_fusion() -> dict[str, Any]:
@@ -166,9 +166,28 @@ def adaptive_fusion(vector_sum: np.ndarray) -> dict[str, Any]:
         "dense_weight": DENSE_CEILING,
         "dense_floor": DENSE_FLOOR,
         "dense_span": DENSE_SPAN,
+        "known_power": KNOWN_POWER,
         "fusion": Fusion.ADAPTIVE.value,
         "dense_sum": vector_sum.tolist(),
     }
+
+
+def untrained_scorer(dim: int, hidden: int, retrieval: Retrieval | None) -> ScorerConfig:
+    """A new bundle's reranker: the adaptive fusion for hybrid retrieval; the cosine, or BM25, alone where that is
+    the default retrieval."""
+    fixed = {Retrieval.DENSE: 1.0, Retrieval.LEXICAL: 0.0}.get(retrieval or Retrieval.HYBRID)
+    if fixed is None:
+        return ScorerConfig(
+            dim=dim,
+            hidden=hidden,
+            lexical=True,
+            dense_weight=DENSE_CEILING,
+            dense_floor=DENSE_FLOOR,
+            dense_span=DENSE_SPAN,
+            known_power=KNOWN_POWER,
+            fusion=Fusion.ADAPTIVE,
+        )
+    return ScorerConfig(dim=dim, hidden=hidden, lexical=True, dense_weight=fixed)
 
 
 def dense_centre(lexical: dict[str, Any] | None, count: int) -> float:

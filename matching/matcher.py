@@ -18,11 +18,11 @@ from matching import changes
 from matching.analysis import Analyzer, check_analyzer
 from matching.building import build_bundle, reencode_bundle
 from matching.bundle import DEFAULT_LOCK_TIMEOUT, check_target
-from matching.config import EncoderConfig, IndexConfig, ScorerConfig
+from matching.config import EncoderConfig, IndexConfig
 from matching.encoder import Encoder
 from matching.errors import ConfigError
-from matching.features import DENSE_CEILING, DENSE_FLOOR, DENSE_SPAN
 from matching.fields import FieldSpec, indexed_fields
+from matching.generation import untrained_scorer
 from matching.ingest import DEFAULT_CHUNKSIZE, has_surrogate
 from matching.layout import QUERY_ENCODER, SCORER_CONFIG, SCORER_WEIGHTS, TRAIN_REPORT
 from matching.overlap import start_encoding
@@ -30,7 +30,7 @@ from matching.scorer import Scorer
 from matching.search import NoReranker, Queries, ScorerReranker, Snapshot, retriever_for, search
 from matching.served import ServedBundle, open_live
 from matching.store import Where
-from matching.types import ChangeReport, Engine, ExternalId, Fusion, Match, Preset, Retrieval
+from matching.types import ChangeReport, Engine, ExternalId, Match, Preset, Retrieval
 from matching.vectors import VectorIndex
 
 if TYPE_CHECKING:
@@ -105,7 +105,7 @@ class Matcher(ServedBundle):
         analyzer = check_analyzer(Analyzer(analyzer))
         retrieval = Retrieval(retrieval) if retrieval is not None else None
         # the untrained reranker scores as the default retrieval ranks: cosine, BM25, or their fusion
-        scorer_config = _untrained_scorer(encoder.dim, scorer_hidden, retrieval)
+        scorer_config = untrained_scorer(encoder.dim, scorer_hidden, retrieval)
         rows = build_bundle(
             source,
             path,
@@ -581,20 +581,3 @@ class Matcher(ServedBundle):
         """The manifest, plus the bundle path and the indexed metadata fields (name -> kind), as a JSON-able dict."""
         indexed = indexed_fields(self._snap.store.directory)
         return {"path": str(self.path) if self.path else None, **self.manifest.to_dict(), "indexed_fields": indexed}
-
-
-def _untrained_scorer(dim: int, hidden: int, retrieval: Retrieval | None) -> ScorerConfig:
-    """A new bundle's reranker: the adaptive fusion for hybrid retrieval; the cosine, or BM25, alone where that is
-    the default retrieval."""
-    fixed = {Retrieval.DENSE: 1.0, Retrieval.LEXICAL: 0.0}.get(retrieval or Retrieval.HYBRID)
-    if fixed is None:
-        return ScorerConfig(
-            dim=dim,
-            hidden=hidden,
-            lexical=True,
-            dense_weight=DENSE_CEILING,
-            dense_floor=DENSE_FLOOR,
-            dense_span=DENSE_SPAN,
-            fusion=Fusion.ADAPTIVE,
-        )
-    return ScorerConfig(dim=dim, hidden=hidden, lexical=True, dense_weight=fixed)

@@ -81,7 +81,10 @@ class Scorer(nn.Module):
             floor: float | torch.Tensor = self.config.dense_floor
             if self.config.dense_span > 0:
                 floor = floor + (1.0 - floor) * lex[:, LEXICAL_FEATURES + 1 : LEXICAL_FEATURES + 2]
-            w = w * lex[:, LEXICAL_FEATURES : LEXICAL_FEATURES + 1] * (floor + (1.0 - floor) * lex[:, 3:4])
+            known = lex[:, LEXICAL_FEATURES : LEXICAL_FEATURES + 1]
+            if self.config.known_power != 1.0:
+                known = known**self.config.known_power
+            w = w * known * (floor + (1.0 - floor) * lex[:, 3:4])
         c = self.centre  # features.centred: the catalogue's mean cosine reads 0
         dense = (cos - c) / (1.0 - c) if c else cos
         base = w * dense + (1.0 - w) * lex[:, :1]

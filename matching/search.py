@@ -107,8 +107,9 @@ class Snapshot:
     @property
     def fused(self) -> Fused:
         """How retrieval fuses, as the manifest records it (bundles built before the length lift: span 0)."""
-        span = float((self.manifest.lexical or {}).get("dense_span", 0.0))
-        return Fused(self.fusion, self.dense_weight, self.dense_floor, self.dense_centre, span)
+        lexical = self.manifest.lexical or {}
+        span, power = float(lexical.get("dense_span", 0.0)), float(lexical.get("known_power", 1.0))
+        return Fused(self.fusion, self.dense_weight, self.dense_floor, self.dense_centre, span, power)
 
     def fusion_weights(
         self, text: str, row_ids: np.ndarray, how: Fused, known: float | None = None
@@ -122,7 +123,7 @@ class Snapshot:
             known = float(self.query_encoder.known_shares([text])[0])
         query, titles = np.full(len(row_ids), lexical.distinct_count(text)), lexical.distinct_terms(row_ids)
         lift = length_lift(query, titles, how.span)
-        return adaptive_weights(known, length_ratio(query, titles), how.weight, how.floor, lift)
+        return adaptive_weights(known, length_ratio(query, titles), how.weight, how.floor, lift, how.power)
 
     def pair_scores(self, queries: Sequence[str], titles: Sequence[str], q: np.ndarray, t: np.ndarray) -> np.ndarray:
         """The reranker's score of aligned pairs, given their vectors (lexical features computed here)."""
@@ -492,7 +493,9 @@ class ScorerReranker:
         if not scorer.config.lexical:
             return scorer.score(vector[None, :], snap.store.vectors[row_ids])
         config, trained = scorer.config, scorer.trained
-        how = Fused(config.fusion, config.dense_weight, config.dense_floor, scorer.centre, config.dense_span)
+        how = Fused(
+            config.fusion, config.dense_weight, config.dense_floor, scorer.centre, config.dense_span, config.known_power
+        )
         if not trained and hit.fused == how:
             return hit.scores  # the MLP adds exactly 0, and retrieval fused them so already: the same numbers
         lexical = snap.require_lexical()

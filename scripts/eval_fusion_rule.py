@@ -1,4 +1,4 @@
-"""How the adaptive fusion's ceiling, floor and span were chosen (issue #20): every rule scored on every set at once.
+"""How the adaptive fusion's ceiling, floor, span, power were chosen (issue #20): each rule scored on every set at once.
 
     .venv/bin/python scripts/eval_fusion_rule.py [--json results/eval_fusion_rule.json]
 
@@ -6,10 +6,10 @@ Reads the bundles that scripts/eval_hybrid.py and scripts/eval_multilingual.py -
 bench-mrpc, bench-lcqmc, bench-ml-zero, bench-scifact; run those first). Per pair (and per SciFact candidate of the
 hybrid top 100 of each side) it takes the signals the rule reads once: the cosine, centred on the bundle's mean
 cosine, the lexical share, the term-count ratio, the longer side's distinct terms and the query's known-token share;
-then scores ``w = ceiling * known * (f + (1 - f) * ratio)``, ``f = floor + (1 - floor) * max(0, 1 - longer / span)``
-(span 0: no lift) for each ceiling, floor and span, the way the library does. STS-B dev and MRPC val are two more
-sets. Prints a table (each set's figure and its gap to its better single signal; SciFact nDCG@10), best worst gap
-first, and writes JSON.
+then scores ``w = ceiling * known ** power * (f + (1 - f) * ratio)``, ``f = floor + (1 - floor) * max(0, 1 - longer /
+span)`` (span 0: no lift) for each ceiling, floor, span and power, the way the library does. STS-B dev and MRPC val
+are two more sets. Prints a table (each set's figure and its gap to its better single signal; SciFact nDCG@10), best
+worst gap first, and writes JSON.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ OUT = Path("indexes")
 CEILINGS = (0.85, 0.9, 0.95, 1.0)
 FLOORS = (0.3, 0.35, 0.4, 0.45, 0.5)
 SPANS = (0.0, 10.0, 12.0, 15.0, 20.0, 30.0)
+POWERS = (1.0, 1.5, 2.0, 3.0)
 
 
 def terms(m: Matcher, texts: list[str]) -> np.ndarray:
@@ -99,9 +100,9 @@ def scifact() -> list[dict[str, Any]]:
     return out
 
 
-def fused(s: dict[str, Any], ceiling: float, floor: float, span: float) -> np.ndarray:
+def fused(s: dict[str, Any], ceiling: float, floor: float, span: float, power: float = 1.0) -> np.ndarray:
     f = floor + (1 - floor) * (np.clip(1 - s["longer"] / span, 0, 1) if span else 0)
-    w = ceiling * s["known"] * (f + (1 - f) * s["ratio"])
+    w = ceiling * s["known"] ** power * (f + (1 - f) * s["ratio"])
     out: np.ndarray = w * s["cos"] + (1 - w) * s["lex"]
     return out
 
@@ -110,8 +111,9 @@ def metric(name: str, y: np.ndarray, scores: np.ndarray) -> float:
     return spearman(scores, y) if name.startswith(("STS", "captions")) else roc_auc(y, scores)
 
 
-def ndcg(queries: list[dict[str, Any]], ceiling: float, floor: float, span: float) -> float:
-    ranked = ([q["ids"][j] for j in np.argsort(-fused(q, ceiling, floor, span), kind="stable")] for q in queries)
+def ndcg(queries: list[dict[str, Any]], ceiling: float, floor: float, span: float, power: float) -> float:
+    order = (np.argsort(-fused(q, ceiling, floor, span, power), kind="stable") for q in queries)
+    ranked = ([q["ids"][j] for j in o] for q, o in zip(queries, order, strict=True))
     return float(np.mean([ndcg_at_k(r, q["relevant"], 10) for r, q in zip(ranked, queries, strict=True)]))
 
 
@@ -122,19 +124,19 @@ def main() -> None:
     sets, sf = pair_sets(), scifact()
     best = {n: max(metric(n, s["y"], s["cos"]), metric(n, s["y"], s["lex"])) for n, s in sets.items()}
     rows: list[dict[str, Any]] = []
-    for ceiling, floor, span in itertools.product(CEILINGS, FLOORS, SPANS):
-        figures = {n: metric(n, s["y"], fused(s, ceiling, floor, span)) for n, s in sets.items()}
+    for ceiling, floor, span, power in itertools.product(CEILINGS, FLOORS, SPANS, POWERS):
+        figures = {n: metric(n, s["y"], fused(s, ceiling, floor, span, power)) for n, s in sets.items()}
         gaps = {n: figures[n] - best[n] for n in sets}
-        rule: dict[str, Any] = {"ceiling": ceiling, "floor": floor, "span": span}
+        rule: dict[str, Any] = {"ceiling": ceiling, "floor": floor, "span": span, "power": power}
         rows.append({**rule, "sets": figures, "gaps": gaps, "worst_gap": min(gaps.values())})
-        rows[-1]["scifact_ndcg@10"] = ndcg(sf, ceiling, floor, span)
+        rows[-1]["scifact_ndcg@10"] = ndcg(sf, ceiling, floor, span, power)
     rows.sort(key=lambda r: -r["worst_gap"])
     names = list(sets)
-    print("| ceiling, floor, span | " + " | ".join(names) + " | SciFact | worst gap |")
+    print("| ceiling, floor, span, power | " + " | ".join(names) + " | SciFact | worst gap |")
     print("|---|" + "---|" * (len(names) + 2))
     for r in rows:
         cells = [f"{r['sets'][n]:.4f} ({100 * r['gaps'][n]:+.1f})" for n in names]
-        line = f"| {r['ceiling']:g}, {r['floor']:g}, {r['span']:g} | " + " | ".join(cells)
+        line = f"| {r['ceiling']:g}, {r['floor']:g}, {r['span']:g}, {r['power']:g} | " + " | ".join(cells)
         print(line + f" | {r['scifact_ndcg@10']:.4f} | {100 * r['worst_gap']:+.1f} |")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"better_single_signal": best, "rules": rows}, indent=2) + "\n")

@@ -24,7 +24,7 @@ CONFIGS = [
     pytest.param(ScorerConfig(dim=384), id="scorer-defaults"),
     pytest.param(ScorerConfig(dim=8, hidden=16, dropout=0.0), id="scorer-custom"),
     pytest.param(
-        ScorerConfig(dim=8, lexical=True, dense_floor=0.35, dense_span=15.0, fusion=Fusion.ADAPTIVE),
+        ScorerConfig(dim=8, lexical=True, dense_floor=0.35, dense_span=15.0, known_power=1.5, fusion=Fusion.ADAPTIVE),
         id="scorer-adaptive-span",
     ),
 ]
@@ -106,6 +106,13 @@ def test_bad_pooling_value_is_a_config_error() -> None:
             {"dim": 8, "lexical": True, "fusion": Fusion.ADAPTIVE, "dense_span": -1.0},
             "dense_span",
             id="scorer-span-negative",
+        ),
+        pytest.param(ScorerConfig, {"dim": 8, "known_power": 2.0}, "known_power", id="scorer-power-without-adaptive"),
+        pytest.param(
+            ScorerConfig,
+            {"dim": 8, "lexical": True, "fusion": Fusion.ADAPTIVE, "known_power": 0.5},
+            "known_power",
+            id="scorer-power-below-1",
         ),
     ],
 )

@@ -31,6 +31,7 @@ from matching.features import (
     DENSE_CEILING,
     DENSE_FLOOR,
     DENSE_SPAN,
+    KNOWN_POWER,
     adaptive_weights,
     length_lift,
     length_ratio,
@@ -50,13 +51,13 @@ def hybrid(tmp_path: Path, tiny_encoder: Any) -> Matcher:
 
 
 def fused_by_hand(
-    m: Matcher, query: str, ceiling: float = 1.0, floor: float = 0.35, span: float = 15.0
+    m: Matcher, query: str, ceiling: float = 1.0, floor: float = 0.35, span: float = 15.0, power: float = 1.5
 ) -> dict[Any, float]:
     """The fusion formula over every live title: w * centred cosine + (1 - w) * min(1, bm25 / bm25 of the query as a
     title), the cosine centred on the catalogue's mean cosine c as (cos - c) / (1 - c),
-    with the adaptive w = ceiling * (share of the query's tokens that are not [UNK]) * (f + (1 - f) * shorter /
-    longer distinct-term count), f = floor + (1 - floor) * max(0, 1 - longer / span) (no lift where span is 0),
-    each part counted here from the texts themselves (today's rule: 1.0, 0.35, 15)."""
+    with the adaptive w = ceiling * (share of the query's tokens that are not [UNK]) ** power * (f + (1 - f) *
+    shorter / longer distinct-term count), f = floor + (1 - floor) * max(0, 1 - longer / span) (no lift where span
+    is 0), each part counted here from the texts themselves (today's rule: 1.0, 0.35, 15, 1.5)."""
     snap = m.snapshot
     assert snap.lexical is not None
     rows = snap.store.live_ids()
@@ -77,7 +78,7 @@ def fused_by_hand(
     )
     ratio = np.minimum(n_query, n_titles) / np.maximum(n_query, n_titles)
     f = floor + (1 - floor) * (np.clip(1 - np.maximum(n_query, n_titles) / span, 0, 1) if span else 0)
-    w = ceiling * known * (f + (1 - f) * ratio)
+    w = ceiling * known**power * (f + (1 - f) * ratio)
     vectors = np.asarray(snap.store.vectors[rows], dtype=np.float64)
     centre = float(vectors.mean(axis=0) @ vectors.mean(axis=0))  # the mean cosine of two titles drawn at random
     fused = w * (cos - centre) / (1 - centre) + (1 - w) * np.clip(bm25 / own, 0, 1)
@@ -98,7 +99,7 @@ def assert_all_follow(m: Matcher, query: str, expected: dict[Any, float]) -> Non
 
 
 def test_todays_rule() -> None:
-    assert (DENSE_CEILING, DENSE_FLOOR, DENSE_SPAN) == (1.0, 0.35, 15.0)
+    assert (DENSE_CEILING, DENSE_FLOOR, DENSE_SPAN, KNOWN_POWER) == (1.0, 0.35, 15.0, 1.5)
 
 
 def earlier_rule(m: Matcher, dropped: tuple[str, ...], ceiling: float = 1.0) -> Matcher:
@@ -118,7 +119,7 @@ def earlier_rule(m: Matcher, dropped: tuple[str, ...], ceiling: float = 1.0) -> 
 
 def first_rule(m: Matcher) -> Matcher:
     """``m``'s bundle as the first adaptive rule wrote it: ceiling 0.85, no floor and no span recorded."""
-    return earlier_rule(m, ("dense_floor", "dense_span"), 0.85)
+    return earlier_rule(m, ("dense_floor", "dense_span", "known_power"), 0.85)
 
 
 @pytest.mark.parametrize("query", QUERIES[:2])
@@ -127,7 +128,7 @@ def test_a_bundle_of_the_first_rule_keeps_it(hybrid: Matcher, query: str) -> Non
     old = first_rule(hybrid)
     assert (old.snapshot.dense_weight, old.snapshot.dense_floor) == (0.85, 0.5)
     assert old.snapshot.scorer.config.dense_floor == 0.5
-    expected = fused_by_hand(old, query, 0.85, 0.5, 0)
+    expected = fused_by_hand(old, query, 0.85, 0.5, 0, 1)
     assert_all_follow(old, query, expected)
     assert expected != fused_by_hand(old, query)
     old.close()
@@ -137,10 +138,10 @@ def test_a_bundle_of_the_first_rule_keeps_it(hybrid: Matcher, query: str) -> Non
 def test_a_bundle_of_the_floor_rule_keeps_it(hybrid: Matcher, query: str) -> None:
     """Ceiling 1.0 and floor 0.35 with no length lift where the bundle recorded no span: retrieval, reranking and
     pair scoring; the lift is what moves today's rule from it."""
-    old = earlier_rule(hybrid, ("dense_span",))
+    old = earlier_rule(hybrid, ("dense_span", "known_power"))
     assert old.snapshot.fused.span == 0.0
     assert old.snapshot.scorer.config.dense_span == 0.0
-    expected = fused_by_hand(old, query, 1.0, 0.35, 0)
+    expected = fused_by_hand(old, query, 1.0, 0.35, 0, 1)
     assert_all_follow(old, query, expected)
     assert expected != fused_by_hand(old, query)
     old.close()
@@ -168,6 +169,9 @@ def test_adaptive_weights_by_hand() -> None:
     weights = adaptive_weights(np.array([1.0, 0.0]), np.array([1.0, 1.0]), 0.85, 0.5)
     assert weights.tolist() == pytest.approx([0.85, 0.0])
     assert adaptive_weights(1.0, np.array([0.0]), 1.0, 0.35).tolist() == pytest.approx([0.35])
+    # today's power 1.5: a quarter of the query read weighs the cosine at 0.25 ** 1.5 = 0.125, not 0.25
+    assert adaptive_weights(0.25, np.array([1.0]), 1.0, 0.35, 0.0, 1.5).tolist() == pytest.approx([0.125])
+    assert adaptive_weights(np.array([1.0, 0.0]), np.array([1.0, 1.0]), 1.0, 0.35, 0.0, 1.5).tolist() == [1.0, 0.0]
 
 
 def test_the_length_lift_by_hand() -> None:
@@ -203,6 +207,19 @@ def test_a_query_the_encoder_cannot_read_leans_on_words(hybrid: Matcher) -> None
     tokens = tokenizer(query, add_special_tokens=False)["input_ids"]
     assert 0 < tokens.count(tokenizer.unk_token_id) < len(tokens)
     assert_all_follow(hybrid, query, fused_by_hand(hybrid, query))
+
+
+def test_a_bundle_of_the_lift_rule_keeps_the_known_share_linear(hybrid: Matcher) -> None:
+    """Where the bundle recorded no power (the rule before it), the known share weighs the cosine as it is:
+    retrieval, reranking and pair scoring; the power is what moves today's rule from it on a query half unread."""
+    query = "跑步鞋 running shoes"
+    old = earlier_rule(hybrid, ("known_power",))
+    assert old.snapshot.fused.power == 1.0
+    assert old.snapshot.scorer.config.known_power == 1.0
+    expected = fused_by_hand(old, query, power=1)
+    assert_all_follow(old, query, expected)
+    assert expected != pytest.approx(fused_by_hand(old, query), abs=1e-3)
+    old.close()
 
 
 @pytest.mark.parametrize("query", QUERIES)
@@ -348,7 +365,7 @@ def test_the_untrained_reranker_takes_the_fused_scores_it_would_compute(hybrid: 
     snap = hybrid.snapshot
     vectors = snap.encode_queries([query])
     found = HybridRetriever().retrieve(snap, Queries(vectors, [query]), 40, None)
-    assert found.fused == Fused(Fusion.ADAPTIVE, 1.0, 0.35, snap.scorer.centre, 15.0)
+    assert found.fused == Fused(Fusion.ADAPTIVE, 1.0, 0.35, snap.scorer.centre, 15.0, 1.5)
     assert found.dense is not None
     assert found.lexical is not None
     keep = found.ids[0] >= 0
@@ -469,6 +486,11 @@ def test_a_scorer_refuses_features_short_of_its_columns() -> None:
     lex = torch.zeros(2, 6)
     lex[:, 0] = torch.tensor([0.25, 0.5])  # the lexical share; known share 0: the words alone decide
     assert scorer(q, t, lex).tolist() == [0.25, 0.5]
+    lex[:, 4] = 0.25  # a quarter read: w = 0.25 ** 1.5 = 0.125 at ratio 1, of the centred cosine 1
+    lex[:, 3] = 1.0
+    powered = Scorer(dataclasses.replace(config, known_power=1.5))
+    assert powered(q, t, lex).tolist() == pytest.approx([0.125 + 0.875 * 0.25, 0.125 + 0.875 * 0.5])
+    assert scorer(q, t, lex).tolist() == pytest.approx([0.25 + 0.75 * 0.25, 0.25 + 0.75 * 0.5])
     with pytest.raises(ValueError, match="6 lexical feature columns"):
         scorer(q, t, lex[:, :5])
     with pytest.raises(ValueError, match="6 lexical feature columns"):

@@ -331,6 +331,7 @@ def _fit(snap: Snapshot, prep: _Prepared, cfg: TrainConfig, form: ScorerForm) ->
             dense_weight=base.dense_weight if lexical else 1.0,
             dense_floor=base.dense_floor,
             dense_span=base.dense_span if lexical else 0.0,
+            known_power=base.known_power if lexical else 1.0,
             fusion=base.fusion if lexical else Fusion.FIXED,
             form=form,
         )
