@@ -44,6 +44,7 @@ from matching import checksums
 from matching.checksums import LEGACY_BLOCK_BYTES, blocks_digest, sha256_file, verify_files
 from matching.errors import BundleError, BundleLockedError
 from matching.layout import MANIFEST_FILE, POINTER_FILE, STORE_DELTA
+from matching.types import Fusion
 
 # 2: growable files are checksummed in blocks (``blocks``); a version-1 bundle (one digest over the prefix) still loads
 # 3: the generation holds a delta over its base files (``delta.sqlite``, matching.delta), which a reader of format 2
@@ -114,10 +115,18 @@ class Manifest:
             raise TypeError("dim and count must be >= 0")
         if fields.get("block_bytes", LEGACY_BLOCK_BYTES) < 1:
             raise TypeError("block_bytes must be >= 1")
+        lexical = fields.get("lexical") or {}
+        for key, (low, high) in _FUSION_RANGES.items():  # every search reads them: inf or NaN would reach scores
+            if not _is(value := lexical.get(key, low), (int, float)) or not low <= value <= high:
+                raise TypeError(f"its lexical entry {key!r} is {value!r}, not a number in [{low:g}, {high:g}]")
+        if not isinstance(fusion := lexical.get("fusion", Fusion.FIXED), str) or fusion not in set(Fusion):
+            raise TypeError(f"its lexical entry 'fusion' is {fusion!r}, not one of {[f.value for f in Fusion]}")
         return cls(**fields)
 
 
 _FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
+# the untrained fusion's numbers (matching.features; the scorer's config checks the same ranges)
+_FUSION_RANGES = {"dense_weight": (0, 1), "dense_floor": (0, 1), "dense_span": (0, 1e6), "known_power": (1, 10)}
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "library_version": (str,),
     "encoder": (dict,),

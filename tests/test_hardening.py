@@ -300,6 +300,12 @@ def test_a_damaged_file_is_not_blessed_by_the_next_write(
         (lambda m: m.update(encoder=["x"]), "field 'encoder'"),
         (lambda m: m["sizes"].update({"store.json": "12"}), "sizes whole numbers"),
         (lambda m: m.update(count=m["count"] + 1), "its own checksum"),
+        (lambda m: m["lexical"].update(known_power=0), "'known_power' is 0, not a number in .1, 10."),
+        (lambda m: m["lexical"].update(dense_floor=float("nan")), "'dense_floor' is nan"),
+        (lambda m: m["lexical"].update(dense_span="15"), "'dense_span' is '15'"),
+        (lambda m: m["lexical"].update(dense_weight=True), "'dense_weight' is True"),
+        (lambda m: m["lexical"].update(fusion="mean"), "'fusion' is 'mean', not one of"),
+        (lambda m: m["lexical"].update(fusion=["adaptive"]), r"'fusion' is \['adaptive'\], not one of"),
     ],
 )
 def test_a_crafted_or_damaged_manifest_is_refused(own_bundle: Any, edit: Any, needle: str) -> None:
