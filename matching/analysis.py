@@ -32,7 +32,7 @@ class Analyzer(StrEnum):
     AUTO = "auto"  # resolved at build time by resolve_analyzer()
     STANDARD = "standard"  # fold_case, unicode word tokens, CJK runs as character uni- and bigrams
     ENGLISH = "english"  # STANDARD + English stopwords removed + Snowball English stemming
-    CJK = "cjk"  # CJK runs as character uni- and bigrams, other runs as ENGLISH
+    CJK = "cjk"  # CJK runs as character uni- and bigrams, other runs as ENGLISH; what 'auto' picks for kana and Hangul
     # CJK runs cut into words by jieba (the optional extra matching[cjk]), other runs as ENGLISH. On LCQMC test the
     # untrained score reaches ROC-AUC 0.829 with it against 0.802 with character n-grams (0.803 with an early words +
     # characters cut, under the fusion of then: not CHINESE_MIXED's, whose characters are terms of their own).
@@ -44,6 +44,12 @@ class Analyzer(StrEnum):
     # with its characters too, 0.7455 / 0.8143 with CJK (BENCHMARKS.md): the HMM cuts a name or a domain word
     # one way in one text and another way in the next, and the characters still match where the words do not.
     CHINESE_MIXED = "chinese-mixed"
+    # CJK runs as single characters, other runs as ENGLISH: what 'auto' picks for Chinese without jieba. LCQMC test /
+    # dev, lexical share 0.8398 / 0.7495 against 0.8143 / 0.7455 with CJK's bigrams too; the untrained default with
+    # the English model 0.8416 / 0.7531 against 0.8151 / 0.7515, with multilingual-e5-small 0.9190 / 0.8883 against
+    # 0.9167 / 0.8871 (CHINESE_MIXED: 0.8498 / 0.7565, 0.9194 / 0.8898): a bigram across two words is a rare term
+    # that matches by chance, and a question's words recur as its characters.
+    CHINESE_CHARS = "chinese-chars"
 
 
 # NLTK's English list without contraction fragments, single letters other than "a", and words that tell
@@ -141,6 +147,11 @@ def _grams(run: str, out: list[str]) -> None:
     out.append(run[-1])
 
 
+def _chars(run: str, out: list[str]) -> None:
+    """Each character of one CJK run, by position."""
+    out.extend(run)
+
+
 def jieba_available() -> bool:
     try:
         import jieba  # noqa: F401
@@ -214,7 +225,7 @@ def analyze(text: str, analyzer: Analyzer, fold: int = FOLD) -> list[str]:
     if text.isascii():  # every folding lowers ASCII alike
         return _words(_ASCII_WORD.findall(text.lower()), english)
     out: list[str] = []
-    cut = _CUTS.get(analyzer, _grams)
+    cut = _CUTS.get(analyzer, _chars if analyzer == Analyzer.CHINESE_CHARS else _grams)
     # other text and CJK runs, alternating
     for i, piece in enumerate(_CJK_SPLIT.split(_folded(text, fold))):
         if i % 2:
@@ -225,8 +236,9 @@ def analyze(text: str, analyzer: Analyzer, fold: int = FOLD) -> list[str]:
 
 
 def resolve_analyzer(titles: Iterable[str]) -> Analyzer:
-    """For (the first 100,000 of) ``titles``: where CJK characters are at least 10% of the letters, CHINESE_MIXED
-    when they are mostly Han and jieba is installed, else CJK (character n-grams); otherwise ENGLISH."""
+    """For (the first 100,000 of) ``titles``: where CJK characters are at least 10% of the letters and mostly Han,
+    CHINESE_MIXED with jieba installed and CHINESE_CHARS without it; where they are not mostly Han (kana, Hangul),
+    CJK (character n-grams); otherwise ENGLISH."""
     cjk = letters = kana = 0
     for title in islice(titles, _RESOLVE_SAMPLE):
         if not isinstance(title, str):
@@ -240,7 +252,9 @@ def resolve_analyzer(titles: Iterable[str]) -> Analyzer:
             letters += len(_LETTER.findall(text))
     if not letters or cjk < _CJK_SHARE * letters:
         return Analyzer.ENGLISH
-    return Analyzer.CHINESE_MIXED if kana < _CJK_SHARE * cjk and jieba_available() else Analyzer.CJK
+    if kana >= _CJK_SHARE * cjk:
+        return Analyzer.CJK
+    return Analyzer.CHINESE_MIXED if jieba_available() else Analyzer.CHINESE_CHARS
 
 
 @functools.cache

@@ -24,7 +24,7 @@ import numpy as np
 from matching.analysis import Analyzer
 from matching.lexical.bm25 import BM25Index
 
-ANALYSERS = [Analyzer.CHINESE, Analyzer.CHINESE_MIXED, Analyzer.CJK]
+ANALYSERS = [Analyzer.CHINESE, Analyzer.CHINESE_MIXED, Analyzer.CHINESE_CHARS, Analyzer.CJK]
 
 
 def catalogue(size: int, queries: int) -> tuple[list[str], list[str]]:

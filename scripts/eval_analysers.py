@@ -23,7 +23,7 @@ from matching.features import normalised, query_norms
 from matching.lexical import LexicalIndex
 from matching.metrics import roc_auc
 
-ANALYSERS = [Analyzer.CHINESE, Analyzer.CHINESE_MIXED, Analyzer.CJK]
+ANALYSERS = [Analyzer.CHINESE, Analyzer.CHINESE_MIXED, Analyzer.CHINESE_CHARS, Analyzer.CJK]
 
 
 def bigram_jaccard(a: str, b: str) -> float:

@@ -294,7 +294,7 @@ def test_a_chinese_catalogue_warns_about_unknown_tokens_and_matches_by_words(
     assert "unknown to the encoder" in caplog.text
     assert "--model" in caplog.text
     assert m.manifest.source["unknown_token_share"] > 0.5
-    assert (m.manifest.lexical or {})["analyzer"] == ("chinese-mixed" if jieba_available() else "cjk")
+    assert (m.manifest.lexical or {})["analyzer"] == ("chinese-mixed" if jieba_available() else "chinese-chars")
     assert m.search("保温杯", k=1)[0].title == "不锈钢保温杯"
     assert m.search("跑步鞋", k=1, retrieval="lexical")[0].title == "男士跑步鞋"
 
@@ -325,6 +325,28 @@ def test_a_jieba_analyser_without_jieba_is_refused_before_encoding(
     frame = pd.DataFrame({"id": range(len(CHINESE)), "title": CHINESE})
     with pytest.raises(ConfigError, match=r"needs jieba: pip install 'matching\[cjk\]'"):
         Matcher.build(frame, tmp_path / "zh", encoder=tiny_encoder, analyzer=analyzer, show_progress=False)
+
+
+def test_without_jieba_chinese_is_read_as_characters(
+    tmp_path: Path, tiny_encoder: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """'auto' picks chinese-chars for Han text without jieba (each character a term), cjk for kana."""
+    import matching.analysis
+
+    monkeypatch.setattr(matching.analysis, "jieba_available", lambda: False)
+    assert resolve_analyzer(CHINESE) == Analyzer.CHINESE_CHARS
+    assert resolve_analyzer(["ワイヤレスイヤホン", "ランニングシューズ"]) == Analyzer.CJK
+    assert analyze("无线蓝牙耳机 iPhone 手机壳", Analyzer.CHINESE_CHARS) == [
+        *"无线蓝牙耳机",
+        "iphon",
+        *"手机壳",
+    ]
+    frame = pd.DataFrame({"id": range(len(CHINESE)), "title": CHINESE})
+    m = Matcher.build(frame, tmp_path / "zh", encoder=tiny_encoder, show_progress=False)
+    assert (m.manifest.lexical or {})["analyzer"] == "chinese-chars"
+    assert m.search("跑步鞋", k=1, retrieval="lexical")[0].title == "男士跑步鞋"
+    m.close()
+    assert Matcher.load(tmp_path / "zh").search("跑步鞋", k=1, retrieval="lexical")[0].title == "男士跑步鞋"
 
 
 def test_an_english_catalogue_does_not_warn(

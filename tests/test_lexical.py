@@ -24,7 +24,7 @@ from matching.errors import BundleError, ConfigError
 from matching.layout import LEXICAL_ARRAYS, LEXICAL_CONFIG
 from matching.lexical import BM25Params, LexicalIndex
 
-HAN = Analyzer.CHINESE_MIXED if jieba_available() else Analyzer.CJK  # what 'auto' picks for Chinese titles
+HAN = Analyzer.CHINESE_MIXED if jieba_available() else Analyzer.CHINESE_CHARS  # what 'auto' picks for Chinese
 
 TITLES = [
     "Red running shoes for men",
@@ -265,8 +265,18 @@ def test_pruned_search_equals_exhaustive_ranking(filtered: bool) -> None:
         index.pruning = True
 
 
-@pytest.mark.skipif(not jieba_available(), reason="jieba (matching[cjk]) is not installed")
-def test_pruned_search_equals_exhaustive_ranking_over_chinese_words_and_characters() -> None:
+@pytest.mark.parametrize(
+    "analyzer",
+    [
+        Analyzer.CHINESE_CHARS,
+        pytest.param(
+            Analyzer.CHINESE_MIXED,
+            marks=pytest.mark.skipif(not jieba_available(), reason="jieba (matching[cjk]) is not installed"),
+        ),
+    ],
+    ids=str,
+)
+def test_pruned_search_equals_exhaustive_ranking_over_chinese_words_and_characters(analyzer: Analyzer) -> None:
     # long character lists against few rows that can reach the top k: the rows met are sifted and the lists left
     # searched row by row (BM25Index._add_to)
     rng = np.random.default_rng(3)
@@ -294,7 +304,7 @@ def test_pruned_search_equals_exhaustive_ranking_over_chinese_words_and_characte
     ]
     weights = 1 / np.arange(1, len(words) + 1) ** 0.8
     titles = ["".join(rng.choice(words, rng.integers(2, 8), p=weights / weights.sum())) for _ in range(4000)]
-    index = LexicalIndex.build(titles, Analyzer.CHINESE_MIXED)
+    index = LexicalIndex.build(titles, analyzer)
     index.remove(rng.choice(len(titles), 200, replace=False))
     queries = ["".join(rng.choice(words, rng.integers(1, 6))) for _ in range(60)]
     every = np.stack([index.score_rows(query, np.arange(len(titles))) for query in queries]).astype(np.float64)
@@ -310,6 +320,7 @@ ANALYZERS = [
     Analyzer.STANDARD,
     Analyzer.ENGLISH,
     Analyzer.CJK,
+    Analyzer.CHINESE_CHARS,
     *([Analyzer.CHINESE, Analyzer.CHINESE_MIXED] if jieba_available() else []),
 ]
 FOLDED = [

@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from matching.analysis import Analyzer
 from matching.cli.options import (
     RETRIEVALS,
     add_lock_timeout,
@@ -40,7 +41,7 @@ def _add_build(sub: Any) -> None:
     p.add_argument("--out", help="bundle directory (default: indexes/<file stem>)")
     p.add_argument(
         "--analyzer",
-        choices=["auto", "english", "chinese-mixed", "chinese", "cjk", "standard"],
+        choices=[a.value for a in Analyzer],
         default="auto",
         help="how titles are cut into words for BM25 (default: from the titles' script)",
     )
