@@ -106,7 +106,8 @@ class Snapshot:
 
     @property
     def fused(self) -> Fused:
-        """How retrieval fuses, as the manifest records it (bundles built before the length lift: span 0)."""
+        """How retrieval fuses, as the manifest records it (bundles built before the length lift: span 0; before the
+        power: power 1)."""
         lexical = self.manifest.lexical or {}
         span, power = float(lexical.get("dense_span", 0.0)), float(lexical.get("known_power", 1.0))
         return Fused(self.fusion, self.dense_weight, self.dense_floor, self.dense_centre, span, power)
