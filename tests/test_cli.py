@@ -48,12 +48,15 @@ def cli_bundle(tmp_path_factory: pytest.TempPathFactory, catalogue_csv: Path, ti
 # -- no heavy work ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("analyzer", ["chinese-chars", "cjk"])
-def test_build_takes_every_analyser(catalogue_csv: Path, tiny_model_dir: Path, tmp_path: Path, analyzer: str) -> None:
+@pytest.mark.parametrize("analyzer", ["chinese-chars", "cjk"])  # the choices come from the Analyzer enum
+def test_build_takes_an_analyser_by_name(
+    catalogue_csv: Path, tiny_model_dir: Path, tmp_path: Path, analyzer: str
+) -> None:
     out = tmp_path / "b"
     argv = ["build", catalogue_csv, "--out", out, "--model", tiny_model_dir, "--analyzer", analyzer, "-q"]
     assert main([str(a) for a in argv]) == 0
-    assert (Matcher.load(out).manifest.lexical or {})["analyzer"] == analyzer
+    with Matcher.load(out) as m:
+        assert (m.manifest.lexical or {})["analyzer"] == analyzer
 
 
 def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
