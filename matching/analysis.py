@@ -208,13 +208,15 @@ def counted(terms: Iterable[str]) -> set[str]:
     return {term for term in terms if not term.startswith(CHAR_TERM)}
 
 
-_CUTS = {Analyzer.CHINESE: _segment, Analyzer.CHINESE_MIXED: _words_and_chars}
+# how each analyser cuts a CJK run (the others: character uni- and bigrams), and those of them that need jieba
+_CUTS = {Analyzer.CHINESE: _segment, Analyzer.CHINESE_MIXED: _words_and_chars, Analyzer.CHINESE_CHARS: _chars}
+_JIEBA_CUTS = frozenset({Analyzer.CHINESE, Analyzer.CHINESE_MIXED})
 
 
 def check_analyzer(analyzer: Analyzer) -> Analyzer:
     """``analyzer``, or :class:`ConfigError` now where it cuts words with jieba and jieba is not installed (a build
     would otherwise find out after encoding the whole catalogue)."""
-    if analyzer in _CUTS and not jieba_available():
+    if analyzer in _JIEBA_CUTS and not jieba_available():
         raise ConfigError(_NEEDS_JIEBA)
     return analyzer
 
@@ -227,7 +229,7 @@ def analyze(text: str, analyzer: Analyzer, fold: int = FOLD) -> list[str]:
     if text.isascii():  # every folding lowers ASCII alike
         return _words(_ASCII_WORD.findall(text.lower()), english)
     out: list[str] = []
-    cut = _CUTS.get(analyzer, _chars if analyzer == Analyzer.CHINESE_CHARS else _grams)
+    cut = _CUTS.get(analyzer, _grams)
     # other text and CJK runs, alternating
     for i, piece in enumerate(_CJK_SPLIT.split(_folded(text, fold))):
         if i % 2:
