@@ -20,7 +20,7 @@ from matching.bundle import Manifest, new_generation
 from matching.config import IndexConfig, ScorerConfig
 from matching.encoder import Encoder, UnknownTokens
 from matching.errors import BadRowError
-from matching.features import DEFAULT_DENSE_WEIGHT, DENSE_CEILING, DENSE_FLOOR, DENSE_SPAN, KNOWN_POWER
+from matching.features import DEFAULT_DENSE_WEIGHT
 from matching.fields import FieldSpec
 from matching.ingest import CatalogueReader, Encoded, metadata_json
 from matching.layout import ENCODER_WEIGHTS, TRAIN_REPORT
@@ -273,16 +273,17 @@ def reencode_bundle(
     lexical = manifest.lexical or {}
     # new vectors take today's adaptive rule (the manifest's entries too: generation.adaptive_fusion); a bundle from
     # before the adaptive rule keeps its fixed weight
-    adaptive = old.fusion is Fusion.ADAPTIVE
-    scorer_config = ScorerConfig(
-        dim=encoder.dim,
-        hidden=old.hidden,
-        lexical=True,
-        dense_weight=DENSE_CEILING if adaptive else old.dense_weight if old.lexical else DEFAULT_DENSE_WEIGHT,
-        dense_floor=DENSE_FLOOR if adaptive else old.dense_floor,
-        dense_span=DENSE_SPAN if adaptive else old.dense_span,
-        known_power=KNOWN_POWER if adaptive else old.known_power,
-        fusion=old.fusion,
+    scorer_config = (
+        generation.untrained_scorer(encoder.dim, old.hidden, Retrieval.HYBRID)
+        if old.fusion is Fusion.ADAPTIVE
+        else ScorerConfig(
+            dim=encoder.dim,
+            hidden=old.hidden,
+            lexical=True,
+            dense_weight=old.dense_weight if old.lexical else DEFAULT_DENSE_WEIGHT,
+            dense_floor=old.dense_floor,
+            fusion=old.fusion,
+        )
     )
     kept = {k: v for k, v in manifest.source.items() if k in ("name", "id_column")}
     record = {
