@@ -13,9 +13,7 @@ and the two must give the same rows and scores. Needs jieba (``matching[cjk]``) 
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 from typing import Any
 
 import datasets as ds
@@ -94,9 +92,7 @@ def main() -> None:
             )
         result["analysers"][analyser.value] = row
         del index
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {args.json}")
+    ds.write_json(args.json, result)
 
 
 if __name__ == "__main__":

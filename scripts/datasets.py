@@ -101,7 +101,12 @@ def run_sets(runs: dict[str, Callable[[], dict[str, Any]]], only: list[str], jso
         start = time.perf_counter()
         results[name] = runs[name]()
         print(f"{name} ({time.perf_counter() - start:.0f} s): {json.dumps(results[name])}", flush=True)
-    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(json_path).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {json_path}")
+    write_json(json_path, results)
     return results
+
+
+def write_json(path: str, results: Any) -> None:
+    """Write ``results`` as indented JSON at ``path`` (its folder made if missing) and say so."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {path}")

@@ -10,9 +10,7 @@ fusion reads it. Character-bigram Jaccard is printed beside them for reference. 
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 from typing import Any
 
 import datasets as ds
@@ -72,9 +70,7 @@ def main() -> None:
     for name, row in results.items():
         cost = f"{row['build_seconds']:8.2f} {row['search_ms']:9.3f}" if "search_ms" in row else ""
         print(f"{name:16s} {row['dev']:7.4f} {row['test']:7.4f} {cost}")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {args.json}")
+    ds.write_json(args.json, results)
 
 
 if __name__ == "__main__":

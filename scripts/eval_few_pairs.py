@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -93,9 +92,7 @@ def main() -> None:
             cells = f"{100 * published.mean():+.2f} / {100 * published.min():+.2f}"
             cells += f" | {100 * anyway.mean():+.2f} / {100 * anyway.min():+.2f}"
             print(f"| {name} | {size} | {r['untrained']:.4f} | {chosen} | {cells} |")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {args.json}")
+    ds.write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -159,11 +158,8 @@ def main() -> None:
         cells = [f"{r['sets'][n]:.4f} ({100 * r['gaps'][n]:+.1f})" for n in names]
         line = f"| {r['ceiling']:g}, {r['floor']:g}, {r['span']:g}, {r['power']:g} | " + " | ".join(cells)
         print(line + f" | {r['scifact_ndcg@10']:.4f} | {100 * r['worst_gap']:+.1f} |")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     shared = overlapping(sets)
-    report = {"better_single_signal": best, "rules": rows, "overlapping_pairs": shared}
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    ds.write_json(args.json, {"better_single_signal": best, "rules": rows, "overlapping_pairs": shared})
 
 
 if __name__ == "__main__":
