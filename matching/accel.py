@@ -7,17 +7,21 @@ fingerprint use those); it builds a separate inference copy from them:
 preset     CPU                                             CUDA
 =========  ==============================================  ======================================
 exact      float32, eager (the reference)                  float32, eager
-default    bfloat16 weights, TorchScript-traced            bfloat16 (float16 without bf16 support)
+default    bfloat16 weights, TorchScript-traced; batches   bfloat16 (float16 without bf16 support)
+           over 1,024 padded tokens (titles in bulk):
+           bfloat16 untraced, with a short-text
+           attention and prepacked linear layers
 fast       texts cut at 192 tokens; batches of <= 256       as default (dynamic int8 is CPU-only),
            padded tokens (one query, a few titles): int8   texts cut at 192 tokens
            dynamic quantisation of every Linear
            (per-channel weights), traced; bigger
-           batches: bfloat16 untraced. Each built on
-           first use.
+           batches: bfloat16 untraced, over 1,024
+           tokens as default's. Each built on first
+           use.
 =========  ==============================================  ======================================
 
 On a CPU without native bfloat16 (no AVX512-BF16/AMX), where bfloat16 is emulated and slower than
-float32, ``default`` runs float32 traced instead and ``fast`` runs int8 for every batch. Every
+float32, ``default`` runs float32 traced for every batch instead and ``fast`` runs int8 for every batch. Every
 fallback is logged once and recorded in :attr:`Plan.notes`. The traced module is checked against the
 eager one on a padded batch of another shape before it is used; if they disagree (or tracing fails)
 the eager copy is used.
@@ -36,6 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from matching.attention import use_short_attention
+from matching.packed import pack_linears
 from matching.types import Pooling, Preset
 
 log = logging.getLogger(__name__)
@@ -52,6 +58,11 @@ INT8_MAX_TOKENS = 256
 # abstracts (bf16): 192 tokens 0.6450 nDCG@10 vs 0.6444 at 256 and 3.7x sentence-transformers' speed;
 # 160 tokens -1.6 points, 128 tokens -2.0 points. Short titles never reach the cut.
 FAST_MAX_TOKENS = 192
+# batches of more padded tokens than this (a title batch has ~4,096) run the bulk copy: untraced, so that the width
+# picks matching.attention's path per batch, with matching.packed's layers (20,000 generated titles: 2,956 -> 4,126
+# titles/s, bf16, Xeon with AMX, 2 threads; scripts/bench_encode.py). Query batches up to this size (64 queries of
+# 16 tokens), and every batch encode_queries runs, keep the traced copy, whose vectors do not depend on the batch
+BULK_MIN_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -65,6 +76,9 @@ class Plan:
     int8_max_tokens: int | None = None
     trace: bool = False  # TorchScript trace of model + pooling (CPU only)
     max_tokens: int | None = None  # cut texts at this many tokens (below the encoder's own max_length)
+    # batches of more than BULK_MIN_TOKENS padded tokens run an untraced bfloat16 copy with matching.attention's
+    # short-text attention and matching.packed's linear layers (CPU only)
+    bulk_copy: bool = False
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -82,6 +96,8 @@ class Plan:
             parts.append("traced")
         if self.max_tokens:
             parts.append(f"texts cut at {self.max_tokens} tokens")
+        if self.bulk_copy:
+            parts.append(f"batches over {BULK_MIN_TOKENS} tokens untraced with packed layers")
         return f"{self.preset.value} ({', '.join(parts)})"
 
 
@@ -131,6 +147,7 @@ def plan_for(preset: Preset | str, device: torch.device) -> Plan:
                     int8_max_tokens=INT8_MAX_TOKENS,
                     trace=True,
                     max_tokens=FAST_MAX_TOKENS,
+                    bulk_copy=True,
                 )
             return Plan(preset, int8=True, trace=True, max_tokens=FAST_MAX_TOKENS)
         notes.append("this torch build has no dynamic int8 quantisation; 'fast' runs like 'default'")
@@ -138,7 +155,8 @@ def plan_for(preset: Preset | str, device: torch.device) -> Plan:
         notes.append("this CPU has no native bfloat16 (AVX512-BF16/AMX); running float32")
     cut = FAST_MAX_TOKENS if preset is Preset.FAST else None
     dtype = torch.bfloat16 if bf16 else torch.float32
-    return Plan(preset, dtype=dtype, trace=True, max_tokens=cut, notes=tuple(notes))
+    # float32 (4,000 titles): the untraced copy with the short-text attention gained nothing on the traced one
+    return Plan(preset, dtype=dtype, trace=True, max_tokens=cut, bulk_copy=bf16, notes=tuple(notes))
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
@@ -251,7 +269,10 @@ class BySize:
         self.max_tokens = max_tokens
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        small = input_ids.numel() <= self.max_tokens
+        return self.run(input_ids.numel() <= self.max_tokens, input_ids, attention_mask)
+
+    def run(self, small: bool, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Run the ``small`` (True) or the ``large`` runner on the batch, whatever its size."""
         runner = self._built.get(small)
         if runner is None:
             with self._lock:
@@ -262,6 +283,15 @@ class BySize:
         return runner(input_ids, attention_mask)
 
 
+class WithBulk(BySize):
+    """A :class:`BySize` whose ``large`` runner is the bulk copy (:attr:`Plan.bulk_copy`); :meth:`invariant`
+    keeps a batch on the ``small`` one, whose vectors do not depend on the batch."""
+
+    def invariant(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Run the batch on the copy whose vectors do not depend on the batch, whatever its size."""
+        return self.run(True, input_ids, attention_mask)
+
+
 def build_runner(model: nn.Module, pooling: Pooling, plan: Plan, examples: tuple[Batch, Batch]) -> Runner:
     """An inference callable for ``plan`` built from copies of ``model`` (which is left untouched).
 
@@ -270,29 +300,60 @@ def build_runner(model: nn.Module, pooling: Pooling, plan: Plan, examples: tuple
     """
     if plan.uses_base_model:
         return Pooled(model, pooling).eval()
-    if plan.int8 and plan.int8_max_tokens is not None:
-        return BySize(
-            lambda: _variant(model, pooling, torch.float32, int8=True, trace=plan.trace, examples=examples),
-            # untraced: on big batches a trace gains nothing (3,000 titles: 1.027 s traced, 1.024 s eager) and
-            # costs 0.2-0.35 s to build, which a bulk build pays
-            lambda: _variant(model, pooling, plan.dtype, int8=False, trace=False, examples=examples),
-            plan.int8_max_tokens,
-        )
-    return _variant(model, pooling, plan.dtype, int8=plan.int8, trace=plan.trace, examples=examples)
+    int8_max = plan.int8_max_tokens
+    if plan.int8 and int8_max is not None:
+
+        def base() -> Runner:
+            return BySize(
+                lambda: _variant(model, pooling, torch.float32, int8=True, trace=plan.trace, examples=examples),
+                # untraced: on big batches a trace gains nothing (3,000 titles: 1.027 s traced, 1.024 s eager)
+                # and costs 0.2-0.35 s to build, which a bulk build pays
+                lambda: _variant(model, pooling, plan.dtype, int8=False, examples=examples),
+                int8_max,
+            )
+
+    else:
+
+        def base() -> Runner:
+            return _variant(model, pooling, plan.dtype, int8=plan.int8, trace=plan.trace, examples=examples)
+
+    if not (plan.bulk_copy and all(p.device.type == "cpu" for p in model.parameters())):
+        return base()
+    # its batches have more rows than RowChunked ever splits, so it goes without
+    return WithBulk(
+        base,
+        lambda: _variant(model, pooling, plan.dtype, int8=False, short=True, invariant=False, examples=examples),
+        BULK_MIN_TOKENS,
+    )
 
 
 def _variant(
-    model: nn.Module, pooling: Pooling, dtype: torch.dtype, *, int8: bool, trace: bool, examples: tuple[Batch, Batch]
+    model: nn.Module,
+    pooling: Pooling,
+    dtype: torch.dtype,
+    *,
+    int8: bool,
+    examples: tuple[Batch, Batch],
+    trace: bool = False,
+    short: bool = False,
+    invariant: bool = True,
 ) -> Runner:
+    """A copy of ``model`` in ``dtype`` (or int8), traced or with :mod:`matching.attention`'s attention;
+    ``invariant``: a bfloat16 CPU copy's narrowing layers are :class:`RowChunked`."""
     work = copy.deepcopy(model).eval()
     for p in work.parameters():
         p.requires_grad_(False)
+    if short and not use_short_attention(work):
+        log.info("this model does not take another attention function; its bulk copy keeps its own")
     if int8:
         work = _quantize_int8(work.float())
     elif dtype != torch.float32:
         work = work.to(dtype)
         if dtype == torch.bfloat16 and all(p.device.type == "cpu" for p in work.parameters()):
-            _batch_invariant(work)
+            if invariant:
+                _batch_invariant(work)
+            elif short:
+                pack_linears(work)
     eager = Pooled(work, pooling).eval()
     if not trace:
         return eager

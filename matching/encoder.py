@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from matching import deadline, progress
-from matching.accel import Plan, Runner, build_runner, plan_for, pool
+from matching.accel import Plan, Runner, WithBulk, build_runner, plan_for, pool
 from matching.config import EncoderConfig
 from matching.errors import ModelError
 from matching.multilingual import INSTALL_HINT, MODEL_NAME, model_dir
@@ -323,7 +323,8 @@ class Encoder:
         padded tokens (``batch_size`` x :data:`TOKENS_PER_ROW`, at least ``batch_size`` texts a batch): short
         titles go many to a batch. The original order is restored. ``pad_multiple``: each batch is padded to a
         multiple of this many tokens (:data:`QUERY_PAD_MULTIPLE` for queries), and holds only texts padded to the
-        same width alone, so that a text's vector does not depend on the batch it is in.
+        same width alone, so that a text's vector does not depend on the batch it is in (and no batch runs on the
+        bulk copy of :attr:`Plan.bulk_copy <matching.accel.Plan.bulk_copy>`).
         """
         n = len(texts)
         out = np.empty((n, self.dim), dtype=np.float32)
@@ -335,6 +336,8 @@ class Encoder:
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=n)
         order = np.argsort(-lengths, kind="stable")
         runner = None if plan.uses_base_model else self._inference_runner()
+        if pad_multiple > 1 and isinstance(runner, WithBulk):  # asked not to depend on the batch: never the bulk copy
+            runner = runner.invariant
         device = self.device
         with torch.inference_mode(), progress.bar(show_progress, total=n, desc="encoding", leave=False) as bar:
             start = 0
