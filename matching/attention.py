@@ -82,9 +82,15 @@ def use_short_attention(model: nn.Module) -> bool:
     setter = getattr(model, "set_attn_implementation", None)
     if setter is None or not _register():
         return False
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # a refusal is a warning there; logged here
     try:
         setter(NAME)
     except (ValueError, TypeError, NotImplementedError) as exc:
         log.info("keeping the model's own attention (%s)", exc)
         return False
+    finally:
+        hf_logging.set_verbosity(verbosity)
     return getattr(getattr(model, "config", None), "_attn_implementation", None) == NAME

@@ -134,3 +134,45 @@ def test_big_batches_run_the_bulk_copy_close_to_exact(
     # the encoder's own model keeps its attention and its float32 layers (training and saving use it)
     assert encoder.model.config._attn_implementation != attention.NAME
     assert not any(isinstance(m, packed.PackedLinear) for m in encoder.model.modules())
+
+
+ARCHITECTURES = {
+    "distilbert": ("DistilBertConfig", {"dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 64}),
+    "roberta": ("RobertaConfig", {"max_position_embeddings": 130, "pad_token_id": 0}),
+    "albert": ("AlbertConfig", {"embedding_size": 16}),
+    "mpnet": ("MPNetConfig", {"max_position_embeddings": 130, "pad_token_id": 0}),  # takes no attention function
+}
+
+
+@pytest.mark.skipif(not _bf16_ops(), reason="the bulk copy runs on CPUs with native bfloat16")
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_the_bulk_copy_of_other_bert_family_checkpoints_stays_close_to_exact(
+    architecture: str, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    import transformers
+
+    name, settings = ARCHITECTURES[architecture]
+    directory = tmp_path / architecture
+    shutil.copytree(tiny_model_dir, directory)  # the tokenizer; the model is replaced
+    for file in ("model.safetensors", "config.json"):
+        (directory / file).unlink()
+    sizes = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+    vocab = len((directory / "vocab.txt").read_text(encoding="utf-8").splitlines())
+    config = getattr(transformers, name)(
+        vocab_size=vocab, **({} if architecture == "distilbert" else sizes), **settings
+    )
+    torch.manual_seed(0)
+    transformers.AutoModel.from_config(config).save_pretrained(directory, safe_serialization=True)
+    monkeypatch.setattr(accel, "BULK_MIN_TOKENS", 40)
+    texts = TITLES[:4] * 3
+    exact = Encoder.from_pretrained(EncoderConfig(model=str(directory), preset=Preset.EXACT)).encode(texts)
+    encoder = Encoder.from_pretrained(EncoderConfig(model=str(directory), preset=Preset.DEFAULT))
+    vectors = encoder.encode(texts)
+    assert isinstance(encoder._runner, accel.WithBulk)
+    bulk = encoder._runner._built[False]
+    switched = bulk.model.config._attn_implementation == attention.NAME
+    assert switched is (architecture != "mpnet")
+    assert any(isinstance(m, packed.PackedLinear) for m in bulk.modules())
+    assert np.sum(vectors * exact, axis=1).min() > 0.999
