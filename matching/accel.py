@@ -97,7 +97,7 @@ class Plan:
         if self.max_tokens:
             parts.append(f"texts cut at {self.max_tokens} tokens")
         if self.bulk_copy:
-            parts.append(f"batches over {BULK_MIN_TOKENS} tokens untraced with packed layers")
+            parts.append(f"a bulk copy for batches over {BULK_MIN_TOKENS} tokens")
         return f"{self.preset.value} ({', '.join(parts)})"
 
 

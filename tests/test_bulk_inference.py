@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,10 @@ def _direct(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tenso
 
 @pytest.mark.parametrize("tokens", [1, 5, 15, 16, 31, 32, 40])  # narrow softmax, wide softmax, torch's kernel
 @pytest.mark.parametrize("mask", ["additive", "boolean", "none"])
-def test_short_attention_equals_the_formula(tokens: int, mask: str) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_short_attention_equals_the_formula(tokens: int, mask: str, dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(tokens)
-    q, k, v = (torch.randn(3, 2, tokens, 8, generator=g) for _ in range(3))
+    q, k, v = (torch.randn(3, 2, tokens, 8, generator=g).to(dtype) for _ in range(3))
     lengths = torch.tensor([tokens, max(1, tokens // 2), 1])
     keep = (torch.arange(tokens)[None, :] < lengths[:, None])[:, None, None, :].expand(3, 1, tokens, tokens)
     if mask == "none":
@@ -53,7 +55,20 @@ def test_short_attention_equals_the_formula(tokens: int, mask: str) -> None:
     module = nn.Module().eval()
     got, weights = attention.short_attention(module, q, k, v, given, scaling=0.3)
     assert weights is None
-    torch.testing.assert_close(got.double(), _direct(q, k, v, keep, 0.3), atol=1e-5, rtol=1e-5)
+    assert got.dtype == dtype
+    # bfloat16: the scores and the output are rounded (3 significant digits), the softmax is not
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.double(), _direct(q, k, v, keep, 0.3), atol=tolerance, rtol=tolerance)
+
+
+def test_fewer_key_than_query_heads_take_torchs_kernel() -> None:
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 4, 6, 8, generator=g)
+    k, v = (torch.randn(2, 2, 6, 8, generator=g) for _ in range(2))
+    got, _ = attention.short_attention(nn.Module().eval(), q, k, v, None, scaling=0.3)
+    keep = torch.ones(2, 1, 6, 6, dtype=torch.bool)
+    want = _direct(q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1), keep, 0.3)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
 
 def test_the_narrow_softmax_equals_torchs() -> None:
@@ -65,6 +80,34 @@ def test_short_attention_refuses_training_with_dropout() -> None:
     q = torch.zeros(1, 1, 2, 4)
     with pytest.raises(RuntimeError, match="inference only"):
         attention.short_attention(nn.Module().train(), q, q, q, None, dropout=0.1)
+
+
+@pytest.mark.skipif(not accel.cpu_has_native_bf16(), reason="the bulk copy runs on CPUs with native bfloat16")
+def test_the_bulk_copy_hands_its_attention_the_padding_mask(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[torch.Tensor | None] = []
+    original = attention.short_attention
+
+    def spy(
+        module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any, **kw: Any
+    ) -> Any:
+        seen.append(mask)
+        return original(module, query, key, value, mask, **kw)
+
+    monkeypatch.setattr(attention, "short_attention", spy)  # what _register hands transformers
+    monkeypatch.setattr(accel, "BULK_MIN_TOKENS", 40)
+    encoder = Encoder.from_pretrained(EncoderConfig(model=str(tiny_model_dir), preset=Preset.DEFAULT))
+    lengths = [len(ids) for ids in encoder.tokenizer(TITLES[:4])["input_ids"]]
+    encoder.encode(TITLES[:4])  # one padded batch of four widths
+    assert seen
+    assert all(isinstance(m, torch.Tensor) for m in seen)
+    mask = seen[0]
+    assert isinstance(mask, torch.Tensor)
+    assert mask.shape == (4, 1, max(lengths), max(lengths))
+    hidden = mask[:, 0, 0, :] < -1e30 if mask.dtype != torch.bool else ~mask[:, 0, 0, :]
+    # rows in the encoder's order (longest first): each hides exactly its padding
+    assert sorted(int(h.sum()) for h in hidden) == sorted(max(lengths) - n for n in lengths)
 
 
 def _bf16_ops() -> bool:
@@ -176,3 +219,20 @@ def test_the_bulk_copy_of_other_bert_family_checkpoints_stays_close_to_exact(
     assert switched is (architecture != "mpnet")
     assert any(isinstance(m, packed.PackedLinear) for m in bulk.modules())
     assert np.sum(vectors * exact, axis=1).min() > 0.999
+
+
+@pytest.mark.minilm
+@pytest.mark.skipif(not _bf16_ops(), reason="the bulk copy runs on CPUs with native bfloat16")
+def test_minilms_bulk_copy_stays_within_a_rounding_of_exact() -> None:
+    from matching.demo import generate_catalogue
+
+    titles = generate_catalogue(400)["title"].tolist()
+    longer = (f"{t}, {u} and more of the same for a longer text" for t, u in itertools.pairwise(titles))
+    texts = [*titles, *longer]
+    exact = Encoder.from_pretrained(EncoderConfig(preset=Preset.EXACT)).encode(texts)
+    encoder = Encoder.from_pretrained(EncoderConfig(preset=Preset.DEFAULT))
+    bulk = encoder.encode(texts)  # batches of ~4,096 padded tokens, widths on both sides of SHORT_MAX_TOKENS
+    assert set(encoder._runner._built) >= {False}
+    alone = encoder.encode_queries(texts[::40])  # the traced copy
+    assert np.sum(bulk * exact, axis=1).min() > 0.9999
+    np.testing.assert_allclose(bulk[::40], alone, atol=5e-3, rtol=0)

@@ -212,7 +212,7 @@ def test_plan_describe() -> None:
     hybrid = Plan(Preset.FAST, torch.bfloat16, int8=True, int8_max_tokens=512, trace=True)
     assert hybrid.describe() == "fast (int8-dynamic up to 512 tokens a batch, else bfloat16, traced)"
     bulk = Plan(Preset.DEFAULT, dtype=torch.bfloat16, trace=True, bulk_copy=True)
-    assert bulk.describe() == "default (bfloat16, traced, batches over 1024 tokens untraced with packed layers)"
+    assert bulk.describe() == "default (bfloat16, traced, a bulk copy for batches over 1024 tokens)"
 
 
 @pytest.mark.skipif(not accel.int8_available(), reason="no dynamic int8 in this torch build")
