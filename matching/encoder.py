@@ -7,7 +7,7 @@ import hashlib
 import json
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from matching import deadline, progress
+from matching import deadline, pipeline, progress
 from matching.accel import Plan, Runner, WithBulk, build_runner, plan_for, pool
 from matching.config import EncoderConfig
 from matching.errors import ModelError
@@ -130,12 +130,6 @@ def pick_device(device: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-# encode() batches by padded tokens: batch_size x this many, so short titles go ~300 a batch instead of 64 (fewer,
-# fuller calls); never more than batch_size x MAX_ROWS_FACTOR texts; long texts keep batch_size. Measured on 3,000
-# product titles (~14 tokens), 'fast', batch_size 64, best of 4: 16 tokens a row (~batch 64) 1.05 s, 32 0.93 s,
-# 64 0.91 s, 128 0.99 s, 256 1.39 s (bigger batches fall out of cache).
-TOKENS_PER_ROW = 64
-MAX_ROWS_FACTOR = 16
 # query batches are padded to a multiple of this many tokens, so a query's width does not depend on its batch (on
 # an AMD EPYC with AVX512-BF16: 320 of 320 generated queries bit-identical alone and in batches of 16, against 289
 # unpadded: bfloat16 sums run in other orders over other widths). It costs 5% for one query (6.09 -> 6.37 ms) and
@@ -198,6 +192,10 @@ class Encoder:
         self._plan: Plan | None = None
         self._plan_device: torch.device | None = None
         self._build_lock = threading.Lock()  # readers in several threads build the runner once
+        # encode()'s host steps on a worker thread ahead of the model (matching.pipeline); None: on for a device
+        # other than the CPU
+        self.pipelined: bool | None = None
+        self._tokenize: tuple[tuple[int, int], Callable[[list[str]], list[list[int]]]] | None = None
 
     @classmethod
     def from_pretrained(cls, config: EncoderConfig | None = None) -> Encoder:
@@ -324,38 +322,48 @@ class Encoder:
         titles go many to a batch. The original order is restored. ``pad_multiple``: each batch is padded to a
         multiple of this many tokens (:data:`QUERY_PAD_MULTIPLE` for queries), and holds only texts padded to the
         same width alone, so that a text's vector does not depend on the batch it is in (and no batch runs on the
-        bulk copy of :attr:`Plan.bulk_copy <matching.accel.Plan.bulk_copy>`).
+        bulk copy of :attr:`Plan.bulk_copy <matching.accel.Plan.bulk_copy>`). With :attr:`pipelined` (by default on
+        a device other than the CPU), a worker thread tokenises, sorts and pads the texts a chunk at a time ahead of
+        the model (:mod:`matching.pipeline`).
         """
         n = len(texts)
         out = np.empty((n, self.dim), dtype=np.float32)
         if n == 0:
             return out
         bs = batch_size or self.batch_size
-        plan = self.plan
-        ids = self.tokenizer(list(texts), truncation=True, max_length=self.token_limit)["input_ids"]
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=n)
-        order = np.argsort(-lengths, kind="stable")
-        runner = None if plan.uses_base_model else self._inference_runner()
+        runner = None if self.plan.uses_base_model else self._inference_runner()
         if pad_multiple > 1 and isinstance(runner, WithBulk):  # asked not to depend on the batch: never the bulk copy
             runner = runner.invariant
         device = self.device
+        ahead = self.pipelined if self.pipelined is not None else device.type != "cpu"
+        chunk = pipeline.CHUNK_TEXTS if ahead else n
+        tokenize = self._token_ids()
+
+        def host_batches() -> Iterator[pipeline.HostBatch]:
+            for offset in range(0, n, chunk):
+                rows = tokenize(list(texts[offset : offset + chunk]))
+                lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+                for idx in pipeline.batch_rows(lengths, bs, pad_multiple):
+                    input_ids, mask = self._host_padded([rows[i] for i in idx], pad_multiple)
+                    tensors = torch.from_numpy(input_ids), torch.from_numpy(mask)
+                    if device.type == "cuda":  # page-locked, so the copy to the device does not wait
+                        tensors = tensors[0].pin_memory(), tensors[1].pin_memory()
+                    yield pipeline.HostBatch(idx + offset, *tensors)
+
+        results = _Results(out, on_host=device.type == "cpu")
+        source = pipeline.prefetched(host_batches) if ahead else host_batches()
         with torch.inference_mode(), progress.bar(show_progress, total=n, desc="encoding", leave=False) as bar:
-            start = 0
-            while start < n:
+            for batch in source:
                 deadline.check()  # between batches: past a caller's deadline, stop and free the thread
-                rows = min(max(bs, bs * TOKENS_PER_ROW // max(1, int(lengths[order[start]]))), bs * MAX_ROWS_FACTOR)
-                idx = order[start : start + rows]
-                if pad_multiple > 1:  # one padded width a batch: each text is as wide as it would be alone
-                    widths = -(-lengths[idx] // pad_multiple)
-                    idx = idx[widths == widths[0]]
-                batch = self._padded([ids[i] for i in idx], device, pad_multiple)
+                input_ids = batch.input_ids.to(device, non_blocking=True)
+                mask = batch.attention_mask.to(device, non_blocking=True)
                 if runner is None:
-                    vectors = self.embed(batch)
+                    vectors = self.embed({"input_ids": input_ids, "attention_mask": mask})
                 else:
-                    vectors = runner(batch["input_ids"], batch["attention_mask"])
-                out[idx] = vectors.float().cpu().numpy()
-                start += len(idx)
-                bar.update(len(idx))
+                    vectors = runner(input_ids, mask)
+                results.add(batch.rows, vectors.float())
+                bar.update(len(batch.rows))
+            results.flush()
         return out
 
     @property
@@ -373,22 +381,24 @@ class Encoder:
         ids = self.tokenizer(list(texts), truncation=True, max_length=self.token_limit)["input_ids"]
         return np.fromiter(map(len, ids), dtype=np.int64, count=len(texts))
 
-    def _padded(self, rows: list[list[int]], device: torch.device, multiple: int = 1) -> dict[str, torch.Tensor]:
-        """Token id lists as one padded batch (on the tokenizer's padding side, to a multiple of ``multiple``
-        tokens) with its attention mask."""
-        longest = max(map(len, rows))
-        width = max(longest, min(-(-longest // multiple) * multiple, self.token_limit))  # never past the model's
-        input_ids = np.full((len(rows), width), self.tokenizer.pad_token_id or 0, dtype=np.int64)
-        mask = np.zeros((len(rows), width), dtype=np.int64)
-        left = getattr(self.tokenizer, "padding_side", "right") == "left"
-        for j, row in enumerate(rows):
-            span = slice(width - len(row), width) if left else slice(0, len(row))
-            input_ids[j, span] = row
-            mask[j, span] = 1
-        return {
-            "input_ids": torch.from_numpy(input_ids).to(device),
-            "attention_mask": torch.from_numpy(mask).to(device),
-        }
+    def _token_ids(self) -> Callable[[list[str]], list[list[int]]]:
+        """encode()'s tokeniser: texts -> token ids cut at :attr:`token_limit` (built once per limit)."""
+        key = (self.token_limit, id(self.tokenizer))
+        cached = self._tokenize
+        if cached is None or cached[0] != key:
+            cached = self._tokenize = (key, pipeline.token_ids(self.tokenizer, key[0]))
+        return cached[1]
+
+    def _host_padded(self, rows: list[list[int]], multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Token id lists as one padded batch on the host (on the tokenizer's padding side, to a multiple of
+        ``multiple`` tokens but never past the model's limit) and its attention mask."""
+        return pipeline.padded(
+            rows,
+            pad_id=self.tokenizer.pad_token_id or 0,
+            left=getattr(self.tokenizer, "padding_side", "right") == "left",
+            multiple=multiple,
+            limit=self.token_limit,
+        )
 
     def tokenize(
         self, texts: Sequence[str], device: torch.device | None = None, *, max_length: int | None = None
@@ -490,6 +500,33 @@ class Encoder:
         """``texts`` with ``prompt`` before each (as they are when it is empty). Training that calls :meth:`encode`
         or :meth:`tokenize` directly puts ``prompts.query`` / ``prompts.title`` before its texts with this."""
         return [prompt + t for t in texts] if prompt else texts
+
+
+class _Results:
+    """encode()'s output rows: a CPU batch's vectors are written at once; a device's are copied back together,
+    :data:`~matching.pipeline.FLUSH_ROWS` at a time, so the device is not made to wait on each batch."""
+
+    def __init__(self, out: np.ndarray, *, on_host: bool) -> None:
+        self.out = out
+        self.on_host = on_host
+        self.pending: list[tuple[np.ndarray, torch.Tensor]] = []
+        self.rows = 0
+
+    def add(self, rows: np.ndarray, vectors: torch.Tensor) -> None:
+        if self.on_host:
+            self.out[rows] = vectors.numpy()
+            return
+        self.pending.append((rows, vectors))
+        self.rows += len(rows)
+        if self.rows >= pipeline.FLUSH_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        rows = np.concatenate([r for r, _ in self.pending])
+        self.out[rows] = torch.cat([v for _, v in self.pending]).cpu().numpy()
+        self.pending, self.rows = [], 0
 
 
 # above this share of [UNK] tokens in the titles, the encoder cannot read the catalogue's language

@@ -12,6 +12,11 @@ its passes. Sets: `titles` (generated product titles, ~14 tokens), `lengths` (ge
 from ../shared/data where present). The `exact` preset's vectors (this checkout) give each tree's cosine floor.
 Prints a table and writes JSON (results/bench_encode.json) and, with matplotlib, the length curve
 (scripts/plots/bench_encode.png).
+
+`--stand-in-ms 0 1 3` (no GPU here): the model is replaced by a stand-in device that takes that many ms a batch
+(a sleep, which frees the CPU as a GPU would) and the generated titles are encoded with the host steps serial and
+pipelined (`Encoder.pipelined`: tokenising, sorting and padding on a worker thread ahead of the device), in this
+process, the two alternating: how fast the encode loop can feed a device of that speed.
 """
 
 from __future__ import annotations
@@ -123,6 +128,47 @@ def measure(label: str, texts: list[str], trees: dict[str, Path], rounds: int, p
     return row
 
 
+def stand_in(titles: list[str], delays_ms: list[float], passes: int) -> list[dict[str, Any]]:
+    """Serial against pipelined host steps, the model replaced by a sleep of ``ms`` a batch."""
+    import torch
+
+    from matching.config import EncoderConfig
+    from matching.encoder import Encoder
+    from matching.types import Preset
+
+    # the exact preset runs no inference copy: every batch goes through embed, which the stand-in replaces
+    encoder = Encoder.from_pretrained(EncoderConfig(preset=Preset.EXACT))
+    rows = []
+    for ms in delays_ms:
+        batches = [0]
+
+        def device(batch: dict[str, torch.Tensor], ms: float = ms, count: list[int] = batches) -> torch.Tensor:
+            count[0] += 1
+            time.sleep(ms / 1000)
+            return torch.zeros(len(batch["input_ids"]), encoder.dim)
+
+        encoder.embed = device  # type: ignore[method-assign]
+        rates: dict[str, list[float]] = {"serial": [], "pipelined": []}
+        for _ in range(passes):
+            for mode in rates:
+                encoder.pipelined = mode == "pipelined"
+                batches[0] = 0
+                start = time.perf_counter()
+                encoder.encode(titles)
+                rates[mode].append(len(titles) / (time.perf_counter() - start))
+        ceiling = len(titles) / (batches[0] * ms / 1000) if ms else None
+        medians = {k: float(np.median(v)) for k, v in rates.items()}
+        rows.append({"stand_in_ms": ms, "batches": batches[0], "rates": rates, "median": medians, "ceiling": ceiling})
+        top = f"{ceiling:9.0f}/s" if ceiling else "        -"
+        print(
+            f"stand-in {ms:4.1f} ms a batch, {batches[0]} batches: serial {medians['serial']:8.0f}/s  "
+            f"pipelined {medians['pipelined']:8.0f}/s  ({medians['pipelined'] / medians['serial']:.2f}x)  "
+            f"the device alone {top}",
+            flush=True,
+        )
+    return rows
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     try:
         import matplotlib
@@ -156,12 +202,18 @@ def main() -> None:
     parser.add_argument("--titles", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--stand-in-ms", type=float, nargs="+", help="only the pipeline against a stand-in device")
     parser.add_argument("--json", type=Path, default=ROOT / "results" / "bench_encode.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "scripts" / "plots" / "bench_encode.png")
     args = parser.parse_args()
+    started = time.perf_counter()
+    if args.stand_in_ms:
+        titles = texts_for("titles", args.titles)["titles"]
+        result = {"titles": len(titles), "rows": stand_in(titles, args.stand_in_ms, args.passes)}
+        write_json(args.json, {**result, "cpus": os.cpu_count(), "seconds": time.perf_counter() - started})
+        return
     trees = {"this": ROOT, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
     rows = []
-    started = time.perf_counter()
     for name in args.sets:
         for label, texts in texts_for(name, args.titles).items():
             rows.append(measure(label, texts, trees, args.rounds, args.passes))

@@ -188,18 +188,18 @@ def test_check_raises_only_past_the_deadline_and_the_earlier_one_holds() -> None
 
 
 class SlowBatches:
-    """Wraps an encoder's ``_padded`` (one call per batch): sleeps ``pause`` s and records each batch's texts."""
+    """Wraps an encoder's ``_host_padded`` (one call per batch): sleeps ``pause`` s and records each batch's texts."""
 
     def __init__(self, encoder: Any, monkeypatch: pytest.MonkeyPatch, pause: float) -> None:
         self.batches: list[int] = []
-        original = encoder._padded
+        original = encoder._host_padded
 
-        def padded(rows: list[list[int]], device: Any, multiple: int = 1) -> Any:
+        def padded(rows: list[list[int]], multiple: int = 1) -> Any:
             self.batches.append(len(rows))
             time.sleep(pause)
-            return original(rows, device, multiple)
+            return original(rows, multiple)
 
-        monkeypatch.setattr(encoder, "_padded", padded)
+        monkeypatch.setattr(encoder, "_host_padded", padded)
         monkeypatch.setattr(encoder, "batch_size", 1)  # texts of 64+ tokens then go one a batch
 
 

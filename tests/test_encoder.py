@@ -119,13 +119,13 @@ def test_a_query_batch_holds_queries_of_one_padded_width(
     would be alone (its length rounded up to 16); titles batch across widths."""
     texts = [("word " * n).strip() for n in range(1, 40, 3)]
     seen: list[list[int]] = []
-    padded = tiny_encoder._padded
+    padded = tiny_encoder._host_padded
 
-    def spy(rows: list[list[int]], device: torch.device, multiple: int = 1) -> dict[str, torch.Tensor]:
+    def spy(rows: list[list[int]], multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
         seen.append([len(r) for r in rows])
-        return padded(rows, device, multiple)
+        return padded(rows, multiple)
 
-    monkeypatch.setattr(tiny_encoder, "_padded", spy)
+    monkeypatch.setattr(tiny_encoder, "_host_padded", spy)
     tiny_encoder.encode_queries(texts, batch_size=8)
     assert sum(map(len, seen)) == len(texts)
     assert len(seen) > 2
