@@ -317,14 +317,15 @@ class Encoder:
     ) -> np.ndarray:
         """Encode ``texts`` to an ``(n, dim)`` float32 array of unit vectors, in input order.
 
-        All texts are tokenised in one call, sorted by token count so each batch pads little, and batched by
-        padded tokens (``batch_size`` x :data:`TOKENS_PER_ROW`, at least ``batch_size`` texts a batch): short
-        titles go many to a batch. The original order is restored. ``pad_multiple``: each batch is padded to a
-        multiple of this many tokens (:data:`QUERY_PAD_MULTIPLE` for queries), and holds only texts padded to the
-        same width alone, so that a text's vector does not depend on the batch it is in (and no batch runs on the
-        bulk copy of :attr:`Plan.bulk_copy <matching.accel.Plan.bulk_copy>`). With :attr:`pipelined` (by default on
-        a device other than the CPU), a worker thread tokenises, sorts and pads the texts a chunk at a time ahead of
-        the model (:mod:`matching.pipeline`).
+        The texts are tokenised (:func:`~matching.pipeline.token_ids`), sorted by token count so each batch pads
+        little, and batched by padded tokens (``batch_size`` x :data:`~matching.pipeline.TOKENS_PER_ROW`, at least
+        ``batch_size`` texts a batch): short titles go many to a batch. The original order is restored.
+        ``pad_multiple``: each batch is padded to a multiple of this many tokens (:data:`QUERY_PAD_MULTIPLE` for
+        queries) and holds only texts padded to the same width alone, so that a text's vector does not depend on
+        the batch it is in (and no batch runs on the bulk copy of :attr:`Plan.bulk_copy
+        <matching.accel.Plan.bulk_copy>`). With :attr:`pipelined` (by default on a device other than the CPU), a
+        worker thread tokenises, sorts and pads the texts a chunk at a time ahead of the model
+        (:mod:`matching.pipeline`).
         """
         n = len(texts)
         out = np.empty((n, self.dim), dtype=np.float32)
