@@ -14,13 +14,14 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
+
+T = TypeVar("T")
 
 # encode() batches by padded tokens: batch_size x this many, so short titles go ~300 a batch instead of 64 (fewer,
 # fuller calls); never more than batch_size x MAX_ROWS_FACTOR texts; long texts keep batch_size. Measured on 3,000
@@ -32,14 +33,10 @@ MAX_ROWS_FACTOR = 16
 # stand-in device of 5 ms a batch (20,000 generated titles, 2 cores): chunks of 65,536 left it idle through the whole
 # tokenisation (no gain on serial); 8,192 and 4,096 let it start after ~45 ms
 CHUNK_TEXTS = 4096
-T = TypeVar("T")
 
 # batches prepared ahead of the device (~64 KB each): more than a chunk's, so the worker tokenises the next chunk
 # while the device still has batches queued (at 2 the device waited ~43 ms at every chunk's start)
 QUEUE_DEPTH = 16
-# token id lists read out of the tokenizer's encodings between two hand-overs of the interpreter lock: a thread
-# driving a device waits for the lock up to Python's switch interval (5 ms) otherwise, a whole batch of a GPU's
-_IDS_SLICE = 1024
 # device results copied back to the host together, this many rows at a time
 FLUSH_ROWS = 65_536
 
@@ -77,12 +74,7 @@ def token_ids(tokenizer: Any, limit: int) -> Callable[[list[str]], list[list[int
     encode = getattr(own, "encode_batch_fast", own.encode_batch)  # without character offsets, which are not read
 
     def fast(texts: list[str]) -> list[list[int]]:
-        encodings = encode(texts)  # in Rust, without the interpreter lock
-        ids: list[list[int]] = []
-        for start in range(0, len(encodings), _IDS_SLICE):
-            ids.extend(e.ids for e in encodings[start : start + _IDS_SLICE])
-            time.sleep(0)  # hands the interpreter lock to a thread driving the device, if it waits for it
-        return ids
+        return [e.ids for e in encode(texts)]  # the encoding itself runs in Rust, without the interpreter lock
 
     return fast
 
