@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,7 +196,6 @@ class Encoder:
         # encode()'s host steps on a worker thread ahead of the model (matching.pipeline); None: on for a device
         # other than the CPU
         self.pipelined: bool | None = None
-        self._tokenize: tuple[tuple[int, int], Callable[[list[str]], list[list[int]]]] | None = None
 
     @classmethod
     def from_pretrained(cls, config: EncoderConfig | None = None) -> Encoder:
@@ -327,6 +327,7 @@ class Encoder:
         worker thread tokenises, sorts and pads the texts a chunk at a time ahead of the model
         (:mod:`matching.pipeline`).
         """
+        texts = texts if isinstance(texts, list) else list(texts)
         n = len(texts)
         out = np.empty((n, self.dim), dtype=np.float32)
         if n == 0:
@@ -338,26 +339,31 @@ class Encoder:
         device = self.device
         ahead = self.pipelined if self.pipelined is not None else device.type != "cpu"
         chunk = pipeline.CHUNK_TEXTS if ahead else n
+        pinned = device.type == "cuda"
         tokenize = self._token_ids()
 
-        def host_batches() -> Iterator[pipeline.HostBatch]:
+        def host_batches() -> Generator[pipeline.HostBatch, None, None]:
             for offset in range(0, n, chunk):
-                rows = tokenize(list(texts[offset : offset + chunk]))
+                rows = tokenize(texts[offset : offset + chunk])
                 lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
                 for idx in pipeline.batch_rows(lengths, bs, pad_multiple):
                     input_ids, mask = self._host_padded([rows[i] for i in idx], pad_multiple)
                     tensors = torch.from_numpy(input_ids), torch.from_numpy(mask)
-                    if device.type == "cuda":  # page-locked, so the copy to the device does not wait
+                    if pinned:  # page-locked, so the copy to the device does not wait
                         tensors = tensors[0].pin_memory(), tensors[1].pin_memory()
                     yield pipeline.HostBatch(idx + offset, *tensors)
 
         results = _Results(out, on_host=device.type == "cpu")
         source = pipeline.prefetched(host_batches) if ahead else host_batches()
-        with torch.inference_mode(), progress.bar(show_progress, total=n, desc="encoding", leave=False) as bar:
+        with (
+            contextlib.closing(source),  # stops the worker at once when a batch or a deadline raises
+            torch.inference_mode(),
+            progress.bar(show_progress, total=n, desc="encoding", leave=False) as bar,
+        ):
             for batch in source:
                 deadline.check()  # between batches: past a caller's deadline, stop and free the thread
-                input_ids = batch.input_ids.to(device, non_blocking=True)
-                mask = batch.attention_mask.to(device, non_blocking=True)
+                input_ids = batch.input_ids.to(device, non_blocking=pinned)
+                mask = batch.attention_mask.to(device, non_blocking=pinned)
                 if runner is None:
                     vectors = self.embed({"input_ids": input_ids, "attention_mask": mask})
                 else:
@@ -383,12 +389,8 @@ class Encoder:
         return np.fromiter(map(len, ids), dtype=np.int64, count=len(texts))
 
     def _token_ids(self) -> Callable[[list[str]], list[list[int]]]:
-        """encode()'s tokeniser: texts -> token ids cut at :attr:`token_limit` (built once per limit)."""
-        key = (self.token_limit, id(self.tokenizer))
-        cached = self._tokenize
-        if cached is None or cached[0] != key:
-            cached = self._tokenize = (key, pipeline.token_ids(self.tokenizer, key[0]))
-        return cached[1]
+        """encode()'s tokeniser: texts -> token ids cut at :attr:`token_limit`."""
+        return pipeline.token_ids(self.tokenizer, self.token_limit)
 
     def _host_padded(self, rows: list[list[int]], multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Token id lists as one padded batch on the host (on the tokenizer's padding side, to a multiple of

@@ -166,3 +166,73 @@ def test_a_tokenizer_without_a_rust_backend_is_called_as_it_is(encoder: Encoder)
     tokenizer = encoder.tokenizer
     texts = TEXTS[:5]
     assert pipeline.token_ids(Slow(tokenizer), 6)(texts) == tokenizer(texts, truncation=True, max_length=6)["input_ids"]
+
+
+def test_a_deadline_mid_encode_stops_the_worker_at_once(encoder: Encoder, monkeypatch: pytest.MonkeyPatch) -> None:
+    from matching import deadline
+    from matching.errors import MatchingError
+
+    real_embed = encoder.embed
+
+    def slow(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        time.sleep(0.05)
+        return real_embed(batch)
+
+    monkeypatch.setattr(encoder, "embed", slow)
+    monkeypatch.setattr(pipeline, "CHUNK_TEXTS", 5)
+    encoder.pipelined = True
+    kept: list[BaseException] = []
+    try:
+        with deadline.within(0.08):
+            encoder.encode(TEXTS, batch_size=1)
+    except MatchingError as exc:  # kept, with its traceback and so the frames of encode
+        kept.append(exc)
+    assert kept
+    assert not [t for t in threading.enumerate() if t.name == "matching-encode-host"]
+
+
+def test_token_ids_follow_the_tokenizers_settings(tiny_model_dir: Path) -> None:
+    tokenizer = Encoder.from_pretrained(EncoderConfig(model=str(tiny_model_dir))).tokenizer
+    texts = ["[SEP] inside [CLS] a title", "word " * 40, "newtok here"]
+
+    def check(limit: int) -> None:
+        assert (
+            pipeline.token_ids(tokenizer, limit)(texts)
+            == tokenizer(texts, truncation=True, max_length=limit)["input_ids"]
+        )
+
+    for limit in (1, 5, 128):
+        check(limit)
+    assert pipeline.token_ids(tokenizer, 5) is pipeline.token_ids(tokenizer, 5)  # one copy per tokenizer
+    tokenizer.split_special_tokens = True
+    check(128)
+    tokenizer.truncation_side = "left"
+    check(5)
+    tokenizer.add_tokens(["newtok"])
+    check(128)
+
+
+def test_a_tokenizer_that_cannot_be_copied_is_called_as_it_is(encoder: Encoder) -> None:
+    class Uncopyable:
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+            self.backend_tokenizer = self
+
+        def to_str(self) -> str:
+            raise Exception("Custom PreTokenizer cannot be serialized")  # as tokenizers says it
+
+        def __call__(self, texts: list[str], **kwargs: Any) -> Any:
+            return self.inner(texts, **kwargs)
+
+    tokenizer = encoder.tokenizer
+    texts = TEXTS[:5]
+    want = tokenizer(texts, truncation=True, max_length=6)["input_ids"]
+    assert pipeline.token_ids(Uncopyable(tokenizer), 6)(texts) == want
+
+
+def test_any_sequence_of_texts(encoder: Encoder) -> None:
+    import collections
+
+    want = encoder.encode(TEXTS[:9])
+    np.testing.assert_array_equal(encoder.encode(collections.deque(TEXTS[:9])), want)
+    np.testing.assert_array_equal(encoder.encode(tuple(TEXTS[:9])), want)
