@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -159,17 +159,26 @@ def fixed_fusion() -> dict[str, Any]:
     return {"dense_weight": DEFAULT_DENSE_WEIGHT, "fusion": Fusion.FIXED.value}
 
 
+class _Rule(TypedDict):
+    dense_weight: float
+    dense_floor: float
+    dense_span: float
+    known_power: float
+
+
+# the adaptive rule's numbers, as the manifest records them and as a new bundle's reranker takes them
+_ADAPTIVE_RULE: _Rule = {
+    "dense_weight": DENSE_CEILING,
+    "dense_floor": DENSE_FLOOR,
+    "dense_span": DENSE_SPAN,
+    "known_power": KNOWN_POWER,
+}
+
+
 def adaptive_fusion(vector_sum: np.ndarray) -> dict[str, Any]:
     """The fusion entries of new vectors: the adaptive rule, and the sum of the live vectors, from which a snapshot
     takes the centre of the catalogue's cosines (:func:`dense_centre`)."""
-    return {
-        "dense_weight": DENSE_CEILING,
-        "dense_floor": DENSE_FLOOR,
-        "dense_span": DENSE_SPAN,
-        "known_power": KNOWN_POWER,
-        "fusion": Fusion.ADAPTIVE.value,
-        "dense_sum": vector_sum.tolist(),
-    }
+    return {**_ADAPTIVE_RULE, "fusion": Fusion.ADAPTIVE.value, "dense_sum": vector_sum.tolist()}
 
 
 def untrained_scorer(dim: int, hidden: int, retrieval: Retrieval | None) -> ScorerConfig:
@@ -177,16 +186,7 @@ def untrained_scorer(dim: int, hidden: int, retrieval: Retrieval | None) -> Scor
     the default retrieval."""
     fixed = {Retrieval.DENSE: 1.0, Retrieval.LEXICAL: 0.0}.get(retrieval or Retrieval.HYBRID)
     if fixed is None:
-        return ScorerConfig(
-            dim=dim,
-            hidden=hidden,
-            lexical=True,
-            dense_weight=DENSE_CEILING,
-            dense_floor=DENSE_FLOOR,
-            dense_span=DENSE_SPAN,
-            known_power=KNOWN_POWER,
-            fusion=Fusion.ADAPTIVE,
-        )
+        return ScorerConfig(dim=dim, hidden=hidden, lexical=True, fusion=Fusion.ADAPTIVE, **_ADAPTIVE_RULE)
     return ScorerConfig(dim=dim, hidden=hidden, lexical=True, dense_weight=fixed)
 
 
