@@ -353,7 +353,7 @@ class Encoder:
                         tensors = tensors[0].pin_memory(), tensors[1].pin_memory()
                     yield pipeline.HostBatch(idx + offset, *tensors)
 
-        results = _Results(out, on_host=device.type == "cpu")
+        results = pipeline.Results(out, on_host=device.type == "cpu")
         source = pipeline.prefetched(host_batches) if ahead else host_batches()
         with (
             contextlib.closing(source),  # stops the worker at once when a batch or a deadline raises
@@ -385,11 +385,11 @@ class Encoder:
         :attr:`token_limit` (the work of encoding a text grows with this). No prompt is put before the texts."""
         if not len(texts):
             return np.zeros(0, dtype=np.int64)
-        ids = self.tokenizer(list(texts), truncation=True, max_length=self.token_limit)["input_ids"]
+        ids = self._token_ids()(list(texts))
         return np.fromiter(map(len, ids), dtype=np.int64, count=len(texts))
 
     def _token_ids(self) -> Callable[[list[str]], list[list[int]]]:
-        """encode()'s tokeniser: texts -> token ids cut at :attr:`token_limit`."""
+        """encode()'s tokeniser (and :meth:`token_counts`'s): texts -> token ids cut at :attr:`token_limit`."""
         return pipeline.token_ids(self.tokenizer, self.token_limit)
 
     def _host_padded(self, rows: list[list[int]], multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -503,33 +503,6 @@ class Encoder:
         """``texts`` with ``prompt`` before each (as they are when it is empty). Training that calls :meth:`encode`
         or :meth:`tokenize` directly puts ``prompts.query`` / ``prompts.title`` before its texts with this."""
         return [prompt + t for t in texts] if prompt else texts
-
-
-class _Results:
-    """encode()'s output rows: a CPU batch's vectors are written at once; a device's are copied back together,
-    :data:`~matching.pipeline.FLUSH_ROWS` at a time, so the device is not made to wait on each batch."""
-
-    def __init__(self, out: np.ndarray, *, on_host: bool) -> None:
-        self.out = out
-        self.on_host = on_host
-        self.pending: list[tuple[np.ndarray, torch.Tensor]] = []
-        self.rows = 0
-
-    def add(self, rows: np.ndarray, vectors: torch.Tensor) -> None:
-        if self.on_host:
-            self.out[rows] = vectors.numpy()
-            return
-        self.pending.append((rows, vectors))
-        self.rows += len(rows)
-        if self.rows >= pipeline.FLUSH_ROWS:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        rows = np.concatenate([r for r, _ in self.pending])
-        self.out[rows] = torch.cat([v for _, v in self.pending]).cpu().numpy()
-        self.pending, self.rows = [], 0
 
 
 # above this share of [UNK] tokens in the titles, the encoder cannot read the catalogue's language

@@ -51,6 +51,33 @@ class HostBatch:
     attention_mask: torch.Tensor
 
 
+class Results:
+    """encode()'s output rows: a CPU batch's vectors are written at once; a device's are copied back together,
+    :data:`FLUSH_ROWS` at a time, so the device is not made to wait on each batch."""
+
+    def __init__(self, out: np.ndarray, *, on_host: bool) -> None:
+        self.out = out
+        self.on_host = on_host
+        self.pending: list[tuple[np.ndarray, torch.Tensor]] = []
+        self.rows = 0
+
+    def add(self, rows: np.ndarray, vectors: torch.Tensor) -> None:
+        if self.on_host:
+            self.out[rows] = vectors.numpy()
+            return
+        self.pending.append((rows, vectors))
+        self.rows += len(rows)
+        if self.rows >= FLUSH_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        rows = np.concatenate([r for r, _ in self.pending])
+        self.out[rows] = torch.cat([v for _, v in self.pending]).cpu().numpy()
+        self.pending, self.rows = [], 0
+
+
 def token_ids(tokenizer: Any, limit: int) -> Callable[[list[str]], list[list[int]]]:
     """A function from texts to their token ids (special tokens added, cut at ``limit`` tokens), as ``tokenizer``
     (a transformers tokenizer) gives them. A fast tokenizer's Rust backend is called directly, through a copy

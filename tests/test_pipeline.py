@@ -96,12 +96,10 @@ def test_pipelined_vectors_equal_the_serial_ones(encoder: Encoder, monkeypatch: 
 
 
 def test_device_results_come_back_in_groups(encoder: Encoder, monkeypatch: pytest.MonkeyPatch) -> None:
-    from matching import encoder as encoder_module
-
     serial = encoder.encode(TEXTS, batch_size=4)
     monkeypatch.setattr(pipeline, "FLUSH_ROWS", 10)
     out = np.zeros_like(serial)
-    results = encoder_module._Results(out, on_host=False)
+    results = pipeline.Results(out, on_host=False)
     for rows in np.array_split(np.arange(len(TEXTS))[::-1], 9):
         results.add(rows, torch.from_numpy(serial[rows]))
     results.flush()
