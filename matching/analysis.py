@@ -21,7 +21,7 @@ from matching.errors import ConfigError
 # fold_case. An index keeps the folding it was built with, so its stored terms keep matching its queries.
 FOLD = 2
 FOLDS = (1, 2)
-_RESOLVE_SAMPLE = 100_000
+RESOLVE_SAMPLE = 100_000
 _STEM_CACHE = 200_000
 _CJK_SHARE = 0.1
 
@@ -244,7 +244,7 @@ def resolve_analyzer(titles: Iterable[str]) -> Analyzer:
     CHINESE_MIXED with jieba installed and CHINESE_CHARS without it; where they are not mostly Han (kana, Hangul),
     CJK (character n-grams); otherwise ENGLISH."""
     cjk = letters = kana = 0
-    for title in islice(titles, _RESOLVE_SAMPLE):
+    for title in islice(titles, RESOLVE_SAMPLE):
         if not isinstance(title, str):
             continue  # LexicalIndex.build reports it with its row
         if title.isascii():

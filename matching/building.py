@@ -24,6 +24,7 @@ from matching.features import DEFAULT_DENSE_WEIGHT
 from matching.fields import FieldSpec
 from matching.ingest import CatalogueReader, Encoded, metadata_json
 from matching.layout import ENCODER_WEIGHTS, TRAIN_REPORT
+from matching.lexical.streamed import LexicalStream
 from matching.scorer import Scorer
 from matching.search import open_staged
 from matching.store import Store
@@ -196,31 +197,36 @@ def write_bundle(
     the complete generation and its manifest, may add or replace files in it and returns the manifest to publish
     (checksummed again, over the final files)."""
     with new_generation(path, overwrite=overwrite, base=base, lock_timeout=lock_timeout) as gen:
-        writer = Store.create(gen, encoder.dim, fields)
+        writer = Store.create(gen, encoder.dim, fields, hash_blocks=True)
         unknown = UnknownTokens(encoder)
         vector_sum = np.zeros(encoder.dim, dtype=np.float64)
+        stream = LexicalStream(analyzer)  # BM25 indexed beside the encoder (matching/lexical/streamed.py)
         try:
             with progress.bar(show_progress, total=total, desc="encoding titles", unit="title") as bar:
                 for part in rows:
                     unknown.count(part.titles)
-                    writer.append(part.ids, part.titles, part.metadata, part.vectors)
+                    row_ids = writer.append(part.ids, part.titles, part.metadata, part.vectors)
+                    stream.add(row_ids, part.titles)
                     vector_sum += np.asarray(part.vectors, dtype=np.float64).sum(axis=0)
                     bar.update(len(part.ids))
+            if rows.count == 0:
+                raise BadRowError(
+                    f"{rows.name} has no usable rows ({rows.skipped} skipped); nothing was built. "
+                    "Add rows, or check id_column / title_column"
+                )
         except BaseException:
+            stream.close()
             writer.abort()
             raise
-        if rows.count == 0:
-            writer.abort()
-            raise BadRowError(
-                f"{rows.name} has no usable rows ({rows.skipped} skipped); nothing was built. "
-                "Add rows, or check id_column / title_column"
-            )
-        writer.finish(rows.id_type)
-        encoded = time.perf_counter()
-        built = generation.index_from_store(gen, index_config)
-        indexed = time.perf_counter()
-        lexical = generation.lexical_from_store(gen, analyzer)
-        done = time.perf_counter()
+        try:
+            writer.finish(rows.id_type)
+            encoded = time.perf_counter()
+            built = generation.index_from_store(gen, index_config)
+            indexed = time.perf_counter()
+            lexical = stream.finish(writer.count)  # the last titles were indexed while the vector index was built
+            done = time.perf_counter()
+        finally:
+            stream.close()
         timings = {"read_and_encode": encoded - started, "index": indexed - encoded, "lexical": done - indexed}
         entries = fusion or generation.adaptive_fusion(vector_sum)
         encoder_entry = generation.encoder_record(encoder)
@@ -243,9 +249,11 @@ def write_bundle(
             },
             lexical=generation.lexical_record(lexical, retrieval=(retrieval or Retrieval.HYBRID).value, fusion=entries),
         )
-        generation.finish(gen, manifest, index=built, lexical=lexical, scorer=Scorer(scorer_config))
+        blocks = writer.vector_blocks  # hashed as they were written
+        scorer = Scorer(scorer_config)
+        generation.finish(gen, manifest, index=built, lexical=lexical, scorer=scorer, vector_blocks=blocks)
         if before_publish is not None:
-            generation.finish(gen, before_publish(gen, manifest))  # the manifest again, last
+            generation.finish(gen, before_publish(gen, manifest), vector_blocks=blocks)  # the manifest again, last
     unknown.warn()
     return rows
 

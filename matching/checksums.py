@@ -4,6 +4,8 @@ change hashes only its last block and the new ones)."""
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -28,6 +30,7 @@ class Checksummed(Protocol):
 # full the last block was; with 4 MiB at most ~6 ms (a 1.5 GB file has 367 digests in the manifest)
 BLOCK_BYTES = 4 << 20
 LEGACY_BLOCK_BYTES = 64 << 20  # the block of manifests that do not say theirs (format 2)
+_HASH_QUEUE_DEPTH = 4  # writes waiting for the hasher (a build writes one a chunk: 20,000 vectors, ~30 MB)
 
 
 def read_span(fh: BinaryIO, size: int | None, step: int = 1 << 20) -> Iterator[bytes]:
@@ -107,3 +110,52 @@ def verify_files(
             good = sha256_file(file, size if name in manifest.growable else None) == digest
         if not good:
             raise BundleError(f"bundle file {str(file)!r} is damaged: its checksum does not match the manifest")
+
+
+class BlockHasher:
+    """The digests of an append-only file's whole ``block``-byte blocks, hashed from the bytes as they are written,
+    in a worker thread (hashlib lets go of the interpreter lock): a build no longer reads its vector file back to
+    hash it after the encoding (1M titles: 1.5 GB, 2.3 s on 2 cores of a Xeon). :meth:`digests` ends the worker."""
+
+    def __init__(self, block: int | None = None) -> None:
+        self.block = block or BLOCK_BYTES
+        self._queue: queue.Queue[bytes | None] = queue.Queue(_HASH_QUEUE_DEPTH)
+        self._digests: list[str] = []
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="matching-hasher", daemon=True)
+        self._thread.start()
+
+    def write(self, data: bytes) -> None:
+        """The next bytes of the file."""
+        if not self._thread.is_alive():
+            raise RuntimeError("this block hasher is finished")
+        self._queue.put(data)
+
+    def digests(self) -> list[str]:
+        """The digests of the whole blocks written (a last, partial block is left to :func:`block_digests`)."""
+        self.close()
+        if self._error is not None:
+            raise self._error
+        return list(self._digests)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def _run(self) -> None:
+        h, filled = hashlib.sha256(), 0
+        while (data := self._queue.get()) is not None:
+            if self._error is not None:
+                continue
+            try:
+                view = memoryview(data)
+                while len(view):
+                    take = min(len(view), self.block - filled)
+                    h.update(view[:take])
+                    view, filled = view[take:], filled + take
+                    if filled == self.block:
+                        self._digests.append(h.hexdigest())
+                        h, filled = hashlib.sha256(), 0
+            except BaseException as exc:  # raised by digests()
+                self._error = exc

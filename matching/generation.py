@@ -256,12 +256,14 @@ def finish(
     scorer: Scorer | None = None,
     carry_from: tuple[Path, Iterable[str]] | None = None,
     rewritten: bool = False,
+    vector_blocks: list[str] | None = None,
 ) -> None:
     """Save the given parts into the staging generation ``gen`` (whose store is already written, if it changed),
     carry the named files of the live generation across (``carry_from=(live, names)``; those just written are
     skipped), and write the manifest last. The shared, append-only vector file is checksummed over this
     generation's rows only; unless ``rewritten`` (compaction, a copy: the rows were written anew), its whole blocks
-    must be the live file's."""
+    must be the live file's. ``vector_blocks``: the digests of the new vector file's whole blocks, hashed as it was
+    written (``StoreWriter.vector_blocks``; a new file only)."""
     if index is not None:
         index.save(gen)
     if lexical is not None:
@@ -285,6 +287,10 @@ def finish(
     # the vector file's blocks: a change keeps its base's (their digests are reused); a file written anew takes
     # today's size
     block = base.block_bytes if base is not None and not rewritten else checksums.BLOCK_BYTES
+    if vector_blocks is not None:
+        if carry_from is not None and not rewritten:
+            raise ValueError("vector_blocks are the digests of a vector file written anew")
+        blocks[VECTORS_FILE] = vector_blocks
     written = dataclasses.replace(manifest, files={}, block_bytes=block)
     write_manifest(
         gen,

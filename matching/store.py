@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Self
+from typing import Any, BinaryIO, Protocol, Self
 
 import numpy as np
 import pandas as pd
@@ -35,6 +35,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import QueuePool
 
+from matching import checksums
+from matching.checksums import BlockHasher
 from matching.delta import Delta, connect_read_only, read_delta
 from matching.errors import BundleError
 from matching.field_query import evaluate
@@ -126,10 +128,13 @@ class Store:
     # -- creation ----------------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, directory: Path, dim: int, fields: FieldSpec | None = None) -> StoreWriter:
+    def create(
+        cls, directory: Path, dim: int, fields: FieldSpec | None = None, *, hash_blocks: bool = False
+    ) -> StoreWriter:
         """Start a new store in ``directory`` (which must not hold one yet), indexing the metadata fields ``fields``
-        chooses (default: automatically)."""
-        return StoreWriter(directory, dim, fields or FieldSpec())
+        chooses (default: automatically). ``hash_blocks``: the vector file's whole blocks are hashed as they are
+        written (``StoreWriter.vector_blocks``, for the manifest)."""
+        return StoreWriter(directory, dim, fields or FieldSpec(), hash_blocks=hash_blocks)
 
     @classmethod
     def open(cls, directory: Path) -> Self:
@@ -400,9 +405,27 @@ def lookup_rows(engine: Engine, external_ids: Sequence[str]) -> dict[str, Stored
     return out
 
 
+class VectorSink(Protocol):
+    """Where :func:`append_rows` writes the vectors' bytes: a file opened for appending."""
+
+    def write(self, data: bytes, /) -> int: ...
+
+
+class _HashedFile:
+    """A new vector file whose every write is also handed to a :class:`BlockHasher`."""
+
+    def __init__(self, file: BinaryIO, hasher: BlockHasher) -> None:
+        self.file, self.hasher = file, hasher
+
+    def write(self, data: bytes, /) -> int:
+        written = self.file.write(data)
+        self.hasher.write(data)
+        return written
+
+
 def append_rows(
     engine: Engine,
-    vector_file: BinaryIO,
+    vector_file: VectorSink,
     first_row: int,
     dim: int,
     external_ids: Sequence[str],
@@ -441,7 +464,7 @@ def _insert(
 class StoreWriter:
     """Appends rows and vectors while a bundle is built; :meth:`finish` writes the config."""
 
-    def __init__(self, directory: Path, dim: int, fields: FieldSpec) -> None:
+    def __init__(self, directory: Path, dim: int, fields: FieldSpec, *, hash_blocks: bool = False) -> None:
         self.directory = directory
         self.dim = dim
         self.count = 0
@@ -451,7 +474,11 @@ class StoreWriter:
             raise BundleError(f"{str(db_path)!r} already exists")
         self.engine = writable_engine(db_path)
         Base.metadata.create_all(self.engine)
-        self._vectors = (directory / VECTORS_FILE).open("wb")
+        self._file = (directory / VECTORS_FILE).open("wb")
+        self._hasher = BlockHasher(checksums.BLOCK_BYTES) if hash_blocks else None
+        self._vectors: VectorSink = self._file if self._hasher is None else _HashedFile(self._file, self._hasher)
+        # with hash_blocks, after finish: the digests of the vector file's whole blocks of BLOCK_BYTES
+        self.vector_blocks: list[str] = []
 
     def append(
         self,
@@ -477,13 +504,17 @@ class StoreWriter:
         )
 
     def finish(self, id_type: IdType) -> None:
-        self._vectors.flush()
-        os.fsync(self._vectors.fileno())
-        self._vectors.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        if self._hasher is not None:
+            self.vector_blocks = self._hasher.digests()
         self.engine.dispose()
         FieldIndex.from_builder(self.fields, self.count).save(self.directory)
         write_config(self.directory, count=self.count, rows=self.count, dim=self.dim, id_type=id_type)
 
     def abort(self) -> None:
-        self._vectors.close()
+        if self._hasher is not None:
+            self._hasher.close()
+        self._file.close()
         self.engine.dispose()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from conftest import make_catalogue
 
 from matching import Matcher, checksums
 from matching.bundle import current_generation, read_manifest
-from matching.checksums import block_digests, blocks_digest
+from matching.checksums import BlockHasher, block_digests, blocks_digest
 from matching.errors import BundleError
 from matching.layout import SCORER_CONFIG, SCORER_WEIGHTS, STORE_DB, STORE_DELTA, VECTORS_FILE
 
@@ -40,6 +41,43 @@ def test_block_digests_reuse_equals_a_full_hash(tmp_path: Path, small_blocks: No
     assert block_digests(file, 5000, full[:2]) == full
     assert block_digests(file, 5000, ["x"] * 9)[4] == full[4]  # the partial block is always hashed
     assert blocks_digest(full) != blocks_digest(full[:4])
+
+
+@pytest.mark.parametrize("sizes", [[5120], [1, 1023, 1, 3071, 1024], [2048, 2048, 1024], [300] * 17 + [20], []])
+def test_blocks_hashed_as_they_are_written_equal_the_file_s(tmp_path: Path, sizes: list[int]) -> None:
+    data = os.urandom(sum(sizes))
+    hasher = BlockHasher(BLOCK)
+    at = 0
+    for size in sizes:  # writes across, up to and exactly on block boundaries
+        hasher.write(data[at : at + size])
+        at += size
+    file = tmp_path / "f"
+    file.write_bytes(data)
+    assert hasher.digests() == block_digests(file, len(data), block=BLOCK)[: len(data) // BLOCK]
+    assert not [t for t in threading.enumerate() if t.name == "matching-hasher"]
+    with pytest.raises(RuntimeError, match="finished"):
+        hasher.write(b"late")
+
+
+def test_a_build_hashes_its_vector_file_as_it_writes_it(
+    tmp_path: Path, tiny_encoder: Any, small_blocks: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reused: list[tuple[int, int]] = []
+    real = checksums.block_digests
+
+    def spying(file: Path, size: int, reuse: Any = (), block: int | None = None) -> list[str]:
+        if file.name == VECTORS_FILE:
+            reused.append((len(reuse), size // BLOCK))
+        return real(file, size, reuse, block)
+
+    monkeypatch.setattr(checksums, "block_digests", spying)
+    _build(tmp_path / "b", tiny_encoder)
+    live = current_generation(tmp_path / "b")
+    manifest = read_manifest(live, verify=True)
+    size = manifest.sizes[VECTORS_FILE]
+    assert size // BLOCK >= 4
+    assert reused[0] == (size // BLOCK, size // BLOCK)  # the build read back its last, partial block only
+    assert manifest.blocks[VECTORS_FILE] == real(live / VECTORS_FILE, size)
 
 
 def test_a_change_reuses_the_full_blocks_and_hashes_the_rest(
