@@ -7,6 +7,9 @@ import mmap
 from typing import Any
 
 import numpy as np
+import torch
+
+from matching.accel import cpu_has_native_bf16
 
 
 def drop_pages(vectors: np.ndarray) -> None:
@@ -49,36 +52,81 @@ def exact_refine(
 
 
 def exact_top_k(
-    vectors: np.ndarray, queries: np.ndarray, k: int, *, block: int = 16_384
+    vectors: np.ndarray, queries: np.ndarray, k: int, *, block: int = 16_384, screened: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force top ``k`` (scores, row ids) of ``queries`` over ``vectors`` (memmap-friendly, block by block),
-    best first; equal scores in row order; a score that is not a number counts as -inf."""
+    best first; equal scores in row order; a score that is not a number counts as -inf.
+
+    ``screened``: past the first block, a bfloat16 GEMM picks the rows that may enter and only those are scored
+    in float32 (:class:`_Screen`), where this CPU runs bfloat16 natively and the queries are finite. The same rows,
+    with scores summed in another order (within float32's rounding of the GEMM's)."""
     q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
     n = len(vectors)
     k = max(0, min(k, n))
     if len(q) == 0:
         return np.zeros((0, k), dtype=np.float32), np.zeros((0, k), dtype=np.int64)
     block = max(block, k)
+    screen = _Screen(q) if screened and cpu_has_native_bf16() and np.isfinite(q).all() else None
     best_s = np.zeros((len(q), 0), dtype=np.float32)
     best_i = np.zeros((len(q), 0), dtype=np.int64)
     for start in range(0, n if k > 0 else 0, block):
-        chunk = np.array(vectors[start : start + block], dtype=np.float32)
+        part = vectors[start : start + block]
+        # a block read into an array of its own (FileRows) is used as it is; one of a memmap is copied once
+        own = type(part) is np.ndarray and part.dtype == np.float32 and part.flags.owndata
+        chunk = part if own else np.array(part, dtype=np.float32)
         drop_pages(vectors)
-        s = q @ chunk.T
-        if np.isnan(s.sum()):  # one pass finds it; a NaN would fail every comparison below
-            s = np.where(np.isnan(s), np.float32(-np.inf), s)
-        if best_s.shape[1] < k:  # the first block holds k (it has min(block, n) >= k rows): its k-th best and ties
-            kth = -np.partition(-s, k - 1, axis=1)[:, k - 1 : k]
-            rows, cols = np.nonzero(s >= kth)
+        if screen is not None and best_s.shape[1] == k and np.isfinite(chunk).all():
+            rows, cols, scores = screen.entering(chunk, best_s[:, -1])
         else:
-            # a later row enters only above the k-th best so far (a tie keeps the earlier row); past the first few
-            # blocks few do, in few queries: no partition of every block (500 queries over 1M: 1.8 s of 4.1 s)
-            hot = np.flatnonzero(s.max(axis=1) > best_s[:, -1])
-            rows, cols = np.nonzero(s[hot] > best_s[hot, -1:])
-            rows = hot[rows]
+            rows, cols, scores = _entering(q @ chunk.T, best_s, k)
         if len(rows):
-            best_s, best_i = _merge(best_s, best_i, rows, s[rows, cols], cols + start, k)
+            best_s, best_i = _merge(best_s, best_i, rows, scores, cols + start, k)
     return best_s, best_i
+
+
+def _entering(s: np.ndarray, best_s: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The (query, column, score) of a block's scores ``s`` that may enter the top ``k`` kept in ``best_s``."""
+    if np.isnan(s.sum()):  # one pass finds it; a NaN would fail every comparison below
+        s = np.where(np.isnan(s), np.float32(-np.inf), s)
+    if best_s.shape[1] < k:  # the first block holds k (it has min(block, n) >= k rows): its k-th best and ties
+        kth = -np.partition(-s, k - 1, axis=1)[:, k - 1 : k]
+        rows, cols = np.nonzero(s >= kth)
+    else:
+        # a later row enters only above the k-th best so far (a tie keeps the earlier row); past the first few
+        # blocks few do, in few queries: no partition of every block (500 queries over 1M: 1.8 s of 4.1 s)
+        hot = np.flatnonzero(s.max(axis=1) > best_s[:, -1])
+        rows, cols = np.nonzero(s[hot] > best_s[hot, -1:])
+        rows = hot[rows]
+    return rows, cols, s[rows, cols]
+
+
+class _Screen:
+    """Scores a block of rows in bfloat16 and then, in float32, only those that may beat each query's k-th best.
+
+    bfloat16 keeps 8 significant bits (unit roundoff 2**-8): rounding both inputs moves each product by at most
+    ~2**-7 of it, so a score by 2**-7 * |q| * |x| (Cauchy-Schwarz), and rounding it by 2**-8 more; 2**-6 rounds
+    that up. A row whose bfloat16 score is below the k-th best minus that cannot enter. Measured on 2 cores of a
+    Xeon with AMX, 500 tuning queries over the 1M product titles' stored vectors (blocks of 16,384): a float32
+    GEMM a block 24.5 ms, the bfloat16 one 4.3 ms."""
+
+    def __init__(self, queries: np.ndarray) -> None:
+        self.exact = torch.from_numpy(np.ascontiguousarray(queries))
+        self.rough = self.exact.to(torch.bfloat16)
+        self.norms = self.exact.norm(dim=1)
+
+    def entering(self, chunk: np.ndarray, kth: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As :func:`_entering` (the top ``k`` full, ``kth`` each query's k-th best score) for a finite block."""
+        with torch.inference_mode():
+            rows = torch.from_numpy(chunk)
+            rough = self.rough @ rows.to(torch.bfloat16).T
+            kept = torch.from_numpy(np.ascontiguousarray(kth, dtype=np.float32))
+            floor = kept - 2.0**-6 * self.norms * float(rows.norm(dim=1).max())
+            hot = torch.nonzero(rough.amax(dim=1).float() >= floor).squeeze(1)
+            which, cols = torch.nonzero(rough[hot].float() >= floor[hot, None], as_tuple=True)
+            queries = hot[which]
+            scores = (self.exact[queries] * rows[cols]).sum(dim=1)
+            enter = scores > kept[queries]  # as the float32 path: a tie keeps the earlier row
+        return queries[enter].numpy(), cols[enter].numpy(), scores[enter].numpy()
 
 
 def _merge(

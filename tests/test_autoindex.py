@@ -9,6 +9,8 @@ import faiss
 import numpy as np
 import pytest
 
+from matching import exact
+from matching.errors import BundleError
 from matching.exact import exact_refine, exact_top_k
 from matching.metrics import neighbour_recall as recall_at_k
 from matching.metrics import tied_neighbour_recall
@@ -243,6 +245,58 @@ def test_exact_top_k_ranks_a_score_that_is_not_a_number_last() -> None:
     assert empty[0].shape == empty[1].shape == (0, 4)
 
 
+@pytest.fixture
+def bf16_screen(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The bfloat16 screen on, whatever this CPU (emulated where it has no native bfloat16); counts its blocks."""
+    monkeypatch.setattr(exact, "cpu_has_native_bf16", lambda: True)
+    calls: list[int] = []
+    real = exact._Screen.entering
+
+    def counting(self: Any, chunk: np.ndarray, kth: np.ndarray) -> Any:
+        calls.append(len(chunk))
+        return real(self, chunk, kth)
+
+    monkeypatch.setattr(exact._Screen, "entering", counting)
+    return calls
+
+
+@pytest.mark.parametrize("spread", [1.0, 0.01, 0.0])
+def test_screened_top_k_finds_the_exact_rows(bf16_screen: list[int], spread: float) -> None:
+    """Rows spread around the queries (0.01: scores closer than bfloat16 tells apart; 0: every row one of 50 equal
+    ones): the rows a full sort finds, scores to float32's rounding. Where scores are closer than that (0.01, 0),
+    which of them comes first is float32's rounding (the float32 GEMM's order differs too): the scores of the rows
+    found are the best k."""
+    rng = np.random.default_rng(11)
+    queries = unit(rng.standard_normal((6, 24)))
+    around = queries[rng.integers(0, 6, 3_000)] + spread * rng.standard_normal((3_000, 24)).astype(np.float32)
+    vectors = unit(around) if spread else np.repeat(unit(rng.standard_normal((60, 24))), 50, axis=0)
+    full = queries.astype(np.float64) @ vectors.T.astype(np.float64)
+    for k in (1, 10, 80):
+        scores, ids = exact_top_k(vectors, queries, k, block=256, screened=True)
+        if spread == 1.0:
+            np.testing.assert_array_equal(ids, np.argsort(-full, axis=1, kind="stable")[:, :k])
+        best = -np.sort(-full, axis=1)[:, :k]
+        np.testing.assert_allclose(np.take_along_axis(full, ids, axis=1), best, atol=1e-6)
+        np.testing.assert_allclose(scores, best, atol=1e-6)
+        assert (np.diff(scores, axis=1) <= 0).all()
+    assert len(bf16_screen) == 3 * 11  # every block past the first, for each k
+
+
+def test_a_screened_block_that_is_not_finite_is_scored_in_float32(bf16_screen: list[int]) -> None:
+    rng = np.random.default_rng(7)
+    vectors = unit(rng.standard_normal((300, 8)))
+    vectors[205] = np.nan
+    queries = unit(rng.standard_normal((3, 8)))
+    full = queries @ vectors.T
+    want = np.argsort(-np.where(np.isnan(full), -np.inf, full), axis=1, kind="stable")
+    _, ids = exact_top_k(vectors, queries, 4, block=64, screened=True)
+    np.testing.assert_array_equal(ids, want[:, :4])
+    assert bf16_screen == [64, 64, 44]  # blocks 1, 2 and 4 (of rows 64-299); block 3 holds the NaN
+    queries[1] = np.nan  # a query that is not finite: no screen at all
+    exact_top_k(vectors, queries, 4, block=64, screened=True)
+    assert len(bf16_screen) == 3
+
+
 def test_sample_queries_are_seeded_unit_vectors_near_their_source() -> None:
     vectors = clustered(2_000, 32, 10, seed=2)
     a, rows = sample_queries(vectors, 100, noise=0.75, seed=1)
@@ -276,6 +330,18 @@ def test_tuning_reaches_the_target_with_the_smallest_nprobe(
         _, found = retrieve(index, queries, 10, stored_vectors=stored, candidates=40)
         assert recall_at_k(found, exact, 10) < 0.95
         assert out["evaluated"][nprobe - 1] < 0.95
+
+
+@pytest.mark.parametrize("start", [2, 4, 7, 64])
+def test_tuning_from_another_start_finds_the_same_value(data: tuple[np.ndarray, ...], ivf: Any, start: int) -> None:
+    vectors, queries, exact = data
+    kwargs: dict[str, Any] = {"k": 10, "target_recall": 0.95, "refine": vectors, "candidates": 40}
+    one = tune_search_params(ivf, queries, exact, **kwargs)
+    other = tune_search_params(ivf, queries, exact, start=start, **kwargs)
+    assert (other["value"], other["recall"], other["reached"]) == (one["value"], one["recall"], one["reached"])
+    assert start in other["evaluated"]
+    if one["value"] > 1:
+        assert other["evaluated"][one["value"] - 1] < 0.95  # the one below was measured to miss
 
 
 def test_tied_recall_lets_equal_rows_stand_for_each_other() -> None:
@@ -373,4 +439,13 @@ def test_file_rows_reads_like_the_memmap(tmp_path) -> None:  # type: ignore[no-u
     assert rows.shape == (50, 8)
     np.testing.assert_array_equal(rows[10:20], data[10:20])
     np.testing.assert_array_equal(rows[np.array([3, 49, 0, 3])], data[[3, 49, 0, 3]])
+    block = rows[40:60]  # clipped to the rows there are, as a slice is; an array of its own, writable
+    np.testing.assert_array_equal(block, data[40:])
+    assert block.flags.owndata
+    assert block.flags.writeable
+    assert rows[5:5].shape == (0, 8)
     assert file_rows(data) is data
+    with path.open("r+b") as fh:  # cut short under the reader: the file is damaged, not silently short
+        fh.truncate(45 * 8 * 4)
+    with pytest.raises(BundleError, match="ends before row 50"):
+        rows[40:50]
