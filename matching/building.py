@@ -27,7 +27,7 @@ from matching.layout import ENCODER_WEIGHTS, TRAIN_REPORT
 from matching.lexical.streamed import LexicalStream
 from matching.scorer import Scorer
 from matching.search import open_staged
-from matching.store import Store
+from matching.store import Store, StoreWriter
 from matching.types import Engine, Fusion, IdType, Retrieval
 
 if TYPE_CHECKING:
@@ -199,21 +199,9 @@ def write_bundle(
     with new_generation(path, overwrite=overwrite, base=base, lock_timeout=lock_timeout) as gen:
         writer = Store.create(gen, encoder.dim, fields, hash_blocks=True)
         unknown = UnknownTokens(encoder)
-        vector_sum = np.zeros(encoder.dim, dtype=np.float64)
         stream = LexicalStream(analyzer)  # BM25 indexed beside the encoder (matching/lexical/streamed.py)
         try:
-            with progress.bar(show_progress, total=total, desc="encoding titles", unit="title") as bar:
-                for part in rows:
-                    unknown.count(part.titles)
-                    row_ids = writer.append(part.ids, part.titles, part.metadata, part.vectors)
-                    stream.add(row_ids, part.titles)
-                    vector_sum += np.asarray(part.vectors, dtype=np.float64).sum(axis=0)
-                    bar.update(len(part.ids))
-            if rows.count == 0:
-                raise BadRowError(
-                    f"{rows.name} has no usable rows ({rows.skipped} skipped); nothing was built. "
-                    "Add rows, or check id_column / title_column"
-                )
+            vector_sum = _write_rows(rows, writer, stream, unknown, total=total, show_progress=show_progress)
         except BaseException:
             stream.close()
             writer.abort()
@@ -256,6 +244,33 @@ def write_bundle(
             generation.finish(gen, before_publish(gen, manifest), vector_blocks=blocks)  # the manifest again, last
     unknown.warn()
     return rows
+
+
+def _write_rows(
+    rows: RowSource,
+    writer: StoreWriter,
+    stream: LexicalStream,
+    unknown: UnknownTokens,
+    *,
+    total: int | None,
+    show_progress: bool,
+) -> np.ndarray:
+    """Append every encoded row to the store and hand its title to the BM25 stream; returns the vectors' sum
+    (float64). A source without usable rows is a ``BadRowError``."""
+    vector_sum = np.zeros(writer.dim, dtype=np.float64)
+    with progress.bar(show_progress, total=total, desc="encoding titles", unit="title") as bar:
+        for part in rows:
+            unknown.count(part.titles)
+            row_ids = writer.append(part.ids, part.titles, part.metadata, part.vectors)
+            stream.add(row_ids, part.titles)
+            vector_sum += np.asarray(part.vectors, dtype=np.float64).sum(axis=0)
+            bar.update(len(part.ids))
+    if rows.count == 0:
+        raise BadRowError(
+            f"{rows.name} has no usable rows ({rows.skipped} skipped); nothing was built. "
+            "Add rows, or check id_column / title_column"
+        )
+    return vector_sum
 
 
 def reencode_bundle(
