@@ -199,22 +199,21 @@ def write_bundle(
     with new_generation(path, overwrite=overwrite, base=base, lock_timeout=lock_timeout) as gen:
         writer = Store.create(gen, encoder.dim, fields, hash_blocks=True)
         unknown = UnknownTokens(encoder)
-        stream = LexicalStream(analyzer)  # BM25 indexed beside the encoder (matching/lexical/streamed.py)
+        stream: LexicalStream | None = None
         try:
+            stream = LexicalStream(analyzer)  # BM25 indexed beside the encoder (matching/lexical/streamed.py)
             vector_sum = _write_rows(rows, writer, stream, unknown, total=total, show_progress=show_progress)
-        except BaseException:
-            stream.close()
-            writer.abort()
-            raise
-        try:
+            stream.flush()  # the last titles are indexed while the vector index is built
             writer.finish(rows.id_type)
             encoded = time.perf_counter()
             built = generation.index_from_store(gen, index_config)
             indexed = time.perf_counter()
-            lexical = stream.finish(writer.count)  # the last titles were indexed while the vector index was built
+            lexical = stream.finish(writer.count)
             done = time.perf_counter()
-        finally:
-            stream.close()
+        finally:  # after a failure too: no thread or file left open
+            if stream is not None:
+                stream.close()
+            writer.abort()
         timings = {"read_and_encode": encoded - started, "index": indexed - encoded, "lexical": done - indexed}
         entries = fusion or generation.adaptive_fusion(vector_sum)
         encoder_entry = generation.encoder_record(encoder)

@@ -504,9 +504,13 @@ class StoreWriter:
         )
 
     def finish(self, id_type: IdType) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        finally:
+            self._file.close()
+            if self._hasher is not None:
+                self._hasher.close()
         if self._hasher is not None:
             self.vector_blocks = self._hasher.digests()
         self.engine.dispose()
@@ -514,6 +518,7 @@ class StoreWriter:
         write_config(self.directory, count=self.count, rows=self.count, dim=self.dim, id_type=id_type)
 
     def abort(self) -> None:
+        """Let go of the files and the hasher's thread (a failed build; also after :meth:`finish`)."""
         if self._hasher is not None:
             self._hasher.close()
         self._file.close()

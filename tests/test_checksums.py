@@ -59,6 +59,15 @@ def test_blocks_hashed_as_they_are_written_equal_the_file_s(tmp_path: Path, size
         hasher.write(b"late")
 
 
+def test_an_error_in_the_hasher_is_raised_by_digests() -> None:
+    hasher = BlockHasher(BLOCK)
+    hasher.write(b"fine")
+    hasher.write(7)  # type: ignore[arg-type]
+    hasher.write(b"after")  # the worker keeps taking writes: the writer never blocks on a dead hasher
+    with pytest.raises(TypeError):
+        hasher.digests()
+
+
 def test_a_build_hashes_its_vector_file_as_it_writes_it(
     tmp_path: Path, tiny_encoder: Any, small_blocks: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:

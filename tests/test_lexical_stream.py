@@ -5,16 +5,21 @@ its worker or the build leaves no thread behind."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from conftest import make_catalogue
 
-from matching import analysis
+from matching import Matcher, analysis, generation
 from matching.analysis import Analyzer
+from matching.bundle import current_generation
 from matching.errors import BadRowError, ConfigError
 from matching.lexical import LexicalIndex, streamed
 from matching.lexical.streamed import LexicalStream
+from matching.store import StoreWriter
 
 ENGLISH = ["red running shoes", "Blue Shoes for running", "a kettle", "steel kettle 2 l", "shoes, shoes, shoes"]
 CHINESE = ["红色跑步鞋", "蓝色 跑步 鞋子", "不锈钢 水壶", "水壶 2 升", "鞋 鞋 鞋"]
@@ -121,3 +126,69 @@ def test_rows_below_the_last_row_id_are_refused() -> None:
     stream.add(np.arange(5), ["a"] * 5)
     with pytest.raises(ValueError, match="below the last row id 4"):
         stream.finish(3)
+
+
+def test_flush_indexes_what_was_added_before_finish(tmp_path: Path) -> None:
+    titles = [f"{ENGLISH[i % 5]} {i}" for i in range(30)]
+    stream = LexicalStream(Analyzer.AUTO)
+    ids = np.arange(30)
+    stream.add(ids, titles)
+    ids[:] = 0  # the stream keeps its own copy of the ids it was handed
+    stream.flush()
+    for _ in range(500):  # the worker indexes them now, not at finish
+        if stream._index is not None:
+            break
+        time.sleep(0.01)
+    assert stream._index is not None
+    expected = LexicalIndex.build(titles, Analyzer.AUTO, rows=32)
+    assert _files(stream.finish(32), tmp_path / "got") == _files(expected, tmp_path / "expected")
+
+
+def test_finish_after_close_is_refused() -> None:
+    stream = LexicalStream(Analyzer.ENGLISH)
+    stream.add(np.arange(2), ["a", "b"])
+    stream.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        stream.finish(2)
+
+
+def _worker_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name in ("matching-lexical", "matching-hasher")]
+
+
+def test_a_build_writes_the_bm25_index_of_its_store(tmp_path: Path, tiny_encoder: Any) -> None:
+    Matcher.build(make_catalogue(), tmp_path / "b", encoder=tiny_encoder, show_progress=False, chunksize=7)
+    live = current_generation(tmp_path / "b")
+    from_store = generation.lexical_from_store(live, Analyzer.AUTO)
+    from_store.save(tmp_path / "from-store")
+    for name in ("lexical.json", "lexical.safetensors"):
+        assert (live / name).read_bytes() == (tmp_path / "from-store" / name).read_bytes()
+    assert not _worker_threads()
+
+
+@pytest.mark.parametrize("where", ["encoding", "index", "finish"])
+def test_a_failed_build_publishes_nothing_and_leaves_no_thread(
+    tmp_path: Path, tiny_encoder: Any, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    calls: list[int] = []
+    real_encode = tiny_encoder.encode_titles
+
+    def failing_encode(titles: Any, **kwargs: Any) -> Any:
+        calls.append(len(titles))
+        if len(calls) == 3:
+            raise RuntimeError("encoder failed")
+        return real_encode(titles, **kwargs)
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(f"{where} failed")
+
+    if where == "encoding":
+        monkeypatch.setattr(tiny_encoder, "encode_titles", failing_encode)
+    elif where == "index":
+        monkeypatch.setattr(generation, "index_from_store", failing)
+    else:
+        monkeypatch.setattr(StoreWriter, "finish", failing)
+    with pytest.raises(RuntimeError, match="failed"):
+        Matcher.build(make_catalogue(), tmp_path / "b", encoder=tiny_encoder, show_progress=False, chunksize=7)
+    assert not _worker_threads()
+    assert not (tmp_path / "b" / "CURRENT").exists()

@@ -24,6 +24,7 @@ from matching.lexical.base import DEFAULT_BACKEND, DEFAULT_PARAMS, LexicalIndex,
 # titles resolve_analyzer reads (analysis.RESOLVE_SAMPLE), as a build over all of them reads
 FLUSH_TITLES = 100_000
 _QUEUE_DEPTH = 8  # chunks waiting for the worker (a build's chunk is 20,000 rows by default)
+_FLUSH = "flush"  # queued by flush(): index what is waiting now
 
 
 class LexicalStream:
@@ -38,7 +39,7 @@ class LexicalStream:
             known = ", ".join(a.value for a in Analyzer)
             raise ConfigError(f"unknown analyzer {analyzer!r}; use one of {known}") from None
         self._backend = lexical_backend(backend)
-        self._queue: queue.Queue[tuple[np.ndarray, list[str]] | None] = queue.Queue(_QUEUE_DEPTH)
+        self._queue: queue.Queue[tuple[np.ndarray, list[str]] | str | None] = queue.Queue(_QUEUE_DEPTH)
         self._index: LexicalIndex | None = None
         self._error: BaseException | None = None
         self._abandoned = False
@@ -48,14 +49,24 @@ class LexicalStream:
     def add(self, row_ids: np.ndarray, titles: Sequence[str]) -> None:
         """Index ``titles`` under ``row_ids`` (ascending, past every row added before); waits while the worker is
         ``_QUEUE_DEPTH`` chunks behind."""
+        self._put((np.array(row_ids, dtype=np.int64).reshape(-1), list(titles)))
+
+    def flush(self) -> None:
+        """Index what was added so far now, not at :meth:`finish` (titles wait for a full batch otherwise). For
+        after the last :meth:`add`: with ``auto``, the first batch indexed resolves the analyser."""
+        self._put(_FLUSH)
+
+    def _put(self, item: tuple[np.ndarray, list[str]] | str) -> None:
         self._raise()
         if not self._thread.is_alive():
             raise RuntimeError("this lexical stream is finished")
-        self._queue.put((np.asarray(row_ids, dtype=np.int64).reshape(-1), list(titles)))
+        self._queue.put(item)
 
     def finish(self, rows: int) -> LexicalIndex:
         """The index over every title added, with row ids up to ``rows`` (the store's rows; those never added are
         dead)."""
+        if self._abandoned:
+            raise RuntimeError("this lexical stream was closed: its index is incomplete")
         self._stop()
         self._raise()
         index = self._index or self._create([])
@@ -85,12 +96,12 @@ class LexicalStream:
         try:
             while not stopped:
                 item = self._queue.get()
-                if item is None:
-                    stopped = True
-                elif not self._abandoned:
+                stopped = item is None
+                if isinstance(item, tuple) and not self._abandoned:
                     ids.append(item[0])
                     titles += item[1]
-                if titles and not self._abandoned and (stopped or len(titles) >= self._batch()):
+                now = stopped or isinstance(item, str)  # None, or _FLUSH
+                if titles and not self._abandoned and (now or len(titles) >= self._batch()):
                     self._flush(ids, titles)
                     ids, titles = [], []
         except BaseException as exc:  # kept for the caller's thread (the next add or finish raises it)
