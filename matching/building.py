@@ -211,9 +211,11 @@ def write_bundle(
             lexical = stream.finish(writer.count)
             done = time.perf_counter()
         finally:  # after a failure too: no thread or file left open
-            if stream is not None:
-                stream.close()
-            writer.abort()
+            try:
+                if stream is not None:
+                    stream.close()
+            finally:
+                writer.abort()
         timings = {"read_and_encode": encoded - started, "index": indexed - encoded, "lexical": done - indexed}
         entries = fusion or generation.adaptive_fusion(vector_sum)
         encoder_entry = generation.encoder_record(encoder)

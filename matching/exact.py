@@ -57,9 +57,9 @@ def exact_top_k(
     """Brute-force top ``k`` (scores, row ids) of ``queries`` over ``vectors`` (memmap-friendly, block by block),
     best first; equal scores in row order; a score that is not a number counts as -inf.
 
-    ``screened``: past the first block, a bfloat16 GEMM picks the rows that may enter and only those are scored
-    in float32 (:class:`_Screen`), where this CPU runs bfloat16 natively and the queries are finite. The same rows,
-    with scores summed in another order (within float32's rounding of the GEMM's)."""
+    ``screened``: past the first block, a bfloat16 GEMM finds the queries one of its rows may enter, and only
+    those are scored in float32 (:class:`_Screen`), where this CPU runs bfloat16 natively and the queries are
+    finite. The same rows, with scores from torch's float32 GEMM instead of NumPy's (within float32's rounding)."""
     q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
     n = len(vectors)
     k = max(0, min(k, n))
@@ -120,12 +120,12 @@ class _Screen:
         is not finite or its scores could overflow (the caller scores it in float32)."""
         with torch.inference_mode():
             rows = torch.from_numpy(chunk)
-            reach = float(self.norms.max()) * float(rows.norm(dim=1).max()) if len(rows) else 0.0
-            if not reach < self._LARGEST:  # a NaN or inf fails too
+            longest = float(rows.norm(dim=1).max()) if len(rows) else 0.0
+            if not float(self.norms.max()) * longest < self._LARGEST:  # a NaN or inf fails too
                 return None
             rough = self.rough @ rows.to(torch.bfloat16).T
             kept = torch.from_numpy(np.ascontiguousarray(kth, dtype=np.float32))
-            floor = kept - 2.0**-6 * self.norms * float(rows.norm(dim=1).max())
+            floor = kept - 2.0**-6 * self.norms * longest
             hot = torch.nonzero(rough.amax(dim=1).float() >= floor).squeeze(1)
             # the hot queries' scores by one GEMM: bounded (queries x block) whatever the duplicates that tie
             exact = self.exact[hot] @ rows.T
