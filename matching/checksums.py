@@ -4,12 +4,11 @@ change hashes only its last block and the new ones)."""
 from __future__ import annotations
 
 import hashlib
-import queue
-import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from matching.background import Background
 from matching.errors import BundleError
 
 
@@ -119,43 +118,29 @@ class BlockHasher:
 
     def __init__(self, block: int | None = None) -> None:
         self.block = block or BLOCK_BYTES
-        self._queue: queue.Queue[bytes | None] = queue.Queue(_HASH_QUEUE_DEPTH)
         self._digests: list[str] = []
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="matching-hasher", daemon=True)
-        self._thread.start()
+        self._hash, self._filled = hashlib.sha256(), 0
+        self._worker = Background(self._take, depth=_HASH_QUEUE_DEPTH, name="matching-hasher", what="block hasher")
 
     def write(self, data: bytes) -> None:
         """The next bytes of the file."""
-        if not self._thread.is_alive():
-            raise RuntimeError("this block hasher is finished")
-        self._queue.put(data)
+        self._worker.put(data)
 
     def digests(self) -> list[str]:
         """The digests of the whole blocks written (a last, partial block is left to :func:`block_digests`)."""
-        self.close()
-        if self._error is not None:
-            raise self._error
+        self._worker.join()
+        self._worker.check()
         return list(self._digests)
 
     def close(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
+        self._worker.join()
 
-    def _run(self) -> None:
-        h, filled = hashlib.sha256(), 0
-        while (data := self._queue.get()) is not None:
-            if self._error is not None:
-                continue
-            try:
-                view = memoryview(data)
-                while len(view):
-                    take = min(len(view), self.block - filled)
-                    h.update(view[:take])
-                    view, filled = view[take:], filled + take
-                    if filled == self.block:
-                        self._digests.append(h.hexdigest())
-                        h, filled = hashlib.sha256(), 0
-            except BaseException as exc:  # raised by digests()
-                self._error = exc
+    def _take(self, data: bytes) -> None:
+        view = memoryview(data)
+        while len(view):
+            take = min(len(view), self.block - self._filled)
+            self._hash.update(view[:take])
+            view, self._filled = view[take:], self._filled + take
+            if self._filled == self.block:
+                self._digests.append(self._hash.hexdigest())
+                self._hash, self._filled = hashlib.sha256(), 0

@@ -9,14 +9,13 @@ encoding: 5.3 s, 1.6 s of it reading the titles back from the store.
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Sequence
 
 import numpy as np
 
 from matching import analysis
 from matching.analysis import FOLD, Analyzer, resolve_analyzer
+from matching.background import Background
 from matching.errors import ConfigError
 from matching.lexical.base import DEFAULT_BACKEND, DEFAULT_PARAMS, LexicalIndex, lexical_backend
 
@@ -39,36 +38,35 @@ class LexicalStream:
             known = ", ".join(a.value for a in Analyzer)
             raise ConfigError(f"unknown analyzer {analyzer!r}; use one of {known}") from None
         self._backend = lexical_backend(backend)
-        self._queue: queue.Queue[tuple[np.ndarray, list[str]] | str | None] = queue.Queue(_QUEUE_DEPTH)
         self._index: LexicalIndex | None = None
-        self._error: BaseException | None = None
+        self._ids: list[np.ndarray] = []
+        self._titles: list[str] = []
         self._abandoned = False
-        self._thread = threading.Thread(target=self._run, name="matching-lexical", daemon=True)
-        self._thread.start()
+        self._worker: Background[tuple[np.ndarray, list[str]] | str] = Background(
+            self._take, depth=_QUEUE_DEPTH, name="matching-lexical", what="lexical stream"
+        )
 
     def add(self, row_ids: np.ndarray, titles: Sequence[str]) -> None:
         """Index ``titles`` under ``row_ids`` (ascending, past every row added before); waits while the worker is
         ``_QUEUE_DEPTH`` chunks behind."""
-        self._put((np.array(row_ids, dtype=np.int64).reshape(-1), list(titles)))
+        self._worker.check()
+        self._worker.put((np.array(row_ids, dtype=np.int64).reshape(-1), list(titles)))
 
     def flush(self) -> None:
         """Index what was added so far now, not at :meth:`finish` (titles wait for a full batch otherwise). For
         after the last :meth:`add`: with ``auto``, the first batch indexed resolves the analyser."""
-        self._put(_FLUSH)
-
-    def _put(self, item: tuple[np.ndarray, list[str]] | str) -> None:
-        self._raise()
-        if not self._thread.is_alive():
-            raise RuntimeError("this lexical stream is finished")
-        self._queue.put(item)
+        self._worker.check()
+        self._worker.put(_FLUSH)
 
     def finish(self, rows: int) -> LexicalIndex:
         """The index over every title added, with row ids up to ``rows`` (the store's rows; those never added are
         dead)."""
         if self._abandoned:
             raise RuntimeError("this lexical stream was closed: its index is incomplete")
-        self._stop()
-        self._raise()
+        self._worker.join()
+        self._worker.check()
+        if self._titles:  # what the worker left waiting for a full batch
+            self._flush()
         index = self._index or self._create([])
         if rows < index.rows:
             raise ValueError(f"rows={rows} is below the last row id {index.rows - 1}")
@@ -78,46 +76,28 @@ class LexicalStream:
     def close(self) -> None:
         """Abandon the index (a failed build): the worker drops what is queued and ends."""
         self._abandoned = True
-        self._stop()
+        self._worker.join()
 
-    def _stop(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(None)  # the worker takes everything before it: never blocks for long
-            self._thread.join()
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def _run(self) -> None:
-        ids: list[np.ndarray] = []
-        titles: list[str] = []
-        stopped = False
-        try:
-            while not stopped:
-                item = self._queue.get()
-                stopped = item is None
-                if isinstance(item, tuple) and not self._abandoned:
-                    ids.append(item[0])
-                    titles += item[1]
-                now = stopped or isinstance(item, str)  # None, or _FLUSH
-                if titles and not self._abandoned and (now or len(titles) >= self._batch()):
-                    self._flush(ids, titles)
-                    ids, titles = [], []
-        except BaseException as exc:  # kept for the caller's thread (the next add or finish raises it)
-            self._error = exc
-            while not stopped:  # an add already waiting on a full queue goes through
-                stopped = self._queue.get() is None
+    def _take(self, item: tuple[np.ndarray, list[str]] | str) -> None:
+        if self._abandoned:
+            return
+        if isinstance(item, tuple):
+            self._ids.append(item[0])
+            self._titles += item[1]
+        if self._titles and (item == _FLUSH or len(self._titles) >= self._batch()):
+            self._flush()
 
     def _batch(self) -> int:
         if self._index is None and self.analyzer == Analyzer.AUTO:
             return max(FLUSH_TITLES, analysis.RESOLVE_SAMPLE)
         return FLUSH_TITLES
 
-    def _flush(self, ids: list[np.ndarray], titles: list[str]) -> None:
+    def _flush(self) -> None:
+        ids, titles = np.concatenate(self._ids), self._titles
+        self._ids, self._titles = [], []
         if self._index is None:
             self._index = self._create(titles)
-        self._index.add(np.concatenate(ids), titles)
+        self._index.add(ids, titles)
 
     def _create(self, titles: list[str]) -> LexicalIndex:
         analyzer = resolve_analyzer(titles) if self.analyzer == Analyzer.AUTO else self.analyzer
