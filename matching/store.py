@@ -35,7 +35,6 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import QueuePool
 
-from matching import checksums
 from matching.checksums import BlockHasher
 from matching.delta import Delta, connect_read_only, read_delta
 from matching.errors import BundleError
@@ -475,7 +474,7 @@ class StoreWriter:
         self.engine = writable_engine(db_path)
         Base.metadata.create_all(self.engine)
         self._file = (directory / VECTORS_FILE).open("wb")
-        self._hasher = BlockHasher(checksums.BLOCK_BYTES) if hash_blocks else None
+        self._hasher = BlockHasher() if hash_blocks else None  # blocks of checksums.BLOCK_BYTES, as a new file takes
         self._vectors: VectorSink = self._file if self._hasher is None else _HashedFile(self._file, self._hasher)
         # with hash_blocks, after finish: the digests of the vector file's whole blocks of BLOCK_BYTES
         self.vector_blocks: list[str] = []
