@@ -61,6 +61,8 @@ def test_a_ray_build_equals_the_local_build(cluster: None, tmp_path: Path, tiny_
         assert record["cluster_cpus"] == 2
         assert set(record["seconds"]) == {"read_and_encode", "index", "lexical"}
         assert all(v > 0 for v in record["titles_per_second"].values())
+        assert 0 < record["first_encode_after_seconds"] < record["seconds"]["read_and_encode"]
+        assert 0 < record["actor_encode_seconds"] < record["seconds"]["read_and_encode"]
         assert local.manifest.source["build"]["engine"] == "local"
 
 
