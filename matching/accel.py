@@ -192,7 +192,9 @@ class Pooled(nn.Module):
 # batch (a search_batch of hundreds, or 32 long queries) runs one GEMM too: its kernel matched the 32-row one here
 # from 384 rows up (512 on 2 threads), which nothing guarantees on other CPUs or thread counts.
 CHUNK_ROWS = 32
-CHUNKED_MAX_ROWS = 1024
+# tied to the bulk copy's threshold: every batch left to the invariant copy (at most BULK_MIN_TOKENS padded tokens,
+# so at most as many rows) is multiplied in chunks
+CHUNKED_MAX_ROWS = BULK_MIN_TOKENS
 
 
 class RowChunked(nn.Module):

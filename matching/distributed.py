@@ -165,7 +165,7 @@ class RaySource:
         per_actor = {str(pid): round(titles / seconds, 1) for pid, (titles, seconds) in self._actors.items() if seconds}
         # where a Ray build's time goes beside the encoding: the cluster's start, the actors' start and model load
         # and the first read, until an actor starts encoding (200k titles, 2 cores: 7.8-9.4 s, where the local
-        # build's first encode starts after 0.2 s)
+        # build's first encode starts after 0.2 s); and the time inside the actors' encode calls, summed over them
         first = round(self._first_encode - self._started, 3) if self._actors else None
         return {
             "engine": Engine.RAY.value,

@@ -130,6 +130,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=1, help="build each engine this many times, alternating")
     parser.add_argument("--out", type=Path, default=None, help="default results/bench_ray[_local].json")
     args = parser.parse_args()
+    if args.pairs < 1:
+        parser.error(f"--pairs must be at least 1, got {args.pairs}")
     work = ROOT / "results" / "ray"
     work.mkdir(parents=True, exist_ok=True)
     csv = ROOT / "results" / "scale" / f"catalogue-{args.size}.csv"
