@@ -114,6 +114,7 @@ class _Screen:
         self.exact = torch.from_numpy(np.ascontiguousarray(queries))
         self.rough = self.exact.to(torch.bfloat16)
         self.norms = self.exact.norm(dim=1)
+        self.longest_query = float(self.norms.max())
 
     def entering(self, chunk: np.ndarray, kth: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """As :func:`_entering` (the top ``k`` full, ``kth`` each query's k-th best score); None where the block
@@ -121,7 +122,7 @@ class _Screen:
         with torch.inference_mode():
             rows = torch.from_numpy(chunk)
             longest = float(rows.norm(dim=1).max()) if len(rows) else 0.0
-            if not float(self.norms.max()) * longest < self._LARGEST:  # a NaN or inf fails too
+            if not self.longest_query * longest < self._LARGEST:  # a NaN or inf fails too
                 return None
             rough = self.rough @ rows.to(torch.bfloat16).T
             kept = torch.from_numpy(np.ascontiguousarray(kth, dtype=np.float32))
