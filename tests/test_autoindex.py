@@ -8,6 +8,7 @@ from typing import Any
 import faiss
 import numpy as np
 import pytest
+import torch
 
 from matching import exact
 from matching.errors import BundleError
@@ -285,6 +286,26 @@ def test_screened_top_k_finds_the_exact_rows(bf16_screen: list[int], spread: flo
     assert len(bf16_screen) == 3 * 11  # every block past the first, for each k
 
 
+def test_the_screen_keeps_a_row_that_bfloat16_rounds_below_the_kth_best(bf16_screen: list[int]) -> None:
+    """The worst case of bfloat16's rounding, built by hand. Every component of the query and of the row ``t`` lies
+    just below a rounding midpoint (1 + 2**-8), so both round down to 1 and t's bfloat16 score is 2**-7 of it too
+    low. The k rows ``b`` of the first block score 0.12 less than t in float32 but round up, so their bfloat16
+    score is 0.25 more than t's. A screen whose margin were 2**-8 instead of 2**-6 would skip t's block."""
+    d, k, e = 64, 4, 2.0**-14
+    mid = 1 + 2.0**-8
+    t = np.full(d, mid - e)
+    b = np.concatenate([np.full(d // 2, mid + e), np.ones(d // 2)])  # the second half exact in bfloat16
+    queries = np.stack([t, 3 * t]).astype(np.float32)  # the second: its margin scales with its norm
+    assert (queries[0] @ b) < (queries[0] @ t) - 0.1  # b is worse in exact arithmetic ...
+    rounded = torch.from_numpy(np.stack([t, b]).astype(np.float32)).to(torch.bfloat16).float().numpy()
+    assert rounded[1].sum() > rounded[0].sum()  # ... and better once rounded
+    filler = -np.ones((16, d))  # rows no query wants
+    vectors = np.concatenate([np.repeat(b[None], k, axis=0), filler[k:], filler, t[None], filler[1:]])
+    _, ids = exact_top_k(vectors.astype(np.float32), queries, k, block=16, screened=True)
+    assert ids.tolist() == [[32, 0, 1, 2], [32, 0, 1, 2]]
+    assert bf16_screen == [16, 16]  # both blocks past the first went through the screen
+
+
 def test_a_screened_block_that_is_not_finite_is_scored_in_float32(bf16_screen: list[int]) -> None:
     rng = np.random.default_rng(7)
     vectors = unit(rng.standard_normal((300, 8)))
@@ -442,6 +463,12 @@ def test_file_rows_reads_like_the_memmap(tmp_path) -> None:  # type: ignore[no-u
     assert rows.shape == (50, 8)
     np.testing.assert_array_equal(rows[10:20], data[10:20])
     np.testing.assert_array_equal(rows[np.array([3, 49, 0, 3])], data[[3, 49, 0, 3]])
+    picked = np.array([7, 8, 9, -1, 8, 30, 31, 2, -50])  # runs, repeats, negatives counted from the end
+    np.testing.assert_array_equal(rows[picked], data[picked])
+    assert rows[np.zeros(0, dtype=np.int64)].shape == (0, 8)
+    for outside in (50, -51):
+        with pytest.raises(IndexError, match=r"rows of .* are 0 to 49"):
+            rows[np.array([1, outside])]
     block = rows[40:60]  # clipped to the rows there are, as a slice is; an array of its own, writable
     np.testing.assert_array_equal(block, data[40:])
     assert block.flags.owndata
@@ -452,3 +479,5 @@ def test_file_rows_reads_like_the_memmap(tmp_path) -> None:  # type: ignore[no-u
         fh.truncate(45 * 8 * 4)
     with pytest.raises(BundleError, match="ends before row 50"):
         rows[40:50]
+    with pytest.raises(BundleError, match="ends before row 47"):  # a picked row past the end: the same error
+        rows[np.array([2, 46, 3])]

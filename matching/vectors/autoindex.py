@@ -205,25 +205,35 @@ class FileRows:
         return int(self.shape[0])
 
     def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, slice):
+            start, stop, _ = key.indices(len(self))
+            block = np.empty((max(0, stop - start), self.shape[1]), dtype=np.float32)
+            self._read([(block, start)] if block.size else [])
+            return block
+        n = len(self)
+        rows = np.atleast_1d(np.asarray(key, dtype=np.int64))
+        if len(rows) and not (-n <= int(rows.min()) and int(rows.max()) < n):
+            raise IndexError(f"rows of {self.path!r} are 0 to {n - 1} (or -{n} to -1), got {rows.min()}-{rows.max()}")
+        # each distinct row once, in file order, and a run of consecutive rows in one read
+        rows = np.where(rows < 0, rows + n, rows)
+        unique, inverse = np.unique(rows, return_inverse=True)
+        block = np.empty((len(unique), self.shape[1]), dtype=np.float32)
+        cuts = (np.flatnonzero(np.diff(unique) != 1) + 1).tolist()
+        runs = zip([0, *cuts], [*cuts, len(unique)], strict=True)
+        self._read([(block[lo:hi], int(unique[lo])) for lo, hi in runs if hi > lo])
+        return block if np.array_equal(unique, rows) else block[inverse]
+
+    def _read(self, parts: list[tuple[np.ndarray, int]]) -> None:
+        """Fill each (rows, first row) of ``parts`` from the file."""
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            if isinstance(key, slice):
-                start, stop, _ = key.indices(len(self))
-                block = np.empty((max(0, stop - start), self.shape[1]), dtype=np.float32)
-                if not block.size:
-                    return block
-                view, done = block.data.cast("B"), 0
+            for rows, first in parts:
+                view, done = rows.data.cast("B"), 0
                 while done < len(view):  # straight into the array: no bytes object to copy
-                    got = os.preadv(fd, [view[done:]], self.offset + start * self.row_bytes + done)
+                    got = os.preadv(fd, [view[done:]], self.offset + first * self.row_bytes + done)
                     if not got:
-                        raise BundleError(f"{self.path!r} ends before row {stop}: the file is damaged")
+                        raise BundleError(f"{self.path!r} ends before row {first + len(rows)}: the file is damaged")
                     done += got
-                return block
-            rows = np.atleast_1d(np.asarray(key, dtype=np.int64))
-            out = np.empty((len(rows), self.shape[1]), dtype=np.float32)
-            for i, r in enumerate(rows.tolist()):
-                out[i] = np.frombuffer(os.pread(fd, self.row_bytes, self.offset + r * self.row_bytes), dtype=np.float32)
-            return out
         finally:
             os.close(fd)
 
