@@ -289,8 +289,9 @@ def test_screened_top_k_finds_the_exact_rows(bf16_screen: list[int], spread: flo
 def test_the_screen_keeps_a_row_that_bfloat16_rounds_below_the_kth_best(bf16_screen: list[int]) -> None:
     """The worst case of bfloat16's rounding, built by hand. Every component of the query and of the row ``t`` lies
     just below a rounding midpoint (1 + 2**-8), so both round down to 1 and t's bfloat16 score is 2**-7 of it too
-    low. The k rows ``b`` of the first block score 0.12 less than t in float32 but round up, so their bfloat16
-    score is 0.25 more than t's. A screen whose margin were 2**-8 instead of 2**-6 would skip t's block."""
+    low. The k rows ``b`` of the first block score 0.12 less than t in float32, but half their components round
+    up: with rounded inputs they score 0.25 more than t. A screen whose margin were 2**-8 instead of 2**-6 would
+    skip t's block (checked)."""
     d, k, e = 64, 4, 2.0**-14
     mid = 1 + 2.0**-8
     t = np.full(d, mid - e)

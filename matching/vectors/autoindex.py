@@ -214,8 +214,8 @@ class FileRows:
         rows = np.atleast_1d(np.asarray(key, dtype=np.int64))
         if len(rows) and not (-n <= int(rows.min()) and int(rows.max()) < n):
             raise IndexError(f"rows of {self.path!r} are 0 to {n - 1} (or -{n} to -1), got {rows.min()}-{rows.max()}")
-        # each distinct row once, in file order, and a run of consecutive rows in one read
         rows = np.where(rows < 0, rows + n, rows)
+        # each distinct row once, in file order, and a run of consecutive rows in one read
         unique, inverse = np.unique(rows, return_inverse=True)
         block = np.empty((len(unique), self.shape[1]), dtype=np.float32)
         cuts = (np.flatnonzero(np.diff(unique) != 1) + 1).tolist()
