@@ -364,7 +364,7 @@ def compact(
         config = index_config or generation.compact_config(live, manifest)
         old = Store.open(live)
         try:
-            count = generation.copy_rows(old, gen, show_progress=show_progress)
+            count, blocks = generation.copy_rows(old, gen, show_progress=show_progress)
             # the live rows, renumbered as the store's copy renumbers them
             live_lexical = load_lexical(live, old.delta, len(old.vectors)) if manifest.lexical is not None else None
         finally:
@@ -382,6 +382,7 @@ def compact(
             lexical=lexical,
             carry_from=(live, generation.non_catalogue(manifest)),
             rewritten=True,
+            vector_blocks=blocks,
         )
     return ChangeReport(
         "compact", count=count, generation=current_generation(path).name, seconds=time.perf_counter() - started
@@ -459,7 +460,7 @@ def copy_bundle(
     if source is not None:  # every row and file of it is copied, hashed anew: check them all first
         read_manifest(source, verify=True)
     with new_generation(out, overwrite=overwrite, lock_timeout=lock_timeout) as gen:
-        count = generation.copy_rows(snap.store, gen, limit=limit, show_progress=show_progress)
+        count, blocks = generation.copy_rows(snap.store, gen, limit=limit, show_progress=show_progress)
         built = generation.index_from_store(gen, index_config)
         analyzer = (snap.manifest.lexical or {}).get("analyzer", Analyzer.AUTO)
         lexical = generation.lexical_from_store(gen, analyzer)
@@ -483,4 +484,5 @@ def copy_bundle(
             scorer=None if source else snap.scorer,
             carry_from=(source, generation.non_catalogue(snap.manifest)) if source else None,
             rewritten=True,
+            vector_blocks=blocks,
         )

@@ -340,12 +340,16 @@ def _linked_digests(base: Manifest, live: Path, gen: Path) -> tuple[dict[str, tu
     return whole, blocks
 
 
-def copy_rows(source: Store, gen: Path, *, limit: int | None = None, show_progress: bool = False) -> int:
+def copy_rows(
+    source: Store, gen: Path, *, limit: int | None = None, show_progress: bool = False
+) -> tuple[int, list[str]]:
     """Write a new store in ``gen`` from ``source``'s live rows in row order (the first ``limit`` of them, if given),
-    vectors included: no re-encoding. Returns the number of rows written."""
+    vectors included: no re-encoding. Returns the number of rows written and the digests of the new vector file's
+    whole blocks, hashed as they were written (for :func:`finish`: the file is not read again to checksum it)."""
     from matching import progress
 
-    writer = Store.create(gen, source.dim, source.fields.spec if source.fields is not None else None)
+    spec = source.fields.spec if source.fields is not None else None
+    writer = Store.create(gen, source.dim, spec, hash_blocks=True)
     total = source.count if limit is None else min(limit, source.count)
     try:
         with progress.bar(show_progress, total=total, desc="copying", unit="title") as bar:
@@ -359,7 +363,7 @@ def copy_rows(source: Store, gen: Path, *, limit: int | None = None, show_progre
         writer.abort()
         raise
     writer.finish(source.id_type)
-    return writer.count
+    return writer.count, writer.vector_blocks
 
 
 def publish(

@@ -229,6 +229,8 @@ def test_compaction_and_a_partial_copy_write_their_vectors_anew(
     assert len(m) == len(make_catalogue()) - 1
     copy = m.copy(tmp_path / "c", limit=20, show_progress=False)
     assert len(copy) == 20
-    copied = read_manifest(current_generation(tmp_path / "c"), verify=True)
+    copied_gen = current_generation(tmp_path / "c")
+    copied = read_manifest(copied_gen, verify=True)
     assert copied.sizes[VECTORS_FILE] == 20 * 32 * 4
+    assert copied.blocks[VECTORS_FILE] == block_digests(copied_gen / VECTORS_FILE, copied.sizes[VECTORS_FILE])
     assert first not in {r.external_id for r in copy.snapshot.store.get(copy.snapshot.store.live_ids().tolist())}
