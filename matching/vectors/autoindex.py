@@ -213,7 +213,8 @@ class FileRows:
         n = len(self)
         rows = np.atleast_1d(np.asarray(key, dtype=np.int64))
         if len(rows) and not (-n <= int(rows.min()) and int(rows.max()) < n):
-            raise IndexError(f"rows of {self.path!r} are 0 to {n - 1} (or -{n} to -1), got {rows.min()}-{rows.max()}")
+            got = f"{rows.min()} to {rows.max()}"
+            raise IndexError(f"rows of {self.path!r} are 0 to {n - 1} (or -{n} to -1), got {got}")
         rows = np.where(rows < 0, rows + n, rows)
         # each distinct row once, in file order, and a run of consecutive rows in one read
         unique, inverse = np.unique(rows, return_inverse=True)
