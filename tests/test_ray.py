@@ -136,3 +136,24 @@ def test_rows_reach_the_driver_batch_by_batch(
     vectors = np.concatenate([part.vectors for part in parts])
     np.testing.assert_allclose(vectors, tiny_encoder.encode_titles(df["title"].tolist()), rtol=0, atol=1e-5)
     assert (ctx.target_max_block_size, ctx.execution_options.preserve_order, ctx.enable_progress_bars) == before
+
+
+def test_two_actors_share_one_files_rows(
+    cluster: None, tmp_path: Path, tiny_encoder: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A one-file catalogue is encoded by every actor (with the read fused into the actors' stage, the actor that
+    read the file encoded all of it), and the rows still come back in catalogue order."""
+    monkeypatch.setattr(distributed, "RAY_BATCH", 4)
+    monkeypatch.setattr(distributed, "RAY_BLOCK_BYTES", 1)
+    df = make_catalogue()
+    df.to_csv(tmp_path / "one.csv", index=False)
+    settings = {"id_column": "id", "title_column": "title", "skip_bad_rows": False, "chunksize": 8, "encoding": "utf-8"}
+    source = distributed.RaySource(tmp_path / "one.csv", settings, tiny_encoder, encoders=2)
+    parts = list(source)
+    assert [i for part in parts for i in part.ids] == df["id"].astype(str).tolist()
+    vectors = np.concatenate([part.vectors for part in parts])
+    np.testing.assert_allclose(vectors, tiny_encoder.encode_titles(df["title"].tolist()), rtol=0, atol=1e-5)
+    record = source.record()
+    assert record["encoders"] == 2
+    assert record["threads_per_encoder"] == 1
+    assert len(record["titles_per_second"]) == 2  # both actors encoded titles
