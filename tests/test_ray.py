@@ -66,32 +66,36 @@ def test_a_ray_build_equals_the_local_build(cluster: None, tmp_path: Path, tiny_
         assert local.manifest.source["build"]["engine"] == "local"
 
 
+@pytest.mark.parametrize("encoders", [1, 2])  # 2: the reads are tasks apart from the actors
 def test_a_bad_row_fails_the_whole_build_and_publishes_nothing(
-    cluster: None, tmp_path: Path, tiny_encoder: Any
+    cluster: None, tmp_path: Path, tiny_encoder: Any, encoders: int
 ) -> None:
     df = make_catalogue()
     df.loc[len(df) // 3 + 2, "title"] = "   "  # row 3 of the second file
     source = split_files(tmp_path / "src", df)
     with pytest.raises(BadRowError, match=r"b\.jsonl', row 3 \(id '1\d+'\): the title 'title' is empty"):
-        build(source, tmp_path / "new", tiny_encoder, engine="ray", encoders=1)
+        build(source, tmp_path / "new", tiny_encoder, engine="ray", encoders=encoders)
     assert not (tmp_path / "new").exists() or not (tmp_path / "new" / "CURRENT").exists()
     # over an existing bundle: it stays as it was
     with build(make_catalogue().iloc[:5], tmp_path / "old", tiny_encoder) as old:
         before = old.generation
     with pytest.raises(BadRowError):
-        build(source, tmp_path / "old", tiny_encoder, engine="ray", encoders=1, overwrite=True)
+        build(source, tmp_path / "old", tiny_encoder, engine="ray", encoders=encoders, overwrite=True)
     with Matcher.load(tmp_path / "old", encoder=tiny_encoder) as again:
         assert (again.generation, len(again)) == (before, 5)
 
 
-def test_bad_rows_skipped_on_ray_are_counted_as_locally(cluster: None, tmp_path: Path, tiny_encoder: Any) -> None:
+@pytest.mark.parametrize("encoders", [1, 2])
+def test_bad_rows_skipped_on_ray_are_counted_as_locally(
+    cluster: None, tmp_path: Path, tiny_encoder: Any, encoders: int
+) -> None:
     df = make_catalogue()
     third = len(df) // 3
     df.loc[[1, third + 4, 2 * third - 1, len(df) - 1], "title"] = ""  # the middle and the very end of files
     source = split_files(tmp_path / "src", df)
     with (
         build(source, tmp_path / "local", tiny_encoder, skip_bad_rows=True) as local,
-        build(source, tmp_path / "ray", tiny_encoder, engine="ray", encoders=1, skip_bad_rows=True) as on_ray,
+        build(source, tmp_path / "ray", tiny_encoder, engine="ray", encoders=encoders, skip_bad_rows=True) as on_ray,
     ):
         assert on_ray.manifest.source["skipped_rows"] == local.manifest.source["skipped_rows"] == 4
         pd.testing.assert_frame_equal(on_ray.catalogue(), local.catalogue())
@@ -143,6 +147,8 @@ def test_two_actors_share_one_files_rows(
 ) -> None:
     """A one-file catalogue is encoded by every actor (with the read fused into the actors' stage, the actor that
     read the file encoded all of it), and the rows still come back in catalogue order."""
+    # both actors up before the first batch is handed out: else the first one up may encode all 25 tiny batches
+    monkeypatch.setattr(ray.data.DataContext.get_current(), "wait_for_min_actors_s", 120)
     monkeypatch.setattr(distributed, "RAY_BATCH", 4)
     monkeypatch.setattr(distributed, "RAY_BLOCK_BYTES", 1)
     df = make_catalogue()
