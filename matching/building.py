@@ -75,7 +75,7 @@ class LocalSource:
     def __iter__(self) -> Iterator[Encoded]:
         for chunk in self.reader:
             vectors = self.encoder.encode_titles(chunk.titles)
-            yield Encoded(chunk.ids, chunk.titles, [metadata_json(m) for m in chunk.metadata], vectors)
+            yield Encoded(chunk.ids, chunk.titles, [metadata_json(m) for m in chunk.metadata], vectors, chunk.metadata)
         self.count, self.skipped = self.reader.count, self.reader.skipped
         self.skipped_examples = self.reader.skipped_examples
 
@@ -104,7 +104,10 @@ class StoreSource:
             titles = [r.title for r in batch]
             vectors = self.encoder.encode_titles(titles)
             self.count += len(batch)
-            yield Encoded([r.external_id for r in batch], titles, [metadata_json(r.metadata) for r in batch], vectors)
+            metadata = [r.metadata for r in batch]
+            yield Encoded(
+                [r.external_id for r in batch], titles, [metadata_json(m) for m in metadata], vectors, metadata
+            )
 
     def record(self) -> dict[str, Any]:
         return {"engine": Engine.LOCAL.value, "from_store": True}
@@ -262,7 +265,7 @@ def _write_rows(
     with progress.bar(show_progress, total=total, desc="encoding titles", unit="title") as bar:
         for part in rows:
             unknown.count(part.titles)
-            row_ids = writer.append(part.ids, part.titles, part.metadata, part.vectors)
+            row_ids = writer.append(part.ids, part.titles, part.metadata, part.vectors, part.parsed)
             stream.add(row_ids, part.titles)
             vector_sum += np.asarray(part.vectors, dtype=np.float64).sum(axis=0)
             bar.update(len(part.ids))

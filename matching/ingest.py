@@ -50,12 +50,14 @@ class Chunk:
 
 @dataclass
 class Encoded:
-    """Validated rows with their vectors (metadata as JSON text), in catalogue order: what a build writes."""
+    """Validated rows with their vectors (metadata as JSON text), in catalogue order: what a build writes.
+    ``parsed``: the metadata as the dicts its JSON was written from, where the source has them."""
 
     ids: list[str]
     titles: list[str]
     metadata: list[str]
     vectors: np.ndarray
+    parsed: list[dict[str, Any]] | None = None
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ import hashlib
 import json
 import mmap
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, Self
@@ -452,12 +452,19 @@ def _insert(
     metadata: Iterable[str],
     table: Table = TITLES,
 ) -> None:
-    records = [
-        {"row_id": int(r), "external_id": e, "title": t, "title_hash": title_hash(t), "metadata": m}
-        for r, e, t, m in zip(row_ids, external_ids, titles, metadata, strict=True)
-    ]
-    with Session(engine) as session, session.begin():
-        session.execute(insert(table), records)
+    columns: dict[str, Sequence[Any]] = {
+        "row_id": row_ids.tolist(),
+        "external_id": external_ids,
+        "title": titles,
+        "title_hash": [title_hash(t) for t in titles],
+        "metadata": list(metadata),
+    }
+    # one tuple a row, executed as it is: insert() with a dict a row spent as long preparing the parameters as
+    # SQLite took to insert them (1M generated titles: 7.5 s against 3.9 s). Placeholders follow the table's columns.
+    statement = str(insert(table).compile(dialect=engine.dialect, column_keys=list(columns)))
+    rows = list(zip(*(columns[c.name] for c in table.columns), strict=True))
+    with engine.begin() as conn:
+        conn.exec_driver_sql(statement, rows)
 
 
 class StoreWriter:
@@ -485,12 +492,14 @@ class StoreWriter:
         titles: Sequence[str],
         metadata: Iterable[str],
         vectors: np.ndarray,
+        parsed: Sequence[Mapping[str, Any]] | None = None,
     ) -> np.ndarray:
-        """Add rows (metadata as JSON text) and their vectors; returns the row ids given to them."""
+        """Add rows (metadata as JSON text) and their vectors; returns the row ids given to them. ``parsed``: the
+        same metadata as the dicts the JSON was written from, where the caller has them (not parsed again)."""
         metadata = list(metadata)
         row_ids = append_rows(self.engine, self._vectors, self.count, self.dim, external_ids, titles, metadata, vectors)
         self.count += len(row_ids)
-        self.fields.add(row_ids, [parse_metadata(m) for m in metadata])
+        self.fields.add(row_ids, parsed if parsed is not None else [parse_metadata(m) for m in metadata])
         return row_ids
 
     def copy_rows(self, source: Store, rows: Sequence[StoredTitle]) -> np.ndarray:
@@ -500,6 +509,7 @@ class StoreWriter:
             [r.title for r in rows],
             [metadata_json(r.metadata) for r in rows],
             np.asarray(source.vectors[[r.row_id for r in rows]]),
+            [r.metadata for r in rows],
         )
 
     def finish(self, id_type: IdType) -> None:
