@@ -50,14 +50,13 @@ class Chunk:
 
 @dataclass
 class Encoded:
-    """Validated rows with their vectors (metadata as JSON text), in catalogue order: what a build writes.
-    ``parsed``: the metadata as the dicts its JSON was written from, where the source has them."""
+    """Validated rows with their vectors (metadata as JSON text), in catalogue order: what a build writes."""
 
     ids: list[str]
     titles: list[str]
     metadata: list[str]
     vectors: np.ndarray
-    parsed: list[dict[str, Any]] | None = None
+    parsed: list[dict[str, Any]] | None = None  # the metadata as the dicts its JSON was written from, if known
 
 
 @contextlib.contextmanager
@@ -336,10 +335,9 @@ def _is_missing(value: Any) -> bool:
     """None, NaN, pandas.NA or NaT (scalars only: a list cell is a value)."""
     if value is None:
         return True
-    kind = type(value)  # the common cells first: pd.isna on a scalar costs ~1 us, and builds ask millions of times
-    if kind is str or kind is int or kind is bool:
+    if type(value) in (str, int, bool):  # common cells first (exact types): pd.isna on a scalar costs ~1 us
         return False
-    if kind is float:
+    if type(value) is float:
         return bool(value != value)
     try:
         return bool(pd.isna(value))
@@ -358,8 +356,7 @@ def json_value(value: Any) -> Any:
     column) is a JSON array and a dict (a struct) an object, element by element; a date or time is its ISO 8601
     text; a decimal is the float that gives it back as written. Infinities, bytes and other objects are refused.
     """
-    kind = type(value)
-    if kind is str or kind is int or kind is bool:  # most cells: themselves, as the checks below would find
+    if type(value) in (str, int, bool):  # most cells: themselves, as the checks below would find
         return value
     if isinstance(value, np.ndarray | list | tuple):
         return [json_value(v) for v in value]

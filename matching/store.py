@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 from sqlalchemy import (
     Engine,
+    Index,
     Integer,
     String,
     Table,
@@ -34,6 +35,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import QueuePool
+from sqlalchemy.schema import CreateIndex, CreateTable
 
 from matching.checksums import BlockHasher
 from matching.delta import Delta, connect_read_only, read_delta
@@ -56,9 +58,11 @@ class Base(DeclarativeBase):
 
 class TitleRow(Base):
     __tablename__ = "titles"
+    # a named index, not a column constraint, so that a build can create it after its last row (StoreWriter)
+    __table_args__ = (Index("ix_titles_external_id", "external_id", unique=True),)
 
     row_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
-    external_id: Mapped[str] = mapped_column(String, unique=True)
+    external_id: Mapped[str] = mapped_column(String)
     title: Mapped[str] = mapped_column(Text)
     # Exact-title lookups (score_pairs reuses cached vectors) go through this hash, not a text index.
     title_hash: Mapped[int] = mapped_column(Integer, index=True)
@@ -479,7 +483,10 @@ class StoreWriter:
         if db_path.exists():
             raise BundleError(f"{str(db_path)!r} already exists")
         self.engine = writable_engine(db_path)
-        Base.metadata.create_all(self.engine)
+        # the table now, its indexes once the rows are in: kept up row by row, the id and title-hash indexes made
+        # inserting 1M generated titles take 6.3 s; built at the end, 2.4 s (0.6 s of it the indexes)
+        with self.engine.begin() as conn:
+            conn.execute(CreateTable(TITLES))
         self._file = (directory / VECTORS_FILE).open("wb")
         self._hasher = BlockHasher() if hash_blocks else None  # blocks of checksums.BLOCK_BYTES, as a new file takes
         self._vectors: VectorSink = self._file if self._hasher is None else _HashedFile(self._file, self._hasher)
@@ -522,6 +529,9 @@ class StoreWriter:
                 self._hasher.close()
         if self._hasher is not None:
             self.vector_blocks = self._hasher.digests()
+        with self.engine.begin() as conn:  # a repeated id fails here (IntegrityError), as it did on insert
+            for index in sorted(TITLES.indexes, key=lambda i: str(i.name)):
+                conn.execute(CreateIndex(index))
         self.engine.dispose()
         FieldIndex.from_builder(self.fields, self.count).save(self.directory)
         write_config(self.directory, count=self.count, rows=self.count, dim=self.dim, id_type=id_type)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from conftest import make_catalogue
 from safetensors.torch import load_file, save_file
+from sqlalchemy.exc import IntegrityError
 
 from matching.config import ScorerConfig
 from matching.errors import BundleError
@@ -100,6 +102,31 @@ def test_writer_round_trip_in_several_appends(tmp_path: Path) -> None:
         assert store.get([0])[0].metadata == {"x": 1}
     finally:
         store.close()
+
+
+def test_the_writer_indexes_ids_and_title_hashes_once_the_rows_are_in(tmp_path: Path) -> None:
+    """The store's indexes are created by ``finish`` (faster than kept up row by row), and they hold: a lookup by
+    id or title hash uses them, and an id written twice fails there, as it failed on insert before."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    writer = Store.create(tmp_path / "a", 4)
+    writer.append(["a", "b"], ["one", "two"], ["{}", "{}"], np.zeros((2, 4), dtype=np.float32))
+    db = tmp_path / "a" / DB_FILE
+    with sqlite3.connect(db) as conn:  # before finish: the table alone
+        assert conn.execute("PRAGMA index_list(titles)").fetchall() == []
+    writer.finish(IdType.STR)
+    with sqlite3.connect(db) as conn:
+        indexes = {row[1]: row[2] for row in conn.execute("PRAGMA index_list(titles)")}
+        assert indexes == {"ix_titles_external_id": 1, "ix_titles_title_hash": 0}  # name: unique
+        plan = " ".join(str(r) for r in conn.execute("EXPLAIN QUERY PLAN SELECT * FROM titles WHERE external_id='b'"))
+        assert "ix_titles_external_id" in plan
+        with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
+            conn.execute("INSERT INTO titles VALUES (2, 'a', 'three', 0, '{}')")
+    writer = Store.create(tmp_path / "b", 4)
+    writer.append(["a", "a"], ["one", "two"], ["{}", "{}"], np.zeros((2, 4), dtype=np.float32))
+    with pytest.raises(IntegrityError, match="UNIQUE"):
+        writer.finish(IdType.STR)
+    writer.abort()
 
 
 def test_writer_rejects_vectors_of_the_wrong_shape(tmp_path: Path) -> None:
