@@ -368,8 +368,8 @@ def json_value(value: Any) -> Any:
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         raise UnstorableError(f"holds {value}, which JSON cannot store; write a number or leave the cell empty")
-    if isinstance(value, bool | int | float | str):
-        return value
+    if isinstance(value, bool | int | float | str):  # a subclass (an enum) as the plain value JSON writes for it
+        return value if type(value) in (bool, int, float, str) else json.loads(json.dumps(value))
     if isinstance(value, np.datetime64):
         value = pd.Timestamp(value)
     if isinstance(value, datetime.date | datetime.time):

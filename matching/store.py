@@ -443,7 +443,8 @@ def append_rows(
     if vectors.shape != (n, dim):
         raise ValueError(f"expected vectors of shape {(n, dim)}, got {vectors.shape}")
     row_ids = np.arange(first_row, first_row + n, dtype=np.int64)
-    _insert(engine, row_ids, external_ids, titles, metadata, table)
+    if n:  # (an empty executemany is an error)
+        _insert(engine, row_ids, external_ids, titles, metadata, table)
     vector_file.write(np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
     return row_ids
 

@@ -283,3 +283,36 @@ def test_new_fields_in_changes_stay_under_the_automatic_cap(monkeypatch: pytest.
     index.add(np.array([2]), [{"c": 1, "d": 2, "e": "y"}])
     assert len(index.columns) == 3
     assert {"a", "b"} <= set(index.columns)
+
+
+def test_enum_values_in_a_dataframe_are_indexed_as_their_plain_values(tmp_path: Path, tiny_encoder: Any) -> None:
+    """Metadata cells of a str or int subclass (enums) are stored, and indexed, as the plain values JSON writes
+    for them: the field columns take the build's metadata dicts without a JSON round trip."""
+    from enum import IntEnum, StrEnum
+
+    class Colour(StrEnum):
+        RED = "red"
+        BLUE = "blue"
+
+    class Size(IntEnum):
+        S = 1
+        L = 3
+
+    frame = pd.DataFrame(
+        {
+            "id": range(6),
+            "title": [f"shoe {i}" for i in range(6)],
+            "colour": pd.Series([Colour.RED, Colour.BLUE] * 3, dtype=object),  # (else pandas makes them str)
+            "size": pd.Series([Size.S, Size.L, Size.L, Size.S, Size.L, Size.S], dtype=object),
+        }
+    )
+    with Matcher.build(frame, tmp_path / "b", encoder=tiny_encoder, show_progress=False) as matcher:
+        assert matcher.store.fields is not None
+        assert {"colour", "size"} <= set(matcher.store.fields.columns)
+        stored = matcher.store.get([0])[0].metadata
+        assert stored == {"colour": "red", "size": 1}
+        assert [type(v) for v in stored.values()] == [str, int]
+        for where in ({"colour": "blue"}, {"size": {">": 2}}, {"colour": "red", "size": 1}):
+            got = matcher.store.filter_ids(where)
+            np.testing.assert_array_equal(got, matcher.store.sql_filter_ids(where))
+        np.testing.assert_array_equal(matcher.store.filter_ids({"colour": "blue"}), [1, 3, 5])

@@ -129,6 +129,21 @@ def test_the_writer_indexes_ids_and_title_hashes_once_the_rows_are_in(tmp_path: 
     writer.abort()
 
 
+def test_an_empty_append_adds_nothing(tmp_path: Path) -> None:
+    """A part with no rows (a Ray batch that only carried a count of skipped rows) is taken, and adds nothing."""
+    writer = Store.create(tmp_path, 4)
+    writer.append(["a"], ["one"], ["{}"], np.ones((1, 4), dtype=np.float32))
+    assert len(writer.append([], [], [], np.zeros((0, 4), dtype=np.float32))) == 0
+    writer.append(["b"], ["two"], ["{}"], np.ones((1, 4), dtype=np.float32))
+    writer.finish(IdType.STR)
+    store = Store.open(tmp_path)
+    try:
+        assert store.count == 2
+        assert [r.external_id for r in store.get([0, 1])] == ["a", "b"]
+    finally:
+        store.close()
+
+
 def test_writer_rejects_vectors_of_the_wrong_shape(tmp_path: Path) -> None:
     writer = Store.create(tmp_path, 4)
     with pytest.raises(ValueError, match="shape"):
