@@ -359,10 +359,10 @@ def copy_rows(
                     break
                 writer.copy_rows(source, rows)
                 bar.update(len(rows))
+        writer.finish(source.id_type)  # (creates the store's indexes: a repeated id would fail here)
     except BaseException:
         writer.abort()
         raise
-    writer.finish(source.id_type)
     return writer.count, writer.vector_blocks
 
 
