@@ -5,7 +5,8 @@
     .venv/bin/python scripts/bench_ray.py --engines local # the local build alone (issue #23: wall / read+encode)
     .venv/bin/python scripts/bench_ray.py --pairs 2       # Ray then local, then local then Ray: the median overhead
 
-Each build is `matching build CSV --out B [--engine ray --encoders 1]` in a fresh process. Peak memory is the
+Each build is `matching build CSV --out B [--engine ray [--encoders N]]` in a fresh process (without
+`--encoders`, the library's default: one one-thread actor per CPU, no GPU). Peak memory is the
 largest sum of RSS over the build process and all its descendants (Ray's GCS, raylet and workers included),
 sampled every 0.5 s. Afterwards both bundles are compared: the same ids and titles in the same rows, and the
 largest difference between their stored vectors. Prints a table and writes JSON (results/bench_ray.json).
@@ -67,14 +68,15 @@ def timed_build(cmd: list[str]) -> dict[str, Any]:
     return {"command": " ".join(cmd), "wall_seconds": wall, "peak_rss_mb": peak / 2**20}
 
 
-def one_pair(csv: Path, work: Path, engines: list[str], encoders: int, size: int) -> dict[str, Any]:
+def one_pair(csv: Path, work: Path, engines: list[str], encoders: int | None, size: int) -> dict[str, Any]:
     """Build ``csv`` with each of ``engines`` (in that order, each a fresh process), compare, print a table."""
     runs: dict[str, dict[str, Any]] = {}
     base = [sys.executable, "-m", "matching", "build", str(csv), "--overwrite", "-q"]
     for engine in engines:
         if engine == "ray":
             runs["ray"] = timed_build(
-                [*base, "--out", str(work / "bundle-ray"), "--engine", "ray", "--encoders", str(encoders)]
+                [*base, "--out", str(work / "bundle-ray"), "--engine", "ray"]
+                + (["--encoders", str(encoders)] if encoders else [])
             )
         else:
             runs["local"] = timed_build([*base, "--out", str(work / "bundle-local")])
@@ -125,7 +127,7 @@ def one_pair(csv: Path, work: Path, engines: list[str], encoders: int, size: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=1_000_000)
-    parser.add_argument("--encoders", type=int, default=1)
+    parser.add_argument("--encoders", type=int, default=None, help="default: the library's")
     parser.add_argument("--engines", nargs="+", choices=["ray", "local"], default=["ray", "local"])
     parser.add_argument("--pairs", type=int, default=1, help="build each engine this many times, alternating")
     parser.add_argument("--out", type=Path, default=None, help="default results/bench_ray[_local].json")

@@ -121,6 +121,21 @@ def test_ray_needs_files(tmp_path: Path, tiny_encoder: Any) -> None:
         build(split_files(tmp_path / "src", make_catalogue()), tmp_path / "b", tiny_encoder, engine="ray", encoders=0)
 
 
+@pytest.mark.parametrize(
+    ("asked", "cpus", "gpus", "node_cpus", "plan"),
+    [
+        (None, 2, 0, 2, (2, 1, 0.0)),  # a CPU cluster: one one-thread actor per CPU
+        (None, 16, 0, 8, (16, 1, 0.0)),
+        (4, 16, 0, 8, (4, 4, 0.0)),  # fewer actors than CPUs: the CPUs shared out, within one node's
+        (1, 16, 0, 8, (1, 8, 0.0)),
+        (None, 8, 2, 8, (2, 4, 1.0)),  # one actor per GPU
+        (4, 8, 2, 8, (4, 2, 0.5)),  # more actors than GPUs share them
+    ],
+)
+def test_the_actor_plan(asked: int | None, cpus: int, gpus: int, node_cpus: int, plan: tuple[int, int, float]) -> None:
+    assert distributed.actor_plan(asked, cpus=cpus, gpus=gpus, node_cpus=node_cpus) == plan
+
+
 def test_rows_reach_the_driver_batch_by_batch(
     cluster: None, tmp_path: Path, tiny_encoder: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -37,7 +37,9 @@ def _add_build(sub: Any) -> None:
     )
     p.add_argument("--engine", choices=["local", "ray"], default="local", help="where to read and encode")
     p.add_argument("--ray-address", help="Ray cluster to use with --engine ray (default: start a local one)")
-    p.add_argument("--encoders", type=int, help="encoder actors with --engine ray (default: one per GPU, else CPUs/4)")
+    p.add_argument(
+        "--encoders", type=int, help="encoder actors with --engine ray (default: one per GPU, else one per CPU)"
+    )
     p.add_argument("--out", help="bundle directory (default: indexes/<file stem>)")
     p.add_argument(
         "--analyzer",
