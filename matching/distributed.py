@@ -43,7 +43,7 @@ RAY_BATCH = 16_384
 RAY_BLOCK_BYTES = 1 << 20
 # CPU threads for one encoder actor where the cluster does not say otherwise. One: two one-thread actors encode more
 # titles a second than one actor of two threads, on both machines measured (200k generated titles, time inside the
-# encode calls): Xeon with AMX 3,707 and 3,506 against 3,185 and 2,833; AMD EPYC without AVX-512 488 against 382,
+# encode calls): Xeon with AMX 3,707 and 3,441 against 3,185 and 2,833; AMD EPYC without AVX-512 488 against 382,
 # where the whole build took 471.0 s against 566.0 s (the local build 417.5 s). Each actor holds its own model.
 _THREADS_PER_ENCODER = 1
 
