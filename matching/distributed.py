@@ -41,6 +41,12 @@ RAY_BATCH = 16_384
 # 101 of 101 s), all vectors held in the object store meanwhile; at 1 MiB the first arrives after 6 s and the
 # store rows are written while the rest encode (peak memory of the build 3.8 GB -> 2.9 GB).
 RAY_BLOCK_BYTES = 1 << 20
+# blocks a read or an encode call may put out before the driver has taken them. Ray Data's default of 2 made an
+# actor wait for the driver after every 2 MiB of its output: 2.1-2.6 s between two calls of 16,384 titles (a
+# call's ~28 MB are 28 blocks; 12 calls of one actor returning random vectors), 0.5-0.7 s at 8, 0.2-0.3 s at 32,
+# 0.2 s at 64; in a 200k-title read and encode the gaps after a call fell from 2.4-2.7 s to 0.1-0.2 s (1M titles:
+# ~61 calls, ~140 actor-seconds). Bounded still: a call's output, or 64 MiB of a file read ahead.
+RAY_BLOCKS_AHEAD = 64
 # CPU threads for one encoder actor where the cluster does not say otherwise. One: two one-thread actors encode more
 # titles a second than one actor of two threads, on both machines measured (200k generated titles, time inside the
 # encode calls): Xeon with AMX 3,707 and 3,441 against 3,185 and 2,833; AMD EPYC without AVX-512 488 against 382,
@@ -51,7 +57,9 @@ _THREADS_PER_ENCODER = 1
 def read_files(batch: dict[str, np.ndarray], settings: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data: the validated rows of each file in ``batch``, in chunks (one read per file)."""
     for index, name in zip(batch["index"], batch["file"], strict=True):
-        reader = CatalogueReader(str(name), **settings)
+        # chunks of one actor call each: with the reader's own chunks (cut into 1 MiB blocks) the calls were
+        # 16,384, ~5,300 and ~230 titles (200k titles), and the actors' shares of the work came out unequal
+        reader = CatalogueReader(str(name), **{**settings, "chunksize": RAY_BATCH})
         before = 0
         for chunk in reader:
             n = len(chunk)
@@ -224,7 +232,12 @@ class RaySource:
             "batch": RAY_BATCH,
         }
         ctx = ray.data.DataContext.get_current()
-        saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.target_max_block_size)
+        saved = (
+            ctx.execution_options.preserve_order,
+            ctx.enable_progress_bars,
+            ctx.target_max_block_size,
+            ctx._max_num_blocks_in_streaming_gen_buffer,
+        )
         ray_log = logging.getLogger("ray.data")
         level = ray_log.level
         try:
@@ -232,6 +245,7 @@ class RaySource:
             ctx.execution_options.preserve_order = True  # rows arrive in catalogue order: the same row ids as locally
             ctx.enable_progress_bars = False  # the build shows its own
             ctx.target_max_block_size = RAY_BLOCK_BYTES  # rows stream to this process as they are encoded
+            ctx._max_num_blocks_in_streaming_gen_buffer = RAY_BLOCKS_AHEAD
             items = [{"index": i, "file": str(f)} for i, f in enumerate(self.files)]
             ds: Any = ray.data.from_items(items, override_num_blocks=len(items))
             ds = ds.map_batches(
@@ -253,7 +267,12 @@ class RaySource:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
                 yield self._receive(batch, seen)
         finally:
-            ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.target_max_block_size = saved
+            (
+                ctx.execution_options.preserve_order,
+                ctx.enable_progress_bars,
+                ctx.target_max_block_size,
+                ctx._max_num_blocks_in_streaming_gen_buffer,
+            ) = saved
             ray_log.setLevel(level)
 
     def _read_args(self, encoders: int, gpus: int) -> dict[str, Any]:

@@ -136,6 +136,16 @@ def test_the_actor_plan(asked: int | None, cpus: int, gpus: int, node_cpus: int,
     assert distributed.actor_plan(asked, cpus=cpus, gpus=gpus, node_cpus=node_cpus) == plan
 
 
+def context_settings(ctx: Any) -> tuple[Any, ...]:
+    """The Ray Data settings a build changes while it runs."""
+    return (
+        ctx.target_max_block_size,
+        ctx.execution_options.preserve_order,
+        ctx.enable_progress_bars,
+        ctx._max_num_blocks_in_streaming_gen_buffer,
+    )
+
+
 def test_rows_reach_the_driver_batch_by_batch(
     cluster: None, tmp_path: Path, tiny_encoder: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -146,7 +156,7 @@ def test_rows_reach_the_driver_batch_by_batch(
     df = make_catalogue()
     df.to_csv(tmp_path / "one.csv", index=False)
     ctx = ray.data.DataContext.get_current()
-    before = (ctx.target_max_block_size, ctx.execution_options.preserve_order, ctx.enable_progress_bars)
+    before = context_settings(ctx)
     settings = {"id_column": "id", "title_column": "title", "skip_bad_rows": False, "chunksize": 8, "encoding": "utf-8"}
     source = distributed.RaySource(tmp_path / "one.csv", settings, tiny_encoder, encoders=1)
     parts = list(source)
@@ -154,7 +164,7 @@ def test_rows_reach_the_driver_batch_by_batch(
     assert [i for part in parts for i in part.ids] == df["id"].astype(str).tolist()
     vectors = np.concatenate([part.vectors for part in parts])
     np.testing.assert_allclose(vectors, tiny_encoder.encode_titles(df["title"].tolist()), rtol=0, atol=1e-5)
-    assert (ctx.target_max_block_size, ctx.execution_options.preserve_order, ctx.enable_progress_bars) == before
+    assert context_settings(ctx) == before
 
 
 def test_two_actors_share_one_files_rows(
