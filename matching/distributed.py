@@ -44,8 +44,9 @@ RAY_BLOCK_BYTES = 1 << 20
 # blocks a read or an encode call may put out before the driver has taken them. Ray Data's default of 2 made an
 # actor wait for the driver after every 2 MiB of its output: 2.1-2.6 s between two calls of 16,384 titles (a
 # call's ~28 MB are 28 blocks; 12 calls of one actor returning random vectors), 0.5-0.7 s at 8, 0.2-0.3 s at 32,
-# 0.2 s at 64; in a 200k-title read and encode the gaps after a call fell from 2.4-2.7 s to 0.1-0.2 s (1M titles:
-# ~61 calls, ~140 actor-seconds). Bounded still: a call's output, or 64 MiB of a file read ahead.
+# 0.2 s at 64; in a 200k-title read and encode the gaps after a call fell from 2.4-2.7 s to 0.1-0.2 s, and in a
+# 1M build each actor's time outside its calls from 108.8 s to 44.4 s. Bounded still: a call's output, or 64 MiB of
+# a file read ahead.
 RAY_BLOCKS_AHEAD = 64
 # CPU threads for one encoder actor where the cluster does not say otherwise. One: two one-thread actors encode more
 # titles a second than one actor of two threads, on both machines measured (200k generated titles, time inside the

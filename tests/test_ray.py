@@ -136,6 +136,21 @@ def test_the_actor_plan(asked: int | None, cpus: int, gpus: int, node_cpus: int,
     assert distributed.actor_plan(asked, cpus=cpus, gpus=gpus, node_cpus=node_cpus) == plan
 
 
+def test_a_read_is_cut_into_chunks_of_one_actor_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each part a read task puts out is one call of the actors (RAY_BATCH rows), whatever the reader's chunksize:
+    with the reader's own chunks the calls came out unequal."""
+    monkeypatch.setattr(distributed, "RAY_BATCH", 4)
+    df = make_catalogue()
+    df.to_csv(tmp_path / "one.csv", index=False)
+    settings = {"id_column": "id", "title_column": "title", "skip_bad_rows": False, "chunksize": 7, "encoding": "utf-8"}
+    parts = list(
+        distributed.read_files({"index": np.array([0]), "file": np.array([str(tmp_path / "one.csv")])}, settings)
+    )
+    sizes = [len(part["id"]) for part in parts]
+    assert sizes == [4] * (len(df) // 4) + ([len(df) % 4] if len(df) % 4 else [])
+    assert [i for part in parts for i in part["id"]] == df["id"].astype(str).tolist()
+
+
 def context_settings(ctx: Any) -> tuple[Any, ...]:
     """The Ray Data settings a build changes while it runs."""
     return (
