@@ -233,20 +233,19 @@ class RaySource:
             "batch": RAY_BATCH,
         }
         ctx = ray.data.DataContext.get_current()
-        saved = (
-            ctx.execution_options.preserve_order,
-            ctx.enable_progress_bars,
-            ctx.target_max_block_size,
-            ctx._max_num_blocks_in_streaming_gen_buffer,
-        )
+        ray_settings: list[tuple[Any, str, Any]] = [
+            (ctx.execution_options, "preserve_order", True),  # rows arrive in catalogue order: the same row ids
+            (ctx, "enable_progress_bars", False),  # the build shows its own
+            (ctx, "target_max_block_size", RAY_BLOCK_BYTES),  # rows stream to this process as they are encoded
+            (ctx, "_max_num_blocks_in_streaming_gen_buffer", RAY_BLOCKS_AHEAD),
+        ]
+        saved = [(owner, name, getattr(owner, name)) for owner, name, _ in ray_settings]  # put back afterwards
         ray_log = logging.getLogger("ray.data")
         level = ray_log.level
         try:
             ray_log.setLevel(max(level, logging.WARNING))  # its INFO lines announce every execution on stdout
-            ctx.execution_options.preserve_order = True  # rows arrive in catalogue order: the same row ids as locally
-            ctx.enable_progress_bars = False  # the build shows its own
-            ctx.target_max_block_size = RAY_BLOCK_BYTES  # rows stream to this process as they are encoded
-            ctx._max_num_blocks_in_streaming_gen_buffer = RAY_BLOCKS_AHEAD
+            for owner, name, value in ray_settings:
+                setattr(owner, name, value)
             items = [{"index": i, "file": str(f)} for i, f in enumerate(self.files)]
             ds: Any = ray.data.from_items(items, override_num_blocks=len(items))
             ds = ds.map_batches(
@@ -268,12 +267,8 @@ class RaySource:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
                 yield self._receive(batch, seen)
         finally:
-            (
-                ctx.execution_options.preserve_order,
-                ctx.enable_progress_bars,
-                ctx.target_max_block_size,
-                ctx._max_num_blocks_in_streaming_gen_buffer,
-            ) = saved
+            for owner, name, value in saved:
+                setattr(owner, name, value)
             ray_log.setLevel(level)
 
     def _read_args(self, encoders: int, gpus: int) -> dict[str, Any]:
