@@ -125,6 +125,19 @@ def actor_plan(encoders: int | None, *, cpus: int, gpus: int, node_cpus: int) ->
     return encoders, threads, gpu_share
 
 
+def known_settings(settings: list[tuple[Any, str, Any]]) -> list[tuple[Any, str, Any]]:
+    """The ``(owner, name, value)`` settings whose ``owner`` has ``name``: the output buffer is a private Ray Data
+    attribute that an upgrade may rename, and a build without it runs at Ray Data's default (slower between calls),
+    where setting it anyway would add an attribute nothing reads and reading it back would raise."""
+    kept: list[tuple[Any, str, Any]] = []
+    for owner, name, value in settings:
+        if hasattr(owner, name):
+            kept.append((owner, name, value))
+        else:
+            log.warning("this Ray Data has no setting %r: the build runs without it", name)
+    return kept
+
+
 def cause(exc: BaseException) -> MatchingError | None:
     """The :class:`MatchingError` a Ray task raised, found through Ray's wrappers."""
     seen: set[int] = set()
@@ -239,6 +252,7 @@ class RaySource:
             (ctx, "target_max_block_size", RAY_BLOCK_BYTES),  # rows stream to this process as they are encoded
             (ctx, "_max_num_blocks_in_streaming_gen_buffer", RAY_BLOCKS_AHEAD),
         ]
+        ray_settings = known_settings(ray_settings)
         saved = [(owner, name, getattr(owner, name)) for owner, name, _ in ray_settings]  # put back afterwards
         ray_log = logging.getLogger("ray.data")
         level = ray_log.level

@@ -134,6 +134,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.pairs < 1:
         parser.error(f"--pairs must be at least 1, got {args.pairs}")
+    if args.encoders is not None and args.encoders < 1:  # 0 was taken for "the default" without a word
+        parser.error(f"--encoders must be at least 1, got {args.encoders}")
     work = ROOT / "results" / "ray"
     work.mkdir(parents=True, exist_ok=True)
     csv = ROOT / "results" / "scale" / f"catalogue-{args.size}.csv"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,16 @@ def context_settings(ctx: Any) -> tuple[Any, ...]:
         ctx.enable_progress_bars,
         ctx._max_num_blocks_in_streaming_gen_buffer,
     )
+
+
+def test_a_setting_this_ray_lacks_is_skipped(caplog: pytest.LogCaptureFixture) -> None:
+    """A Ray Data without one of the build's settings (a private one renamed by an upgrade) builds without it."""
+    ctx = types.SimpleNamespace(block=1, progress=True)
+    asked = [(ctx, "block", 2), (ctx, "_renamed_buffer", 64), (ctx, "progress", False)]
+    with caplog.at_level(logging.WARNING, logger="matching.distributed"):
+        assert distributed.known_settings(asked) == [asked[0], asked[2]]
+    assert "_renamed_buffer" in caplog.text
+    assert not hasattr(ctx, "_renamed_buffer")
 
 
 def test_rows_reach_the_driver_batch_by_batch(
