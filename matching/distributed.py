@@ -126,12 +126,12 @@ def actor_plan(encoders: int | None, *, cpus: int, gpus: int, node_cpus: int) ->
 
 
 def known_settings(settings: list[tuple[Any, str, Any]]) -> list[tuple[Any, str, Any]]:
-    """The ``(owner, name, value)`` settings whose ``owner`` has ``name``: the output buffer is a private Ray Data
-    attribute that an upgrade may rename, and a build without it runs at Ray Data's default (slower between calls),
-    where setting it anyway would add an attribute nothing reads and reading it back would raise."""
+    """The ``(owner, name, value)`` settings to apply: a private one (``_name``, such as the output buffer) that
+    this Ray Data lacks is left out, as an upgrade may rename it and the build runs without it (slower between
+    calls); a public one is kept, so that one missing fails the build (the rows' order depends on one)."""
     kept: list[tuple[Any, str, Any]] = []
     for owner, name, value in settings:
-        if hasattr(owner, name):
+        if hasattr(owner, name) or not name.startswith("_"):
             kept.append((owner, name, value))
         else:
             log.warning("this Ray Data has no setting %r: the build runs without it", name)

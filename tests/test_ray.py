@@ -162,12 +162,13 @@ def context_settings(ctx: Any) -> tuple[Any, ...]:
     )
 
 
-def test_a_setting_this_ray_lacks_is_skipped(caplog: pytest.LogCaptureFixture) -> None:
-    """A Ray Data without one of the build's settings (a private one renamed by an upgrade) builds without it."""
+def test_a_private_setting_this_ray_lacks_is_skipped(caplog: pytest.LogCaptureFixture) -> None:
+    """A Ray Data without one of the build's private settings (renamed by an upgrade) builds without it; a public
+    setting is kept, so that a missing one fails the build."""
     ctx = types.SimpleNamespace(block=1, progress=True)
-    asked = [(ctx, "block", 2), (ctx, "_renamed_buffer", 64), (ctx, "progress", False)]
+    asked = [(ctx, "block", 2), (ctx, "_renamed_buffer", 64), (ctx, "progress", False), (ctx, "order", True)]
     with caplog.at_level(logging.WARNING, logger="matching.distributed"):
-        assert distributed.known_settings(asked) == [asked[0], asked[2]]
+        assert distributed.known_settings(asked) == [asked[0], asked[2], asked[3]]
     assert "_renamed_buffer" in caplog.text
     assert not hasattr(ctx, "_renamed_buffer")
 
