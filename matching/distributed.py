@@ -246,13 +246,14 @@ class RaySource:
             "batch": RAY_BATCH,
         }
         ctx = ray.data.DataContext.get_current()
-        ray_settings: list[tuple[Any, str, Any]] = [
-            (ctx.execution_options, "preserve_order", True),  # rows arrive in catalogue order: the same row ids
-            (ctx, "enable_progress_bars", False),  # the build shows its own
-            (ctx, "target_max_block_size", RAY_BLOCK_BYTES),  # rows stream to this process as they are encoded
-            (ctx, "_max_num_blocks_in_streaming_gen_buffer", RAY_BLOCKS_AHEAD),
-        ]
-        ray_settings = known_settings(ray_settings)
+        ray_settings = known_settings(
+            [
+                (ctx.execution_options, "preserve_order", True),  # rows arrive in catalogue order: the same row ids
+                (ctx, "enable_progress_bars", False),  # the build shows its own
+                (ctx, "target_max_block_size", RAY_BLOCK_BYTES),  # rows stream to this process as they are encoded
+                (ctx, "_max_num_blocks_in_streaming_gen_buffer", RAY_BLOCKS_AHEAD),
+            ]
+        )
         saved = [(owner, name, getattr(owner, name)) for owner, name, _ in ray_settings]  # put back afterwards
         ray_log = logging.getLogger("ray.data")
         level = ray_log.level
